@@ -1,0 +1,28 @@
+# One entry point for newcomers and CI: `make test` builds .venv and runs the whole suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test lint fmt clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[train,test]'
+	touch $(STAMP)
+
+test: venv
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+fmt: venv
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""DICOM in and out: reading series, writing derived objects."""

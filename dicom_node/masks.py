@@ -1,0 +1,47 @@
+"""Inpainting masks: the paper's centre cube and the calcium footprint.
+
+The same functions build the masks for training and for inference, so the model is
+never asked to restore a region shaped unlike the ones it learned on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+MASK_MODES = ("cube16", "cube8", "footprint", "mixed")
+DEFAULT_MARGIN_MM = 1.4  # blooming margin around thresholded calcium
+DEFAULT_THRESHOLD_HU = 700.0
+
+
+def cube_mask(shape: tuple[int, int, int], size: int, centre: tuple[int, int, int] | None = None) -> np.ndarray:
+    """A ``size``³ cube, at the patch centre unless ``centre`` is given."""
+    mask = np.zeros(shape, np.float32)
+    c = centre if centre is not None else tuple(s // 2 for s in shape)
+    lo = [int(ci) - size // 2 for ci in c]
+    mask[lo[0]:lo[0] + size, lo[1]:lo[1] + size, lo[2]:lo[2] + size] = 1.0
+    return mask
+
+
+def ball(radius_mm: float, spacing: tuple[float, float, float]) -> np.ndarray:
+    """Ellipsoidal structuring element of a physical radius on an anisotropic grid."""
+    r = [max(int(np.floor(radius_mm / s)), 0) for s in spacing]
+    zz, yy, xx = np.ogrid[-r[0]:r[0] + 1, -r[1]:r[1] + 1, -r[2]:r[2] + 1]
+    return ((zz * spacing[0]) ** 2 + (yy * spacing[1]) ** 2 + (xx * spacing[2]) ** 2) <= radius_mm ** 2 + 1e-6
+
+
+def footprint_mask(calcium: np.ndarray, spacing: tuple[float, float, float],
+                   margin_mm: float = DEFAULT_MARGIN_MM) -> np.ndarray:
+    """Calcium voxels dilated by the blooming margin: the region whose values are unreliable."""
+    if not calcium.any():
+        return np.zeros(calcium.shape, np.float32)
+    return ndimage.binary_dilation(calcium, structure=ball(margin_mm, spacing)).astype(np.float32)
+
+
+def core_box(shape: tuple[int, int, int], centre: tuple[int, int, int], size: int) -> tuple[slice, ...]:
+    """The window's core: the part of a patch a window may restore; the rest is context."""
+    out = []
+    for c, n in zip(centre, shape):
+        lo = int(np.clip(c - size // 2, 0, n - size))
+        out.append(slice(lo, lo + size))
+    return tuple(out)

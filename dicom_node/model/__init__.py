@@ -1,0 +1,1 @@
+"""Torch networks for training and export; the node itself never imports this package."""

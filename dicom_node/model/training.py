@@ -1,0 +1,202 @@
+"""Training loop shared by ``tools/train.py`` and the CI smoke test.
+
+Resumable by design: a run on two CPU cores takes an hour, and a session or a CI
+machine may be stopped in the middle. Everything needed to continue (weights,
+optimiser, step, elapsed seconds, settings) is in one checkpoint file, written
+atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .. import phantom
+from ..patches import VOLUME, cut, training_options, volume_seed
+from .data import PhantomPatches
+from .inpaint import Inpainter, to_norm
+from .networks import build
+
+VALIDATION_SEED = 7  # volume seeds base*1_000_003 + i: disjoint from training's
+
+
+@dataclass
+class TrainConfig:
+    network: str = "dense_unet"
+    mask_mode: str = "mixed"
+    steps: int = 8000
+    minutes: float = 0.0  # wall-clock budget; 0 = none
+    cpu_minutes: float = 0.0  # CPU-time budget of the training process; 0 = none. Unlike wall
+    # time it does not depend on what else the machine runs, so runs trained side by side get
+    # the same budget. Training stops at whichever budget is reached first.
+    lr: float = 1e-4
+    schedule: str = "constant"  # or "cosine", over the step (or time) budget
+    batch: int = 3
+    loss: str = "whole"  # "whole" patch MSE (paper), or "mask" only
+    seed: int = 1
+    threads: int = 2
+    workers: int = 1
+    channels_last: bool = True
+    checkpoint_every: int = 250
+    validate_every: int = 500
+    validation_patches: int = 24
+    dicom: list[str] = field(default_factory=list)
+    dicom_fraction: float = 0.0
+
+
+def _atomic_save(obj: object, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def validation_set(n: int, mode: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """A fixed held-out batch of patches, the same for every run with this mode."""
+    rng = np.random.default_rng(VALIDATION_SEED)
+    out = []
+    i = 0
+    while len(out) < n:
+        p = phantom.generate(VOLUME, seed=volume_seed(VALIDATION_SEED, i), options=training_options())
+        i += 1
+        patch = cut(rng, p, mode)
+        if patch is not None:
+            out.append(tuple(torch.from_numpy(a[None, None]) for a in (patch.image, patch.mask, patch.target)))
+    return out
+
+
+@torch.no_grad()
+def evaluate_mse(model: Inpainter, patches: list) -> float:
+    """Mean in-mask MSE in HU² over the held-out patches."""
+    model.eval()
+    errs = []
+    for image, mask, target in patches:
+        out = model(image, mask)
+        errs.append(float((((out - target) ** 2) * mask).sum() / mask.sum()))
+    model.train()
+    return float(np.mean(errs))
+
+
+def load_model(path: str | Path) -> tuple[Inpainter, dict]:
+    """Weights and the settings they were trained with, from a checkpoint or a model file."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = state["config"]
+    model = Inpainter(build(cfg["network"]))
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model, state
+
+
+def train(cfg: TrainConfig, out: Path, progress: bool = True, dicom_source=None) -> dict:
+    """Train (or resume) into ``out``; returns the run summary."""
+    from tqdm import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    ckpt_path = out / "checkpoint.pt"
+    model = Inpainter(build(cfg.network))
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    step, elapsed, cpu = 0, 0.0, 0.0
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if state["config"]["network"] != cfg.network:
+            raise SystemExit(f"{ckpt_path} holds a {state['config']['network']} run, not {cfg.network}")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, elapsed, cpu = state["step"], state["elapsed"], state.get("cpu", 0.0)
+        torch.set_rng_state(state["torch_rng"])
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    log = open(out / "train.log", "a")  # noqa: SIM115 - held for the whole run, closed at the end
+    extra = dicom_source.sample if dicom_source is not None else None
+    data = PhantomPatches(cfg.seed, cfg.mask_mode, start=step, extra=extra, extra_fraction=cfg.dicom_fraction)
+    loader = DataLoader(data, batch_size=cfg.batch, num_workers=cfg.workers,
+                        persistent_workers=cfg.workers > 0, prefetch_factor=4 if cfg.workers else None)
+    val = validation_set(cfg.validation_patches, cfg.mask_mode) if cfg.validation_patches else []
+    budget_s = cfg.minutes * 60.0
+    budget_cpu = cfg.cpu_minutes * 60.0
+
+    def progress_fraction() -> float:
+        f = step / cfg.steps
+        if budget_s > 0:
+            f = max(f, elapsed / budget_s)
+        if budget_cpu > 0:
+            f = max(f, cpu / budget_cpu)
+        return min(f, 1.0)
+
+    def lr_now() -> float:
+        if cfg.schedule == "cosine":
+            return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress_fraction())))
+        return cfg.lr
+
+    def save(path: Path) -> None:
+        net = model.to(memory_format=torch.contiguous_format)
+        _atomic_save({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                      "elapsed": elapsed, "cpu": cpu, "torch_rng": torch.get_rng_state(), "config": asdict(cfg)}, path)
+        if cfg.channels_last:
+            net.to(memory_format=torch.channels_last_3d)
+
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=f"train {cfg.network}/{cfg.mask_mode}",
+               unit="step", dynamic_ncols=True)
+    model.train()
+    t_last, c_last = time.monotonic(), time.process_time()
+    losses: list[float] = []
+    val_mse = float("nan")
+    for image, mask, target in loader:
+        if progress_fraction() >= 1.0:
+            break
+        if cfg.channels_last:
+            image, mask, target = (t.contiguous(memory_format=torch.channels_last_3d) for t in (image, mask, target))
+        for g in opt.param_groups:
+            g["lr"] = lr_now()
+        pred = model.predict(image, mask)
+        err = (pred - to_norm(target)) ** 2
+        loss = err.mean() if cfg.loss == "whole" else (err * mask).sum() / mask.sum().clamp(min=1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        now, cnow = time.monotonic(), time.process_time()
+        elapsed += now - t_last
+        cpu += cnow - c_last
+        t_last, c_last = now, cnow
+        losses.append(float(loss.detach()))
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.2e}", val=f"{val_mse:.0f}")
+            log.write(json.dumps({"step": step, "loss": float(np.mean(losses[-50:])), "lr": lr_now(),
+                                  "elapsed_s": round(elapsed, 1)}) + "\n")
+            log.flush()
+        if val and step % cfg.validate_every == 0:
+            val_mse = evaluate_mse(model, val)
+            log.write(json.dumps({"step": step, "val_mask_mse_hu2": val_mse}) + "\n")
+            log.flush()
+            t_last, c_last = time.monotonic(), time.process_time()  # not training time
+        if step % cfg.checkpoint_every == 0:
+            save(ckpt_path)
+            t_last, c_last = time.monotonic(), time.process_time()
+    bar.close()
+    save(ckpt_path)
+    if val:
+        val_mse = evaluate_mse(model, val)
+    summary = {"network": cfg.network, "mask_mode": cfg.mask_mode, "steps": step,
+               "train_seconds": round(elapsed, 1), "train_cpu_seconds": round(cpu, 1),
+               "final_loss": float(np.mean(losses[-200:])) if losses else None,
+               "val_mask_mse_hu2": val_mse, "config": asdict(cfg), "torch": torch.__version__,
+               "params": sum(p.numel() for p in model.parameters())}
+    net = model.to(memory_format=torch.contiguous_format)
+    _atomic_save({"model": net.state_dict(), "config": asdict(cfg), "summary": summary}, out / "model.pt")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.write(json.dumps({"done": summary}) + "\n")
+    log.close()
+    return summary

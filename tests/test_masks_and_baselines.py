@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import numpy as np
+
+from dicom_node import baselines, masks
+from dicom_node.patches import cut, detected_calcium
+
+
+def test_cube_masks_are_centred():
+    for size in (16, 8):
+        m = masks.cube_mask((32, 32, 32), size)
+        assert m.sum() == size ** 3
+        zz, yy, xx = np.nonzero(m)
+        assert zz.min() == 16 - size // 2 and zz.max() == 15 + size // 2
+
+
+def test_footprint_margin_is_physical_on_anisotropic_grids():
+    calc = np.zeros((21, 21, 21), bool)
+    calc[10, 10, 10] = True
+    m = masks.footprint_mask(calc, (1.0, 0.5, 0.5), margin_mm=1.4)
+    assert m[10, 10, 10 + 2] and not m[10, 10, 10 + 3]  # 2 voxels of 0.5 mm in-plane
+    assert m[11, 10, 10] and not m[12, 10, 10]  # 1 voxel of 1 mm along z
+
+
+def test_classical_baselines_fill_smooth_fields():
+    z, y, x = np.mgrid[:24, :24, :24].astype(np.float32)
+    field = 3 * x + 2 * y - z
+    mask = masks.cube_mask(field.shape, 8)
+    bh = baselines.biharmonic(field, mask)
+    nn = baselines.nearest_fill(field, mask)
+    inside = mask > 0.5
+    assert np.abs(bh - field)[inside].max() < 0.5  # linear fields are biharmonic
+    assert np.abs(nn - field)[inside].max() > 5  # nearest fill is piecewise constant
+    assert np.array_equal(bh[~inside], field[~inside]) and np.array_equal(nn[~inside], field[~inside])
+
+
+def test_footprint_patches_cover_the_calcium(calcified_phantoms):
+    rng = np.random.default_rng(0)
+    for p in calcified_phantoms:
+        patch = cut(rng, p, "footprint")
+        assert patch is not None and patch.mask.sum() > 0
+        inside = patch.mask > 0.5
+        # inside the mask the target is the calcium-free truth; outside it is the input
+        assert np.array_equal(patch.target[~inside], patch.image[~inside])
+        assert patch.image[inside].max() > patch.target[inside].max()
+    det = detected_calcium(calcified_phantoms[0].image, calcified_phantoms[0].calcium_fraction)
+    assert det[calcified_phantoms[0].calcium_mask].all()
