@@ -1,0 +1,138 @@
+"""Plan the sliding windows that restore each calcified region.
+
+The model sees 32³ patches at its training spacing and restores at most a core of
+``core`` voxels in the middle of each, the rest being context. A long calcification
+needs several windows; they are ordered along the region's principal axis so each
+window sees the previous one's restoration as context (the paper's multi-step
+inpainting). Only the neighbourhood of each region is resampled to the model grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from .detect import CONNECTIVITY_26, Detection
+from .masks import DEFAULT_MARGIN_MM, ball
+
+PATCH = 32
+
+
+@dataclass
+class Window:
+    centre: tuple[int, int, int]  # in region (model-grid) voxels
+    mask: np.ndarray  # bool (32, 32, 32): voxels this window restores
+
+    def box(self) -> tuple[slice, slice, slice]:
+        return tuple(slice(c - PATCH // 2, c + PATCH // 2) for c in self.centre)
+
+
+@dataclass
+class Region:
+    """One group of nearby calcium, resampled to the model grid with room for context."""
+
+    index: int
+    lesions: list[int]
+    native_box: tuple[slice, slice, slice]  # part of the volume that the region can change
+    native_footprint: np.ndarray  # bool over native_box: the voxels that will change
+    origin: np.ndarray  # native index (float) of model voxel [0, 0, 0]
+    step: np.ndarray  # native voxels per model voxel, per axis
+    shape: tuple[int, int, int]  # model-grid shape
+    model_mask: np.ndarray  # bool over the model grid: what must be restored
+    windows: list[Window] = field(default_factory=list)
+
+    def model_coordinates(self) -> np.ndarray:
+        """Native index coordinates of every model-grid voxel, for resampling in."""
+        axes = [self.origin[a] + np.arange(self.shape[a]) * self.step[a] for a in range(3)]
+        return np.stack(np.meshgrid(*axes, indexing="ij"))
+
+    def native_coordinates(self) -> np.ndarray:
+        """Model-grid coordinates of the footprint's native voxels, for resampling back."""
+        idx = np.argwhere(self.native_footprint) + np.array([s.start for s in self.native_box])
+        return ((idx - self.origin) / self.step).T
+
+
+@dataclass
+class PlanOptions:
+    margin_mm: float = DEFAULT_MARGIN_MM  # blooming margin restored around the calcium
+    model_spacing_mm: float = 0.47
+    core: int = 16  # voxels a window may restore along each axis
+    group_distance_mm: float = 3.0  # calcium closer than this is restored as one region
+
+
+def footprint(detection: Detection, spacing: tuple[float, float, float], margin_mm: float) -> np.ndarray:
+    """Native voxels to restore: the calcium and its blooming margin."""
+    if not detection.calcium.any():
+        return np.zeros(detection.calcium.shape, bool)
+    return ndimage.binary_dilation(detection.calcium, structure=ball(margin_mm, spacing))
+
+
+def _windows(mask: np.ndarray, core: int) -> list[Window]:
+    """Greedy cover of the mask by cores, walking along the principal axis."""
+    pts = np.argwhere(mask)
+    if len(pts) == 0:
+        return []
+    centred = pts - pts.mean(axis=0)
+    axis = np.linalg.svd(centred, full_matrices=False)[2][0] if len(pts) > 1 else np.array([1.0, 0, 0])
+    remaining = mask.copy()
+    out: list[Window] = []
+    half = core // 2
+    lo_bound = PATCH // 2
+    hi_bound = np.array(mask.shape) - PATCH // 2
+    while remaining.any():
+        left = np.argwhere(remaining)
+        t = left @ axis
+        first = left[np.argmin(t)]
+        # Put the first voxel near the core's trailing face, then centre the core on what it would hold.
+        centre = first + np.round(axis * (half - 2)).astype(int)
+        inside = np.all(np.abs(left - centre) < half, axis=1)
+        if inside.any():
+            centre = np.round(left[inside].mean(axis=0)).astype(int)
+        if np.any(np.abs(first - centre) >= half):
+            centre = first.copy()
+        centre = np.clip(centre, lo_bound, hi_bound)
+        core_box = tuple(slice(c - half, c + half) for c in centre)
+        if not np.all(np.abs(first - centre) < half):
+            raise ValueError("window planning made no progress: region padding is too small for the core")
+        win_mask = np.zeros(mask.shape, bool)
+        win_mask[core_box] = remaining[core_box]
+        remaining[core_box] = False
+        box = tuple(slice(c - PATCH // 2, c + PATCH // 2) for c in centre)
+        out.append(Window(centre=tuple(int(c) for c in centre), mask=win_mask[box]))
+    return out
+
+
+def plan(detection: Detection, spacing: tuple[float, float, float], options: PlanOptions | None = None) -> list[Region]:
+    """Group the calcium into regions and cover each with ordered windows."""
+    opts = options or PlanOptions()
+    foot = footprint(detection, spacing, opts.margin_mm)
+    if not foot.any():
+        return []
+    sp = np.asarray(spacing, float)
+    grouping = ndimage.binary_dilation(foot, structure=ball(opts.group_distance_mm / 2, spacing))
+    groups, n = ndimage.label(grouping, structure=CONNECTIVITY_26)
+    regions: list[Region] = []
+    step = opts.model_spacing_mm / sp
+    pad_model = PATCH // 2 + opts.core // 2 + 2  # a window centred on any core still fits
+    for gi, gbox in enumerate(ndimage.find_objects(groups), start=1):
+        in_group = (groups[gbox] == gi) & foot[gbox]
+        native_footprint = in_group
+        lesion_ids = sorted(set(np.unique(detection.labels[gbox][in_group & detection.calcium[gbox]])) - {0})
+        lo = np.array([s.start for s in gbox], float)
+        hi = np.array([s.stop - 1 for s in gbox], float)
+        extent_model = np.ceil((hi - lo) / step).astype(int) + 1
+        shape = tuple(int(e + 2 * pad_model) for e in extent_model)
+        origin = lo - pad_model * step
+        region = Region(index=gi, lesions=[int(x) for x in lesion_ids], native_box=gbox,
+                        native_footprint=native_footprint, origin=origin, step=step, shape=shape,
+                        model_mask=np.zeros(shape, bool))
+        # Model-grid mask: every model voxel that a native footprint voxel interpolates from.
+        coords = region.model_coordinates()
+        local = coords - lo.reshape(3, 1, 1, 1)
+        frac = ndimage.map_coordinates(native_footprint.astype(np.float32), local, order=1, mode="constant", cval=0.0)
+        region.model_mask = ndimage.binary_dilation(frac > 0.0)
+        region.windows = _windows(region.model_mask, opts.core)
+        regions.append(region)
+    return regions
