@@ -27,6 +27,7 @@ class EngineConfig:
     metal_hu: float = 3000.0
     margin_mm: float = 1.4  # blooming margin restored around the calcium
     core: int = 16  # voxels a window may restore per axis (of 32)
+    mask_mode: str = "footprint"  # footprint | cube (the paper's: hide each window's whole core)
     max_pixel_mm: float = 0.8  # refuse series coarser than this in-plane
     max_slice_mm: float = 1.25  # refuse series with slices further apart than this
 

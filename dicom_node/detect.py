@@ -1,11 +1,12 @@
 """Find the calcium to remove, and the bright things that must be left alone.
 
 A 700 HU threshold (the paper's) separates calcium from contrast, but not from
-bone, metal or noise spikes. Bone and other large dense structures are found as the
-part of the bright voxels that survives a morphological opening of about 2 mm:
-coronary calcium is thinner than that, so calcium touching a rib or the spine is
-still found as calcium. Metal (stents, pacing leads) is left untouched and reported,
-because inpainting over it would hide a device the reader must see.
+bone, metal or noise spikes. Thick bone is found as the part of the bright voxels
+that survives a morphological opening of about 2 mm: coronary calcium is thinner
+than that, so calcium touching the spine or sternum is still found as calcium.
+Thin dense structures that the opening misses (a rib's cortex) are recognised by
+their size. Metal (stents, pacing leads) is left untouched and reported, because
+inpainting over it would hide a device the reader must see.
 """
 
 from __future__ import annotations
@@ -79,7 +80,11 @@ def detect(volume: np.ndarray, spacing: tuple[float, float, float], options: Det
     if roi is not None:
         bright &= roi
     # Large dense structures: what survives an opening wider than any coronary calcium.
-    opened = ndimage.binary_opening(bright, structure=ball(opts.dense_opening_mm, spacing))
+    # Opening by hand: erode as if the volume continued past its edges (bone cut by the field
+    # of view stays bone), then dilate back within the bright voxels.
+    st = ball(opts.dense_opening_mm, spacing)
+    core = ndimage.binary_erosion(bright, structure=st, border_value=1)
+    opened = ndimage.binary_dilation(core, structure=st) & bright
     dense = np.zeros_like(bright)
     if opened.any():
         lab, n = ndimage.label(opened, structure=CONNECTIVITY_26)
@@ -92,8 +97,10 @@ def detect(volume: np.ndarray, spacing: tuple[float, float, float], options: Det
                 excluded.append({"reason": "bone or large dense structure", "volume_mm3": round(float(size), 1),
                                  "centroid": [round(float(x), 1) for x in c]})
     if dense.any():
-        # the structure's own rim did not survive the opening; grow it back before subtracting
-        dense = ndimage.binary_dilation(dense, structure=ball(opts.dense_opening_mm + max(spacing), spacing)) & bright
+        # edges and corners of the structure do not survive the opening; grow it back by half the
+        # opening radius, no further, so that calcium touching the structure stays (mostly) calcium
+        regrow = max(0.5 * opts.dense_opening_mm, max(spacing) * 1.01)
+        dense = ndimage.binary_dilation(dense, structure=ball(regrow, spacing)) & bright
     candidates = bright & ~dense
     lab, n = ndimage.label(candidates, structure=CONNECTIVITY_26)
     lesions: list[Lesion] = []
@@ -109,6 +116,10 @@ def detect(volume: np.ndarray, spacing: tuple[float, float, float], options: Det
             centroid = tuple(float(c + s.start) for c, s in zip(ndimage.center_of_mass(part), sl))
             if vol_mm3 < opts.min_volume_mm3:
                 continue  # noise spike; not worth a line in the report
+            if vol_mm3 >= opts.dense_min_volume_mm3:
+                excluded.append({"reason": "large dense structure (bone cortex or device)",
+                                 "volume_mm3": round(vol_mm3, 1), "centroid": [round(c, 1) for c in centroid]})
+                continue
             if peak >= opts.metal_hu:
                 excluded.append({"reason": f"metal (peak {peak:.0f} HU >= {opts.metal_hu:.0f})",
                                  "volume_mm3": round(vol_mm3, 1), "centroid": [round(c, 1) for c in centroid]})

@@ -60,7 +60,7 @@ class Engine:
             for i in range(0, len(work), self.backend.max_batch):
                 chunk = work[i:i + self.backend.max_batch]
                 images = np.stack([g[w.box()] for g, w in chunk])[:, None]
-                masks = np.stack([w.mask for _, w in chunk])[:, None].astype(np.float32)
+                masks = np.stack([w.network_mask for _, w in chunk])[:, None].astype(np.float32)
                 restored = self.backend.run(images, masks)
                 batches += 1
                 for (g, w), out in zip(chunk, restored[:, 0]):

@@ -24,6 +24,11 @@ PATCH = 32
 class Window:
     centre: tuple[int, int, int]  # in region (model-grid) voxels
     mask: np.ndarray  # bool (32, 32, 32): voxels this window restores
+    hide: np.ndarray | None = None  # what the network is given as masked, if more than ``mask``
+
+    @property
+    def network_mask(self) -> np.ndarray:
+        return self.mask if self.hide is None else self.hide
 
     def box(self) -> tuple[slice, slice, slice]:
         return tuple(slice(c - PATCH // 2, c + PATCH // 2) for c in self.centre)
@@ -60,6 +65,7 @@ class PlanOptions:
     model_spacing_mm: float = 0.47
     core: int = 16  # voxels a window may restore along each axis
     group_distance_mm: float = 3.0  # calcium closer than this is restored as one region
+    mask_mode: str = "footprint"  # or "cube": hide each window's whole core, as the paper did
 
 
 def footprint(detection: Detection, spacing: tuple[float, float, float], margin_mm: float) -> np.ndarray:
@@ -69,7 +75,7 @@ def footprint(detection: Detection, spacing: tuple[float, float, float], margin_
     return ndimage.binary_dilation(detection.calcium, structure=ball(margin_mm, spacing))
 
 
-def _windows(mask: np.ndarray, core: int) -> list[Window]:
+def _windows(mask: np.ndarray, core: int, cube: bool = False) -> list[Window]:
     """Greedy cover of the mask by cores, walking along the principal axis."""
     pts = np.argwhere(mask)
     if len(pts) == 0:
@@ -100,7 +106,11 @@ def _windows(mask: np.ndarray, core: int) -> list[Window]:
         win_mask[core_box] = remaining[core_box]
         remaining[core_box] = False
         box = tuple(slice(c - PATCH // 2, c + PATCH // 2) for c in centre)
-        out.append(Window(centre=tuple(int(c) for c in centre), mask=win_mask[box]))
+        hide = None
+        if cube:
+            hide = np.zeros((PATCH,) * 3, bool)
+            hide[(slice(PATCH // 2 - half, PATCH // 2 + half),) * 3] = True
+        out.append(Window(centre=tuple(int(c) for c in centre), mask=win_mask[box], hide=hide))
     return out
 
 
@@ -133,6 +143,8 @@ def plan(detection: Detection, spacing: tuple[float, float, float], options: Pla
         local = coords - lo.reshape(3, 1, 1, 1)
         frac = ndimage.map_coordinates(native_footprint.astype(np.float32), local, order=1, mode="constant", cval=0.0)
         region.model_mask = ndimage.binary_dilation(frac > 0.0)
-        region.windows = _windows(region.model_mask, opts.core)
+        if opts.mask_mode not in ("footprint", "cube"):
+            raise ValueError(f"unknown mask mode {opts.mask_mode!r}")
+        region.windows = _windows(region.model_mask, opts.core, cube=opts.mask_mode == "cube")
         regions.append(region)
     return regions

@@ -52,7 +52,7 @@ def build_engine(cfg: Config, backend: Backend) -> Engine:
     e = cfg.engine
     return Engine(backend,
                   DetectOptions(threshold_hu=e.threshold_hu, adaptive=e.adaptive_threshold, metal_hu=e.metal_hu),
-                  PlanOptions(margin_mm=e.margin_mm, core=e.core))
+                  PlanOptions(margin_mm=e.margin_mm, core=e.core, mask_mode=e.mask_mode))
 
 
 def check_resolution(series: Series, cfg: Config) -> str | None:

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 def test_train_resume_export_and_onnx_matches_torch(tmp_path):
     cfg = TrainConfig(steps=6, lr=1e-3, threads=2, workers=1, checkpoint_every=3, validate_every=3,
-                      validation_patches=2)
+                      validation_patches=2, bn_calibration_batches=2)
     first = train(cfg, tmp_path, progress=False)
     assert first["steps"] == 6
     cfg.steps = 9

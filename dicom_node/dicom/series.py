@@ -151,8 +151,11 @@ def load_hu(series: Series) -> np.ndarray:
     return vol
 
 
-def read_ct_series(inputs: Iterable[str | Path]) -> tuple[list[Series], list[str]]:
-    """CT image series found under the inputs, and a line for everything skipped."""
+def read_ct_series(inputs: Iterable[str | Path], include_derived: bool = False) -> tuple[list[Series], list[str]]:
+    """CT image series found under the inputs, and a line for everything skipped.
+
+    ``include_derived`` is for reading our own output back (evaluation); processing never sets it.
+    """
     groups, notes = group_series(find_files(inputs))
     found: list[Series] = []
     for uid, items in groups.items():
@@ -166,7 +169,7 @@ def read_ct_series(inputs: Iterable[str | Path]) -> tuple[list[Series], list[str
         if "LOCALIZER" in image_type:
             notes.append(f"series {uid}: skipped, localizer")
             continue
-        if "DERIVED" in image_type:
+        if "DERIVED" in image_type and not include_derived:
             notes.append(f"series {uid}: skipped, DERIVED images are not processed again")
             continue
         try:

@@ -50,6 +50,7 @@ class TrainConfig:
     validation_patches: int = 24
     dicom: list[str] = field(default_factory=list)
     dicom_fraction: float = 0.0
+    bn_calibration_batches: int = 40  # precise BatchNorm statistics after training, batches of 6
 
 
 def _atomic_save(obj: object, path: Path) -> None:
@@ -86,6 +87,35 @@ def evaluate_mse(model: Inpainter, patches: list) -> float:
     return float(np.mean(errs))
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: Inpainter, cfg: TrainConfig, batches: int, batch: int = 6) -> None:
+    """Recompute BatchNorm running statistics as exact averages over fresh training patches.
+
+    With batches of three and a mix of mask modes, the exponential running averages
+    that BatchNorm keeps during training are far from the statistics the network
+    actually trained with, and evaluation-mode output suffers (we measured held-out
+    MSE 17,900 vs 11,000 HU² for the same Dense-Unet weights). Averaging over a few
+    hundred patches after training fixes that; it changes no learned weight.
+    """
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns or batches <= 0:
+        return
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    was_training = model.training
+    model.train()
+    data = PhantomPatches(cfg.seed, cfg.mask_mode, start=10_000_000)  # training seed range, unseen volumes
+    for i, (image, mask, _) in enumerate(DataLoader(data, batch_size=batch, num_workers=0)):
+        if i >= batches:
+            break
+        model.predict(image, mask)
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
+    model.train(was_training)
+
+
 def load_model(path: str | Path) -> tuple[Inpainter, dict]:
     """Weights and the settings they were trained with, from a checkpoint or a model file."""
     state = torch.load(path, map_location="cpu", weights_only=False)
@@ -107,6 +137,7 @@ def train(cfg: TrainConfig, out: Path, progress: bool = True, dicom_source=None)
     model = Inpainter(build(cfg.network))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     step, elapsed, cpu = 0, 0.0, 0.0
+    losses: list[float] = []
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if state["config"]["network"] != cfg.network:
@@ -114,6 +145,7 @@ def train(cfg: TrainConfig, out: Path, progress: bool = True, dicom_source=None)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, elapsed, cpu = state["step"], state["elapsed"], state.get("cpu", 0.0)
+        losses = list(state.get("recent_losses", []))
         torch.set_rng_state(state["torch_rng"])
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
@@ -142,7 +174,8 @@ def train(cfg: TrainConfig, out: Path, progress: bool = True, dicom_source=None)
     def save(path: Path) -> None:
         net = model.to(memory_format=torch.contiguous_format)
         _atomic_save({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                      "elapsed": elapsed, "cpu": cpu, "torch_rng": torch.get_rng_state(), "config": asdict(cfg)}, path)
+                      "elapsed": elapsed, "cpu": cpu, "recent_losses": losses[-200:],
+                      "torch_rng": torch.get_rng_state(), "config": asdict(cfg)}, path)
         if cfg.channels_last:
             net.to(memory_format=torch.channels_last_3d)
 
@@ -150,7 +183,6 @@ def train(cfg: TrainConfig, out: Path, progress: bool = True, dicom_source=None)
                unit="step", dynamic_ncols=True)
     model.train()
     t_last, c_last = time.monotonic(), time.process_time()
-    losses: list[float] = []
     val_mse = float("nan")
     for image, mask, target in loader:
         if progress_fraction() >= 1.0:
@@ -187,13 +219,18 @@ def train(cfg: TrainConfig, out: Path, progress: bool = True, dicom_source=None)
             t_last, c_last = time.monotonic(), time.process_time()
     bar.close()
     save(ckpt_path)
+    net = model.to(memory_format=torch.contiguous_format)
+    recalibrate_batchnorm(net, cfg, cfg.bn_calibration_batches)
+    if cfg.channels_last:
+        net.to(memory_format=torch.channels_last_3d)
     if val:
         val_mse = evaluate_mse(model, val)
     summary = {"network": cfg.network, "mask_mode": cfg.mask_mode, "steps": step,
                "train_seconds": round(elapsed, 1), "train_cpu_seconds": round(cpu, 1),
                "final_loss": float(np.mean(losses[-200:])) if losses else None,
                "val_mask_mse_hu2": val_mse, "config": asdict(cfg), "torch": torch.__version__,
-               "params": sum(p.numel() for p in model.parameters())}
+               "params": sum(p.numel() for p in model.parameters()),
+               "bn_calibration_patches": cfg.bn_calibration_batches * 6}
     net = model.to(memory_format=torch.contiguous_format)
     _atomic_save({"model": net.state_dict(), "config": asdict(cfg), "summary": summary}, out / "model.pt")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
