@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from .masks import DEFAULT_THRESHOLD_HU, ball
+from .masks import DEFAULT_THRESHOLD_HU
+from .morphology import dilate_mm, open_mm
 
 CONNECTIVITY_26 = np.ones((3, 3, 3), bool)
 
@@ -51,7 +52,7 @@ class Detection:
     lesions: list[Lesion]
     threshold_hu: float
     excluded: list[dict] = field(default_factory=list)  # what was left alone, and why
-    labels: np.ndarray | None = None  # int32 lesion labels (1-based), same shape as calcium
+    labels: np.ndarray | None = None  # uint16 lesion labels (1-based), same shape as calcium
 
 
 def lumen_statistics(volume: np.ndarray, roi: np.ndarray | None = None) -> tuple[float, float]:
@@ -80,11 +81,8 @@ def detect(volume: np.ndarray, spacing: tuple[float, float, float], options: Det
     if roi is not None:
         bright &= roi
     # Large dense structures: what survives an opening wider than any coronary calcium.
-    # Opening by hand: erode as if the volume continued past its edges (bone cut by the field
-    # of view stays bone), then dilate back within the bright voxels.
-    st = ball(opts.dense_opening_mm, spacing)
-    core = ndimage.binary_erosion(bright, structure=st, border_value=1)
-    opened = ndimage.binary_dilation(core, structure=st) & bright
+    # Bone cut by the field of view stays bone: the opening treats the volume as continuing.
+    opened = open_mm(bright, spacing, opts.dense_opening_mm)
     dense = np.zeros_like(bright)
     if opened.any():
         lab, n = ndimage.label(opened, structure=CONNECTIVITY_26)
@@ -100,12 +98,18 @@ def detect(volume: np.ndarray, spacing: tuple[float, float, float], options: Det
         # edges and corners of the structure do not survive the opening; grow it back by half the
         # opening radius, no further, so that calcium touching the structure stays (mostly) calcium
         regrow = max(0.5 * opts.dense_opening_mm, max(spacing) * 1.01)
-        dense = ndimage.binary_dilation(dense, structure=ball(regrow, spacing)) & bright
+        dense = dilate_mm(dense, spacing, regrow) & bright
     candidates = bright & ~dense
-    lab, n = ndimage.label(candidates, structure=CONNECTIVITY_26)
+    del bright, opened, dense
+    # 16-bit labels: a volume's worth of int32 would cost as much as the HU volume itself
+    lab = np.zeros(volume.shape, np.uint16)
+    try:
+        n = ndimage.label(candidates, structure=CONNECTIVITY_26, output=lab)
+    except RuntimeError as exc:
+        raise ValueError("more than 65535 bright components: not a CT angiogram, or a broken rescale") from exc
     lesions: list[Lesion] = []
-    calcium = np.zeros_like(bright)
-    labels = np.zeros(volume.shape, np.int32)
+    calcium = np.zeros(volume.shape, bool)
+    labels = lab  # relabelled in place below: only kept lesions, numbered from 1
     if n:
         objects = ndimage.find_objects(lab)
         for i, sl in enumerate(objects, start=1):
@@ -115,7 +119,10 @@ def detect(volume: np.ndarray, spacing: tuple[float, float, float], options: Det
             peak = float(volume[sl][part].max())
             centroid = tuple(float(c + s.start) for c, s in zip(ndimage.center_of_mass(part), sl))
             if vol_mm3 < opts.min_volume_mm3:
+                lab[sl][part] = 0
                 continue  # noise spike; not worth a line in the report
+            if vol_mm3 >= opts.dense_min_volume_mm3 or peak >= opts.metal_hu:
+                lab[sl][part] = 0
             if vol_mm3 >= opts.dense_min_volume_mm3:
                 excluded.append({"reason": "large dense structure (bone cortex or device)",
                                  "volume_mm3": round(vol_mm3, 1), "centroid": [round(c, 1) for c in centroid]})
@@ -128,5 +135,5 @@ def detect(volume: np.ndarray, spacing: tuple[float, float, float], options: Det
                             centroid=centroid, bbox=sl)
             lesions.append(lesion)
             calcium[sl] |= part
-            labels[sl][part] = lesion.index
+            labels[sl][part] = lesion.index  # index <= i, so unvisited labels are never overwritten
     return Detection(calcium=calcium, lesions=lesions, threshold_hu=threshold, excluded=excluded, labels=labels)

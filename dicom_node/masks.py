@@ -7,7 +7,8 @@ never asked to restore a region shaped unlike the ones it learned on.
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
+
+from .morphology import dilate_mm
 
 MASK_MODES = ("cube16", "cube8", "footprint", "mixed")
 DEFAULT_MARGIN_MM = 1.4  # blooming margin around thresholded calcium
@@ -33,9 +34,7 @@ def ball(radius_mm: float, spacing: tuple[float, float, float]) -> np.ndarray:
 def footprint_mask(calcium: np.ndarray, spacing: tuple[float, float, float],
                    margin_mm: float = DEFAULT_MARGIN_MM) -> np.ndarray:
     """Calcium voxels dilated by the blooming margin: the region whose values are unreliable."""
-    if not calcium.any():
-        return np.zeros(calcium.shape, np.float32)
-    return ndimage.binary_dilation(calcium, structure=ball(margin_mm, spacing)).astype(np.float32)
+    return dilate_mm(calcium, spacing, margin_mm).astype(np.float32)
 
 
 def core_box(shape: tuple[int, int, int], centre: tuple[int, int, int], size: int) -> tuple[slice, ...]:

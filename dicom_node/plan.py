@@ -15,7 +15,8 @@ import numpy as np
 from scipy import ndimage
 
 from .detect import CONNECTIVITY_26, Detection
-from .masks import DEFAULT_MARGIN_MM, ball
+from .masks import DEFAULT_MARGIN_MM
+from .morphology import dilate_mm
 
 PATCH = 32
 
@@ -72,7 +73,7 @@ def footprint(detection: Detection, spacing: tuple[float, float, float], margin_
     """Native voxels to restore: the calcium and its blooming margin."""
     if not detection.calcium.any():
         return np.zeros(detection.calcium.shape, bool)
-    return ndimage.binary_dilation(detection.calcium, structure=ball(margin_mm, spacing))
+    return dilate_mm(detection.calcium, spacing, margin_mm)
 
 
 def _windows(mask: np.ndarray, core: int, cube: bool = False) -> list[Window]:
@@ -121,7 +122,7 @@ def plan(detection: Detection, spacing: tuple[float, float, float], options: Pla
     if not foot.any():
         return []
     sp = np.asarray(spacing, float)
-    grouping = ndimage.binary_dilation(foot, structure=ball(opts.group_distance_mm / 2, spacing))
+    grouping = dilate_mm(foot, spacing, opts.group_distance_mm / 2)
     groups, n = ndimage.label(grouping, structure=CONNECTIVITY_26)
     regions: list[Region] = []
     step = opts.model_spacing_mm / sp
