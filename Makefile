@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint fmt clean
+.PHONY: venv test lint fmt clean serve
 
 venv: $(STAMP)
 
@@ -17,6 +17,11 @@ $(STAMP): setup.cfg pyproject.toml
 test: venv
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
+
+# The DICOM node on the embedded defaults: CPU backend, SQLite, ./spool, DICOM 11112, HTTP 8080.
+# Then, in another shell: .venv/bin/dicom-node demo   (or storescu -aet STORESCU -aec DICOMNODE localhost 11112 FILES)
+serve: venv
+	$(PY) -m dicom_node.cli serve --backend onnxruntime
 
 lint: venv
 	$(VENV)/bin/ruff check .

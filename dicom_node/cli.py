@@ -86,6 +86,124 @@ def cmd_process(args: argparse.Namespace) -> int:
     return 0 if all(o.status != "failed" for o in outcomes) else 1
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the DICOM node in the foreground until Ctrl-C / SIGTERM."""
+    from .backends.select import BackendError
+    from .config import ConfigError, load
+    from .node import logs
+    from .node.server import serve
+
+    logs.setup()
+    try:
+        cfg = load(args.config)
+        return serve(cfg, args.backend)
+    except (ConfigError, BackendError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _peer(args: argparse.Namespace) -> tuple[str, int, str]:
+    """HOST, PORT and called AE title: --to/--aet, else our own node from --config (default: embedded)."""
+    from .config import load
+
+    cfg = load(args.config)
+    host, port = cfg.node.host, cfg.node.port
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if args.to:
+        h, _, p = args.to.rpartition(":")
+        if not h or not p.isdigit():
+            raise ValueError(f"--to must be HOST:PORT, got {args.to!r}")
+        host, port = h, int(p)
+    return host, port, args.aet or cfg.node.ae_title
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    """C-ECHO a DICOM node: the first thing to try when a PACS says it cannot reach us."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    try:
+        host, port, aet = _peer(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ae = AE(ae_title=args.calling_aet)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(host, port, ae_title=aet)
+    if not assoc.is_established:
+        print(f"echo {aet}@{host}:{port}: association {'rejected' if assoc.is_rejected else 'failed'}",
+              file=sys.stderr)
+        return 1
+    status = assoc.send_c_echo()
+    assoc.release()
+    code = int(getattr(status, "Status", -1)) if status else -1
+    print(f"echo {aet}@{host}:{port}: {'ok' if code == 0 else f'status {code:#06x}'}")
+    return 0 if code == 0 else 1
+
+
+def _send_folder(folder: list[str], host: str, port: int, aet: str, calling: str) -> int:
+    import pydicom
+
+    from .config import Destination
+    from .dicom.series import find_files
+    from .node.send import SendError, send_dimse
+
+    files = []
+    for f in find_files(folder):
+        try:
+            pydicom.filereader.read_file_meta_info(f)
+        except Exception:  # noqa: BLE001 - non-DICOM files in a folder are simply not sent
+            continue
+        files.append(f)
+    if not files:
+        print("error: no DICOM files found", file=sys.stderr)
+        return 2
+    dest = Destination(name=f"{aet}@{host}:{port}", kind="dimse", ae_title=aet, host=host, port=port)
+    try:
+        n = send_dimse(files, dest, calling)
+    except SendError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"sent {n} instances to {aet}@{host}:{port}")
+    return 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    """C-STORE a folder of DICOM files to a node (ours or any other)."""
+    try:
+        host, port, aet = _peer(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return _send_folder(args.folder, host, port, aet, args.calling_aet)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Generate a phantom CTA study and send it to a running node: the whole flow in a minute."""
+    import tempfile
+
+    from . import phantom
+    from .phantom_dicom import write_phantom_series
+
+    try:
+        host, port, aet = _peer(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    opts = phantom.PhantomOptions(n_vessels=(2, 2), calcified_probability=1.0, bone_probability=0.0,
+                                  lesion_margin_mm=5.0)
+    print(f"generating a {args.slices}x{args.size}x{args.size} phantom CTA (seed {args.seed}) ...")
+    p = phantom.generate((args.slices, args.size, args.size), seed=args.seed, options=opts)
+    with tempfile.TemporaryDirectory(prefix="dicom-node-demo-") as tmp:
+        write_phantom_series(p, Path(tmp), patient_id=f"DEMO-{args.seed:04d}", patient_name="Demo^Phantom")
+        rc = _send_folder([tmp], host, port, aet, args.calling_aet)
+    if rc == 0:
+        print("the node queues the series once it has been quiet for [jobs] quiet_seconds; watch it on the "
+              "node's jobs page (http://127.0.0.1:8080/ by default) or GET /jobs")
+    return rc
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dicom-node",
                                  description="Calcium-free coronary CTA, delivered through the PACS.")
@@ -102,6 +220,25 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-seg", action="store_true", help="do not write the DICOM SEG")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(func=cmd_process)
+    sv = sub.add_parser("serve", help="run the DICOM node (C-STORE and STOW-RS in, C-STORE/STOW-RS out)")
+    sv.add_argument("--config", help="config.toml (default: embedded defaults)")
+    sv.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"))
+    sv.set_defaults(func=cmd_serve)
+    for name, func, text in (("echo", cmd_echo, "C-ECHO a DICOM node (default: ours)"),
+                             ("send", cmd_send, "C-STORE a folder of DICOM files to a node"),
+                             ("demo", cmd_demo, "send a generated phantom CTA study to a running node")):
+        c = sub.add_parser(name, help=text)
+        if name == "send":
+            c.add_argument("folder", nargs="+", help="folders or files to send")
+        c.add_argument("--to", help="HOST:PORT (default: the node in --config)")
+        c.add_argument("--aet", help="called AE title (default: the node's)")
+        c.add_argument("--calling-aet", default="DICOMNODE-SCU", help="our AE title (default: DICOMNODE-SCU)")
+        c.add_argument("--config", help="config.toml whose [node] is the default peer")
+        if name == "demo":
+            c.add_argument("--slices", type=int, default=48)
+            c.add_argument("--size", type=int, default=96, help="rows and columns")
+            c.add_argument("--seed", type=int, default=31)
+        c.set_defaults(func=func)
     return ap
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "engines" / "dense_unet.onnx"
@@ -41,9 +41,77 @@ class OutputConfig:
 
 
 @dataclass
+class AllowedPeer:
+    """A calling AE we accept, and the host it must connect from (IP address or name)."""
+
+    ae_title: str = ""
+    host: str = ""
+
+
+def _default_peers() -> list[AllowedPeer]:
+    # Loopback helpers only, so `make serve` + `dicom-node demo`/storescu work out of the box.
+    return [AllowedPeer(t, "127.0.0.1") for t in ("DICOMNODE-SCU", "STORESCU", "ECHOSCU")]
+
+
+@dataclass
+class NodeConfig:
+    ae_title: str = "DICOMNODE"
+    host: str = "127.0.0.1"  # listen address; "0.0.0.0" for every interface
+    port: int = 11112
+    max_pdu: int = 131072  # bytes; larger PDUs mean fewer reads per instance (ingest speed)
+    accept_any_caller: bool = False  # true = skip the allowlist (never on a hospital network)
+    check_called_ae: bool = True  # reject associations addressed to another AE title
+    allowed: list[AllowedPeer] = field(default_factory=_default_peers)
+
+
+@dataclass
+class HttpConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass
+class SpoolConfig:
+    dir: str = "spool"  # received instances, outputs and the job database; relative to the config file
+    keep_days: float = 7.0  # purge finished jobs' files after this many days; 0 = keep forever
+    purge_after_delivery: bool = False  # delete a job's files as soon as every destination has it
+    min_free_mb: int = 512  # answer "out of resources" instead of filling the disk
+    durability: str = "journal"  # journal (one fsync per instance) | posix (plus a directory fsync)
+
+
+@dataclass
+class JobsConfig:
+    quiet_seconds: float = 15.0  # a series is complete after this long without a new instance
+    workers: int = 2  # jobs handled at once (processing or sending)
+    inference_slots: int = 1  # jobs running the model at once; bounds memory
+    retries: int = 5  # send attempts after the first, then the job fails
+    backoff_seconds: float = 5.0  # wait before the first retry; doubles each time
+    backoff_max_seconds: float = 600.0
+
+
+@dataclass
+class Destination:
+    """Where derived series and SEGs go: a DICOM AE (C-STORE) or a DICOMweb server (STOW-RS)."""
+
+    name: str = ""
+    kind: str = "dimse"  # dimse | stow
+    ae_title: str = ""  # dimse: the peer's AE title
+    host: str = ""  # dimse: the peer's address
+    port: int = 104  # dimse: the peer's port
+    url: str = ""  # stow: DICOMweb base URL, e.g. http://pacs:8042/dicom-web
+    token: str = ""  # stow: optional bearer token
+    timeout_seconds: float = 60.0
+
+
+@dataclass
 class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    node: NodeConfig = field(default_factory=NodeConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
+    destinations: list[Destination] = field(default_factory=list)
 
 
 class ConfigError(ValueError):
@@ -63,11 +131,69 @@ def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
             _apply(current, value, f"{where}.{key}")
             continue
         want = hints[key]
+        item_type = _list_item_type(want)
+        if item_type is not None:
+            value = _list(item_type, value, f"{where}.{key}")
+            setattr(obj, key, value)
+            continue
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if want in (int, float, str, bool) and not isinstance(value, want):
             raise ConfigError(f"{where}.{key} must be {want.__name__}, got {value!r}")
         setattr(obj, key, value)
+
+
+def _list_item_type(want: Any) -> Any:
+    """The item type of a ``list[...]`` setting, or None for scalar settings."""
+    if get_origin(want) is list:
+        return get_args(want)[0]
+    return None
+
+
+def _list(item_type: Any, value: Any, where: str) -> list[Any]:
+    """Arrays of tables ([[destinations]]) become lists of dataclasses, checked like any table."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{where} must be an array")
+    out: list[Any] = []
+    for i, v in enumerate(value):
+        if is_dataclass(item_type):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{where}[{i}] must be a table")
+            item = item_type()
+            _apply(item, v, f"{where}[{i}]")
+            out.append(item)
+        else:
+            if not isinstance(v, item_type):
+                raise ConfigError(f"{where}[{i}] must be {item_type.__name__}")
+            out.append(v)
+    return out
+
+
+def check(cfg: Config) -> None:
+    """Cross-field checks for the node's settings; a bad destination fails at start, not at 3 a.m."""
+    names = set()
+    for i, d in enumerate(cfg.destinations):
+        where = f"destinations[{i}]"
+        if not d.name:
+            raise ConfigError(f"{where}: name is required")
+        if d.name in names:
+            raise ConfigError(f"{where}: duplicate name {d.name!r}")
+        names.add(d.name)
+        if d.kind == "dimse":
+            if not (d.ae_title and d.host and d.port):
+                raise ConfigError(f"{where} ({d.name}): a dimse destination needs ae_title, host and port")
+        elif d.kind == "stow":
+            if not d.url:
+                raise ConfigError(f"{where} ({d.name}): a stow destination needs url")
+        else:
+            raise ConfigError(f"{where} ({d.name}): kind must be 'dimse' or 'stow', got {d.kind!r}")
+    for i, peer in enumerate(cfg.node.allowed):
+        if not (peer.ae_title and peer.host):
+            raise ConfigError(f"node.allowed[{i}]: ae_title and host are both required")
+    if cfg.spool.durability not in ("journal", "posix"):
+        raise ConfigError(f"spool.durability must be 'journal' or 'posix', got {cfg.spool.durability!r}")
+    if cfg.jobs.workers < 1 or cfg.jobs.inference_slots < 1:
+        raise ConfigError("jobs.workers and jobs.inference_slots must be at least 1")
 
 
 def load(path: str | Path | None = None) -> Config:
@@ -83,7 +209,11 @@ def load(path: str | Path | None = None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: {exc}") from None
     _apply(cfg, data, p.name)
+    check(cfg)
     model = Path(cfg.engine.model)
     if not model.is_absolute():
         cfg.engine.model = str((p.parent / model).resolve())
+    spool = Path(cfg.spool.dir)
+    if not spool.is_absolute():
+        cfg.spool.dir = str((p.parent / spool).resolve())
     return cfg

@@ -66,10 +66,11 @@ def ct_series(volume_hu: np.ndarray, spacing: tuple[float, float, float], *, pat
         ds.KVP = "100"
         ds.PatientPosition = "HFS"
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [origin_mm[0], origin_mm[1], origin_mm[2] + z * spacing[0]]
+        ds.ImagePositionPatient = [round(origin_mm[0], 4), round(origin_mm[1], 4),
+                                   round(origin_mm[2] + z * spacing[0], 4)]
         ds.SliceLocation = ds.ImagePositionPatient[2]
-        ds.PixelSpacing = [spacing[1], spacing[2]]
-        ds.SliceThickness = spacing[0]
+        ds.PixelSpacing = [round(spacing[1], 6), round(spacing[2], 6)]
+        ds.SliceThickness = round(spacing[0], 6)
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
         ds.Rows, ds.Columns = volume_hu.shape[1], volume_hu.shape[2]

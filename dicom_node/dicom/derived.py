@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian
 
 from .. import __version__
 from .series import Series, sop_class
@@ -34,6 +35,9 @@ MANUFACTURER = "dicom-node"
 DERIVATION_CODE = Code("113077", "DCM", "Volume editing")
 PROCESSING_EQUIPMENT = Code("109102", "DCM", "Processing Equipment")
 SUFFIX = " CALCIUM REMOVED"
+UNPAIRED_BODY_PARTS = {"HEART", "CHEST", "THORAX", "ABDOMEN", "PELVIS", "CHESTABDOMEN", "CHESTABDPELVIS",
+                       "ABDOMENPELVIS", "WHOLEBODY", "HEAD", "NECK", "HEADNECK", "SPINE", "CSPINE", "TSPINE",
+                       "LSPINE", "AORTA", "CORONARYARTERY", "MEDIASTINUM"}
 
 
 @dataclass
@@ -43,9 +47,17 @@ class DerivedOptions:
     station_name: str | None = None
 
 
+UID_NAMESPACE = uuid.UUID("5b0d3c1e-6a7f-5e0b-9f5c-64d1c0a1e0de")  # dicom-node's, fixed forever
+
+
 def derived_uid(*parts: str) -> str:
-    """A UID that depends only on its inputs (2.25 form), for idempotent re-processing."""
-    return generate_uid(prefix=None, entropy_srcs=[MANUFACTURER, *parts])
+    """A UID that depends only on its inputs, for idempotent re-processing.
+
+    A name-based (version 5) UUID in the 2.25 arc (ITU-T X.667). pydicom's
+    ``generate_uid(prefix=None, entropy_srcs=...)`` would ignore the sources and
+    return a random UUID, which is exactly what we must not do here.
+    """
+    return f"2.25.{uuid.uuid5(UID_NAMESPACE, chr(31).join([MANUFACTURER, *parts])).int}"
 
 
 def instance_uid(ds: Dataset) -> str:
@@ -132,8 +144,10 @@ def derive_slice(src: Dataset, hu_slice: np.ndarray, changed: np.ndarray, uids: 
     equipment = list(getattr(src, "ContributingEquipmentSequence", []))
     ds.ContributingEquipmentSequence = Sequence(equipment + [contributing_equipment(model_id, description)])
     ds.BurnedInAnnotation = "NO"
-    if "Laterality" not in ds and "ImageLaterality" not in ds:
-        ds.Laterality = ""  # type 2C that some anonymisers strip; empty means "not applicable"
+    body_part = str(getattr(ds, "BodyPartExamined", "")).upper()
+    if "Laterality" not in ds and "ImageLaterality" not in ds and body_part not in UNPAIRED_BODY_PARTS:
+        # type 2C, required unless the part is known to be unpaired; anonymisers strip it
+        ds.Laterality = ""
     ds.PixelData = pixels.tobytes()
     ds["PixelData"].VR = "OW"
     ds.BitsAllocated = 16

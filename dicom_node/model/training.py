@@ -51,6 +51,7 @@ class TrainConfig:
     dicom: list[str] = field(default_factory=list)
     dicom_fraction: float = 0.0
     bn_calibration_batches: int = 40  # precise BatchNorm statistics after training, batches of 6
+    init: str = ""  # start from these weights (a model.pt) instead of random ones: fine-tuning
 
 
 def _atomic_save(obj: object, path: Path) -> None:
@@ -138,6 +139,11 @@ def train(cfg: TrainConfig, out: Path, progress: bool = True, dicom_source=None)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     step, elapsed, cpu = 0, 0.0, 0.0
     losses: list[float] = []
+    if cfg.init and not ckpt_path.exists():
+        init_state = torch.load(cfg.init, map_location="cpu", weights_only=False)
+        if init_state["config"]["network"] != cfg.network:
+            raise SystemExit(f"{cfg.init} holds a {init_state['config']['network']} model, not {cfg.network}")
+        model.load_state_dict(init_state["model"])
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if state["config"]["network"] != cfg.network:

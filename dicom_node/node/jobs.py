@@ -1,0 +1,258 @@
+"""The durable job queue: one SQLite database (WAL) beside the spool.
+
+States: received → queued → processing → sending → done | failed, each transition
+timestamped with a readable reason. Every claim is a single transaction, so a job is
+never processed or sent by two workers; after a crash ``recover`` puts interrupted
+work back in line (processing restarts from the spooled files, sending resumes with
+the destinations that do not have the outputs yet).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STATES = ("received", "queued", "processing", "sending", "done", "failed")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    series_uid TEXT NOT NULL,
+    study_uid TEXT NOT NULL DEFAULT '',
+    description TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    instances INTEGER NOT NULL DEFAULT 0,
+    received_at REAL,
+    last_instance_at REAL,
+    queued_at REAL,
+    processing_at REAL,
+    sending_at REAL,
+    finished_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL,
+    claimed INTEGER NOT NULL DEFAULT 0,
+    derived_series_uid TEXT NOT NULL DEFAULT '',
+    outputs TEXT NOT NULL DEFAULT '[]',
+    deliveries TEXT NOT NULL DEFAULT '{}',
+    purged INTEGER NOT NULL DEFAULT 0,
+    fingerprint TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE INDEX IF NOT EXISTS jobs_series ON jobs(series_uid, state);
+"""
+
+
+@dataclass
+class Job:
+    id: int
+    series_uid: str
+    study_uid: str
+    description: str
+    state: str
+    reason: str
+    instances: int
+    received_at: float | None
+    last_instance_at: float | None
+    queued_at: float | None
+    processing_at: float | None
+    sending_at: float | None
+    finished_at: float | None
+    attempts: int
+    next_attempt_at: float | None
+    claimed: int
+    derived_series_uid: str
+    outputs: list[str] = field(default_factory=list)
+    deliveries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    purged: int = 0
+    fingerprint: str = ""
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Job:
+        d = dict(row)
+        d["outputs"] = json.loads(d["outputs"] or "[]")
+        d["deliveries"] = json.loads(d["deliveries"] or "{}")
+        return cls(**d)
+
+    def deliveries_cover(self, names: list[str]) -> bool:
+        """True when every named destination has this job's outputs."""
+        return all(self.deliveries.get(n, {}).get("state") == "done" for n in names)
+
+    def as_json(self) -> dict[str, Any]:
+        """What /jobs shows: ISO timestamps, no internal bookkeeping."""
+        def iso(t: float | None) -> str | None:
+            if t is None:
+                return None
+            return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+        return {
+            "id": self.id, "state": self.state, "reason": self.reason, "series_uid": self.series_uid,
+            "study_uid": self.study_uid, "description": self.description, "instances": self.instances,
+            "received_at": iso(self.received_at), "last_instance_at": iso(self.last_instance_at),
+            "queued_at": iso(self.queued_at), "processing_at": iso(self.processing_at),
+            "sending_at": iso(self.sending_at), "finished_at": iso(self.finished_at),
+            "attempts": self.attempts, "next_attempt_at": iso(self.next_attempt_at),
+            "derived_series_uid": self.derived_series_uid, "outputs": len(self.outputs),
+            "deliveries": self.deliveries, "files_purged": bool(self.purged),
+        }
+
+
+class JobStore:
+    """All job state transitions; one connection guarded by a lock (the node is one process)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a crash can lose the last commits, never corrupt the file; the
+        # spooled instances themselves are fsynced, and recover() rebuilds what is missing.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _tx(self, fn: Any) -> Any:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                out = fn(self._db)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            return out
+
+    # -- receiving ---------------------------------------------------------------------
+    def note_instance(self, series_uid: str, study_uid: str, description: str, now: float | None = None,
+                      ) -> tuple[int, bool]:
+        """Count an instance into the series' job that has not started; a new job if there is none."""
+        now = time.time() if now is None else now
+
+        def fn(db: sqlite3.Connection) -> tuple[int, bool]:
+            # A queued job has not started: it takes the instance and waits for quiet again.
+            row = db.execute("SELECT id FROM jobs WHERE series_uid=? AND state IN ('received','queued') "
+                             "ORDER BY id DESC LIMIT 1", (series_uid,)).fetchone()
+            if row:
+                db.execute("UPDATE jobs SET instances=instances+1, last_instance_at=?, state='received', "
+                           "queued_at=NULL, reason='collecting instances' WHERE id=?", (now, row[0]))
+                return int(row[0]), False
+            cur = db.execute(
+                "INSERT INTO jobs(series_uid, study_uid, description, state, reason, instances, received_at, "
+                "last_instance_at) VALUES (?,?,?,?,?,?,?,?)",
+                (series_uid, study_uid, description, "received", "collecting instances", 1, now, now))
+            return int(cur.lastrowid), True
+        return self._tx(fn)
+
+    def queue_quiet(self, quiet_seconds: float, now: float | None = None) -> list[Job]:
+        """Series that have been quiet long enough become queued jobs."""
+        now = time.time() if now is None else now
+
+        def fn(db: sqlite3.Connection) -> list[Job]:
+            rows = db.execute("UPDATE jobs SET state='queued', queued_at=?, reason=? WHERE state='received' "
+                              "AND last_instance_at<=? RETURNING *",
+                              (now, f"series quiet for {quiet_seconds:g} s", now - quiet_seconds)).fetchall()
+            return [Job.from_row(r) for r in rows]
+        return self._tx(fn)
+
+    # -- working -----------------------------------------------------------------------
+    def claim(self, now: float | None = None) -> Job | None:
+        """The next piece of work, atomically: a due send first (results out sooner), else a queued job."""
+        now = time.time() if now is None else now
+
+        def fn(db: sqlite3.Connection) -> Job | None:
+            row = db.execute("UPDATE jobs SET claimed=1 WHERE id=(SELECT id FROM jobs WHERE state='sending' "
+                             "AND claimed=0 AND (next_attempt_at IS NULL OR next_attempt_at<=?) ORDER BY id LIMIT 1) "
+                             "RETURNING *", (now,)).fetchone()
+            if row is None:
+                row = db.execute("UPDATE jobs SET state='processing', processing_at=?, claimed=1, reason='processing' "
+                                 "WHERE id=(SELECT id FROM jobs WHERE state='queued' ORDER BY id LIMIT 1) RETURNING *",
+                                 (now,)).fetchone()
+            return Job.from_row(row) if row else None
+        return self._tx(fn)
+
+    def to_sending(self, job_id: int, outputs: list[str], derived_series_uid: str, reason: str) -> None:
+        self._update(job_id, state="sending", sending_at=time.time(), claimed=0, next_attempt_at=None,
+                     outputs=json.dumps(outputs), derived_series_uid=derived_series_uid, reason=reason)
+
+    def finish(self, job_id: int, state: str, reason: str, **more: Any) -> None:
+        assert state in ("done", "failed")
+        self._update(job_id, state=state, finished_at=time.time(), claimed=0, reason=reason, **more)
+
+    def retry_later(self, job_id: int, attempts: int, next_attempt_at: float, reason: str) -> None:
+        self._update(job_id, attempts=attempts, next_attempt_at=next_attempt_at, claimed=0, reason=reason)
+
+    def set_deliveries(self, job_id: int, deliveries: dict[str, dict[str, Any]]) -> None:
+        self._update(job_id, deliveries=json.dumps(deliveries))
+
+    def set_fingerprint(self, job_id: int, fingerprint: str) -> None:
+        self._update(job_id, fingerprint=fingerprint)
+
+    def delivered_twin(self, job_id: int, series_uid: str, fingerprint: str) -> Job | None:
+        """An earlier job that processed exactly these instances with this model and finished."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE series_uid=? AND fingerprint=? AND id<>? AND "
+                                   "state='done' ORDER BY id DESC LIMIT 1",
+                                   (series_uid, fingerprint, job_id)).fetchone()
+        return Job.from_row(row) if row else None
+
+    def mark_purged(self, job_id: int) -> None:
+        self._update(job_id, purged=1)
+
+    def _update(self, job_id: int, **values: Any) -> None:
+        cols = ", ".join(f"{k}=?" for k in values)
+        self._tx(lambda db: db.execute(f"UPDATE jobs SET {cols} WHERE id=?", (*values.values(), job_id)))
+
+    def recover(self) -> list[Job]:
+        """After a restart: interrupted processing goes back to the queue, interrupted sends are unclaimed."""
+        def fn(db: sqlite3.Connection) -> list[Job]:
+            rows = db.execute("UPDATE jobs SET state='queued', claimed=0, reason='requeued after restart' "
+                              "WHERE state='processing' RETURNING *").fetchall()
+            rows += db.execute("UPDATE jobs SET claimed=0, next_attempt_at=NULL, reason='resuming delivery after "
+                               "restart' WHERE state='sending' AND claimed=1 RETURNING *").fetchall()
+            return [Job.from_row(r) for r in rows]
+        return self._tx(fn)
+
+    # -- reading -----------------------------------------------------------------------
+    def get(self, job_id: int) -> Job | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return Job.from_row(row) if row else None
+
+    def list(self, state: str | None = None, limit: int = 100, series_uid: str | None = None) -> list[Job]:
+        where, args = [], []
+        if state:
+            where.append("state=?")
+            args.append(state)
+        if series_uid:
+            where.append("series_uid=?")
+            args.append(series_uid)
+        sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC LIMIT ?"
+        with self._lock:
+            rows = self._db.execute(sql, (*args, limit)).fetchall()
+        return [Job.from_row(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        out = dict.fromkeys(STATES, 0)
+        out.update({r[0]: int(r[1]) for r in rows})
+        return out
+
+    def unfinished_series(self) -> set[str]:
+        with self._lock:
+            rows = self._db.execute("SELECT DISTINCT series_uid FROM jobs WHERE state NOT IN ('done','failed')")
+            return {r[0] for r in rows.fetchall()}
+
+    def finished_unpurged(self, before: float) -> list[Job]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs WHERE state='done' AND purged=0 AND finished_at<=?",
+                                    (before,)).fetchall()
+        return [Job.from_row(r) for r in rows]

@@ -1,0 +1,122 @@
+"""The DIMSE side of receiving: a pynetdicom SCP for Verification and the storage SOP classes.
+
+Uncompressed transfer syntaxes are listed first: pynetdicom, as acceptor, picks the first
+of ours that the caller offers, so a PACS that offers both sends uncompressed (no decode
+cost for us). The compressed ones PACS commonly send are accepted too; the pipeline
+decodes them with pylibjpeg/pyjpegls. Callers are checked against the allowlist by AE
+title and host before any data flows.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from functools import lru_cache
+
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pydicom.uid import JPEGLossless as JPEGLosslessP14
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from ..config import NodeConfig
+from .assemble import OUT_OF_RESOURCES, Intake
+from .logs import ctx
+from .metrics import Metrics
+
+log = logging.getLogger("dicom_node.node.receive")
+
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian,  # preferred: no decoding
+    JPEGLosslessSV1, JPEGLosslessP14, JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000,
+    RLELossless, JPEGBaseline8Bit, JPEGExtended12Bit, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+]
+
+
+@lru_cache(maxsize=256)
+def _addresses(host: str) -> frozenset[str]:
+    """The IP addresses a configured host name stands for (cached: DNS is slow and flaky)."""
+    try:
+        return frozenset(info[4][0] for info in socket.getaddrinfo(host, None))
+    except OSError:
+        return frozenset({host})
+
+
+def caller_allowed(cfg: NodeConfig, ae_title: str, address: str) -> bool:
+    """True when (calling AE title, peer address) matches an allowlist entry."""
+    if cfg.accept_any_caller:
+        return True
+    for peer in cfg.allowed:
+        if peer.ae_title.strip() == ae_title.strip() and (peer.host == address or address in _addresses(peer.host)):
+            return True
+    return False
+
+
+class Receiver:
+    """Owns the SCP: start it in the background, stop it on shutdown."""
+
+    def __init__(self, cfg: NodeConfig, intake: Intake, metrics: Metrics) -> None:
+        self.cfg = cfg
+        self.intake = intake
+        self.metrics = metrics
+        self.ae = AE(ae_title=cfg.ae_title)
+        self.ae.maximum_pdu_size = cfg.max_pdu
+        self.ae.add_supported_context(Verification)
+        for cx in AllStoragePresentationContexts:
+            self.ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+        self.ae.require_called_aet = cfg.check_called_ae
+        self.server: ThreadedAssociationServer | None = None
+
+    def start(self) -> None:
+        handlers = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_STORE, self._on_store),
+                    (evt.EVT_C_ECHO, self._on_echo)]
+        self.server = self.ae.start_server((self.cfg.host, self.cfg.port), block=False, evt_handlers=handlers)
+        log.info("DICOM listening on %s:%d as %s", self.cfg.host, self.cfg.port, self.cfg.ae_title, **ctx())
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    def _on_requested(self, event: Event) -> None:
+        req = event.assoc.requestor
+        # At this point only the A-ASSOCIATE-RQ primitive carries the caller's AE title.
+        calling = str(getattr(req.primitive, "calling_ae_title", "") or req.ae_title or "").strip()
+        if not caller_allowed(self.cfg, calling, req.address):
+            self.metrics.associations_rejected.labels("calling_ae").inc()
+            log.warning("association rejected: calling AE %r from %s is not allowed", calling, req.address,
+                        **ctx(peer=f"{calling}@{req.address}"))
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
+            event.assoc.kill()  # as pynetdicom's own rejections do: lets the DUL flush the A-ASSOCIATE-RJ
+
+    def _on_echo(self, event: Event) -> int:
+        return 0x0000
+
+    def _on_store(self, event: Event) -> int:
+        """Spool first, answer after: success means the instance is on disk."""
+        try:
+            data = event.encoded_dataset()
+            ds = event.dataset
+        except Exception as exc:  # noqa: BLE001 - a broken request must not take the server down
+            log.error("C-STORE could not be decoded: %s", exc, **ctx())
+            return 0xC000
+        try:
+            return self.intake.accept(data, ds, "dimse").status
+        except Exception as exc:  # noqa: BLE001 - never let a handler crash the association thread
+            log.exception("C-STORE failed: %s", exc, **ctx())
+            return OUT_OF_RESOURCES

@@ -1,0 +1,108 @@
+"""Delivering outputs: C-STORE to a DICOM AE or STOW-RS to a DICOMweb server.
+
+Each call sends one job's files to one destination and raises ``SendError`` with a
+readable reason on any failure; the worker owns retries and backoff. Sending the same
+objects again is harmless: their UIDs are deterministic, so an archive replaces rather
+than duplicates them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pydicom
+
+from ..config import Destination
+from .logs import ctx
+
+log = logging.getLogger("dicom_node.node.send")
+
+# C-STORE statuses that mean "the peer has it": success and the storage warnings.
+STORED = {0x0000, 0xB000, 0xB006, 0xB007}
+STOW_BATCH = 32  # instances per STOW-RS request: bounded memory, few round trips
+
+
+class SendError(RuntimeError):
+    pass
+
+
+def _contexts(files: list[Path]) -> list[tuple[str, str]]:
+    """(SOP class, transfer syntax) pairs the files need, read from their file meta."""
+    pairs: list[tuple[str, str]] = []
+    for f in files:
+        meta = pydicom.filereader.read_file_meta_info(f)
+        pair = (str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
+        if pair not in pairs:
+            pairs.append(pair)
+    return pairs
+
+
+def send_dimse(files: list[Path], dest: Destination, calling_ae: str, max_pdu: int = 0,
+               job: int | None = None, series: str | None = None) -> int:
+    """C-STORE every file over one association; returns how many were stored."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title=calling_ae)
+    ae.maximum_pdu_size = max_pdu
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_seconds
+    pairs = _contexts(files)
+    if len(pairs) > 128:
+        raise SendError(f"{len(pairs)} presentation contexts needed, at most 128 fit one association")
+    for sop, ts in pairs:
+        ae.add_requested_context(sop, [ts])
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    if not assoc.is_established:
+        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
+        raise SendError(f"{dest.name}: association with {dest.ae_title}@{dest.host}:{dest.port} {why}")
+    stored = 0
+    try:
+        for f in files:
+            status = assoc.send_c_store(f)
+            code = int(getattr(status, "Status", -1)) if status else -1
+            if code not in STORED:
+                raise SendError(f"{dest.name}: C-STORE of {f.name} answered "
+                                f"{'no response' if code < 0 else hex(code)}")
+            stored += 1
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    log.info("sent %d instances by C-STORE to %s", stored, dest.name, **ctx(job, series, destination=dest.name))
+    return stored
+
+
+def send_stow(files: list[Path], dest: Destination, job: int | None = None, series: str | None = None) -> int:
+    """STOW-RS in batches; any FailedSOPSequence entry or HTTP error fails the delivery."""
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+
+    headers = {"Authorization": f"Bearer {dest.token}"} if dest.token else None
+    client = DICOMwebClient(url=dest.url, headers=headers, timeout=dest.timeout_seconds)
+    stored = 0
+    for i in range(0, len(files), STOW_BATCH):
+        batch = [pydicom.dcmread(f) for f in files[i:i + STOW_BATCH]]
+        try:
+            response = client.store_instances(batch)
+        except requests.RequestException as exc:
+            raise SendError(f"{dest.name}: STOW-RS to {dest.url} failed: {exc}") from None
+        failed = getattr(response, "FailedSOPSequence", None) if response is not None else None
+        if failed:
+            item = failed[0]
+            raise SendError(f"{dest.name}: STOW-RS refused {len(failed)} instances, e.g. "
+                            f"{getattr(item, 'ReferencedSOPInstanceUID', '?')} (reason "
+                            f"{hex(int(getattr(item, 'FailureReason', 0)))})")
+        stored += len(batch)
+    log.info("sent %d instances by STOW-RS to %s", stored, dest.name, **ctx(job, series, destination=dest.name))
+    return stored
+
+
+def deliver(files: list[Path], dest: Destination, calling_ae: str, max_pdu: int = 0,
+            job: int | None = None, series: str | None = None) -> int:
+    try:
+        if dest.kind == "stow":
+            return send_stow(files, dest, job, series)
+        return send_dimse(files, dest, calling_ae, max_pdu, job, series)
+    except SendError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - network and library errors become a readable reason
+        raise SendError(f"{dest.name}: {exc.__class__.__name__}: {exc}") from None

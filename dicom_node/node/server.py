@@ -1,0 +1,95 @@
+"""Wire the node together and run it until SIGINT/SIGTERM.
+
+Start order matters: the job database recovers interrupted work before anything new
+arrives, the engine is built (and the model checked) before we accept a single
+instance, and the HTTP server runs in the main thread so uvicorn handles the signals.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import Config
+from .assemble import Assembler, Intake
+from .jobs import JobStore
+from .logs import ctx
+from .metrics import Metrics
+from .receive import Receiver
+from .spool import Spool
+from .worker import Workers
+
+log = logging.getLogger("dicom_node.node.server")
+
+
+@dataclass
+class Node:
+    """Every running part, so tests can start a node in-process and stop it cleanly."""
+
+    cfg: Config
+    spool: Spool
+    store: JobStore
+    metrics: Metrics
+    intake: Intake
+    receiver: Receiver
+    assembler: Assembler
+    workers: Workers
+    info: dict[str, Any]
+
+    def stop(self) -> None:
+        self.receiver.stop()
+        self.assembler.stop.set()
+        self.workers.shutdown()
+        self.assembler.join(5)
+        self.store.close()
+
+
+def start(cfg: Config, backend_name: str | None = None) -> Node:
+    """Build and start everything except the HTTP server; raises on a bad model or a busy port."""
+    from ..backends.select import model_id, select
+    from ..process import build_engine
+
+    backend, why = select(backend_name or cfg.engine.backend, cfg.engine.model, cfg.engine.threads,
+                          cfg.engine.batch)
+    spool = Spool(cfg.spool.dir, cfg.spool.min_free_mb, cfg.spool.durability)
+    store = JobStore(spool.db_path)
+    for job in store.recover():
+        log.info("resuming: %s", job.reason, **ctx(job.id, job.series_uid))
+    mid = model_id(cfg.engine.model)
+    log.info("backend: %s; model %s", why, mid, **ctx())
+    engine = build_engine(cfg, backend)
+    metrics = Metrics(store)
+    intake = Intake(spool, store, metrics)
+    wake = threading.Event()
+    workers = Workers(cfg, spool, store, metrics, engine, mid, wake)
+    assembler = Assembler(cfg, spool, store, metrics, wake)
+    receiver = Receiver(cfg.node, intake, metrics)
+    receiver.start()
+    workers.start()
+    assembler.start()
+    info = {"ae_title": cfg.node.ae_title, "dicom_port": cfg.node.port, "http_port": cfg.http.port,
+            "backend": why, "model": mid, "spool": str(spool.root),
+            "destinations": [d.name for d in cfg.destinations]}
+    return Node(cfg, spool, store, metrics, intake, receiver, assembler, workers, info)
+
+
+def serve(cfg: Config, backend_name: str | None = None) -> int:
+    """Run the node in the foreground; returns the exit code."""
+    import uvicorn
+
+    from .http import create_app
+
+    node = start(cfg, backend_name)
+    try:
+        app = create_app(node.store, node.intake, node.metrics, node.info)
+        log.info("HTTP on http://%s:%d (jobs page /, STOW-RS /dicomweb/studies)", cfg.http.host, cfg.http.port,
+                 **ctx())
+        server = uvicorn.Server(uvicorn.Config(app, host=cfg.http.host, port=cfg.http.port, log_config=None,
+                                               access_log=False))
+        server.run()
+    finally:
+        log.info("shutting down", **ctx())
+        node.stop()
+    return 0
