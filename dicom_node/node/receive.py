@@ -38,6 +38,7 @@ from ..config import NodeConfig
 from .assemble import OUT_OF_RESOURCES, Intake
 from .logs import ctx
 from .metrics import Metrics
+from .send import no_delay
 
 log = logging.getLogger("dicom_node.node.receive")
 
@@ -83,8 +84,8 @@ class Receiver:
         self.server: ThreadedAssociationServer | None = None
 
     def start(self) -> None:
-        handlers = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_STORE, self._on_store),
-                    (evt.EVT_C_ECHO, self._on_echo)]
+        handlers = [(evt.EVT_CONN_OPEN, no_delay), (evt.EVT_REQUESTED, self._on_requested),
+                    (evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo)]
         self.server = self.ae.start_server((self.cfg.host, self.cfg.port), block=False, evt_handlers=handlers)
         log.info("DICOM listening on %s:%d as %s", self.cfg.host, self.cfg.port, self.cfg.ae_title, **ctx())
 
