@@ -26,15 +26,15 @@ class DicomPatchSource:
     """Loads every CT series under the folders once, resampled to the model's spacing."""
 
     def __init__(self, folders: Iterable[str | Path], spacing_mm: float = MODEL_SPACING_MM,
-                 max_spacing_mm: float = 1.0):
+                 max_pixel_mm: float = 0.8, max_slice_mm: float = 1.25):
         self.volumes: list[np.ndarray] = []
         series, notes = read_ct_series(folders)
         for note in notes:
             log.info("self-supervised: %s", note)
         for s in series:
-            if max(s.spacing[1:]) > max_spacing_mm:
-                log.warning("self-supervised: series %s skipped: %.2f mm pixels are too coarse for coronary work",
-                            s.uid, max(s.spacing[1:]))
+            if max(s.spacing[1:]) > max_pixel_mm or s.spacing[0] > max_slice_mm:
+                log.warning("self-supervised: series %s skipped: %.2f mm pixels, %.2f mm slices are too coarse "
+                            "for coronary work", s.uid, max(s.spacing[1:]), s.spacing[0])
                 continue
             vol = load_hu(s)
             zoom = [sp / spacing_mm for sp in s.spacing]
@@ -52,8 +52,7 @@ class DicomPatchSource:
             image = vol[lo[0]:lo[0] + PATCH, lo[1]:lo[1] + PATCH, lo[2]:lo[2] + PATCH].copy()
             mask = cube_mask(image.shape, 16 if rng.random() < 0.5 else 8)
             guard = ndimage.binary_dilation(mask > 0.5, iterations=3)
-            region = image[guard]
-            if region.max() > DEFAULT_THRESHOLD_HU or region.max() < 200.0:
+            if image[guard].max() > DEFAULT_THRESHOLD_HU or image[mask > 0.5].max() < 200.0:
                 continue  # calcium or bone nearby, or no contrast-filled structure to learn from
             return Patch(image=image, mask=mask, target=image.copy(), lumen=np.zeros(image.shape, bool),
                          mode="dicom")
