@@ -72,8 +72,8 @@ class Engine:
         t3 = time.perf_counter()
         changed = np.zeros(volume.shape, bool)
         for grid, r in zip(grids, regions):
-            values = ndimage.map_coordinates(grid, r.native_coordinates(), order=1, mode="nearest")
-            idx = np.argwhere(r.native_footprint) + np.array([s.start for s in r.native_box])
+            idx = r.native_indices()
+            values = ndimage.map_coordinates(grid, r.native_coordinates(idx), order=1, mode="nearest")
             volume[tuple(idx.T)] = values
             changed[tuple(idx.T)] = True
         t4 = time.perf_counter()

@@ -24,13 +24,6 @@ def cube_mask(shape: tuple[int, int, int], size: int, centre: tuple[int, int, in
     return mask
 
 
-def ball(radius_mm: float, spacing: tuple[float, float, float]) -> np.ndarray:
-    """Ellipsoidal structuring element of a physical radius on an anisotropic grid."""
-    r = [max(int(np.floor(radius_mm / s)), 0) for s in spacing]
-    zz, yy, xx = np.ogrid[-r[0]:r[0] + 1, -r[1]:r[1] + 1, -r[2]:r[2] + 1]
-    return ((zz * spacing[0]) ** 2 + (yy * spacing[1]) ** 2 + (xx * spacing[2]) ** 2) <= radius_mm ** 2 + 1e-6
-
-
 def footprint_mask(calcium: np.ndarray, spacing: tuple[float, float, float],
                    margin_mm: float = DEFAULT_MARGIN_MM) -> np.ndarray:
     """Calcium voxels dilated by the blooming margin: the region whose values are unreliable."""

@@ -54,10 +54,13 @@ class Region:
         axes = [self.origin[a] + np.arange(self.shape[a]) * self.step[a] for a in range(3)]
         return np.stack(np.meshgrid(*axes, indexing="ij"))
 
-    def native_coordinates(self) -> np.ndarray:
-        """Model-grid coordinates of the footprint's native voxels, for resampling back."""
-        idx = np.argwhere(self.native_footprint) + np.array([s.start for s in self.native_box])
-        return ((idx - self.origin) / self.step).T
+    def native_indices(self) -> np.ndarray:
+        """Volume indices (n, 3) of the footprint's native voxels: the voxels this region changes."""
+        return np.argwhere(self.native_footprint) + np.array([s.start for s in self.native_box])
+
+    def native_coordinates(self, indices: np.ndarray) -> np.ndarray:
+        """Model-grid coordinates of the given native voxels, for resampling back."""
+        return ((indices - self.origin) / self.step).T
 
 
 @dataclass
