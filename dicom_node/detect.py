@@ -5,8 +5,11 @@ bone, metal or noise spikes. Thick bone is found as the part of the bright voxel
 that survives a morphological opening of about 2 mm: coronary calcium is thinner
 than that, so calcium touching the spine or sternum is still found as calcium.
 Thin dense structures that the opening misses (a rib's cortex) are recognised by
-their size. Metal (stents, pacing leads) is left untouched and reported, because
-inpainting over it would hide a device the reader must see.
+their size. A small bright piece cut by the edge of the scanned volume cannot be
+told from the sliver of a rib or vertebra whose rest lies outside it, so by default
+it is left alone and reported; coronary calcium sits well inside a cardiac field of
+view. Metal (stents, pacing leads) is left untouched and reported, because inpainting
+over it would hide a device the reader must see.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class DetectOptions:
     min_volume_mm3: float = 0.5  # smaller components are noise spikes in bright contrast
     dense_opening_mm: float = 2.0  # radius that coronary calcium does not survive
     dense_min_volume_mm3: float = 300.0  # opened bright volume bigger than this is bone or a device
+    keep_edge_components: bool = False  # remove bright components cut by the volume's edge as calcium
 
 
 @dataclass
@@ -121,7 +125,9 @@ def detect(volume: np.ndarray, spacing: tuple[float, float, float], options: Det
             if vol_mm3 < opts.min_volume_mm3:
                 lab[sl][part] = 0
                 continue  # noise spike; not worth a line in the report
-            if vol_mm3 >= opts.dense_min_volume_mm3 or peak >= opts.metal_hu:
+            at_edge = any(s.start == 0 or s.stop == n_ax for s, n_ax in zip(sl, volume.shape))
+            at_edge &= not opts.keep_edge_components
+            if vol_mm3 >= opts.dense_min_volume_mm3 or peak >= opts.metal_hu or at_edge:
                 lab[sl][part] = 0
             if vol_mm3 >= opts.dense_min_volume_mm3:
                 excluded.append({"reason": "large dense structure (bone cortex or device)",
@@ -129,6 +135,10 @@ def detect(volume: np.ndarray, spacing: tuple[float, float, float], options: Det
                 continue
             if peak >= opts.metal_hu:
                 excluded.append({"reason": f"metal (peak {peak:.0f} HU >= {opts.metal_hu:.0f})",
+                                 "volume_mm3": round(vol_mm3, 1), "centroid": [round(c, 1) for c in centroid]})
+                continue
+            if at_edge:
+                excluded.append({"reason": "cut by the edge of the scanned volume (cannot be told from bone)",
                                  "volume_mm3": round(vol_mm3, 1), "centroid": [round(c, 1) for c in centroid]})
                 continue
             lesion = Lesion(index=len(lesions) + 1, voxels=voxels, volume_mm3=vol_mm3, peak_hu=peak,

@@ -51,7 +51,8 @@ class SeriesOutcome:
 def build_engine(cfg: Config, backend: Backend) -> Engine:
     e = cfg.engine
     return Engine(backend,
-                  DetectOptions(threshold_hu=e.threshold_hu, adaptive=e.adaptive_threshold, metal_hu=e.metal_hu),
+                  DetectOptions(threshold_hu=e.threshold_hu, adaptive=e.adaptive_threshold, metal_hu=e.metal_hu,
+                                keep_edge_components=e.keep_edge_components),
                   PlanOptions(margin_mm=e.margin_mm, core=e.core, mask_mode=e.mask_mode))
 
 

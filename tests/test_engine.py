@@ -70,6 +70,18 @@ def test_metal_and_bone_are_left_alone_but_calcium_beside_bone_is_not():
     assert len(det.lesions) == 2
 
 
+def test_bright_sliver_cut_by_the_volume_edge_is_left_alone():
+    vol = np.full((32, 48, 48), 40.0, np.float32)
+    vol[31, 20:30, 0:4] = 1300.0  # the corner of a rib whose rest is outside the scan
+    vol[14:17, 20:23, 20:23] = 900.0  # calcium inside the volume
+    det = detect(vol, (0.47, 0.47, 0.47))
+    assert not det.calcium[31].any()
+    assert det.calcium[15, 21, 21] and len(det.lesions) == 1
+    assert any("edge of the scanned volume" in e["reason"] for e in det.excluded)
+    kept = detect(vol, (0.47, 0.47, 0.47), DetectOptions(keep_edge_components=True))
+    assert kept.calcium[31, 25, 2] and len(kept.lesions) == 2
+
+
 def test_adaptive_threshold_follows_the_lumen():
     rng = np.random.default_rng(0)
     vol = rng.normal(350.0, 20.0, (32, 32, 32)).astype(np.float32)

@@ -2,10 +2,26 @@
 """Speed measurements. Figures go in the notes, never into timed tests.
 
   python tools/bench.py process            # 512×512×256 phantom CTA, about 10 lesions
+  python tools/bench.py ingest             # node vs DCMTK storescp, 256 slices, one association
+  python tools/bench.py latency            # last instance in -> derived series in Orthanc
+  python tools/bench.py memory             # peak RSS of `process` on a 512×512×600 series
 
 process: times `dicom-node process` end to end on a 512×512×256 phantom CTA (written
 once as DICOM into --cache), then each stage on its own: read (decode + modality LUT),
 detect, plan, infer (with windows/s), resample back, write (derived series + SEG).
+
+ingest: DCMTK storescu sends the 256 slices over one association, alternately to DCMTK
+storescp and to `dicom-node serve` (durable spool: fsync and atomic rename before each
+success), in the same run and on the same disk; reports instances/s and the ratio.
+
+latency: a private Orthanc on loopback routes the study to the node (Lua OnStableSeries),
+as a hospital's would; reports the time from the node's last received instance to the
+derived series and SEG complete in Orthanc, and where it went (quiet timer, processing,
+sending). The node runs with the embedded defaults except ports and spool.
+
+memory: peak resident memory of `dicom-node process` on a 512×512×600 series, made by
+mirroring the benchmark study along z (so the calcium and anatomy are real phantom).
+The float32 HU volume alone is 600 MiB; the engine keeps only that one float copy.
 """
 
 from __future__ import annotations
@@ -84,6 +100,180 @@ def bench_process(args: argparse.Namespace) -> int:
     return 0
 
 
+def _peers():
+    """The integration tests' real-peer helpers (Orthanc, node process, storescu), reused as is."""
+    from tests import test_node_support as peers
+
+    return peers
+
+
+def _timed_storescu(peers, port: int, called: str, folder: Path) -> float:
+    t0 = time.perf_counter()
+    peers.storescu(("127.0.0.1", port), called, folder)
+    return time.perf_counter() - t0
+
+
+def bench_ingest(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    peers = _peers()
+    folder = bench_series(Path(args.cache), tuple(args.shape)) / "series"
+    n = len(list(folder.glob("*.dcm")))
+    root = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=Path(args.cache).resolve()))
+    scp_port = peers.free_port()
+    scp_dir = root / "storescp"
+    scp_dir.mkdir()
+    scp = subprocess.Popen([peers.need("storescp"), "-aet", "STORESCP", "-od", str(scp_dir), str(scp_port)],
+                           env=peers.NODELAY, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    dicom_port, http_port = peers.free_port(), peers.free_port()
+    cfg = peers.write_node_config(root, dicom_port=dicom_port, http_port=http_port, destinations=[],
+                                  allowed=[("STORESCU", "127.0.0.1")], quiet=3600)
+    node = peers.NodeProcess(cfg, http_port, dicom_port, root / "node.log").start()
+    rates: dict[str, list[float]] = {"storescp": [], "dicom-node": []}
+    try:
+        time.sleep(1.0)
+        for _ in range(args.repeats):
+            shutil.rmtree(scp_dir, ignore_errors=True)
+            scp_dir.mkdir()
+            rates["storescp"].append(n / _timed_storescu(peers, scp_port, "STORESCP", folder))
+            shutil.rmtree(root / "spool" / "series", ignore_errors=True)
+            rates["dicom-node"].append(n / _timed_storescu(peers, dicom_port, "DICOMNODE", folder))
+        spooled = len(list((root / "spool" / "series").rglob("*.dcm")))
+    finally:
+        node.stop()
+        scp.terminate()
+        scp.wait(10)
+    med = {k: float(sorted(v)[len(v) // 2]) for k, v in rates.items()}
+    size = next(folder.glob("*.dcm")).stat().st_size
+    report = {"instances": n, "instance_bytes": size,
+              "repeats": args.repeats, "instances_per_s": {k: [round(x, 1) for x in v] for k, v in rates.items()},
+              "median_instances_per_s": {k: round(v, 1) for k, v in med.items()},
+              "ratio_node_to_storescp": round(med["dicom-node"] / med["storescp"], 2),
+              "spooled_last_run": spooled, "durability": "fsync + atomic rename per instance (storescp: none)"}
+    print(json.dumps(report, indent=2))
+    shutil.rmtree(root, ignore_errors=True)
+    return 0 if spooled == n else 1
+
+
+def bench_latency(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    import requests
+
+    peers = _peers()
+    folder = bench_series(Path(args.cache), tuple(args.shape)) / "series"
+    n = len(list(folder.glob("*.dcm")))
+    root = Path(tempfile.mkdtemp(prefix="bench-latency-", dir=Path(args.cache).resolve()))
+    dicom_port, http_port = peers.free_port(), peers.free_port()
+    (root / "pacs").mkdir()
+    orthanc = peers.Orthanc(root / "pacs", dicom_port, http_port, "dimse")
+    cfg = peers.write_node_config(root, dicom_port=dicom_port, http_port=http_port,
+                                  destinations=[{"name": "pacs", "kind": "dimse", "host": "127.0.0.1",
+                                                 "port": orthanc.dicom_port, "ae_title": orthanc.aet}],
+                                  allowed=[("ORTHANC", "127.0.0.1")], quiet=args.quiet)
+    node = peers.NodeProcess(cfg, http_port, dicom_port, root / "node.log").start()
+    orthanc.start()
+    from pydicom import dcmread
+
+    study_uid = str(dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
+    try:
+        t_send = time.time()
+        peers.storescu(("127.0.0.1", orthanc.dicom_port), orthanc.aet, folder)
+        t_in_pacs = time.time()
+
+        def arrived() -> dict | None:
+            series = orthanc.study_series(study_uid)
+            derived = [s for s in series if "CALCIUM REMOVED" in s["MainDicomTags"].get("SeriesDescription", "")]
+            seg = [s for s in series if s["MainDicomTags"].get("Modality") == "SEG"]
+            if derived and seg and len(derived[0]["Instances"]) == n:
+                return {"derived": derived[0], "seg": seg[0]}
+            return None
+
+        deadline = time.time() + args.timeout
+        got = None
+        while got is None and time.time() < deadline:
+            got = arrived()
+            time.sleep(0.2)
+        t_done = time.time()
+        jobs = requests.get(f"{node.url}/jobs", timeout=5).json()
+    finally:
+        node.stop()
+        orthanc.stop()
+    if got is None:
+        print(f"derived series did not arrive within {args.timeout} s; node log: {root / 'node.log'}", file=sys.stderr)
+        return 1
+    job = next(j for j in jobs if j.get("state") == "done")
+    from datetime import datetime
+
+    def epoch(iso: str) -> float:
+        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+    t_last = epoch(job["last_instance_at"])
+    report = {"instances": n, "quiet_seconds": args.quiet, "orthanc_stable_age_s": 2,
+              "storescu_to_orthanc_s": round(t_in_pacs - t_send, 1),
+              "orthanc_to_node_first_instance_s": round(epoch(job["received_at"]) - t_in_pacs, 1),
+              "node_receive_s": round(t_last - epoch(job["received_at"]), 1),
+              "latency_last_instance_to_derived_in_orthanc_s": round(t_done - t_last, 1),
+              "stages_s": {"quiet_timer": round(epoch(job["queued_at"]) - t_last, 1),
+                           "queue_wait": round(epoch(job["processing_at"]) - epoch(job["queued_at"]), 1),
+                           "processing": round(epoch(job["sending_at"]) - epoch(job["processing_at"]), 1),
+                           "sending": round(epoch(job["finished_at"]) - epoch(job["sending_at"]), 1),
+                           "orthanc_indexed_after_send": round(t_done - epoch(job["finished_at"]), 1)}}
+    print(json.dumps(report, indent=2, default=str))
+    shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+def tall_series(cache: Path, base_shape: tuple[int, int, int], slices: int) -> Path:
+    """The benchmark study mirrored along z to ``slices`` slices, written once."""
+    import numpy as np
+
+    from dicom_node.dicom.series import load_hu, read_ct_series
+    from dicom_node.phantom_dicom import ct_series
+
+    base = bench_series(cache, base_shape)
+    folder = cache / f"cta-{slices}x{base_shape[1]}x{base_shape[2]}-mirrored-seed{BENCH_SEED}"
+    if (folder / "done").exists():
+        return folder
+    series, _ = read_ct_series([base / "series"])
+    vol = load_hu(series[0])
+    reps = [vol if i % 2 == 0 else vol[::-1] for i in range(-(-slices // len(vol)))]
+    tall = np.concatenate(reps)[:slices]
+    del reps, vol
+    (folder / "series").mkdir(parents=True, exist_ok=True)
+    for ds in ct_series(tall, series[0].spacing, patient_id="BENCH-0002", patient_name="Bench^Tall"):
+        ds.save_as(folder / "series" / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+    (folder / "done").write_text("ok")
+    return folder
+
+
+def bench_memory(args: argparse.Namespace) -> int:
+    import re
+    import shutil
+
+    folder = tall_series(Path(args.cache), (256, 512, 512), args.slices)
+    out = Path(args.cache) / "out" / "memory"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "dicom_node.cli", "process", str(folder / "series"), str(out),
+           "--quiet", "--backend", "onnxruntime"]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
+    if done.returncode != 0 or rss is None:
+        print(done.stdout, done.stderr, file=sys.stderr)
+        return 1
+    peak = int(rss.group(1)) * 1024
+    volume_bytes = args.slices * 512 * 512 * 4
+    print(json.dumps({"slices": args.slices, "peak_rss_gib": round(peak / 2**30, 2),
+                      "float32_volume_gib": round(volume_bytes / 2**30, 2),
+                      "peak_over_volume": round(peak / volume_bytes, 2), "seconds": round(seconds, 1),
+                      "summary_line": done.stdout.strip()}, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -91,8 +281,22 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--shape", type=int, nargs=3, default=[256, 512, 512], metavar=("Z", "Y", "X"))
     pr.add_argument("--cache", default="runs/bench")
     pr.add_argument("--config", default=None)
+    for name, text in (("ingest", "C-STORE ingest: dicom-node vs DCMTK storescp, same run"),
+                       ("latency", "last instance received -> derived series and SEG stored in Orthanc")):
+        sp = sub.add_parser(name, help=text)
+        sp.add_argument("--shape", type=int, nargs=3, default=[256, 512, 512], metavar=("Z", "Y", "X"))
+        sp.add_argument("--cache", default="runs/bench")
+        if name == "ingest":
+            sp.add_argument("--repeats", type=int, default=3)
+        else:
+            sp.add_argument("--quiet", type=float, default=15.0, help="the node's quiet time (default: the default)")
+            sp.add_argument("--timeout", type=float, default=600.0)
+    mem = sub.add_parser("memory", help="peak RSS of process on a 512×512×600 series")
+    mem.add_argument("--slices", type=int, default=600)
+    mem.add_argument("--cache", default="runs/bench")
     args = ap.parse_args(argv)
-    return bench_process(args)
+    modes = {"process": bench_process, "ingest": bench_ingest, "latency": bench_latency, "memory": bench_memory}
+    return modes[args.cmd](args)
 
 
 if __name__ == "__main__":
