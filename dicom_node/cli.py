@@ -35,6 +35,19 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Print the environment and the backend ``auto`` would pick, and why; always exits 0."""
+    from . import doctor
+    from .config import ConfigError, load
+
+    try:
+        cfg = load(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return doctor.main(args.model or cfg.engine.model, cfg.engine.backend, as_json=args.json)
+
+
 def cmd_process(args: argparse.Namespace) -> int:
     """Process CT series on disk into derived series and SEGs."""
     from tqdm import tqdm
@@ -214,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     mi = sub.add_parser("model-info", help="show the ONNX model's contract and training record")
     mi.add_argument("--model", default=str(DEFAULT_MODEL))
     mi.set_defaults(func=cmd_model_info)
+    dr = sub.add_parser("doctor", help="show versions, GPU, TensorRT, model and plans, and the backend auto picks")
+    dr.add_argument("--config", help="config.toml (default: embedded defaults)")
+    dr.add_argument("--model", help="ONNX model (default: the config's engine.model)")
+    dr.add_argument("--json", action="store_true", help="machine-readable output")
+    dr.set_defaults(func=cmd_doctor)
     pr = sub.add_parser("process", help="remove calcium from CT series on disk (offline)")
     pr.add_argument("input", nargs="+", help="folders or files holding one or more CT series")
     pr.add_argument("output", help="folder that receives the derived series and SEGs")

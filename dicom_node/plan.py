@@ -118,22 +118,41 @@ def _windows(mask: np.ndarray, core: int, cube: bool = False) -> list[Window]:
     return out
 
 
+def _padded_bbox(mask: np.ndarray, pad: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """Bounding box of the mask grown by ``pad`` voxels per axis, clipped to the volume; None if empty."""
+    bounds = []
+    for axis in range(3):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        if hit.size == 0:
+            return None
+        bounds.append(slice(max(int(hit[0]) - int(pad[axis]), 0), min(int(hit[-1]) + 1 + int(pad[axis]),
+                                                                       mask.shape[axis])))
+    return tuple(bounds)
+
+
 def plan(detection: Detection, spacing: tuple[float, float, float], options: PlanOptions | None = None) -> list[Region]:
     """Group the calcium into regions and cover each with ordered windows."""
     opts = options or PlanOptions()
-    foot = footprint(detection, spacing, opts.margin_mm)
-    if not foot.any():
-        return []
     sp = np.asarray(spacing, float)
+    # Work inside the calcium's bounding box (padded by how far footprint and grouping reach):
+    # full-volume label images of a 600-slice series would cost more than the volume itself.
+    crop = _padded_bbox(detection.calcium, np.ceil((opts.margin_mm + opts.group_distance_mm) / sp).astype(int) + 2)
+    if crop is None:
+        return []
+    offset = np.array([s.start for s in crop])
+    calcium = detection.calcium[crop]
+    foot = dilate_mm(calcium, spacing, opts.margin_mm)
     grouping = dilate_mm(foot, spacing, opts.group_distance_mm / 2)
     groups, n = ndimage.label(grouping, structure=CONNECTIVITY_26)
+    labels = detection.labels[crop] if detection.labels is not None else calcium.astype(np.uint16)
     regions: list[Region] = []
     step = opts.model_spacing_mm / sp
     pad_model = PATCH // 2 + opts.core // 2 + 2  # a window centred on any core still fits
-    for gi, gbox in enumerate(ndimage.find_objects(groups), start=1):
-        in_group = (groups[gbox] == gi) & foot[gbox]
+    for gi, local_box in enumerate(ndimage.find_objects(groups), start=1):
+        in_group = (groups[local_box] == gi) & foot[local_box]
         native_footprint = in_group
-        lesion_ids = sorted(set(np.unique(detection.labels[gbox][in_group & detection.calcium[gbox]])) - {0})
+        lesion_ids = sorted(set(np.unique(labels[local_box][in_group & calcium[local_box]])) - {0})
+        gbox = tuple(slice(s.start + o, s.stop + o) for s, o in zip(local_box, offset))
         lo = np.array([s.start for s in gbox], float)
         hi = np.array([s.stop - 1 for s in gbox], float)
         extent_model = np.ceil((hi - lo) / step).astype(int) + 1

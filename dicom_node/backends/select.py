@@ -1,13 +1,24 @@
-"""Pick the inference backend, and say why, so an operator can trust the choice."""
+"""Pick the inference backend, and say why, so an operator can trust the choice.
+
+``auto`` takes TensorRT only when a GPU, TensorRT (with cuda-python) and a plan built
+for this GPU, this TensorRT version and this very model are all present; the plan is
+found beside the model by its sidecar (see ``plan.py``). Anything less is ONNX Runtime
+on the CPU, with the reason in the log. The decision itself is ``plan.decide``, a pure
+function of an :class:`~dicom_node.backends.plan.Environment`; ``env`` lets tests
+simulate any host.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import Backend
+
+if TYPE_CHECKING:
+    from .plan import Environment
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
@@ -24,22 +35,50 @@ def model_id(path: str | Path) -> str:
     return f"{p.stem} sha256:{digest[:16]}"
 
 
-def tensorrt_unavailable_reason() -> str | None:
-    """Why the TensorRT path cannot run here, or None if it might."""
-    if importlib.util.find_spec("tensorrt") is None:
-        return "tensorrt is not installed (pip install '.[gpu]' on a GPU host)"
-    return "the TensorRT backend is not part of this build yet"
+def tensorrt_unavailable_reason(env: Environment | None = None) -> str | None:
+    """Why the TensorRT path cannot run here whatever the plan, or None if it might."""
+    from .plan import probe
+
+    blockers = (env or probe()).tensorrt_blockers()
+    return "; ".join(blockers) or None
 
 
-def select(name: str, model: str | Path, threads: int = 0, batch: int = 8) -> tuple[Backend, str]:
-    """The backend to use and a one-line reason for the choice."""
+def _onnxruntime(model: str | Path, threads: int, batch: int) -> Backend:
+    from .onnxruntime import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend(model, threads=threads, max_batch=batch)
+
+
+def select(name: str, model: str | Path, threads: int = 0, batch: int = 8,
+           env: Environment | None = None) -> tuple[Backend, str]:
+    """The backend to use and a one-line reason for the choice.
+
+    ``env`` describes the host; None probes it (only when TensorRT is in question).
+    """
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
     if not Path(model).is_file():
         raise BackendError(f"model not found: {model}")
-    if name == "tensorrt":
-        raise BackendError(f"tensorrt backend requested but {tensorrt_unavailable_reason()}")
-    from .onnxruntime import OnnxRuntimeBackend
+    if name == "onnxruntime":
+        return _onnxruntime(model, threads, batch), "onnxruntime (requested)"
+    from .plan import decide, probe
 
-    reason = "requested" if name == "onnxruntime" else f"auto: {tensorrt_unavailable_reason()}"
-    return OnnxRuntimeBackend(model, threads=threads, max_batch=batch), f"onnxruntime ({reason})"
+    choice = decide(name, model, env or probe())
+    if choice.error:
+        raise BackendError(choice.error)
+    if choice.backend == "tensorrt":
+        assert choice.plan is not None
+        from .tensorrt import TensorRTBackend
+
+        try:
+            backend: Backend = TensorRTBackend(choice.plan, max_batch=batch)
+        except Exception as exc:  # noqa: BLE001 - auto falls back on any load failure, and says so
+            if name == "tensorrt":
+                raise BackendError(f"tensorrt backend requested but {choice.plan.name} failed to load: {exc}") from exc
+            reason = f"auto: TensorRT failed to load {choice.plan.name} ({exc}); using the CPU"
+            log.warning("backend: onnxruntime (%s)", reason)
+            return _onnxruntime(model, threads, batch), f"onnxruntime ({reason})"
+        log.info("backend: tensorrt (%s)", choice.reason)
+        return backend, f"tensorrt ({choice.reason})"
+    log.info("backend: onnxruntime (%s)", choice.reason)
+    return _onnxruntime(model, threads, batch), f"onnxruntime ({choice.reason})"

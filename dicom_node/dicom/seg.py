@@ -62,9 +62,15 @@ def write_seg(series: Series, calcium: np.ndarray, restored: np.ndarray, out_dir
             segmented_property_type=REGION_IN_SPACE, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algo),
     ]
-    pixels = np.stack([calcium, restored], axis=-1).astype(np.uint8)
+    # Only the slices that hold a segment: highdicom would otherwise expand the whole series'
+    # masks (several copies of a 600-slice volume) just to drop the empty frames again.
+    used = np.flatnonzero(calcium.any(axis=(1, 2)) | restored.any(axis=(1, 2)))
+    if used.size == 0:
+        used = np.array([0])
+    headers = _source_headers(series, uids)
+    pixels = np.stack([calcium[used], restored[used]], axis=-1).astype(np.uint8)
     seg = hd.seg.Segmentation(
-        source_images=_source_headers(series, uids), pixel_array=pixels,
+        source_images=[headers[i] for i in used], pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=segments,
         series_instance_uid=uids["seg_series"], series_number=series_number, sop_instance_uid=uids["seg"],
         instance_number=1, manufacturer=MANUFACTURER, manufacturer_model_name="dicom-node calcium removal",

@@ -35,19 +35,20 @@ def metadata(state: dict) -> dict[str, str]:
         "dicom_node.spacing_mm": f"{SPACING_MM}",
         "dicom_node.mask_mode": cfg["mask_mode"],
         "dicom_node.network": cfg["network"],
+        "dicom_node.inputs": cfg.get("inputs", "hidden"),
         "dicom_node.calcium_evidence_hu": f"{inpaint.CALCIUM_EVIDENCE_HU}",
         "dicom_node.normalisation":
             f"(clip(HU,{inpaint.HU_MIN},{inpaint.HU_MAX})-{inpaint.HU_CENTRE})/{inpaint.HU_SCALE}",
         "dicom_node.training": json.dumps({k: summary.get(k) for k in
                                            ("steps", "train_seconds", "train_cpu_seconds", "val_mask_mse_hu2", "torch")}
                                           | {k: cfg.get(k) for k in ("lr", "schedule", "batch", "loss", "seed",
-                                                                      "cpu_minutes", "mask_mode")}),
+                                                                      "cpu_minutes", "mask_mode", "inputs")}),
         "dicom_node.training_data": "synthetic coronary CTA phantom (dicom_node.phantom); no patient data",
     }
 
 
 def export(model: Inpainter, state: dict, path: Path, fp16: bool = False) -> Path:
-    """Write the ONNX graph with dynamic batch and the contract's metadata."""
+    """Write the ONNX graph with dynamic batch and the contract's metadata (``fp16``: its fp16 copy instead)."""
     import onnx
 
     model = model.eval()
@@ -62,7 +63,7 @@ def export(model: Inpainter, state: dict, path: Path, fp16: bool = False) -> Pat
                           dynamic_axes={n: {0: "N"} for n in ("image", "mask", "restored")})
     proto = onnx.load(str(tmp))
     meta = metadata(state)
-    meta["dicom_node.precision"] = "fp16" if fp16 else "fp32"
+    meta["dicom_node.precision"] = "fp32"  # fp16 is derived from this graph below, at the ONNX level
     del proto.metadata_props[:]
     for k, v in meta.items():
         entry = proto.metadata_props.add()
@@ -71,6 +72,10 @@ def export(model: Inpainter, state: dict, path: Path, fp16: bool = False) -> Pat
     onnx.checker.check_model(proto)
     onnx.save(proto, str(tmp))
     tmp.replace(path)
+    if fp16:  # body in float16, I/O and HU arithmetic in float32 (see dicom_node.model.fp16)
+        from .fp16 import convert
+
+        convert(path, path)
     return path
 
 
