@@ -7,7 +7,6 @@ it and whether each fits. Loads no backend, so it is safe next to a running node
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import platform
 import sys
@@ -27,15 +26,6 @@ PACKAGES: dict[str, tuple[str, ...]] = {  # shown name -> distribution names to 
     "tensorrt": ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu11"),
     "cuda-python": ("cuda-python", "cuda-bindings"),
 }
-
-
-def _version(names: tuple[str, ...]) -> str | None:
-    for n in names:
-        try:
-            return importlib.metadata.version(n)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
 
 
 def _model(path: Path) -> dict[str, Any]:
@@ -62,7 +52,7 @@ def report(model: str | Path, configured: str = "auto", env: plans.Environment |
     info: dict[str, Any] = {
         "dicom_node": __version__,
         "python": {"version": platform.python_version(), "executable": sys.executable, "platform": platform.platform()},
-        "packages": {name: _version(dists) for name, dists in PACKAGES.items()},
+        "packages": {name: plans.dist_version(*dists) for name, dists in PACKAGES.items()},
         "gpu": ({"name": env.gpu, "compute_capability": env.compute_capability, "driver": env.driver}
                 if env.gpu else None),
         "environment_notes": list(env.notes),

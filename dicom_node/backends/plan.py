@@ -321,7 +321,8 @@ def _cuda_device() -> tuple[dict[str, str] | None, str | None]:
         return None, f"cuda-python: {exc}"
 
 
-def _dist_version(*names: str) -> str | None:
+def dist_version(*names: str) -> str | None:
+    """The installed version of the first of these distributions found (wheels differ by CUDA build)."""
     for n in names:
         try:
             return importlib.metadata.version(n)
@@ -344,7 +345,7 @@ def probe() -> Environment:
     cuda_python = None
     try:
         if importlib.util.find_spec("cuda") is not None and importlib.util.find_spec("cuda.bindings") is not None:
-            cuda_python = _dist_version("cuda-python", "cuda-bindings") or "unknown"
+            cuda_python = dist_version("cuda-python", "cuda-bindings") or "unknown"
     except (ImportError, ValueError) as exc:  # a "cuda" package that is not cuda-python
         notes.append(f"cuda-python: {exc}")
     smi, smi_note = _nvidia_smi()
