@@ -55,6 +55,20 @@ def _default_peers() -> list[AllowedPeer]:
 
 
 @dataclass
+class TlsConfig:
+    """DIMSE over TLS (PS3.15 Annex B) with mutual authentication: the hospital CA vouches for each caller."""
+
+    enabled: bool = False
+    port: int = 2762  # the TLS listener (2762 is the registered dicom-tls port)
+    cert: str = ""  # our certificate chain (PEM); relative to the config file
+    key: str = ""  # its private key (PEM, unencrypted)
+    ca: str = ""  # CA certificates (PEM) that client certificates must chain to
+    require_client_cert: bool = True  # false = any TLS client; the AE allowlist still applies
+    keep_plain: bool = False  # also keep the unencrypted listener on node.port open (migration only)
+    handshake_seconds: float = 10.0  # a client that has not finished the handshake by then is dropped
+
+
+@dataclass
 class NodeConfig:
     ae_title: str = "DICOMNODE"
     host: str = "127.0.0.1"  # listen address; "0.0.0.0" for every interface
@@ -63,12 +77,18 @@ class NodeConfig:
     accept_any_caller: bool = False  # true = skip the allowlist (never on a hospital network)
     check_called_ae: bool = True  # reject associations addressed to another AE title
     allowed: list[AllowedPeer] = field(default_factory=_default_peers)
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
 
 @dataclass
 class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 8080
+    cert: str = ""  # with key: serve HTTPS (PEM files, relative to the config file)
+    key: str = ""
+    tokens: list[str] = field(default_factory=list)  # bearer tokens accepted on everything but /healthz
+    token_env: str = "DICOM_NODE_HTTP_TOKENS"  # more tokens from this variable (comma or space separated)
+    allow_anonymous: bool = False  # true = serve a non-loopback address without tokens (not recommended)
 
 
 @dataclass
@@ -101,6 +121,10 @@ class Destination:
     port: int = 104  # dimse: the peer's port
     url: str = ""  # stow: DICOMweb base URL, e.g. http://pacs:8042/dicom-web
     token: str = ""  # stow: optional bearer token
+    tls: bool = False  # dimse: associate over TLS, verifying the peer against ca (system CAs when empty)
+    ca: str = ""  # dimse + tls: CA certificates (PEM) for the peer's certificate
+    cert: str = ""  # dimse + tls: our client certificate (PEM) for peers that require one
+    key: str = ""  # dimse + tls: its private key
     timeout_seconds: float = 60.0
 
 
@@ -188,9 +212,23 @@ def check(cfg: Config) -> None:
                 raise ConfigError(f"{where} ({d.name}): a stow destination needs url")
         else:
             raise ConfigError(f"{where} ({d.name}): kind must be 'dimse' or 'stow', got {d.kind!r}")
+        if bool(d.cert) != bool(d.key):
+            raise ConfigError(f"{where} ({d.name}): cert and key go together")
+        if d.tls and d.kind != "dimse":
+            raise ConfigError(f"{where} ({d.name}): tls is for dimse destinations; a stow one uses an https:// url")
     for i, peer in enumerate(cfg.node.allowed):
         if not (peer.ae_title and peer.host):
             raise ConfigError(f"node.allowed[{i}]: ae_title and host are both required")
+    tls = cfg.node.tls
+    if tls.enabled:
+        if not (tls.cert and tls.key):
+            raise ConfigError("node.tls: enabled needs cert and key")
+        if tls.require_client_cert and not tls.ca:
+            raise ConfigError("node.tls: require_client_cert needs ca (the CA that signs the callers' certificates)")
+        if tls.keep_plain and tls.port == cfg.node.port:
+            raise ConfigError(f"node.tls.port and node.port are both {tls.port}; keep_plain needs two ports")
+    if bool(cfg.http.cert) != bool(cfg.http.key):
+        raise ConfigError("http: cert and key go together")
     if cfg.spool.durability not in ("journal", "posix"):
         raise ConfigError(f"spool.durability must be 'journal' or 'posix', got {cfg.spool.durability!r}")
     if cfg.jobs.workers < 1 or cfg.jobs.inference_slots < 1:
@@ -217,4 +255,9 @@ def load(path: str | Path | None = None) -> Config:
     spool = Path(cfg.spool.dir)
     if not spool.is_absolute():
         cfg.spool.dir = str((p.parent / spool).resolve())
+    for holder in (cfg.node.tls, cfg.http, *cfg.destinations):  # certificates and keys, like the model
+        for key in ("cert", "key", "ca"):
+            value = getattr(holder, key, "")
+            if value and not Path(value).is_absolute():
+                setattr(holder, key, str((p.parent / value).resolve()))
     return cfg

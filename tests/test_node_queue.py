@@ -282,3 +282,47 @@ def test_purge_after_delivery(parts: Parts, tmp_path: Path, slices: list[Dataset
     done = parts.store.get(job.id)
     assert done.state == "done" and done.purged
     assert not parts.spool.series_files(uid) and not parts.spool.out_dir(job.id).exists()
+
+
+def test_node_trouble_hands_the_job_back(parts: Parts, tmp_path: Path, slices: list[Dataset],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk is no fault of the job's: it waits (no attempt counted) instead of failing or staying claimed."""
+    import errno
+    import sqlite3
+
+    parts.cfg.jobs.backoff_seconds = 5
+    parts.cfg.destinations = [Destination(name="a", ae_title="ARCHIVE", host="127.0.0.1", port=free_port(),
+                                          timeout_seconds=2)]
+    job_id = _job_with_outputs(parts, tmp_path, slices[:2])
+    w = parts.workers()
+
+    def full(*args: Any, **kw: Any) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+    with monkeypatch.context() as m:
+        m.setattr(parts.store, "set_deliveries", full)
+        assert w.run_one()
+    job = parts.store.get(job_id)
+    assert (job.state, job.claimed, job.attempts) == ("sending", 0, 0) and "disk full" in job.reason, job
+    assert parts.store.claim() is None and parts.store.claim(time.time() + 6).id == job_id
+
+    parts.intake.accept(_encode(slices[0], tmp_path), slices[0], "dimse")
+    queued = parts.store.queue_quiet(0, time.time() + 1)[0]
+
+    def no_space(job: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(w, "process", no_space)
+    assert w.run_one()
+    job = parts.store.get(queued.id)
+    assert (job.state, job.claimed) == ("queued", 0) and "disk full" in job.reason, job
+    assert parts.store.claim() is None, "claimed again before the pause"
+    assert parts.store.claim(time.time() + 6).id == queued.id
+
+
+def test_restart_gives_a_series_still_arriving_a_fresh_quiet_time(parts: Parts, tmp_path: Path,
+                                                                  slices: list[Dataset]) -> None:
+    """The time a node was down is no silence of the sender's: after a crash it waits for the retry."""
+    t0 = time.time()
+    parts.store.note_instance(slices[0].SeriesInstanceUID, "1.2", "d", now=t0)
+    assert [j.state for j in parts.store.recover(now=t0 + 100)] == ["received"]
+    assert parts.store.queue_quiet(10, now=t0 + 105) == []
+    assert [j.state for j in parts.store.queue_quiet(10, now=t0 + 111)] == ["queued"]

@@ -61,13 +61,16 @@ def need(exe: str) -> str:
 
 def write_node_config(root: Path, *, dicom_port: int, http_port: int, destinations: list[dict[str, Any]],
                       allowed: list[tuple[str, str]], quiet: float = 1.5, retries: int = 3,
-                      backoff: float = 0.5) -> Path:
-    """A complete config.toml for a test node (TOML written by hand: the format is tiny)."""
+                      backoff: float = 0.5, extra: dict[str, list[str]] | None = None) -> Path:
+    """A complete config.toml for a test node (TOML written by hand: the format is tiny).
+
+    ``extra`` adds lines to the [node] or [http] table, or adds a table (e.g. "node.tls") at the end."""
+    ex = dict(extra or {})
     lines = [
         "[engine]", f'model = "{need_model()}"', 'backend = "onnxruntime"', "threads = 2", "",
-        "[node]", 'ae_title = "DICOMNODE"', f"port = {dicom_port}", "",
+        "[node]", 'ae_title = "DICOMNODE"', f"port = {dicom_port}", *ex.pop("node", []), "",
         *sum(([ "[[node.allowed]]", f'ae_title = "{a}"', f'host = "{h}"', ""] for a, h in allowed), []),
-        "[http]", f"port = {http_port}", "",
+        "[http]", f"port = {http_port}", *ex.pop("http", []), "",
         "[spool]", f'dir = "{root / "spool"}"', "min_free_mb = 16", "",
         "[jobs]", f"quiet_seconds = {quiet}", "workers = 2", f"retries = {retries}",
         f"backoff_seconds = {backoff}", "",
@@ -76,6 +79,8 @@ def write_node_config(root: Path, *, dicom_port: int, http_port: int, destinatio
         lines.append("[[destinations]]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in d.items()]
         lines.append("")
+    for table, table_lines in ex.items():
+        lines += [f"[{table}]", *table_lines, ""]
     path = root / "node.toml"
     path.write_text("\n".join(lines))
     return path
@@ -84,25 +89,29 @@ def write_node_config(root: Path, *, dicom_port: int, http_port: int, destinatio
 class NodeProcess:
     """``dicom-node serve`` in a subprocess, exactly as an operator runs it."""
 
-    def __init__(self, config: Path, http_port: int, dicom_port: int, log: Path) -> None:
+    def __init__(self, config: Path, http_port: int, dicom_port: int, log: Path, https_ca: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.config, self.http_port, self.dicom_port, self.log = config, http_port, dicom_port, log
+        self.verify: str | bool = str(https_ca) if https_ca else True  # requests' verify= for an HTTPS node
+        self.scheme = "https" if https_ca else "http"
+        self.env = env
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{self.scheme}://127.0.0.1:{self.http_port}"
 
     def start(self) -> NodeProcess:
         out = self.log.open("ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config)],
-                                     stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+                                     stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=self.env)
         out.close()
 
         def up() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 pytest.fail(f"node exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
             try:
-                return requests.get(f"{self.url}/healthz", timeout=1).ok
+                return requests.get(f"{self.url}/healthz", timeout=1, verify=self.verify).ok
             except requests.RequestException:
                 return False
         wait_for(up, 60, "the node's /healthz")

@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--schedule", choices=("constant", "cosine"), default=d.schedule)
     ap.add_argument("--batch", type=int, default=d.batch)
     ap.add_argument("--loss", choices=("whole", "mask"), default=d.loss)
+    ap.add_argument("--inputs", choices=("hidden", "observed"), default=d.inputs,
+                    help="hidden: masked voxels hidden (paper); observed: seen and corrected downwards")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--threads", type=int, default=d.threads)
     ap.add_argument("--workers", type=int, default=d.workers)

@@ -105,6 +105,10 @@ def derive_slice(src: Dataset, hu_slice: np.ndarray, changed: np.ndarray, uids: 
     if changed.any():
         pixels[changed] = _stored(hu_slice[changed], src).astype(pixels.dtype)
     ds = copy.deepcopy(src)
+    if not src.original_encoding[1]:  # big endian source: decode every element, then write it little endian
+        for _ in ds.iterall():  # iterating converts each raw element to a value
+            pass
+        ds.set_original_encoding(False, True)
     ds.remove_private_tags()  # vendor tags describe the original acquisition's processing
     for kw in ("ReferencedImageSequence", "IconImageSequence"):
         if kw in ds:

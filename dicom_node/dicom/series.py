@@ -16,11 +16,20 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 
 log = logging.getLogger(__name__)
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+# One instance holds the whole volume: a CT the user wants processed, in a form we do not read (yet).
+MULTIFRAME_CT_STORAGE = {"1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
+                         "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage"}
+# Limits checked before anything is allocated, so a forged header cannot make us ask for gigabytes.
+MAX_MATRIX = 4096  # rows or columns of one slice; CT reconstructs 512 to 2048
+MAX_VOXELS = 1 << 30  # one series (4 GiB as float32); a 1000-slice 1024x1024 CTA still fits
+MAX_POSITION_MM = 1e6  # |ImagePositionPatient| beyond this is a broken header, not a patient
+PIXEL_DATA = 0x7FE00010
 
 
 class SeriesError(ValueError):
@@ -77,6 +86,132 @@ def sop_class(ds: Dataset) -> str:
     return uid
 
 
+def _numbers(ds: Dataset, keyword: str, count: int) -> np.ndarray | str:
+    """``count`` finite numbers from a multi-valued attribute, or why not (a header can hold anything)."""
+    try:
+        elem = ds.get_item(keyword)
+        if elem is None:
+            return f"{keyword} is missing"
+        value = elem.value
+        if isinstance(value, bytes):  # still raw (DS is text in every transfer syntax): 10x cheaper than pydicom's
+            items: list = value.decode("latin-1").strip(" \x00").split("\\") if value.strip(b" \x00") else []
+        else:
+            items = [value] if isinstance(value, str | int | float) else list(value or [])
+        arr = np.asarray([float(v) for v in items], float)
+    except Exception:  # noqa: BLE001 - converting a raw value raises anything (e.g. BytesLengthException)
+        return f"{keyword} is not {count} numbers"
+    if arr.shape != (count,) or not np.all(np.isfinite(arr)):
+        return f"{keyword} is not {count} finite numbers"
+    return arr
+
+
+def geometry_problem(ds: Dataset) -> str | None:
+    """Why one slice's geometry cannot place it in a volume, or None: orientation (two orthogonal unit
+    vectors), position, pixel spacing and size must all be present and sane."""
+    iop = _numbers(ds, "ImageOrientationPatient", 6)
+    if isinstance(iop, str):
+        return iop
+    row, col = iop[:3], iop[3:]
+    if abs(np.linalg.norm(row) - 1) > 0.01 or abs(np.linalg.norm(col) - 1) > 0.01 or abs(np.dot(row, col)) > 0.01:
+        return "ImageOrientationPatient is not two orthogonal unit vectors"
+    ipp = _numbers(ds, "ImagePositionPatient", 3)
+    if isinstance(ipp, str):
+        return ipp
+    if np.any(np.abs(ipp) > MAX_POSITION_MM):
+        return f"ImagePositionPatient lies beyond {MAX_POSITION_MM:g} mm"
+    spacing = _numbers(ds, "PixelSpacing", 2)
+    if isinstance(spacing, str):
+        return spacing
+    if np.any(spacing <= 0) or np.any(spacing > 1000):
+        return f"PixelSpacing {spacing[0]:g}, {spacing[1]:g} is not between 0 and 1000 mm"
+    for keyword in ("Rows", "Columns"):
+        try:
+            n = int(getattr(ds, keyword))
+        except Exception:  # noqa: BLE001 - as in _numbers
+            return f"{keyword} is missing or not a number"
+        if not 1 <= n <= MAX_MATRIX:
+            return f"{keyword} {n} is outside 1..{MAX_MATRIX}"
+    return None
+
+
+def truncated_element(ds: Dataset) -> str | None:
+    """The element whose value stops short, when a file or a transfer was cut off; else None.
+
+    pydicom keeps whatever bytes arrived without complaint, so only the declared length tells.
+    """
+    for tag in tuple(ds.keys()):  # iterating the Dataset itself would convert every value
+        elem = ds.get_item(tag)
+        if (isinstance(elem, RawDataElement) and elem.length != 0xFFFFFFFF and elem.value is not None
+                and len(elem.value) < elem.length):
+            return f"truncated: element {tag} declares {elem.length} bytes but only {len(elem.value)} arrived"
+    return None
+
+
+def image_problem(ds: Dataset, pixels: bool = True) -> str | None:
+    """Why a CT Image Storage instance cannot be one slice of a volume, or None.
+
+    Checked on arrival, from the header alone (nothing decoded or allocated), so the sender sees a
+    failure status for the broken instance instead of its whole series failing later.
+    """
+    values: dict[str, int] = {}
+    for keyword in ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation"):
+        try:
+            values[keyword] = int(getattr(ds, keyword))
+        except Exception:  # noqa: BLE001 - as in _numbers
+            return f"{keyword} is missing or not a number"
+    rows, cols, bits = values["Rows"], values["Columns"], values["BitsAllocated"]
+    if not (1 <= rows <= MAX_MATRIX and 1 <= cols <= MAX_MATRIX):
+        return f"declared size {rows}x{cols} is outside 1..{MAX_MATRIX}"
+    if bits != 16:
+        return f"BitsAllocated {bits}: the CT Image IOD requires 16"
+    if not 1 <= values["BitsStored"] <= bits:
+        return f"BitsStored {values['BitsStored']} does not fit BitsAllocated {bits}"
+    if values["PixelRepresentation"] not in (0, 1):
+        return f"PixelRepresentation {values['PixelRepresentation']} is neither 0 nor 1"
+    try:
+        samples = int(getattr(ds, "SamplesPerPixel", 1))
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    except Exception:  # noqa: BLE001 - as in _numbers
+        return "SamplesPerPixel or NumberOfFrames is not a number"
+    if samples != 1:
+        return f"SamplesPerPixel {samples}: CT is monochrome"
+    if frames != 1:
+        return f"NumberOfFrames {frames}: CT Image Storage holds one slice per instance"
+    problem = geometry_problem(ds)
+    if problem or not pixels:
+        return problem
+    elem = ds.get_item(PIXEL_DATA)
+    if elem is None or elem.value is None:
+        return "no Pixel Data"
+    encapsulated = elem.length == 0xFFFFFFFF if isinstance(elem, RawDataElement) else elem.is_undefined_length
+    data = elem.value
+    if encapsulated:
+        if bytes(data[:4]) != b"\xfe\xff\x00\xe0":
+            return "compressed Pixel Data does not start with an item (not encapsulated)"
+        return None
+    need = rows * cols * (bits // 8)
+    if len(data) < need:
+        return f"Pixel Data holds {len(data)} bytes where {rows}x{cols} pixels of {bits} bits need {need}"
+    return None
+
+
+def slice_problem(ds: Dataset, include_derived: bool = False) -> str | None:
+    """Why an instance is not a slice of a CT volume we process, or None."""
+    modality = str(getattr(ds, "Modality", ""))
+    sop = sop_class(ds)
+    if modality == "CT" and sop in MULTIFRAME_CT_STORAGE:
+        return (f"{MULTIFRAME_CT_STORAGE[sop]} (multi-frame) is not supported: have the scanner or PACS send "
+                "the series as CT Image Storage, one slice per instance")
+    if modality != "CT" or sop != CT_IMAGE_STORAGE:
+        return f"not a CT image series (Modality {modality or '?'}, SOP class {sop or '?'})"
+    image_type = [str(v).upper() for v in getattr(ds, "ImageType", [])]
+    if "LOCALIZER" in image_type:
+        return "localizer"
+    if "DERIVED" in image_type and not include_derived:
+        return "DERIVED images are not processed again"
+    return None
+
+
 def group_series(files: Iterable[Path]) -> tuple[dict[str, list[tuple[Path, Dataset]]], list[str]]:
     """Read headers only and group them by SeriesInstanceUID; unreadable files are reported."""
     groups: dict[str, list[tuple[Path, Dataset]]] = defaultdict(list)
@@ -84,10 +219,11 @@ def group_series(files: Iterable[Path]) -> tuple[dict[str, list[tuple[Path, Data
     for f in files:
         try:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
+            key = series_key(ds)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is reported, not fatal
             problems.append(f"{f}: not readable as DICOM ({exc.__class__.__name__})")
             continue
-        groups[series_key(ds)].append((f, ds))
+        groups[key].append((f, ds))
     return groups, problems
 
 
@@ -98,19 +234,34 @@ def slice_normal(ds: Dataset) -> np.ndarray:
 
 def order_series(uid: str, items: list[tuple[Path, Dataset]], tolerance: float = 0.05) -> Series:
     """Sort slices along the normal and check the geometry is a regular volume."""
+    if not items:
+        raise SeriesError(f"series {uid}: no slices")
     first = items[0][1]
     for attr in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows", "Columns"):
-        if not all(hasattr(ds, attr) for _, ds in items):
+        if not all(attr in ds for _, ds in items):  # no hasattr: converting a broken value may raise
             raise SeriesError(f"series {uid}: some slices lack {attr}")
+    for _, ds in items:
+        problem = geometry_problem(ds)
+        if problem:
+            raise SeriesError(f"series {uid}: instance {getattr(ds, 'SOPInstanceUID', '?')}: {problem}")
     iop = np.asarray(first.ImageOrientationPatient, float)
+    rows, cols = int(first.Rows), int(first.Columns)
     for _, ds in items:
         if not np.allclose(np.asarray(ds.ImageOrientationPatient, float), iop, atol=1e-3):
             raise SeriesError(f"series {uid}: slices have different orientations")
-        if (ds.Rows, ds.Columns) != (first.Rows, first.Columns):
+        if (int(ds.Rows), int(ds.Columns)) != (rows, cols):
             raise SeriesError(f"series {uid}: slices have different sizes "
-                              f"({ds.Rows}x{ds.Columns} vs {first.Rows}x{first.Columns})")
+                              f"({ds.Rows}x{ds.Columns} vs {rows}x{cols})")
         if not np.allclose(np.asarray(ds.PixelSpacing, float), np.asarray(first.PixelSpacing, float), atol=1e-4):
             raise SeriesError(f"series {uid}: slices have different pixel spacing")
+    try:
+        frames = {str(getattr(ds, "FrameOfReferenceUID", "") or "") for _, ds in items} - {""}
+    except Exception as exc:  # noqa: BLE001 - as in _numbers
+        raise SeriesError(f"series {uid}: unreadable FrameOfReferenceUID ({exc.__class__.__name__})") from exc
+    if len(frames) > 1:
+        raise SeriesError(f"series {uid}: slices belong to {len(frames)} frames of reference (mixed acquisitions)")
+    if len(items) * rows * cols > MAX_VOXELS:
+        raise SeriesError(f"series {uid}: {len(items)} slices of {rows}x{cols} exceed the {MAX_VOXELS} voxel limit")
     normal = slice_normal(first)
     pos = np.array([np.dot(np.asarray(ds.ImagePositionPatient, float), normal) for _, ds in items])
     order = np.argsort(pos, kind="stable")
@@ -138,16 +289,38 @@ def order_series(uid: str, items: list[tuple[Path, Dataset]], tolerance: float =
 
 
 def load_hu(series: Series) -> np.ndarray:
-    """Decode every slice and apply the modality LUT; one float32 volume, nothing more."""
+    """Decode every slice and apply the modality LUT; one float32 volume, nothing more.
+
+    A slice that does not decode to the series' size fails the series with its file named,
+    never with a bare codec error; the volume is allocated only once a slice decoded to the
+    declared size, so a forged header cannot make us ask for gigabytes.
+    """
     first = series.headers[0]
-    vol = np.empty((len(series.files), int(first.Rows), int(first.Columns)), np.float32)
+    rows, cols = int(first.Rows), int(first.Columns)
+    if not (1 <= rows <= MAX_MATRIX and 1 <= cols <= MAX_MATRIX) or len(series.files) * rows * cols > MAX_VOXELS:
+        raise SeriesError(f"series {series.uid}: {len(series.files)} slices of {rows}x{cols} is too large")
+    vol: np.ndarray | None = None  # allocated once the first slice proved the declared size real
     for i, f in enumerate(series.files):
-        ds = pydicom.dcmread(f)
-        arr = ds.pixel_array
-        slope = float(getattr(ds, "RescaleSlope", 1.0))
-        intercept = float(getattr(ds, "RescaleIntercept", 0.0))
+        try:
+            ds = pydicom.dcmread(f)
+            arr = ds.pixel_array
+            slope = float(getattr(ds, "RescaleSlope", 1.0))
+            intercept = float(getattr(ds, "RescaleIntercept", 0.0))
+        except Exception as exc:  # noqa: BLE001 - codecs raise anything; the series fails with a reason
+            raise SeriesError(f"series {series.uid}: slice {i + 1} ({f.name}) cannot be decoded: "
+                              f"{exc.__class__.__name__}: {str(exc)[:300]}") from exc
+        if arr.shape != (rows, cols):
+            raise SeriesError(f"series {series.uid}: slice {i + 1} ({f.name}) decodes to {arr.shape}, "
+                              f"not {rows}x{cols}")
+        if not (np.isfinite(slope) and np.isfinite(intercept) and slope != 0):
+            raise SeriesError(f"series {series.uid}: slice {i + 1} ({f.name}) has rescale slope {slope:g} "
+                              f"and intercept {intercept:g}")
+        if vol is None:
+            vol = np.empty((len(series.files), rows, cols), np.float32)
         np.multiply(arr, slope, out=vol[i], casting="unsafe")
         vol[i] += intercept
+    if vol is None:
+        raise SeriesError(f"series {series.uid}: no slices")
     return vol
 
 
@@ -159,21 +332,25 @@ def read_ct_series(inputs: Iterable[str | Path], include_derived: bool = False) 
     groups, notes = group_series(find_files(inputs))
     found: list[Series] = []
     for uid, items in groups.items():
-        ds = items[0][1]
-        modality = str(getattr(ds, "Modality", ""))
-        sop = sop_class(ds)
-        image_type = [str(v).upper() for v in getattr(ds, "ImageType", [])]
-        if modality != "CT" or sop != CT_IMAGE_STORAGE:
-            notes.append(f"series {uid}: skipped, not a CT image series (Modality {modality or '?'}, SOP class {sop})")
+        # Instance by instance: a report or localizer filed under the CT's series UID must not sink it.
+        kept: list[tuple[Path, Dataset]] = []
+        left_out: list[str] = []
+        for f, ds in items:
+            try:
+                problem = slice_problem(ds, include_derived)
+            except Exception as exc:  # noqa: BLE001 - a value pydicom cannot convert
+                problem = f"unreadable header ({exc.__class__.__name__})"
+            if problem:
+                left_out.append(problem)
+            else:
+                kept.append((f, ds))
+        if not kept:
+            notes.append(f"series {uid}: skipped, {left_out[0]}")
             continue
-        if "LOCALIZER" in image_type:
-            notes.append(f"series {uid}: skipped, localizer")
-            continue
-        if "DERIVED" in image_type and not include_derived:
-            notes.append(f"series {uid}: skipped, DERIVED images are not processed again")
-            continue
+        if left_out:
+            notes.append(f"series {uid}: {len(left_out)} instance(s) left out ({left_out[0]})")
         try:
-            found.append(order_series(uid, items))
+            found.append(order_series(uid, kept))
         except SeriesError as exc:
             notes.append(str(exc))
     return found, notes

@@ -41,6 +41,7 @@ class TrainConfig:
     schedule: str = "constant"  # or "cosine", over the step (or time) budget
     batch: int = 3
     loss: str = "whole"  # "whole" patch MSE (paper), or "mask" only
+    inputs: str = "hidden"  # "hidden": masked voxels hidden (paper); "observed": seen, corrected downwards
     seed: int = 1
     threads: int = 2
     workers: int = 1
@@ -121,7 +122,7 @@ def load_model(path: str | Path) -> tuple[Inpainter, dict]:
     """Weights and the settings they were trained with, from a checkpoint or a model file."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     cfg = state["config"]
-    model = Inpainter(build(cfg["network"]))
+    model = Inpainter(build(cfg["network"]), cfg.get("inputs", "hidden"))
     model.load_state_dict(state["model"])
     model.eval()
     return model, state
@@ -135,7 +136,7 @@ def train(cfg: TrainConfig, out: Path, progress: bool = True, dicom_source=None)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     ckpt_path = out / "checkpoint.pt"
-    model = Inpainter(build(cfg.network))
+    model = Inpainter(build(cfg.network), cfg.inputs)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     step, elapsed, cpu = 0, 0.0, 0.0
     losses: list[float] = []

@@ -9,16 +9,27 @@ This module also runs the spool's retention policy, on the same slow tick.
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 import time
 from dataclasses import dataclass
 
+import numpy as np
+import pydicom
 from pydicom.dataset import Dataset
 
 from ..config import Config
 from ..dicom.derived import is_our_output
-from ..dicom.series import CT_IMAGE_STORAGE, series_key, sop_class
+from ..dicom.series import (
+    CT_IMAGE_STORAGE,
+    MULTIFRAME_CT_STORAGE,
+    PIXEL_DATA,
+    image_problem,
+    series_key,
+    sop_class,
+    truncated_element,
+)
 from .jobs import JobStore
 from .logs import ctx
 from .metrics import Metrics
@@ -29,8 +40,10 @@ log = logging.getLogger("dicom_node.node.assemble")
 # DIMSE statuses shared by C-STORE and STOW-RS failure reasons.
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
-CANNOT_UNDERSTAND = 0xC000
+DOES_NOT_MATCH_SOP_CLASS = 0xA900  # the IOD's rules broken: no pixels, wrong BitsAllocated, impossible size
+CANNOT_UNDERSTAND = 0xC000  # not a data set, or one cut short
 PROCESSING_FAILURE = 0x0110
+DUPLICATE_SOP_INSTANCE = 0x0111  # the UID came before with other content; the first copy is kept
 
 
 @dataclass
@@ -49,7 +62,8 @@ def why_not_processed(ds: Dataset) -> str | None:
         return "our own output (dicom-node in ContributingEquipmentSequence)"
     modality = str(getattr(ds, "Modality", ""))
     sop = sop_class(ds)
-    if modality != "CT" or sop != CT_IMAGE_STORAGE:
+    # Multi-frame CT gets a job all the same: it fails with a reason the sender can act on (see series.py).
+    if modality != "CT" or (sop != CT_IMAGE_STORAGE and sop not in MULTIFRAME_CT_STORAGE):
         return f"not a CT image (Modality {modality or '?'}, SOP class {sop or '?'})"
     image_type = [str(v).upper() for v in getattr(ds, "ImageType", [])]
     if "DERIVED" in image_type:
@@ -69,21 +83,40 @@ class Intake:
         self._ignored_series: set[str] = set()
 
     def accept(self, data: bytes, ds: Dataset, via: str) -> Accepted:
-        """Store durably, then count the instance into a job; never raises."""
+        """Store durably, then count the instance into a job; never raises.
+
+        ``ds`` is the whole data set decoded from ``data``, Pixel Data included. An instance that
+        cannot be processed safely is refused here, with a status the sender sees, and kept in the
+        quarantine with the reason: one broken slice must not fail its series an hour later.
+        """
+        sop_uid = series_uid = ""
         try:
+            if "SOPInstanceUID" not in ds or not str(ds.SOPInstanceUID):
+                return self.refuse(data, "", "", via, CANNOT_UNDERSTAND, "cannot_understand",
+                                    "no SOP Instance UID: not a DICOM data set, or its header is damaged")
             sop_uid = str(ds.SOPInstanceUID)
             series_uid = series_key(ds)
+            problem = truncated_element(ds)
+            if problem:
+                return self.refuse(data, series_uid, sop_uid, via, CANNOT_UNDERSTAND, "cannot_understand", problem)
+            skip = why_not_processed(ds)
+            problem = image_problem(ds) if skip is None and sop_class(ds) == CT_IMAGE_STORAGE else None
+            if problem:
+                return self.refuse(data, series_uid, sop_uid, via, DOES_NOT_MATCH_SOP_CLASS, "invalid", problem)
+            earlier = self.spool.instance_path(series_uid, sop_uid)
+            if earlier.is_file() and not same_instance(earlier.read_bytes(), data):
+                return self.refuse(data, series_uid, sop_uid, via, DUPLICATE_SOP_INSTANCE, "duplicate",
+                                    f"SOP Instance UID {sop_uid} was received before with different content; "
+                                    "the first copy is kept")
         except Exception as exc:  # noqa: BLE001 - a malformed header is the peer's error, not ours
-            self.metrics.rejected.labels(via, "cannot_understand").inc()
-            log.warning("instance refused: unreadable header (%s)", exc, **ctx())
-            return Accepted(CANNOT_UNDERSTAND, f"unreadable header: {exc.__class__.__name__}")
+            return self.refuse(data, series_uid, sop_uid, via, CANNOT_UNDERSTAND, "cannot_understand",
+                                f"unreadable header ({exc.__class__.__name__}: {str(exc)[:200]})")
         try:
             self.spool.write_instance(series_uid, sop_uid, data)
         except (SpoolFullError, OSError) as exc:
             self.metrics.rejected.labels(via, "out_of_resources").inc()
             log.error("instance refused, spool write failed: %s", exc, **ctx(series=series_uid, sop=sop_uid))
             return Accepted(OUT_OF_RESOURCES, f"spool write failed: {exc}")
-        skip = why_not_processed(ds)
         if skip:
             self.metrics.instances.labels(via, "stored_only").inc()
             if series_uid not in self._ignored_series:
@@ -103,6 +136,50 @@ class Intake:
         if created:
             log.info("new job: first instance of the series (via %s)", via, **ctx(job_id, series_uid))
         return Accepted(SUCCESS, "", job_id)
+
+    def refuse(self, data: bytes, series_uid: str, sop_uid: str, via: str, status: int, label: str,
+                reason: str) -> Accepted:
+        """Count, log and quarantine a refused instance; the status stands even if the quarantine fails."""
+        self.metrics.rejected.labels(via, label).inc()
+        log.warning("instance refused (0x%04X): %s", status, reason,
+                    **ctx(series=series_uid or None, sop=sop_uid or None, via=via))
+        try:
+            self.spool.quarantine_instance(data, series_uid, sop_uid,
+                                           {"reason": reason, "status": f"0x{status:04X}", "via": via})
+        except Exception as exc:  # noqa: BLE001 - a full disk must not turn a refusal into a crash
+            log.error("refused instance not quarantined: %s", exc, **ctx(series=series_uid or None))
+        return Accepted(status, reason)
+
+
+def _dataset_offset(data: bytes) -> int:
+    """Where the data set starts in a Part-10 file: past the preamble and the file meta group."""
+    if data[128:132] == b"DICM" and data[132:136] == b"\x02\x00\x00\x00":
+        # (0002,0000) UL group length, explicit VR: tag(4) VR(2) length(2) value(4)
+        return 132 + 12 + int.from_bytes(data[140:144], "little")
+    return 0
+
+
+def same_instance(old: bytes, new: bytes) -> bool:
+    """Whether a re-sent instance carries the data set already stored; file meta (who sent it, how)
+    does not count, nor does a change of transfer syntax that decodes to the same pixels."""
+    if old[_dataset_offset(old):] == new[_dataset_offset(new):]:
+        return True
+    try:
+        a = pydicom.dcmread(io.BytesIO(old), force=True)
+        b = pydicom.dcmread(io.BytesIO(new), force=True)
+        same_syntax = a.file_meta.get("TransferSyntaxUID") == b.file_meta.get("TransferSyntaxUID")
+        for tag in (set(a.keys()) | set(b.keys())) - {PIXEL_DATA}:
+            if tag.is_private and not same_syntax:
+                continue  # private values read under implicit VR are opaque bytes
+            if tag not in a or tag not in b or a[tag].value != b[tag].value:
+                return False
+        if (PIXEL_DATA in a) != (PIXEL_DATA in b):
+            return False
+        if PIXEL_DATA not in a or same_syntax:
+            return a.get(PIXEL_DATA) == b.get(PIXEL_DATA)
+        return bool(np.array_equal(a.pixel_array, b.pixel_array))
+    except Exception:  # noqa: BLE001 - what cannot be compared is not the same
+        return False
 
 
 class Assembler(threading.Thread):

@@ -124,10 +124,11 @@ class JobStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 out = fn(self._db)
+                self._db.execute("COMMIT")  # fails too when the disk is full: never leave the transaction open
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
             return out
 
     # -- receiving ---------------------------------------------------------------------
@@ -173,8 +174,8 @@ class JobStore:
                              "RETURNING *", (now,)).fetchone()
             if row is None:
                 row = db.execute("UPDATE jobs SET state='processing', processing_at=?, claimed=1, reason='processing' "
-                                 "WHERE id=(SELECT id FROM jobs WHERE state='queued' ORDER BY id LIMIT 1) RETURNING *",
-                                 (now,)).fetchone()
+                                 "WHERE id=(SELECT id FROM jobs WHERE state='queued' AND (next_attempt_at IS NULL OR "
+                                 "next_attempt_at<=?) ORDER BY id LIMIT 1) RETURNING *", (now, now)).fetchone()
             return Job.from_row(row) if row else None
         return self._tx(fn)
 
@@ -185,6 +186,15 @@ class JobStore:
     def finish(self, job_id: int, state: str, reason: str, **more: Any) -> None:
         assert state in ("done", "failed")
         self._update(job_id, state=state, finished_at=time.time(), claimed=0, reason=reason, **more)
+
+    def hand_back(self, job_id: int, state: str, next_attempt_at: float, reason: str) -> None:
+        """A claimed job goes back in line unfinished (processing: queued again; sending: unclaimed), to be
+        claimed after ``next_attempt_at``; no attempt is counted: the trouble was the node's, not the job's."""
+        assert state in ("queued", "sending")
+        # Only while still claimed and unfinished: a job that got to done or failed stays there.
+        self._tx(lambda db: db.execute("UPDATE jobs SET state=?, claimed=0, next_attempt_at=?, reason=? WHERE id=? "
+                                       "AND claimed=1 AND state IN ('processing','sending')",
+                                       (state, next_attempt_at, reason, job_id)))
 
     def retry_later(self, job_id: int, attempts: int, next_attempt_at: float, reason: str) -> None:
         self._update(job_id, attempts=attempts, next_attempt_at=next_attempt_at, claimed=0, reason=reason)
@@ -210,11 +220,20 @@ class JobStore:
         cols = ", ".join(f"{k}=?" for k in values)
         self._tx(lambda db: db.execute(f"UPDATE jobs SET {cols} WHERE id=?", (*values.values(), job_id)))
 
-    def recover(self) -> list[Job]:
-        """After a restart: interrupted processing goes back to the queue, interrupted sends are unclaimed."""
+    def recover(self, now: float | None = None) -> list[Job]:
+        """After a restart: interrupted processing goes back to the queue, interrupted sends are unclaimed.
+
+        A series that was still arriving gets a fresh quiet period: the time the node was down is no
+        silence of the sender's (its association broke; it retries what got no answer), and starting
+        the timer anew keeps a half-received series from being processed before the retry comes.
+        """
+        now = time.time() if now is None else now
+
         def fn(db: sqlite3.Connection) -> list[Job]:
-            rows = db.execute("UPDATE jobs SET state='queued', claimed=0, reason='requeued after restart' "
-                              "WHERE state='processing' RETURNING *").fetchall()
+            rows = db.execute("UPDATE jobs SET last_instance_at=?, reason='collecting instances (restarted: waiting "
+                              "for the rest of the series)' WHERE state='received' RETURNING *", (now,)).fetchall()
+            rows += db.execute("UPDATE jobs SET state='queued', claimed=0, next_attempt_at=NULL, reason='requeued "
+                               "after restart' WHERE state='processing' RETURNING *").fetchall()
             rows += db.execute("UPDATE jobs SET claimed=0, next_attempt_at=NULL, reason='resuming delivery after "
                                "restart' WHERE state='sending' AND claimed=1 RETURNING *").fetchall()
             return [Job.from_row(r) for r in rows]

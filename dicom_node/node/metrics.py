@@ -33,6 +33,8 @@ class Metrics:
                                 ["via", "status"], registry=self.registry)
         self.associations_rejected = Counter("dicom_node_associations_rejected", "Associations rejected",
                                              ["reason"], registry=self.registry)
+        self.http_refused = Counter("dicom_node_http_unauthorized", "HTTP requests refused with 401",
+                                    ["reason"], registry=self.registry)
         self.stage = Histogram("dicom_node_stage_seconds", "Duration of each job stage", ["stage"],
                                buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 90, 120, 300, 600, 1800),
                                registry=self.registry)

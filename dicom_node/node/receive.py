@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 from functools import lru_cache
 
@@ -45,6 +46,7 @@ from ..config import NodeConfig
 from .assemble import OUT_OF_RESOURCES, Intake
 from .logs import ctx
 from .metrics import Metrics
+from .security import TlsAssociationServer, server_context
 from .send import no_delay
 
 log = logging.getLogger("dicom_node.node.receive")
@@ -65,14 +67,23 @@ def _addresses(host: str) -> frozenset[str]:
         return frozenset({host})
 
 
+def caller_refusal(cfg: NodeConfig, ae_title: str, address: str) -> tuple[str, str] | None:
+    """(metric label, reason) when the caller is refused, else None. "Unknown AE" and "wrong host"
+    are told apart: they are different fixes on the PACS's side."""
+    if cfg.accept_any_caller:
+        return None
+    title = ae_title.strip()
+    hosts = [peer.host for peer in cfg.allowed if peer.ae_title.strip() == title]
+    if not hosts:
+        return "calling_ae", f"calling AE {title!r} is not in node.allowed"
+    if any(host == address or address in _addresses(host) for host in hosts):
+        return None
+    return "host", f"calling AE {title!r} is allowed only from {', '.join(hosts)}, not from {address}"
+
+
 def caller_allowed(cfg: NodeConfig, ae_title: str, address: str) -> bool:
     """True when (calling AE title, peer address) matches an allowlist entry."""
-    if cfg.accept_any_caller:
-        return True
-    for peer in cfg.allowed:
-        if peer.ae_title.strip() == ae_title.strip() and (peer.host == address or address in _addresses(peer.host)):
-            return True
-    return False
+    return caller_refusal(cfg, ae_title, address) is None
 
 
 DUL_POLL_SECONDS = 0.0001  # pynetdicom's default is 0.001: up to 1 ms idle per PDU round
@@ -117,30 +128,47 @@ class Receiver:
             self.ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
         self.ae.require_called_aet = cfg.check_called_ae
         self.server: ThreadedAssociationServer | None = None
+        self.plain_server: ThreadedAssociationServer | None = None  # node.tls.keep_plain: the old port as well
 
     def start(self) -> None:
         handlers = [(evt.EVT_CONN_OPEN, no_delay), (evt.EVT_REQUESTED, self._on_requested),
                     (evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo)]
-        server = self.ae.make_server((self.cfg.host, self.cfg.port), evt_handlers=handlers,
-                                     server_class=ThreadedAssociationServer, request_handler=_BulkRequestHandler)
+        tls = self.cfg.tls
+        context = server_context(tls) if tls.enabled else None  # TLS replaces the plain listener unless keep_plain
+        self.server = self._listen(tls.port if tls.enabled else self.cfg.port, handlers, context)
+        if tls.enabled and tls.keep_plain:
+            self.plain_server = self._listen(self.cfg.port, handlers, None)
+
+    def _listen(self, port: int, handlers: list, context: ssl.SSLContext | None) -> ThreadedAssociationServer:
+        server_class = TlsAssociationServer if context is not None else ThreadedAssociationServer
+        server = self.ae.make_server((self.cfg.host, port), evt_handlers=handlers, ssl_context=context,
+                                     server_class=server_class, request_handler=_BulkRequestHandler)
+        if isinstance(server, TlsAssociationServer):
+            server.handshake_seconds = self.cfg.tls.handshake_seconds
+            server.on_refused = lambda _address, _why: self.metrics.associations_rejected.labels("tls").inc()
         threading.Thread(target=server.serve_forever, name="dimse-acceptor", daemon=True).start()
         self.ae._servers.append(server)
-        self.server = server
-        log.info("DICOM listening on %s:%d as %s", self.cfg.host, self.cfg.port, self.cfg.ae_title, **ctx())
+        mode = (" over TLS" + (", client certificates required" if self.cfg.tls.require_client_cert else "")
+                if context is not None else "")
+        log.info("DICOM listening on %s:%d as %s%s", self.cfg.host, port, self.cfg.ae_title, mode, **ctx())
+        return server
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server = None
+        for server in (self.server, self.plain_server):
+            if server is not None:
+                server.shutdown()
+        self.server = self.plain_server = None
 
     def _on_requested(self, event: Event) -> None:
         req = event.assoc.requestor
         # At this point only the A-ASSOCIATE-RQ primitive carries the caller's AE title.
         calling = str(getattr(req.primitive, "calling_ae_title", "") or req.ae_title or "").strip()
-        if not caller_allowed(self.cfg, calling, req.address):
-            self.metrics.associations_rejected.labels("calling_ae").inc()
-            log.warning("association rejected: calling AE %r from %s is not allowed", calling, req.address,
-                        **ctx(peer=f"{calling}@{req.address}"))
+        refusal = caller_refusal(self.cfg, calling, req.address)
+        if refusal is not None:
+            label, why = refusal
+            self.metrics.associations_rejected.labels(label).inc()
+            log.warning("association from %s rejected: %s", req.address, why,
+                        **ctx(peer=f"{calling}@{req.address}", calling_ae=calling, reason=label))
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
             event.assoc.kill()  # as pynetdicom's own rejections do: lets the DUL flush the A-ASSOCIATE-RJ
 

@@ -37,6 +37,15 @@ def no_delay(event: object) -> None:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def _unreachable(host: str, port: int, timeout: float) -> str:
+    """Why a TCP connection to the peer fails, or "" when it opens: the operator's reason for a failed send."""
+    try:
+        with socket.create_connection((host, port), timeout=min(timeout, 5.0)):
+            return ""
+    except OSError as exc:
+        return exc.strerror or str(exc) or exc.__class__.__name__
+
+
 def _contexts(files: list[Path]) -> list[tuple[str, str]]:
     """(SOP class, transfer syntax) pairs the files need, read from their file meta."""
     pairs: list[tuple[str, str]] = []
@@ -53,6 +62,8 @@ def send_dimse(files: list[Path], dest: Destination, calling_ae: str, max_pdu: i
     """C-STORE every file over one association; returns how many were stored."""
     from pynetdicom import AE, evt
 
+    from .security import client_context
+
     ae = AE(ae_title=calling_ae)
     ae.maximum_pdu_size = max_pdu
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_seconds
@@ -61,9 +72,16 @@ def send_dimse(files: list[Path], dest: Destination, calling_ae: str, max_pdu: i
         raise SendError(f"{len(pairs)} presentation contexts needed, at most 128 fit one association")
     for sop, ts in pairs:
         ae.add_requested_context(sop, [ts])
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, no_delay)])
+    tls_args = (client_context(dest), dest.host) if dest.tls else None  # verifies the peer's name, too
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, no_delay)],
+                         tls_args=tls_args)
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
+        unreachable = "" if assoc.is_rejected else _unreachable(dest.host, dest.port, dest.timeout_seconds)
+        if unreachable:  # pynetdicom says "aborted" for a refused or timed-out connection too
+            why = f"failed: cannot connect ({unreachable})"
+        why += " (over TLS: see the log for the handshake error)" if dest.tls and not assoc.is_rejected and \
+            not unreachable else ""
         raise SendError(f"{dest.name}: association with {dest.ae_title}@{dest.host}:{dest.port} {why}")
     stored = 0
     try:

@@ -80,14 +80,21 @@ def serve(cfg: Config, backend_name: str | None = None) -> int:
     import uvicorn
 
     from .http import create_app
+    from .security import check_http, http_tokens
 
+    tokens = http_tokens(cfg.http)  # before anything listens: an open network-facing HTTP server is refused
+    for warning in check_http(cfg.http, tokens):
+        log.warning("%s", warning, **ctx())
     node = start(cfg, backend_name)
     try:
-        app = create_app(node.store, node.intake, node.metrics, node.info)
-        log.info("HTTP on http://%s:%d (jobs page /, STOW-RS /dicomweb/studies)", cfg.http.host, cfg.http.port,
-                 **ctx())
+        app = create_app(node.store, node.intake, node.metrics, node.info, tokens)
+        scheme = "https" if cfg.http.cert else "http"
+        log.info("HTTP on %s://%s:%d (jobs page /, STOW-RS /dicomweb/studies); %s", scheme, cfg.http.host,
+                 cfg.http.port, f"bearer token required except on /healthz ({len(tokens)} configured)" if tokens
+                 else "no authentication", **ctx())
+        tls = {"ssl_certfile": cfg.http.cert, "ssl_keyfile": cfg.http.key} if cfg.http.cert else {}
         server = uvicorn.Server(uvicorn.Config(app, host=cfg.http.host, port=cfg.http.port, log_config=None,
-                                               access_log=False))
+                                               access_log=False, **tls))
         server.run()
     finally:
         log.info("shutting down", **ctx())

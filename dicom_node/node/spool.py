@@ -14,12 +14,15 @@ ingest speed:
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
+import json
 import os
 import re
 import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 _UID = re.compile(r"^[0-9][0-9.]{0,63}$")
 
@@ -36,7 +39,8 @@ def safe_name(uid: str) -> str:
 
 
 class Spool:
-    """``series/<series>/<sop>.dcm`` for input, ``out/<job>/`` for outputs, ``tmp/`` for partial writes."""
+    """``series/<series>/<sop>.dcm`` for input, ``out/<job>/`` for outputs, ``tmp/`` for partial writes,
+    ``quarantine/`` for what was refused or failed, each with the reason beside it."""
 
     def __init__(self, root: str | Path, min_free_mb: int = 0, durability: str = "journal") -> None:
         if durability not in ("journal", "posix"):
@@ -44,7 +48,7 @@ class Spool:
         self.posix = durability == "posix"
         self.root = Path(root)
         self.min_free = int(min_free_mb) * 1024 * 1024
-        for sub in ("series", "out", "tmp"):
+        for sub in ("series", "out", "tmp", "quarantine"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._counter = 0
         self._lock = threading.Lock()
@@ -62,6 +66,9 @@ class Spool:
     def out_dir(self, job_id: int) -> Path:
         return self.root / "out" / str(job_id)
 
+    def instance_path(self, series_uid: str, sop_uid: str) -> Path:
+        return self.series_dir(series_uid) / f"{safe_name(sop_uid)}.dcm"
+
     def check_space(self) -> None:
         if self.min_free and shutil.disk_usage(self.root).free < self.min_free:
             raise SpoolFullError(f"less than {self.min_free // (1024 * 1024)} MB free in {self.root}")
@@ -77,7 +84,7 @@ class Spool:
             self._counter += 1
             n = self._counter
         tmp = self.root / "tmp" / f"{os.getpid()}-{threading.get_ident()}-{n}.part"
-        target = target_dir / f"{safe_name(sop_uid)}.dcm"
+        target = self.instance_path(series_uid, sop_uid)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
@@ -108,6 +115,53 @@ class Spool:
 
     def remove_outputs(self, job_id: int) -> None:
         shutil.rmtree(self.out_dir(job_id), ignore_errors=True)
+
+    # -- quarantine: kept for a person to look at; retention never touches it ------------------
+    def quarantine_instance(self, data: bytes, series_uid: str, sop_uid: str, reason: dict[str, Any]) -> Path:
+        """Keep an instance refused on arrival as ``quarantine/refused/<series>/<sop>-<hash>.dcm`` with a
+        ``.json`` beside it. Every distinct refused copy is kept; the space floor still applies."""
+        self.check_space()
+        digest = hashlib.sha256(data).hexdigest()[:16]
+        folder = self.root / "quarantine" / "refused" / (safe_name(series_uid) if series_uid else "unreadable")
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = f"{safe_name(sop_uid)}-{digest}" if sop_uid else digest
+        _write_atomic(self.root / "tmp", folder / f"{stem}.dcm", data)
+        info = {"reason": "", **reason, "series_uid": series_uid, "sop_instance_uid": sop_uid, "bytes": len(data),
+                "at": _now_iso()}
+        _write_atomic(self.root / "tmp", folder / f"{stem}.json", json.dumps(info, indent=2).encode())
+        return folder / f"{stem}.dcm"
+
+    def quarantine_job(self, job_id: int, series_uid: str, reason: str) -> Path:
+        """``quarantine/job-<id>/``: the failed job's input as it was (hard links: no extra space, and a
+        later re-send does not change them) and REASON.json."""
+        folder = self.root / "quarantine" / f"job-{job_id}"
+        shutil.rmtree(folder, ignore_errors=True)  # a job that failed again after a restart
+        folder.mkdir(parents=True)
+        files = self.series_files(series_uid)
+        for f in files:
+            try:
+                os.link(f, folder / f.name)
+            except OSError:  # a file system without hard links
+                shutil.copy2(f, folder / f.name)
+        info = {"job_id": job_id, "series_uid": series_uid, "reason": reason, "instances": len(files),
+                "at": _now_iso()}
+        _write_atomic(self.root / "tmp", folder / "REASON.json", json.dumps(info, indent=2).encode())
+        return folder
+
+
+def _now_iso() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _write_atomic(tmp_dir: Path, target: Path, data: bytes) -> None:
+    """Whole or absent, never half-written (no fsync: the quarantine is evidence, not a promise to a sender)."""
+    tmp = tmp_dir / f"{os.getpid()}-{threading.get_ident()}-{target.name}.part"
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _fsync_dir(path: Path) -> None:

@@ -9,10 +9,12 @@ on while a long series is being processed.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import json
 import logging
 import shutil
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -27,7 +29,7 @@ from .jobs import Job, JobStore
 from .logs import ctx
 from .metrics import Metrics
 from .send import SendError, deliver
-from .spool import Spool
+from .spool import Spool, SpoolFullError
 
 log = logging.getLogger("dicom_node.node.worker")
 
@@ -47,6 +49,21 @@ def input_fingerprint(files: list[Path], model_id: str, cfg: Config) -> str:
         h.update(f.name.encode())
         h.update(hashlib.sha256(data[start:]).digest())
     return h.hexdigest()
+
+
+def disk_full(exc: BaseException) -> bool:
+    """True when an error (or one it came from) says the disk or the job database has no room left."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, SpoolFullError) or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)):
+            return True
+        if isinstance(e, sqlite3.Error) and (getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+                                             or "disk is full" in str(e)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _now_iso() -> str:
@@ -96,11 +113,31 @@ class Workers:
         job = self.store.claim()
         if job is None:
             return False
-        if job.state == "processing":
-            self.process(job)
-        else:
-            self.send(job)
+        try:
+            if job.state == "processing":
+                self.process(job)
+            else:
+                self.send(job)
+        except Exception as exc:  # noqa: BLE001 - e.g. a full disk: the job waits, it is not lost or stuck
+            self._hand_back(job, exc)
         return True
+
+    def _hand_back(self, job: Job, exc: Exception) -> None:
+        """The node's own trouble (a full disk, a job database it cannot write) is no fault of the job's:
+        the job goes back in line without counting an attempt and is claimed again after a pause.
+        Until the database takes that note, this worker keeps trying (a claimed job is never left behind)."""
+        delay = max(0.1, self.cfg.jobs.backoff_seconds)
+        what = "disk full" if disk_full(exc) else f"{exc.__class__.__name__}: {exc}"
+        state = "queued" if job.state == "processing" else "sending"
+        log.error("%s interrupted (%s); handed back, retry in %.1f s", job.state, what, delay,
+                  exc_info=not disk_full(exc), **ctx(job.id, job.series_uid))
+        while not self.stop.is_set():
+            try:
+                self.store.hand_back(job.id, state, time.time() + delay,
+                                     f"waiting: {job.state} interrupted ({what}); retry in {delay:g} s")
+                return
+            except Exception:  # noqa: BLE001 - still no room: try again (recover() covers a shutdown)
+                self.stop.wait(delay)
 
     # -- processing --------------------------------------------------------------------
     def process(self, job: Job) -> None:
@@ -111,9 +148,8 @@ class Workers:
             with self.slots:
                 series_list, notes = read_ct_series([self.spool.series_dir(job.series_uid)])
                 if not series_list:
-                    reason = "nothing to process: " + ("; ".join(notes) or "no instances in the spool")
-                    self.store.finish(job.id, "done", reason)
-                    log.info(reason, **ctx(job.id, job.series_uid))
+                    shown = "; ".join(notes[:5]) + (f"; and {len(notes) - 5} more" if len(notes) > 5 else "")
+                    self._fail(job, "refused: " + (shown or "no instances in the spool"))
                     return
                 fingerprint = input_fingerprint(series_list[0].files, self.model_id, self.cfg)
                 self.store.set_fingerprint(job.id, fingerprint)
@@ -128,8 +164,11 @@ class Workers:
                 outcome = process_series(series_list[0], out_dir, self.cfg, self.engine, self.model_id,
                                          self.cfg.output.write_seg)
         except Exception as exc:  # noqa: BLE001 - the reason goes into the job, the node goes on
+            if disk_full(exc):  # not the input's fault: free what the partial outputs took, try again later
+                shutil.rmtree(out_dir, ignore_errors=True)
+                raise
             log.exception("processing failed", **ctx(job.id, job.series_uid))
-            self.store.finish(job.id, "failed", f"processing failed: {exc.__class__.__name__}: {exc}")
+            self._fail(job, f"processing failed: {exc.__class__.__name__}: {exc}")
             return
         finally:
             self.metrics.stage.labels("processing").observe(time.perf_counter() - t0)
@@ -141,8 +180,7 @@ class Workers:
             log.info("skipped: %s", outcome.reason, **ctx(job.id, job.series_uid))
             return
         if outcome.status != "done":
-            self.store.finish(job.id, "failed", f"processing failed: {outcome.reason}")
-            log.error("processing failed: %s", outcome.reason, **ctx(job.id, job.series_uid))
+            self._fail(job, f"processing failed: {outcome.reason}")
             return
         summary = (f"{outcome.lesions} lesions, {outcome.windows} windows, {outcome.voxels_changed} voxels "
                    f"changed, {len(outcome.outputs)} files in {outcome.seconds:.1f} s")
@@ -155,6 +193,17 @@ class Workers:
             return
         self.store.to_sending(job.id, outputs, outcome.derived_series_uid, f"processed ({summary}); sending")
         self.wake.set()
+
+    def _fail(self, job: Job, reason: str) -> None:
+        """A job its input can never pass: that input goes to quarantine/job-<id>/ with REASON.json,
+        and the job's reason says where (the series folder itself stays, so a re-send can complete it)."""
+        try:
+            where = self.spool.quarantine_job(job.id, job.series_uid, reason)
+            reason = f"{reason} [input kept in {where.relative_to(self.spool.root)}]"
+        except OSError as exc:
+            log.error("failed job not quarantined: %s", exc, **ctx(job.id, job.series_uid))
+        self.store.finish(job.id, "failed", reason)
+        log.error(reason, **ctx(job.id, job.series_uid))
 
     # -- sending -----------------------------------------------------------------------
     def send(self, job: Job) -> None:
