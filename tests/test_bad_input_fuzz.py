@@ -40,7 +40,7 @@ DISK = settings(max_examples=25, derandomize=True, deadline=None, database=None,
 
 # -- STOW-RS multipart -------------------------------------------------------------------------
 BCHARS = string.ascii_letters + string.digits + "'()+_,-./:=? \"\\{}"
-boundaries = st.text(alphabet=BCHARS, min_size=1, max_size=70).filter(lambda b: b == b.strip())
+boundaries = st.text(alphabet=BCHARS, min_size=1, max_size=200).filter(lambda b: b == b.strip())
 header_names = st.text(alphabet=string.ascii_lowercase + string.digits + "-", min_size=1, max_size=12)
 header_values = st.text(alphabet=string.printable[:95], max_size=30).filter(lambda v: v == v.strip())
 parts = st.lists(st.tuples(st.dictionaries(header_names, header_values, max_size=3), st.binary(max_size=120)),

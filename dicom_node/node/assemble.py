@@ -206,7 +206,7 @@ class Assembler(threading.Thread):
                 if job.received_at is not None:
                     self.metrics.stage.labels("receive").observe(max(0.0, (job.last_instance_at or now) -
                                                                      job.received_at))
-                log.info("queued: %d instances, quiet for %.0f s", job.instances, self.cfg.jobs.quiet_seconds,
+                log.info("queued: %d instances, quiet for %.1f s", job.instances, self.cfg.jobs.quiet_seconds,
                          **ctx(job.id, job.series_uid))
                 self.wake.set()
             if now - self._last_retention > 60:

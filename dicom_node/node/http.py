@@ -42,7 +42,9 @@ class MultipartError(ValueError):
 
 # RFC 2045 parameters: name=token or name="quoted string"; RFC 2046 boundaries are 1-70 characters.
 _PARAM = re.compile(r'\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;\s]*)\s*(?:;|$)')
-_BOUNDARY = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,68}[\x21-\x7e]|[\x21-\x7e]")
+# RFC 2046 allows 70 characters, but Orthanc's DICOMweb plugin sends two UUIDs joined by "-" (73):
+# accept what real archives send, as long as it is printable ASCII and of sane length.
+_BOUNDARY = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,198}[\x21-\x7e]|[\x21-\x7e]")
 
 
 def media_type(value: str) -> tuple[str, dict[str, str]]:
@@ -68,7 +70,7 @@ def split_multipart(body: bytes, content_type: str) -> list[tuple[dict[str, str]
     if not boundary:
         raise MultipartError("Content-Type has no boundary")
     if not _BOUNDARY.fullmatch(boundary):
-        raise MultipartError("the boundary must be 1 to 70 printable ASCII characters")
+        raise MultipartError("the boundary must be 1 to 200 printable ASCII characters")
     dash = b"--" + boundary.encode("ascii")
     delimiter = b"\r\n" + dash
     if body.startswith(dash):
