@@ -5,6 +5,7 @@
   python tools/bench.py ingest             # node vs DCMTK storescp, 256 slices, one association
   python tools/bench.py latency            # last instance in -> derived series in Orthanc
   python tools/bench.py memory             # peak RSS of `process` on a 512×512×600 series
+  python tools/bench.py load               # 4 concurrent senders × 3 studies of 256 slices
 
 process: times `dicom-node process` end to end on a 512×512×256 phantom CTA (written
 once as DICOM into --cache), then each stage on its own: read (decode + modality LUT),
@@ -22,6 +23,13 @@ sending). The node runs with the embedded defaults except ports and spool.
 memory: peak resident memory of `dicom-node process` on a 512×512×600 series, made by
 mirroring the benchmark study along z (so the calcium and anatomy are real phantom).
 The float32 HU volume alone is 600 MiB; the engine keeps only that one float copy.
+
+load: four DCMTK storescu senders at once, each sending three different 256-slice studies
+(copies of the benchmark study with new UIDs) to the node, which processes them and sends
+every derived series and SEG to a private Orthanc. Reports whether every derived series
+arrived complete, throughput, p50/p95 job latency (last instance received to delivered),
+and the node's resident memory: its peak, and after each finished job, so growth with the
+number of studies shows.
 """
 
 from __future__ import annotations
@@ -274,6 +282,125 @@ def bench_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def study_copies(cache: Path, base_shape: tuple[int, int, int], n: int) -> list[Path]:
+    """``n`` copies of the benchmark study, each with its own patient, study, series and SOP UIDs."""
+    from pydicom import dcmread
+    from pydicom.uid import generate_uid
+
+    base = bench_series(cache, base_shape) / "series"
+    out = []
+    for i in range(n):
+        folder = cache / "load" / f"study{i:02d}"
+        out.append(folder)
+        if (folder / "done").exists():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        study, series, frame = generate_uid(), generate_uid(), generate_uid()
+        for f in sorted(base.glob("*.dcm")):
+            ds = dcmread(f)
+            sop = generate_uid()
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+            ds.PatientID, ds.PatientName = f"LOAD-{i:02d}", f"Load^{i:02d}"
+            ds.save_as(folder / f"{sop}.dcm", enforce_file_format=True)
+        (folder / "done").write_text("ok")
+    return out
+
+
+def _rss_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def bench_load(args: argparse.Namespace) -> int:
+    import shutil
+    import statistics
+    import tempfile
+    import threading
+    from datetime import datetime
+
+    import requests
+
+    peers = _peers()
+    studies = study_copies(Path(args.cache).resolve(), (256, 512, 512), args.senders * args.studies)
+    n = len(list(studies[0].glob("*.dcm")))
+    root = Path(tempfile.mkdtemp(prefix="bench-load-", dir=Path(args.cache).resolve()))
+    dicom_port, http_port = peers.free_port(), peers.free_port()
+    (root / "pacs").mkdir()
+    orthanc = peers.Orthanc(root / "pacs", dicom_port, http_port, "dimse")  # routes only ORIGINAL CT
+    cfg = peers.write_node_config(root, dicom_port=dicom_port, http_port=http_port,
+                                  destinations=[{"name": "pacs", "kind": "dimse", "host": "127.0.0.1",
+                                                 "port": orthanc.dicom_port, "ae_title": orthanc.aet}],
+                                  allowed=[("STORESCU", "127.0.0.1")], quiet=args.quiet)
+    orthanc.start()
+    node = peers.NodeProcess(cfg, http_port, dicom_port, root / "node.log").start()
+    pid = node.proc.pid
+    rss_after_job: list[tuple[int, int]] = []
+    errors: list[str] = []
+
+    def sender(k: int) -> None:
+        for folder in studies[k * args.studies:(k + 1) * args.studies]:
+            try:
+                peers.storescu(("127.0.0.1", dicom_port), "DICOMNODE", folder)
+            except BaseException as exc:  # noqa: BLE001 - reported, not raised, from a thread
+                errors.append(f"sender {k}: {exc}")
+
+    t0 = time.time()
+    threads = [threading.Thread(target=sender, args=(k,)) for k in range(args.senders)]
+    for t in threads:
+        t.start()
+    done: list[dict] = []
+    try:
+        deadline = t0 + args.timeout
+        while time.time() < deadline:
+            jobs = requests.get(f"{node.url}/jobs", timeout=10).json()
+            finished = [j for j in jobs if j["state"] in ("done", "failed")]
+            if len(finished) > len(done):
+                rss_after_job.append((len(finished), _rss_kib(pid, "VmRSS")))
+                done = finished
+            if len(done) >= len(studies) and not any(t.is_alive() for t in threads):
+                break
+            time.sleep(1.0)
+        t_end = time.time()
+        peak_kib = _rss_kib(pid, "VmHWM")
+        for t in threads:
+            t.join()
+        delivered = 0
+        for folder in studies:
+            from pydicom import dcmread
+
+            study_uid = str(dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
+            series = orthanc.study_series(study_uid)
+            derived = [s for s in series if "CALCIUM REMOVED" in s["MainDicomTags"].get("SeriesDescription", "")]
+            seg = [s for s in series if s["MainDicomTags"].get("Modality") == "SEG"]
+            delivered += int(len(derived) == 1 and len(derived[0]["Instances"]) == n and len(seg) == 1)
+    finally:
+        node.stop()
+        orthanc.stop()
+
+    def epoch(iso: str) -> float:
+        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+    latencies = sorted(epoch(j["finished_at"]) - epoch(j["last_instance_at"]) for j in done if j["state"] == "done")
+    p95 = latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))] if latencies else None
+    report = {"senders": args.senders, "studies_per_sender": args.studies, "instances_per_study": n,
+              "quiet_seconds": args.quiet, "jobs_done": sum(j["state"] == "done" for j in done),
+              "jobs_failed": sum(j["state"] == "failed" for j in done),
+              "derived_series_complete_in_orthanc": f"{delivered} of {len(studies)}", "sender_errors": errors,
+              "wall_s": round(t_end - t0, 1),
+              "throughput_studies_per_min": round(60 * len(done) / max(t_end - t0, 1e-9), 2),
+              "throughput_instances_per_s": round(len(studies) * n / max(t_end - t0, 1e-9), 1),
+              "job_latency_s": {"p50": round(statistics.median(latencies), 1) if latencies else None,
+                                "p95": round(p95, 1) if p95 is not None else None},
+              "node_peak_rss_gib": round(peak_kib / 2**20, 2),
+              "node_rss_gib_after_jobs": [(k, round(v / 2**20, 2)) for k, v in rss_after_job]}
+    print(json.dumps(report, indent=2))
+    shutil.rmtree(root, ignore_errors=True)
+    return 0 if delivered == len(studies) and not errors else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -294,8 +421,15 @@ def main(argv: list[str] | None = None) -> int:
     mem = sub.add_parser("memory", help="peak RSS of process on a 512×512×600 series")
     mem.add_argument("--slices", type=int, default=600)
     mem.add_argument("--cache", default="runs/bench")
+    ld = sub.add_parser("load", help="4 concurrent senders × 3 studies of 256 slices, through to Orthanc")
+    ld.add_argument("--senders", type=int, default=4)
+    ld.add_argument("--studies", type=int, default=3, help="studies per sender")
+    ld.add_argument("--quiet", type=float, default=15.0, help="the node's quiet time (default: the default)")
+    ld.add_argument("--timeout", type=float, default=1500.0)
+    ld.add_argument("--cache", default="runs/bench")
     args = ap.parse_args(argv)
-    modes = {"process": bench_process, "ingest": bench_ingest, "latency": bench_latency, "memory": bench_memory}
+    modes = {"process": bench_process, "ingest": bench_ingest, "latency": bench_latency, "memory": bench_memory,
+             "load": bench_load}
     return modes[args.cmd](args)
 
 
