@@ -193,7 +193,8 @@ def bench_latency(args: argparse.Namespace) -> int:
 
         def arrived() -> dict | None:
             series = orthanc.study_series(study_uid)
-            derived = [s for s in series if "CALCIUM REMOVED" in s["MainDicomTags"].get("SeriesDescription", "")]
+            derived = [s for s in series if s["MainDicomTags"].get("Modality") == "CT"
+                       and "CALCIUM REMOVED" in s["MainDicomTags"].get("SeriesDescription", "")]
             seg = [s for s in series if s["MainDicomTags"].get("Modality") == "SEG"]
             if derived and seg and len(derived[0]["Instances"]) == n:
                 return {"derived": derived[0], "seg": seg[0]}
@@ -290,9 +291,9 @@ def study_copies(cache: Path, base_shape: tuple[int, int, int], n: int) -> list[
     base = bench_series(cache, base_shape) / "series"
     out = []
     for i in range(n):
-        folder = cache / "load" / f"study{i:02d}"
+        folder = cache / "load" / f"study{i:02d}" / "series"
         out.append(folder)
-        if (folder / "done").exists():
+        if (folder.parent / "done").exists():
             continue
         folder.mkdir(parents=True, exist_ok=True)
         study, series, frame = generate_uid(), generate_uid(), generate_uid()
@@ -303,7 +304,7 @@ def study_copies(cache: Path, base_shape: tuple[int, int, int], n: int) -> list[
             ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
             ds.PatientID, ds.PatientName = f"LOAD-{i:02d}", f"Load^{i:02d}"
             ds.save_as(folder / f"{sop}.dcm", enforce_file_format=True)
-        (folder / "done").write_text("ok")
+        (folder.parent / "done").write_text("ok")
     return out
 
 
@@ -373,7 +374,8 @@ def bench_load(args: argparse.Namespace) -> int:
 
             study_uid = str(dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
             series = orthanc.study_series(study_uid)
-            derived = [s for s in series if "CALCIUM REMOVED" in s["MainDicomTags"].get("SeriesDescription", "")]
+            derived = [s for s in series if s["MainDicomTags"].get("Modality") == "CT"
+                       and "CALCIUM REMOVED" in s["MainDicomTags"].get("SeriesDescription", "")]
             seg = [s for s in series if s["MainDicomTags"].get("Modality") == "SEG"]
             delivered += int(len(derived) == 1 and len(derived[0]["Instances"]) == n and len(seg) == 1)
     finally:
@@ -388,6 +390,7 @@ def bench_load(args: argparse.Namespace) -> int:
     report = {"senders": args.senders, "studies_per_sender": args.studies, "instances_per_study": n,
               "quiet_seconds": args.quiet, "jobs_done": sum(j["state"] == "done" for j in done),
               "jobs_failed": sum(j["state"] == "failed" for j in done),
+              "failure_reasons": sorted({j["reason"] for j in done if j["state"] == "failed"}),
               "derived_series_complete_in_orthanc": f"{delivered} of {len(studies)}", "sender_errors": errors,
               "wall_s": round(t_end - t0, 1),
               "throughput_studies_per_min": round(60 * len(done) / max(t_end - t0, 1e-9), 2),
@@ -397,8 +400,12 @@ def bench_load(args: argparse.Namespace) -> int:
               "node_peak_rss_gib": round(peak_kib / 2**20, 2),
               "node_rss_gib_after_jobs": [(k, round(v / 2**20, 2)) for k, v in rss_after_job]}
     print(json.dumps(report, indent=2))
-    shutil.rmtree(root, ignore_errors=True)
-    return 0 if delivered == len(studies) and not errors else 1
+    ok = delivered == len(studies) and not errors
+    if ok:
+        shutil.rmtree(root, ignore_errors=True)
+    else:
+        print(f"kept for inspection: {root}", file=sys.stderr)
+    return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
