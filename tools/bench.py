@@ -121,6 +121,28 @@ def _timed_storescu(peers, port: int, called: str, folder: Path) -> float:
     return time.perf_counter() - t0
 
 
+def _epoch(iso: str) -> float:
+    """Seconds since the epoch of the node's /jobs timestamps (ISO 8601, UTC, trailing Z)."""
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def _study_uid(folder: Path) -> str:
+    from pydicom import dcmread
+
+    return str(dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
+
+
+def _delivered(orthanc, study_uid: str, n: int) -> bool:
+    """True when the study in Orthanc holds exactly one complete derived CT series and one SEG."""
+    series = orthanc.study_series(study_uid)
+    derived = [s for s in series if s["MainDicomTags"].get("Modality") == "CT"
+               and "CALCIUM REMOVED" in s["MainDicomTags"].get("SeriesDescription", "")]
+    seg = [s for s in series if s["MainDicomTags"].get("Modality") == "SEG"]
+    return len(derived) == 1 and len(derived[0]["Instances"]) == n and len(seg) == 1
+
+
 def bench_ingest(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
@@ -183,53 +205,37 @@ def bench_latency(args: argparse.Namespace) -> int:
                                   allowed=[("ORTHANC", "127.0.0.1")], quiet=args.quiet)
     node = peers.NodeProcess(cfg, http_port, dicom_port, root / "node.log").start()
     orthanc.start()
-    from pydicom import dcmread
-
-    study_uid = str(dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
+    study_uid = _study_uid(folder)
     try:
         t_send = time.time()
         peers.storescu(("127.0.0.1", orthanc.dicom_port), orthanc.aet, folder)
         t_in_pacs = time.time()
 
-        def arrived() -> dict | None:
-            series = orthanc.study_series(study_uid)
-            derived = [s for s in series if s["MainDicomTags"].get("Modality") == "CT"
-                       and "CALCIUM REMOVED" in s["MainDicomTags"].get("SeriesDescription", "")]
-            seg = [s for s in series if s["MainDicomTags"].get("Modality") == "SEG"]
-            if derived and seg and len(derived[0]["Instances"]) == n:
-                return {"derived": derived[0], "seg": seg[0]}
-            return None
-
         deadline = time.time() + args.timeout
-        got = None
-        while got is None and time.time() < deadline:
-            got = arrived()
+        got = False
+        while not got and time.time() < deadline:
+            got = _delivered(orthanc, study_uid, n)
             time.sleep(0.2)
         t_done = time.time()
         jobs = requests.get(f"{node.url}/jobs", timeout=5).json()
     finally:
         node.stop()
         orthanc.stop()
-    if got is None:
+    if not got:
         print(f"derived series did not arrive within {args.timeout} s; node log: {root / 'node.log'}", file=sys.stderr)
         return 1
     job = next(j for j in jobs if j.get("state") == "done")
-    from datetime import datetime
-
-    def epoch(iso: str) -> float:
-        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-
-    t_last = epoch(job["last_instance_at"])
+    t_last = _epoch(job["last_instance_at"])
     report = {"instances": n, "quiet_seconds": args.quiet, "orthanc_stable_age_s": 2,
               "storescu_to_orthanc_s": round(t_in_pacs - t_send, 1),
-              "orthanc_to_node_first_instance_s": round(epoch(job["received_at"]) - t_in_pacs, 1),
-              "node_receive_s": round(t_last - epoch(job["received_at"]), 1),
+              "orthanc_to_node_first_instance_s": round(_epoch(job["received_at"]) - t_in_pacs, 1),
+              "node_receive_s": round(t_last - _epoch(job["received_at"]), 1),
               "latency_last_instance_to_derived_in_orthanc_s": round(t_done - t_last, 1),
-              "stages_s": {"quiet_timer": round(epoch(job["queued_at"]) - t_last, 1),
-                           "queue_wait": round(epoch(job["processing_at"]) - epoch(job["queued_at"]), 1),
-                           "processing": round(epoch(job["sending_at"]) - epoch(job["processing_at"]), 1),
-                           "sending": round(epoch(job["finished_at"]) - epoch(job["sending_at"]), 1),
-                           "orthanc_indexed_after_send": round(t_done - epoch(job["finished_at"]), 1)}}
+              "stages_s": {"quiet_timer": round(_epoch(job["queued_at"]) - t_last, 1),
+                           "queue_wait": round(_epoch(job["processing_at"]) - _epoch(job["queued_at"]), 1),
+                           "processing": round(_epoch(job["sending_at"]) - _epoch(job["processing_at"]), 1),
+                           "sending": round(_epoch(job["finished_at"]) - _epoch(job["sending_at"]), 1),
+                           "orthanc_indexed_after_send": round(t_done - _epoch(job["finished_at"]), 1)}}
     print(json.dumps(report, indent=2, default=str))
     shutil.rmtree(root, ignore_errors=True)
     return 0
@@ -320,7 +326,6 @@ def bench_load(args: argparse.Namespace) -> int:
     import statistics
     import tempfile
     import threading
-    from datetime import datetime
 
     import requests
 
@@ -368,24 +373,11 @@ def bench_load(args: argparse.Namespace) -> int:
         peak_kib = _rss_kib(pid, "VmHWM")
         for t in threads:
             t.join()
-        delivered = 0
-        for folder in studies:
-            from pydicom import dcmread
-
-            study_uid = str(dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
-            series = orthanc.study_series(study_uid)
-            derived = [s for s in series if s["MainDicomTags"].get("Modality") == "CT"
-                       and "CALCIUM REMOVED" in s["MainDicomTags"].get("SeriesDescription", "")]
-            seg = [s for s in series if s["MainDicomTags"].get("Modality") == "SEG"]
-            delivered += int(len(derived) == 1 and len(derived[0]["Instances"]) == n and len(seg) == 1)
+        delivered = sum(_delivered(orthanc, _study_uid(folder), n) for folder in studies)
     finally:
         node.stop()
         orthanc.stop()
-
-    def epoch(iso: str) -> float:
-        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-
-    latencies = sorted(epoch(j["finished_at"]) - epoch(j["last_instance_at"]) for j in done if j["state"] == "done")
+    latencies = sorted(_epoch(j["finished_at"]) - _epoch(j["last_instance_at"]) for j in done if j["state"] == "done")
     p95 = latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))] if latencies else None
     report = {"senders": args.senders, "studies_per_sender": args.studies, "instances_per_study": n,
               "quiet_seconds": args.quiet, "jobs_done": sum(j["state"] == "done" for j in done),
