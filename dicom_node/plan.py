@@ -72,11 +72,11 @@ class PlanOptions:
     mask_mode: str = "footprint"  # or "cube": hide each window's whole core, as the paper did
 
 
-def footprint(detection: Detection, spacing: tuple[float, float, float], margin_mm: float) -> np.ndarray:
-    """Native voxels to restore: the calcium and its blooming margin."""
-    if not detection.calcium.any():
-        return np.zeros(detection.calcium.shape, bool)
-    return dilate_mm(detection.calcium, spacing, margin_mm)
+def footprint(calcium: np.ndarray, spacing: tuple[float, float, float], margin_mm: float) -> np.ndarray:
+    """Voxels to restore: the calcium and its blooming margin."""
+    if not calcium.any():
+        return np.zeros(calcium.shape, bool)
+    return dilate_mm(calcium, spacing, margin_mm)
 
 
 def _windows(mask: np.ndarray, core: int, cube: bool = False) -> list[Window]:
@@ -141,7 +141,7 @@ def plan(detection: Detection, spacing: tuple[float, float, float], options: Pla
         return []
     offset = np.array([s.start for s in crop])
     calcium = detection.calcium[crop]
-    foot = dilate_mm(calcium, spacing, opts.margin_mm)
+    foot = footprint(calcium, spacing, opts.margin_mm)
     grouping = dilate_mm(foot, spacing, opts.group_distance_mm / 2)
     groups, n = ndimage.label(grouping, structure=CONNECTIVITY_26)
     labels = detection.labels[crop] if detection.labels is not None else calcium.astype(np.uint16)

@@ -115,7 +115,7 @@ def test_only_footprint_voxels_change(study, spacing):
     before = vol.copy()
     backend = FillBackend()
     result = Engine(backend).run(vol, spacing)
-    foot = footprint(result.detection, spacing, PlanOptions().margin_mm)
+    foot = footprint(result.detection.calcium, spacing, PlanOptions().margin_mm)
     assert np.array_equal(result.changed, foot)
     assert np.array_equal(vol[~foot], before[~foot]), "every other voxel keeps its exact value"
     assert np.allclose(vol[foot], FILL_HU, atol=1e-3)
