@@ -126,20 +126,18 @@ def detect(volume: np.ndarray, spacing: tuple[float, float, float], options: Det
                 lab[sl][part] = 0
                 continue  # noise spike; not worth a line in the report
             at_edge = any(s.start == 0 or s.stop == n_ax for s, n_ax in zip(sl, volume.shape))
-            at_edge &= not opts.keep_edge_components
-            if vol_mm3 >= opts.dense_min_volume_mm3 or peak >= opts.metal_hu or at_edge:
-                lab[sl][part] = 0
             if vol_mm3 >= opts.dense_min_volume_mm3:
-                excluded.append({"reason": "large dense structure (bone cortex or device)",
-                                 "volume_mm3": round(vol_mm3, 1), "centroid": [round(c, 1) for c in centroid]})
-                continue
-            if peak >= opts.metal_hu:
-                excluded.append({"reason": f"metal (peak {peak:.0f} HU >= {opts.metal_hu:.0f})",
-                                 "volume_mm3": round(vol_mm3, 1), "centroid": [round(c, 1) for c in centroid]})
-                continue
-            if at_edge:
-                excluded.append({"reason": "cut by the edge of the scanned volume (cannot be told from bone)",
-                                 "volume_mm3": round(vol_mm3, 1), "centroid": [round(c, 1) for c in centroid]})
+                reason = "large dense structure (bone cortex or device)"
+            elif peak >= opts.metal_hu:
+                reason = f"metal (peak {peak:.0f} HU >= {opts.metal_hu:.0f})"
+            elif at_edge and not opts.keep_edge_components:
+                reason = "cut by the edge of the scanned volume (cannot be told from bone)"
+            else:
+                reason = ""
+            if reason:
+                lab[sl][part] = 0
+                excluded.append({"reason": reason, "volume_mm3": round(vol_mm3, 1),
+                                 "centroid": [round(c, 1) for c in centroid]})
                 continue
             lesion = Lesion(index=len(lesions) + 1, voxels=voxels, volume_mm3=vol_mm3, peak_hu=peak,
                             centroid=centroid, bbox=sl)
