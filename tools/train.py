@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dicom_node.masks import MASK_MODES  # noqa: E402
+from dicom_node.model.inpaint import INPUT_MODES  # noqa: E402
 from dicom_node.model.networks import NETWORKS  # noqa: E402
 from dicom_node.model.training import TrainConfig, train  # noqa: E402
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--schedule", choices=("constant", "cosine"), default=d.schedule)
     ap.add_argument("--batch", type=int, default=d.batch)
     ap.add_argument("--loss", choices=("whole", "mask"), default=d.loss)
-    ap.add_argument("--inputs", choices=("hidden", "observed"), default=d.inputs,
+    ap.add_argument("--inputs", choices=INPUT_MODES, default=d.inputs,
                     help="hidden: masked voxels hidden (paper); observed: seen and corrected downwards")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--threads", type=int, default=d.threads)
