@@ -140,16 +140,23 @@ def _not_routed_back(node: NodeProcess, derived_uid: str) -> None:
     assert not (spool / derived_uid).exists(), "the PACS routed the derived series back to the node"
 
 
+def _round_trip(node: NodeProcess, orthanc: Orthanc, cta: Path, destination: str) -> tuple[dict, dict]:
+    """storescu into Orthanc, which routes to the node; checks what comes back; returns (derived, job)."""
+    n = len(list(cta.glob("*.dcm")))
+    storescu(("127.0.0.1", orthanc.dicom_port), orthanc.aet, cta)
+    derived, seg = _wait_round_trip(node, orthanc, _study_uid(cta), n)
+    derived_uid = _check_outputs(orthanc, cta, derived, seg)
+    done = node.jobs(state="done")
+    assert len(done) == 1 and done[0]["deliveries"][destination]["state"] == "done"
+    _not_routed_back(node, derived_uid)
+    return derived, done[0]
+
+
 def test_dimse_round_trip_through_orthanc(dimse_peers, cta: Path) -> None:
     node, orthanc = dimse_peers
     n = len(list(cta.glob("*.dcm")))
     study = _study_uid(cta)
-    storescu(("127.0.0.1", orthanc.dicom_port), orthanc.aet, cta)
-    derived, seg = _wait_round_trip(node, orthanc, study, n)
-    derived_uid = _check_outputs(orthanc, cta, derived, seg)
-    done = node.jobs(state="done")
-    assert len(done) == 1 and done[0]["deliveries"]["pacs"]["state"] == "done"
-    _not_routed_back(node, derived_uid)
+    derived, _ = _round_trip(node, orthanc, cta, "pacs")
 
     # Re-sending the identical series: a second job runs, but no second derived series appears.
     storescu(("127.0.0.1", node.dicom_port), "DICOMNODE", cta)
@@ -165,15 +172,8 @@ def test_dimse_round_trip_through_orthanc(dimse_peers, cta: Path) -> None:
 
 def test_dicomweb_round_trip_through_orthanc(stow_peers, cta: Path) -> None:
     node, orthanc = stow_peers
-    n = len(list(cta.glob("*.dcm")))
-    study = _study_uid(cta)
-    storescu(("127.0.0.1", orthanc.dicom_port), orthanc.aet, cta)
-    derived, seg = _wait_round_trip(node, orthanc, study, n)
-    derived_uid = _check_outputs(orthanc, cta, derived, seg)
-    done = node.jobs(state="done")
-    assert len(done) == 1 and done[0]["deliveries"]["pacs-web"]["state"] == "done"
-    assert done[0]["instances"] == n  # every instance came in by STOW-RS
-    _not_routed_back(node, derived_uid)
+    _, job = _round_trip(node, orthanc, cta, "pacs-web")
+    assert job["instances"] == len(list(cta.glob("*.dcm")))  # every instance came in by STOW-RS
 
 
 def _secondary_capture(folder: Path) -> Path:
