@@ -349,7 +349,6 @@ def experiment2(args: argparse.Namespace) -> int:
 
 def _exp2_markdown(path: Path, summary: dict, goals: dict, rows: list[dict], timings: dict, modes: tuple[str, ...],
                    args: argparse.Namespace) -> None:
-    labels = EXP2_LABELS
     lines = [
         "# Experiment 2: diameter stenosis at calcified lesions, against the true calcium-free image", "",
         f"Reproduce: `python tools/evaluate.py experiment2 --studies {args.studies}` "
@@ -369,7 +368,7 @@ def _exp2_markdown(path: Path, summary: dict, goals: dict, rows: list[dict], tim
         "|---|---:|---:|---:|---:|"]
     for name in ("original", *modes):
         s = summary[name]
-        lines.append(f"| {labels[name]} | {s['n']} | {s['mean_error']:+.1f} | {s['mean_abs_error']:.1f} | "
+        lines.append(f"| {EXP2_LABELS[name]} | {s['n']} | {s['mean_error']:+.1f} | {s['mean_abs_error']:.1f} | "
                      f"{100 * s['within_10']:.0f}% |")
     lines += ["", "## Goals of the engine issue", "",
               "| goal | target | " + " | ".join(modes) + " |", "|---|---|" + "---:|" * len(modes),
