@@ -26,7 +26,7 @@ class EngineConfig:
     adaptive_threshold: bool = False
     metal_hu: float = 3000.0
     keep_edge_components: bool = False  # treat bright pieces cut by the volume's edge as calcium
-    margin_mm: float = 1.4  # blooming margin restored around the calcium
+    margin_mm: float = 0.9  # blooming margin restored around the calcium (plan.ENGINE_MARGIN_MM)
     core: int = 16  # voxels a window may restore per axis (of 32)
     mask_mode: str = "footprint"  # footprint | cube (the paper's: hide each window's whole core)
     max_pixel_mm: float = 0.8  # refuse series coarser than this in-plane

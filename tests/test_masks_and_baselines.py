@@ -45,3 +45,14 @@ def test_footprint_patches_cover_the_calcium(calcified_phantoms):
         assert patch.image[inside].max() > patch.target[inside].max()
     det = detected_calcium(calcified_phantoms[0].image, calcified_phantoms[0].calcium_fraction)
     assert det[calcified_phantoms[0].calcium_mask].all()
+
+
+def test_training_margin_sets_the_footprint_size(calcified_phantoms):
+    """tools/train.py --margin-mm must reach the masks: the engine's margin is trained for, not assumed."""
+    p = calcified_phantoms[0]
+    narrow = cut(np.random.default_rng(3), p, "footprint", margin_mm=0.6)
+    wide = cut(np.random.default_rng(3), p, "footprint", margin_mm=2.0)
+    assert narrow is not None and wide is not None
+    assert np.array_equal(narrow.image, wide.image)  # same patch, same draw
+    assert wide.mask.sum() > 1.5 * narrow.mask.sum()
+    assert np.all(wide.mask >= narrow.mask)

@@ -6,6 +6,7 @@
   python tools/bench.py latency            # last instance in -> derived series in Orthanc
   python tools/bench.py memory             # peak RSS of `process` on a 512×512×600 series
   python tools/bench.py load               # 4 concurrent senders × 3 studies of 256 slices
+  python tools/bench.py durable-write      # ms per 512 KiB instance made durable, by method
 
 process: times `dicom-node process` end to end on a 512×512×256 phantom CTA (written
 once as DICOM into --cache), then each stage on its own: read (decode + modality LUT),
@@ -14,6 +15,9 @@ detect, plan, infer (with windows/s), resample back, write (derived series + SEG
 ingest: DCMTK storescu sends the 256 slices over one association, alternately to DCMTK
 storescp and to `dicom-node serve` (durable spool: fsync and atomic rename before each
 success), in the same run and on the same disk; reports instances/s and the ratio.
+--ceiling adds bare pynetdicom SCPs to the same run, with the node's socket settings and
+a handler that (a) answers success at once, storing nothing, (b) writes
+encoded_dataset() to a file, (c) also fsyncs it: what pynetdicom itself allows here.
 
 latency: a private Orthanc on loopback routes the study to the node (Lua OnStableSeries),
 as a hospital's would; reports the time from the node's last received instance to the
@@ -30,6 +34,10 @@ every derived series and SEG to a private Orthanc. Reports whether every derived
 arrived complete, throughput, p50/p95 job latency (last instance received to delivered),
 and the node's resident memory: its peak, and after each finished job, so growth with the
 number of studies shows.
+
+durable-write: what one durable 512 KiB write costs on the --cache disk: a new file with
+fsync (what the spool does, with the rename), a new file with fdatasync, and a write into
+a preallocated, already-written journal file with fdatasync or O_DSYNC.
 """
 
 from __future__ import annotations
@@ -174,16 +182,125 @@ def bench_ingest(args: argparse.Namespace) -> int:
         node.stop()
         scp.terminate()
         scp.wait(10)
+    if args.ceiling:
+        rates |= _bare_rates(peers, folder, root, args.repeats, n)
     med = {k: float(sorted(v)[len(v) // 2]) for k, v in rates.items()}
     size = next(folder.glob("*.dcm")).stat().st_size
     report = {"instances": n, "instance_bytes": size,
               "repeats": args.repeats, "instances_per_s": {k: [round(x, 1) for x in v] for k, v in rates.items()},
               "median_instances_per_s": {k: round(v, 1) for k, v in med.items()},
               "ratio_node_to_storescp": round(med["dicom-node"] / med["storescp"], 2),
+              "ratios_to_storescp": {k: round(v / med["storescp"], 2) for k, v in med.items() if k != "storescp"},
               "spooled_last_run": spooled, "durability": "fsync + atomic rename per instance (storescp: none)"}
     print(json.dumps(report, indent=2))
     shutil.rmtree(root, ignore_errors=True)
     return 0 if spooled == n else 1
+
+
+def bench_durable_write(args: argparse.Namespace) -> int:
+    import os
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="bench-fsync-", dir=Path(args.cache).resolve()))
+    data = os.urandom(525_702)  # one 512×512 CT slice as the bench series stores it
+    n = args.writes
+
+    def new_file(i: int, sync) -> None:  # noqa: ANN001 - os.fsync or os.fdatasync
+        part, final = root / f"{i}.part", root / f"{i}.dcm"
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, data)
+        os.replace(part, final)
+        sync(fd)
+        os.close(fd)
+
+    journal = root / "journal"
+    fd_j = os.open(journal, os.O_RDWR | os.O_CREAT, 0o644)
+    os.pwrite(fd_j, bytes(n * len(data)), 0)  # written once: later writes change no metadata
+    os.fsync(fd_j)
+    fd_dsync = os.open(journal, os.O_RDWR | os.O_DSYNC)
+
+    def journal_fdatasync(i: int) -> None:
+        os.pwrite(fd_j, data, i * len(data))
+        os.fdatasync(fd_j)
+
+    methods = {"new file, rename, fsync (the spool)": lambda i: new_file(i, os.fsync),
+               "new file, rename, fdatasync": lambda i: new_file(i, os.fdatasync),
+               "preallocated journal, pwrite + fdatasync": journal_fdatasync,
+               "preallocated journal, O_DSYNC pwrite": lambda i: os.pwrite(fd_dsync, data, i * len(data))}
+    report = {}
+    try:
+        for name, write in methods.items():
+            t0 = time.perf_counter()
+            for i in range(n):
+                write(i)
+            report[name] = round(1000 * (time.perf_counter() - t0) / n, 3)
+    finally:
+        os.close(fd_j)
+        os.close(fd_dsync)
+        shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps({"bytes": len(data), "writes": n, "ms_per_write": report}, indent=2))
+    return 0
+
+
+BARE_MODES = ("nothing", "write", "write+fsync")
+
+
+def bare_scp(port: int, mode: str, folder: Path) -> None:
+    """A pynetdicom storage SCP with the node's socket settings and a handler that does only ``mode``."""
+    import os
+
+    from pynetdicom import AE, evt
+    from pynetdicom.presentation import AllStoragePresentationContexts
+
+    from dicom_node.node.receive import TRANSFER_SYNTAXES, _BulkRequestHandler
+    from dicom_node.node.send import no_delay
+
+    def on_store(event) -> int:  # noqa: ANN001 - pynetdicom's event
+        if mode != "nothing":
+            fd = os.open(folder / f"{event.request.AffectedSOPInstanceUID}.dcm", os.O_WRONLY | os.O_CREAT, 0o644)
+            os.write(fd, event.encoded_dataset())
+            if mode == "write+fsync":
+                os.fsync(fd)
+            os.close(fd)
+        return 0x0000
+
+    ae = AE("BARE")
+    ae.maximum_pdu_size = 131072  # as the node's default max_pdu
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+    ae.make_server(("127.0.0.1", port), evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_CONN_OPEN, no_delay)],
+                   request_handler=_BulkRequestHandler).serve_forever()
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _bare_rates(peers, folder: Path, root: Path, repeats: int, n: int) -> dict[str, list[float]]:
+    import shutil
+
+    rates: dict[str, list[float]] = {}
+    for mode in BARE_MODES:
+        port = peers.free_port()
+        out = root / f"bare-{mode}"
+        out.mkdir()
+        proc = subprocess.Popen([sys.executable, __file__, "bare-scp", str(port), mode, str(out)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        try:
+            peers.wait_for(lambda p=port: _listening(p), 20, f"bare SCP ({mode}) on port {port}")
+            rates[f"pynetdicom, {mode}"] = []
+            for _ in range(repeats):
+                rates[f"pynetdicom, {mode}"].append(n / _timed_storescu(peers, port, "BARE", folder))
+                shutil.rmtree(out)
+                out.mkdir()
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    return rates
 
 
 def bench_latency(args: argparse.Namespace) -> int:
@@ -414,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--cache", default="runs/bench")
         if name == "ingest":
             sp.add_argument("--repeats", type=int, default=3)
+            sp.add_argument("--ceiling", action="store_true", help="also time bare pynetdicom SCPs in the same run")
         else:
             sp.add_argument("--quiet", type=float, default=15.0, help="the node's quiet time (default: the default)")
             sp.add_argument("--timeout", type=float, default=600.0)
@@ -426,9 +544,19 @@ def main(argv: list[str] | None = None) -> int:
     ld.add_argument("--quiet", type=float, default=15.0, help="the node's quiet time (default: the default)")
     ld.add_argument("--timeout", type=float, default=1500.0)
     ld.add_argument("--cache", default="runs/bench")
+    dw = sub.add_parser("durable-write", help="ms per durable 512 KiB write, by method, on the --cache disk")
+    dw.add_argument("--writes", type=int, default=200)
+    dw.add_argument("--cache", default="runs/bench")
+    bare = sub.add_parser("bare-scp", help=argparse.SUPPRESS)  # run by ingest --ceiling
+    bare.add_argument("port", type=int)
+    bare.add_argument("mode", choices=BARE_MODES)
+    bare.add_argument("folder", type=Path)
     args = ap.parse_args(argv)
+    if args.cmd == "bare-scp":
+        bare_scp(args.port, args.mode, args.folder)
+        return 0
     modes = {"process": bench_process, "ingest": bench_ingest, "latency": bench_latency, "memory": bench_memory,
-             "load": bench_load}
+             "load": bench_load, "durable-write": bench_durable_write}
     return modes[args.cmd](args)
 
 

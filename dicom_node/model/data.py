@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .. import phantom
+from ..masks import DEFAULT_MARGIN_MM
 from ..patches import VOLUME, Patch, cut, training_options, volume_seed
 
 
@@ -22,8 +23,9 @@ class PhantomPatches(IterableDataset):
 
     def __init__(self, seed: int, mode: str, start: int = 0, pool: int = 32, reuse: int = 10,
                  extra: Callable[[np.random.Generator], Patch | None] | None = None,
-                 extra_fraction: float = 0.0):
+                 extra_fraction: float = 0.0, margin_mm: float = DEFAULT_MARGIN_MM):
         self.seed = seed
+        self.margin_mm = margin_mm
         self.mode = mode
         self.start = start  # resume: skip volume indices already used
         self.pool = pool
@@ -47,7 +49,7 @@ class PhantomPatches(IterableDataset):
                 if self.extra is not None and rng.random() < self.extra_fraction:
                     patch = self.extra(rng)
                 else:
-                    patch = cut(rng, vols[int(rng.integers(len(vols)))], self.mode)
+                    patch = cut(rng, vols[int(rng.integers(len(vols)))], self.mode, self.margin_mm)
                 if patch is None:
                     continue
                 yield (torch.from_numpy(patch.image[None]), torch.from_numpy(patch.mask[None]),

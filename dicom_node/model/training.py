@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .. import phantom
+from ..masks import DEFAULT_MARGIN_MM
 from ..patches import VOLUME, cut, training_options, volume_seed
 from .data import PhantomPatches
 from .inpaint import Inpainter, to_norm
@@ -53,6 +54,7 @@ class TrainConfig:
     dicom_fraction: float = 0.0
     bn_calibration_batches: int = 40  # precise BatchNorm statistics after training, batches of 6
     init: str = ""  # start from these weights (a model.pt) instead of random ones: fine-tuning
+    margin_mm: float = DEFAULT_MARGIN_MM  # footprint masks: calcium dilated by 0.8-1.3 × this
 
 
 def _atomic_save(obj: object, path: Path) -> None:
@@ -63,7 +65,8 @@ def _atomic_save(obj: object, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def validation_set(n: int, mode: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def validation_set(n: int, mode: str, margin_mm: float = DEFAULT_MARGIN_MM
+                   ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """A fixed held-out batch of patches, the same for every run with this mode."""
     rng = np.random.default_rng(VALIDATION_SEED)
     out = []
@@ -71,7 +74,7 @@ def validation_set(n: int, mode: str) -> list[tuple[torch.Tensor, torch.Tensor, 
     while len(out) < n:
         p = phantom.generate(VOLUME, seed=volume_seed(VALIDATION_SEED, i), options=training_options())
         i += 1
-        patch = cut(rng, p, mode)
+        patch = cut(rng, p, mode, margin_mm)
         if patch is not None:
             out.append(tuple(torch.from_numpy(a[None, None]) for a in (patch.image, patch.mask, patch.target)))
     return out
@@ -108,7 +111,8 @@ def recalibrate_batchnorm(model: Inpainter, cfg: TrainConfig, batches: int, batc
         m.momentum = None  # cumulative average
     was_training = model.training
     model.train()
-    data = PhantomPatches(cfg.seed, cfg.mask_mode, start=10_000_000)  # training seed range, unseen volumes
+    # training seed range, unseen volumes
+    data = PhantomPatches(cfg.seed, cfg.mask_mode, start=10_000_000, margin_mm=cfg.margin_mm)
     for i, (image, mask, _) in enumerate(DataLoader(data, batch_size=batch, num_workers=0)):
         if i >= batches:
             break
@@ -158,10 +162,11 @@ def train(cfg: TrainConfig, out: Path, progress: bool = True, dicom_source=None)
         model = model.to(memory_format=torch.channels_last_3d)
     log = open(out / "train.log", "a")  # noqa: SIM115 - held for the whole run, closed at the end
     extra = dicom_source.sample if dicom_source is not None else None
-    data = PhantomPatches(cfg.seed, cfg.mask_mode, start=step, extra=extra, extra_fraction=cfg.dicom_fraction)
+    data = PhantomPatches(cfg.seed, cfg.mask_mode, start=step, extra=extra, extra_fraction=cfg.dicom_fraction,
+                          margin_mm=cfg.margin_mm)
     loader = DataLoader(data, batch_size=cfg.batch, num_workers=cfg.workers,
                         persistent_workers=cfg.workers > 0, prefetch_factor=4 if cfg.workers else None)
-    val = validation_set(cfg.validation_patches, cfg.mask_mode) if cfg.validation_patches else []
+    val = validation_set(cfg.validation_patches, cfg.mask_mode, cfg.margin_mm) if cfg.validation_patches else []
     budget_s = cfg.minutes * 60.0
     budget_cpu = cfg.cpu_minutes * 60.0
 
