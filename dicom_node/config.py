@@ -37,6 +37,7 @@ class EngineConfig:
 class OutputConfig:
     series_number_offset: int = 1000
     write_seg: bool = True
+    multiframe: bool = False  # also the derived series as one Legacy Converted Enhanced CT object
     institution_name: str = ""
     station_name: str = ""
 

@@ -28,7 +28,7 @@ CONNECTIVITY_26 = np.ones((3, 3, 3), bool)
 @dataclass
 class DetectOptions:
     threshold_hu: float = DEFAULT_THRESHOLD_HU
-    adaptive: bool = False  # threshold from the measured lumen instead of a fixed value
+    adaptive: bool = False  # lower the threshold toward the measured lumen (never above threshold_hu)
     adaptive_sd: float = 3.5  # adaptive threshold = lumen median + this many lumen SDs
     adaptive_floor_hu: float = 450.0
     metal_hu: float = 3000.0
@@ -79,7 +79,9 @@ def detect(volume: np.ndarray, spacing: tuple[float, float, float], options: Det
     if opts.adaptive:
         med, sd = lumen_statistics(volume, roi)
         if np.isfinite(med):
-            threshold = max(opts.adaptive_floor_hu, med + opts.adaptive_sd * sd)
+            # Only ever lower the fixed threshold: raised above it in bright-contrast studies, the
+            # adaptive threshold left a quarter of the calcium in place (Experiment 2 tuning studies).
+            threshold = min(opts.threshold_hu, max(opts.adaptive_floor_hu, med + opts.adaptive_sd * sd))
     voxel_mm3 = float(np.prod(spacing))
     bright = volume > threshold
     if roi is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from .backends import Backend
 from .config import Config
 from .detect import DetectOptions
-from .dicom.derived import DerivedOptions, source_uids, write_derived_series
+from .dicom.derived import DerivedOptions, source_uids, write_derived_series, write_multiframe
 from .dicom.seg import write_seg
 from .dicom.series import Series, load_hu, read_ct_series
 from .infer import Engine
@@ -92,8 +92,10 @@ def process_series(series: Series, out_dir: Path, cfg: Config, engine: Engine, m
         DerivedOptions(series_number_offset=cfg.output.series_number_offset,
                        institution_name=cfg.output.institution_name or None,
                        station_name=cfg.output.station_name or None))
+    number = int(getattr(series.headers[0], "SeriesNumber", 0) or 0) + cfg.output.series_number_offset + 1
+    if cfg.output.multiframe:
+        outcome.outputs.append(write_multiframe(series, outcome.outputs, target, model_id, description, number + 1))
     if write_seg_file and det.calcium.any():
-        number = int(getattr(series.headers[0], "SeriesNumber", 0) or 0) + cfg.output.series_number_offset + 1
         params = {"threshold_hu": f"{det.threshold_hu:.0f}", "margin_mm": f"{cfg.engine.margin_mm}",
                   "core": str(cfg.engine.core)}
         outcome.outputs.append(write_seg(series, det.calcium, result.changed, target, model_id, uids, params, number))

@@ -89,6 +89,17 @@ def test_adaptive_threshold_follows_the_lumen():
     assert 450.0 <= det.threshold_hu < 500.0
 
 
+def test_adaptive_threshold_never_rises_above_the_fixed_one():
+    """Bright contrast must not hide calcium between 700 HU and the lumen-derived value."""
+    rng = np.random.default_rng(0)
+    vol = np.full((32, 32, 32), 40.0, np.float32)
+    vol[4:28, 8:24, 8:24] = rng.normal(620.0, 30.0, (24, 16, 16))  # bright contrast: median + 3.5 SD ≈ 725 HU
+    vol[14:18, 14:18, 14:18] = 715.0  # calcium the fixed threshold finds
+    det = detect(vol, (0.5, 0.5, 0.5), DetectOptions(adaptive=True))
+    assert det.threshold_hu == 700.0
+    assert det.calcium[15, 15, 15]
+
+
 def test_windows_cover_the_footprint_in_order_along_the_lesion():
     vol = np.full((40, 40, 120), 40.0, np.float32)
     vol[19:21, 19:21, 20:100] = 1000.0  # a 37 mm long calcification along x

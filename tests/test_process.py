@@ -117,6 +117,30 @@ def test_reprocessing_gives_the_same_uids(processed, tmp_path):
     assert first == again, "re-sending a series must not create a second derived series"
 
 
+def test_optional_multiframe_copy_is_valid_and_holds_the_same_pixels(processed, tmp_path):
+    _, root, _, src = processed
+    cfg = tmp_path / "multiframe.toml"
+    cfg.write_text("[output]\nmultiframe = true\nwrite_seg = false\n")
+    assert main(["process", str(root / "in"), str(tmp_path / "out"), "--config", str(cfg), "--quiet"]) == 0
+    [mf_path] = list((tmp_path / "out").rglob("CT_MULTIFRAME_*.dcm"))
+    assert _dciodvfy_errors(mf_path) == []
+    mf = pydicom.dcmread(mf_path)
+    assert str(mf.SOPClassUID) == "1.2.840.10008.5.1.4.1.1.2.2"  # Legacy Converted Enhanced CT Image Storage
+    assert int(mf.NumberOfFrames) == len(src) and mf.ImageType[0] == "DERIVED"
+    assert "CALCIUM REMOVED" in mf.SeriesDescription
+    assert any(item.Manufacturer == MANUFACTURER for item in mf.ContributingEquipmentSequence)
+    singles = [pydicom.dcmread(f) for f in (tmp_path / "out").rglob("CT_2*.dcm")]
+    assert mf.SeriesInstanceUID not in {s.SeriesInstanceUID for s in singles}
+    by_position = {round(float(s.ImagePositionPatient[2]), 3): s.pixel_array for s in singles}
+    frames = mf.pixel_array
+    for frame, item in zip(frames, mf.PerFrameFunctionalGroupsSequence):
+        z = round(float(item.PlanePositionSequence[0].ImagePositionPatient[2]), 3)
+        assert np.array_equal(frame, by_position[z])
+    sources = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in src}
+    evidence = mf.SourceImageEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
+    assert {str(r.ReferencedSOPInstanceUID) for r in evidence} == sources
+
+
 def test_our_output_is_not_processed_again(processed, tmp_path, capsys):
     _, root, _, _ = processed
     assert main(["process", str(root / "out"), str(tmp_path), "--quiet"]) == 2

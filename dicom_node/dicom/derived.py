@@ -71,7 +71,9 @@ def source_uids(series: Series, model_id: str) -> dict[str, str]:
     study = str(getattr(first, "StudyInstanceUID", "") or "") or derived_uid("study", series.uid)
     frame = str(getattr(first, "FrameOfReferenceUID", "") or "") or derived_uid("frame", series.uid)
     return {"study": study, "frame": frame, "series": derived_uid("ct", series.uid, model_id),
-            "seg_series": derived_uid("seg", series.uid, model_id), "seg": derived_uid("seg-sop", series.uid, model_id)}
+            "seg_series": derived_uid("seg", series.uid, model_id), "seg": derived_uid("seg-sop", series.uid, model_id),
+            "multiframe_series": derived_uid("ct-multiframe", series.uid, model_id),
+            "multiframe": derived_uid("ct-multiframe-sop", series.uid, model_id)}
 
 
 def contributing_equipment(model_id: str, description: str) -> hd.ContributingEquipment:
@@ -179,3 +181,44 @@ def write_derived_series(series: Series, volume_hu: np.ndarray, changed: np.ndar
         tmp.replace(path)
         paths.append(path)
     return paths
+
+
+def write_multiframe(series: Series, derived: list[Path], out_dir: Path, model_id: str, description: str,
+                     series_number: int) -> Path:
+    """The derived series again as one Legacy Converted Enhanced CT image, in a series of its own.
+
+    Some viewers and archives handle one multi-frame object far better than hundreds of
+    slices. highdicom converts our single-frame slices; what it does not carry over, we add:
+    our ContributingEquipment (which also keeps the node from routing the object back into
+    processing) and the Source Image Evidence that a DERIVED enhanced image must list.
+    """
+    from highdicom.legacy import LegacyConvertedEnhancedCTImage
+
+    uids = source_uids(series, model_id)
+    slices = [pydicom.dcmread(p) for p in derived]
+    image = LegacyConvertedEnhancedCTImage(
+        legacy_datasets=slices, series_instance_uid=uids["multiframe_series"], series_number=series_number,
+        sop_instance_uid=uids["multiframe"], instance_number=1,
+        contributing_equipment=[contributing_equipment(model_id, description)])
+    del slices
+    sources: dict[str, Dataset] = {}
+    for frame in image.PerFrameFunctionalGroupsSequence:
+        for derivation in getattr(frame, "DerivationImageSequence", []):
+            for ref in getattr(derivation, "SourceImageSequence", []):
+                item = Dataset()
+                item.ReferencedSOPClassUID = ref.ReferencedSOPClassUID
+                item.ReferencedSOPInstanceUID = ref.ReferencedSOPInstanceUID
+                sources[str(ref.ReferencedSOPInstanceUID)] = item
+    referenced_series = Dataset()
+    referenced_series.SeriesInstanceUID = series.uid
+    referenced_series.ReferencedSOPSequence = Sequence(list(sources.values()))
+    evidence = Dataset()
+    evidence.StudyInstanceUID = uids["study"]
+    evidence.ReferencedSeriesSequence = Sequence([referenced_series])
+    image.SourceImageEvidenceSequence = Sequence([evidence])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"CT_MULTIFRAME_{image.SOPInstanceUID}.dcm"
+    tmp = path.with_suffix(".tmp")
+    image.save_as(tmp, enforce_file_format=True)
+    tmp.replace(path)
+    return path
