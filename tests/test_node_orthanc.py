@@ -40,14 +40,14 @@ def cta(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _peers(tmp_path: Path, route: str) -> tuple[NodeProcess, Orthanc]:
+def _peers(tmp_path: Path, route: str, extra: dict[str, list[str]] | None = None) -> tuple[NodeProcess, Orthanc]:
     node_dicom, node_http = free_port(), free_port()
     orthanc = Orthanc(tmp_path / "orthanc", node_dicom, node_http, route)
     dest = ({"name": "pacs", "kind": "dimse", "ae_title": orthanc.aet, "host": "127.0.0.1",
              "port": orthanc.dicom_port} if route == "dimse" else
             {"name": "pacs-web", "kind": "stow", "url": f"{orthanc.url}/dicom-web"})
     cfg = write_node_config(tmp_path, dicom_port=node_dicom, http_port=node_http, destinations=[dest],
-                            allowed=LOCAL)
+                            allowed=LOCAL, extra=extra)
     node = NodeProcess(cfg, node_http, node_dicom, tmp_path / "node.log")
     return node, orthanc
 
@@ -64,7 +64,7 @@ def dimse_peers(tmp_path: Path):
 
 @pytest.fixture
 def stow_peers(tmp_path: Path):
-    node, orthanc = _peers(tmp_path, "stow")
+    node, orthanc = _peers(tmp_path, "stow", extra={"output": ["multiframe = true"]})
     try:
         yield node.start(), orthanc.start()
     finally:
@@ -93,9 +93,9 @@ def _wait_round_trip(node: NodeProcess, orthanc: Orthanc, study_uid: str, n_slic
             pytest.fail(f"node job failed: {failed[0]['reason']}\n{node.log.read_text()[-3000:]}")
         series = _by_modality(orthanc, study_uid)
         derived = [s for s in series.get("CT", []) if "CALCIUM REMOVED" in s["MainDicomTags"].get(
-            "SeriesDescription", "")]
+            "SeriesDescription", "") and len(s["Instances"]) == n_slices]
         segs = series.get("SEG", [])
-        if derived and segs and len(derived[0]["Instances"]) == n_slices:
+        if derived and segs:
             return derived[0], segs[0]
         return None
     return wait_for(complete, 240, "the derived series and the SEG in Orthanc", interval=1.0)
@@ -171,8 +171,16 @@ def test_dimse_round_trip_through_orthanc(dimse_peers, cta: Path) -> None:
 
 
 def test_dicomweb_round_trip_through_orthanc(stow_peers, cta: Path) -> None:
+    """Also with output.multiframe: the enhanced copy reaches the PACS and is not routed back either."""
     node, orthanc = stow_peers
-    _, job = _round_trip(node, orthanc, cta, "pacs-web")
+    derived, job = _round_trip(node, orthanc, cta, "pacs-web")
+    multi = [s for s in _by_modality(orthanc, _study_uid(cta))["CT"]
+             if s["ID"] != derived["ID"] and "CALCIUM REMOVED" in s["MainDicomTags"].get("SeriesDescription", "")]
+    assert len(multi) == 1 and len(multi[0]["Instances"]) == 1
+    mf = pydicom.dcmread(io.BytesIO(orthanc.file(multi[0]["Instances"][0])), stop_before_pixels=True)
+    assert str(mf.SOPClassUID) == "1.2.840.10008.5.1.4.1.1.2.2"
+    assert int(mf.NumberOfFrames) == len(list(cta.glob("*.dcm")))
+    _not_routed_back(node, str(mf.SeriesInstanceUID))
     assert job["instances"] == len(list(cta.glob("*.dcm")))  # every instance came in by STOW-RS
 
 
