@@ -92,13 +92,15 @@ def process_series(series: Series, out_dir: Path, cfg: Config, engine: Engine, m
         DerivedOptions(series_number_offset=cfg.output.series_number_offset,
                        institution_name=cfg.output.institution_name or None,
                        station_name=cfg.output.station_name or None))
-    number = int(getattr(series.headers[0], "SeriesNumber", 0) or 0) + cfg.output.series_number_offset + 1
+    seg_number = int(getattr(series.headers[0], "SeriesNumber", 0) or 0) + cfg.output.series_number_offset + 1
     if cfg.output.multiframe:
-        outcome.outputs.append(write_multiframe(series, outcome.outputs, target, model_id, description, number + 1))
+        outcome.outputs.append(write_multiframe(series, outcome.outputs, target, model_id, uids, description,
+                                                seg_number + 1))
     if write_seg_file and det.calcium.any():
         params = {"threshold_hu": f"{det.threshold_hu:.0f}", "margin_mm": f"{cfg.engine.margin_mm}",
                   "core": str(cfg.engine.core)}
-        outcome.outputs.append(write_seg(series, det.calcium, result.changed, target, model_id, uids, params, number))
+        outcome.outputs.append(write_seg(series, det.calcium, result.changed, target, model_id, uids, params,
+                                         seg_number))
     outcome.status = "done"
     outcome.seconds = time.perf_counter() - t0
     return outcome

@@ -175,16 +175,20 @@ def write_derived_series(series: Series, volume_hu: np.ndarray, changed: np.ndar
     for z, f in enumerate(series.files):
         src = pydicom.dcmread(f)
         ds = derive_slice(src, volume_hu[z], changed[z], uids, model_id, description, opts)
-        path = out_dir / f"CT_{ds.SOPInstanceUID}.dcm"
-        tmp = path.with_suffix(".tmp")
-        ds.save_as(tmp, enforce_file_format=True)
-        tmp.replace(path)
-        paths.append(path)
+        paths.append(save_atomic(ds, out_dir / f"CT_{ds.SOPInstanceUID}.dcm"))
     return paths
 
 
-def write_multiframe(series: Series, derived: list[Path], out_dir: Path, model_id: str, description: str,
-                     series_number: int) -> Path:
+def save_atomic(ds: Dataset, path: Path) -> Path:
+    """Write a Part-10 file under a temporary name, then rename: a sender never sees half a file."""
+    tmp = path.with_suffix(".tmp")
+    ds.save_as(tmp, enforce_file_format=True)
+    tmp.replace(path)
+    return path
+
+
+def write_multiframe(series: Series, derived: list[Path], out_dir: Path, model_id: str, uids: dict[str, str],
+                     description: str, series_number: int) -> Path:
     """The derived series again as one Legacy Converted Enhanced CT image, in a series of its own.
 
     Some viewers and archives handle one multi-frame object far better than hundreds of
@@ -194,7 +198,6 @@ def write_multiframe(series: Series, derived: list[Path], out_dir: Path, model_i
     """
     from highdicom.legacy import LegacyConvertedEnhancedCTImage
 
-    uids = source_uids(series, model_id)
     slices = [pydicom.dcmread(p) for p in derived]
     image = LegacyConvertedEnhancedCTImage(
         legacy_datasets=slices, series_instance_uid=uids["multiframe_series"], series_number=series_number,
@@ -217,8 +220,4 @@ def write_multiframe(series: Series, derived: list[Path], out_dir: Path, model_i
     evidence.ReferencedSeriesSequence = Sequence([referenced_series])
     image.SourceImageEvidenceSequence = Sequence([evidence])
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"CT_MULTIFRAME_{image.SOPInstanceUID}.dcm"
-    tmp = path.with_suffix(".tmp")
-    image.save_as(tmp, enforce_file_format=True)
-    tmp.replace(path)
-    return path
+    return save_atomic(image, out_dir / f"CT_MULTIFRAME_{image.SOPInstanceUID}.dcm")

@@ -17,7 +17,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from .. import __version__
-from .derived import MANUFACTURER, contributing_equipment, instance_uid
+from .derived import MANUFACTURER, contributing_equipment, instance_uid, save_atomic
 from .series import Series
 
 CALCIFICATION = Code("18115005", "SCT", "Pathologic calcification")
@@ -80,8 +80,4 @@ def write_seg(series: Series, calcium: np.ndarray, restored: np.ndarray, out_dir
         contributing_equipment=[contributing_equipment(model_id, "calcium removal by 3D inpainting")],
         omit_empty_frames=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"SEG_{uids['seg']}.dcm"
-    tmp = path.with_suffix(".tmp")
-    seg.save_as(tmp)
-    tmp.replace(path)
-    return path
+    return save_atomic(seg, out_dir / f"SEG_{uids['seg']}.dcm")
