@@ -253,6 +253,7 @@ def bare_scp(port: int, mode: str, folder: Path) -> None:
     from pynetdicom import AE, evt
     from pynetdicom.presentation import AllStoragePresentationContexts
 
+    from dicom_node.config import NodeConfig
     from dicom_node.node.receive import TRANSFER_SYNTAXES, _BulkRequestHandler
     from dicom_node.node.send import no_delay
 
@@ -266,22 +267,17 @@ def bare_scp(port: int, mode: str, folder: Path) -> None:
         return 0x0000
 
     ae = AE("BARE")
-    ae.maximum_pdu_size = 131072  # as the node's default max_pdu
+    ae.maximum_pdu_size = NodeConfig().max_pdu  # the node's default
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
     ae.make_server(("127.0.0.1", port), evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_CONN_OPEN, no_delay)],
                    request_handler=_BulkRequestHandler).serve_forever()
 
 
-def _listening(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 def _bare_rates(peers, folder: Path, root: Path, repeats: int, n: int) -> dict[str, list[float]]:
     import shutil
+
+    from dicom_node.node.send import _unreachable
 
     rates: dict[str, list[float]] = {}
     for mode in BARE_MODES:
@@ -291,7 +287,8 @@ def _bare_rates(peers, folder: Path, root: Path, repeats: int, n: int) -> dict[s
         proc = subprocess.Popen([sys.executable, __file__, "bare-scp", str(port), mode, str(out)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         try:
-            peers.wait_for(lambda p=port: _listening(p), 20, f"bare SCP ({mode}) on port {port}")
+            peers.wait_for(lambda p=port: not _unreachable("127.0.0.1", p, 1.0), 20,
+                           f"bare SCP ({mode}) on port {port}")
             rates[f"pynetdicom, {mode}"] = []
             for _ in range(repeats):
                 rates[f"pynetdicom, {mode}"].append(n / _timed_storescu(peers, port, "BARE", folder))
