@@ -349,6 +349,7 @@ def experiment2(args: argparse.Namespace) -> int:
                        "changed_mean_abs_error": float(err[changed].mean()) if changed.any() else None,
                        "changed_original_mean_abs_error": float(orig[changed].mean()) if changed.any() else None,
                        "untouched_share_of_mean_abs_error": float(err[~changed].sum() / len(rows))}
+    shown = {n: _shown(m) for n, m, _ in runs}
     goal_summary = {}
     for m in modes:
         g = {k: sum(d[k] for d in goals[m]) for k in goals[m][0]}
@@ -359,24 +360,38 @@ def experiment2(args: argparse.Namespace) -> int:
             "far_voxels": g["far_voxels"], "far_changed": g["far_changed"],
             "bone_voxels": g["bone_voxels"], "bone_changed": g["bone_changed"]}
     (report / "experiment2.json").write_text(json.dumps({"studies": args.studies, "seed": args.seed,
-                                                         "runs": {n: {"model": _shown(m),
-                                                                      "mask_mode": k} for n, m, k in runs},
+                                                         "runs": {n: {"model": shown[n],
+                                                                      "mask_mode": k} for n, _, k in runs},
                                                          "summary": summary, "goals": goal_summary,
                                                          "seconds": timings, "lesions": rows}, indent=2))
-    _exp2_markdown(report / "experiment2.md", summary, goal_summary, rows, timings, modes, args)
+    _exp2_markdown(report / "experiment2.md", summary, goal_summary, rows, timings, shown, args)
     _exp2_figure(report / "experiment2.png", examples, modes)
     print((report / "experiment2.md").read_text())
     return 0
 
 
-def _exp2_markdown(path: Path, summary: dict, goals: dict, rows: list[dict], timings: dict, modes: tuple[str, ...],
-                   args: argparse.Namespace) -> None:
+def _exp2_command(args: argparse.Namespace) -> str:
+    """The command line that made this report, with only the options that differ from the defaults."""
+    parts = ["python tools/evaluate.py experiment2", f"--studies {args.studies}"]
+    if args.seed != EXP2_SEED:
+        parts.append(f"--seed {args.seed}")
+    if list(args.runs) != [r[0] for r in EXP2_RUNS]:
+        parts.append("--runs " + " ".join(args.runs))
+    if args.model:
+        parts.append(f"--model {args.model}")
+    parts += [f"--engine '{kv}'" for kv in args.engine]
+    return " ".join(parts)
+
+
+def _exp2_markdown(path: Path, summary: dict, goals: dict, rows: list[dict], timings: dict,
+                   models: dict[str, str], args: argparse.Namespace) -> None:
+    modes = tuple(models)
     lines = [
         "# Experiment 2: diameter stenosis at calcified lesions, against the true calcium-free image", "",
-        f"Reproduce: `python tools/evaluate.py experiment2 --studies {args.studies}"
-        + (f" --seed {args.seed}" if args.seed != EXP2_SEED else "") + "` "
-        "(models `engines/dense_unet.onnx`, shipped, and `engines/dense_unet_paper.onnx`).", "",
-        f"{args.studies} held-out phantom CTA studies ({EXP2_SHAPE[0]}×{EXP2_SHAPE[1]}×{EXP2_SHAPE[2]} at 0.47 mm, "
+        f"Reproduce: `{_exp2_command(args)}` (models: "
+        + ", ".join(f"{name} `{model}`" for name, model in models.items()) + ").", "",
+        f"{args.studies} {'held-out' if args.seed == EXP2_SEED else 'tuning'} phantom CTA studies "
+        f"({EXP2_SHAPE[0]}×{EXP2_SHAPE[1]}×{EXP2_SHAPE[2]} at 0.47 mm, "
         f"seeds `{args.seed}*1000003 + i`) were written as DICOM CT series and run through `dicom-node process`; "
         "the derived series were read back from disk. Diameter stenosis (%) is measured with one method "
         "(`dicom_node/stenosis.py`: contrast-range lumen connected to the centreline in each cross-section, "
