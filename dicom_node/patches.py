@@ -26,11 +26,24 @@ class Patch:
     target: np.ndarray  # float32 HU
     lumen: np.ndarray  # bool, true lumen
     mode: str
+    lumen_hu: float = float("nan")  # contrast level of the true lumen in the patch; nan if none
 
 
-def training_options() -> phantom.PhantomOptions:
+def lumen_level(p: phantom.Phantom, box: tuple[slice, ...]) -> float:
+    """The contrast level of the vessel nearest the patch centre, as Experiment 2's ruler takes it."""
+    centre_mm = np.array([(b.start + b.stop - 1) / 2 for b in box]) * np.asarray(p.spacing)
+    best, level = np.inf, float("nan")
+    for v in p.vessels:
+        d = np.linalg.norm(v.points_mm - centre_mm, axis=1)
+        i = int(np.argmin(d))
+        if d[i] < best:
+            best, level = float(d[i]), float(v.lumen_hu[i])
+    return level
+
+
+def training_options(kind_weights: tuple[float, float, float, float] | None = None) -> phantom.PhantomOptions:
     """Phantom ranges for training volumes: lesions kept near the middle so patches hold them."""
-    return phantom.PhantomOptions(lesion_margin_mm=7.0)
+    return phantom.PhantomOptions(lesion_margin_mm=7.0, calcium_kind_weights=kind_weights)
 
 
 def _crop(p: phantom.Phantom, centre: np.ndarray) -> tuple[slice, ...]:
@@ -105,8 +118,9 @@ def cut(rng: np.random.Generator, p: phantom.Phantom, mode: str,
             return None
     image = p.image[box]
     target = np.where(mask > 0.5, p.truth[box], image).astype(np.float32)
+    level = lumen_level(p, box)
     image, mask, target, lumen = _flip(rng, [image, mask, target, p.lumen_mask[box]])
-    return Patch(image=image, mask=mask, target=target, lumen=lumen, mode=mode)
+    return Patch(image=image, mask=mask, target=target, lumen=lumen, mode=mode, lumen_hu=level)
 
 
 def volume_seed(base_seed: int, index: int) -> int:

@@ -114,6 +114,8 @@ class PhantomOptions:
     fat_hu: tuple[float, float] = (-120.0, -60.0)
     myocardium_hu: tuple[float, float] = (80.0, 150.0)
     calcium_hu: tuple[float, float] = (400.0, 2000.0)
+    # relative frequency of CALCIUM_KINDS; None draws them evenly (training may weight the hard ones up)
+    calcium_kind_weights: tuple[float, float, float, float] | None = None
     plaques_per_vessel: tuple[int, int] = (1, 3)
     calcified_probability: float = 0.75
     fwhm_inplane_mm: tuple[float, float] = (0.5, 1.1)
@@ -245,7 +247,13 @@ class _VesselGeometry:
 
 def _make_plaque(rng: np.random.Generator, s_mm: float, opts: PhantomOptions,
                  calcified: bool) -> Plaque:
-    kind = str(rng.choice(CALCIUM_KINDS)) if calcified else "soft"
+    if not calcified:
+        kind = "soft"
+    elif opts.calcium_kind_weights is None:
+        kind = str(rng.choice(CALCIUM_KINDS))
+    else:
+        w = np.asarray(opts.calcium_kind_weights, float)
+        kind = str(rng.choice(CALCIUM_KINDS, p=w / w.sum()))
     concentric = kind == "concentric" or (kind == "soft" and rng.random() < 0.3)
     half_length = rng.uniform(2.0, 5.0)
     if kind == "long":

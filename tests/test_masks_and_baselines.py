@@ -56,3 +56,36 @@ def test_training_margin_sets_the_footprint_size(calcified_phantoms):
     assert np.array_equal(narrow.image, wide.image)  # same patch, same draw
     assert wide.mask.sum() > 1.5 * narrow.mask.sum()
     assert np.all(wide.mask >= narrow.mask)
+
+
+def test_patches_know_their_lumen_level(calcified_phantoms):
+    """The lumen-boundary loss needs the contrast level the stenosis ruler uses: the vessel's own."""
+    rng = np.random.default_rng(1)
+    for p in calcified_phantoms:
+        patch = cut(rng, p, "footprint")
+        levels = np.concatenate([v.lumen_hu for v in p.vessels])
+        assert levels.min() - 1e-3 <= patch.lumen_hu <= levels.max() + 1e-3
+
+
+def test_lumen_boundary_loss_scores_the_side_of_the_reader_threshold():
+    import torch
+
+    from dicom_node.model.training import lumen_boundary_loss
+
+    target = torch.full((2, 1, 4, 4, 4), 100.0)  # plaque behind the calcium
+    mask = torch.zeros_like(target)
+    mask[:, :, 1:3, 1:3, 1:3] = 1.0
+    level = torch.tensor([450.0, 450.0])  # reader's threshold (450 + 50) / 2 = 250 HU
+    assert float(lumen_boundary_loss(target.clone(), target, mask, level)) < 1e-4
+    hedged = target.clone()
+    hedged[mask > 0] = 300.0  # between plaque and lumen: a reader counts it as lumen
+    below = target.clone()
+    below[mask > 0] = 200.0  # as wrong in HU, but on the right side of the threshold
+    assert float(lumen_boundary_loss(hedged, target, mask, level)) > 0.5
+    assert float(lumen_boundary_loss(below, target, mask, level)) < 0.25 * float(
+        lumen_boundary_loss(hedged, target, mask, level))
+    outside = target.clone()
+    outside[mask == 0] = 400.0  # outside the mask nothing is scored
+    assert float(lumen_boundary_loss(outside, target, mask, level)) < 1e-4
+    unknown = torch.tensor([float("nan"), float("nan")])
+    assert float(lumen_boundary_loss(hedged, target, mask, unknown)) == 0.0

@@ -75,3 +75,15 @@ def test_lesions_narrow_the_true_lumen():
             lumen_frac = p.lumen_mask[region].mean()
             narrowed += lumen_frac < 1.0 and r > 0
     assert narrowed > 0
+
+
+def test_calcium_kind_weights_choose_the_kinds():
+    """Training can weight the hard kinds up; the default draw stays even, so old seeds keep their volumes."""
+    only_rings = phantom.PhantomOptions(calcified_probability=1.0, calcium_kind_weights=(0.0, 0.0, 1.0, 0.0))
+    kinds = set()
+    for seed in range(6):
+        kinds |= {les.kind for les in phantom.generate((24, 24, 24), seed=seed, options=only_rings).lesions}
+    assert kinds == {"concentric"}
+    even = phantom.PhantomOptions(calcified_probability=1.0, plaques_per_vessel=(3, 3))
+    drawn = [les.kind for seed in range(40) for les in phantom.generate((24, 24, 24), seed=seed, options=even).lesions]
+    assert len(set(drawn)) == 4

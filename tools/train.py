@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dicom_node.masks import MASK_MODES  # noqa: E402
 from dicom_node.model.inpaint import INPUT_MODES  # noqa: E402
 from dicom_node.model.networks import NETWORKS  # noqa: E402
-from dicom_node.model.training import TrainConfig, train  # noqa: E402
+from dicom_node.model.training import LOSSES, TrainConfig, train  # noqa: E402
+from dicom_node.phantom import CALCIUM_KINDS  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=d.lr)
     ap.add_argument("--schedule", choices=("constant", "cosine"), default=d.schedule)
     ap.add_argument("--batch", type=int, default=d.batch)
-    ap.add_argument("--loss", choices=("whole", "mask"), default=d.loss)
+    ap.add_argument("--loss", choices=LOSSES, default=d.loss,
+                    help="whole: patch MSE (paper); mask: in-mask MSE; lumen: in-mask MSE + lumen-boundary term")
+    ap.add_argument("--lumen-weight", type=float, default=d.lumen_weight,
+                    help="weight of the lumen-boundary term (--loss lumen)")
+    ap.add_argument("--kind-weights", type=float, nargs=len(CALCIUM_KINDS), default=None,
+                    metavar="W", help="relative frequency of the calcium kinds " + " ".join(CALCIUM_KINDS))
     ap.add_argument("--inputs", choices=INPUT_MODES, default=d.inputs,
                     help="hidden: masked voxels hidden (paper); observed: seen and corrected downwards")
     ap.add_argument("--seed", type=int, default=d.seed)
@@ -63,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    values["kind_weights"] = tuple(args.kind_weights or ())
     if values.get("dicom_fraction") is None:
         values["dicom_fraction"] = 0.5 if args.dicom else 0.0
     cfg = TrainConfig(**values)

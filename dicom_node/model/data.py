@@ -19,11 +19,16 @@ from ..patches import VOLUME, Patch, cut, training_options, volume_seed
 
 
 class PhantomPatches(IterableDataset):
-    """Infinite stream of (image, mask, target) tensors for one mask mode."""
+    """Infinite stream of (image, mask, target, lumen level) tensors for one mask mode.
+
+    The lumen level (HU, nan where unknown) lets the loss see the lumen boundary the
+    way a reader's threshold does.
+    """
 
     def __init__(self, seed: int, mode: str, start: int = 0, pool: int = 32, reuse: int = 10,
                  extra: Callable[[np.random.Generator], Patch | None] | None = None,
-                 extra_fraction: float = 0.0, margin_mm: float = DEFAULT_MARGIN_MM):
+                 extra_fraction: float = 0.0, margin_mm: float = DEFAULT_MARGIN_MM,
+                 kind_weights: tuple[float, ...] | None = None):
         self.seed = seed
         self.margin_mm = margin_mm
         self.mode = mode
@@ -32,12 +37,13 @@ class PhantomPatches(IterableDataset):
         self.reuse = reuse
         self.extra = extra
         self.extra_fraction = extra_fraction
+        self.kind_weights = tuple(kind_weights) if kind_weights else None
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         rng = np.random.default_rng([self.seed, self.start, wid])
-        opts = training_options()
+        opts = training_options(self.kind_weights)
         index = self.start * nw + wid
         vols: list[phantom.Phantom] = []
         while True:
@@ -53,4 +59,4 @@ class PhantomPatches(IterableDataset):
                 if patch is None:
                     continue
                 yield (torch.from_numpy(patch.image[None]), torch.from_numpy(patch.mask[None]),
-                       torch.from_numpy(patch.target[None]))
+                       torch.from_numpy(patch.target[None]), torch.tensor(patch.lumen_hu, dtype=torch.float32))

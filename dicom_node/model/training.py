@@ -22,11 +22,14 @@ from torch.utils.data import DataLoader
 from .. import phantom
 from ..masks import DEFAULT_MARGIN_MM
 from ..patches import VOLUME, cut, training_options, volume_seed
+from ..stenosis import TISSUE_HU
 from .data import PhantomPatches
-from .inpaint import Inpainter, to_norm
+from .inpaint import Inpainter, to_hu, to_norm
 from .networks import build
 
 VALIDATION_SEED = 7  # volume seeds base*1_000_003 + i: disjoint from training's
+LUMEN_SOFTNESS_HU = 25.0  # width of the soft lumen/tissue decision in the lumen-boundary loss
+LOSSES = ("whole", "mask", "lumen")
 
 
 @dataclass
@@ -41,7 +44,9 @@ class TrainConfig:
     lr: float = 1e-4
     schedule: str = "constant"  # or "cosine", over the step (or time) budget
     batch: int = 3
-    loss: str = "whole"  # "whole" patch MSE (paper), or "mask" only
+    loss: str = "whole"  # "whole" patch MSE (paper), "mask" only, or "lumen": mask + lumen boundary
+    lumen_weight: float = 0.3  # weight of the lumen-boundary term when loss = "lumen"
+    kind_weights: tuple[float, ...] = ()  # relative frequency of phantom.CALCIUM_KINDS; () = even
     inputs: str = "hidden"  # "hidden": masked voxels hidden (paper); "observed": seen, corrected downwards
     seed: int = 1
     threads: int = 2
@@ -55,6 +60,27 @@ class TrainConfig:
     bn_calibration_batches: int = 40  # precise BatchNorm statistics after training, batches of 6
     init: str = ""  # start from these weights (a model.pt) instead of random ones: fine-tuning
     margin_mm: float = DEFAULT_MARGIN_MM  # footprint masks: calcium dilated by 0.8-1.3 × this
+
+
+def lumen_boundary_loss(pred_hu: torch.Tensor, target_hu: torch.Tensor, mask: torch.Tensor,
+                        lumen_hu: torch.Tensor) -> torch.Tensor:
+    """How far the output's lumen/tissue decision is from the truth's, inside the mask.
+
+    A stenosis is read where the image crosses half-way between the contrast and the
+    tissue (``stenosis.py``). Mean squared error lets the network hedge behind calcium
+    with values between plaque and lumen; a reader then counts the plaque as lumen and
+    under-calls the stenosis. This term scores the side of that threshold each voxel
+    falls on, softly, so the network learns to put the lumen edge where the truth has it.
+    """
+    low = 0.5 * (lumen_hu + TISSUE_HU)
+    valid = torch.isfinite(low)
+    if not valid.any():
+        return pred_hu.new_zeros(())
+    low = torch.where(valid, low, torch.zeros_like(low)).view(-1, 1, 1, 1, 1)
+    side = torch.sigmoid((pred_hu - low) / LUMEN_SOFTNESS_HU)
+    truth = torch.sigmoid((target_hu - low) / LUMEN_SOFTNESS_HU)
+    weight = mask * valid.view(-1, 1, 1, 1, 1).to(mask.dtype)
+    return (((side - truth) ** 2) * weight).sum() / weight.sum().clamp(min=1)
 
 
 def _atomic_save(obj: object, path: Path) -> None:
@@ -112,8 +138,9 @@ def recalibrate_batchnorm(model: Inpainter, cfg: TrainConfig, batches: int, batc
     was_training = model.training
     model.train()
     # training seed range, unseen volumes
-    data = PhantomPatches(cfg.seed, cfg.mask_mode, start=10_000_000, margin_mm=cfg.margin_mm)
-    for i, (image, mask, _) in enumerate(DataLoader(data, batch_size=batch, num_workers=0)):
+    data = PhantomPatches(cfg.seed, cfg.mask_mode, start=10_000_000, margin_mm=cfg.margin_mm,
+                          kind_weights=cfg.kind_weights)
+    for i, (image, mask, *_) in enumerate(DataLoader(data, batch_size=batch, num_workers=0)):
         if i >= batches:
             break
         model.predict(image, mask)
@@ -163,7 +190,7 @@ def train(cfg: TrainConfig, out: Path, progress: bool = True, dicom_source=None)
     log = open(out / "train.log", "a")  # noqa: SIM115 - held for the whole run, closed at the end
     extra = dicom_source.sample if dicom_source is not None else None
     data = PhantomPatches(cfg.seed, cfg.mask_mode, start=step, extra=extra, extra_fraction=cfg.dicom_fraction,
-                          margin_mm=cfg.margin_mm)
+                          margin_mm=cfg.margin_mm, kind_weights=cfg.kind_weights)
     loader = DataLoader(data, batch_size=cfg.batch, num_workers=cfg.workers,
                         persistent_workers=cfg.workers > 0, prefetch_factor=4 if cfg.workers else None)
     val = validation_set(cfg.validation_patches, cfg.mask_mode, cfg.margin_mm) if cfg.validation_patches else []
@@ -196,7 +223,7 @@ def train(cfg: TrainConfig, out: Path, progress: bool = True, dicom_source=None)
     model.train()
     t_last, c_last = time.monotonic(), time.process_time()
     val_mse = float("nan")
-    for image, mask, target in loader:
+    for image, mask, target, lumen_hu in loader:
         if progress_fraction() >= 1.0:
             break
         if cfg.channels_last:
@@ -206,6 +233,8 @@ def train(cfg: TrainConfig, out: Path, progress: bool = True, dicom_source=None)
         pred = model.predict(image, mask)
         err = (pred - to_norm(target)) ** 2
         loss = err.mean() if cfg.loss == "whole" else (err * mask).sum() / mask.sum().clamp(min=1)
+        if cfg.loss == "lumen":
+            loss = loss + cfg.lumen_weight * lumen_boundary_loss(to_hu(pred), target, mask, lumen_hu)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
