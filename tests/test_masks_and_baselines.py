@@ -80,7 +80,7 @@ def test_lumen_boundary_loss_scores_the_side_of_the_reader_threshold():
     hedged = target.clone()
     hedged[mask > 0] = 300.0  # between plaque and lumen: a reader counts it as lumen
     below = target.clone()
-    below[mask > 0] = 200.0  # as wrong in HU, but on the right side of the threshold
+    below[mask > 0] = -100.0  # as far off in HU (200), but on the tissue side of the threshold
     assert float(lumen_boundary_loss(hedged, target, mask, level)) > 0.5
     assert float(lumen_boundary_loss(below, target, mask, level)) < 0.25 * float(
         lumen_boundary_loss(hedged, target, mask, level))
