@@ -13,12 +13,23 @@ the blurred halo outside a calcified ring, which no reader would call lumen.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from scipy import ndimage
 
 TISSUE_HU = 50.0
 BRIGHTER_THAN_LUMEN_HU = 100.0  # above lumen + this, a voxel reads as calcium or blooming
+Level = TypeVar("Level")  # a float, a numpy array or a torch tensor of HU
+
+
+def lumen_threshold(lumen_hu: Level) -> Level:
+    """Where a reader puts the lumen edge: half-way between the vessel's contrast and tissue.
+
+    One definition for the ruler and for the training loss that teaches the network to
+    put the edge where the ruler will look; works on floats, arrays and tensors.
+    """
+    return 0.5 * (lumen_hu + TISSUE_HU)
 
 
 @dataclass
@@ -54,7 +65,7 @@ def lumen_profile(volume: np.ndarray, spacing: tuple[float, float, float], point
         plane = p[None, None, :] + uu[..., None] * n[i] + vv[..., None] * b[i]
         vals = ndimage.map_coordinates(volume, (plane / sp).transpose(2, 0, 1), order=1, mode="nearest")
         ref = float(lumen_hu[i])
-        low = 0.5 * (ref + TISSUE_HU)
+        low = lumen_threshold(ref)
         high = ref + BRIGHTER_THAN_LUMEN_HU
         lumen = (vals > low) & (vals < high) & (np.hypot(uu, vv) <= radius_mm[i] + 0.3)
         lab, nlab = ndimage.label(lumen)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from .. import phantom
 from ..masks import DEFAULT_MARGIN_MM
 from ..patches import VOLUME, cut, training_options, volume_seed
-from ..stenosis import TISSUE_HU
+from ..stenosis import lumen_threshold
 from .data import PhantomPatches
 from .inpaint import Inpainter, to_hu, to_norm
 from .networks import build
@@ -72,7 +72,7 @@ def lumen_boundary_loss(pred_hu: torch.Tensor, target_hu: torch.Tensor, mask: to
     under-calls the stenosis. This term scores the side of that threshold each voxel
     falls on, softly, so the network learns to put the lumen edge where the truth has it.
     """
-    low = 0.5 * (lumen_hu + TISSUE_HU)
+    low = lumen_threshold(lumen_hu)
     valid = torch.isfinite(low)
     if not valid.any():
         return pred_hu.new_zeros(())
