@@ -41,9 +41,12 @@ def lumen_level(p: phantom.Phantom, box: tuple[slice, ...]) -> float:
     return level
 
 
-def training_options(kind_weights: tuple[float, float, float, float] | None = None) -> phantom.PhantomOptions:
-    """Phantom ranges for training volumes: lesions kept near the middle so patches hold them."""
-    return phantom.PhantomOptions(lesion_margin_mm=7.0, calcium_kind_weights=kind_weights)
+def training_options(kind_weights: tuple[float, ...] = ()) -> phantom.PhantomOptions:
+    """Phantom ranges for training volumes: lesions kept near the middle so patches hold them.
+
+    ``kind_weights`` as TrainConfig keeps them: empty draws the calcium kinds evenly.
+    """
+    return phantom.PhantomOptions(lesion_margin_mm=7.0, calcium_kind_weights=tuple(kind_weights) or None)
 
 
 def _crop(p: phantom.Phantom, centre: np.ndarray) -> tuple[slice, ...]:

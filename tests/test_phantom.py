@@ -78,7 +78,7 @@ def test_lesions_narrow_the_true_lumen():
 
 
 def test_calcium_kind_weights_choose_the_kinds():
-    """Training can weight the hard kinds up; the default draw stays even, so old seeds keep their volumes."""
+    """Training can weight the hard kinds up; without weights every kind is still drawn."""
     only_rings = phantom.PhantomOptions(calcified_probability=1.0, calcium_kind_weights=(0.0, 0.0, 1.0, 0.0))
     kinds = set()
     for seed in range(6):

@@ -28,7 +28,7 @@ class PhantomPatches(IterableDataset):
     def __init__(self, seed: int, mode: str, start: int = 0, pool: int = 32, reuse: int = 10,
                  extra: Callable[[np.random.Generator], Patch | None] | None = None,
                  extra_fraction: float = 0.0, margin_mm: float = DEFAULT_MARGIN_MM,
-                 kind_weights: tuple[float, ...] | None = None):
+                 kind_weights: tuple[float, ...] = ()):
         self.seed = seed
         self.margin_mm = margin_mm
         self.mode = mode
@@ -37,7 +37,7 @@ class PhantomPatches(IterableDataset):
         self.reuse = reuse
         self.extra = extra
         self.extra_fraction = extra_fraction
-        self.kind_weights = tuple(kind_weights) if kind_weights else None
+        self.kind_weights = kind_weights
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
