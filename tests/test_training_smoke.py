@@ -37,3 +37,57 @@ def test_train_resume_export_and_onnx_matches_torch(tmp_path):
     diff = compare_with_onnxruntime(model, path, images, masks)
     assert diff["max_abs_hu"] <= 0.5
     assert diff["outside_identical"]
+
+
+def test_reuse_sets_how_many_patches_each_rendered_volume_gives(monkeypatch):
+    """A GPU trains faster than workers render; ``reuse`` trades rendering for patches per volume."""
+    from dicom_node.model import data
+
+    rendered = []
+    real = data.phantom.generate
+
+    def counting(*args, **kwargs):
+        rendered.append(kwargs.get("seed"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data.phantom, "generate", counting)
+    for reuse, volumes in ((3, 3), (9, 1)):
+        rendered.clear()
+        stream = iter(data.PhantomPatches(5, "cube16", reuse=reuse))  # cube masks: every cut succeeds
+        for _ in range(9):
+            next(stream)
+        assert len(rendered) == volumes, f"reuse={reuse}: 9 patches from {len(rendered)} volumes"
+
+
+def test_train_hands_reuse_to_the_patch_stream(monkeypatch, tmp_path):
+    from dicom_node.model import training
+
+    seen = {}
+    real = training.PhantomPatches
+
+    def recording(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "PhantomPatches", recording)
+    cfg = TrainConfig(steps=1, threads=1, workers=0, reuse=4, validation_patches=0, bn_calibration_batches=0)
+    train(cfg, tmp_path, progress=False)
+    assert seen["reuse"] == 4
+
+
+@pytest.mark.gpu
+def test_training_on_a_gpu_writes_a_model_that_loads_on_the_cpu(tmp_path):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible to PyTorch (this project's CPU machines have none)")
+    cfg = TrainConfig(steps=4, threads=1, workers=1, device="cuda", checkpoint_every=2, validation_patches=2,
+                      validate_every=2, bn_calibration_batches=2)
+    summary = train(cfg, tmp_path, progress=False)
+    assert summary["steps"] == 4 and summary["device"] != "cpu"
+    state = torch.load(tmp_path / "model.pt", map_location=None, weights_only=False)
+    assert all(v.device.type == "cpu" for v in state["model"].values())
+    cfg.steps = 6
+    assert train(cfg, tmp_path, progress=False)["steps"] == 6, "a GPU run resumes from its checkpoint"
+    model, _ = load_model(tmp_path / "model.pt")
+    patches = validation_set(1, "mixed")
+    assert torch.isfinite(model(patches[0][0], patches[0][1])).all()

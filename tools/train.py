@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--threads", type=int, default=d.threads)
     ap.add_argument("--workers", type=int, default=d.workers)
+    ap.add_argument("--reuse", type=int, default=d.reuse, help="patches cut from each rendered phantom volume")
     ap.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     ap.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     ap.add_argument("--validate-every", type=int, default=d.validate_every)
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="self-supervised patches from a site's CTA folders (repeatable)")
     ap.add_argument("--dicom-fraction", type=float, default=None,
                     help="share of patches from --dicom (default 0.5 when --dicom is given)")
+    ap.add_argument("--device", default=d.device, help="cpu (default) or cuda: train on a GPU")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}

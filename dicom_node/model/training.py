@@ -51,6 +51,7 @@ class TrainConfig:
     seed: int = 1
     threads: int = 2
     workers: int = 1
+    reuse: int = 10  # patches cut from each rendered volume; raise it when rendering cannot feed a GPU
     channels_last: bool = True
     checkpoint_every: int = 250
     validate_every: int = 500
@@ -60,6 +61,7 @@ class TrainConfig:
     bn_calibration_batches: int = 40  # precise BatchNorm statistics after training, batches of 6
     init: str = ""  # start from these weights (a model.pt) instead of random ones: fine-tuning
     margin_mm: float = DEFAULT_MARGIN_MM  # footprint masks: calcium dilated by 0.8-1.3 × this
+    device: str = "cpu"  # "cuda" trains on a GPU; patches are still rendered by CPU workers
 
 
 def lumen_boundary_loss(pred_hu: torch.Tensor, target_hu: torch.Tensor, mask: torch.Tensor,
@@ -91,6 +93,11 @@ def _atomic_save(obj: object, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _cpu(state: dict) -> dict:
+    """Model files load anywhere: weights trained on a GPU are saved as CPU tensors."""
+    return {k: v.cpu() for k, v in state.items()}
+
+
 def validation_set(n: int, mode: str, margin_mm: float = DEFAULT_MARGIN_MM
                    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """A fixed held-out batch of patches, the same for every run with this mode."""
@@ -110,8 +117,10 @@ def validation_set(n: int, mode: str, margin_mm: float = DEFAULT_MARGIN_MM
 def evaluate_mse(model: Inpainter, patches: list) -> float:
     """Mean in-mask MSE in HU² over the held-out patches."""
     model.eval()
+    device = next(model.parameters()).device
     errs = []
     for image, mask, target in patches:
+        image, mask, target = (t.to(device) for t in (image, mask, target))
         out = model(image, mask)
         errs.append(float((((out - target) ** 2) * mask).sum() / mask.sum()))
     model.train()
@@ -137,13 +146,14 @@ def recalibrate_batchnorm(model: Inpainter, cfg: TrainConfig, batches: int, batc
         m.momentum = None  # cumulative average
     was_training = model.training
     model.train()
+    device = next(model.parameters()).device
     # training seed range, unseen volumes
     data = PhantomPatches(cfg.seed, cfg.mask_mode, start=10_000_000, margin_mm=cfg.margin_mm,
                           kind_weights=cfg.kind_weights)
     for i, (image, mask, *_) in enumerate(DataLoader(data, batch_size=batch, num_workers=0)):
         if i >= batches:
             break
-        model.predict(image, mask)
+        model.predict(image.to(device), mask.to(device))
     for m, mom in zip(bns, momenta):
         m.momentum = mom
     model.train(was_training)
@@ -167,8 +177,11 @@ def train(cfg: TrainConfig, out: Path, progress: bool = True, dicom_source=None)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     ckpt_path = out / "checkpoint.pt"
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     model = Inpainter(build(cfg.network), cfg.inputs)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    state = None
     step, elapsed, cpu = 0, 0.0, 0.0
     losses: list[float] = []
     if cfg.init and not ckpt_path.exists():
@@ -181,6 +194,9 @@ def train(cfg: TrainConfig, out: Path, progress: bool = True, dicom_source=None)
         if state["config"]["network"] != cfg.network:
             raise SystemExit(f"{ckpt_path} holds a {state['config']['network']} run, not {cfg.network}")
         model.load_state_dict(state["model"])
+    model.to(device)  # before the optimiser exists, so its state lives where the weights do
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    if state is not None:
         opt.load_state_dict(state["optimizer"])
         step, elapsed, cpu = state["step"], state["elapsed"], state.get("cpu", 0.0)
         losses = list(state.get("recent_losses", []))
@@ -189,9 +205,9 @@ def train(cfg: TrainConfig, out: Path, progress: bool = True, dicom_source=None)
         model = model.to(memory_format=torch.channels_last_3d)
     log = open(out / "train.log", "a")  # noqa: SIM115 - held for the whole run, closed at the end
     extra = dicom_source.sample if dicom_source is not None else None
-    data = PhantomPatches(cfg.seed, cfg.mask_mode, start=step, extra=extra, extra_fraction=cfg.dicom_fraction,
-                          margin_mm=cfg.margin_mm, kind_weights=cfg.kind_weights)
-    loader = DataLoader(data, batch_size=cfg.batch, num_workers=cfg.workers,
+    data = PhantomPatches(cfg.seed, cfg.mask_mode, start=step, reuse=cfg.reuse, extra=extra,
+                          extra_fraction=cfg.dicom_fraction, margin_mm=cfg.margin_mm, kind_weights=cfg.kind_weights)
+    loader = DataLoader(data, batch_size=cfg.batch, num_workers=cfg.workers, pin_memory=device.type == "cuda",
                         persistent_workers=cfg.workers > 0, prefetch_factor=4 if cfg.workers else None)
     val = validation_set(cfg.validation_patches, cfg.mask_mode, cfg.margin_mm) if cfg.validation_patches else []
     budget_s = cfg.minutes * 60.0
@@ -212,7 +228,7 @@ def train(cfg: TrainConfig, out: Path, progress: bool = True, dicom_source=None)
 
     def save(path: Path) -> None:
         net = model.to(memory_format=torch.contiguous_format)
-        _atomic_save({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step,
+        _atomic_save({"model": _cpu(net.state_dict()), "optimizer": opt.state_dict(), "step": step,
                       "elapsed": elapsed, "cpu": cpu, "recent_losses": losses[-200:],
                       "torch_rng": torch.get_rng_state(), "config": asdict(cfg)}, path)
         if cfg.channels_last:
@@ -226,6 +242,7 @@ def train(cfg: TrainConfig, out: Path, progress: bool = True, dicom_source=None)
     for image, mask, target, lumen_hu in loader:
         if progress_fraction() >= 1.0:
             break
+        image, mask, target, lumen_hu = (t.to(device, non_blocking=True) for t in (image, mask, target, lumen_hu))
         if cfg.channels_last:
             image, mask, target = (t.contiguous(memory_format=torch.channels_last_3d) for t in (image, mask, target))
         for g in opt.param_groups:
@@ -270,10 +287,11 @@ def train(cfg: TrainConfig, out: Path, progress: bool = True, dicom_source=None)
                "train_seconds": round(elapsed, 1), "train_cpu_seconds": round(cpu, 1),
                "final_loss": float(np.mean(losses[-200:])) if losses else None,
                "val_mask_mse_hu2": val_mse, "config": asdict(cfg), "torch": torch.__version__,
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "params": sum(p.numel() for p in model.parameters()),
                "bn_calibration_patches": cfg.bn_calibration_batches * 6}
     net = model.to(memory_format=torch.contiguous_format)
-    _atomic_save({"model": net.state_dict(), "config": asdict(cfg), "summary": summary}, out / "model.pt")
+    _atomic_save({"model": _cpu(net.state_dict()), "config": asdict(cfg), "summary": summary}, out / "model.pt")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     log.write(json.dumps({"done": summary}) + "\n")
     log.close()
