@@ -2,7 +2,7 @@
 """The paper's experiments, on held-out phantom data with a real ground truth.
 
   python tools/evaluate.py experiment1 --patches 200
-  python tools/evaluate.py experiment2 --studies 8
+  python tools/evaluate.py experiment2 --studies 32
 
 experiment1: restore a centre cube (16³ and 8³) that hides a stretch of vessel with
 no calcium, and measure MSE against the truth, for every network and the classical
@@ -491,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     e1.add_argument("--example", type=int, default=0, help="which patch the figure shows")
     e1.add_argument("--threads", type=int, default=2)
     e2 = sub.add_parser("experiment2", help="stenosis at calcified lesions: original vs processed vs truth")
-    e2.add_argument("--studies", type=int, default=8)
+    e2.add_argument("--studies", type=int, default=32)
     e2.add_argument("--runs", nargs="+", default=[r[0] for r in EXP2_RUNS], choices=[r[0] for r in EXP2_RUNS],
                     help="which (model, mask mode) runs to compare")
     e2.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
