@@ -24,6 +24,11 @@ PATCH = 32
 # RMSE near calcium (0.45× the original) unchanged. A wider margin lets the network redraw more of a
 # small vessel's lumen, and where it is unsure it draws plaque.
 ENGINE_MARGIN_MM = 0.9
+# A model voxel belongs to the mask if a footprint voxel interpolates from it with more than
+# this weight. Slice spacing from DICOM positions carries float noise (0.46999999999999886
+# for 0.47); interpolation weights of 1e-13 then made the mask one voxel wider along that
+# axis, on one side, than the same series with exact spacing.
+MIN_INTERPOLATION_WEIGHT = 1e-3
 
 
 @dataclass
@@ -170,7 +175,7 @@ def plan(detection: Detection, spacing: tuple[float, float, float], options: Pla
         coords = region.model_coordinates()
         local = coords - lo.reshape(3, 1, 1, 1)
         frac = ndimage.map_coordinates(native_footprint.astype(np.float32), local, order=1, mode="constant", cval=0.0)
-        region.model_mask = ndimage.binary_dilation(frac > 0.0)
+        region.model_mask = ndimage.binary_dilation(frac > MIN_INTERPOLATION_WEIGHT)
         if opts.mask_mode not in ("footprint", "cube"):
             raise ValueError(f"unknown mask mode {opts.mask_mode!r}")
         region.windows = _windows(region.model_mask, opts.core, cube=opts.mask_mode == "cube")

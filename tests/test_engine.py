@@ -100,6 +100,18 @@ def test_adaptive_threshold_never_rises_above_the_fixed_one():
     assert det.calcium[15, 15, 15]
 
 
+def test_float_noise_in_the_slice_spacing_does_not_change_the_plan(study):
+    """DICOM positions give 0.46999999999999886 mm for 0.47; the masks must not grow by a voxel."""
+    det = detect(study.image, study.spacing)
+    noisy = (study.spacing[0] * (1 - 2.4e-15), study.spacing[1], study.spacing[2])
+    exact, jittered = plan(det, study.spacing), plan(det, noisy)
+    assert len(exact) == len(jittered)
+    for a, b in zip(exact, jittered):
+        assert a.shape == b.shape
+        assert np.array_equal(a.model_mask, b.model_mask)
+        assert [w.centre for w in a.windows] == [w.centre for w in b.windows]
+
+
 def test_windows_cover_the_footprint_in_order_along_the_lesion():
     vol = np.full((40, 40, 120), 40.0, np.float32)
     vol[19:21, 19:21, 20:100] = 1000.0  # a 37 mm long calcification along x
