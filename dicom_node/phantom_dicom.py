@@ -17,6 +17,13 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from . import __version__
 from .phantom import Phantom
 
+RESCALE_INTERCEPT = -1024.0
+
+
+def stored_values(volume_hu: np.ndarray) -> np.ndarray:
+    """HU as the phantom's 12-bit slices store them; Experiment 2 reproduces the rounding in-process."""
+    return np.clip(np.round(volume_hu - RESCALE_INTERCEPT), 0, 4095).astype(np.uint16)
+
 
 def ct_series(volume_hu: np.ndarray, spacing: tuple[float, float, float], *, patient_id: str = "PHANTOM-0001",
               patient_name: str = "Phantom^Coronary", study_uid: str | None = None, series_uid: str | None = None,
@@ -27,7 +34,7 @@ def ct_series(volume_hu: np.ndarray, spacing: tuple[float, float, float], *, pat
     series_uid = series_uid or generate_uid()
     frame_uid = generate_uid()
     now = dt.datetime.now()
-    stored = np.clip(np.round(volume_hu + 1024.0), 0, 4095).astype(np.uint16)
+    stored = stored_values(volume_hu)
     out = []
     for z in range(volume_hu.shape[0]):
         ds = Dataset()
@@ -78,7 +85,7 @@ def ct_series(volume_hu: np.ndarray, spacing: tuple[float, float, float], *, pat
         ds.BitsStored = 12
         ds.HighBit = 11
         ds.PixelRepresentation = 0
-        ds.RescaleIntercept = -1024
+        ds.RescaleIntercept = int(RESCALE_INTERCEPT)
         ds.RescaleSlope = 1
         ds.RescaleType = "HU"
         ds.WindowCenter = 300

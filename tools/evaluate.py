@@ -305,8 +305,15 @@ def _run_config(work: Path, mode: str, model: Path, mask_mode: str, engine: list
 
 
 def _stored_hu(hu: np.ndarray) -> np.ndarray:
-    """HU as a 12-bit CT slice with intercept -1024 stores them (phantom_dicom, dicom.derived)."""
-    return (np.clip(np.round(hu + 1024.0), 0, 4095) - 1024.0).astype(np.float32)
+    """HU after a round trip through the phantom's stored pixel values, as reading the series back gives."""
+    from dicom_node.phantom_dicom import RESCALE_INTERCEPT, stored_values
+
+    return stored_values(hu).astype(np.float32) + np.float32(RESCALE_INTERCEPT)
+
+
+def _study_id(i: int) -> str:
+    """PatientID of the i-th Experiment 2 study: how the readings of each run are matched up."""
+    return f"EXP2-{i:03d}"
 
 
 def _through_dicom(phantoms: list[phantom.Phantom], runs: list, args: argparse.Namespace, work: Path
@@ -315,7 +322,7 @@ def _through_dicom(phantoms: list[phantom.Phantom], runs: list, args: argparse.N
     from dicom_node.phantom_dicom import write_phantom_series
 
     for i, p in enumerate(phantoms):
-        write_phantom_series(p, work / "in" / f"study{i:03d}", patient_id=f"EXP2-{i:03d}",
+        write_phantom_series(p, work / "in" / f"study{i:03d}", patient_id=_study_id(i),
                              patient_name=f"Experiment2^{i:03d}")
     timings = {}
     for mode, model, mask_mode in runs:
@@ -333,14 +340,14 @@ def _in_process(phantoms: list[phantom.Phantom], runs: list, args: argparse.Name
                 ) -> tuple[dict, dict, dict]:
     """The same config, engine and stored-value rounding, without writing DICOM: for comparing candidates.
 
-    Several times faster than the DICOM round trip, and it gives the same readings to within
-    rounding (a test checks this), so settings can be compared on many tuning studies.
+    Faster than the DICOM round trip and gives the same readings (a test checks this), so
+    settings can be compared on many tuning studies.
     """
     from dicom_node import config as node_config
     from dicom_node.backends.select import select
     from dicom_node.process import build_engine
 
-    originals = {f"EXP2-{i:03d}": _stored_hu(p.image) for i, p in enumerate(phantoms)}
+    originals = {_study_id(i): _stored_hu(p.image) for i, p in enumerate(phantoms)}
     processed: dict[str, dict[str, np.ndarray]] = {}
     timings = {}
     for mode, model, mask_mode in runs:
@@ -350,7 +357,7 @@ def _in_process(phantoms: list[phantom.Phantom], runs: list, args: argparse.Name
         t0 = time.perf_counter()
         processed[mode] = {}
         for i, p in enumerate(tqdm(phantoms, desc=mode, leave=False)):
-            pid = f"EXP2-{i:03d}"
+            pid = _study_id(i)
             out = originals[pid].copy()
             changed = engine.run(out, p.spacing).changed
             processed[mode][pid] = np.where(changed, _stored_hu(out), originals[pid])
@@ -369,7 +376,7 @@ def experiment2(args: argparse.Namespace) -> int:
     examples = []
     goals: dict[str, list[dict]] = {m: [] for m in modes}
     for i, p in enumerate(phantoms):
-        pid = f"EXP2-{i:03d}"
+        pid = _study_id(i)
         vols = {"truth": p.truth, "original": originals[pid]} | {m: processed[m][pid] for m in modes}
         for m in modes:
             goals[m].append(_goal_metrics(p, originals[pid], processed[m][pid]))
@@ -553,8 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     e2.add_argument("--report-dir", default="reports")
     e2.add_argument("--model", help="a candidate ONNX model in place of the shipped one (engines/dense_unet.onnx)")
     e2.add_argument("--in-process", action="store_true",
-                    help="run the engine in this process instead of DICOM through `dicom-node process`: several "
-                         "times faster, same readings to within rounding; for comparing settings on tuning studies")
+                    help="run the engine in this process instead of DICOM through `dicom-node process`: "
+                         "faster, same readings; for comparing settings on tuning studies")
     e2.add_argument("--seed", type=int, default=EXP2_SEED,
                     help=f"study seed base; {EXP2_SEED} is the held-out test set, {EXP2_TUNE_SEED} the tuning set")
     args = ap.parse_args(argv)
