@@ -59,6 +59,29 @@ class Detection:
     labels: np.ndarray | None = None  # uint16 lesion labels (1-based), same shape as calcium
 
 
+def _lesion(index: int, part: np.ndarray, sl: tuple[slice, slice, slice], volume: np.ndarray,
+            voxel_mm3: float) -> Lesion:
+    """The lesion record of one component ``part`` (a bool array over ``volume[sl]``)."""
+    voxels = int(part.sum())
+    return Lesion(index=index, voxels=voxels, volume_mm3=voxels * voxel_mm3, peak_hu=float(volume[sl][part].max()),
+                  centroid=tuple(float(c + s.start) for c, s in zip(ndimage.center_of_mass(part), sl)), bbox=sl)
+
+
+def detection_from_mask(calcium: np.ndarray, volume: np.ndarray, spacing: tuple[float, float, float]
+                        ) -> Detection:
+    """A detection of exactly the given calcium, with no threshold and no exclusions.
+
+    Experiment 2 runs the engine on the phantom's true calcium as well as on what
+    :func:`detect` finds: the gap between the two is the error that detection causes.
+    """
+    lab = np.zeros(calcium.shape, np.uint16)
+    ndimage.label(calcium, structure=CONNECTIVITY_26, output=lab)
+    voxel_mm3 = float(np.prod(spacing))
+    lesions = [_lesion(i, lab[sl] == i, sl, volume, voxel_mm3)
+               for i, sl in enumerate(ndimage.find_objects(lab), start=1)]
+    return Detection(calcium=calcium.astype(bool), lesions=lesions, threshold_hu=float("nan"), labels=lab)
+
+
 def lumen_statistics(volume: np.ndarray, roi: np.ndarray | None = None) -> tuple[float, float]:
     """Median and robust SD of contrast-filled voxels (200-800 HU)."""
     vals = volume[roi] if roi is not None else volume
@@ -120,10 +143,8 @@ def detect(volume: np.ndarray, spacing: tuple[float, float, float], options: Det
         objects = ndimage.find_objects(lab)
         for i, sl in enumerate(objects, start=1):
             part = lab[sl] == i
-            voxels = int(part.sum())
-            vol_mm3 = voxels * voxel_mm3
-            peak = float(volume[sl][part].max())
-            centroid = tuple(float(c + s.start) for c, s in zip(ndimage.center_of_mass(part), sl))
+            lesion = _lesion(len(lesions) + 1, part, sl, volume, voxel_mm3)
+            vol_mm3, peak, centroid = lesion.volume_mm3, lesion.peak_hu, lesion.centroid
             if vol_mm3 < opts.min_volume_mm3:
                 lab[sl][part] = 0
                 continue  # noise spike; not worth a line in the report
@@ -141,8 +162,6 @@ def detect(volume: np.ndarray, spacing: tuple[float, float, float], options: Det
                 excluded.append({"reason": reason, "volume_mm3": round(vol_mm3, 1),
                                  "centroid": [round(c, 1) for c in centroid]})
                 continue
-            lesion = Lesion(index=len(lesions) + 1, voxels=voxels, volume_mm3=vol_mm3, peak_hu=peak,
-                            centroid=centroid, bbox=sl)
             lesions.append(lesion)
             calcium[sl] |= part
             labels[sl][part] = lesion.index  # index <= i, so unvisited labels are never overwritten

@@ -43,10 +43,16 @@ class Engine:
         self.plan_options = plan_options or PlanOptions()
 
     def run(self, volume: np.ndarray, spacing: tuple[float, float, float], roi: np.ndarray | None = None,
-            progress: Callable[[int, int], None] | None = None) -> EngineResult:
-        """Restore ``volume`` in place (float32 HU) and say which voxels changed."""
+            progress: Callable[[int, int], None] | None = None, detection: Detection | None = None
+            ) -> EngineResult:
+        """Restore ``volume`` in place (float32 HU) and say which voxels changed.
+
+        ``detection``: the calcium to remove, when it is known rather than detected
+        (Experiment 2's run on the phantom's true calcium).
+        """
         t0 = time.perf_counter()
-        detection = detect(volume, spacing, self.detect_options, roi)
+        if detection is None:
+            detection = detect(volume, spacing, self.detect_options, roi)
         t1 = time.perf_counter()
         regions = plan(detection, spacing, self.plan_options)
         t2 = time.perf_counter()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dicom_node import phantom
-from dicom_node.detect import DetectOptions, detect
+from dicom_node.detect import DetectOptions, detect, detection_from_mask
 from dicom_node.infer import Engine
 from dicom_node.plan import PATCH, PlanOptions, footprint, plan
 
@@ -156,3 +156,18 @@ def test_cube_mode_hides_the_whole_core_but_writes_only_the_footprint(study):
 
     result = Engine(Spy(), plan_options=PlanOptions(mask_mode="cube")).run(vol, study.spacing)
     assert np.array_equal(vol[~result.changed], before[~result.changed])
+
+
+def test_a_given_calcium_mask_is_restored_instead_of_the_detected_one(study):
+    """Experiment 2's true-calcium run: the engine restores exactly the calcium it is given."""
+    vol = study.image.copy()
+    before = vol.copy()
+    given = detection_from_mask(study.calcium_mask, vol, study.spacing)
+    assert len(given.lesions) == int(given.labels.max()) >= 2
+    assert np.array_equal(given.labels > 0, study.calcium_mask)
+    result = Engine(FillBackend()).run(vol, study.spacing, detection=given)
+    foot = footprint(study.calcium_mask, study.spacing, PlanOptions().margin_mm)
+    assert np.array_equal(result.changed, foot)
+    assert not np.array_equal(foot, footprint(detect(before, study.spacing).calcium, study.spacing,
+                                              PlanOptions().margin_mm)), "the given mask is not what detect finds"
+    assert np.array_equal(vol[~foot], before[~foot])

@@ -19,21 +19,26 @@ import evaluate  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
-def _report(tmp_path: Path, name: str, *extra: str) -> dict:
+def _report(tmp_path: Path, name: str, *extra: str, runs: tuple[str, ...] = ("footprint",)) -> dict:
     out = tmp_path / name
-    argv = ["experiment2", "--studies", "1", "--seed", str(evaluate.EXP2_TUNE_SEED), "--runs", "footprint",
+    argv = ["experiment2", "--studies", "1", "--seed", str(evaluate.EXP2_TUNE_SEED), "--runs", *runs,
             "--report-dir", str(out), *extra]
     assert evaluate.main(argv) == 0
     return json.loads((out / "experiment2.json").read_text()) | {"md": (out / "experiment2.md").read_text()}
 
 
 def test_in_process_run_reads_the_same_stenoses_as_the_dicom_round_trip(tmp_path):
-    dicom = _report(tmp_path, "dicom")
+    dicom = _report(tmp_path, "dicom", runs=("footprint", evaluate.TRUE_CALCIUM))
     fast = _report(tmp_path, "fast", "--in-process")
     assert dicom["lesions"], "the study has calcified lesions to measure"
     assert [r["footprint"] for r in fast["lesions"]] == [r["footprint"] for r in dicom["lesions"]]
     assert [r["original"] for r in fast["lesions"]] == [r["original"] for r in dicom["lesions"]]
-    assert fast["goals"] == dicom["goals"]
+    assert fast["goals"]["footprint"] == dicom["goals"]["footprint"]
     assert any(r["footprint"] != r["original"] for r in dicom["lesions"]), "the engine changed something"
     assert "--in-process" in fast["md"] and "without the DICOM round trip" in fast["md"]
     assert "--in-process" not in dicom["md"]
+    # the true-calcium diagnostic runs in-process beside the DICOM runs, and says what it is
+    true = [r[evaluate.TRUE_CALCIUM] for r in dicom["lesions"]]
+    assert any(t != r["footprint"] for t, r in zip(true, dicom["lesions"])), "the true calcium is not the detected"
+    assert "diagnostic, not a product run" in dicom["md"] and "diagnostic" not in fast["md"]
+    assert any(isinstance(r["calcium_contrast_hu"], int) for r in dicom["lesions"])
