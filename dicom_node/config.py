@@ -24,6 +24,8 @@ class EngineConfig:
     batch: int = 8  # windows per backend call
     threshold_hu: float = 700.0
     adaptive_threshold: bool = False
+    local_contrast_hu: float = 200.0  # also calcium: deposits peaking this far above their vessel's contrast; 0 = off
+    local_extent_hu: float = 120.0  # ... taken down to this far above it
     metal_hu: float = 3000.0
     keep_edge_components: bool = False  # treat bright pieces cut by the volume's edge as calcium
     margin_mm: float = 0.9  # blooming margin restored around the calcium (plan.ENGINE_MARGIN_MM)

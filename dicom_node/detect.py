@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from .contrast import brighter_than_lumen, brightest_level_nearby, local_lumen_level
 from .masks import DEFAULT_THRESHOLD_HU
 from .morphology import dilate_mm, open_mm
 
@@ -31,6 +32,9 @@ class DetectOptions:
     adaptive: bool = False  # lower the threshold toward the measured lumen (never above threshold_hu)
     adaptive_sd: float = 3.5  # adaptive threshold = lumen median + this many lumen SDs
     adaptive_floor_hu: float = 450.0
+    local_contrast_hu: float = 200.0  # > 0: also calcium, deposits peaking this far above their vessel's contrast
+    local_extent_hu: float = 120.0  # ... taken down to this far above it
+    local_floor_hu: float = 400.0  # ... and never below this
     metal_hu: float = 3000.0
     min_volume_mm3: float = 0.5  # smaller components are noise spikes in bright contrast
     dense_opening_mm: float = 2.0  # radius that coronary calcium does not survive
@@ -93,6 +97,33 @@ def lumen_statistics(volume: np.ndarray, roi: np.ndarray | None = None) -> tuple
     return med, sd
 
 
+def _faint_calcium(volume: np.ndarray, spacing: tuple[float, float, float], bright: np.ndarray,
+                   opts: DetectOptions) -> np.ndarray:
+    """Deposits that never reach the threshold but stand out from their own vessel's contrast.
+
+    A deposit counts if some voxel is ``local_contrast_hu`` above the brightest lumen
+    level within 1 mm, and it extends over the voxels ``local_extent_hu`` above the local
+    level (hysteresis: lumen noise rarely reaches the first, a faint ring's flanks rarely
+    the second). Deposits that touch calcium the threshold finds are left to the
+    threshold and the margin: taken as calcium, their faint flanks widened every mask and
+    read stenoses worse.
+    """
+    level = local_lumen_level(volume, spacing)
+    low = brighter_than_lumen(volume, level, opts.local_extent_hu, opts.local_floor_hu) & ~bright
+    level = brightest_level_nearby(level, spacing)
+    seed = brighter_than_lumen(volume, level, opts.local_contrast_hu, opts.local_floor_hu) & low
+    del level
+    lab = np.zeros(volume.shape, np.uint16)
+    try:
+        n = ndimage.label(low | bright, structure=CONNECTIVITY_26, output=lab)
+    except RuntimeError as exc:
+        raise ValueError("more than 65535 bright components: not a CT angiogram, or a broken rescale") from exc
+    found = np.bincount(lab[bright], minlength=n + 1) * float(np.prod(spacing)) >= opts.min_volume_mm3
+    keep = (np.bincount(lab[seed], minlength=n + 1) > 0) & ~found
+    keep[0] = False
+    return low & keep[lab]
+
+
 def detect(volume: np.ndarray, spacing: tuple[float, float, float], options: DetectOptions | None = None,
            roi: np.ndarray | None = None) -> Detection:
     """Calcium mask and lesion list for a HU volume; everything excluded is explained."""
@@ -107,6 +138,8 @@ def detect(volume: np.ndarray, spacing: tuple[float, float, float], options: Det
             threshold = min(opts.threshold_hu, max(opts.adaptive_floor_hu, med + opts.adaptive_sd * sd))
     voxel_mm3 = float(np.prod(spacing))
     bright = volume > threshold
+    if opts.local_contrast_hu > 0:
+        bright |= _faint_calcium(volume, spacing, bright, opts)
     if roi is not None:
         bright &= roi
     # Large dense structures: what survives an opening wider than any coronary calcium.

@@ -52,7 +52,8 @@ def build_engine(cfg: Config, backend: Backend) -> Engine:
     e = cfg.engine
     return Engine(backend,
                   DetectOptions(threshold_hu=e.threshold_hu, adaptive=e.adaptive_threshold, metal_hu=e.metal_hu,
-                                keep_edge_components=e.keep_edge_components),
+                                keep_edge_components=e.keep_edge_components, local_contrast_hu=e.local_contrast_hu,
+                                local_extent_hu=e.local_extent_hu),
                   PlanOptions(margin_mm=e.margin_mm, core=e.core, mask_mode=e.mask_mode))
 
 
@@ -80,8 +81,10 @@ def process_series(series: Series, out_dir: Path, cfg: Config, engine: Engine, m
     outcome.windows = result.windows
     outcome.voxels_changed = int(result.changed.sum())
     outcome.excluded = det.excluded
+    found = f"above {det.threshold_hu:.0f} HU" + (f" or {cfg.engine.local_contrast_hu:.0f} HU above their vessel's "
+                                                  "contrast" if cfg.engine.local_contrast_hu > 0 else "")
     description = (f"Calcium removed by 3D inpainting (dicom-node, {model_id}): {outcome.lesions} calcified "
-                   f"lesions above {det.threshold_hu:.0f} HU replaced, with a {cfg.engine.margin_mm} mm blooming "
+                   f"lesions {found} replaced, with a {cfg.engine.margin_mm} mm blooming "
                    "margin, by model-restored tissue and lumen. Synthetic-data model, research use; read with "
                    "the original series.")
     uids = source_uids(series, model_id)
@@ -97,7 +100,8 @@ def process_series(series: Series, out_dir: Path, cfg: Config, engine: Engine, m
         outcome.outputs.append(write_multiframe(series, outcome.outputs, target, model_id, uids, description,
                                                 seg_number + 1))
     if write_seg_file and det.calcium.any():
-        params = {"threshold_hu": f"{det.threshold_hu:.0f}", "margin_mm": f"{cfg.engine.margin_mm}",
+        params = {"threshold_hu": f"{det.threshold_hu:.0f}", "local_contrast_hu": f"{cfg.engine.local_contrast_hu:.0f}",
+                  "local_extent_hu": f"{cfg.engine.local_extent_hu:.0f}", "margin_mm": f"{cfg.engine.margin_mm}",
                   "core": str(cfg.engine.core)}
         outcome.outputs.append(write_seg(series, det.calcium, result.changed, target, model_id, uids, params,
                                          seg_number))
