@@ -61,7 +61,7 @@ def test_every_object_passes_dciodvfy(processed):
 
 
 def test_derived_series_says_what_it_is_and_keeps_everything_else(processed):
-    _, root, _, src = processed
+    _, root, p, src = processed
     sources = {pydicom.dcmread(f).SOPInstanceUID: pydicom.dcmread(f) for f in src}
     cts = [pydicom.dcmread(f) for f in (root / "out").rglob("CT_*.dcm")]
     series_uids = {d.SeriesInstanceUID for d in cts}
@@ -88,8 +88,9 @@ def test_derived_series_says_what_it_is_and_keeps_everything_else(processed):
     old = np.stack([c[2] for c in changed])
     diff = new != old
     assert diff.any()
-    # only the neighbourhood of calcium changes (1.4 mm margin), and calcium is taken out
-    near_calcium = dilate_mm(old > 700, (0.47, 0.47, 0.47), 1.5)
+    # only the neighbourhood of calcium changes (0.9 mm margin), and calcium is taken out; the
+    # calcium includes faint deposits the 700 HU threshold misses (the phantom's slices are in z order)
+    near_calcium = dilate_mm((old > 700) | (p.calcium_fraction > 0.05), p.spacing, 1.5)
     assert not (diff & ~near_calcium).any()
     assert new[diff].mean() < old[diff].mean() - 100
     assert new[diff].max() < old[diff].max()
