@@ -22,13 +22,13 @@ SLAB = 32  # slices per pass (a multiple of BLOCK)
 CONTRAST_RANGE_HU = (200.0, 800.0)  # what can be iodinated blood, for the first estimate
 CORE_BAND_HU = 200.0  # above the first estimate, up to this: the vessel's core
 NOISE_BAND_HU = 100.0  # the lumen's own spread around its level (noise)
-MIN_WEIGHT = 0.5
+MIN_WEIGHT = 0.5  # contrast voxels (smoothed) a cell needs before its level is trusted
 # Neighbourhood of the level: at 2 mm a small bright vessel's level came out 120 HU low (its
 # edges outnumber its core), and its noise passed for calcium; 1 mm keeps to the vessel itself.
 SIGMA_MM = 1.0
 # A deposit must stand out from the brightest contrast within this distance: where a dim
 # vessel meets a brighter one, the brighter one's lumen is not calcium of the dim one.
-NEIGHBOUR_MM = 1.0  # contrast voxels (smoothed) a cell needs before its level is trusted
+NEIGHBOUR_MM = 1.0
 
 
 def _blocks(slab: np.ndarray) -> np.ndarray:
@@ -99,13 +99,20 @@ def brightest_level_nearby(level: np.ndarray, spacing: tuple[float, float, float
     return out
 
 
-def brighter_than_lumen(volume: np.ndarray, level: np.ndarray, contrast_hu: float, floor_hu: float) -> np.ndarray:
-    """Voxels at least ``contrast_hu`` above the local level (from :func:`local_lumen_level`) and ``floor_hu``."""
-    out = np.zeros(volume.shape, bool)
+def brighter_than_lumen(volume: np.ndarray, floor_hu: float,
+                        tests: list[tuple[np.ndarray, float]]) -> list[np.ndarray]:
+    """For each (level, contrast_hu) test, the voxels above ``floor_hu`` and ``contrast_hu`` above that level.
+
+    Levels are coarse maps (from :func:`local_lumen_level`); all tests share one pass
+    over the volume.
+    """
+    out = [np.zeros(volume.shape, bool) for _ in tests]
     for z0 in range(0, volume.shape[0], SLAB):
         v = volume[z0:z0 + SLAB]
         b = _blocks(v)
-        above = (b > floor_hu) & (b > _cells(level, z0, b) + contrast_hu)
-        out[z0:z0 + SLAB] = above.reshape(b.shape[0] * BLOCK, b.shape[2] * BLOCK, b.shape[4] * BLOCK)[
-            :v.shape[0], :v.shape[1], :v.shape[2]]
+        bright = b > floor_hu
+        for mask, (level, contrast_hu) in zip(out, tests):
+            above = bright & (b > _cells(level, z0, b) + contrast_hu)
+            mask[z0:z0 + SLAB] = above.reshape(b.shape[0] * BLOCK, b.shape[2] * BLOCK, b.shape[4] * BLOCK)[
+                :v.shape[0], :v.shape[1], :v.shape[2]]
     return out

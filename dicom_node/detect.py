@@ -63,6 +63,19 @@ class Detection:
     labels: np.ndarray | None = None  # uint16 lesion labels (1-based), same shape as calcium
 
 
+def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """26-connected components of ``mask`` as 16-bit labels, and their number.
+
+    16 bits because a volume's worth of int32 would cost as much as the HU volume itself.
+    """
+    lab = np.zeros(mask.shape, np.uint16)
+    try:
+        n = ndimage.label(mask, structure=CONNECTIVITY_26, output=lab)
+    except RuntimeError as exc:
+        raise ValueError("more than 65535 bright components: not a CT angiogram, or a broken rescale") from exc
+    return lab, int(n)
+
+
 def _lesion(index: int, part: np.ndarray, sl: tuple[slice, slice, slice], volume: np.ndarray,
             voxel_mm3: float) -> Lesion:
     """The lesion record of one component ``part`` (a bool array over ``volume[sl]``)."""
@@ -78,8 +91,7 @@ def detection_from_mask(calcium: np.ndarray, volume: np.ndarray, spacing: tuple[
     Experiment 2 runs the engine on the phantom's true calcium as well as on what
     :func:`detect` finds: the gap between the two is the error that detection causes.
     """
-    lab = np.zeros(calcium.shape, np.uint16)
-    ndimage.label(calcium, structure=CONNECTIVITY_26, output=lab)
+    lab, _ = _label(calcium)
     voxel_mm3 = float(np.prod(spacing))
     lesions = [_lesion(i, lab[sl] == i, sl, volume, voxel_mm3)
                for i, sl in enumerate(ndimage.find_objects(lab), start=1)]
@@ -109,15 +121,12 @@ def _faint_calcium(volume: np.ndarray, spacing: tuple[float, float, float], brig
     read stenoses worse.
     """
     level = local_lumen_level(volume, spacing)
-    low = brighter_than_lumen(volume, level, opts.local_extent_hu, opts.local_floor_hu) & ~bright
-    level = brightest_level_nearby(level, spacing)
-    seed = brighter_than_lumen(volume, level, opts.local_contrast_hu, opts.local_floor_hu) & low
+    low, seed = brighter_than_lumen(volume, opts.local_floor_hu, [
+        (level, opts.local_extent_hu), (brightest_level_nearby(level, spacing), opts.local_contrast_hu)])
     del level
-    lab = np.zeros(volume.shape, np.uint16)
-    try:
-        n = ndimage.label(low | bright, structure=CONNECTIVITY_26, output=lab)
-    except RuntimeError as exc:
-        raise ValueError("more than 65535 bright components: not a CT angiogram, or a broken rescale") from exc
+    low &= ~bright
+    seed &= low
+    lab, n = _label(low | bright)
     found = np.bincount(lab[bright], minlength=n + 1) * float(np.prod(spacing)) >= opts.min_volume_mm3
     keep = (np.bincount(lab[seed], minlength=n + 1) > 0) & ~found
     keep[0] = False
@@ -163,12 +172,7 @@ def detect(volume: np.ndarray, spacing: tuple[float, float, float], options: Det
         dense = dilate_mm(dense, spacing, regrow) & bright
     candidates = bright & ~dense
     del bright, opened, dense
-    # 16-bit labels: a volume's worth of int32 would cost as much as the HU volume itself
-    lab = np.zeros(volume.shape, np.uint16)
-    try:
-        n = ndimage.label(candidates, structure=CONNECTIVITY_26, output=lab)
-    except RuntimeError as exc:
-        raise ValueError("more than 65535 bright components: not a CT angiogram, or a broken rescale") from exc
+    lab, n = _label(candidates)
     lesions: list[Lesion] = []
     calcium = np.zeros(volume.shape, bool)
     labels = lab  # relabelled in place below: only kept lesions, numbered from 1

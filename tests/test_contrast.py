@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -10,15 +13,18 @@ from dicom_node import phantom
 from dicom_node.contrast import local_lumen_level
 from dicom_node.detect import DetectOptions, detect
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+import evaluate  # noqa: E402  (Experiment 2's phantom settings)
+
 SPACING = (0.47, 0.47, 0.47)
 SHAPE = (64, 48, 96)
 THRESHOLD_ONLY = DetectOptions(local_contrast_hu=0.0)
 
 
-def _vessels(deposit_hu: float | None, noise_sd: float = 15.0, seed: int = 0, gap: float = 48.0
-             ) -> tuple[np.ndarray, np.ndarray]:
+def _vessels(deposit_hu: float | None, noise_sd: float = 15.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Two parallel vessels along z: a dim one (350 HU) with an optional eccentric calcified deposit
-    (a quarter arc in its wall), and a bright one (600 HU) ``gap`` voxels to the side.
+    (a quarter arc in its wall), and a bright one (600 HU) 48 voxels to the side.
 
     Returns the blurred, noisy HU volume and the deposit's voxels.
     """
@@ -26,7 +32,7 @@ def _vessels(deposit_hu: float | None, noise_sd: float = 15.0, seed: int = 0, ga
     vol = np.full(SHAPE, 40.0, np.float32)
     r_dim = np.hypot(y - 24, x - 24)
     vol[r_dim <= 4.0] = 350.0
-    vol[np.hypot(y - 24, x - 24 - gap) <= 4.0] = 600.0
+    vol[np.hypot(y - 24, x - 72) <= 4.0] = 600.0
     deposit = (r_dim > 4.5) & (r_dim <= 6.0) & (np.abs(z - 32) <= 4) & (np.abs(np.arctan2(y - 24, x - 24)) <= np.pi / 4)
     if deposit_hu is not None:
         vol[deposit] = deposit_hu
@@ -82,9 +88,7 @@ def test_faint_parts_of_calcium_the_threshold_finds_are_left_to_the_threshold():
 def test_where_a_dim_vessel_meets_a_brighter_one_the_brighter_lumen_is_not_calcium():
     """Experiment 2 tuning study 4040012152: where a 600 HU branch joins a 390 HU vessel, the
     branch's lumen stood 230 HU above the dim vessel's level and was taken for calcium."""
-    opts = phantom.PhantomOptions(n_vessels=(2, 3), plaques_per_vessel=(1, 3), calcified_probability=0.85,
-                                  lesion_margin_mm=6.0, bone_probability=0.5)  # tools/evaluate.py's studies
-    p = phantom.generate((80, 112, 112), seed=4040012152, options=opts)
+    p = phantom.generate(evaluate.EXP2_SHAPE, seed=4040012152, options=evaluate.EXP2_OPTIONS)
     det = detect(p.image, p.spacing)
     near_calcium = ndimage.binary_dilation(p.calcium_fraction > 0.05)
     assert det.lesions and not (det.calcium & ~near_calcium).any()

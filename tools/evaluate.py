@@ -236,11 +236,14 @@ EXP2_LABELS = {"original": "Original CTA",
                "paper-cube": "Paper inputs (hidden mask), cube masks (the paper's setting)"}
 
 
+# CTA volumes with several vessels and mostly calcified plaques
+EXP2_OPTIONS = phantom.PhantomOptions(n_vessels=(2, 3), plaques_per_vessel=(1, 3), calcified_probability=0.85,
+                                      lesion_margin_mm=6.0, bone_probability=0.5)
+
+
 def experiment2_phantoms(n: int, seed: int = EXP2_SEED) -> list[phantom.Phantom]:
-    """Held-out CTA volumes with several vessels and mostly calcified plaques."""
-    opts = phantom.PhantomOptions(n_vessels=(2, 3), plaques_per_vessel=(1, 3), calcified_probability=0.85,
-                                  lesion_margin_mm=6.0, bone_probability=0.5)
-    return [phantom.generate(EXP2_SHAPE, seed=volume_seed(seed, i), options=opts)
+    """Experiment 2's studies: held out with the default seed, tuning with EXP2_TUNE_SEED."""
+    return [phantom.generate(EXP2_SHAPE, seed=volume_seed(seed, i), options=EXP2_OPTIONS)
             for i in tqdm(range(n), desc="phantoms", leave=False)]
 
 
@@ -251,8 +254,11 @@ def _read_back(folder: Path, include_derived: bool) -> dict[str, np.ndarray]:
     return {str(s.headers[0].PatientID): load_hu(s) for s in series}
 
 
-def _calcium_contrast(p: phantom.Phantom, vessel: int, plaque: phantom.Plaque) -> float:
+def _calcium_contrast(p: phantom.Phantom, calcium: np.ndarray, vessel: int, plaque: phantom.Plaque) -> float:
     """How much brighter than its own lumen a lesion's calcium is, as acquired (90th percentile, HU).
+
+    ``calcium``: the voxel indices of all the study's calcium; the lesion's are those near
+    its plaque.
 
     The phantom's calcium runs from 400 HU; blurred, a thin faint deposit is no brighter
     than the 300-600 HU contrast beside it, and no threshold, reader or ruler can tell it
@@ -262,7 +268,6 @@ def _calcium_contrast(p: phantom.Phantom, vessel: int, plaque: phantom.Plaque) -
 
     v = p.vessels[vessel]
     span = np.flatnonzero(np.abs(v.s_mm - plaque.s_mm) <= plaque.half_length_mm + 0.5)
-    calcium = np.argwhere(p.calcium_fraction >= 0.25)  # a thin deposit may be half of no voxel
     if len(span) == 0 or len(calcium) == 0:
         return float("nan")
     dist, j = cKDTree(v.points_mm[span]).query(calcium * np.asarray(p.spacing))
@@ -277,6 +282,7 @@ def _stenoses(p: phantom.Phantom, volumes: dict[str, np.ndarray]) -> list[dict]:
     from dicom_node.stenosis import diameter_stenosis, lumen_profile
 
     rows = []
+    calcium = np.argwhere(p.calcium_fraction >= 0.25)  # voxel indices; a thin deposit may be half of no voxel
     for k, les in enumerate(p.lesions):
         if not les.calcified:
             continue
@@ -285,7 +291,7 @@ def _stenoses(p: phantom.Phantom, volumes: dict[str, np.ndarray]) -> list[dict]:
         half = plaque.half_length_mm
         span = int(round((half + 6.0) / 0.1))
         idx = np.arange(max(les.index - span, 0), min(les.index + span, len(v.points_mm) - 1), 3)
-        contrast = _calcium_contrast(p, les.vessel, plaque)
+        contrast = _calcium_contrast(p, calcium, les.vessel, plaque)
         row = {"seed": p.seed, "lesion": k, "kind": les.kind, "calcium_hu": round(plaque.calcium.hu),
                "calcium_contrast_hu": round(contrast) if np.isfinite(contrast) else None}
         for name, vol in volumes.items():
