@@ -28,10 +28,23 @@ ORTHANC_PLUGINS = Path("/usr/share/orthanc/plugins")
 NODELAY = {**os.environ, "TCP_NODELAY": "1"}  # DCMTK and Orthanc stall ~44 ms per instance without it
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nobody listens on and this test session has not handed out before.
+
+    The kernel may return the same ephemeral port to two bind-and-release calls in a row (CI once gave
+    Orthanc one port for both DICOM and HTTP), so ports already given out are skipped.
+    """
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no fresh loopback port after 100 tries")
 
 
 def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:
