@@ -28,7 +28,7 @@ def _report(tmp_path: Path, name: str, *extra: str, runs: tuple[str, ...] = ("fo
 
 
 def test_in_process_run_reads_the_same_stenoses_as_the_dicom_round_trip(tmp_path):
-    dicom = _report(tmp_path, "dicom", runs=("footprint", evaluate.TRUE_CALCIUM))
+    dicom = _report(tmp_path, "dicom", runs=("footprint", *evaluate.DIAGNOSTIC_RUNS))
     fast = _report(tmp_path, "fast", "--in-process")
     assert dicom["lesions"], "the study has calcified lesions to measure"
     assert [r["footprint"] for r in fast["lesions"]] == [r["footprint"] for r in dicom["lesions"]]
@@ -41,4 +41,7 @@ def test_in_process_run_reads_the_same_stenoses_as_the_dicom_round_trip(tmp_path
     true = [r[evaluate.TRUE_CALCIUM] for r in dicom["lesions"]]
     assert any(t != r["footprint"] for t, r in zip(true, dicom["lesions"])), "the true calcium is not the detected"
     assert "diagnostic, not a product run" in dicom["md"] and "diagnostic" not in fast["md"]
+    assert f"`{evaluate.VISIBLE_CALCIUM}` run is a diagnostic" in dicom["md"]
+    visible = [r[evaluate.VISIBLE_CALCIUM] for r in dicom["lesions"]]
+    assert any(v != r["footprint"] for v, r in zip(visible, dicom["lesions"])), "it adds calcium detection missed"
     assert any(isinstance(r["calcium_contrast_hu"], int) for r in dicom["lesions"])

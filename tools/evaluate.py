@@ -33,6 +33,8 @@ from tqdm import tqdm  # noqa: E402
 
 from dicom_node import phantom  # noqa: E402
 from dicom_node.baselines import CLASSICAL  # noqa: E402
+from dicom_node.detect import Detection, detect, detection_from_mask  # noqa: E402
+from dicom_node.infer import Engine  # noqa: E402
 from dicom_node.patches import VOLUME, Patch, cut, training_options, volume_seed  # noqa: E402
 from dicom_node.stenosis import BRIGHTER_THAN_LUMEN_HU  # noqa: E402
 
@@ -221,15 +223,22 @@ EXP2_SHAPE = (80, 112, 112)
 # Supplementary only (the goal counts every lesion): the phantom draws calcium from 400 to 2000 HU,
 # and calcium no brighter than the contrast (300-600 HU) is invisible to any reader or threshold.
 VISIBLE_CALCIUM_HU = 700.0
+STENOSIS_GOAL_POINTS = 5.0  # the engine issue's goal: mean |processed - truth| diameter stenosis
 # Each run: (name, model file, engine.mask_mode). The first is the shipped default.
 TRUE_CALCIUM = "true-calcium"  # the shipped run, on the phantom's true calcium instead of detection
+# the shipped run, on its own detection plus every true calcium voxel brighter than its vessel's contrast
+VISIBLE_CALCIUM = "visible-calcium"
+DIAGNOSTIC_RUNS = (TRUE_CALCIUM, VISIBLE_CALCIUM)  # given the phantom's calcium: run in-process, never product runs
 EXP2_RUNS = (("footprint", ENGINES / "dense_unet.onnx", "footprint"),
              ("cube", ENGINES / "dense_unet.onnx", "cube"),
              ("paper-footprint", ENGINES / "dense_unet_paper.onnx", "footprint"),
              ("paper-cube", ENGINES / "dense_unet_paper.onnx", "cube"),
-             (TRUE_CALCIUM, ENGINES / "dense_unet.onnx", "footprint"))
+             (TRUE_CALCIUM, ENGINES / "dense_unet.onnx", "footprint"),
+             (VISIBLE_CALCIUM, ENGINES / "dense_unet.onnx", "footprint"))
 EXP2_LABELS = {"original": "Original CTA",
                TRUE_CALCIUM: "Shipped model, footprint masks on the true calcium (diagnostic, not a product run)",
+               VISIBLE_CALCIUM: "Shipped model, footprint masks, its detection plus all visible true calcium "
+                                "(diagnostic, not a product run)",
                "footprint": "Shipped model, footprint masks (default)",
                "cube": "Shipped model, cube masks",
                "paper-footprint": "Paper inputs (hidden mask), footprint masks",
@@ -276,6 +285,36 @@ def _calcium_contrast(p: phantom.Phantom, calcium: np.ndarray, vessel: int, plaq
         return float("nan")
     above = p.image[tuple(calcium[own].T)] - v.lumen_hu[span][j[own]]
     return float(np.percentile(above, 90))
+
+
+def visible_calcium(p: phantom.Phantom, image: np.ndarray) -> np.ndarray:
+    """The phantom's calcium voxels that, as acquired, stand out from their vessel's contrast.
+
+    More than ``BRIGHTER_THAN_LUMEN_HU`` above the contrast at the nearest centreline point:
+    what a perfect detector could still see. The rest blurs into the lumen's own range.
+    """
+    from scipy.spatial import cKDTree
+
+    mask = np.zeros(p.calcium_mask.shape, bool)
+    calcium = np.argwhere(p.calcium_mask)
+    if len(calcium) == 0 or not p.vessels:
+        return mask
+    points = np.concatenate([v.points_mm for v in p.vessels])
+    lumen = np.concatenate([v.lumen_hu for v in p.vessels])
+    _, j = cKDTree(points).query(calcium * np.asarray(p.spacing))
+    seen = image[tuple(calcium.T)] > lumen[j] + BRIGHTER_THAN_LUMEN_HU
+    mask[tuple(calcium[seen].T)] = True
+    return mask
+
+
+def _given_calcium(mode: str, p: phantom.Phantom, image: np.ndarray, engine: Engine) -> Detection | None:
+    """The calcium a diagnostic run is given in place of detection (None: the engine detects its own)."""
+    if mode == TRUE_CALCIUM:
+        return detection_from_mask(p.calcium_mask, image, p.spacing)
+    if mode == VISIBLE_CALCIUM:
+        found = detect(image, p.spacing, engine.detect_options).calcium
+        return detection_from_mask(found | visible_calcium(p, image), image, p.spacing)
+    return None
 
 
 def _stenoses(p: phantom.Phantom, volumes: dict[str, np.ndarray]) -> list[dict]:
@@ -382,7 +421,6 @@ def _in_process(phantoms: list[phantom.Phantom], runs: list, args: argparse.Name
     """
     from dicom_node import config as node_config
     from dicom_node.backends.select import select
-    from dicom_node.detect import detection_from_mask
     from dicom_node.process import build_engine
 
     originals = {_study_id(i): _stored_hu(p.image) for i, p in enumerate(phantoms)}
@@ -397,11 +435,36 @@ def _in_process(phantoms: list[phantom.Phantom], runs: list, args: argparse.Name
         for i, p in enumerate(tqdm(phantoms, desc=mode, leave=False)):
             pid = _study_id(i)
             out = originals[pid].copy()
-            given = detection_from_mask(p.calcium_mask, out, p.spacing) if mode == TRUE_CALCIUM else None
+            given = _given_calcium(mode, p, out, engine)
             changed = engine.run(out, p.spacing, detection=given).changed
             processed[mode][pid] = np.where(changed, _stored_hu(out), originals[pid])
         timings[mode] = time.perf_counter() - t0
     return originals, processed, timings
+
+
+def _goal_arithmetic(summary: dict, modes: tuple[str, ...]) -> list[str]:
+    """What the stenosis goal asks of the lesions whose calcium can be seen, when the rest stay as acquired.
+
+    Calcium no brighter than its lumen cannot be found in the image, so those lesions keep
+    the original's error; the goal's mean then fixes how well the others must read.
+    """
+    s, orig = summary.get("footprint"), summary["original"]
+    n, seen = orig["n"], orig["n_contrasted"]
+    if s is None or seen in (0, n):
+        return []
+    rest = orig["mean_abs_error_not_contrasted"]
+    need = (STENOSIS_GOAL_POINTS * n - rest * (n - seen)) / seen
+    head = (f"What the goal asks of the lesions whose calcium can be seen: the {n - seen} whose calcium is no "
+            f"brighter than its lumen read {rest:.2f} points on the original. Left as they are (no detector that "
+            "sees only the image can do otherwise), ")
+    if need < 0:
+        text = head + (f"they alone hold the mean over all {n} lesions above {STENOSIS_GOAL_POINTS:g}, whatever the "
+                       f"other {seen} read. The default run reads {s['mean_abs_error_contrasted']:.2f} on those")
+    else:
+        text = head + (f"a mean of ≤ {STENOSIS_GOAL_POINTS:g} over all {n} lesions needs the other {seen} at "
+                       f"≤ {need:.2f} points. The default run reads {s['mean_abs_error_contrasted']:.2f} on them")
+    extra = [f"`{m}` {summary[m]['mean_abs_error_contrasted']:.2f}" for m in DIAGNOSTIC_RUNS if m in modes]
+    return ["", text + (f"; the diagnostics {', '.join(extra)}." if extra else ".")]
 
 
 def experiment2(args: argparse.Namespace) -> int:
@@ -411,9 +474,9 @@ def experiment2(args: argparse.Namespace) -> int:
             for name, model, mask in EXP2_RUNS if name in args.runs]
     modes = tuple(name for name, _, _ in runs)
     through = _in_process if args.in_process else _through_dicom
-    originals, processed, timings = through(phantoms, [r for r in runs if r[0] != TRUE_CALCIUM], args, work)
-    if any(r[0] == TRUE_CALCIUM for r in runs):
-        _, given, seconds = _in_process(phantoms, [r for r in runs if r[0] == TRUE_CALCIUM], args, work)
+    originals, processed, timings = through(phantoms, [r for r in runs if r[0] not in DIAGNOSTIC_RUNS], args, work)
+    if any(r[0] in DIAGNOSTIC_RUNS for r in runs):
+        _, given, seconds = _in_process(phantoms, [r for r in runs if r[0] in DIAGNOSTIC_RUNS], args, work)
         processed |= given
         timings |= seconds
     rows = []
@@ -543,6 +606,13 @@ def _exp2_markdown(path: Path, summary: dict, goals: dict, rows: list[dict], tim
                   "settings, with the phantom's true calcium (voxels at least half calcium) in place of detection, "
                   "run in-process (`dicom-node process` always detects its own). The gap between it and the default "
                   "run is the error that detection causes."]
+    if VISIBLE_CALCIUM in modes:
+        lines += ["", f"The `{VISIBLE_CALCIUM}` run is a diagnostic too: the shipped engine's own detection, plus "
+                  "every true calcium voxel that, as acquired, stands more than "
+                  f"{BRIGHTER_THAN_LUMEN_HU:.0f} HU above its vessel's contrast at the nearest centreline point. It is "
+                  "what a perfect detector of visible calcium would give this model; the gap to `true-calcium` is "
+                  "calcium that blurs into the lumen's own range."]
+    lines += _goal_arithmetic(summary, modes)
     lines += ["", "Where the error comes from: lesions whose stenosis reading the engine changed (by half a point or "
               "more), against the original on the same lesions, and the part of the mean absolute error that "
               "comes from lesions it left as they were (mostly calcium too faint or too thin to reach the "
@@ -558,7 +628,7 @@ def _exp2_markdown(path: Path, summary: dict, goals: dict, rows: list[dict], tim
             lines.append(f"| {m} | 0 of {s['n']} | – | – | {s['untouched_share_of_mean_abs_error']:.1f} |")
     lines += ["", "## Goals of the engine issue", "",
               "| goal | target | " + " | ".join(modes) + " |", "|---|---|" + "---:|" * len(modes),
-              "| mean abs stenosis error (points) | ≤ 5 | "
+              f"| mean abs stenosis error (points) | ≤ {STENOSIS_GOAL_POINTS:g} | "
               + " | ".join(f"{summary[m]['mean_abs_error']:.1f}" for m in modes) + " |",
               "| residual calcium ≥700 HU within 3 mm of vessels (% of original) | ≤ 2% | "
               + " | ".join(f"{100 * goals[m]['residual_calcium_fraction']:.1f}%" for m in modes) + " |",
