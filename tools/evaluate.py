@@ -12,7 +12,8 @@ experiment2: write phantom CTA studies as DICOM, run them through `dicom-node pr
 (footprint masks, and the paper's cube masks), read the derived series back and
 measure diameter stenosis at every calcified lesion in the original, the processed
 and the true image with one method; also, in-process, the engine on the phantom's
-true calcium, to separate detection's error from the restoration's. Writes
+true calcium and on its own detection plus the visible true calcium, to separate
+detection's error from the restoration's. Writes
 reports/experiment2.md and .png.
 """
 
@@ -263,6 +264,19 @@ def _read_back(folder: Path, include_derived: bool) -> dict[str, np.ndarray]:
     return {str(s.headers[0].PatientID): load_hu(s) for s in series}
 
 
+def _above_lumen(image: np.ndarray, voxels: np.ndarray, spacing: tuple[float, float, float],
+                 points_mm: np.ndarray, lumen_hu: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each voxel's acquired value minus the contrast at its nearest centreline point.
+
+    Also returns that point's distance (mm) and index: the phantom knows its lumen, so
+    Experiment 2 can say which calcium stands out from it. ``voxels``: (n, 3) indices.
+    """
+    from scipy.spatial import cKDTree
+
+    dist, j = cKDTree(points_mm).query(voxels * np.asarray(spacing))
+    return image[tuple(voxels.T)] - lumen_hu[j], dist, j
+
+
 def _calcium_contrast(p: phantom.Phantom, calcium: np.ndarray, vessel: int, plaque: phantom.Plaque) -> float:
     """How much brighter than its own lumen a lesion's calcium is, as acquired (90th percentile, HU).
 
@@ -273,18 +287,15 @@ def _calcium_contrast(p: phantom.Phantom, calcium: np.ndarray, vessel: int, plaq
     than the 300-600 HU contrast beside it, and no threshold, reader or ruler can tell it
     from lumen. Experiment 2 reports how much of the error comes from such lesions.
     """
-    from scipy.spatial import cKDTree
-
     v = p.vessels[vessel]
     span = np.flatnonzero(np.abs(v.s_mm - plaque.s_mm) <= plaque.half_length_mm + 0.5)
     if len(span) == 0 or len(calcium) == 0:
         return float("nan")
-    dist, j = cKDTree(v.points_mm[span]).query(calcium * np.asarray(p.spacing))
+    above, dist, j = _above_lumen(p.image, calcium, p.spacing, v.points_mm[span], v.lumen_hu[span])
     own = dist <= v.radius_mm[span][j] + 1.5  # the ring sits within a lumen radius + gap + thickness
     if not own.any():
         return float("nan")
-    above = p.image[tuple(calcium[own].T)] - v.lumen_hu[span][j[own]]
-    return float(np.percentile(above, 90))
+    return float(np.percentile(above[own], 90))
 
 
 def visible_calcium(p: phantom.Phantom, image: np.ndarray) -> np.ndarray:
@@ -293,16 +304,13 @@ def visible_calcium(p: phantom.Phantom, image: np.ndarray) -> np.ndarray:
     More than ``BRIGHTER_THAN_LUMEN_HU`` above the contrast at the nearest centreline point:
     what a perfect detector could still see. The rest blurs into the lumen's own range.
     """
-    from scipy.spatial import cKDTree
-
     mask = np.zeros(p.calcium_mask.shape, bool)
     calcium = np.argwhere(p.calcium_mask)
     if len(calcium) == 0 or not p.vessels:
         return mask
-    points = np.concatenate([v.points_mm for v in p.vessels])
-    lumen = np.concatenate([v.lumen_hu for v in p.vessels])
-    _, j = cKDTree(points).query(calcium * np.asarray(p.spacing))
-    seen = image[tuple(calcium.T)] > lumen[j] + BRIGHTER_THAN_LUMEN_HU
+    above, _, _ = _above_lumen(image, calcium, p.spacing, np.concatenate([v.points_mm for v in p.vessels]),
+                               np.concatenate([v.lumen_hu for v in p.vessels]))
+    seen = above > BRIGHTER_THAN_LUMEN_HU
     mask[tuple(calcium[seen].T)] = True
     return mask
 
@@ -416,8 +424,8 @@ def _in_process(phantoms: list[phantom.Phantom], runs: list, args: argparse.Name
     """The same config, engine and stored-value rounding, without writing DICOM: for comparing candidates.
 
     Faster than the DICOM round trip and gives the same readings (a test checks this), so
-    settings can be compared on many tuning studies. The true-calcium run always comes
-    this way: ``dicom-node process`` detects its own calcium.
+    settings can be compared on many tuning studies. The diagnostic runs (``DIAGNOSTIC_RUNS``)
+    always come this way: ``dicom-node process`` detects its own calcium.
     """
     from dicom_node import config as node_config
     from dicom_node.backends.select import select
