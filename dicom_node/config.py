@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from .dicom.structure import MAX_ELEMENT_MB, MAX_SEQUENCE_DEPTH
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "engines" / "dense_unet.onnx"
 
@@ -81,6 +83,10 @@ class NodeConfig:
     check_called_ae: bool = True  # reject associations addressed to another AE title
     allowed: list[AllowedPeer] = field(default_factory=_default_peers)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    max_connections: int = 32  # open DICOM connections at once, from all callers together
+    max_connections_per_host: int = 8  # ... and from one calling host (address)
+    request_seconds: float = 10.0  # from TCP connect to the A-ASSOCIATE-RQ; then the caller is dropped
+    idle_seconds: float = 60.0  # an association silent this long is aborted
 
 
 @dataclass
@@ -92,6 +98,18 @@ class HttpConfig:
     tokens: list[str] = field(default_factory=list)  # bearer tokens accepted on everything but /healthz
     token_env: str = "DICOM_NODE_HTTP_TOKENS"  # more tokens from this variable (comma or space separated)
     allow_anonymous: bool = False  # true = serve a non-loopback address without tokens (not recommended)
+    max_body_mb: int = 2048  # larger STOW-RS bodies are refused (413) before or while they arrive
+    max_parts: int = 2000  # parts in one STOW-RS request
+    max_connections: int = 64  # HTTP connections at once; more get 503
+    header_seconds: float = 10.0  # a request whose headers have not all arrived by then is dropped
+
+
+@dataclass
+class IntakeConfig:
+    """Limits every received instance must keep, over DIMSE and STOW-RS alike, checked before it is stored."""
+
+    max_sequence_depth: int = MAX_SEQUENCE_DEPTH  # nesting of sequences; 0 = unchecked (tests only)
+    max_element_mb: int = MAX_ELEMENT_MB  # any element but Pixel Data
 
 
 @dataclass
@@ -101,6 +119,8 @@ class SpoolConfig:
     purge_after_delivery: bool = False  # delete a job's files as soon as every destination has it
     min_free_mb: int = 512  # answer "out of resources" instead of filling the disk
     durability: str = "journal"  # journal (one fsync per instance) | posix (plus a directory fsync)
+    quarantine_mb: int = 2048  # refused instances kept at most; the oldest go first
+    quarantine_keep_days: float = 30.0  # refused instances and failed jobs' evidence are purged after this; 0 = never
 
 
 @dataclass
@@ -111,6 +131,10 @@ class JobsConfig:
     retries: int = 5  # send attempts after the first, then the job fails
     backoff_seconds: float = 5.0  # wait before the first retry; doubles each time
     backoff_max_seconds: float = 600.0
+    memory_mb: int = 4096  # one job's processing (a child process) is killed above this resident memory
+    timeout_seconds: float = 900.0  # ... or when it runs longer than this
+    max_crashes: int = 2  # processing runs that crashed, were killed or never finished; then the job fails
+    incomplete_seconds: float = 3600.0  # a series whose association was aborted waits this long for a re-send
 
 
 @dataclass
@@ -137,6 +161,7 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     node: NodeConfig = field(default_factory=NodeConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    intake: IntakeConfig = field(default_factory=IntakeConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     destinations: list[Destination] = field(default_factory=list)
@@ -236,6 +261,27 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"spool.durability must be 'journal' or 'posix', got {cfg.spool.durability!r}")
     if cfg.jobs.workers < 1 or cfg.jobs.inference_slots < 1:
         raise ConfigError("jobs.workers and jobs.inference_slots must be at least 1")
+    positive = {"node.max_connections": cfg.node.max_connections,
+                "node.max_connections_per_host": cfg.node.max_connections_per_host,
+                "node.request_seconds": cfg.node.request_seconds, "node.idle_seconds": cfg.node.idle_seconds,
+                "http.max_body_mb": cfg.http.max_body_mb, "http.max_parts": cfg.http.max_parts,
+                "http.max_connections": cfg.http.max_connections, "http.header_seconds": cfg.http.header_seconds,
+                "jobs.memory_mb": cfg.jobs.memory_mb, "jobs.timeout_seconds": cfg.jobs.timeout_seconds,
+                "jobs.max_crashes": cfg.jobs.max_crashes, "jobs.incomplete_seconds": cfg.jobs.incomplete_seconds}
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{name} must be greater than 0, got {value!r}")
+    if cfg.intake.max_sequence_depth < 0 or cfg.intake.max_element_mb < 0:
+        raise ConfigError("intake.max_sequence_depth and intake.max_element_mb cannot be negative")
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """A Config from the nested dictionary ``dataclasses.asdict`` makes of one (how a job's child process
+    gets its parent's exact settings); checked like a file."""
+    cfg = Config()
+    _apply(cfg, values, "config")
+    check(cfg)
+    return cfg
 
 
 def load(path: str | Path | None = None) -> Config:

@@ -6,7 +6,7 @@ import copy
 import threading
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pydicom
 import pytest
@@ -17,7 +17,6 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from dicom_node import phantom
 from dicom_node.config import Config, Destination
 from dicom_node.dicom.derived import MANUFACTURER
-from dicom_node.infer import Engine
 from dicom_node.node.assemble import OUT_OF_RESOURCES, SUCCESS, Assembler, Intake, apply_retention
 from dicom_node.node.jobs import JobStore
 from dicom_node.node.metrics import Metrics
@@ -55,7 +54,7 @@ class Parts:
 
     def workers(self) -> Workers:
         # Sending and queue handling need no engine; processing tests use the real one elsewhere.
-        return Workers(self.cfg, self.spool, self.store, self.metrics, cast(Engine, None), "model sha256:0",
+        return Workers(self.cfg, self.spool, self.store, self.metrics, "onnxruntime", "model sha256:0",
                        self.wake)
 
 

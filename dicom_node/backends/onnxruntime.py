@@ -14,6 +14,7 @@ class OnnxRuntimeBackend:
     def __init__(self, model: str | Path, threads: int = 0, max_batch: int = 8):
         import onnxruntime as ort
 
+        ort.disable_telemetry_events()  # also at run time (dicom_node/__init__.py stops it at load)
         opts = ort.SessionOptions()
         # 0 = one thread per core; a worker pool sets this so concurrent jobs share the CPU.
         opts.intra_op_num_threads = threads or (os.cpu_count() or 1)

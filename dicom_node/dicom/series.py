@@ -19,6 +19,8 @@ import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 
+from .structure import MAX_ELEMENT_MB, MAX_SEQUENCE_DEPTH, structure_problem
+
 log = logging.getLogger(__name__)
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -30,6 +32,7 @@ MAX_MATRIX = 4096  # rows or columns of one slice; CT reconstructs 512 to 2048
 MAX_VOXELS = 1 << 30  # one series (4 GiB as float32); a 1000-slice 1024x1024 CTA still fits
 MAX_POSITION_MM = 1e6  # |ImagePositionPatient| beyond this is a broken header, not a patient
 PIXEL_DATA = 0x7FE00010
+PROCESSABLE_PHOTOMETRIC = ("MONOCHROME2", "MONOCHROME1")  # both map stored values to HU through the rescale
 
 
 class SeriesError(ValueError):
@@ -175,6 +178,10 @@ def image_problem(ds: Dataset, pixels: bool = True) -> str | None:
         return "SamplesPerPixel or NumberOfFrames is not a number"
     if samples != 1:
         return f"SamplesPerPixel {samples}: CT is monochrome"
+    photometric = str(getattr(ds, "PhotometricInterpretation", "") or "").strip().upper()
+    if photometric not in PROCESSABLE_PHOTOMETRIC:
+        return (f"PhotometricInterpretation {photometric or '(missing)'}: the CT Image IOD allows only "
+                "MONOCHROME2 or MONOCHROME1, grey values that map to HU")
     if frames != 1:
         return f"NumberOfFrames {frames}: CT Image Storage holds one slice per instance"
     problem = geometry_problem(ds)
@@ -190,8 +197,8 @@ def image_problem(ds: Dataset, pixels: bool = True) -> str | None:
             return "compressed Pixel Data does not start with an item (not encapsulated)"
         return None
     need = rows * cols * (bits // 8)
-    if len(data) < need:
-        return f"Pixel Data holds {len(data)} bytes where {rows}x{cols} pixels of {bits} bits need {need}"
+    if len(data) != need:
+        return f"Pixel Data holds {len(data)} bytes where {rows}x{cols} pixels of {bits} bits need exactly {need}"
     return None
 
 
@@ -220,8 +227,12 @@ def group_series(files: Iterable[Path]) -> tuple[dict[str, list[tuple[Path, Data
         try:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
             key = series_key(ds)
+            problem = structure_problem(ds, MAX_SEQUENCE_DEPTH, MAX_ELEMENT_MB << 20)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is reported, not fatal
             problems.append(f"{f}: not readable as DICOM ({exc.__class__.__name__})")
+            continue
+        if problem:  # pydicom copies and writes sequences by recursion: such a file must not reach the writer
+            problems.append(f"{f}: left out, {problem}")
             continue
         groups[key].append((f, ds))
     return groups, problems

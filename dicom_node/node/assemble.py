@@ -19,7 +19,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from ..config import Config
+from ..config import Config, IntakeConfig
 from ..dicom.derived import is_our_output
 from ..dicom.series import (
     CT_IMAGE_STORAGE,
@@ -30,6 +30,7 @@ from ..dicom.series import (
     sop_class,
     truncated_element,
 )
+from ..dicom.structure import structure_problem, uid_problem
 from .jobs import JobStore
 from .logs import ctx
 from .metrics import Metrics
@@ -76,13 +77,14 @@ def why_not_processed(ds: Dataset) -> str | None:
 class Intake:
     """The one door into the spool, shared by C-STORE and STOW-RS."""
 
-    def __init__(self, spool: Spool, store: JobStore, metrics: Metrics) -> None:
+    def __init__(self, spool: Spool, store: JobStore, metrics: Metrics, limits: IntakeConfig | None = None) -> None:
         self.spool = spool
         self.store = store
         self.metrics = metrics
+        self.limits = limits or IntakeConfig()
         self._ignored_series: set[str] = set()
 
-    def accept(self, data: bytes, ds: Dataset, via: str) -> Accepted:
+    def accept(self, data: bytes, ds: Dataset, via: str, loud: bool = True) -> Accepted:
         """Store durably, then count the instance into a job; never raises.
 
         ``ds`` is the whole data set decoded from ``data``, Pixel Data included. An instance that
@@ -93,24 +95,39 @@ class Intake:
         try:
             if "SOPInstanceUID" not in ds or not str(ds.SOPInstanceUID):
                 return self.refuse(data, "", "", via, CANNOT_UNDERSTAND, "cannot_understand",
-                                    "no SOP Instance UID: not a DICOM data set, or its header is damaged")
+                                    "no SOP Instance UID: not a DICOM data set, or its header is damaged", loud=loud)
+            # Structure first: nothing below may walk a sequence nested hundreds deep.
+            problem = structure_problem(ds, self.limits.max_sequence_depth, self.limits.max_element_mb << 20)
+            if problem:
+                return self.refuse(data, "", "", via, CANNOT_UNDERSTAND, "structure", problem, loud=loud)
+            problem = uid_problem(ds)
+            if problem:  # the UIDs name our files and are copied into the outputs: refused before either
+                return self.refuse(data, "", "", via, DOES_NOT_MATCH_SOP_CLASS, "invalid", problem, loud=loud)
             sop_uid = str(ds.SOPInstanceUID)
             series_uid = series_key(ds)
             problem = truncated_element(ds)
             if problem:
-                return self.refuse(data, series_uid, sop_uid, via, CANNOT_UNDERSTAND, "cannot_understand", problem)
+                return self.refuse(data, series_uid, sop_uid, via, CANNOT_UNDERSTAND, "cannot_understand", problem,
+                                   loud=loud)
             skip = why_not_processed(ds)
             problem = image_problem(ds) if skip is None and sop_class(ds) == CT_IMAGE_STORAGE else None
             if problem:
-                return self.refuse(data, series_uid, sop_uid, via, DOES_NOT_MATCH_SOP_CLASS, "invalid", problem)
+                return self.refuse(data, series_uid, sop_uid, via, DOES_NOT_MATCH_SOP_CLASS, "invalid", problem,
+                                   loud=loud)
             earlier = self.spool.instance_path(series_uid, sop_uid)
             if earlier.is_file() and not same_instance(earlier.read_bytes(), data):
                 return self.refuse(data, series_uid, sop_uid, via, DUPLICATE_SOP_INSTANCE, "duplicate",
                                     f"SOP Instance UID {sop_uid} was received before with different content; "
-                                    "the first copy is kept")
+                                    "the first copy is kept", loud=loud)
+            other = self.store.series_of_instance(sop_uid) if skip is None else None
+            if other is not None and other != series_uid:
+                # Derived UIDs are hashed from the source's: two series sharing one would collide downstream.
+                return self.refuse(data, series_uid, sop_uid, via, DUPLICATE_SOP_INSTANCE, "duplicate",
+                                    f"SOP Instance UID {sop_uid} was received before in another series ({other}); "
+                                    "a UID names one instance only", loud=loud)
         except Exception as exc:  # noqa: BLE001 - a malformed header is the peer's error, not ours
             return self.refuse(data, series_uid, sop_uid, via, CANNOT_UNDERSTAND, "cannot_understand",
-                                f"unreadable header ({exc.__class__.__name__}: {str(exc)[:200]})")
+                                f"unreadable header ({exc.__class__.__name__}: {str(exc)[:200]})", loud=loud)
         try:
             self.spool.write_instance(series_uid, sop_uid, data)
         except (SpoolFullError, OSError) as exc:
@@ -127,7 +144,8 @@ class Intake:
             return Accepted(SUCCESS, skip)
         try:
             job_id, created = self.store.note_instance(series_uid, str(getattr(ds, "StudyInstanceUID", "") or ""),
-                                                       str(getattr(ds, "SeriesDescription", "") or ""))
+                                                       str(getattr(ds, "SeriesDescription", "") or ""),
+                                                       sop_uid=sop_uid)
         except Exception as exc:  # noqa: BLE001 - the database is on the same disk as the spool
             self.metrics.rejected.labels(via, "out_of_resources").inc()
             log.error("instance refused, job database failed: %s", exc, **ctx(series=series_uid, sop=sop_uid))
@@ -138,11 +156,12 @@ class Intake:
         return Accepted(SUCCESS, "", job_id)
 
     def refuse(self, data: bytes, series_uid: str, sop_uid: str, via: str, status: int, label: str,
-                reason: str) -> Accepted:
-        """Count, log and quarantine a refused instance; the status stands even if the quarantine fails."""
+                reason: str, loud: bool = True) -> Accepted:
+        """Count, log and quarantine a refused instance; the status stands even if the quarantine fails.
+        ``loud`` False logs at debug level only (a request's refusals past the first few)."""
         self.metrics.rejected.labels(via, label).inc()
-        log.warning("instance refused (0x%04X): %s", status, reason,
-                    **ctx(series=series_uid or None, sop=sop_uid or None, via=via))
+        log.log(logging.WARNING if loud else logging.DEBUG, "instance refused (0x%04X): %s", status, reason,
+                **ctx(series=series_uid or None, sop=sop_uid or None, via=via))
         try:
             self.spool.quarantine_instance(data, series_uid, sop_uid,
                                            {"reason": reason, "status": f"0x{status:04X}", "via": via})
@@ -209,6 +228,8 @@ class Assembler(threading.Thread):
                 log.info("queued: %d instances, quiet for %.1f s", job.instances, self.cfg.jobs.quiet_seconds,
                          **ctx(job.id, job.series_uid))
                 self.wake.set()
+            for job in self.store.expire_incomplete(now - self.cfg.jobs.incomplete_seconds, now):
+                log.error("%s", job.reason, **ctx(job.id, job.series_uid))
             if now - self._last_retention > 60:
                 self._last_retention = now
                 apply_retention(self.cfg, self.spool, self.store, now)
@@ -226,7 +247,13 @@ def purge_job_files(spool: Spool, store: JobStore, job_id: int, series_uid: str)
 
 
 def apply_retention(cfg: Config, spool: Spool, store: JobStore, now: float) -> None:
-    """keep_days: purge done jobs' files after N days. Failed jobs keep theirs for a person to look at."""
+    """keep_days: purge done jobs' files after N days. Failed jobs keep theirs for a person to look at,
+    until the quarantine's own age limit (quarantine_keep_days) takes the evidence."""
+    if cfg.spool.quarantine_keep_days > 0:
+        removed = spool.purge_quarantine(now - cfg.spool.quarantine_keep_days * 86400)
+        if removed:
+            log.info("quarantine: %d entries older than %g days purged", removed, cfg.spool.quarantine_keep_days,
+                     **ctx())
     if cfg.spool.keep_days <= 0:
         return
     for job in store.finished_unpurged(now - cfg.spool.keep_days * 86400):

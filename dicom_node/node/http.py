@@ -4,15 +4,27 @@ STOW-RS (PS3.18 §10.5) takes multipart/related; type="application/dicom" and an
 with the Referenced and Failed SOP Sequences in DICOM JSON: 200 when all were stored,
 202 when some failed, 409 when none could be stored (a Warning header says why, part by
 part), 400 when the body is not well-formed multipart (nothing is stored).
+
+A body is never held in memory: it streams to a file in the spool's ``tmp/`` (refused
+with 413 past ``http.max_body_mb``, before a byte is read when Content-Length says so),
+is checked as multipart through a memory map, and its parts are stored one at a time
+(at most ``http.max_parts``). A client that never finishes its request headers is
+dropped after ``http.header_seconds``; connections beyond ``http.max_connections`` get 503.
 """
 
 from __future__ import annotations
 
+import asyncio
 import html
 import io
 import logging
+import mmap
+import os
 import re
 import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pydicom
@@ -20,8 +32,10 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .assemble import CANNOT_UNDERSTAND, SUCCESS, Intake
+from ..config import HttpConfig
+from .assemble import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, Intake
 from .jobs import STATES, JobStore
 from .logs import ctx
 from .metrics import Metrics
@@ -30,6 +44,7 @@ from .security import BearerAuth
 log = logging.getLogger("dicom_node.node.http")
 
 DICOM_JSON = "application/dicom+json"
+LOGGED_REFUSALS = 10  # refused parts logged one by one per request; the rest are counted and summed up
 # Failure Reason (0008,1197) for an instance whose study differs from the URL's (as dcm4chee answers);
 # the others are the DIMSE statuses Intake returns (0xA700 out of resources, 0xA900 does not match the SOP
 # class, 0xC000 cannot understand, 0x0111 duplicate SOP instance: see docs/bad-input.md).
@@ -59,31 +74,39 @@ def media_type(value: str) -> tuple[str, dict[str, str]]:
     return main.strip().lower(), params
 
 
-def split_multipart(body: bytes, content_type: str) -> list[tuple[dict[str, str], bytes]]:
-    """The parts of a multipart/related body (RFC 2046), each with its headers (lower-case names).
-
-    Strict where leniency would lose or invent data: the boundary must be declared, a delimiter
-    only counts at the start of a line, every part needs its blank line after the headers, and
-    the body must end with the closing delimiter, else it was cut off. Raises MultipartError only.
-    """
+def _boundary(content_type: str) -> bytes:
     boundary = media_type(content_type)[1].get("boundary", "")
     if not boundary:
         raise MultipartError("Content-Type has no boundary")
     if not _BOUNDARY.fullmatch(boundary):
         raise MultipartError("the boundary must be 1 to 200 printable ASCII characters")
-    dash = b"--" + boundary.encode("ascii")
+    return b"--" + boundary.encode("ascii")
+
+
+MAX_PART_HEADER_BYTES = 16384  # a part's header fields; longer is not a STOW-RS client
+
+
+def multipart_spans(body: bytes | mmap.mmap, content_type: str) -> list[tuple[dict[str, str], int, int]]:
+    """Where the parts of a multipart/related body (RFC 2046) are: each part's headers (lower-case names)
+    and the start and end of its content. Works on bytes or a memory-mapped file without copying it.
+
+    Strict where leniency would lose or invent data: the boundary must be declared, a delimiter
+    only counts at the start of a line, every part needs its blank line after the headers, and
+    the body must end with the closing delimiter, else it was cut off. Raises MultipartError only.
+    """
+    dash = _boundary(content_type)
     delimiter = b"\r\n" + dash
-    if body.startswith(dash):
+    if body[:len(dash)] == dash:
         pos = 0
     else:  # a preamble before the first delimiter is allowed, and ignored
         pos = body.find(delimiter)
         if pos < 0:
             raise MultipartError("no parts found in the body (the boundary never starts a line)")
         pos += 2
-    parts: list[tuple[dict[str, str], bytes]] = []
+    spans: list[tuple[dict[str, str], int, int]] = []
     while True:
         pos += len(dash)
-        if body.startswith(b"--", pos):
+        if body[pos:pos + 2] == b"--":
             break  # the closing delimiter; an epilogue after it is ignored
         eol = body.find(b"\r\n", pos)
         if eol < 0:
@@ -93,26 +116,95 @@ def split_multipart(body: bytes, content_type: str) -> list[tuple[dict[str, str]
         end = body.find(delimiter, eol + 2)
         if end < 0:
             raise MultipartError("the body ends inside a part (truncated: no closing delimiter)")
-        parts.append(_part(body[eol + 2:end]))
+        headers, start = _part_headers(body, eol + 2, end)
+        spans.append((headers, start, end))
         pos = end + 2
-    if not parts:
+    if not spans:
         raise MultipartError("no parts found in the body")
-    return parts
+    return spans
 
 
-def _part(raw: bytes) -> tuple[dict[str, str], bytes]:
-    """One part's header fields and content."""
-    if raw.startswith(b"\r\n"):
-        return {}, raw[2:]  # no header fields at all
-    head, sep, data = raw.partition(b"\r\n\r\n")
-    if not sep:
+def split_multipart(body: bytes, content_type: str) -> list[tuple[dict[str, str], bytes]]:
+    """The parts of a multipart/related body held in memory, each with its headers (see multipart_spans)."""
+    return [(headers, body[start:end]) for headers, start, end in multipart_spans(body, content_type)]
+
+
+def _part_headers(body: bytes | mmap.mmap, start: int, end: int) -> tuple[dict[str, str], int]:
+    """One part's header fields, and where its content starts."""
+    if body[start:start + 2] == b"\r\n":
+        return {}, start + 2  # no header fields at all
+    head_end = body.find(b"\r\n\r\n", start, min(end, start + MAX_PART_HEADER_BYTES))
+    if head_end < 0:
         raise MultipartError("a part has no blank line (CRLF CRLF) between its headers and its content")
     headers: dict[str, str] = {}
-    for line in head.decode("latin-1").split("\r\n"):
+    for line in body[start:head_end].decode("latin-1").split("\r\n"):
         name, colon, value = line.partition(":")
         if colon and name.strip():
             headers[name.strip().lower()] = value.strip()
-    return headers, data
+    return headers, head_end + 4
+
+
+class BodyTooLargeError(ValueError):
+    """The request body passed http.max_body_mb."""
+
+
+class _DelimiterCounter:
+    """Counts a body's delimiters as it streams past, in constant memory: how many parts a body had that
+    could not be kept (the disk full), so that each gets its Failure Reason."""
+
+    def __init__(self, dash: bytes) -> None:
+        self.delimiter = b"\r\n" + dash
+        self.tail = b"\r\n"  # the body's first delimiter has no CRLF before it
+        self.count = 0
+
+    def feed(self, chunk: bytes) -> None:
+        data = self.tail + chunk
+        self.count += data.count(self.delimiter)
+        self.tail = data[-(len(self.delimiter) - 1):]
+
+    @property
+    def parts(self) -> int:
+        return max(1, self.count - 1)  # the closing delimiter is one of them
+
+
+class HeaderDeadlineProtocol(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection whose first request head is not complete in time.
+
+    uvicorn times out idle keep-alive connections, but not a client that sends half a request line and
+    then nothing: a handful of those would hold the server's connection slots for good.
+    """
+
+    header_seconds = 10.0
+    on_timeout: Callable[[str], None] | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_deadline = self.loop.call_later(self.header_seconds, self._head_timeout)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.headers is not None:
+            self._head_deadline.cancel()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._head_deadline.cancel()
+        super().connection_lost(exc)
+
+    def _head_timeout(self) -> None:
+        if self.headers is None and not self.transport.is_closing():
+            client = self.client[0] if self.client else "?"
+            log.warning("HTTP connection from %s dropped: no complete request head within %g s", client,
+                        self.header_seconds, **ctx(peer=client))
+            if self.on_timeout is not None:
+                self.on_timeout(client)
+            self.transport.close()
+
+
+def header_deadline_protocol(seconds: float, on_timeout: Callable[[str], None] | None) -> type[H11Protocol]:
+    """The protocol class for uvicorn.Config(http=...), with the node's deadline and metric hook."""
+    return type("NodeH11Protocol", (HeaderDeadlineProtocol,), {"header_seconds": seconds,
+                                                                "on_timeout": staticmethod(on_timeout)
+                                                                if on_timeout else None})
 
 
 def _header_text(text: str) -> str:
@@ -129,9 +221,12 @@ def _item(sop_class: str, sop_uid: str, reason: int | None = None) -> dict[str, 
 
 
 def create_app(store: JobStore, intake: Intake | None, metrics: Metrics, info: dict[str, Any],
-               tokens: list[str] | None = None) -> FastAPI:
+               tokens: list[str] | None = None, limits: HttpConfig | None = None) -> FastAPI:
     """``info`` is shown on /healthz (AE title, ports, backend, model); with ``tokens``, every other
-    path needs one of them (security.BearerAuth), and /healthz shows details only to a token holder."""
+    path needs one of them (security.BearerAuth), and /healthz shows details only to a token holder.
+    ``limits`` gives the body and part limits (http.max_body_mb, http.max_parts)."""
+    limits = limits or HttpConfig()
+    max_body = limits.max_body_mb << 20
     app = FastAPI(title="dicom-node", docs_url=None, redoc_url=None)
     if tokens:
         app.add_middleware(BearerAuth, tokens=tokens, on_refused=lambda why: metrics.http_refused.labels(why).inc())
@@ -151,7 +246,7 @@ def create_app(store: JobStore, intake: Intake | None, metrics: Metrics, info: d
         return [j.as_json() for j in store.list(state, max(1, min(limit, 1000)), series)]
 
     @app.get("/jobs/{job_id}")
-    def job(job_id: int) -> dict[str, Any]:
+    def job(job_id: int) -> dict[str, Any]:  # an id beyond SQLite's range is simply no job (404), never a 500
         j = store.get(job_id)
         if j is None:
             raise HTTPException(404, f"no job {job_id}")
@@ -177,18 +272,35 @@ def create_app(store: JobStore, intake: Intake | None, metrics: Metrics, info: d
                 "<table><tr><th>job</th><th>state</th><th>series</th><th>instances</th><th>received</th>"
                 f"<th>finished</th><th>reason</th></tr>{''.join(rows)}</table></body></html>")
 
-    def store_parts(parts: list[tuple[dict[str, str], bytes]], study: str | None,
+    def store_parts(body: Path, ctype: str, study: str | None,
                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
-        """Blocking work (parsing, fsync) off the event loop; also a line per failed part, for people."""
+        """Blocking work (parsing, fsync) off the event loop; also a line per failed part, for people.
+
+        The body is mapped, not read: only the part in hand is in memory. Raises MultipartError (400)
+        before anything is stored, and BodyTooLargeError (413) for more than http.max_parts parts."""
+        assert intake is not None
+        with body.open("rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise MultipartError("the body is empty")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                spans = multipart_spans(mapped, ctype)
+                if len(spans) > limits.max_parts:
+                    raise BodyTooLargeError(f"{len(spans)} parts, more than http.max_parts = {limits.max_parts}")
+                return _store_spans(mapped, spans, study)
+
+    def _store_spans(mapped: mmap.mmap, spans: list[tuple[dict[str, str], int, int]], study: str | None,
+                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
         assert intake is not None
         referenced: list[dict[str, Any]] = []
         failed: list[dict[str, Any]] = []
         why: list[str] = []
-        for index, (headers, data) in enumerate(parts, 1):
+        for index, (headers, start, end) in enumerate(spans, 1):
+            data = mapped[start:end]
+            loud = len(why) < LOGGED_REFUSALS  # a flood of junk parts gets a summary, not a line each
             part_type = media_type(headers.get("content-type", "application/dicom"))[0]
             if part_type != "application/dicom":
                 reason = f"part {index}: Content-Type {part_type!r} is not application/dicom"
-                intake.refuse(data, "", "", "stow", CANNOT_UNDERSTAND, "cannot_understand", reason)
+                intake.refuse(data, "", "", "stow", CANNOT_UNDERSTAND, "cannot_understand", reason, loud=loud)
                 failed.append(_item("", "", CANNOT_UNDERSTAND))
                 why.append(reason)
                 continue
@@ -197,7 +309,7 @@ def create_app(store: JobStore, intake: Intake | None, metrics: Metrics, info: d
                 sop_class, sop_uid = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
             except Exception as exc:  # noqa: BLE001 - an unreadable part fails alone, the rest go on
                 reason = f"part {index}: not a DICOM file ({exc.__class__.__name__})"
-                intake.refuse(data, "", "", "stow", CANNOT_UNDERSTAND, "cannot_understand", reason)
+                intake.refuse(data, "", "", "stow", CANNOT_UNDERSTAND, "cannot_understand", reason, loud=loud)
                 failed.append(_item("", "", CANNOT_UNDERSTAND))
                 why.append(reason)
                 continue
@@ -205,13 +317,54 @@ def create_app(store: JobStore, intake: Intake | None, metrics: Metrics, info: d
                 failed.append(_item(sop_class, sop_uid, MISMATCHED_STUDY))
                 why.append(f"part {index}: study {getattr(ds, 'StudyInstanceUID', '')} is not {study}")
                 continue
-            result = intake.accept(data, ds, "stow")
+            result = intake.accept(data, ds, "stow", loud=loud)
             if result.status == SUCCESS:
                 referenced.append(_item(sop_class, sop_uid))
             else:
                 failed.append(_item(sop_class, sop_uid, result.status))
                 why.append(f"part {index}: {result.reason}")
+        if len(why) > LOGGED_REFUSALS:
+            log.warning("STOW-RS: %d parts refused; the first %d were logged, the rest only counted", len(why),
+                        LOGGED_REFUSALS, **ctx())
         return referenced, failed, why
+
+    async def receive_body(request: Request) -> tuple[Path | None, int]:
+        """Stream the body into the spool's tmp/; (None, parts) when the spool could not take it (a full
+        disk), with the number of parts the body held, counted as it streamed past."""
+        assert intake is not None
+        counter = _DelimiterCounter(_boundary(request.headers.get("content-type", "")))
+        path = intake.spool.root / "tmp" / f"stow-{uuid.uuid4().hex}.body"
+        size = 0
+        try:
+            intake.spool.check_space()
+            f = path.open("wb")
+        except OSError:
+            f = None
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_body:
+                    raise BodyTooLargeError(f"the body passed http.max_body_mb = {limits.max_body_mb} MB")
+                counter.feed(chunk)
+                if f is not None:
+                    try:
+                        f.write(chunk)
+                    except OSError:  # the disk filled up under us: keep nothing, count the rest
+                        f.close()
+                        f = None
+                        path.unlink(missing_ok=True)
+        except BaseException:
+            if f is not None:
+                f.close()
+            path.unlink(missing_ok=True)
+            raise
+        if f is not None:
+            try:
+                f.close()  # buffered bytes hit the disk here: it may be full now
+                return path, 0
+            except OSError:
+                path.unlink(missing_ok=True)
+        return None, counter.parts
 
     async def stow(request: Request, study: str | None = None) -> Response:
         if intake is None:
@@ -223,13 +376,32 @@ def create_app(store: JobStore, intake: Intake | None, metrics: Metrics, info: d
         part_type = params.get("type", "application/dicom")
         if part_type.strip().lower() != "application/dicom":
             raise HTTPException(415, f"only type=\"application/dicom\" is supported, not {part_type!r}")
-        body = await request.body()
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body:
+            return _too_large(f"Content-Length {declared} is more than http.max_body_mb = {limits.max_body_mb} MB")
         try:
-            parts = split_multipart(body, ctype)
+            body, lost_parts = await receive_body(request)
         except MultipartError as exc:
             log.warning("STOW-RS refused (400): %s", exc, **ctx())
             raise HTTPException(400, str(exc)) from None
-        referenced, failed, why = await run_in_threadpool(store_parts, parts, study)
+        except BodyTooLargeError as exc:
+            return _too_large(str(exc))
+        if body is None:  # the spool is full: every part gets "out of resources", as C-STORE answers
+            reason = "spool full: below its free-space floor or out of space"
+            metrics.rejected.labels("stow", "out_of_resources").inc(lost_parts)
+            log.error("STOW-RS: %d parts refused, %s", lost_parts, reason, **ctx())
+            answer = {"00081198": {"vr": "SQ", "Value": [_item("", "", OUT_OF_RESOURCES)] * lost_parts}}
+            return JSONResponse(answer, status_code=409, media_type=DICOM_JSON,
+                                headers={"Warning": f'299 dicom-node "{reason}"'})
+        try:
+            referenced, failed, why = await run_in_threadpool(store_parts, body, ctype, study)
+        except MultipartError as exc:
+            log.warning("STOW-RS refused (400): %s", exc, **ctx())
+            raise HTTPException(400, str(exc)) from None
+        except BodyTooLargeError as exc:
+            return _too_large(str(exc))
+        finally:
+            body.unlink(missing_ok=True)
         answer: dict[str, Any] = {}
         if referenced:
             answer["00081199"] = {"vr": "SQ", "Value": referenced}
@@ -240,6 +412,12 @@ def create_app(store: JobStore, intake: Intake | None, metrics: Metrics, info: d
         # PS3.18 lets a warning header carry the reasons the Failure Reason codes cannot.
         headers = {"Warning": ", ".join(f'299 dicom-node "{_header_text(w)}"' for w in why[:10])} if why else None
         return JSONResponse(answer, status_code=status, media_type=DICOM_JSON, headers=headers)
+
+    def _too_large(why: str) -> Response:
+        metrics.http_limited.labels("body_too_large").inc()
+        log.warning("STOW-RS refused (413): %s", why, **ctx())
+        # The rest of an unread body is not worth reading: the connection closes after the answer.
+        return JSONResponse({"detail": why}, status_code=413, headers={"Connection": "close"})
 
     @app.post("/dicomweb/studies")
     async def stow_any(request: Request) -> Response:

@@ -41,11 +41,20 @@ CREATE TABLE IF NOT EXISTS jobs (
     outputs TEXT NOT NULL DEFAULT '[]',
     deliveries TEXT NOT NULL DEFAULT '{}',
     purged INTEGER NOT NULL DEFAULT 0,
-    fingerprint TEXT NOT NULL DEFAULT ''
+    fingerprint TEXT NOT NULL DEFAULT '',
+    process_starts INTEGER NOT NULL DEFAULT 0,
+    incomplete_since REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE INDEX IF NOT EXISTS jobs_series ON jobs(series_uid, state);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid TEXT PRIMARY KEY,
+    series_uid TEXT NOT NULL
+);
 """
+# Columns added after the first release: a spool from an older node gets them on start.
+_ADDED_COLUMNS = {"process_starts": "INTEGER NOT NULL DEFAULT 0", "incomplete_since": "REAL"}
+MAX_JOB_ID = (1 << 63) - 1  # SQLite's INTEGER; a larger id is no job of ours (and must not overflow the lookup)
 
 
 @dataclass
@@ -71,6 +80,8 @@ class Job:
     deliveries: dict[str, dict[str, Any]] = field(default_factory=dict)
     purged: int = 0
     fingerprint: str = ""
+    process_starts: int = 0  # processing runs begun; one that never ended counts against jobs.max_crashes
+    incomplete_since: float | None = None  # its association was aborted: not queued until re-sent or expired
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -98,6 +109,7 @@ class Job:
             "attempts": self.attempts, "next_attempt_at": iso(self.next_attempt_at),
             "derived_series_uid": self.derived_series_uid, "outputs": len(self.outputs),
             "deliveries": self.deliveries, "files_purged": bool(self.purged),
+            "processing_runs": self.process_starts, "incomplete_since": iso(self.incomplete_since),
         }
 
 
@@ -112,7 +124,12 @@ class JobStore:
         # NORMAL in WAL mode: a crash can lose the last commits, never corrupt the file; the
         # spooled instances themselves are fsynced, and recover() rebuilds what is missing.
         self._db.execute("PRAGMA synchronous=NORMAL")
+        # Tables first, then the columns an older spool lacks, then indexes (none of which name them).
         self._db.executescript(_SCHEMA)
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, decl in _ADDED_COLUMNS.items():
+            if name not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -133,17 +150,21 @@ class JobStore:
 
     # -- receiving ---------------------------------------------------------------------
     def note_instance(self, series_uid: str, study_uid: str, description: str, now: float | None = None,
-                      ) -> tuple[int, bool]:
+                      sop_uid: str = "") -> tuple[int, bool]:
         """Count an instance into the series' job that has not started; a new job if there is none."""
         now = time.time() if now is None else now
 
         def fn(db: sqlite3.Connection) -> tuple[int, bool]:
-            # A queued job has not started: it takes the instance and waits for quiet again.
+            if sop_uid:
+                db.execute("INSERT OR IGNORE INTO instances(sop_uid, series_uid) VALUES (?,?)", (sop_uid, series_uid))
+            # A queued job has not started: it takes the instance and waits for quiet again (an aborted
+            # series that gets more instances is being re-sent: it waits for quiet like any other).
             row = db.execute("SELECT id FROM jobs WHERE series_uid=? AND state IN ('received','queued') "
                              "ORDER BY id DESC LIMIT 1", (series_uid,)).fetchone()
             if row:
                 db.execute("UPDATE jobs SET instances=instances+1, last_instance_at=?, state='received', "
-                           "queued_at=NULL, reason='collecting instances' WHERE id=?", (now, row[0]))
+                           "queued_at=NULL, incomplete_since=NULL, reason='collecting instances' WHERE id=?",
+                           (now, row[0]))
                 return int(row[0]), False
             cur = db.execute(
                 "INSERT INTO jobs(series_uid, study_uid, description, state, reason, instances, received_at, "
@@ -158,7 +179,7 @@ class JobStore:
 
         def fn(db: sqlite3.Connection) -> list[Job]:
             rows = db.execute("UPDATE jobs SET state='queued', queued_at=?, reason=? WHERE state='received' "
-                              "AND last_instance_at<=? RETURNING *",
+                              "AND incomplete_since IS NULL AND last_instance_at<=? RETURNING *",
                               (now, f"series quiet for {quiet_seconds:g} s", now - quiet_seconds)).fetchall()
             return [Job.from_row(r) for r in rows]
         return self._tx(fn)
@@ -173,9 +194,10 @@ class JobStore:
                              "AND claimed=0 AND (next_attempt_at IS NULL OR next_attempt_at<=?) ORDER BY id LIMIT 1) "
                              "RETURNING *", (now,)).fetchone()
             if row is None:
-                row = db.execute("UPDATE jobs SET state='processing', processing_at=?, claimed=1, reason='processing' "
-                                 "WHERE id=(SELECT id FROM jobs WHERE state='queued' AND (next_attempt_at IS NULL OR "
-                                 "next_attempt_at<=?) ORDER BY id LIMIT 1) RETURNING *", (now, now)).fetchone()
+                row = db.execute("UPDATE jobs SET state='processing', processing_at=?, claimed=1, reason='processing', "
+                                 "process_starts=process_starts+1 WHERE id=(SELECT id FROM jobs WHERE state='queued' "
+                                 "AND (next_attempt_at IS NULL OR next_attempt_at<=?) ORDER BY id LIMIT 1) RETURNING *",
+                                 (now, now)).fetchone()
             return Job.from_row(row) if row else None
         return self._tx(fn)
 
@@ -191,10 +213,45 @@ class JobStore:
         """A claimed job goes back in line unfinished (processing: queued again; sending: unclaimed), to be
         claimed after ``next_attempt_at``; no attempt is counted: the trouble was the node's, not the job's."""
         assert state in ("queued", "sending")
-        # Only while still claimed and unfinished: a job that got to done or failed stays there.
-        self._tx(lambda db: db.execute("UPDATE jobs SET state=?, claimed=0, next_attempt_at=?, reason=? WHERE id=? "
+        # Only while still claimed and unfinished: a job that got to done or failed stays there. A processing
+        # run handed back did not crash: it does not count against jobs.max_crashes.
+        self._tx(lambda db: db.execute("UPDATE jobs SET state=?, claimed=0, next_attempt_at=?, reason=?, "
+                                       "process_starts=MAX(0, process_starts - (state='processing')) WHERE id=? "
                                        "AND claimed=1 AND state IN ('processing','sending')",
                                        (state, next_attempt_at, reason, job_id)))
+
+    def crashed(self, job_id: int, next_attempt_at: float, reason: str) -> None:
+        """A processing run died (crash, memory or time limit): queued again, the run stays counted."""
+        self._tx(lambda db: db.execute("UPDATE jobs SET state='queued', claimed=0, next_attempt_at=?, reason=? "
+                                       "WHERE id=? AND state='processing'", (next_attempt_at, reason, job_id)))
+
+    def series_of_instance(self, sop_uid: str) -> str | None:
+        """The series an instance (by SOP Instance UID) was counted into, if any."""
+        with self._lock:
+            row = self._db.execute("SELECT series_uid FROM instances WHERE sop_uid=?", (sop_uid,)).fetchone()
+        return str(row[0]) if row else None
+
+    def mark_incomplete(self, job_ids: list[int], reason: str, now: float | None = None) -> list[int]:
+        """Jobs still collecting whose association was aborted: they wait for a re-send, not for quiet."""
+        now = time.time() if now is None else now
+        if not job_ids:
+            return []
+        marks = ",".join("?" * len(job_ids))
+        rows = self._tx(lambda db: db.execute(
+            f"UPDATE jobs SET state='received', queued_at=NULL, incomplete_since=?, reason=? WHERE id IN ({marks}) "
+            "AND state IN ('received','queued') "
+            "RETURNING id", (now, reason, *job_ids)).fetchall())
+        return [int(r[0]) for r in rows]
+
+    def expire_incomplete(self, older_than: float, now: float | None = None) -> list[Job]:
+        """Aborted series never re-sent: failed with the reason (their instances stay in the spool)."""
+        now = time.time() if now is None else now
+        rows = self._tx(lambda db: db.execute(
+            "UPDATE jobs SET state='failed', finished_at=?, claimed=0, reason='incomplete: the association that "
+            "brought this series was aborted after ' || instances || ' instances and the rest never came' "
+            "WHERE state='received' AND incomplete_since IS NOT NULL AND incomplete_since<=? RETURNING *",
+            (now, older_than)).fetchall())
+        return [Job.from_row(r) for r in rows]
 
     def retry_later(self, job_id: int, attempts: int, next_attempt_at: float, reason: str) -> None:
         self._update(job_id, attempts=attempts, next_attempt_at=next_attempt_at, claimed=0, reason=reason)
@@ -241,6 +298,8 @@ class JobStore:
 
     # -- reading -----------------------------------------------------------------------
     def get(self, job_id: int) -> Job | None:
+        if not 0 < job_id <= MAX_JOB_ID:
+            return None
         with self._lock:
             row = self._db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         return Job.from_row(row) if row else None

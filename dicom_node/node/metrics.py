@@ -40,4 +40,15 @@ class Metrics:
                                registry=self.registry)
         self.send_failures = Counter("dicom_node_send_failures", "Failed delivery attempts", ["destination"],
                                      registry=self.registry)
+        self.connections_refused = Counter("dicom_node_connections_refused",
+                                           "Connections refused before any data was read (DIMSE and HTTP limits)",
+                                           ["via", "reason"], registry=self.registry)
+        self.http_limited = Counter("dicom_node_http_limited", "HTTP requests refused for a limit (413, 503)",
+                                    ["reason"], registry=self.registry)
+        self.job_crashes = Counter("dicom_node_job_crashes", "Processing runs that crashed or were killed for a "
+                                   "limit", registry=self.registry)
+        self.worker_deaths = Counter("dicom_node_worker_deaths", "Worker threads that died and were replaced",
+                                     registry=self.registry)
+        self.aborted_associations = Counter("dicom_node_associations_aborted", "Associations that ended without a "
+                                            "release while instances were arriving", registry=self.registry)
         self.registry.register(_JobStates(store))

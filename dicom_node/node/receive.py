@@ -6,6 +6,15 @@ cost for us). The compressed ones PACS commonly send are accepted too; the pipel
 decodes them with pylibjpeg/pyjpegls. Callers are checked against the allowlist by AE
 title and host before any data flows.
 
+Limits, so that no caller can take the node from the others: a PDU longer than our own
+maximum is refused before a byte of it is buffered (the 6-byte header may claim 4 GiB);
+connections are counted in total and per calling host at accept, before anything is read;
+a caller that connects and sends no A-ASSOCIATE-RQ is dropped after ``request_seconds``,
+an association that goes silent after ``idle_seconds``. Each refusal is logged and counted.
+
+An association that ends without a release (an A-ABORT, a reset) brought a series that may
+be cut short: its jobs wait for the sender's re-send instead of the quiet timer.
+
 Ingest speed: a CT slice is half a megabyte, and pynetdicom reads sockets 4 KiB per
 ``recv`` and polls its reactor every millisecond. ``_BulkSocket`` reads each PDU with
 ``recv_into`` into one preallocated buffer, and the DUL polls ten times as often while
@@ -21,7 +30,9 @@ import logging
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from functools import lru_cache
+from typing import Any
 
 from pydicom.uid import (
     JPEG2000,
@@ -89,12 +100,35 @@ def caller_allowed(cfg: NodeConfig, ae_title: str, address: str) -> bool:
 
 
 DUL_POLL_SECONDS = 0.0001  # pynetdicom's default is 0.001: up to 1 ms idle per PDU round
+MIN_PDU_BOUND = 1 << 20  # an A-ASSOCIATE-RQ with every storage class and syntax is ~60 KiB; P-DATA is ours to size
+UNLIMITED_PDU_BOUND = 64 << 20  # node.max_pdu = 0 (unlimited): still no 4 GiB claims
+
+
+def pdu_bound(max_pdu: int) -> int:
+    """The longest PDU body we read: our own maximum (the peer's P-DATA must respect it), at least 1 MiB."""
+    return max(MIN_PDU_BOUND, max_pdu) if max_pdu > 0 else UNLIMITED_PDU_BOUND
+
+
+class PduTooLongError(OSError):
+    """A PDU header claimed more than we accept; pynetdicom treats it as the connection closing."""
 
 
 class _BulkSocket(AssociationSocket):
-    """pynetdicom's socket, reading whole PDUs with recv_into instead of 4 KiB recv calls."""
+    """pynetdicom's socket, reading whole PDUs with recv_into instead of 4 KiB recv calls, and refusing
+    a PDU longer than our bound before anything is allocated for it."""
 
     def recv(self, nr_bytes: int) -> bytearray:
+        bound = pdu_bound(self.assoc.ae.maximum_pdu_size or 0)
+        if nr_bytes > bound:
+            try:
+                peer = str(self.socket.getpeername()[0])  # type: ignore[union-attr]
+            except (OSError, AttributeError):
+                peer = "?"
+            log.warning("connection from %s dropped: a PDU of %d bytes announced, more than the %d accepted",
+                        peer, nr_bytes, bound, **ctx(peer=peer))
+            if self.on_refused is not None:
+                self.on_refused("pdu_too_long")
+            raise PduTooLongError(f"PDU of {nr_bytes} bytes announced")
         buf = bytearray(nr_bytes)
         view = memoryview(buf)
         got = 0
@@ -107,13 +141,88 @@ class _BulkSocket(AssociationSocket):
         return buf
 
 
+    on_refused: Callable[[str], None] | None = None  # metric hook, set per association
+
+
 class _BulkRequestHandler(RequestHandler):
     def _create_association(self):  # noqa: ANN202 - pynetdicom's own (untyped) hook
         assoc = super()._create_association()
         if type(assoc.dul.socket) is AssociationSocket:  # recv_into works on plain and TLS sockets alike
             assoc.dul.socket.__class__ = _BulkSocket
+            assoc.dul.socket.on_refused = getattr(self.server, "on_refused", None)
         assoc.dul._run_loop_delay = DUL_POLL_SECONDS
         return assoc
+
+
+class ConnectionLimits:
+    """Open connections, in total and per calling host; thread-safe. ``admit`` says why not, or None."""
+
+    def __init__(self, total: int, per_host: int) -> None:
+        self.total, self.per_host = total, per_host
+        self._open: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def admit(self, host: str) -> str | None:
+        with self._lock:
+            if sum(self._open.values()) >= self.total:
+                return f"{self.total} connections already open (node.max_connections)"
+            if self._open.get(host, 0) >= self.per_host:
+                return f"{self.per_host} connections already open from {host} (node.max_connections_per_host)"
+            self._open[host] = self._open.get(host, 0) + 1
+            return None
+
+    def release(self, host: str) -> None:
+        with self._lock:
+            left = self._open.get(host, 0) - 1
+            if left > 0:
+                self._open[host] = left
+            else:
+                self._open.pop(host, None)
+
+    def open(self) -> int:
+        with self._lock:
+            return sum(self._open.values())
+
+
+def _host(client_address: object) -> str:
+    return str(client_address[0]) if isinstance(client_address, tuple) else str(client_address)
+
+
+class _LimitedServer:
+    """Counts connections at accept (before a byte is read) against ``limits``; refusals are closed at once,
+    logged and counted. Mixed in before pynetdicom's threaded server (plain or TLS)."""
+
+    limits: ConnectionLimits
+    on_refused: Callable[[str], None] | None = None  # (reason label), for metrics
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        host = _host(client_address)
+        why = self.limits.admit(host)
+        if why is not None:
+            log.warning("connection from %s refused: %s", host, why, **ctx(peer=host))
+            if self.on_refused is not None:
+                self.on_refused("per_host" if "from" in why else "total")
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+            return
+        try:
+            super().process_request(request, client_address)  # type: ignore[misc]
+        except BaseException:
+            self.limits.release(host)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)  # type: ignore[misc]
+        finally:
+            self.limits.release(_host(client_address))
+
+
+class LimitedAssociationServer(_LimitedServer, ThreadedAssociationServer):
+    pass
+
+
+class LimitedTlsAssociationServer(_LimitedServer, TlsAssociationServer):
+    pass
 
 
 class Receiver:
@@ -128,13 +237,21 @@ class Receiver:
         self.ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
             self.ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
-        self.ae.require_called_aet = cfg.check_called_ae
+        self.ae.require_called_aet = False  # checked in _on_requested, where the refusal is logged and counted
+        self.ae.maximum_associations = cfg.max_connections
+        self.ae.acse_timeout = cfg.request_seconds  # ARTIM: connected, and no A-ASSOCIATE-RQ by then
+        self.ae.network_timeout = cfg.idle_seconds
+        self.limits = ConnectionLimits(cfg.max_connections, cfg.max_connections_per_host)
+        self._assoc_jobs: dict[int, tuple[str, set[int], int]] = {}  # id(assoc) -> (peer, jobs, instances)
+        self._assoc_lock = threading.Lock()
         self.server: ThreadedAssociationServer | None = None
         self.plain_server: ThreadedAssociationServer | None = None  # node.tls.keep_plain: the old port as well
 
     def start(self) -> None:
         handlers = [(evt.EVT_CONN_OPEN, no_delay), (evt.EVT_REQUESTED, self._on_requested),
-                    (evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo)]
+                    (evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
+                    (evt.EVT_RELEASED, self._on_released), (evt.EVT_ABORTED, self._on_ended),
+                    (evt.EVT_CONN_CLOSE, self._on_ended)]
         tls = self.cfg.tls
         context = server_context(tls) if tls.enabled else None  # TLS replaces the plain listener unless keep_plain
         self.server = self._listen(tls.port if tls.enabled else self.cfg.port, handlers, context)
@@ -142,12 +259,16 @@ class Receiver:
             self.plain_server = self._listen(self.cfg.port, handlers, None)
 
     def _listen(self, port: int, handlers: list, context: ssl.SSLContext | None) -> ThreadedAssociationServer:
-        server_class = TlsAssociationServer if context is not None else ThreadedAssociationServer
+        server_class = LimitedTlsAssociationServer if context is not None else LimitedAssociationServer
         server = self.ae.make_server((self.cfg.host, port), evt_handlers=handlers, ssl_context=context,
                                      server_class=server_class, request_handler=_BulkRequestHandler)
+        assert isinstance(server, _LimitedServer)
+        server.limits = self.limits
+        refused = self.metrics.connections_refused
+        server.on_refused = lambda label: refused.labels("dimse", label).inc()
         if isinstance(server, TlsAssociationServer):
             server.handshake_seconds = self.cfg.tls.handshake_seconds
-            server.on_refused = lambda _address, _why: self.metrics.associations_rejected.labels("tls").inc()
+            server.on_tls_refused = lambda _address, _why: self.metrics.associations_rejected.labels("tls").inc()
         threading.Thread(target=server.serve_forever, name="dimse-acceptor", daemon=True).start()
         self.ae._servers.append(server)
         mode = (" over TLS" + (", client certificates required" if self.cfg.tls.require_client_cert else "")
@@ -163,16 +284,40 @@ class Receiver:
 
     def _on_requested(self, event: Event) -> None:
         req = event.assoc.requestor
-        # At this point only the A-ASSOCIATE-RQ primitive carries the caller's AE title.
+        # At this point only the A-ASSOCIATE-RQ primitive carries the AE titles.
         calling = str(getattr(req.primitive, "calling_ae_title", "") or req.ae_title or "").strip()
+        called = str(getattr(req.primitive, "called_ae_title", "") or "").strip()
         refusal = caller_refusal(self.cfg, calling, req.address)
+        diagnostic = 0x03  # calling AE title not recognised
+        if refusal is None and self.cfg.check_called_ae and called != self.cfg.ae_title.strip():
+            refusal = "called_ae", f"called AE {called!r} is not ours ({self.cfg.ae_title!r})"
+            diagnostic = 0x07  # called AE title not recognised
         if refusal is not None:
             label, why = refusal
             self.metrics.associations_rejected.labels(label).inc()
             log.warning("association from %s rejected: %s", req.address, why,
                         **ctx(peer=f"{calling}@{req.address}", calling_ae=calling, reason=label))
-            event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
+            event.assoc.acse.send_reject(0x01, 0x01, diagnostic)  # permanent, service user
             event.assoc.kill()  # as pynetdicom's own rejections do: lets the DUL flush the A-ASSOCIATE-RJ
+
+    def _on_released(self, event: Event) -> None:
+        with self._assoc_lock:
+            self._assoc_jobs.pop(id(event.assoc), None)
+
+    def _on_ended(self, event: Event) -> None:
+        """Aborted or closed without a release: what this association brought may be cut short."""
+        with self._assoc_lock:
+            peer, jobs, count = self._assoc_jobs.pop(id(event.assoc), ("", set(), 0))
+        if not jobs:
+            return
+        self.metrics.aborted_associations.inc()
+        reason = (f"incomplete: the association from {peer} ended without a release after {count} instances; "
+                  "waiting for the sender to send the series again")
+        try:
+            for job_id in self.intake.store.mark_incomplete(sorted(jobs), reason):
+                log.warning("%s", reason, **ctx(job_id, peer=peer))
+        except Exception:  # noqa: BLE001 - the database failing must not take the listener with it
+            log.exception("could not mark aborted series incomplete", **ctx(peer=peer))
 
     def _on_echo(self, event: Event) -> int:
         return 0x0000
@@ -186,7 +331,15 @@ class Receiver:
             log.error("C-STORE could not be decoded: %s", exc, **ctx())
             return 0xC000
         try:
-            return self.intake.accept(data, ds, "dimse").status
+            accepted = self.intake.accept(data, ds, "dimse")
+            if accepted.job_id is not None:
+                with self._assoc_lock:
+                    peer, jobs, count = self._assoc_jobs.setdefault(
+                        id(event.assoc), (f"{event.assoc.requestor.ae_title}@{event.assoc.requestor.address}",
+                                          set(), 0))
+                    jobs.add(accepted.job_id)
+                    self._assoc_jobs[id(event.assoc)] = (peer, jobs, count + 1)
+            return accepted.status
         except Exception as exc:  # noqa: BLE001 - never let a handler crash the association thread
             log.exception("C-STORE failed: %s", exc, **ctx())
             return OUT_OF_RESOURCES

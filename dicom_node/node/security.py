@@ -93,7 +93,7 @@ class TlsAssociationServer(ThreadedAssociationServer):
     """
 
     handshake_seconds: float = 10.0
-    on_refused: Callable[[str, str], None] | None = None  # (peer address, reason), for metrics
+    on_tls_refused: Callable[[str, str], None] | None = None  # (peer address, reason), for metrics
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
@@ -113,8 +113,8 @@ class TlsAssociationServer(ThreadedAssociationServer):
             except (OSError, ValueError) as exc:  # SSLError, timeout, reset: refuse this one, keep serving
                 why = _handshake_failure(exc, self.handshake_seconds)
                 log.warning("TLS connection from %s refused: %s", address, why, **ctx(peer=address))
-                if self.on_refused is not None:
-                    self.on_refused(address, why)
+                if self.on_tls_refused is not None:
+                    self.on_tls_refused(address, why)
                 self.shutdown_request(request)
                 return
             subject = dict(item[0] for item in (request.getpeercert() or {}).get("subject", ()))

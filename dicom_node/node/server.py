@@ -53,17 +53,17 @@ def start(cfg: Config, backend_name: str | None = None) -> Node:
 
     backend, why = select(backend_name or cfg.engine.backend, cfg.engine.model, cfg.engine.threads,
                           cfg.engine.batch)
-    spool = Spool(cfg.spool.dir, cfg.spool.min_free_mb, cfg.spool.durability)
+    spool = Spool(cfg.spool.dir, cfg.spool.min_free_mb, cfg.spool.durability, cfg.spool.quarantine_mb)
     store = JobStore(spool.db_path)
     for job in store.recover():
         log.info("resuming: %s", job.reason, **ctx(job.id, job.series_uid))
     mid = model_id(cfg.engine.model)
     log.info("backend: %s; model %s", why, mid, **ctx())
-    engine = build_engine(cfg, backend)
+    build_engine(cfg, backend)  # the model and the settings are checked now; each job's child builds its own
     metrics = Metrics(store)
-    intake = Intake(spool, store, metrics)
+    intake = Intake(spool, store, metrics, cfg.intake)
     wake = threading.Event()
-    workers = Workers(cfg, spool, store, metrics, engine, mid, wake)
+    workers = Workers(cfg, spool, store, metrics, backend.name, mid, wake)
     assembler = Assembler(cfg, spool, store, metrics, wake)
     receiver = Receiver(cfg.node, intake, metrics)
     receiver.start()
@@ -79,7 +79,7 @@ def serve(cfg: Config, backend_name: str | None = None) -> int:
     """Run the node in the foreground; returns the exit code."""
     import uvicorn
 
-    from .http import create_app
+    from .http import create_app, header_deadline_protocol
     from .security import check_http, http_tokens
 
     tokens = http_tokens(cfg.http)  # before anything listens: an open network-facing HTTP server is refused
@@ -87,14 +87,17 @@ def serve(cfg: Config, backend_name: str | None = None) -> int:
         log.warning("%s", warning, **ctx())
     node = start(cfg, backend_name)
     try:
-        app = create_app(node.store, node.intake, node.metrics, node.info, tokens)
+        app = create_app(node.store, node.intake, node.metrics, node.info, tokens, cfg.http)
         scheme = "https" if cfg.http.cert else "http"
         log.info("HTTP on %s://%s:%d (jobs page /, STOW-RS /dicomweb/studies); %s", scheme, cfg.http.host,
                  cfg.http.port, f"bearer token required except on /healthz ({len(tokens)} configured)" if tokens
                  else "no authentication", **ctx())
         tls = {"ssl_certfile": cfg.http.cert, "ssl_keyfile": cfg.http.key} if cfg.http.cert else {}
+        timed_out = node.metrics.connections_refused.labels("http", "header_timeout")
+        protocol = header_deadline_protocol(cfg.http.header_seconds, lambda _client: timed_out.inc())
         server = uvicorn.Server(uvicorn.Config(app, host=cfg.http.host, port=cfg.http.port, log_config=None,
-                                               access_log=False, **tls))
+                                               access_log=False, http=protocol,
+                                               limit_concurrency=cfg.http.max_connections, **tls))
         server.run()
     finally:
         log.info("shutting down", **ctx())

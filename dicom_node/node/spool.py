@@ -42,7 +42,8 @@ class Spool:
     """``series/<series>/<sop>.dcm`` for input, ``out/<job>/`` for outputs, ``tmp/`` for partial writes,
     ``quarantine/`` for what was refused or failed, each with the reason beside it."""
 
-    def __init__(self, root: str | Path, min_free_mb: int = 0, durability: str = "journal") -> None:
+    def __init__(self, root: str | Path, min_free_mb: int = 0, durability: str = "journal",
+                 quarantine_mb: int = 0) -> None:
         if durability not in ("journal", "posix"):
             raise ValueError(f"spool durability must be 'journal' or 'posix', not {durability!r}")
         self.posix = durability == "posix"
@@ -52,9 +53,19 @@ class Spool:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._counter = 0
         self._lock = threading.Lock()
+        self.quarantine_cap = int(quarantine_mb) * 1024 * 1024  # 0 = no cap
+        self._refused_bytes = sum(_footprint(f.stat().st_size) for f in self.refused_dir.rglob("*") if f.is_file()) \
+            if self.refused_dir.is_dir() else 0
         # Leftovers of writes interrupted by a crash were never acknowledged: drop them.
         for leftover in (self.root / "tmp").iterdir():
-            leftover.unlink(missing_ok=True)
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+    @property
+    def refused_dir(self) -> Path:
+        return self.root / "quarantine" / "refused"
 
     @property
     def db_path(self) -> Path:
@@ -116,20 +127,64 @@ class Spool:
     def remove_outputs(self, job_id: int) -> None:
         shutil.rmtree(self.out_dir(job_id), ignore_errors=True)
 
-    # -- quarantine: kept for a person to look at; retention never touches it ------------------
+    # -- quarantine: kept for a person to look at, within a size cap and an age limit ----------
     def quarantine_instance(self, data: bytes, series_uid: str, sop_uid: str, reason: dict[str, Any]) -> Path:
         """Keep an instance refused on arrival as ``quarantine/refused/<series>/<sop>-<hash>.dcm`` with a
-        ``.json`` beside it. Every distinct refused copy is kept; the space floor still applies."""
+        ``.json`` beside it. Every distinct refused copy is kept while the quarantine is under its cap (the
+        oldest refused copies make room: a flood of junk must not eat the disk); the space floor applies."""
         self.check_space()
         digest = hashlib.sha256(data).hexdigest()[:16]
-        folder = self.root / "quarantine" / "refused" / (safe_name(series_uid) if series_uid else "unreadable")
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = self.refused_dir / (safe_name(series_uid) if series_uid else "unreadable")
         stem = f"{safe_name(sop_uid)}-{digest}" if sop_uid else digest
-        _write_atomic(self.root / "tmp", folder / f"{stem}.dcm", data)
         info = {"reason": "", **reason, "series_uid": series_uid, "sop_instance_uid": sop_uid, "bytes": len(data),
                 "at": _now_iso()}
-        _write_atomic(self.root / "tmp", folder / f"{stem}.json", json.dumps(info, indent=2).encode())
+        note = json.dumps(info, indent=2).encode()
+        added = _footprint(len(data)) + _footprint(len(note))
+        with self._lock:
+            if (folder / f"{stem}.dcm").is_file():  # the same bytes refused again: one copy is enough
+                added = 0
+            elif self.quarantine_cap and self._refused_bytes + added > self.quarantine_cap:
+                self._make_room(added)
+            self._refused_bytes += added
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.root / "tmp", folder / f"{stem}.dcm", data)
+        _write_atomic(self.root / "tmp", folder / f"{stem}.json", note)
         return folder / f"{stem}.dcm"
+
+    def _make_room(self, needed: int) -> None:
+        """Delete the oldest refused copies until ``needed`` fits under 90 % of the cap (lock held)."""
+        files = sorted((f for f in self.refused_dir.rglob("*") if f.is_file()), key=_mtime)
+        goal = self.quarantine_cap * 9 // 10 - needed
+        for f in files:
+            if self._refused_bytes <= goal:
+                break
+            try:
+                size = f.stat().st_size
+                f.unlink()
+                self._refused_bytes -= _footprint(size)
+            except OSError:
+                continue
+
+    def purge_quarantine(self, older_than: float) -> int:
+        """Remove refused copies and failed jobs' evidence last changed before ``older_than`` (epoch
+        seconds); returns how many files and folders went."""
+        removed = 0
+        with self._lock:
+            for f in list(self.refused_dir.rglob("*")) if self.refused_dir.is_dir() else []:
+                if f.is_file() and _mtime(f) < older_than:
+                    size = f.stat().st_size
+                    f.unlink(missing_ok=True)
+                    self._refused_bytes -= _footprint(size)
+                    removed += 1
+            for folder in (self.root / "quarantine").glob("job-*"):
+                reason = folder / "REASON.json"
+                if _mtime(reason if reason.is_file() else folder) < older_than:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    removed += 1
+            for folder in self.refused_dir.glob("*") if self.refused_dir.is_dir() else []:
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+        return removed
 
     def quarantine_job(self, job_id: int, series_uid: str, reason: str) -> Path:
         """``quarantine/job-<id>/``: the failed job's input as it was (hard links: no extra space, and a
@@ -147,6 +202,18 @@ class Spool:
                 "at": _now_iso()}
         _write_atomic(self.root / "tmp", folder / "REASON.json", json.dumps(info, indent=2).encode())
         return folder
+
+
+def _footprint(size: int) -> int:
+    """What a file takes on disk, counted in 4 KiB blocks: ten thousand tiny files are not free."""
+    return max(4096, (size + 4095) // 4096 * 4096)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _now_iso() -> str:

@@ -1,13 +1,18 @@
 """Workers: claim a job, run the offline pipeline on its spooled series, deliver the outputs.
 
 The pipeline is ``process.process_series`` itself, so the node produces exactly what
-``dicom-node process`` does. A semaphore bounds how many jobs run the model at once
-(each holds a whole series in memory); sending does not need a slot, so deliveries go
-on while a long series is being processed.
+``dicom-node process`` does, run in a child process under memory and time limits
+(``isolate.py``): a series that crashes or exhausts its run fails alone, after
+``jobs.max_crashes`` runs, and never takes the node down. A semaphore bounds how many
+jobs run the model at once (each holds a whole series in memory); sending does not
+need a slot, so deliveries go on while a long series is being processed. A watcher
+replaces a worker thread that died and hands its job back, so no job stays in
+``processing`` without a live owner.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import errno
 import hashlib
@@ -21,10 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
-from ..dicom.series import read_ct_series
-from ..infer import Engine
-from ..process import SeriesOutcome, process_series
+from ..process import SeriesOutcome
 from .assemble import purge_job_files
+from .isolate import ChildDiedError, ChildRequest, StoppedError, run_child
 from .jobs import Job, JobStore
 from .logs import ctx
 from .metrics import Metrics
@@ -71,31 +75,68 @@ def _now_iso() -> str:
 
 
 class Workers:
-    def __init__(self, cfg: Config, spool: Spool, store: JobStore, metrics: Metrics, engine: Engine,
+    def __init__(self, cfg: Config, spool: Spool, store: JobStore, metrics: Metrics, backend: str,
                  model_id: str, wake: threading.Event) -> None:
         self.cfg = cfg
         self.spool = spool
         self.store = store
         self.metrics = metrics
-        self.engine = engine
+        self.backend = backend  # the backend the node selected at start; each job's child builds its own
         self.model_id = model_id
         self.wake = wake
         self.slots = threading.Semaphore(cfg.jobs.inference_slots)
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
+        self.holding: dict[str, Job] = {}  # thread name -> the job it claimed and has not let go of
+        self._watcher: threading.Thread | None = None
+        self._started = 0
 
     def start(self) -> None:
-        for i in range(self.cfg.jobs.workers):
-            t = threading.Thread(target=self._loop, name=f"worker-{i}", daemon=True)
-            t.start()
-            self.threads.append(t)
+        for _ in range(self.cfg.jobs.workers):
+            self.threads.append(self._spawn())
+        self._watcher = threading.Thread(target=self._watch, name="worker-watch", daemon=True)
+        self._watcher.start()
+
+    def _spawn(self) -> threading.Thread:
+        t = threading.Thread(target=self._loop, name=f"worker-{self._started}", daemon=True)
+        self._started += 1
+        t.start()
+        return t
+
+    def _watch(self) -> None:
+        """Once a second: a worker thread that died is replaced, and the job it held goes back in line."""
+        while not self.stop.wait(1.0):
+            for i, t in enumerate(list(self.threads)):
+                if t.is_alive() or self.stop.is_set():
+                    continue
+                job = self.holding.pop(t.name, None)
+                log.error("worker thread %s died%s; replaced", t.name,
+                          f" holding job {job.id}" if job else "", **ctx(job.id if job else None,
+                                                                         job.series_uid if job else None))
+                self.metrics.worker_deaths.inc()
+                if job is not None:
+                    self._release(job, "the worker thread handling it died")
+                self.threads[i] = self._spawn()
+
+    def _release(self, job: Job, why: str) -> None:
+        """A claimed job whose owner is gone: processing counts as a run that never finished."""
+        try:
+            if job.state == "processing":
+                self._crashed(job, why)
+            else:
+                self.store.hand_back(job.id, "sending", time.time(), f"waiting: {why}; delivery resumes")
+        except Exception:  # noqa: BLE001 - the database itself failing: recover() puts it back at the next start
+            log.exception("could not hand back job %d", job.id, **ctx(job.id, job.series_uid))
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Finish the job in hand; anything unfinished resumes at the next start (see JobStore.recover)."""
+        """Stop the job in hand (a processing child is stopped, its job handed back uncounted); anything
+        unfinished resumes at the next start (see JobStore.recover)."""
         self.stop.set()
         self.wake.set()
         for t in self.threads:
             t.join(timeout)
+        if self._watcher is not None:
+            self._watcher.join(timeout)
 
     def _loop(self) -> None:
         while not self.stop.is_set():
@@ -113,6 +154,8 @@ class Workers:
         job = self.store.claim()
         if job is None:
             return False
+        name = threading.current_thread().name
+        self.holding[name] = job
         try:
             if job.state == "processing":
                 self.process(job)
@@ -120,6 +163,7 @@ class Workers:
                 self.send(job)
         except Exception as exc:  # noqa: BLE001 - e.g. a full disk: the job waits, it is not lost or stuck
             self._hand_back(job, exc)
+        self.holding.pop(name, None)
         return True
 
     def _hand_back(self, job: Job, exc: Exception) -> None:
@@ -141,17 +185,22 @@ class Workers:
 
     # -- processing --------------------------------------------------------------------
     def process(self, job: Job) -> None:
+        jc = self.cfg.jobs
+        if job.process_starts > jc.max_crashes:  # earlier runs began and never ended: the node died with them
+            self._fail(job, f"processing did not finish in {jc.max_crashes} runs (the node stopped or crashed "
+                       "while processing this series each time); not tried again")
+            return
         t0 = time.perf_counter()
-        log.info("processing %d instances", job.instances, **ctx(job.id, job.series_uid))
+        log.info("processing %d instances (run %d of at most %d)", job.instances, job.process_starts,
+                 jc.max_crashes, **ctx(job.id, job.series_uid))
         out_dir = self.spool.out_dir(job.id)
         try:
             with self.slots:
-                series_list, notes = read_ct_series([self.spool.series_dir(job.series_uid)])
-                if not series_list:
-                    shown = "; ".join(notes[:5]) + (f"; and {len(notes) - 5} more" if len(notes) > 5 else "")
-                    self._fail(job, "refused: " + (shown or "no instances in the spool"))
+                files = self.spool.series_files(job.series_uid)
+                if not files:
+                    self._fail(job, "refused: no instances in the spool")
                     return
-                fingerprint = input_fingerprint(series_list[0].files, self.model_id, self.cfg)
+                fingerprint = input_fingerprint(files, self.model_id, self.cfg)
                 self.store.set_fingerprint(job.id, fingerprint)
                 twin = self.store.delivered_twin(job.id, job.series_uid, fingerprint)
                 if twin is not None and twin.deliveries_cover([d.name for d in self.cfg.destinations]):
@@ -161,8 +210,20 @@ class Workers:
                     log.info(reason, **ctx(job.id, job.series_uid))
                     return
                 shutil.rmtree(out_dir, ignore_errors=True)  # a requeued job starts clean
-                outcome = process_series(series_list[0], out_dir, self.cfg, self.engine, self.model_id,
-                                         self.cfg.output.write_seg)
+                request = ChildRequest(job.id, job.series_uid, str(self.spool.series_dir(job.series_uid)),
+                                       str(out_dir), self.backend, self.model_id, dataclasses.asdict(self.cfg))
+                result = run_child(request, self.spool.root / "tmp" / f"job-{job.id}", jc.memory_mb,
+                                   jc.timeout_seconds, self.stop)
+        except StoppedError:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            self.store.hand_back(job.id, "queued", time.time(), "requeued: the node stopped while processing")
+            log.info("processing stopped for shutdown; the job resumes at the next start",
+                     **ctx(job.id, job.series_uid))
+            return
+        except ChildDiedError as exc:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            self._crashed(job, str(exc))
+            return
         except Exception as exc:  # noqa: BLE001 - the reason goes into the job, the node goes on
             if disk_full(exc):  # not the input's fault: free what the partial outputs took, try again later
                 shutil.rmtree(out_dir, ignore_errors=True)
@@ -172,7 +233,30 @@ class Workers:
             return
         finally:
             self.metrics.stage.labels("processing").observe(time.perf_counter() - t0)
+        status = result.pop("status")
+        if status == "disk_full":
+            shutil.rmtree(out_dir, ignore_errors=True)
+            raise SpoolFullError(result["reason"])
+        if status == "refused":
+            self._fail(job, "refused: " + result["reason"])
+            return
+        log.info("processing child: peak %d MB resident", result.pop("peak_mb", 0), **ctx(job.id, job.series_uid))
+        outcome = SeriesOutcome(status=status, **{k: v for k, v in result.items() if k != "peak_mb"})
+        outcome.outputs = [Path(p) for p in outcome.outputs]
         self._after_processing(job, outcome)
+
+    def _crashed(self, job: Job, why: str) -> None:
+        """A processing run that died: again after a pause, or, after jobs.max_crashes runs, failed for good."""
+        jc = self.cfg.jobs
+        self.metrics.job_crashes.inc()
+        runs = job.process_starts
+        if runs >= jc.max_crashes:
+            self._fail(job, f"processing {why} (run {runs} of {jc.max_crashes}); not tried again")
+            return
+        delay = max(0.1, jc.backoff_seconds)
+        reason = f"processing {why} (run {runs} of {jc.max_crashes}); trying again in {delay:g} s"
+        log.error(reason, **ctx(job.id, job.series_uid))
+        self.store.crashed(job.id, time.time() + delay, reason)
 
     def _after_processing(self, job: Job, outcome: SeriesOutcome) -> None:
         if outcome.status == "skipped":

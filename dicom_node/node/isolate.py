@@ -1,0 +1,205 @@
+"""Job isolation: each job's processing runs in a child process under a memory and a time limit.
+
+One poisonous series must end as one failed job, not as a node that the kernel kills again
+after every restart. The child reads the spooled series, runs the very pipeline of
+``dicom-node process`` and writes its outcome as JSON; the parent watches its resident
+memory and its clock and kills it past either limit. A child that dies (a segmentation
+fault in a codec, the kernel's OOM killer, a limit) leaves the node, its other jobs and
+its listeners untouched; the worker decides from the job's count of runs whether to try
+again or to fail the job with the reason (see ``Workers.process``).
+
+Run as ``python -m dicom_node.node.isolate REQUEST.json``: the request holds the whole
+configuration, so the child processes with exactly the parent's settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import Config
+
+log = logging.getLogger("dicom_node.node.isolate")
+
+POLL_SECONDS = 0.05  # how often the parent looks at the child's memory: a runaway grows ~1 GB/s at most here
+STDERR_TAIL_BYTES = 8192  # what of a dead child's last words goes into the job's reason and the log
+
+
+class ChildDiedError(Exception):
+    """The child ended without an outcome: it crashed, or was killed for a limit. The message says which."""
+
+
+class StoppedError(Exception):
+    """The node is shutting down: the child was stopped, the job is handed back uncounted."""
+
+
+@dataclass
+class ChildRequest:
+    """What one processing run needs; written as JSON for the child."""
+
+    job_id: int
+    series_uid: str
+    series_dir: str
+    out_dir: str
+    backend: str  # the backend the parent selected (never "auto" again in each child)
+    model_id: str
+    config: dict[str, Any]
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: the kernel kills it when the node (strictly: the worker thread that
+    started it) dies, so no orphan keeps running and writing into the spool of a restarted node."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the child may outlive a killed node
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _resident_bytes(pid: int) -> int:
+    """Resident set size of a process, from /proc (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _signal_name(code: int) -> str:
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+
+
+def run_child(request: ChildRequest, prefix: Path, memory_mb: int, timeout_seconds: float,
+              stop: threading.Event) -> dict[str, Any]:
+    """Run one processing job in a child process and return its outcome (the JSON it wrote).
+
+    Raises ChildDiedError with a readable reason when the child crashes or is killed for a limit, and
+    StoppedError when ``stop`` is set while it runs. The child's log lines are passed on to ours. Its files
+    are ``prefix`` + ``.request.json``, ``.outcome.json`` and ``.stderr``, removed when it is done.
+    """
+    req_path, result_path, err_path = (prefix.with_name(prefix.name + ext) for ext in
+                                       (".request.json", ".outcome.json", ".stderr"))
+    result_path.unlink(missing_ok=True)
+    req_path.write_text(json.dumps(dataclasses.asdict(request)))
+    limit = memory_mb * 1024 * 1024
+    with err_path.open("wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "dicom_node.node.isolate", str(req_path)],
+                                stdin=subprocess.DEVNULL, stdout=err, stderr=err, close_fds=True,
+                                preexec_fn=_die_with_parent)  # noqa: PLW1509 - one prctl, no locks taken
+        started = time.monotonic()
+        peak = 0
+        killed_for = ""
+        try:
+            while proc.poll() is None:
+                peak = max(peak, _resident_bytes(proc.pid))
+                if peak > limit:
+                    killed_for = (f"killed: its memory grew past jobs.memory_mb = {memory_mb} MB "
+                                  f"({peak / 2**20:.0f} MB resident)")
+                elif time.monotonic() - started > timeout_seconds:
+                    killed_for = f"killed: still running after jobs.timeout_seconds = {timeout_seconds:g} s"
+                elif stop.is_set():
+                    killed_for = "stopped"
+                if killed_for:
+                    proc.kill()
+                    proc.wait()
+                    break
+                time.sleep(POLL_SECONDS)
+        finally:
+            if proc.poll() is None:  # an exception of our own while watching: never leave it running
+                proc.kill()
+                proc.wait()
+    tail = _relay_and_tail(err_path)
+    req_path.unlink(missing_ok=True)
+    outcome_text = result_path.read_text() if proc.returncode == 0 and result_path.is_file() else None
+    result_path.unlink(missing_ok=True)
+    if killed_for == "stopped":
+        raise StoppedError("the node is shutting down")
+    if killed_for:
+        raise ChildDiedError(killed_for)
+    if outcome_text is not None:
+        outcome = json.loads(outcome_text)
+        outcome["peak_mb"] = round(peak / 2**20)
+        return outcome
+    how = (f"crashed ({_signal_name(proc.returncode)})" if proc.returncode < 0
+           else f"exited with status {proc.returncode} and no outcome")
+    last = tail.strip().splitlines()[-1][:300] if tail.strip() else ""
+    raise ChildDiedError(f"{how}{': ' + last if last else ''}")
+
+
+def _relay_and_tail(err_path: Path) -> str:
+    """Pass the child's log lines (JSON, as ours) on to our stderr, and return its last words."""
+    try:
+        size = err_path.stat().st_size
+        with err_path.open("rb") as f:
+            if size <= 1 << 20:  # a normal run's log: relay it whole
+                sys.stderr.write(f.read().decode("utf-8", "replace"))
+                sys.stderr.flush()
+            f.seek(max(0, size - STDERR_TAIL_BYTES))
+            tail = f.read().decode("utf-8", "replace")
+        if size > 1 << 20:  # a runaway's: only the end, and say so
+            log.error("processing child wrote %d bytes to stderr; its last lines: %s", size, tail[-2000:])
+        err_path.unlink(missing_ok=True)
+        return tail
+    except OSError:
+        return ""
+
+
+# ---- the child ------------------------------------------------------------------------------------
+
+
+def _child(request_path: Path) -> int:
+    from ..backends.select import select
+    from ..config import from_dict
+    from ..dicom.series import read_ct_series
+    from ..process import build_engine, process_series
+    from .logs import ctx, setup
+
+    setup()
+    req = ChildRequest(**json.loads(request_path.read_text()))
+    cfg: Config = from_dict(req.config)
+    result_path = request_path.with_name(request_path.name.replace(".request.json", ".outcome.json"))
+    outcome: dict[str, Any]
+    try:
+        series_list, notes = read_ct_series([req.series_dir])
+        if not series_list:
+            shown = "; ".join(notes[:5]) + (f"; and {len(notes) - 5} more" if len(notes) > 5 else "")
+            outcome = {"status": "refused", "reason": shown or "no instances in the spool"}
+        else:
+            backend, _ = select(req.backend, cfg.engine.model, cfg.engine.threads, cfg.engine.batch)
+            engine = build_engine(cfg, backend)
+            result = process_series(series_list[0], Path(req.out_dir), cfg, engine, req.model_id,
+                                    cfg.output.write_seg)
+            outcome = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+            outcome["outputs"] = [str(p) for p in result.outputs]
+    except Exception as exc:  # noqa: BLE001 - an error is an outcome with a reason; only a crash is not
+        from .worker import disk_full
+
+        # A deep recursion's traceback is itself a runaway: its message is enough.
+        log.error("processing failed: %s: %s", exc.__class__.__name__, str(exc)[:500],
+                  exc_info=not isinstance(exc, (RecursionError, MemoryError)), **ctx(req.job_id, req.series_uid))
+        outcome = {"status": "disk_full" if disk_full(exc) else "failed",
+                   "reason": f"{exc.__class__.__name__}: {str(exc)[:500]}"}
+    log.info("processing child finished: %s", outcome["status"], **ctx(req.job_id, req.series_uid))
+    tmp = result_path.with_suffix(".part")
+    tmp.write_text(json.dumps(outcome))
+    os.replace(tmp, result_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child(Path(sys.argv[1])))
