@@ -13,8 +13,10 @@ import io
 import math
 import random
 import shutil
+import struct
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +83,7 @@ class Case:
 
     def kept(self) -> str:
         if self.kind == "instance" or (self.kind == "body" and self.status):
-            where = "unreadable" if self.name in ("not_dicom", "wrong_part_type", "text_part") else "<series>"
+            where = "unreadable" if self.name in UNREADABLE else "<series>"
             return f"`quarantine/refused/{where}/` + `.json`"
         if self.kind == "body":
             return "nothing (the client keeps it)"
@@ -90,6 +92,27 @@ class Case:
         if self.kind == "series":
             return "`series/<uid>/`, outputs in `out/<job>/`"
         return "`series/<uid>/`"
+
+
+# Refused before their series is trusted: kept under quarantine/refused/unreadable/.
+UNREADABLE = {"not_dicom", "wrong_part_type", "text_part", "uid_too_long", "uid_non_ascii", "uid_empty_component",
+              "deep_nesting", "huge_element"}
+
+
+def nested_sequence(depth: int) -> bytes:
+    """ContentSequence nested ``depth`` deep in explicit VR little endian with explicit lengths, as raw
+    bytes: pydicom itself cannot write it (it recurses, and runs away in memory at such depths)."""
+    payload = struct.pack("<HH2sH", 0x0008, 0x0100, b"SH", 2) + b"X "
+    for _ in range(depth):
+        item = struct.pack("<HHI", 0xFFFE, 0xE000, len(payload)) + payload
+        payload = struct.pack("<HH2sHI", 0x0040, 0xA730, b"SQ", 0, len(item)) + item
+    return payload
+
+
+def _before_pixels(data: bytes, element: bytes) -> bytes:
+    """Raw element bytes put in just before Pixel Data (explicit VR little endian)."""
+    at = data.rindex(b"\xe0\x7f\x10\x00OW")
+    return data[:at] + element + data[at:]
 
 
 # name, what, transfer syntax, how it is made (pydicom's encoders, else DCMTK's tools)
@@ -122,6 +145,22 @@ CASES: list[Case] = [
          "declared size 65535x65535", 0xA900, 409),
     Case("jpeg_baseline", "JPEG Baseline (8-bit, made by dcmcjpeg)", "instance", "BitsAllocated 8", 0xA900, 409,
          ts=JPEGBaseline8Bit),
+    Case("pixel_data_long", "Pixel Data 4 bytes longer than Rows × Columns × 2", "instance", "need exactly",
+         0xA900, 409),
+    Case("rgb_one_sample", "PhotometricInterpretation RGB on one sample per pixel", "instance",
+         "PhotometricInterpretation RGB", 0xA900, 409),
+    Case("palette_color", "PhotometricInterpretation PALETTE COLOR", "instance",
+         "PhotometricInterpretation PALETTE COLOR", 0xA900, 409),
+    Case("uid_too_long", "a Series Instance UID of 4,999 characters", "instance", "characters long", 0xA900, 409),
+    Case("uid_non_ascii", "a Study Instance UID with a non-ASCII byte", "instance", "non-ASCII", 0xA900, 409),
+    Case("uid_empty_component", "a SOP Instance UID with an empty component (1.2..3)", "instance",
+         "is not a valid DICOM UID", 0xA900, 409),
+    Case("deep_nesting", "one sequence nested 300 deep, explicit lengths (the probe's poison slice)", "instance",
+         "nested more than 32 levels", 0xC000, 409),
+    Case("huge_element", "a 17 MB private element in the header", "instance", "more than the 16777216 accepted",
+         0xC000, 409),
+    Case("sop_in_two_series", "a SOP Instance UID received before in another series", "instance",
+         "in another series", 0x0111, 409),
     Case("duplicate_sop", "a SOP Instance UID sent again with other content (an identical re-send is fine)",
          "instance", "received before with different content", 0x0111, 409),
     # stored, then the series' job fails with the reason, and its input goes to quarantine/job-<id>/
@@ -269,6 +308,33 @@ def instance_case(name: str, tmp: Path) -> list[bytes]:
         return [part10(ds)]
     if name == "jpeg_baseline":
         return [part10(encode(ds, JPEGBaseline8Bit, tmp))]
+    if name == "pixel_data_long":
+        ds.PixelData = ds.PixelData + bytes(4)
+        return [part10(ds)]
+    if name in ("rgb_one_sample", "palette_color"):
+        ds.PhotometricInterpretation = "RGB" if name == "rgb_one_sample" else "PALETTE COLOR"
+        return [part10(ds)]
+    if name.startswith("uid_"):
+        with warnings.catch_warnings():  # pydicom warns about the very UIDs we make
+            warnings.simplefilter("ignore")
+            if name == "uid_too_long":
+                ds.SeriesInstanceUID = "1." * 2499 + "1"
+            elif name == "uid_non_ascii":
+                ds.StudyInstanceUID = "1.2.\u00e4.3"
+            else:
+                ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2..3"
+            return [part10(ds)]
+    if name == "deep_nesting":
+        return [_before_pixels(part10(ds), nested_sequence(300))]
+    if name == "huge_element":  # a private creator and a 17 MB OB under it (out of tag order: nobody checks)
+        private = struct.pack("<HH2sH", 0x0009, 0x0010, b"LO", 8) + b"BADINPUT"
+        private += struct.pack("<HH2sHI", 0x0009, 0x1000, b"OB", 0, 17 << 20) + bytes(17 << 20)
+        return [_before_pixels(part10(ds), private)]
+    if name == "sop_in_two_series":
+        other = copy.deepcopy(s[1])
+        other.SeriesInstanceUID = generate_uid()
+        other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        return [part10(ds), part10(other)]
     if name == "duplicate_sop":
         other = copy.deepcopy(s[1])
         other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID

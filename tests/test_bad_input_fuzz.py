@@ -12,6 +12,7 @@ import math
 import string
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -30,7 +31,15 @@ from dicom_node.node.assemble import (
     SUCCESS,
     Intake,
 )
-from dicom_node.node.http import MultipartError, media_type, split_multipart
+from dicom_node.node.http import (
+    BodyFile,
+    DelimiterScanner,
+    MultipartError,
+    _boundary,
+    media_type,
+    multipart_spans,
+    split_multipart,
+)
 
 from .test_node_queue import Parts
 
@@ -112,6 +121,38 @@ def test_split_multipart_raises_only_multipart_error(request: tuple[bytes, str])
     except MultipartError:
         return
     assert found and all(isinstance(h, dict) and isinstance(d, bytes) for h, d in found)
+
+
+def _streamed_spans(body: bytes, ctype: str, cuts: list[int], tmp: Path) -> list[tuple[dict[str, str], bytes]]:
+    """What the node's streaming path finds: the body fed to a DelimiterScanner in chunks cut at ``cuts``,
+    written to disk, and read back through a BodyFile."""
+    scanner = DelimiterScanner(_boundary(ctype), 10**6)
+    edges = [0, *sorted(c % (len(body) + 1) for c in cuts), len(body)]
+    for a, b in zip(edges, edges[1:], strict=False):
+        scanner.feed(body[a:b])
+    path = tmp / "body"
+    path.write_bytes(body)
+    with path.open("rb") as f:
+        view = BodyFile(f.fileno(), len(body), scanner)
+        return [(h, view[a:b]) for h, a, b in multipart_spans(view, ctype)]
+
+
+@PURE
+@given(request=broken_requests(), cuts=st.lists(st.integers(0, 10**4), max_size=6))
+def test_streamed_body_reads_exactly_as_one_in_memory(request: tuple[bytes, str], cuts: list[int]) -> None:
+    """The node scans a body for delimiters as it streams past, in chunks of any size, and parses it from
+    disk; the parts (or the refusal) are exactly those of the same body parsed in memory."""
+    body, ctype = request
+    try:
+        expected: Any = split_multipart(body, ctype)
+    except MultipartError:
+        expected = MultipartError
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            found: Any = _streamed_spans(body, ctype, cuts, Path(tmp))
+        except MultipartError:
+            found = MultipartError
+    assert found == expected
 
 
 @PURE

@@ -77,16 +77,18 @@ def write_node_config(root: Path, *, dicom_port: int, http_port: int, destinatio
                       backoff: float = 0.5, extra: dict[str, list[str]] | None = None) -> Path:
     """A complete config.toml for a test node (TOML written by hand: the format is tiny).
 
-    ``extra`` adds lines to the [node] or [http] table, or adds a table (e.g. "node.tls") at the end."""
+    ``extra`` adds lines to the [node], [http], [spool] or [jobs] table, or adds a table (e.g. "node.tls",
+    "intake") at the end."""
     ex = dict(extra or {})
     lines = [
         "[engine]", f'model = "{need_model()}"', 'backend = "onnxruntime"', "threads = 2", "",
         "[node]", 'ae_title = "DICOMNODE"', f"port = {dicom_port}", *ex.pop("node", []), "",
         *sum(([ "[[node.allowed]]", f'ae_title = "{a}"', f'host = "{h}"', ""] for a, h in allowed), []),
         "[http]", f"port = {http_port}", *ex.pop("http", []), "",
-        "[spool]", f'dir = "{root / "spool"}"', "min_free_mb = 16", "",
+        "[spool]", f'dir = "{root / "spool"}"', "min_free_mb = 16", *ex.pop("spool", []), "",
         "[jobs]", f"quiet_seconds = {quiet}", "workers = 2", f"retries = {retries}",
-        f"backoff_seconds = {backoff}", "",
+        *([] if any(v.startswith("backoff_seconds") for v in ex.get("jobs", [])) else [f"backoff_seconds = {backoff}"]),
+        *ex.pop("jobs", []), "",
     ]
     for d in destinations:
         lines.append("[[destinations]]")

@@ -219,15 +219,17 @@ def slice_problem(ds: Dataset, include_derived: bool = False) -> str | None:
     return None
 
 
-def group_series(files: Iterable[Path]) -> tuple[dict[str, list[tuple[Path, Dataset]]], list[str]]:
-    """Read headers only and group them by SeriesInstanceUID; unreadable files are reported."""
+def group_series(files: Iterable[Path], max_depth: int = MAX_SEQUENCE_DEPTH, max_element_mb: int = MAX_ELEMENT_MB,
+                 ) -> tuple[dict[str, list[tuple[Path, Dataset]]], list[str]]:
+    """Read headers only and group them by SeriesInstanceUID; unreadable files are reported, and so are
+    files past the structural limits (``max_depth`` 0: unchecked)."""
     groups: dict[str, list[tuple[Path, Dataset]]] = defaultdict(list)
     problems: list[str] = []
     for f in files:
         try:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
             key = series_key(ds)
-            problem = structure_problem(ds, MAX_SEQUENCE_DEPTH, MAX_ELEMENT_MB << 20)
+            problem = structure_problem(ds, max_depth, max_element_mb << 20)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is reported, not fatal
             problems.append(f"{f}: not readable as DICOM ({exc.__class__.__name__})")
             continue
@@ -335,12 +337,14 @@ def load_hu(series: Series) -> np.ndarray:
     return vol
 
 
-def read_ct_series(inputs: Iterable[str | Path], include_derived: bool = False) -> tuple[list[Series], list[str]]:
+def read_ct_series(inputs: Iterable[str | Path], include_derived: bool = False, max_depth: int = MAX_SEQUENCE_DEPTH,
+                   max_element_mb: int = MAX_ELEMENT_MB) -> tuple[list[Series], list[str]]:
     """CT image series found under the inputs, and a line for everything skipped.
 
     ``include_derived`` is for reading our own output back (evaluation); processing never sets it.
+    The node passes its [intake] limits, so a job reads its series under the same rules as arrival.
     """
-    groups, notes = group_series(find_files(inputs))
+    groups, notes = group_series(find_files(inputs), max_depth, max_element_mb)
     found: list[Series] = []
     for uid, items in groups.items():
         # Instance by instance: a report or localizer filed under the CT's series UID must not sink it.

@@ -7,7 +7,7 @@ part), 400 when the body is not well-formed multipart (nothing is stored).
 
 A body is never held in memory: it streams to a file in the spool's ``tmp/`` (refused
 with 413 past ``http.max_body_mb``, before a byte is read when Content-Length says so),
-is checked as multipart through a memory map, and its parts are stored one at a time
+its delimiters are found as it streams past, and its parts are read back and stored one at a time
 (at most ``http.max_parts``). A client that never finishes its request headers is
 dropped after ``http.header_seconds``; connections beyond ``http.max_connections`` get 503.
 """
@@ -15,10 +15,10 @@ dropped after ``http.header_seconds``; connections beyond ``http.max_connections
 from __future__ import annotations
 
 import asyncio
+import bisect
 import html
 import io
 import logging
-import mmap
 import os
 import re
 import time
@@ -86,9 +86,9 @@ def _boundary(content_type: str) -> bytes:
 MAX_PART_HEADER_BYTES = 16384  # a part's header fields; longer is not a STOW-RS client
 
 
-def multipart_spans(body: bytes | mmap.mmap, content_type: str) -> list[tuple[dict[str, str], int, int]]:
+def multipart_spans(body: bytes | BodyFile, content_type: str) -> list[tuple[dict[str, str], int, int]]:
     """Where the parts of a multipart/related body (RFC 2046) are: each part's headers (lower-case names)
-    and the start and end of its content. Works on bytes or a memory-mapped file without copying it.
+    and the start and end of its content. Works on bytes, or on a BodyFile without reading it into memory.
 
     Strict where leniency would lose or invent data: the boundary must be declared, a delimiter
     only counts at the start of a line, every part needs its blank line after the headers, and
@@ -129,7 +129,7 @@ def split_multipart(body: bytes, content_type: str) -> list[tuple[dict[str, str]
     return [(headers, body[start:end]) for headers, start, end in multipart_spans(body, content_type)]
 
 
-def _part_headers(body: bytes | mmap.mmap, start: int, end: int) -> tuple[dict[str, str], int]:
+def _part_headers(body: bytes | BodyFile, start: int, end: int) -> tuple[dict[str, str], int]:
     """One part's header fields, and where its content starts."""
     if body[start:start + 2] == b"\r\n":
         return {}, start + 2  # no header fields at all
@@ -148,23 +148,66 @@ class BodyTooLargeError(ValueError):
     """The request body passed http.max_body_mb."""
 
 
-class _DelimiterCounter:
-    """Counts a body's delimiters as it streams past, in constant memory: how many parts a body had that
-    could not be kept (the disk full), so that each gets its Failure Reason."""
+class DelimiterScanner:
+    """Finds a body's delimiters as it streams past, in constant memory per chunk: where each part
+    starts and ends, without reading the body back (and how many parts a body had that the spool
+    could not take). Refuses, as soon as it sees them, more parts than a request may hold."""
 
-    def __init__(self, dash: bytes) -> None:
+    def __init__(self, dash: bytes, max_parts: int) -> None:
+        self.dash = dash
         self.delimiter = b"\r\n" + dash
-        self.tail = b"\r\n"  # the body's first delimiter has no CRLF before it
-        self.count = 0
+        self.max_parts = max_parts
+        self.offsets: list[int] = []  # where each CRLF--boundary starts
+        self.head = b""  # the body's first bytes: does it open with the boundary (no CRLF before it)?
+        self._tail = b""
+        self._seen = 0
 
     def feed(self, chunk: bytes) -> None:
-        data = self.tail + chunk
-        self.count += data.count(self.delimiter)
-        self.tail = data[-(len(self.delimiter) - 1):]
+        if len(self.head) < len(self.dash):
+            self.head += chunk[:len(self.dash) - len(self.head)]
+        data = self._tail + chunk
+        base = self._seen - len(self._tail)
+        at = data.find(self.delimiter)
+        while at >= 0:
+            self.offsets.append(base + at)
+            at = data.find(self.delimiter, at + 1)
+        if len(self.offsets) > self.max_parts + 1:
+            raise BodyTooLargeError(f"more than http.max_parts = {self.max_parts} parts")
+        self._tail = data[-(len(self.delimiter) - 1):]
+        self._seen += len(chunk)
 
     @property
     def parts(self) -> int:
-        return max(1, self.count - 1)  # the closing delimiter is one of them
+        """Parts seen (the closing delimiter is one of the delimiters)."""
+        return max(1, len(self.offsets) + (self.head == self.dash) - 1)
+
+
+class BodyFile:
+    """A request body on disk, read only where asked: the little ``multipart_spans`` needs of bytes and
+    ``find``, with the delimiters already located by a DelimiterScanner. Pages are read with pread into
+    short-lived buffers, so the node's resident memory does not grow with the body."""
+
+    WINDOW = 65536  # how far a search other than for a delimiter looks (a delimiter line, part headers)
+
+    def __init__(self, fd: int, size: int, scanner: DelimiterScanner) -> None:
+        self.fd, self.size, self.scanner = fd, size, scanner
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, span: slice) -> bytes:
+        start, stop, _ = span.indices(self.size)
+        return os.pread(self.fd, max(0, stop - start), start) if stop > start else b""
+
+    def find(self, sub: bytes, start: int = 0, end: int | None = None) -> int:
+        end = self.size if end is None else min(end, self.size)
+        if sub == self.scanner.delimiter:
+            offsets = self.scanner.offsets
+            i = bisect.bisect_left(offsets, start)
+            return offsets[i] if i < len(offsets) and offsets[i] + len(sub) <= end else -1
+        window = self[start:min(end, start + self.WINDOW)]
+        at = window.find(sub)
+        return start + at if at >= 0 else -1
 
 
 class HeaderDeadlineProtocol(H11Protocol):
@@ -272,30 +315,30 @@ def create_app(store: JobStore, intake: Intake | None, metrics: Metrics, info: d
                 "<table><tr><th>job</th><th>state</th><th>series</th><th>instances</th><th>received</th>"
                 f"<th>finished</th><th>reason</th></tr>{''.join(rows)}</table></body></html>")
 
-    def store_parts(body: Path, ctype: str, study: str | None,
+    def store_parts(body: Path, scanner: DelimiterScanner, ctype: str, study: str | None,
                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
         """Blocking work (parsing, fsync) off the event loop; also a line per failed part, for people.
 
-        The body is mapped, not read: only the part in hand is in memory. Raises MultipartError (400)
-        before anything is stored, and BodyTooLargeError (413) for more than http.max_parts parts."""
-        assert intake is not None
+        Only the part in hand is read into memory. Raises MultipartError (400) before anything is
+        stored, and BodyTooLargeError (413) for more than http.max_parts parts."""
         with body.open("rb") as f:
-            if os.fstat(f.fileno()).st_size == 0:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
                 raise MultipartError("the body is empty")
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                spans = multipart_spans(mapped, ctype)
-                if len(spans) > limits.max_parts:
-                    raise BodyTooLargeError(f"{len(spans)} parts, more than http.max_parts = {limits.max_parts}")
-                return _store_spans(mapped, spans, study)
+            view = BodyFile(f.fileno(), size, scanner)
+            spans = multipart_spans(view, ctype)
+            if len(spans) > limits.max_parts:
+                raise BodyTooLargeError(f"{len(spans)} parts, more than http.max_parts = {limits.max_parts}")
+            return _store_spans(view, spans, study)
 
-    def _store_spans(mapped: mmap.mmap, spans: list[tuple[dict[str, str], int, int]], study: str | None,
+    def _store_spans(body: BodyFile, spans: list[tuple[dict[str, str], int, int]], study: str | None,
                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
         assert intake is not None
         referenced: list[dict[str, Any]] = []
         failed: list[dict[str, Any]] = []
         why: list[str] = []
         for index, (headers, start, end) in enumerate(spans, 1):
-            data = mapped[start:end]
+            data = body[start:end]
             loud = len(why) < LOGGED_REFUSALS  # a flood of junk parts gets a summary, not a line each
             part_type = media_type(headers.get("content-type", "application/dicom"))[0]
             if part_type != "application/dicom":
@@ -328,11 +371,11 @@ def create_app(store: JobStore, intake: Intake | None, metrics: Metrics, info: d
                         LOGGED_REFUSALS, **ctx())
         return referenced, failed, why
 
-    async def receive_body(request: Request) -> tuple[Path | None, int]:
-        """Stream the body into the spool's tmp/; (None, parts) when the spool could not take it (a full
-        disk), with the number of parts the body held, counted as it streamed past."""
+    async def receive_body(request: Request) -> tuple[Path | None, DelimiterScanner]:
+        """Stream the body into the spool's tmp/, finding its delimiters on the way; the path is None when
+        the spool could not take it (a full disk): the scanner still tells how many parts it held."""
         assert intake is not None
-        counter = _DelimiterCounter(_boundary(request.headers.get("content-type", "")))
+        counter = DelimiterScanner(_boundary(request.headers.get("content-type", "")), limits.max_parts)
         path = intake.spool.root / "tmp" / f"stow-{uuid.uuid4().hex}.body"
         size = 0
         try:
@@ -361,10 +404,10 @@ def create_app(store: JobStore, intake: Intake | None, metrics: Metrics, info: d
         if f is not None:
             try:
                 f.close()  # buffered bytes hit the disk here: it may be full now
-                return path, 0
+                return path, counter
             except OSError:
                 path.unlink(missing_ok=True)
-        return None, counter.parts
+        return None, counter
 
     async def stow(request: Request, study: str | None = None) -> Response:
         if intake is None:
@@ -380,13 +423,14 @@ def create_app(store: JobStore, intake: Intake | None, metrics: Metrics, info: d
         if declared.isdigit() and int(declared) > max_body:
             return _too_large(f"Content-Length {declared} is more than http.max_body_mb = {limits.max_body_mb} MB")
         try:
-            body, lost_parts = await receive_body(request)
+            body, scanner = await receive_body(request)
         except MultipartError as exc:
             log.warning("STOW-RS refused (400): %s", exc, **ctx())
             raise HTTPException(400, str(exc)) from None
         except BodyTooLargeError as exc:
             return _too_large(str(exc))
         if body is None:  # the spool is full: every part gets "out of resources", as C-STORE answers
+            lost_parts = scanner.parts
             reason = "spool full: below its free-space floor or out of space"
             metrics.rejected.labels("stow", "out_of_resources").inc(lost_parts)
             log.error("STOW-RS: %d parts refused, %s", lost_parts, reason, **ctx())
@@ -394,7 +438,7 @@ def create_app(store: JobStore, intake: Intake | None, metrics: Metrics, info: d
             return JSONResponse(answer, status_code=409, media_type=DICOM_JSON,
                                 headers={"Warning": f'299 dicom-node "{reason}"'})
         try:
-            referenced, failed, why = await run_in_threadpool(store_parts, body, ctype, study)
+            referenced, failed, why = await run_in_threadpool(store_parts, body, scanner, ctype, study)
         except MultipartError as exc:
             log.warning("STOW-RS refused (400): %s", exc, **ctx())
             raise HTTPException(400, str(exc)) from None

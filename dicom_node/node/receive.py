@@ -145,6 +145,14 @@ class _BulkSocket(AssociationSocket):
 
 
 class _BulkRequestHandler(RequestHandler):
+    def handle(self) -> None:
+        """pynetdicom's handle, but the request thread stays until the association ends: the server's
+        connection count (``_LimitedServer``) is released when the connection is really gone."""
+        assoc = self._create_association()
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.start()
+        assoc.join()
+
     def _create_association(self):  # noqa: ANN202 - pynetdicom's own (untyped) hook
         assoc = super()._create_association()
         if type(assoc.dul.socket) is AssociationSocket:  # recv_into works on plain and TLS sockets alike

@@ -187,8 +187,8 @@ class Workers:
     def process(self, job: Job) -> None:
         jc = self.cfg.jobs
         if job.process_starts > jc.max_crashes:  # earlier runs began and never ended: the node died with them
-            self._fail(job, f"processing did not finish in {jc.max_crashes} runs (the node stopped or crashed "
-                       "while processing this series each time); not tried again")
+            self._fail(job, f"processing did not finish in {jc.max_crashes} runs (each crashed, was killed for a "
+                       "limit, or ended with the node itself); not tried again")
             return
         t0 = time.perf_counter()
         log.info("processing %d instances (run %d of at most %d)", job.instances, job.process_starts,
@@ -239,6 +239,9 @@ class Workers:
             raise SpoolFullError(result["reason"])
         if status == "refused":
             self._fail(job, "refused: " + result["reason"])
+            return
+        if status == "failed" and "uid" not in result:  # an error the child caught: the job fails with it
+            self._fail(job, "processing failed: " + result["reason"])
             return
         log.info("processing child: peak %d MB resident", result.pop("peak_mb", 0), **ctx(job.id, job.series_uid))
         outcome = SeriesOutcome(status=status, **{k: v for k, v in result.items() if k != "peak_mb"})
