@@ -96,16 +96,23 @@ class Case:
 
 # Refused before their series is trusted: kept under quarantine/refused/unreadable/.
 UNREADABLE = {"not_dicom", "wrong_part_type", "text_part", "uid_too_long", "uid_non_ascii", "uid_empty_component",
-              "deep_nesting", "huge_element"}
+              "deep_nesting", "deep_nesting_undefined", "huge_element"}
 
 
-def nested_sequence(depth: int) -> bytes:
-    """ContentSequence nested ``depth`` deep in explicit VR little endian with explicit lengths, as raw
-    bytes: pydicom itself cannot write it (it recurses, and runs away in memory at such depths)."""
+def nested_sequence(depth: int, undefined: bool = False) -> bytes:
+    """ContentSequence nested ``depth`` deep in explicit VR little endian, with explicit lengths (or
+    undefined ones and delimiters), as raw bytes: pydicom itself cannot write it (it recurses, and runs
+    away in memory at such depths)."""
     payload = struct.pack("<HH2sH", 0x0008, 0x0100, b"SH", 2) + b"X "
     for _ in range(depth):
-        item = struct.pack("<HHI", 0xFFFE, 0xE000, len(payload)) + payload
-        payload = struct.pack("<HH2sHI", 0x0040, 0xA730, b"SQ", 0, len(item)) + item
+        if undefined:
+            item = (struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + payload
+                    + struct.pack("<HHI", 0xFFFE, 0xE00D, 0))
+            payload = (struct.pack("<HH2sHI", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF) + item
+                       + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+        else:
+            item = struct.pack("<HHI", 0xFFFE, 0xE000, len(payload)) + payload
+            payload = struct.pack("<HH2sHI", 0x0040, 0xA730, b"SQ", 0, len(item)) + item
     return payload
 
 
@@ -157,6 +164,8 @@ CASES: list[Case] = [
          "is not a valid DICOM UID", 0xA900, 409),
     Case("deep_nesting", "one sequence nested 300 deep, explicit lengths (the probe's poison slice)", "instance",
          "nested more than 32 levels", 0xC000, 409),
+    Case("deep_nesting_undefined", "one sequence nested 300 deep, undefined lengths", "instance",
+         "RecursionError", 0xC000, 409),
     Case("huge_element", "a 17 MB private element in the header", "instance", "more than the 16777216 accepted",
          0xC000, 409),
     Case("sop_in_two_series", "a SOP Instance UID received before in another series", "instance",
@@ -326,6 +335,8 @@ def instance_case(name: str, tmp: Path) -> list[bytes]:
             return [part10(ds)]
     if name == "deep_nesting":
         return [_before_pixels(part10(ds), nested_sequence(300))]
+    if name == "deep_nesting_undefined":
+        return [_before_pixels(part10(ds), nested_sequence(300, undefined=True))]
     if name == "huge_element":  # a private creator and a 17 MB OB under it (out of tag order: nobody checks)
         private = struct.pack("<HH2sH", 0x0009, 0x0010, b"LO", 8) + b"BADINPUT"
         private += struct.pack("<HH2sHI", 0x0009, 0x1000, b"OB", 0, 17 << 20) + bytes(17 << 20)

@@ -74,7 +74,12 @@ def test_intake_refuses_and_quarantines(case: bi.Case, tmp_path: Path) -> None:
         *earlier, last = bi.instance_case(case.name, tmp_path)
         for data in earlier:
             assert parts.intake.accept(data, _ds(data), "dimse").status == SUCCESS
-        result = parts.intake.accept(last, _ds(last), "dimse")
+        try:
+            ds = _ds(last)
+        except RecursionError:  # pydicom's decoder gives up on it, quickly: both doors refuse it as undecodable
+            assert case.reason == "RecursionError"  # (their answers are checked over C-STORE and STOW-RS below)
+            return
+        result = parts.intake.accept(last, ds, "dimse")
         assert (result.status, case.reason in result.reason) == (case.status, True), result
         [note] = _refused_notes(parts.spool.root, case.reason, "dimse")
         assert note["status"] == f"0x{case.status:04X}" and note["bytes"] == len(last)

@@ -222,6 +222,13 @@ def test_a_half_sent_request_head_is_dropped(node: NodeProcess) -> None:
     assert _closed_by_peer(s, 10), "the node held a half-sent request head"
     assert time.monotonic() - t0 < 5
     s.close()
+    s = socket.create_connection(("127.0.0.1", node.http_port))  # and on a kept-alive connection, the next head
+    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    s.settimeout(5)
+    assert s.recv(4096).startswith(b"HTTP/1.1 200")
+    s.sendall(b"GET /jobs HTTP/1.1\r\nHost: 127.")
+    assert _closed_by_peer(s, 10), "the node held a half-sent second request head"
+    s.close()
     assert requests.get(f"{node.url}/jobs/99999999999999999999999", timeout=5).status_code == 404  # defect 6
     assert metric(node, "dicom_node_connections_refused_total", via="http", reason="header_timeout") >= 1
 

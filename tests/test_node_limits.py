@@ -91,6 +91,7 @@ def test_a_pdu_longer_than_ours_is_refused_before_anything_is_allocated(receiver
     assert peak < 64 << 20, f"{peak / 2**20:.0f} MiB allocated for three empty 1 GiB claims"
     assert pdu_bound(r.cfg.max_pdu) < 1 << 30
     assert parts.metrics.connections_refused.labels("dimse", "pdu_too_long")._value.get() == 3
+    assert parts.metrics.connections_refused.labels("dimse", "no_request")._value.get() == 0, "counted twice"
     assoc = _echo(r.cfg.port)
     assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
     assoc.release()
@@ -116,6 +117,7 @@ def test_idle_connections_cannot_lock_senders_out(receiver) -> None:
     held = [s for s in idle if s not in refused]
     assert all(_closed_by_peer(s, 3.0) for s in held), "idle callers are dropped after request_seconds"
     wait_for(lambda: r.limits.open() == 0, 5, "every connection to be counted out")
+    assert parts.metrics.connections_refused.labels("dimse", "no_request")._value.get() == len(held)
     assoc = _echo(r.cfg.port, source="127.0.0.2")  # and their host may connect again
     assert assoc.is_established
     assoc.release()
@@ -290,3 +292,58 @@ def test_a_dead_worker_thread_is_replaced_and_its_job_not_left_processing(tmp_pa
     finally:
         workers.shutdown(5)
         parts.store.close()
+
+
+# ---- the quarantine, the job lookup, telemetry -------------------------------------------------------
+
+
+def test_the_quarantine_is_capped_and_purged_by_age(tmp_path: Path) -> None:
+    from dicom_node.node.spool import Spool
+
+    spool = Spool(tmp_path / "s", quarantine_mb=1)
+    for i in range(40):  # 40 distinct 64 KiB junk parts: 2.5 MiB, more than the cap
+        spool.quarantine_instance(bytes([i]) * 65536, "", "", {"reason": f"junk {i}"})
+    kept = [f for f in spool.refused_dir.rglob("*") if f.is_file()]
+    assert sum(max(4096, f.stat().st_size) for f in kept) <= 1 << 20
+    assert (spool.refused_dir / "unreadable").is_dir() and len(kept) >= 2
+    newest = max(kept, key=lambda f: f.stat().st_mtime)
+    assert newest.read_bytes()[:1] in (b"\x27", b"{"), "the newest copies are the ones kept"
+    spool.quarantine_instance(b"x" * 100, "", "", {"reason": "again"})
+    spool.quarantine_instance(b"x" * 100, "", "", {"reason": "again"})  # the same bytes: one copy
+    assert len([f for f in spool.refused_dir.rglob("*.dcm") if f.read_bytes() == b"x" * 100]) == 1
+    (spool.root / "quarantine" / "job-7").mkdir()
+    (spool.root / "quarantine" / "job-7" / "REASON.json").write_text("{}")
+    assert spool.purge_quarantine(time.time() + 1) >= 3
+    assert not [f for f in (spool.root / "quarantine").rglob("*") if f.is_file()]
+    again = Spool(tmp_path / "s", quarantine_mb=1)  # a restart counts what is there
+    assert again._refused_bytes == 0
+
+
+def test_a_job_id_beyond_sqlite_is_404(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from dicom_node.node.http import create_app
+
+    parts = Parts(tmp_path)
+    try:
+        client = TestClient(create_app(parts.store, parts.intake, parts.metrics, {}))
+        for job_id in ("99999999999999999999999", "9223372036854775808", "0", "-1"):
+            assert client.get(f"/jobs/{job_id}").status_code == 404, job_id
+    finally:
+        parts.store.close()
+
+
+def test_onnx_runtime_writes_nothing_under_home(tmp_path: Path) -> None:
+    """Defect 7: importing ONNX Runtime made a device id and a telemetry database under ~/.cache."""
+    import os
+    import subprocess
+    import sys
+
+    from dicom_node.config import DEFAULT_MODEL
+
+    env = {**os.environ, "HOME": str(tmp_path)}
+    env.pop("ORT_DISABLE_TELEMETRY", None)
+    code = ("import dicom_node.backends.onnxruntime as b; import sys; "
+            "b.OnnxRuntimeBackend(sys.argv[1])")
+    subprocess.run([sys.executable, "-c", code, str(DEFAULT_MODEL)], env=env, check=True, timeout=120)
+    assert not list(tmp_path.rglob("*")), list(tmp_path.rglob("*"))

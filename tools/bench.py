@@ -5,6 +5,7 @@
   python tools/bench.py ingest             # node vs DCMTK storescp, 256 slices, one association
   python tools/bench.py latency            # last instance in -> derived series in Orthanc
   python tools/bench.py memory             # peak RSS of `process` on a 512×512×600 series
+  python tools/bench.py memory --isolated  # the same as a node job: a child under jobs.memory_mb
   python tools/bench.py load               # 4 concurrent senders × 3 studies of 256 slices
   python tools/bench.py durable-write      # ms per 512 KiB instance made durable, by method
 
@@ -27,6 +28,8 @@ sending). The node runs with the embedded defaults except ports and spool.
 memory: peak resident memory of `dicom-node process` on a 512×512×600 series, made by
 mirroring the benchmark study along z (so the calcium and anatomy are real phantom).
 The float32 HU volume alone is 600 MiB; the engine keeps only that one float copy.
+--isolated runs it as the node's workers do, in a child process watched against the default
+jobs.memory_mb and jobs.timeout_seconds, and reports the child's peak as the watcher saw it.
 
 load: four DCMTK storescu senders at once, each sending three different 256-slice studies
 (copies of the benchmark study with new UIDs) to the node, which processes them and sends
@@ -385,6 +388,8 @@ def bench_memory(args: argparse.Namespace) -> int:
     folder = tall_series(Path(args.cache), (256, 512, 512), args.slices)
     out = Path(args.cache) / "out" / "memory"
     shutil.rmtree(out, ignore_errors=True)
+    if args.isolated:
+        return _memory_isolated(folder, out, args.slices)
     cmd = [sys.executable, "-m", "dicom_node.cli", "process", str(folder / "series"), str(out), "--quiet",
            "--backend", "onnxruntime"]
     t0 = time.perf_counter()
@@ -400,6 +405,32 @@ def bench_memory(args: argparse.Namespace) -> int:
                       "float32_volume_gib": round(volume_bytes / 2**30, 2),
                       "peak_over_volume": round(peak / volume_bytes, 2), "seconds": round(seconds, 1),
                       "summary_line": done.stdout.strip()}, indent=2))
+    return 0
+
+
+def _memory_isolated(folder: Path, out: Path, slices: int) -> int:
+    """The same series as one node job: a child process under the node's default jobs.memory_mb and
+    jobs.timeout_seconds, watched as the worker watches it (does the default limit fit this series?)."""
+    import dataclasses
+    import threading
+
+    from dicom_node.backends.select import model_id
+    from dicom_node.config import Config
+    from dicom_node.node.isolate import ChildDiedError, ChildRequest, run_child
+
+    cfg = Config()
+    out.mkdir(parents=True, exist_ok=True)
+    request = ChildRequest(0, "bench", str(folder / "series"), str(out), "onnxruntime", model_id(cfg.engine.model),
+                           dataclasses.asdict(cfg))
+    t0 = time.perf_counter()
+    try:
+        result = run_child(request, out / "job", cfg.jobs.memory_mb, cfg.jobs.timeout_seconds, threading.Event())
+    except ChildDiedError as exc:
+        print(json.dumps({"slices": slices, "killed": str(exc)}, indent=2))
+        return 1
+    print(json.dumps({"slices": slices, "status": result["status"], "child_peak_rss_mb": result["peak_mb"],
+                      "limit_mb": cfg.jobs.memory_mb, "seconds": round(time.perf_counter() - t0, 1),
+                      "limit_seconds": cfg.jobs.timeout_seconds}, indent=2))
     return 0
 
 
@@ -535,6 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     mem = sub.add_parser("memory", help="peak RSS of process on a 512×512×600 series")
     mem.add_argument("--slices", type=int, default=600)
     mem.add_argument("--cache", default="runs/bench")
+    mem.add_argument("--isolated", action="store_true", help="as a node job: a child under the default limits")
     ld = sub.add_parser("load", help="4 concurrent senders × 3 studies of 256 slices, through to Orthanc")
     ld.add_argument("--senders", type=int, default=4)
     ld.add_argument("--studies", type=int, default=3, help="studies per sender")

@@ -211,10 +211,11 @@ class BodyFile:
 
 
 class HeaderDeadlineProtocol(H11Protocol):
-    """uvicorn's h11 protocol, closing a connection whose first request head is not complete in time.
+    """uvicorn's h11 protocol, closing a connection whose request head is not complete in time.
 
     uvicorn times out idle keep-alive connections, but not a client that sends half a request line and
-    then nothing: a handful of those would hold the server's connection slots for good.
+    then nothing: a handful of those would hold the server's connection slots for good. The deadline runs
+    from the connection's start, and again from the first byte of each later request on it.
     """
 
     header_seconds = 10.0
@@ -222,19 +223,35 @@ class HeaderDeadlineProtocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._head_deadline: asyncio.TimerHandle | None = None
+        self._arm()
+
+    def _arm(self) -> None:
+        self._armed_cycle = self.cycle
         self._head_deadline = self.loop.call_later(self.header_seconds, self._head_timeout)
+
+    def _disarm(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_deadline is None and (self.cycle is None or self.cycle.response_complete):
+            self._arm()  # the first bytes of another request on a kept-alive connection
+        super().data_received(data)
 
     def handle_events(self) -> None:
         super().handle_events()
-        if self.headers is not None:
-            self._head_deadline.cancel()
+        if self.cycle is not self._armed_cycle:  # a request head arrived whole: a new cycle began
+            self._disarm()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._head_deadline.cancel()
+        self._disarm()
         super().connection_lost(exc)
 
     def _head_timeout(self) -> None:
-        if self.headers is None and not self.transport.is_closing():
+        self._head_deadline = None
+        if self.cycle is self._armed_cycle and not self.transport.is_closing():
             client = self.client[0] if self.client else "?"
             log.warning("HTTP connection from %s dropped: no complete request head within %g s", client,
                         self.header_seconds, **ctx(peer=client))

@@ -56,7 +56,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from ..config import NodeConfig
-from .assemble import OUT_OF_RESOURCES, Intake
+from .assemble import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, Intake
 from .logs import ctx
 from .metrics import Metrics
 from .security import TlsAssociationServer, server_context
@@ -128,6 +128,7 @@ class _BulkSocket(AssociationSocket):
                         peer, nr_bytes, bound, **ctx(peer=peer))
             if self.on_refused is not None:
                 self.on_refused("pdu_too_long")
+            self.refused = True
             raise PduTooLongError(f"PDU of {nr_bytes} bytes announced")
         buf = bytearray(nr_bytes)
         view = memoryview(buf)
@@ -142,6 +143,7 @@ class _BulkSocket(AssociationSocket):
 
 
     on_refused: Callable[[str], None] | None = None  # metric hook, set per association
+    refused = False  # this connection was dropped for a PDU it announced
 
 
 class _BulkRequestHandler(RequestHandler):
@@ -252,6 +254,7 @@ class Receiver:
         self.limits = ConnectionLimits(cfg.max_connections, cfg.max_connections_per_host)
         self._assoc_jobs: dict[int, tuple[str, set[int], int]] = {}  # id(assoc) -> (peer, jobs, instances)
         self._assoc_lock = threading.Lock()
+        self._requested: set[int] = set()  # associations whose A-ASSOCIATE-RQ arrived
         self.server: ThreadedAssociationServer | None = None
         self.plain_server: ThreadedAssociationServer | None = None  # node.tls.keep_plain: the old port as well
 
@@ -291,6 +294,8 @@ class Receiver:
         self.server = self.plain_server = None
 
     def _on_requested(self, event: Event) -> None:
+        with self._assoc_lock:
+            self._requested.add(id(event.assoc))
         req = event.assoc.requestor
         # At this point only the A-ASSOCIATE-RQ primitive carries the AE titles.
         calling = str(getattr(req.primitive, "calling_ae_title", "") or req.ae_title or "").strip()
@@ -313,9 +318,18 @@ class Receiver:
             self._assoc_jobs.pop(id(event.assoc), None)
 
     def _on_ended(self, event: Event) -> None:
-        """Aborted or closed without a release: what this association brought may be cut short."""
+        """Aborted or closed without a release: what this association brought may be cut short. A connection
+        that never sent an A-ASSOCIATE-RQ (request_seconds ran out, or the caller gave up) is logged and counted."""
         with self._assoc_lock:
             peer, jobs, count = self._assoc_jobs.pop(id(event.assoc), ("", set(), 0))
+            requested = id(event.assoc) in self._requested
+            self._requested.discard(id(event.assoc))
+        if not requested and event.event is evt.EVT_CONN_CLOSE and not getattr(event.assoc.dul.socket, "refused",
+                                                                                False):
+            host = str(event.assoc.requestor.address or "?")
+            self.metrics.connections_refused.labels("dimse", "no_request").inc()
+            log.warning("connection from %s closed without an association request (node.request_seconds = %g)",
+                        host, self.cfg.request_seconds, **ctx(peer=host))
         if not jobs:
             return
         self.metrics.aborted_associations.inc()
@@ -334,10 +348,15 @@ class Receiver:
         """Spool first, answer after: success means the instance is on disk."""
         try:
             data = event.encoded_dataset()
-            ds = event.dataset
         except Exception as exc:  # noqa: BLE001 - a broken request must not take the server down
-            log.error("C-STORE could not be decoded: %s", exc, **ctx())
-            return 0xC000
+            log.error("C-STORE could not be read: %s", exc, **ctx())
+            return CANNOT_UNDERSTAND
+        try:
+            ds = event.dataset
+        except Exception as exc:  # noqa: BLE001 - e.g. sequences nested past the decoder's recursion limit
+            return self.intake.refuse(data, "", "", "dimse", CANNOT_UNDERSTAND, "cannot_understand",
+                                      f"the data set cannot be decoded ({exc.__class__.__name__}: "
+                                      f"{str(exc)[:200]})").status
         try:
             accepted = self.intake.accept(data, ds, "dimse")
             if accepted.job_id is not None:
