@@ -107,13 +107,19 @@ def valid_study_completes(node: NodeProcess, folder: Path, timeout: float = 120)
 
 
 def _closed_by_peer(s: socket.socket, within: float) -> bool:
-    s.settimeout(within)
-    try:
-        return s.recv(1) == b""
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
+    """True when the other side closes the connection (or resets it) within ``within`` seconds; whatever it
+    still sends before that (the rest of an earlier response) is read and dropped."""
+    deadline = time.monotonic() + within
+    while (left := deadline - time.monotonic()) > 0:
+        s.settimeout(left)
+        try:
+            if s.recv(65536) == b"":
+                return True
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+    return False
 
 
 def metric(node: NodeProcess, name: str, **labels: str) -> float:
