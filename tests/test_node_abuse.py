@@ -38,10 +38,13 @@ CALLING = "ABUSE"
 
 
 def peak_mb(node: NodeProcess) -> float:
+    """The node process's peak resident set since it started (printed: the figure docs/bad-input.md cites)."""
     assert node.proc is not None
     for line in Path(f"/proc/{node.proc.pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
+            peak = int(line.split()[1]) / 1024
+            print(f"node peak resident: {peak:.0f} MB")
+            return peak
     raise AssertionError("no VmHWM in /proc")
 
 
