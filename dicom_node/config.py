@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from .dicom.series import REFUSED_IMAGE_TYPES
 from .dicom.structure import MAX_ELEMENT_MB, MAX_SEQUENCE_DEPTH
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,6 +111,8 @@ class IntakeConfig:
 
     max_sequence_depth: int = MAX_SEQUENCE_DEPTH  # nesting of sequences; 0 = unchecked (tests only)
     max_element_mb: int = MAX_ELEMENT_MB  # any element but Pixel Data
+    # ImageType prefixes stored without a job, besides our own output (always) and localizers
+    refuse_image_types: list[str] = field(default_factory=lambda: list(REFUSED_IMAGE_TYPES))
 
 
 @dataclass

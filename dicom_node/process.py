@@ -115,7 +115,9 @@ def process_inputs(inputs: list[str | Path], out_dir: Path, cfg: Config, engine:
                    progress_factory: Callable[[Series], Callable[[int, int], None]] | None = None,
                    ) -> tuple[list[SeriesOutcome], list[str]]:
     """Every CT series under the inputs; notes say what was skipped at the file level."""
-    series_list, notes = read_ct_series(inputs)
+    series_list, notes = read_ct_series(inputs, max_depth=cfg.intake.max_sequence_depth,
+                                        max_element_mb=cfg.intake.max_element_mb,
+                                        refused=cfg.intake.refuse_image_types)
     outcomes = []
     for s in series_list:
         progress = progress_factory(s) if progress_factory else None

@@ -256,8 +256,8 @@ def need_tool(name: str) -> str:
 def dcmtk(args: list[str], ds: Dataset, tmp: Path) -> Dataset:
     """Run a DCMTK converter (dcmcjpeg, dcmconv) on one data set.
 
-    dcmcjpeg marks lossy output DERIVED with a new UID, which the node rightly leaves alone; a PACS
-    that compresses keeps ORIGINAL, so the corpus undoes that to test the decoding, not the policy.
+    dcmcjpeg marks lossy output DERIVED with a new UID; a PACS that compresses keeps ORIGINAL, so the
+    corpus undoes that: these cases test the decoding, not the image-type policy (tests/test_series.py).
     """
     src, dst = tmp / f"{ds.SOPInstanceUID}.in.dcm", tmp / f"{ds.SOPInstanceUID}.out.dcm"
     ds.save_as(src, enforce_file_format=True)

@@ -12,13 +12,13 @@ from dicom_node.dicom.series import SeriesError, load_hu, order_series, read_ct_
 from .conftest import SHARED_DATA
 
 REAL = SHARED_DATA / "real-ct-siemens-j2k"
+TOSHIBA = SHARED_DATA / "real-ct-toshiba-qrm-phantom"
 
 
 @pytest.mark.skipif(not REAL.is_dir(), reason=f"{REAL} not present (shared/ must sit beside the checkout)")
 def test_reads_the_real_siemens_series():
     series, notes = read_ct_series([SHARED_DATA])
-    assert len(series) == 1
-    s = series[0]
+    [s] = [x for x in series if x.files[0].parent == REAL]
     assert len(s.files) == 20
     assert s.spacing == pytest.approx((2.0, 0.9765625, 0.9765625))
     vol = load_hu(s)
@@ -63,3 +63,44 @@ def test_gantry_tilt_is_refused(tmp_path):
         ds.ImagePositionPatient = [0, 0.3 * i, 0.5 * i]
     with pytest.raises(SeriesError, match="gantry tilt"):
         order_series("1.2.3.4", items)
+
+
+@pytest.mark.skipif(not TOSHIBA.is_dir(), reason=f"{TOSHIBA} not present (shared/ must sit beside the checkout)")
+def test_a_scanner_reformat_marked_derived_primary_is_read(tmp_path, capsys):
+    """A real Toshiba Aquilion ONE cardiac series, ImageType DERIVED\\PRIMARY\\MPR (a console reformat): read as
+    a volume, and refused by `process` for its 3 mm slices, not for being DERIVED."""
+    from dicom_node.cli import main
+
+    series, _ = read_ct_series([TOSHIBA])
+    [s] = series
+    assert len(s.files) == 47 and list(s.headers[0].ImageType)[:2] == ["DERIVED", "PRIMARY"]
+    assert s.spacing[0] == pytest.approx(3.0)
+    assert main(["process", str(TOSHIBA), str(tmp_path / "out"), "--quiet"]) == 2
+    out = capsys.readouterr()
+    assert "too coarse for coronary work" in out.out + out.err and "DERIVED" not in out.out + out.err
+
+
+@pytest.mark.skipif(not TOSHIBA.is_dir(), reason=f"{TOSHIBA} not present (shared/ must sit beside the checkout)")
+def test_derived_secondary_and_our_own_output_are_refused(tmp_path):
+    from dicom_node.dicom.series import MANUFACTURER
+
+    files = sorted(f for f in TOSHIBA.iterdir() if f.name != "LICENSE")[:3]
+    for kind in ("secondary", "ours", "listed-off"):
+        folder = tmp_path / kind
+        folder.mkdir()
+        for f in files:
+            ds = pydicom.dcmread(f)
+            if kind in ("secondary", "listed-off"):
+                ds.ImageType = ["DERIVED", "SECONDARY", "MPR"]
+            else:
+                item = pydicom.Dataset()
+                item.Manufacturer = MANUFACTURER
+                ds.ContributingEquipmentSequence = [item]
+            ds.save_as(folder / f.name)
+        refused = () if kind == "listed-off" else ("DERIVED\\SECONDARY",)
+        series, notes = read_ct_series([folder], refused=refused)
+        if kind == "listed-off":
+            assert len(series) == 1, notes  # an operator may take DERIVED\\SECONDARY reconstructions in
+        else:
+            assert series == [] and any(("intake.refuse_image_types" if kind == "secondary" else "our own output")
+                                        in n for n in notes), notes

@@ -29,9 +29,8 @@ from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian
 
 from .. import __version__
-from .series import Series, sop_class
+from .series import MANUFACTURER, Series, sop_class
 
-MANUFACTURER = "dicom-node"
 DERIVATION_CODE = Code("113077", "DCM", "Volume editing")
 PROCESSING_EQUIPMENT = Code("109102", "DCM", "Processing Equipment")
 SUFFIX = " CALCIUM REMOVED"
@@ -81,14 +80,6 @@ def contributing_equipment(model_id: str, description: str) -> hd.ContributingEq
         manufacturer=MANUFACTURER, purpose_of_reference=PROCESSING_EQUIPMENT,
         manufacturer_model_name="dicom-node calcium removal", software_versions=[__version__, model_id[:64]],
         contribution_datetime=dt.datetime.now(), contribution_description=description[:1024])
-
-
-def is_our_output(ds: Dataset) -> bool:
-    """True for anything we wrote: never route our own output back into processing."""
-    for item in getattr(ds, "ContributingEquipmentSequence", []):
-        if str(getattr(item, "Manufacturer", "")) == MANUFACTURER:
-            return True
-    return False
 
 
 def _stored(hu: np.ndarray, ds: Dataset) -> np.ndarray:

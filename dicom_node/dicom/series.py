@@ -32,6 +32,11 @@ MAX_MATRIX = 4096  # rows or columns of one slice; CT reconstructs 512 to 2048
 MAX_VOXELS = 1 << 30  # one series (4 GiB as float32); a 1000-slice 1024x1024 CTA still fits
 MAX_POSITION_MM = 1e6  # |ImagePositionPatient| beyond this is a broken header, not a patient
 PIXEL_DATA = 0x7FE00010
+MANUFACTURER = "dicom-node"  # in ContributingEquipmentSequence (and Manufacturer) of everything we write
+# Image types refused as input besides our own output: ImageType values, matched from the first value on
+# (config: intake.refuse_image_types). Scanners mark many reconstructions and console reformats
+# DERIVED\PRIMARY (a Toshiba Aquilion ONE cardiac MPR is one), so DERIVED alone refuses nothing.
+REFUSED_IMAGE_TYPES = ("DERIVED\\SECONDARY",)
 PROCESSABLE_PHOTOMETRIC = ("MONOCHROME2", "MONOCHROME1")  # both map stored values to HU through the rescale
 
 
@@ -202,8 +207,34 @@ def image_problem(ds: Dataset, pixels: bool = True) -> str | None:
     return None
 
 
-def slice_problem(ds: Dataset, include_derived: bool = False) -> str | None:
-    """Why an instance is not a slice of a CT volume we process, or None."""
+def is_our_output(ds: Dataset) -> bool:
+    """True for anything we wrote (our mark in ContributingEquipmentSequence, or ours as Manufacturer):
+    our own output never loops back into processing, whatever route brought it here."""
+    if str(getattr(ds, "Manufacturer", "")) == MANUFACTURER:
+        return True
+    return any(str(getattr(item, "Manufacturer", "")) == MANUFACTURER
+               for item in getattr(ds, "ContributingEquipmentSequence", []))
+
+
+def image_type_refusal(ds: Dataset, refused: Iterable[str] = REFUSED_IMAGE_TYPES) -> str | None:
+    """Why an image is refused for what it is (our output, a localizer, a listed image type), or None."""
+    if is_our_output(ds):
+        return "our own output (dicom-node in ContributingEquipmentSequence)"
+    image_type = [str(v).strip().upper() for v in getattr(ds, "ImageType", [])]
+    if "LOCALIZER" in image_type:
+        return "localizer"
+    for entry in refused:
+        want = [v.strip().upper() for v in entry.split("\\")]
+        if image_type[:len(want)] == want:
+            shown = "\\".join(image_type)
+            return f"ImageType {shown} is in intake.refuse_image_types ({entry})"
+    return None
+
+
+def slice_problem(ds: Dataset, include_derived: bool = False,
+                  refused: Iterable[str] = REFUSED_IMAGE_TYPES) -> str | None:
+    """Why an instance is not a slice of a CT volume we process, or None. ``include_derived`` reads our
+    own output back (evaluation)."""
     modality = str(getattr(ds, "Modality", ""))
     sop = sop_class(ds)
     if modality == "CT" and sop in MULTIFRAME_CT_STORAGE:
@@ -211,12 +242,9 @@ def slice_problem(ds: Dataset, include_derived: bool = False) -> str | None:
                 "the series as CT Image Storage, one slice per instance")
     if modality != "CT" or sop != CT_IMAGE_STORAGE:
         return f"not a CT image series (Modality {modality or '?'}, SOP class {sop or '?'})"
-    image_type = [str(v).upper() for v in getattr(ds, "ImageType", [])]
-    if "LOCALIZER" in image_type:
-        return "localizer"
-    if "DERIVED" in image_type and not include_derived:
-        return "DERIVED images are not processed again"
-    return None
+    if include_derived:
+        return None
+    return image_type_refusal(ds, refused)
 
 
 def group_series(files: Iterable[Path], max_depth: int = MAX_SEQUENCE_DEPTH, max_element_mb: int = MAX_ELEMENT_MB,
@@ -338,7 +366,8 @@ def load_hu(series: Series) -> np.ndarray:
 
 
 def read_ct_series(inputs: Iterable[str | Path], include_derived: bool = False, max_depth: int = MAX_SEQUENCE_DEPTH,
-                   max_element_mb: int = MAX_ELEMENT_MB) -> tuple[list[Series], list[str]]:
+                   max_element_mb: int = MAX_ELEMENT_MB, refused: Iterable[str] = REFUSED_IMAGE_TYPES,
+                   ) -> tuple[list[Series], list[str]]:
     """CT image series found under the inputs, and a line for everything skipped.
 
     ``include_derived`` is for reading our own output back (evaluation); processing never sets it.
@@ -352,7 +381,7 @@ def read_ct_series(inputs: Iterable[str | Path], include_derived: bool = False, 
         left_out: list[str] = []
         for f, ds in items:
             try:
-                problem = slice_problem(ds, include_derived)
+                problem = slice_problem(ds, include_derived, refused)
             except Exception as exc:  # noqa: BLE001 - a value pydicom cannot convert
                 problem = f"unreadable header ({exc.__class__.__name__})"
             if problem:

@@ -13,6 +13,7 @@ import io
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,12 +21,14 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from ..config import Config, IntakeConfig
-from ..dicom.derived import is_our_output
 from ..dicom.series import (
     CT_IMAGE_STORAGE,
     MULTIFRAME_CT_STORAGE,
     PIXEL_DATA,
+    REFUSED_IMAGE_TYPES,
     image_problem,
+    image_type_refusal,
+    is_our_output,
     series_key,
     sop_class,
     truncated_element,
@@ -54,7 +57,7 @@ class Accepted:
     job_id: int | None = None
 
 
-def why_not_processed(ds: Dataset) -> str | None:
+def why_not_processed(ds: Dataset, refused: Iterable[str] = REFUSED_IMAGE_TYPES) -> str | None:
     """None for an instance that belongs in a job; else why it is only stored.
 
     Our own output must never loop back into processing, whatever route brought it here.
@@ -66,12 +69,7 @@ def why_not_processed(ds: Dataset) -> str | None:
     # Multi-frame CT gets a job all the same: it fails with a reason the sender can act on (see series.py).
     if modality != "CT" or (sop != CT_IMAGE_STORAGE and sop not in MULTIFRAME_CT_STORAGE):
         return f"not a CT image (Modality {modality or '?'}, SOP class {sop or '?'})"
-    image_type = [str(v).upper() for v in getattr(ds, "ImageType", [])]
-    if "DERIVED" in image_type:
-        return "DERIVED image"
-    if "LOCALIZER" in image_type:
-        return "localizer"
-    return None
+    return image_type_refusal(ds, refused)
 
 
 class Intake:
@@ -109,7 +107,7 @@ class Intake:
             if problem:
                 return self.refuse(data, series_uid, sop_uid, via, CANNOT_UNDERSTAND, "cannot_understand", problem,
                                    loud=loud)
-            skip = why_not_processed(ds)
+            skip = why_not_processed(ds, self.limits.refuse_image_types)
             problem = image_problem(ds) if skip is None and sop_class(ds) == CT_IMAGE_STORAGE else None
             if problem:
                 return self.refuse(data, series_uid, sop_uid, via, DOES_NOT_MATCH_SOP_CLASS, "invalid", problem,

@@ -176,7 +176,8 @@ def _child(request_path: Path) -> int:
     outcome: dict[str, Any]
     try:
         series_list, notes = read_ct_series([req.series_dir], max_depth=cfg.intake.max_sequence_depth,
-                                            max_element_mb=cfg.intake.max_element_mb)
+                                            max_element_mb=cfg.intake.max_element_mb,
+                                            refused=cfg.intake.refuse_image_types)
         if not series_list:
             shown = "; ".join(notes[:5]) + (f"; and {len(notes) - 5} more" if len(notes) > 5 else "")
             outcome = {"status": "refused", "reason": shown or "no instances in the spool"}
