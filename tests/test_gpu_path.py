@@ -170,9 +170,12 @@ def test_plans_and_caches_are_never_committed():
         assert any(fnmatch.fnmatch(f"engines/{name}", pat) for pat in ignored), name
 
 
+VALIDATED = {"passed": True, "summary": "ok"}
+
+
 def make_plan(folder: Path, model: Path, env: plans.Environment = GPU_HOST, precision: str = "fp16",
-              validation: dict | None = None, built_at: str = "2026-01-01T00:00:00Z", **changes) -> Path:
-    """A fake plan (random bytes) with a sidecar as tools/build_engine.py writes it."""
+              validation: dict | None = VALIDATED, built_at: str = "2026-01-01T00:00:00Z", **changes) -> Path:
+    """A fake plan (random bytes) with a sidecar as tools/build_engine.py --validate writes it."""
     plan = folder / plans.plan_name(model.stem, changes.get("compute_capability", env.compute_capability),
                                     changes.get("tensorrt", env.tensorrt), precision)
     plan.write_bytes(np.random.default_rng(len(str(plan))).bytes(4096))
@@ -304,6 +307,21 @@ def test_plans_of_other_models_are_ignored_and_the_newest_match_wins(model):
     assert plans.decide("auto", model, GPU_HOST).plan == old  # a failed validation is never used
 
 
+def test_auto_refuses_a_plan_never_validated_or_whose_validation_never_finished(model):
+    """The sidecar is written before validation runs, marked failed until it passes: a build whose
+    validation crashed leaves a plan that auto refuses. A plan built without --validate is refused by
+    auto too, and used only when TensorRT is asked for by name, with the reason saying so."""
+    plan = make_plan(model.parent, model, validation={"passed": False, "summary": "validation started "
+                                                      "2026-01-01T00:00:00Z and did not finish"})
+    c = plans.decide("auto", model, GPU_HOST)
+    assert c.backend == "onnxruntime" and "did not finish" in c.reason
+    make_plan(model.parent, model, validation=None)
+    c = plans.decide("auto", model, GPU_HOST)
+    assert c.backend == "onnxruntime" and "not validated against ONNX Runtime" in c.reason
+    c = plans.decide("tensorrt", model, GPU_HOST)
+    assert (c.backend, c.plan, c.error) == ("tensorrt", plan, None) and "not validated" in c.reason
+
+
 def test_a_plan_without_sidecar_is_rejected(model):
     (model.parent / "dense_unet.sm89.trt10.12.fp16.plan").write_bytes(b"x")
     c = plans.decide("auto", model, GPU_HOST)
@@ -336,7 +354,7 @@ def test_select_wires_a_matching_plan_into_the_tensorrt_backend(model, fake_trt,
     with caplog.at_level("INFO", logger="dicom_node.backends.select"):
         backend, why = select_mod.select("auto", model, threads=1, batch=16, env=GPU_HOST)
     assert isinstance(backend, FakeTensorRT) and backend.plan == plan and backend.max_batch == 16
-    assert why.startswith("tensorrt (auto: NVIDIA L4 (sm89)") and "not validated" in why
+    assert why.startswith("tensorrt (auto: NVIDIA L4 (sm89)") and "not validated" not in why
     assert any("backend: tensorrt" in r.getMessage() for r in caplog.records)
 
 
@@ -478,3 +496,43 @@ def test_build_engine_flow_with_a_stand_in_tensorrt(monkeypatch, model, caplog):
     assert plans.decide("auto", model, host).plan == plan
     assert tool.cmd_check(plan, model) == 0
     assert tool.cmd_check(plan, MODEL.parent / "missing.onnx") == 1
+
+
+def _build_tool(monkeypatch):
+    import importlib.util
+
+    trt, _ = trt_standin.install(monkeypatch)
+    monkeypatch.setattr(plans, "probe", lambda: replace(GPU_HOST, tensorrt=trt.__version__))
+    spec = importlib.util.spec_from_file_location("build_engine", REPO / "tools" / "build_engine.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return trt, tool
+
+
+@pytest.mark.slow
+def test_build_engine_exits_2_with_one_line_when_tensorrt_raises(monkeypatch, model, caplog):
+    trt, tool = _build_tool(monkeypatch)
+
+    def boom(self, network, config):
+        raise RuntimeError("[builder.cpp::buildSerializedNetwork::123] Error Code 2: out of memory\n(details...)")
+
+    monkeypatch.setattr(trt.Builder, "build_serialized_network", boom)
+    assert tool.main(["--onnx", str(model), "--precision", "fp16"]) == 2
+    [line] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "RuntimeError" in line and "Error Code 2" in line and "\n" not in line
+    assert not list(model.parent.glob("*.plan"))
+
+
+@pytest.mark.slow
+def test_a_validation_that_crashes_leaves_a_plan_auto_refuses(monkeypatch, model, caplog):
+    _, tool = _build_tool(monkeypatch)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(tool, "validate", crash)
+    assert tool.main(["--onnx", str(model), "--precision", "fp16", "--validate"]) == 2
+    plan = model.parent / "dense_unet.sm89.trt10.12.fp16.plan"
+    assert plan.is_file() and plans.read_sidecar(plan).validation["passed"] is False
+    c = plans.decide("auto", model, replace(GPU_HOST, tensorrt=trt_standin.VERSION))
+    assert c.backend == "onnxruntime" and "did not finish" in c.reason

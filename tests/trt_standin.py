@@ -48,6 +48,7 @@ class FakeCudaRuntime(types.ModuleType):
     def __init__(self) -> None:
         super().__init__("cuda.bindings.runtime")
         self.buffers: dict[int, ctypes.Array] = {}
+        self.device: set[int] = set()  # pointers from cudaMalloc; the rest is host memory
         self.calls: list[str] = []
 
     def _alloc(self, n: int) -> tuple:
@@ -58,7 +59,12 @@ class FakeCudaRuntime(types.ModuleType):
 
     def cudaMalloc(self, n):
         self.calls.append("cudaMalloc")
-        return self._alloc(n)
+        err, ptr = self._alloc(n)
+        self.device.add(ptr)
+        return err, ptr
+
+    def _on_device(self, ptr: int) -> bool:
+        return any(base <= ptr < base + len(self.buffers[base]) for base in self.device)
 
     def cudaMallocHost(self, n):
         self.calls.append("cudaMallocHost")
@@ -66,6 +72,7 @@ class FakeCudaRuntime(types.ModuleType):
 
     def cudaFree(self, ptr):
         self.buffers.pop(ptr)
+        self.device.discard(ptr)
         return (_Err.cudaSuccess,)
 
     cudaFreeHost = cudaFree
@@ -85,6 +92,11 @@ class FakeCudaRuntime(types.ModuleType):
 
     def cudaMemcpyAsync(self, dst, src, n, kind, stream):
         assert isinstance(stream, _Stream) and kind in _Kind
+        # The real runtime copies as ``kind`` says, whatever the pointers: a swapped direction is a bug.
+        if kind == _Kind.cudaMemcpyHostToDevice:
+            assert self._on_device(dst) and not self._on_device(src), "HostToDevice with a device source"
+        else:
+            assert self._on_device(src) and not self._on_device(dst), "DeviceToHost with a device target"
         self.calls.append(f"memcpy{kind.name[10:]}")
         ctypes.memmove(dst, src, n)
         return (_Err.cudaSuccess,)
@@ -188,7 +200,7 @@ class _Builder:
         self.logger = logger
 
     def create_network(self, flags):
-        assert flags == 1 << 0, "expected exactly STRONGLY_TYPED"
+        assert flags == 1 << 1, "expected exactly STRONGLY_TYPED (bit 1 in TensorRT 10)"
         return _Network(flags)
 
     def create_builder_config(self):
@@ -271,7 +283,9 @@ def fake_tensorrt() -> types.ModuleType:
     trt.__version__ = VERSION
     trt.ILogger = _ILogger
     trt.Builder, trt.Runtime, trt.OnnxParser = _Builder, _Runtime, _Parser
-    trt.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", {"STRONGLY_TYPED": 0})
+    # TensorRT 10's values: EXPLICIT_BATCH (deprecated, ignored) is 0, STRONGLY_TYPED is 1.
+    trt.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag",
+                                                     {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1})
     trt.BuilderFlag = enum.IntEnum("BuilderFlag", {"TF32": 6})
     trt.MemoryPoolType = enum.IntEnum("MemoryPoolType", {"WORKSPACE": 0})
     trt.TensorIOMode = _Mode

@@ -229,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     except BuildError as exc:
         log.error("%s", exc)
         return 2
+    except Exception as exc:  # noqa: BLE001 - TensorRT raises anything; the operator gets one line, exit 2
+        log.error("TensorRT failed to build the plan: %s: %s", exc.__class__.__name__, str(exc).splitlines()[0]
+                  if str(exc) else "")
+        return 2
     tmp = plan.with_name(plan.name + ".tmp")
     tmp.write_bytes(serialized)
     tmp.replace(plan)
@@ -238,12 +242,18 @@ def main(argv: list[str] | None = None) -> int:
         profile={"min": profile[0], "opt": profile[1], "max": profile[2]}, tensorrt=env.tensorrt,
         compute_capability=env.compute_capability, gpu=env.gpu or "", built_at=plans.now_utc(),
         build_seconds=round(seconds, 1), workspace_mib=args.workspace_mib)
+    if args.validate:  # until validation passes, the sidecar says it has not: a crash leaves the plan unusable
+        info.validation = {"passed": False, "summary": f"validation started {plans.now_utc()} and did not finish"}
     side = plans.write_sidecar(plan, info)
     log.info("wrote %s (%.1f MB, built in %.0f s) and %s", plan, plan.stat().st_size / 1e6, seconds, side.name)
     if not args.validate:
-        log.info("not validated; run again with --validate before serving on it")
+        log.info("not validated: engine.backend = \"auto\" will not use it; run again with --validate")
         return 0
-    info.validation = validate(plan, model, network, args.precision, args.patches)
+    try:
+        info.validation = validate(plan, model, network, args.precision, args.patches)
+    except Exception as exc:  # noqa: BLE001 - the sidecar already marks the plan failed; say why in one line
+        log.error("validation failed to run: %s: %s", exc.__class__.__name__, exc)
+        return 2
     plans.write_sidecar(plan, info)
     if not info.validation["passed"]:
         log.error("the plan stays on disk but its sidecar marks it failed, so the node will not use it")

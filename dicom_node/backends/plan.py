@@ -167,8 +167,12 @@ def read_sidecar(plan: str | Path) -> PlanInfo:
 
 
 def check(plan: str | Path, info: PlanInfo, env: Environment, model_sha256: str | None = None,
-          verify_plan_hash: bool = True) -> list[str]:
-    """Every reason the plan cannot be used on this host for this model; empty means it fits."""
+          verify_plan_hash: bool = True, require_validation: bool = True) -> list[str]:
+    """Every reason the plan cannot be used on this host for this model; empty means it fits.
+
+    A plan never validated against ONNX Runtime is not used by ``auto`` (only when TensorRT is asked for
+    by name): its sidecar is written before validation starts, as failed, so a crash during it leaves a
+    plan marked unusable, never one that looks untested-but-fine."""
     problems: list[str] = []
     plan = Path(plan)
     if not plan.is_file():
@@ -189,7 +193,10 @@ def check(plan: str | Path, info: PlanInfo, env: Environment, model_sha256: str 
         problems.append(f"built from {info.model} sha256:{info.model_sha256[:16]}, but the configured model is "
                         f"sha256:{model_sha256[:16]}")
     v = info.validation
-    if v is not None and not v.get("passed", False):
+    if v is None:
+        if require_validation:
+            problems.append(f"not validated against ONNX Runtime (rebuild with {BUILD_HINT})")
+    elif not v.get("passed", False):
         problems.append(f"failed validation against ONNX Runtime ({v.get('summary', 'see sidecar')})")
     if info.precision not in PRECISIONS:
         problems.append(f"unknown precision {info.precision!r}")
@@ -207,7 +214,8 @@ class FoundPlan:
         return self.info is not None and not self.problems
 
 
-def find_plans(model: str | Path, env: Environment, model_sha256: str | None = None) -> list[FoundPlan]:
+def find_plans(model: str | Path, env: Environment, model_sha256: str | None = None,
+               require_validation: bool = True) -> list[FoundPlan]:
     """Every plan beside ``model`` (by sidecar, plus plans without one), checked; newest build first.
 
     Plans built from another model are left out: they are not candidates, not problems.
@@ -226,7 +234,7 @@ def find_plans(model: str | Path, env: Environment, model_sha256: str | None = N
             continue
         if info.model_sha256 != digest:
             continue
-        found.append(FoundPlan(plan, info, check(plan, info, env, digest)))
+        found.append(FoundPlan(plan, info, check(plan, info, env, digest, require_validation=require_validation)))
     for plan in sorted(model.parent.glob(f"{model.stem}.*.plan")):
         if plan not in seen:
             found.append(FoundPlan(plan, None, [f"{plan.name} has no sidecar: its origin is unknown, rebuild it"]))
@@ -256,7 +264,7 @@ def decide(requested: str, model: str | Path, env: Environment, model_sha256: st
             return Choice("onnxruntime", why, error=f"tensorrt backend requested but {why}")
         # Without a GPU the rest is beside the point (a CPU host needs no TensorRT); with one, say all.
         return Choice("onnxruntime", f"auto: {blockers[0] if not env.gpu else why}")
-    plans = find_plans(model, env, model_sha256)
+    plans = find_plans(model, env, model_sha256, require_validation=requested == "auto")
     usable = [f for f in plans if f.ok]
     if usable:
         best = usable[0]
