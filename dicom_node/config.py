@@ -10,7 +10,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from .dicom.series import REFUSED_IMAGE_TYPES
 from .dicom.structure import MAX_ELEMENT_MB, MAX_SEQUENCE_DEPTH
@@ -19,9 +19,16 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "engines" / "dense_unet.onnx"
 
 
+# The settings that take one of a few words: checked when the config loads, with the key named.
+Backend = Literal["auto", "onnxruntime", "tensorrt"]
+MaskMode = Literal["footprint", "cube"]
+Durability = Literal["journal", "posix"]
+DestinationKind = Literal["dimse", "stow"]
+
+
 @dataclass
 class EngineConfig:
-    backend: str = "auto"  # auto | onnxruntime | tensorrt
+    backend: Backend = "auto"
     model: str = str(DEFAULT_MODEL)
     threads: int = 0  # inference threads; 0 = one per core
     batch: int = 8  # windows per backend call
@@ -33,7 +40,7 @@ class EngineConfig:
     keep_edge_components: bool = False  # treat bright pieces cut by the volume's edge as calcium
     margin_mm: float = 0.9  # blooming margin restored around the calcium (plan.ENGINE_MARGIN_MM)
     core: int = 16  # voxels a window may restore per axis (of 32)
-    mask_mode: str = "footprint"  # footprint | cube (the paper's: hide each window's whole core)
+    mask_mode: MaskMode = "footprint"  # cube: the paper's, hiding each window's whole core
     max_pixel_mm: float = 0.8  # refuse series coarser than this in-plane
     max_slice_mm: float = 1.25  # refuse series with slices further apart than this
 
@@ -121,7 +128,7 @@ class SpoolConfig:
     keep_days: float = 7.0  # purge finished jobs' files after this many days; 0 = keep forever
     purge_after_delivery: bool = False  # delete a job's files as soon as every destination has it
     min_free_mb: int = 512  # answer "out of resources" instead of filling the disk
-    durability: str = "journal"  # journal (one fsync per instance) | posix (plus a directory fsync)
+    durability: Durability = "journal"  # journal: one fsync per instance; posix: plus a directory fsync
     quarantine_mb: int = 2048  # refused instances kept at most; the oldest go first
     quarantine_keep_days: float = 30.0  # refused instances and failed jobs' evidence are purged after this; 0 = never
 
@@ -145,7 +152,7 @@ class Destination:
     """Where derived series and SEGs go: a DICOM AE (C-STORE) or a DICOMweb server (STOW-RS)."""
 
     name: str = ""
-    kind: str = "dimse"  # dimse | stow
+    kind: DestinationKind = "dimse"
     ae_title: str = ""  # dimse: the peer's AE title
     host: str = ""  # dimse: the peer's address
     port: int = 104  # dimse: the peer's port
@@ -190,6 +197,12 @@ def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
         item_type = _list_item_type(want)
         if item_type is not None:
             value = _list(item_type, value, f"{where}.{key}")
+            setattr(obj, key, value)
+            continue
+        if get_origin(want) is Literal:
+            if value not in get_args(want):
+                choices = ", ".join(repr(c) for c in get_args(want))
+                raise ConfigError(f"{where}.{key} must be one of {choices}, got {value!r}")
             setattr(obj, key, value)
             continue
         if want is float and isinstance(value, int) and not isinstance(value, bool):
@@ -241,7 +254,7 @@ def check(cfg: Config) -> None:
         elif d.kind == "stow":
             if not d.url:
                 raise ConfigError(f"{where} ({d.name}): a stow destination needs url")
-        else:
+        else:  # only a Config built in code gets here: a file's kind is checked as it loads
             raise ConfigError(f"{where} ({d.name}): kind must be 'dimse' or 'stow', got {d.kind!r}")
         if bool(d.cert) != bool(d.key):
             raise ConfigError(f"{where} ({d.name}): cert and key go together")

@@ -98,10 +98,9 @@ def detection_from_mask(calcium: np.ndarray, volume: np.ndarray, spacing: tuple[
     return Detection(calcium=calcium.astype(bool), lesions=lesions, threshold_hu=float("nan"), labels=lab)
 
 
-def lumen_statistics(volume: np.ndarray, roi: np.ndarray | None = None) -> tuple[float, float]:
+def lumen_statistics(volume: np.ndarray) -> tuple[float, float]:
     """Median and robust SD of contrast-filled voxels (200-800 HU)."""
-    vals = volume[roi] if roi is not None else volume
-    vals = vals[(vals > 200.0) & (vals < 800.0)]
+    vals = volume[(volume > 200.0) & (volume < 800.0)]
     if vals.size < 100:
         return float("nan"), float("nan")
     med = float(np.median(vals))
@@ -134,13 +133,13 @@ def _faint_calcium(volume: np.ndarray, spacing: tuple[float, float, float], brig
 
 
 def detect(volume: np.ndarray, spacing: tuple[float, float, float], options: DetectOptions | None = None,
-           roi: np.ndarray | None = None) -> Detection:
+           ) -> Detection:
     """Calcium mask and lesion list for a HU volume; everything excluded is explained."""
     opts = options or DetectOptions()
     threshold = opts.threshold_hu
     excluded: list[dict] = []
     if opts.adaptive:
-        med, sd = lumen_statistics(volume, roi)
+        med, sd = lumen_statistics(volume)
         if np.isfinite(med):
             # Only ever lower the fixed threshold: raised above it in bright-contrast studies, the
             # adaptive threshold left a quarter of the calcium in place (Experiment 2 tuning studies).
@@ -149,8 +148,6 @@ def detect(volume: np.ndarray, spacing: tuple[float, float, float], options: Det
     bright = volume > threshold
     if opts.local_contrast_hu > 0:
         bright |= _faint_calcium(volume, spacing, bright, opts)
-    if roi is not None:
-        bright &= roi
     # Large dense structures: what survives an opening wider than any coronary calcium.
     # Bone cut by the field of view stays bone: the opening treats the volume as continuing.
     opened = open_mm(bright, spacing, opts.dense_opening_mm)

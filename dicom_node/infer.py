@@ -42,17 +42,21 @@ class Engine:
         self.detect_options = detect_options or DetectOptions()
         self.plan_options = plan_options or PlanOptions()
 
-    def run(self, volume: np.ndarray, spacing: tuple[float, float, float], roi: np.ndarray | None = None,
-            progress: Callable[[int, int], None] | None = None, detection: Detection | None = None
-            ) -> EngineResult:
-        """Restore ``volume`` in place (float32 HU) and say which voxels changed.
-
-        ``detection``: the calcium to remove, when it is known rather than detected
-        (Experiment 2's run on the phantom's true calcium).
-        """
+    def run(self, volume: np.ndarray, spacing: tuple[float, float, float],
+            progress: Callable[[int, int], None] | None = None) -> EngineResult:
+        """Detect the calcium, then restore ``volume`` in place (float32 HU); say which voxels changed."""
         t0 = time.perf_counter()
-        if detection is None:
-            detection = detect(volume, spacing, self.detect_options, roi)
+        detection = detect(volume, spacing, self.detect_options)
+        seconds = time.perf_counter() - t0
+        result = self.restore(volume, spacing, detection, progress)
+        result.seconds = {"detect": seconds, **result.seconds}
+        return result
+
+    def restore(self, volume: np.ndarray, spacing: tuple[float, float, float], detection: Detection,
+                progress: Callable[[int, int], None] | None = None) -> EngineResult:
+        """Remove the given calcium from ``volume`` in place (float32 HU): plan the windows, restore them
+        step by step through the backend, resample back. Public for callers that know the calcium rather
+        than detect it (the lab's diagnostic runs on the phantom's true calcium)."""
         t1 = time.perf_counter()
         regions = plan(detection, spacing, self.plan_options)
         t2 = time.perf_counter()
@@ -84,4 +88,4 @@ class Engine:
             changed[tuple(idx.T)] = True
         t4 = time.perf_counter()
         return EngineResult(detection=detection, regions=regions, changed=changed, windows=total, batches=batches,
-                            seconds={"detect": t1 - t0, "plan": t2 - t1, "infer": t3 - t2, "resample": t4 - t3})
+                            seconds={"plan": t2 - t1, "infer": t3 - t2, "resample": t4 - t3})

@@ -13,9 +13,9 @@ import numpy as np
 from scipy import ndimage
 
 from . import phantom
+from .backends import PATCH
 from .masks import DEFAULT_MARGIN_MM, DEFAULT_THRESHOLD_HU, core_box, cube_mask, footprint_mask
 
-PATCH = 32
 VOLUME = (48, 48, 48)
 
 

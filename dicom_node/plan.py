@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from .backends import PATCH
 from .detect import CONNECTIVITY_26, Detection
 from .morphology import dilate_mm
 
-PATCH = 32
 # Restored margin at inference. Training masks use 1.1-1.8 mm (masks.DEFAULT_MARGIN_MM × 0.8-1.3);
 # 0.9 mm was chosen on Experiment 2's tuning studies (seed 4040, not the held-out 3030): stenosis error
 # 0.8 mm 6.1, 0.9 mm 6.2, 1.0 mm 6.5, 1.1 mm 7.3, 1.4 mm 7.5 points, with residual calcium (0.5 %) and

@@ -168,7 +168,7 @@ def test_a_given_calcium_mask_is_restored_instead_of_the_detected_one(study):
     given = detection_from_mask(study.calcium_mask, vol, study.spacing)
     assert len(given.lesions) == int(given.labels.max()) >= 2
     assert np.array_equal(given.labels > 0, study.calcium_mask)
-    result = Engine(FillBackend()).run(vol, study.spacing, detection=given)
+    result = Engine(FillBackend()).restore(vol, study.spacing, given)
     foot = footprint(study.calcium_mask, study.spacing, PlanOptions().margin_mm)
     assert np.array_equal(result.changed, foot)
     assert not np.array_equal(foot, footprint(detect(before, study.spacing).calcium, study.spacing,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,15 @@ def test_bad_node_settings_are_refused(tmp_path: Path, text: str, message: str) 
     f.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load(f)
+
+
+@pytest.mark.parametrize(("table", "line", "key"), [
+    ("engine", 'backend = "gpu"', "engine.backend"), ("engine", 'mask_mode = "paper"', "engine.mask_mode"),
+    ("spool", 'durability = "fast"', "spool.durability"),
+    ("destinations", 'name = "x"\nkind = "ftp"\nurl = "http://127.0.0.1:1"', "destinations[0].kind"),
+])
+def test_a_word_outside_its_choices_is_refused_at_load_naming_the_key(tmp_path, table, line, key) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(f"[{'[destinations]' if table == 'destinations' else table}]\n{line}\n")
+    with pytest.raises(ConfigError, match=re.escape(key) + " must be one of"):
+        load(path)

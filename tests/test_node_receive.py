@@ -13,7 +13,7 @@ from pynetdicom import AE
 
 from dicom_node import phantom
 from dicom_node.config import AllowedPeer, NodeConfig
-from dicom_node.node.receive import Receiver, caller_allowed
+from dicom_node.node.receive import Receiver, caller_refusal
 from dicom_node.phantom_dicom import ct_series
 
 from .test_node_queue import Parts
@@ -43,6 +43,10 @@ def _associate(port: int, contexts: list[tuple[str, list[str]]], calling: str = 
     for sop, ts in contexts:
         ae.add_requested_context(sop, ts)
     return ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+
+
+def caller_allowed(cfg: NodeConfig, ae_title: str, address: str) -> bool:
+    return caller_refusal(cfg, ae_title, address) is None
 
 
 def test_allowlist_checks_title_and_host() -> None:

@@ -11,6 +11,12 @@ from typing import Protocol
 
 import numpy as np
 
+PATCH = 32  # the model's window edge, in voxels of 0.47 mm: every backend, the planner and the lab use it
+
+
+class BackendError(RuntimeError):
+    """A backend cannot be built or run (a missing model, a plan for another GPU, a runtime error)."""
+
 
 class Backend(Protocol):
     name: str

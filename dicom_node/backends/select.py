@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import Backend
+from . import Backend, BackendError
 
 if TYPE_CHECKING:
     from .plan import Environment
@@ -24,23 +24,11 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
 
-class BackendError(RuntimeError):
-    pass
-
-
 def model_id(path: str | Path) -> str:
     """Short, stable identity of a model file: its name and the start of its sha256."""
     p = Path(path)
     digest = hashlib.sha256(p.read_bytes()).hexdigest()
     return f"{p.stem} sha256:{digest[:16]}"
-
-
-def tensorrt_unavailable_reason(env: Environment | None = None) -> str | None:
-    """Why the TensorRT path cannot run here whatever the plan, or None if it might."""
-    from .plan import probe
-
-    blockers = (env or probe()).tensorrt_blockers()
-    return "; ".join(blockers) or None
 
 
 def _onnxruntime(model: str | Path, threads: int, batch: int) -> Backend:

@@ -25,14 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from .select import BackendError
+from . import PATCH, BackendError
 
 log = logging.getLogger(__name__)
 trt_log = logging.getLogger("tensorrt")
 
 INPUTS = ("image", "mask")
 OUTPUT = "restored"
-PATCH_SHAPE = (1, 32, 32, 32)
+PATCH_SHAPE = (1, PATCH, PATCH, PATCH)
 PATCH_FLOATS = int(np.prod(PATCH_SHAPE))
 
 

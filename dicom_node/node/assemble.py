@@ -46,7 +46,6 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH_SOP_CLASS = 0xA900  # the IOD's rules broken: no pixels, wrong BitsAllocated, impossible size
 CANNOT_UNDERSTAND = 0xC000  # not a data set, or one cut short
-PROCESSING_FAILURE = 0x0110
 DUPLICATE_SOP_INSTANCE = 0x0111  # the UID came before with other content; the first copy is kept
 
 

@@ -14,10 +14,23 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-STATES = ("received", "queued", "processing", "sending", "done", "failed")
+
+class JobState(StrEnum):
+    """A job's state; equal to its name as a string, which is what the database and /jobs hold."""
+
+    RECEIVED = "received"
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    SENDING = "sending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+STATES = tuple(s.value for s in JobState)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -205,14 +218,16 @@ class JobStore:
         self._update(job_id, state="sending", sending_at=time.time(), claimed=0, next_attempt_at=None,
                      outputs=json.dumps(outputs), derived_series_uid=derived_series_uid, reason=reason)
 
-    def finish(self, job_id: int, state: str, reason: str, **more: Any) -> None:
-        assert state in ("done", "failed")
+    def finish(self, job_id: int, state: JobState | str, reason: str, **more: Any) -> None:
+        if JobState(state) not in (JobState.DONE, JobState.FAILED):
+            raise ValueError(f"a job finishes done or failed, not {state!r}")
         self._update(job_id, state=state, finished_at=time.time(), claimed=0, reason=reason, **more)
 
     def hand_back(self, job_id: int, state: str, next_attempt_at: float, reason: str) -> None:
         """A claimed job goes back in line unfinished (processing: queued again; sending: unclaimed), to be
         claimed after ``next_attempt_at``; no attempt is counted: the trouble was the node's, not the job's."""
-        assert state in ("queued", "sending")
+        if JobState(state) not in (JobState.QUEUED, JobState.SENDING):
+            raise ValueError(f"a job is handed back queued or sending, not {state!r}")
         # Only while still claimed and unfinished: a job that got to done or failed stays there. A processing
         # run handed back did not crash: it does not count against jobs.max_crashes.
         self._tx(lambda db: db.execute("UPDATE jobs SET state=?, claimed=0, next_attempt_at=?, reason=?, "

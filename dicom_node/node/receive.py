@@ -94,11 +94,6 @@ def caller_refusal(cfg: NodeConfig, ae_title: str, address: str) -> tuple[str, s
     return "host", f"calling AE {title!r} is allowed only from {', '.join(hosts)}, not from {address}"
 
 
-def caller_allowed(cfg: NodeConfig, ae_title: str, address: str) -> bool:
-    """True when (calling AE title, peer address) matches an allowlist entry."""
-    return caller_refusal(cfg, ae_title, address) is None
-
-
 DUL_POLL_SECONDS = 0.0001  # pynetdicom's default is 0.001: up to 1 ms idle per PDU round
 MIN_PDU_BOUND = 1 << 20  # an A-ASSOCIATE-RQ with every storage class and syntax is ~60 KiB; P-DATA is ours to size
 UNLIMITED_PDU_BOUND = 64 << 20  # node.max_pdu = 0 (unlimited): still no 4 GiB claims
