@@ -444,7 +444,8 @@ def _in_process(phantoms: list[phantom.Phantom], runs: list, args: argparse.Name
             pid = _study_id(i)
             out = originals[pid].copy()
             given = _given_calcium(mode, p, out, engine)
-            changed = engine.restore(out, p.spacing, given).changed
+            result = engine.run(out, p.spacing) if given is None else engine.restore(out, p.spacing, given)
+            changed = result.changed
             processed[mode][pid] = np.where(changed, _stored_hu(out), originals[pid])
         timings[mode] = time.perf_counter() - t0
     return originals, processed, timings
