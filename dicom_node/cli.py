@@ -11,8 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from . import __version__
-from .config import DEFAULT_MODEL
+from dicom_node import __version__
+from dicom_node.config import DEFAULT_MODEL
 
 
 def cmd_model_info(args: argparse.Namespace) -> int:
@@ -37,8 +37,8 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Print the environment and the backend ``auto`` would pick, and why; always exits 0."""
-    from . import doctor
-    from .config import ConfigError, load
+    from dicom_node import doctor
+    from dicom_node.config import ConfigError, load
 
     try:
         cfg = load(args.config)
@@ -52,9 +52,9 @@ def cmd_process(args: argparse.Namespace) -> int:
     """Process CT series on disk into derived series and SEGs."""
     from tqdm import tqdm
 
-    from .backends.select import BackendError, model_id, select
-    from .config import ConfigError, load
-    from .process import build_engine, process_inputs
+    from dicom_node.backends.select import BackendError, model_id, select
+    from dicom_node.config import ConfigError, load
+    from dicom_node.pipeline.process import build_engine, process_inputs
 
     try:
         cfg = load(args.config)
@@ -99,12 +99,19 @@ def cmd_process(args: argparse.Namespace) -> int:
     return 0 if all(o.status != "failed" for o in outcomes) else 1
 
 
+def cmd_build_engine(args: argparse.Namespace) -> int:
+    """The operator's GPU step, the same code as tools/build_engine.py (main() hands it its arguments)."""
+    from dicom_node.backends import build
+
+    return build.main(args.args)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the DICOM node in the foreground until Ctrl-C / SIGTERM."""
-    from .backends.select import BackendError
-    from .config import ConfigError, load
-    from .node import logs
-    from .node.server import serve
+    from dicom_node.backends.select import BackendError
+    from dicom_node.config import ConfigError, load
+    from dicom_node.node import logs
+    from dicom_node.node.server import serve
 
     logs.setup()
     try:
@@ -117,7 +124,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _peer(args: argparse.Namespace) -> tuple[str, int, str]:
     """HOST, PORT and called AE title: --to/--aet, else our own node from --config (default: embedded)."""
-    from .config import load
+    from dicom_node.config import load
 
     cfg = load(args.config)
     host, port = cfg.node.host, cfg.node.port
@@ -136,7 +143,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
     from pynetdicom import AE, evt
     from pynetdicom.sop_class import Verification
 
-    from .node.send import no_delay
+    from dicom_node.node.send import no_delay
 
     try:
         host, port, aet = _peer(args)
@@ -160,9 +167,9 @@ def cmd_echo(args: argparse.Namespace) -> int:
 def _send_folder(folder: list[str], host: str, port: int, aet: str, calling: str) -> int:
     import pydicom
 
-    from .config import Destination
-    from .dicom.series import find_files
-    from .node.send import SendError, send_dimse
+    from dicom_node.config import Destination
+    from dicom_node.node.send import SendError, send_dimse
+    from dicom_node.pipeline.series import find_files
 
     files = []
     for f in find_files(folder):
@@ -198,9 +205,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Generate a phantom CTA study and send it to a running node: the whole flow in a minute."""
     import tempfile
 
-    from . import phantom
-    from .phantom_dicom import write_phantom_series
-
+    try:
+        from dicom_node_lab import phantom
+        from dicom_node_lab.phantom_dicom import write_phantom_series
+    except ImportError:
+        print("error: the demo renders the lab's phantom; install it with pip install -e lab (make venv does)",
+              file=sys.stderr)
+        return 2
     try:
         host, port, aet = _peer(args)
     except ValueError as exc:
@@ -240,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-seg", action="store_true", help="do not write the DICOM SEG")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(func=cmd_process)
+    be = sub.add_parser("build-engine", add_help=False,
+                        help="build a TensorRT plan for this GPU (tools/build_engine.py; --help for its options)")
+    be.add_argument("args", nargs=argparse.REMAINDER)
+    be.set_defaults(func=cmd_build_engine)
     sv = sub.add_parser("serve", help="run the DICOM node (C-STORE and STOW-RS in, C-STORE/STOW-RS out)")
     sv.add_argument("--config", help="config.toml (default: embedded defaults)")
     sv.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"))
@@ -263,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["build-engine"]:  # its own options, --help included, go to the build tool whole
+        from dicom_node.backends import build
+
+        return build.main(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 

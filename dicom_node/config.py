@@ -12,8 +12,9 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from .dicom.series import REFUSED_IMAGE_TYPES
-from .dicom.structure import MAX_ELEMENT_MB, MAX_SEQUENCE_DEPTH
+from dicom_node.pipeline.series import REFUSED_IMAGE_TYPES
+from dicom_node.pipeline.structure import MAX_ELEMENT_MB, MAX_SEQUENCE_DEPTH
+from dicom_node.pipeline.windows import ENGINE_MARGIN_MM
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "engines" / "dense_unet.onnx"
@@ -38,7 +39,7 @@ class EngineConfig:
     local_extent_hu: float = 120.0  # ... taken down to this far above it
     metal_hu: float = 3000.0
     keep_edge_components: bool = False  # treat bright pieces cut by the volume's edge as calcium
-    margin_mm: float = 0.9  # blooming margin restored around the calcium (plan.ENGINE_MARGIN_MM)
+    margin_mm: float = ENGINE_MARGIN_MM  # blooming margin restored around the calcium
     core: int = 16  # voxels a window may restore per axis (of 32)
     mask_mode: MaskMode = "footprint"  # cube: the paper's, hiding each window's whole core
     max_pixel_mm: float = 0.8  # refuse series coarser than this in-plane

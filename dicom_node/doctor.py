@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .backends import plan as plans
+from dicom_node import __version__
+from dicom_node.backends import plan as plans
 
 PACKAGES: dict[str, tuple[str, ...]] = {  # shown name -> distribution names to try
     "pydicom": ("pydicom",),
@@ -29,7 +29,7 @@ PACKAGES: dict[str, tuple[str, ...]] = {  # shown name -> distribution names to 
 
 
 def _model(path: Path) -> dict[str, Any]:
-    from .backends.select import model_id
+    from dicom_node.backends.select import model_id
 
     out: dict[str, Any] = {"path": str(path), "found": path.is_file()}
     if not path.is_file():

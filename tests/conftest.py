@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node import phantom
+from dicom_node_lab import phantom
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -15,10 +15,10 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import Backend, BackendError
+from dicom_node.backends import Backend, BackendError
 
 if TYPE_CHECKING:
-    from .plan import Environment
+    from dicom_node.backends.plan import Environment
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
@@ -32,7 +32,7 @@ def model_id(path: str | Path) -> str:
 
 
 def _onnxruntime(model: str | Path, threads: int, batch: int) -> Backend:
-    from .onnxruntime import OnnxRuntimeBackend
+    from dicom_node.backends.onnxruntime import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(model, threads=threads, max_batch=batch)
 
@@ -49,14 +49,14 @@ def select(name: str, model: str | Path, threads: int = 0, batch: int = 8,
         raise BackendError(f"model not found: {model}")
     if name == "onnxruntime":
         return _onnxruntime(model, threads, batch), "onnxruntime (requested)"
-    from .plan import decide, probe
+    from dicom_node.backends.plan import decide, probe
 
     choice = decide(name, model, env or probe())
     if choice.error:
         raise BackendError(choice.error)
     if choice.backend == "tensorrt":
         assert choice.plan is not None
-        from .tensorrt import TensorRTBackend
+        from dicom_node.backends.tensorrt import TensorRTBackend
 
         try:
             backend: Backend = TensorRTBackend(choice.plan, max_batch=batch)

@@ -2,7 +2,7 @@
 
 Same contract as :class:`~dicom_node.backends.onnxruntime.OnnxRuntimeBackend`: float32
 ``image`` and ``mask`` [N,1,32,32,32] in, float32 ``restored`` out. The plan's network
-may run in fp16 inside, but its I/O is float32 (see ``dicom_node.model.fp16``).
+may run in fp16 inside, but its I/O is float32 (see ``dicom_node.backends.fp16``).
 
 TensorRT 10/11 API only (name-based tensors, ``execute_async_v3``); memory and streams
 through cuda-python's ``cuda.bindings.runtime``, which NVIDIA's own samples use instead
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from . import PATCH, BackendError
+from dicom_node.backends import PATCH, BackendError
 
 log = logging.getLogger(__name__)
 trt_log = logging.getLogger("tensorrt")

@@ -20,8 +20,12 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from ..config import Config, IntakeConfig
-from ..dicom.series import (
+from dicom_node.config import Config, IntakeConfig
+from dicom_node.node.jobs import JobStore
+from dicom_node.node.logs import ctx
+from dicom_node.node.metrics import Metrics
+from dicom_node.node.spool import Spool, SpoolFullError
+from dicom_node.pipeline.series import (
     CT_IMAGE_STORAGE,
     MULTIFRAME_CT_STORAGE,
     PIXEL_DATA,
@@ -33,11 +37,7 @@ from ..dicom.series import (
     sop_class,
     truncated_element,
 )
-from ..dicom.structure import structure_problem, uid_problem
-from .jobs import JobStore
-from .logs import ctx
-from .metrics import Metrics
-from .spool import Spool, SpoolFullError
+from dicom_node.pipeline.structure import structure_problem, uid_problem
 
 log = logging.getLogger("dicom_node.node.assemble")
 

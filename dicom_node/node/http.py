@@ -34,12 +34,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from ..config import HttpConfig
-from .assemble import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, Intake
-from .jobs import STATES, JobStore
-from .logs import ctx
-from .metrics import Metrics
-from .security import BearerAuth
+from dicom_node.config import HttpConfig
+from dicom_node.node.assemble import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, Intake
+from dicom_node.node.jobs import STATES, JobStore
+from dicom_node.node.logs import ctx
+from dicom_node.node.metrics import Metrics
+from dicom_node.node.security import BearerAuth
 
 log = logging.getLogger("dicom_node.node.http")
 

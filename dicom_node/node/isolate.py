@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import Config
+from dicom_node.config import Config
 
 log = logging.getLogger("dicom_node.node.isolate")
 
@@ -163,11 +163,11 @@ def _relay_and_tail(err_path: Path) -> str:
 
 
 def _child(request_path: Path) -> int:
-    from ..backends.select import select
-    from ..config import from_dict
-    from ..dicom.series import read_ct_series
-    from ..process import build_engine, process_series
-    from .logs import ctx, setup
+    from dicom_node.backends.select import select
+    from dicom_node.config import from_dict
+    from dicom_node.node.logs import ctx, setup
+    from dicom_node.pipeline.process import build_engine, process_series
+    from dicom_node.pipeline.series import read_ct_series
 
     setup()
     req = ChildRequest(**json.loads(request_path.read_text()))
@@ -189,7 +189,7 @@ def _child(request_path: Path) -> int:
             outcome = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
             outcome["outputs"] = [str(p) for p in result.outputs]
     except Exception as exc:  # noqa: BLE001 - an error is an outcome with a reason; only a crash is not
-        from .worker import disk_full
+        from dicom_node.node.worker import disk_full
 
         # A deep recursion's traceback is itself a runaway: its message is enough.
         log.error("processing failed: %s: %s", exc.__class__.__name__, str(exc)[:500],

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .jobs import JobStore
+from dicom_node.node.jobs import JobStore
 
 
 class _JobStates(Collector):

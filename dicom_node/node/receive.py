@@ -55,12 +55,12 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from ..config import NodeConfig
-from .assemble import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, Intake
-from .logs import ctx
-from .metrics import Metrics
-from .security import TlsAssociationServer, server_context
-from .send import no_delay
+from dicom_node.config import NodeConfig
+from dicom_node.node.assemble import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, Intake
+from dicom_node.node.logs import ctx
+from dicom_node.node.metrics import Metrics
+from dicom_node.node.security import TlsAssociationServer, server_context
+from dicom_node.node.send import no_delay
 
 log = logging.getLogger("dicom_node.node.receive")
 

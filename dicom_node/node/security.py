@@ -26,8 +26,8 @@ from pynetdicom.transport import ThreadedAssociationServer
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..config import ConfigError, Destination, HttpConfig, TlsConfig
-from .logs import ctx
+from dicom_node.config import ConfigError, Destination, HttpConfig, TlsConfig
+from dicom_node.node.logs import ctx
 
 log = logging.getLogger("dicom_node.node.security")
 

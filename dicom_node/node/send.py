@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pydicom
 
-from ..config import Destination
-from .logs import ctx
+from dicom_node.config import Destination
+from dicom_node.node.logs import ctx
 
 log = logging.getLogger("dicom_node.node.send")
 
@@ -62,7 +62,7 @@ def send_dimse(files: list[Path], dest: Destination, calling_ae: str, max_pdu: i
     """C-STORE every file over one association; returns how many were stored."""
     from pynetdicom import AE, evt
 
-    from .security import client_context
+    from dicom_node.node.security import client_context
 
     ae = AE(ae_title=calling_ae)
     ae.maximum_pdu_size = max_pdu

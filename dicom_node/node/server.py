@@ -12,14 +12,14 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import Config
-from .assemble import Assembler, Intake
-from .jobs import JobStore
-from .logs import ctx
-from .metrics import Metrics
-from .receive import Receiver
-from .spool import Spool
-from .worker import Workers
+from dicom_node.config import Config
+from dicom_node.node.assemble import Assembler, Intake
+from dicom_node.node.jobs import JobStore
+from dicom_node.node.logs import ctx
+from dicom_node.node.metrics import Metrics
+from dicom_node.node.receive import Receiver
+from dicom_node.node.spool import Spool
+from dicom_node.node.worker import Workers
 
 log = logging.getLogger("dicom_node.node.server")
 
@@ -48,8 +48,8 @@ class Node:
 
 def start(cfg: Config, backend_name: str | None = None) -> Node:
     """Build and start everything except the HTTP server; raises on a bad model or a busy port."""
-    from ..backends.select import model_id, select
-    from ..process import build_engine
+    from dicom_node.backends.select import model_id, select
+    from dicom_node.pipeline.process import build_engine
 
     backend, why = select(backend_name or cfg.engine.backend, cfg.engine.model, cfg.engine.threads,
                           cfg.engine.batch)
@@ -79,8 +79,8 @@ def serve(cfg: Config, backend_name: str | None = None) -> int:
     """Run the node in the foreground; returns the exit code."""
     import uvicorn
 
-    from .http import create_app, header_deadline_protocol
-    from .security import check_http, http_tokens
+    from dicom_node.node.http import create_app, header_deadline_protocol
+    from dicom_node.node.security import check_http, http_tokens
 
     tokens = http_tokens(cfg.http)  # before anything listens: an open network-facing HTTP server is refused
     for warning in check_http(cfg.http, tokens):

@@ -1,1 +1,0 @@
-"""DICOM in and out: reading series, writing derived objects."""

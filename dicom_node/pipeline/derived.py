@@ -1,0 +1,214 @@
+"""The derived "CALCIUM REMOVED" CT series, as classic single-frame CT images.
+
+Every viewer shows classic CT Image Storage, so the radiologist can open the derived
+series beside the original with the same hanging protocol. highdicom does not build
+classic CT images, so they are written with pydicom from the source slices: same
+patient, study, frame of reference, geometry and rescale, so the two series overlay
+exactly. The derived series says what it is: DERIVED image type, a description, the
+derivation code, the contributing equipment and a reference to every source image.
+
+UIDs are deterministic in the source instance and the model, so re-sending the same
+series never creates a second derived series in the archive.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import ExplicitVRLittleEndian
+
+from dicom_node import __version__
+from dicom_node.pipeline.series import MANUFACTURER, Series, sop_class
+
+DERIVATION_CODE = Code("113077", "DCM", "Volume editing")
+PROCESSING_EQUIPMENT = Code("109102", "DCM", "Processing Equipment")
+SUFFIX = " CALCIUM REMOVED"
+UNPAIRED_BODY_PARTS = {"HEART", "CHEST", "THORAX", "ABDOMEN", "PELVIS", "CHESTABDOMEN", "CHESTABDPELVIS",
+                       "ABDOMENPELVIS", "WHOLEBODY", "HEAD", "NECK", "HEADNECK", "SPINE", "CSPINE", "TSPINE",
+                       "LSPINE", "AORTA", "CORONARYARTERY", "MEDIASTINUM"}
+
+
+@dataclass
+class DerivedOptions:
+    series_number_offset: int = 1000
+    institution_name: str | None = None
+    station_name: str | None = None
+
+
+UID_NAMESPACE = uuid.UUID("5b0d3c1e-6a7f-5e0b-9f5c-64d1c0a1e0de")  # dicom-node's, fixed forever
+
+
+def derived_uid(*parts: str) -> str:
+    """A UID that depends only on its inputs, for idempotent re-processing.
+
+    A name-based (version 5) UUID in the 2.25 arc (ITU-T X.667). pydicom's
+    ``generate_uid(prefix=None, entropy_srcs=...)`` would ignore the sources and
+    return a random UUID, which is exactly what we must not do here.
+    """
+    return f"2.25.{uuid.uuid5(UID_NAMESPACE, chr(31).join([MANUFACTURER, *parts])).int}"
+
+
+def instance_uid(ds: Dataset) -> str:
+    return str(getattr(ds, "SOPInstanceUID", "") or getattr(getattr(ds, "file_meta", None),
+                                                             "MediaStorageSOPInstanceUID", "") or "")
+
+
+def source_uids(series: Series, model_id: str) -> dict[str, str]:
+    """Study/series/frame UIDs for outputs; stand-ins where an anonymiser blanked the source's."""
+    first = series.headers[0]
+    study = str(getattr(first, "StudyInstanceUID", "") or "") or derived_uid("study", series.uid)
+    frame = str(getattr(first, "FrameOfReferenceUID", "") or "") or derived_uid("frame", series.uid)
+    return {"study": study, "frame": frame, "series": derived_uid("ct", series.uid, model_id),
+            "seg_series": derived_uid("seg", series.uid, model_id), "seg": derived_uid("seg-sop", series.uid, model_id),
+            "multiframe_series": derived_uid("ct-multiframe", series.uid, model_id),
+            "multiframe": derived_uid("ct-multiframe-sop", series.uid, model_id)}
+
+
+def contributing_equipment(model_id: str, description: str) -> hd.ContributingEquipment:
+    return hd.ContributingEquipment(
+        manufacturer=MANUFACTURER, purpose_of_reference=PROCESSING_EQUIPMENT,
+        manufacturer_model_name="dicom-node calcium removal", software_versions=[__version__, model_id[:64]],
+        contribution_datetime=dt.datetime.now(), contribution_description=description[:1024])
+
+
+def _stored(hu: np.ndarray, ds: Dataset) -> np.ndarray:
+    """HU back to the source's stored values, clipped to what its pixel format can hold."""
+    slope = float(getattr(ds, "RescaleSlope", 1.0))
+    intercept = float(getattr(ds, "RescaleIntercept", 0.0))
+    bits = int(ds.BitsStored)
+    lo, hi = ((-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if int(ds.PixelRepresentation) == 1 else (0, (1 << bits) - 1))
+    return np.clip(np.round((hu - intercept) / slope), lo, hi)
+
+
+def derive_slice(src: Dataset, hu_slice: np.ndarray, changed: np.ndarray, uids: dict[str, str], model_id: str,
+                 description: str, options: DerivedOptions) -> Dataset:
+    """One derived slice: the source's stored pixels, with only the changed voxels replaced."""
+    pixels = src.pixel_array.copy()
+    if changed.any():
+        pixels[changed] = _stored(hu_slice[changed], src).astype(pixels.dtype)
+    ds = copy.deepcopy(src)
+    if not src.original_encoding[1]:  # big endian source: decode every element, then write it little endian
+        for _ in ds.iterall():  # iterating converts each raw element to a value
+            pass
+        ds.set_original_encoding(False, True)
+    ds.remove_private_tags()  # vendor tags describe the original acquisition's processing
+    for kw in ("ReferencedImageSequence", "IconImageSequence"):
+        if kw in ds:
+            del ds[kw]
+    src_uid = instance_uid(src)
+    sop_uid = derived_uid("ct-sop", src_uid, model_id)
+    now = dt.datetime.now()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = sop_class(src)
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = uids["study"]
+    ds.FrameOfReferenceUID = uids["frame"]
+    ds.SeriesInstanceUID = uids["series"]
+    ds.SeriesNumber = int(getattr(src, "SeriesNumber", 0) or 0) + options.series_number_offset
+    original = str(getattr(src, "SeriesDescription", "") or "CT")
+    ds.SeriesDescription = original[: 64 - len(SUFFIX)] + SUFFIX
+    ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+    ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
+    ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
+    ds.DerivationDescription = description[:1024]
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = (DERIVATION_CODE.value, "DCM",
+                                                                    DERIVATION_CODE.meaning)
+    ds.DerivationCodeSequence = Sequence([code])
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = ds.SOPClassUID
+    ref.ReferencedSOPInstanceUID = src_uid
+    purpose = Dataset()
+    purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = (
+        codes.DCM.SourceImageForImageProcessingOperation.value, "DCM",
+        codes.DCM.SourceImageForImageProcessingOperation.meaning)
+    ref.PurposeOfReferenceCodeSequence = Sequence([purpose])
+    ds.SourceImageSequence = Sequence([ref])
+    equipment = list(getattr(src, "ContributingEquipmentSequence", []))
+    ds.ContributingEquipmentSequence = Sequence(equipment + [contributing_equipment(model_id, description)])
+    ds.BurnedInAnnotation = "NO"
+    body_part = str(getattr(ds, "BodyPartExamined", "")).upper()
+    if "Laterality" not in ds and "ImageLaterality" not in ds and body_part not in UNPAIRED_BODY_PARTS:
+        # type 2C, required unless the part is known to be unpaired; anonymisers strip it
+        ds.Laterality = ""
+    ds.PixelData = pixels.tobytes()
+    ds["PixelData"].VR = "OW"
+    ds.BitsAllocated = 16
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    for kw in ("PlanarConfiguration", "NumberOfFrames"):
+        if kw in ds:
+            del ds[kw]
+    return ds
+
+
+def write_derived_series(series: Series, volume_hu: np.ndarray, changed: np.ndarray, out_dir: Path, model_id: str,
+                         description: str, options: DerivedOptions | None = None) -> list[Path]:
+    """Write one derived slice per source slice into ``out_dir``; returns the paths."""
+    opts = options or DerivedOptions()
+    uids = source_uids(series, model_id)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for z, f in enumerate(series.files):
+        src = pydicom.dcmread(f)
+        ds = derive_slice(src, volume_hu[z], changed[z], uids, model_id, description, opts)
+        paths.append(save_atomic(ds, out_dir / f"CT_{ds.SOPInstanceUID}.dcm"))
+    return paths
+
+
+def save_atomic(ds: Dataset, path: Path) -> Path:
+    """Write a Part-10 file under a temporary name, then rename: a sender never sees half a file."""
+    tmp = path.with_suffix(".tmp")
+    ds.save_as(tmp, enforce_file_format=True)
+    tmp.replace(path)
+    return path
+
+
+def write_multiframe(series: Series, derived: list[Path], out_dir: Path, model_id: str, uids: dict[str, str],
+                     description: str, series_number: int) -> Path:
+    """The derived series again as one Legacy Converted Enhanced CT image, in a series of its own.
+
+    Some viewers and archives handle one multi-frame object far better than hundreds of
+    slices. highdicom converts our single-frame slices; what it does not carry over, we add:
+    our ContributingEquipment (which also keeps the node from routing the object back into
+    processing) and the Source Image Evidence that a DERIVED enhanced image must list.
+    """
+    from highdicom.legacy import LegacyConvertedEnhancedCTImage
+
+    slices = [pydicom.dcmread(p) for p in derived]
+    image = LegacyConvertedEnhancedCTImage(
+        legacy_datasets=slices, series_instance_uid=uids["multiframe_series"], series_number=series_number,
+        sop_instance_uid=uids["multiframe"], instance_number=1,
+        contributing_equipment=[contributing_equipment(model_id, description)])
+    del slices
+    sources: dict[str, Dataset] = {}
+    for frame in image.PerFrameFunctionalGroupsSequence:
+        for derivation in getattr(frame, "DerivationImageSequence", []):
+            for ref in getattr(derivation, "SourceImageSequence", []):
+                item = Dataset()
+                item.ReferencedSOPClassUID = ref.ReferencedSOPClassUID
+                item.ReferencedSOPInstanceUID = ref.ReferencedSOPInstanceUID
+                sources[str(ref.ReferencedSOPInstanceUID)] = item
+    referenced_series = Dataset()
+    referenced_series.SeriesInstanceUID = series.uid
+    referenced_series.ReferencedSOPSequence = Sequence(list(sources.values()))
+    evidence = Dataset()
+    evidence.StudyInstanceUID = uids["study"]
+    evidence.ReferencedSeriesSequence = Sequence([referenced_series])
+    image.SourceImageEvidenceSequence = Sequence([evidence])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return save_atomic(image, out_dir / f"CT_MULTIFRAME_{image.SOPInstanceUID}.dcm")

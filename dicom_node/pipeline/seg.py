@@ -1,0 +1,83 @@
+"""DICOM SEG of what was removed and what was restored, built with highdicom.
+
+The derived images alone would hide where the node intervened. The SEG lets a
+viewer overlay, on the original series, the calcium that was taken out and the
+whole region whose values were replaced (calcium plus blooming margin).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from dicom_node import __version__
+from dicom_node.pipeline.derived import MANUFACTURER, contributing_equipment, instance_uid, save_atomic
+from dicom_node.pipeline.series import Series
+
+CALCIFICATION = Code("18115005", "SCT", "Pathologic calcification")
+REGION_IN_SPACE = Code("130488", "DCM", "Region in Space")
+
+
+def algorithm(model_id: str, parameters: dict[str, str]) -> hd.AlgorithmIdentificationSequence:
+    return hd.AlgorithmIdentificationSequence(name="dicom-node Dense-Unet calcium removal",
+                                              family=codes.cid7162.ArtificialIntelligence,
+                                              version=f"{__version__} {model_id}"[:64], parameters=parameters)
+
+
+def _source_headers(series: Series, uids: dict[str, str]) -> list[pydicom.Dataset]:
+    """Source headers with the UIDs the derived objects use (stand-ins where the source had none)."""
+    out = []
+    for h in series.headers:
+        h = copy.copy(h)
+        h.SOPInstanceUID = instance_uid(h)
+        if "SOPClassUID" not in h or not h.SOPClassUID:
+            h.SOPClassUID = h.file_meta.MediaStorageSOPClassUID
+        h.StudyInstanceUID = uids["study"]
+        h.FrameOfReferenceUID = uids["frame"]
+        if not getattr(h, "SeriesInstanceUID", ""):
+            h.SeriesInstanceUID = series.uid if series.uid[0].isdigit() else uids["series"]
+        out.append(h)
+    return out
+
+
+def write_seg(series: Series, calcium: np.ndarray, restored: np.ndarray, out_dir: Path, model_id: str,
+              uids: dict[str, str], parameters: dict[str, str], series_number: int) -> Path:
+    """Write a two-segment binary SEG referencing the source series; returns its path."""
+    algo = algorithm(model_id, parameters)
+    segments = [
+        hd.seg.SegmentDescription(
+            segment_number=1, segment_label="Calcium removed",
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=CALCIFICATION, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algo, anatomic_regions=[codes.SCT.CoronaryArtery]),
+        hd.seg.SegmentDescription(
+            segment_number=2, segment_label="Restored region",
+            segmented_property_category=codes.SCT.SpatialAndRelationalConcept,
+            segmented_property_type=REGION_IN_SPACE, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algo),
+    ]
+    # Only the slices that hold a segment: highdicom would otherwise expand the whole series'
+    # masks (several copies of a 600-slice volume) just to drop the empty frames again.
+    used = np.flatnonzero(calcium.any(axis=(1, 2)) | restored.any(axis=(1, 2)))
+    if used.size == 0:
+        used = np.array([0])
+    headers = _source_headers(series, uids)
+    pixels = np.stack([calcium[used], restored[used]], axis=-1).astype(np.uint8)
+    seg = hd.seg.Segmentation(
+        source_images=[headers[i] for i in used], pixel_array=pixels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=segments,
+        series_instance_uid=uids["seg_series"], series_number=series_number, sop_instance_uid=uids["seg"],
+        instance_number=1, manufacturer=MANUFACTURER, manufacturer_model_name="dicom-node calcium removal",
+        software_versions=__version__, device_serial_number="0",
+        series_description=(f"{series.description[:40]} CALCIUM REMOVED SEG").strip(),
+        content_label="CALCIUM", content_description="Calcium removed and region restored by inpainting",
+        contributing_equipment=[contributing_equipment(model_id, "calcium removal by 3D inpainting")],
+        omit_empty_frames=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return save_atomic(seg, out_dir / f"SEG_{uids['seg']}.dcm")

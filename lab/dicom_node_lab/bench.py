@@ -1,0 +1,590 @@
+"""Speed measurements. Figures go in the notes, never into timed tests.
+
+  python tools/bench.py process            # 512×512×256 phantom CTA, about 10 lesions
+  python tools/bench.py ingest             # node vs DCMTK storescp, 256 slices, one association
+  python tools/bench.py latency            # last instance in -> derived series in Orthanc
+  python tools/bench.py memory             # peak RSS of `process` on a 512×512×600 series
+  python tools/bench.py memory --isolated  # the same as a node job: a child under jobs.memory_mb
+  python tools/bench.py load               # 4 concurrent senders × 3 studies of 256 slices
+  python tools/bench.py durable-write      # ms per 512 KiB instance made durable, by method
+
+process: times `dicom-node process` end to end on a 512×512×256 phantom CTA (written
+once as DICOM into --cache), then each stage on its own: read (decode + modality LUT),
+detect, plan, infer (with windows/s), resample back, write (derived series + SEG).
+
+ingest: DCMTK storescu sends the 256 slices over one association, alternately to DCMTK
+storescp and to `dicom-node serve` (durable spool: fsync and atomic rename before each
+success), in the same run and on the same disk; reports instances/s and the ratio.
+--ceiling adds bare pynetdicom SCPs to the same run, with the node's socket settings and
+a handler that (a) answers success at once, storing nothing, (b) writes
+encoded_dataset() to a file, (c) also fsyncs it: what pynetdicom itself allows here.
+
+latency: a private Orthanc on loopback routes the study to the node (Lua OnStableSeries),
+as a hospital's would; reports the time from the node's last received instance to the
+derived series and SEG complete in Orthanc, and where it went (quiet timer, processing,
+sending). The node runs with the embedded defaults except ports and spool.
+
+memory: peak resident memory of `dicom-node process` on a 512×512×600 series, made by
+mirroring the benchmark study along z (so the calcium and anatomy are real phantom).
+The float32 HU volume alone is 600 MiB; the engine keeps only that one float copy.
+--isolated runs it as the node's workers do, in a child process watched against the default
+jobs.memory_mb and jobs.timeout_seconds, and reports the child's peak as the watcher saw it.
+
+load: four DCMTK storescu senders at once, each sending three different 256-slice studies
+(copies of the benchmark study with new UIDs) to the node, which processes them and sends
+every derived series and SEG to a private Orthanc. Reports whether every derived series
+arrived complete, throughput, p50/p95 job latency (last instance received to delivered),
+and the node's resident memory: its peak, and after each finished job, so growth with the
+number of studies shows.
+
+durable-write: what one durable 512 KiB write costs on the --cache disk: a new file with
+fsync (what the spool does, with the rename), a new file with fdatasync, and a write into
+a preallocated, already-written journal file with fdatasync or O_DSYNC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from dicom_node.config import load
+from dicom_node_lab import phantom
+from dicom_node_lab.phantom_dicom import write_phantom_series
+
+BENCH_SEED = 4711
+
+
+def bench_series(cache: Path, shape: tuple[int, int, int]) -> Path:
+    """The benchmark study as DICOM, rendered once and reused."""
+    folder = cache / f"cta-{shape[0]}x{shape[1]}x{shape[2]}-seed{BENCH_SEED}"
+    if (folder / "done").exists():
+        return folder
+    print(f"rendering a {shape[2]}×{shape[1]}×{shape[0]} phantom CTA (once; cached in {folder}) ...", flush=True)
+    opts = phantom.PhantomOptions(n_vessels=(4, 4), plaques_per_vessel=(2, 3), calcified_probability=0.8,
+                                  branch_probability=0.5, lesion_margin_mm=8.0)
+    p = phantom.generate(shape, seed=BENCH_SEED, options=opts)
+    write_phantom_series(p, folder / "series", patient_id="BENCH-0001", patient_name="Bench^Phantom")
+    (folder / "lesions.json").write_text(json.dumps([les.kind for les in p.lesions if les.calcified]))
+    (folder / "done").write_text("ok")
+    return folder
+
+
+def bench_process(args: argparse.Namespace) -> int:
+    from dicom_node.backends.select import model_id, select
+    from dicom_node.pipeline.derived import source_uids, write_derived_series
+    from dicom_node.pipeline.process import build_engine
+    from dicom_node.pipeline.seg import write_seg
+    from dicom_node.pipeline.series import load_hu, read_ct_series
+
+    shape = tuple(args.shape)
+    folder = bench_series(Path(args.cache), shape)
+    out = Path(args.cache) / "out"
+    cfg = load(args.config)
+    cmd = [sys.executable, "-m", "dicom_node.cli", "process", str(folder / "series"), str(out / "e2e"), "--quiet",
+           "--backend", "onnxruntime"] + (["--config", args.config] if args.config else [])
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    e2e = time.perf_counter() - t0
+    if done.returncode != 0:
+        print(done.stdout, done.stderr, file=sys.stderr)
+        return 1
+    stages: dict[str, float] = {}
+    t = time.perf_counter()
+    series, _ = read_ct_series([folder / "series"])
+    volume = load_hu(series[0])
+    stages["read"] = time.perf_counter() - t
+    backend, why = select("onnxruntime", cfg.engine.model, cfg.engine.threads, cfg.engine.batch)
+    engine = build_engine(cfg, backend)
+    result = engine.run(volume, series[0].spacing)
+    stages |= result.seconds
+    mid = model_id(cfg.engine.model)
+    t = time.perf_counter()
+    uids = source_uids(series[0], mid)
+    write_derived_series(series[0], volume, result.changed, out / "stages", mid, "benchmark")
+    write_seg(series[0], result.detection.calcium, result.changed, out / "stages", mid, uids, {}, 1999)
+    stages["write"] = time.perf_counter() - t
+    report = {"shape_zyx": shape, "lesions_detected": len(result.detection.lesions), "windows": result.windows,
+              "batches": result.batches, "end_to_end_s": round(e2e, 1),
+              "stages_s": {k: round(v, 2) for k, v in stages.items()},
+              "windows_per_s": round(result.windows / max(result.seconds["infer"], 1e-9), 1),
+              "backend": why, "summary_line": done.stdout.strip()}
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _peers():
+    """The integration tests' real-peer helpers (Orthanc, node process, storescu), reused as is."""
+    from dicom_node_lab import peers
+
+    return peers
+
+
+def _timed_storescu(peers, port: int, called: str, folder: Path) -> float:
+    t0 = time.perf_counter()
+    peers.storescu(("127.0.0.1", port), called, folder)
+    return time.perf_counter() - t0
+
+
+def _epoch(iso: str) -> float:
+    """Seconds since the epoch of the node's /jobs timestamps (ISO 8601, UTC, trailing Z)."""
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def _study_uid(folder: Path) -> str:
+    from pydicom import dcmread
+
+    return str(dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
+
+
+def _delivered(orthanc, study_uid: str, n: int) -> bool:
+    """True when the study in Orthanc holds exactly one complete derived CT series and one SEG."""
+    series = orthanc.study_series(study_uid)
+    derived = [s for s in series if s["MainDicomTags"].get("Modality") == "CT"
+               and "CALCIUM REMOVED" in s["MainDicomTags"].get("SeriesDescription", "")]
+    seg = [s for s in series if s["MainDicomTags"].get("Modality") == "SEG"]
+    return len(derived) == 1 and len(derived[0]["Instances"]) == n and len(seg) == 1
+
+
+def bench_ingest(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    peers = _peers()
+    folder = bench_series(Path(args.cache), tuple(args.shape)) / "series"
+    n = len(list(folder.glob("*.dcm")))
+    root = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=Path(args.cache).resolve()))
+    scp_port = peers.free_port()
+    scp_dir = root / "storescp"
+    scp_dir.mkdir()
+    scp = subprocess.Popen([peers.need("storescp"), "-aet", "STORESCP", "-od", str(scp_dir), str(scp_port)],
+                           env=peers.NODELAY, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    dicom_port, http_port = peers.free_port(), peers.free_port()
+    cfg = peers.write_node_config(root, dicom_port=dicom_port, http_port=http_port, destinations=[],
+                                  allowed=[("STORESCU", "127.0.0.1")], quiet=3600)
+    node = peers.NodeProcess(cfg, http_port, dicom_port, root / "node.log").start()
+    rates: dict[str, list[float]] = {"storescp": [], "dicom-node": []}
+    try:
+        time.sleep(1.0)
+        for _ in range(args.repeats):
+            shutil.rmtree(scp_dir, ignore_errors=True)
+            scp_dir.mkdir()
+            rates["storescp"].append(n / _timed_storescu(peers, scp_port, "STORESCP", folder))
+            shutil.rmtree(root / "spool" / "series", ignore_errors=True)
+            rates["dicom-node"].append(n / _timed_storescu(peers, dicom_port, "DICOMNODE", folder))
+        spooled = len(list((root / "spool" / "series").rglob("*.dcm")))
+    finally:
+        node.stop()
+        scp.terminate()
+        scp.wait(10)
+    if args.ceiling:
+        rates |= _bare_rates(peers, folder, root, args.repeats, n)
+    med = {k: float(sorted(v)[len(v) // 2]) for k, v in rates.items()}
+    size = next(folder.glob("*.dcm")).stat().st_size
+    report = {"instances": n, "instance_bytes": size,
+              "repeats": args.repeats, "instances_per_s": {k: [round(x, 1) for x in v] for k, v in rates.items()},
+              "median_instances_per_s": {k: round(v, 1) for k, v in med.items()},
+              "ratio_node_to_storescp": round(med["dicom-node"] / med["storescp"], 2),
+              "ratios_to_storescp": {k: round(v / med["storescp"], 2) for k, v in med.items() if k != "storescp"},
+              "spooled_last_run": spooled, "durability": "fsync + atomic rename per instance (storescp: none)"}
+    print(json.dumps(report, indent=2))
+    shutil.rmtree(root, ignore_errors=True)
+    return 0 if spooled == n else 1
+
+
+def bench_durable_write(args: argparse.Namespace) -> int:
+    import os
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="bench-fsync-", dir=Path(args.cache).resolve()))
+    data = os.urandom(525_702)  # one 512×512 CT slice as the bench series stores it
+    n = args.writes
+
+    def new_file(i: int, sync) -> None:  # noqa: ANN001 - os.fsync or os.fdatasync
+        part, final = root / f"{i}.part", root / f"{i}.dcm"
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, data)
+        os.replace(part, final)
+        sync(fd)
+        os.close(fd)
+
+    journal = root / "journal"
+    fd_j = os.open(journal, os.O_RDWR | os.O_CREAT, 0o644)
+    os.pwrite(fd_j, bytes(n * len(data)), 0)  # written once: later writes change no metadata
+    os.fsync(fd_j)
+    fd_dsync = os.open(journal, os.O_RDWR | os.O_DSYNC)
+
+    def journal_fdatasync(i: int) -> None:
+        os.pwrite(fd_j, data, i * len(data))
+        os.fdatasync(fd_j)
+
+    methods = {"new file, rename, fsync (the spool)": lambda i: new_file(i, os.fsync),
+               "new file, rename, fdatasync": lambda i: new_file(i, os.fdatasync),
+               "preallocated journal, pwrite + fdatasync": journal_fdatasync,
+               "preallocated journal, O_DSYNC pwrite": lambda i: os.pwrite(fd_dsync, data, i * len(data))}
+    report = {}
+    try:
+        for name, write in methods.items():
+            t0 = time.perf_counter()
+            for i in range(n):
+                write(i)
+            report[name] = round(1000 * (time.perf_counter() - t0) / n, 3)
+    finally:
+        os.close(fd_j)
+        os.close(fd_dsync)
+        shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps({"bytes": len(data), "writes": n, "ms_per_write": report}, indent=2))
+    return 0
+
+
+BARE_MODES = ("nothing", "write", "write+fsync")
+
+
+def bare_scp(port: int, mode: str, folder: Path) -> None:
+    """A pynetdicom storage SCP with the node's socket settings and a handler that does only ``mode``."""
+    import os
+
+    from pynetdicom import AE, evt
+    from pynetdicom.presentation import AllStoragePresentationContexts
+
+    from dicom_node.config import NodeConfig
+    from dicom_node.node.receive import TRANSFER_SYNTAXES, _BulkRequestHandler
+    from dicom_node.node.send import no_delay
+
+    def on_store(event) -> int:  # noqa: ANN001 - pynetdicom's event
+        if mode != "nothing":
+            fd = os.open(folder / f"{event.request.AffectedSOPInstanceUID}.dcm", os.O_WRONLY | os.O_CREAT, 0o644)
+            os.write(fd, event.encoded_dataset())
+            if mode == "write+fsync":
+                os.fsync(fd)
+            os.close(fd)
+        return 0x0000
+
+    ae = AE("BARE")
+    ae.maximum_pdu_size = NodeConfig().max_pdu  # the node's default
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+    ae.make_server(("127.0.0.1", port), evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_CONN_OPEN, no_delay)],
+                   request_handler=_BulkRequestHandler).serve_forever()
+
+
+def _bare_rates(peers, folder: Path, root: Path, repeats: int, n: int) -> dict[str, list[float]]:
+    import shutil
+
+    from dicom_node.node.send import _unreachable
+
+    rates: dict[str, list[float]] = {}
+    for mode in BARE_MODES:
+        port = peers.free_port()
+        out = root / f"bare-{mode}"
+        out.mkdir()
+        proc = subprocess.Popen([sys.executable, "-m", "dicom_node_lab.bench", "bare-scp", str(port), mode, str(out)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        try:
+            peers.wait_for(lambda p=port: not _unreachable("127.0.0.1", p, 1.0), 20,
+                           f"bare SCP ({mode}) on port {port}")
+            rates[f"pynetdicom, {mode}"] = []
+            for _ in range(repeats):
+                rates[f"pynetdicom, {mode}"].append(n / _timed_storescu(peers, port, "BARE", folder))
+                shutil.rmtree(out)
+                out.mkdir()
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    return rates
+
+
+def bench_latency(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    import requests
+
+    peers = _peers()
+    folder = bench_series(Path(args.cache), tuple(args.shape)) / "series"
+    n = len(list(folder.glob("*.dcm")))
+    root = Path(tempfile.mkdtemp(prefix="bench-latency-", dir=Path(args.cache).resolve()))
+    dicom_port, http_port = peers.free_port(), peers.free_port()
+    (root / "pacs").mkdir()
+    orthanc = peers.Orthanc(root / "pacs", dicom_port, http_port, "dimse")
+    cfg = peers.write_node_config(root, dicom_port=dicom_port, http_port=http_port,
+                                  destinations=[{"name": "pacs", "kind": "dimse", "host": "127.0.0.1",
+                                                 "port": orthanc.dicom_port, "ae_title": orthanc.aet}],
+                                  allowed=[("ORTHANC", "127.0.0.1")], quiet=args.quiet)
+    node = peers.NodeProcess(cfg, http_port, dicom_port, root / "node.log").start()
+    orthanc.start()
+    study_uid = _study_uid(folder)
+    try:
+        t_send = time.time()
+        peers.storescu(("127.0.0.1", orthanc.dicom_port), orthanc.aet, folder)
+        t_in_pacs = time.time()
+
+        deadline = time.time() + args.timeout
+        got = False
+        while not got and time.time() < deadline:
+            got = _delivered(orthanc, study_uid, n)
+            time.sleep(0.2)
+        t_done = time.time()
+        jobs = requests.get(f"{node.url}/jobs", timeout=5).json()
+    finally:
+        node.stop()
+        orthanc.stop()
+    if not got:
+        print(f"derived series did not arrive within {args.timeout} s; node log: {root / 'node.log'}", file=sys.stderr)
+        return 1
+    job = next(j for j in jobs if j.get("state") == "done")
+    t_last = _epoch(job["last_instance_at"])
+    report = {"instances": n, "quiet_seconds": args.quiet, "orthanc_stable_age_s": 2,
+              "storescu_to_orthanc_s": round(t_in_pacs - t_send, 1),
+              "orthanc_to_node_first_instance_s": round(_epoch(job["received_at"]) - t_in_pacs, 1),
+              "node_receive_s": round(t_last - _epoch(job["received_at"]), 1),
+              "latency_last_instance_to_derived_in_orthanc_s": round(t_done - t_last, 1),
+              "stages_s": {"quiet_timer": round(_epoch(job["queued_at"]) - t_last, 1),
+                           "queue_wait": round(_epoch(job["processing_at"]) - _epoch(job["queued_at"]), 1),
+                           "processing": round(_epoch(job["sending_at"]) - _epoch(job["processing_at"]), 1),
+                           "sending": round(_epoch(job["finished_at"]) - _epoch(job["sending_at"]), 1),
+                           "orthanc_indexed_after_send": round(t_done - _epoch(job["finished_at"]), 1)}}
+    print(json.dumps(report, indent=2, default=str))
+    shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+def tall_series(cache: Path, base_shape: tuple[int, int, int], slices: int) -> Path:
+    """The benchmark study mirrored along z to ``slices`` slices, written once."""
+    import numpy as np
+
+    from dicom_node.pipeline.series import load_hu, read_ct_series
+    from dicom_node_lab.phantom_dicom import ct_series
+
+    base = bench_series(cache, base_shape)
+    folder = cache / f"cta-{slices}x{base_shape[1]}x{base_shape[2]}-mirrored-seed{BENCH_SEED}"
+    if (folder / "done").exists():
+        return folder
+    series, _ = read_ct_series([base / "series"])
+    vol = load_hu(series[0])
+    reps = [vol if i % 2 == 0 else vol[::-1] for i in range(-(-slices // len(vol)))]
+    tall = np.concatenate(reps)[:slices]
+    del reps, vol
+    (folder / "series").mkdir(parents=True, exist_ok=True)
+    for ds in ct_series(tall, series[0].spacing, patient_id="BENCH-0002", patient_name="Bench^Tall"):
+        ds.save_as(folder / "series" / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+    (folder / "done").write_text("ok")
+    return folder
+
+
+def bench_memory(args: argparse.Namespace) -> int:
+    import resource
+    import shutil
+
+    folder = tall_series(Path(args.cache), (256, 512, 512), args.slices)
+    out = Path(args.cache) / "out" / "memory"
+    shutil.rmtree(out, ignore_errors=True)
+    if args.isolated:
+        return _memory_isolated(folder, out, args.slices)
+    cmd = [sys.executable, "-m", "dicom_node.cli", "process", str(folder / "series"), str(out), "--quiet",
+           "--backend", "onnxruntime"]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if done.returncode != 0:
+        print(done.stdout, done.stderr, file=sys.stderr)
+        return 1
+    # the largest resident set of any waited-for child: the process run is the only big one
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    volume_bytes = args.slices * 512 * 512 * 4
+    print(json.dumps({"slices": args.slices, "peak_rss_gib": round(peak / 2**30, 2),
+                      "float32_volume_gib": round(volume_bytes / 2**30, 2),
+                      "peak_over_volume": round(peak / volume_bytes, 2), "seconds": round(seconds, 1),
+                      "summary_line": done.stdout.strip()}, indent=2))
+    return 0
+
+
+def _memory_isolated(folder: Path, out: Path, slices: int) -> int:
+    """The same series as one node job: a child process under the node's default jobs.memory_mb and
+    jobs.timeout_seconds, watched as the worker watches it (does the default limit fit this series?)."""
+    import dataclasses
+    import threading
+
+    from dicom_node.backends.select import model_id
+    from dicom_node.config import Config
+    from dicom_node.node.isolate import ChildDiedError, ChildRequest, run_child
+
+    cfg = Config()
+    out.mkdir(parents=True, exist_ok=True)
+    request = ChildRequest(0, "bench", str(folder / "series"), str(out), "onnxruntime", model_id(cfg.engine.model),
+                           dataclasses.asdict(cfg))
+    t0 = time.perf_counter()
+    try:
+        result = run_child(request, out / "job", cfg.jobs.memory_mb, cfg.jobs.timeout_seconds, threading.Event())
+    except ChildDiedError as exc:
+        print(json.dumps({"slices": slices, "killed": str(exc)}, indent=2))
+        return 1
+    print(json.dumps({"slices": slices, "status": result["status"], "child_peak_rss_mb": result["peak_mb"],
+                      "limit_mb": cfg.jobs.memory_mb, "seconds": round(time.perf_counter() - t0, 1),
+                      "limit_seconds": cfg.jobs.timeout_seconds}, indent=2))
+    return 0
+
+
+def study_copies(cache: Path, base_shape: tuple[int, int, int], n: int) -> list[Path]:
+    """``n`` copies of the benchmark study, each with its own patient, study, series and SOP UIDs."""
+    from pydicom import dcmread
+    from pydicom.uid import generate_uid
+
+    base = bench_series(cache, base_shape) / "series"
+    out = []
+    for i in range(n):
+        folder = cache / "load" / f"study{i:02d}" / "series"
+        out.append(folder)
+        if (folder.parent / "done").exists():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        study, series, frame = generate_uid(), generate_uid(), generate_uid()
+        for f in sorted(base.glob("*.dcm")):
+            ds = dcmread(f)
+            sop = generate_uid()
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+            ds.PatientID, ds.PatientName = f"LOAD-{i:02d}", f"Load^{i:02d}"
+            ds.save_as(folder / f"{sop}.dcm", enforce_file_format=True)
+        (folder.parent / "done").write_text("ok")
+    return out
+
+
+def _rss_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def bench_load(args: argparse.Namespace) -> int:
+    import shutil
+    import statistics
+    import tempfile
+    import threading
+
+    import requests
+
+    peers = _peers()
+    studies = study_copies(Path(args.cache).resolve(), (256, 512, 512), args.senders * args.studies)
+    n = len(list(studies[0].glob("*.dcm")))
+    root = Path(tempfile.mkdtemp(prefix="bench-load-", dir=Path(args.cache).resolve()))
+    dicom_port, http_port = peers.free_port(), peers.free_port()
+    (root / "pacs").mkdir()
+    orthanc = peers.Orthanc(root / "pacs", dicom_port, http_port, "dimse")  # routes only ORIGINAL CT
+    cfg = peers.write_node_config(root, dicom_port=dicom_port, http_port=http_port,
+                                  destinations=[{"name": "pacs", "kind": "dimse", "host": "127.0.0.1",
+                                                 "port": orthanc.dicom_port, "ae_title": orthanc.aet}],
+                                  allowed=[("STORESCU", "127.0.0.1")], quiet=args.quiet)
+    orthanc.start()
+    node = peers.NodeProcess(cfg, http_port, dicom_port, root / "node.log").start()
+    pid = node.proc.pid
+    rss_after_job: list[tuple[int, int]] = []
+    errors: list[str] = []
+
+    def sender(k: int) -> None:
+        for folder in studies[k * args.studies:(k + 1) * args.studies]:
+            try:
+                peers.storescu(("127.0.0.1", dicom_port), "DICOMNODE", folder)
+            except BaseException as exc:  # noqa: BLE001 - reported, not raised, from a thread
+                errors.append(f"sender {k}: {exc}")
+
+    t0 = time.time()
+    threads = [threading.Thread(target=sender, args=(k,)) for k in range(args.senders)]
+    for t in threads:
+        t.start()
+    done: list[dict] = []
+    try:
+        deadline = t0 + args.timeout
+        while time.time() < deadline:
+            jobs = requests.get(f"{node.url}/jobs", timeout=10).json()
+            finished = [j for j in jobs if j["state"] in ("done", "failed")]
+            if len(finished) > len(done):
+                rss_after_job.append((len(finished), _rss_kib(pid, "VmRSS")))
+                done = finished
+            if len(done) >= len(studies) and not any(t.is_alive() for t in threads):
+                break
+            time.sleep(1.0)
+        t_end = time.time()
+        peak_kib = _rss_kib(pid, "VmHWM")
+        for t in threads:
+            t.join()
+        delivered = sum(_delivered(orthanc, _study_uid(folder), n) for folder in studies)
+    finally:
+        node.stop()
+        orthanc.stop()
+    latencies = sorted(_epoch(j["finished_at"]) - _epoch(j["last_instance_at"]) for j in done if j["state"] == "done")
+    p95 = latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))] if latencies else None
+    report = {"senders": args.senders, "studies_per_sender": args.studies, "instances_per_study": n,
+              "quiet_seconds": args.quiet, "jobs_done": sum(j["state"] == "done" for j in done),
+              "jobs_failed": sum(j["state"] == "failed" for j in done),
+              "failure_reasons": sorted({j["reason"] for j in done if j["state"] == "failed"}),
+              "derived_series_complete_in_orthanc": f"{delivered} of {len(studies)}", "sender_errors": errors,
+              "wall_s": round(t_end - t0, 1),
+              "throughput_studies_per_min": round(60 * len(done) / max(t_end - t0, 1e-9), 2),
+              "throughput_instances_per_s": round(len(studies) * n / max(t_end - t0, 1e-9), 1),
+              "job_latency_s": {"p50": round(statistics.median(latencies), 1) if latencies else None,
+                                "p95": round(p95, 1) if p95 is not None else None},
+              "node_peak_rss_gib": round(peak_kib / 2**20, 2),
+              "node_rss_gib_after_jobs": [(k, round(v / 2**20, 2)) for k, v in rss_after_job]}
+    print(json.dumps(report, indent=2))
+    ok = delivered == len(studies) and not errors
+    if ok:
+        shutil.rmtree(root, ignore_errors=True)
+    else:
+        print(f"kept for inspection: {root}", file=sys.stderr)
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    pr = sub.add_parser("process", help="time dicom-node process on a 512×512×256 phantom CTA")
+    pr.add_argument("--shape", type=int, nargs=3, default=[256, 512, 512], metavar=("Z", "Y", "X"))
+    pr.add_argument("--cache", default="runs/bench")
+    pr.add_argument("--config", default=None)
+    for name, text in (("ingest", "C-STORE ingest: dicom-node vs DCMTK storescp, same run"),
+                       ("latency", "last instance received -> derived series and SEG stored in Orthanc")):
+        sp = sub.add_parser(name, help=text)
+        sp.add_argument("--shape", type=int, nargs=3, default=[256, 512, 512], metavar=("Z", "Y", "X"))
+        sp.add_argument("--cache", default="runs/bench")
+        if name == "ingest":
+            sp.add_argument("--repeats", type=int, default=3)
+            sp.add_argument("--ceiling", action="store_true", help="also time bare pynetdicom SCPs in the same run")
+        else:
+            sp.add_argument("--quiet", type=float, default=15.0, help="the node's quiet time (default: the default)")
+            sp.add_argument("--timeout", type=float, default=600.0)
+    mem = sub.add_parser("memory", help="peak RSS of process on a 512×512×600 series")
+    mem.add_argument("--slices", type=int, default=600)
+    mem.add_argument("--cache", default="runs/bench")
+    mem.add_argument("--isolated", action="store_true", help="as a node job: a child under the default limits")
+    ld = sub.add_parser("load", help="4 concurrent senders × 3 studies of 256 slices, through to Orthanc")
+    ld.add_argument("--senders", type=int, default=4)
+    ld.add_argument("--studies", type=int, default=3, help="studies per sender")
+    ld.add_argument("--quiet", type=float, default=15.0, help="the node's quiet time (default: the default)")
+    ld.add_argument("--timeout", type=float, default=1500.0)
+    ld.add_argument("--cache", default="runs/bench")
+    dw = sub.add_parser("durable-write", help="ms per durable 512 KiB write, by method, on the --cache disk")
+    dw.add_argument("--writes", type=int, default=200)
+    dw.add_argument("--cache", default="runs/bench")
+    bare = sub.add_parser("bare-scp", help=argparse.SUPPRESS)  # run by ingest --ceiling
+    bare.add_argument("port", type=int)
+    bare.add_argument("mode", choices=BARE_MODES)
+    bare.add_argument("folder", type=Path)
+    args = ap.parse_args(argv)
+    if args.cmd == "bare-scp":
+        bare_scp(args.port, args.mode, args.folder)
+        return 0
+    modes = {"process": bench_process, "ingest": bench_ingest, "latency": bench_latency, "memory": bench_memory,
+             "load": bench_load, "durable-write": bench_durable_write}
+    return modes[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Tests of the lab (dicom_node_lab): phantom, training, experiments."""

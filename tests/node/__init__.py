@@ -1,0 +1,1 @@
+"""Tests of dicom_node.node."""

@@ -1,0 +1,78 @@
+"""The node's settings: config.toml documents the embedded defaults, and bad peers fail at load time."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from dicom_node.config import Config, ConfigError, load
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_config_toml_matches_the_embedded_defaults() -> None:
+    from_file, embedded = load(REPO / "config.toml"), Config()
+    from_file.spool.dir = embedded.spool.dir  # the file's relative path resolves beside it
+    assert from_file.node == embedded.node
+    assert from_file.http == embedded.http and from_file.jobs == embedded.jobs
+    assert from_file.spool == embedded.spool and from_file.destinations == embedded.destinations == []
+
+
+def test_destinations_and_allowlist_parse(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text("""
+[node]
+ae_title = "CALCNODE"
+[[node.allowed]]
+ae_title = "PACS"
+host = "10.0.0.5"
+[spool]
+dir = "var/spool"
+[[destinations]]
+name = "archive"
+ae_title = "PACS"
+host = "10.0.0.5"
+port = 4242
+[[destinations]]
+name = "web"
+kind = "stow"
+url = "https://pacs/dicom-web"
+token = "s3cret"
+""")
+    cfg = load(cfg_file)
+    assert cfg.node.ae_title == "CALCNODE" and [(p.ae_title, p.host) for p in cfg.node.allowed] == [("PACS",
+                                                                                                      "10.0.0.5")]
+    assert [(d.name, d.kind) for d in cfg.destinations] == [("archive", "dimse"), ("web", "stow")]
+    assert cfg.destinations[1].token == "s3cret" and cfg.destinations[0].port == 4242
+    assert cfg.spool.dir == str((tmp_path / "var" / "spool").resolve())
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[[destinations]]\nname = "a"\nkind = "dimse"\nhost = "h"\n', "needs ae_title"),
+    ('[[destinations]]\nname = "a"\nkind = "ftp"\n', "kind must be"),
+    ('[[destinations]]\nname = "a"\nkind = "stow"\nurl = "http://x"\n[[destinations]]\nname = "a"\nkind = "stow"\n'
+     'url = "http://y"\n', "duplicate name"),
+    ('[[destinations]]\nname = "a"\nkind = "stow"\nurl = "http://x"\ncolour = "red"\n', "unknown setting 'colour'"),
+    ('[[node.allowed]]\nae_title = "X"\n', "ae_title and host"),
+    ('[jobs]\nworkers = 0\n', "at least 1"),
+    ('[node]\nallowed = "everyone"\n', "must be an array"),
+])
+def test_bad_node_settings_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load(f)
+
+
+@pytest.mark.parametrize(("table", "line", "key"), [
+    ("engine", 'backend = "gpu"', "engine.backend"), ("engine", 'mask_mode = "paper"', "engine.mask_mode"),
+    ("spool", 'durability = "fast"', "spool.durability"),
+    ("destinations", 'name = "x"\nkind = "ftp"\nurl = "http://127.0.0.1:1"', "destinations[0].kind"),
+])
+def test_a_word_outside_its_choices_is_refused_at_load_naming_the_key(tmp_path, table, line, key) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(f"[{'[destinations]' if table == 'destinations' else table}]\n{line}\n")
+    with pytest.raises(ConfigError, match=re.escape(key) + " must be one of"):
+        load(path)

@@ -1,0 +1,326 @@
+"""The node's durable core without peers: spool, job states, quiet timer, intake rules, sending and retries."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+
+from dicom_node.config import Config, Destination
+from dicom_node.node.assemble import OUT_OF_RESOURCES, SUCCESS, Assembler, Intake, apply_retention
+from dicom_node.node.jobs import JobStore
+from dicom_node.node.metrics import Metrics
+from dicom_node.node.spool import Spool, safe_name
+from dicom_node.node.worker import Workers, input_fingerprint
+from dicom_node.pipeline.derived import MANUFACTURER
+from dicom_node_lab import phantom
+from dicom_node_lab.peers import free_port
+from dicom_node_lab.phantom_dicom import ct_series
+
+
+@pytest.fixture(scope="module")
+def slices() -> list[Dataset]:
+    p = phantom.generate((6, 32, 32), seed=3)
+    return ct_series(p.image, p.spacing)
+
+
+def _encode(ds: Dataset, tmp: Path) -> bytes:
+    path = tmp / "x.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path.read_bytes()
+
+
+class Parts:
+    def __init__(self, root: Path, **jobs: Any) -> None:
+        self.cfg = Config()
+        self.cfg.spool.dir = str(root / "spool")
+        self.cfg.spool.min_free_mb = 0
+        for k, v in jobs.items():
+            setattr(self.cfg.jobs, k, v)
+        self.spool = Spool(self.cfg.spool.dir)
+        self.store = JobStore(self.spool.db_path)
+        self.metrics = Metrics(self.store)
+        self.intake = Intake(self.spool, self.store, self.metrics)
+        self.wake = threading.Event()
+
+    def workers(self) -> Workers:
+        # Sending and queue handling need no engine; processing tests use the real one elsewhere.
+        return Workers(self.cfg, self.spool, self.store, self.metrics, "onnxruntime", "model sha256:0",
+                       self.wake)
+
+
+@pytest.fixture
+def parts(tmp_path: Path) -> Parts:
+    p = Parts(tmp_path)
+    yield p
+    p.store.close()
+
+
+def test_spool_writes_atomically_and_names_safely(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s")
+    (spool.root / "tmp" / "stale.part").write_bytes(b"half")
+    spool = Spool(tmp_path / "s")  # a restart drops unacknowledged partial writes
+    assert list((spool.root / "tmp").iterdir()) == []
+    path = spool.write_instance("1.2.3", "1.2.3.4", b"abc")
+    assert path.read_bytes() == b"abc" and path.parent.name == "1.2.3"
+    assert spool.write_instance("1.2.3", "1.2.3.4", b"new").read_bytes() == b"new"  # re-sent: replaced
+    assert safe_name("../../etc") != "../../etc" and "/" not in safe_name("a/b")
+    assert list((spool.root / "tmp").iterdir()) == []
+
+
+def test_spool_full_answers_out_of_resources(tmp_path: Path, slices: list[Dataset]) -> None:
+    p = Parts(tmp_path)
+    p.spool.min_free = 1 << 62  # more than any disk has
+    result = p.intake.accept(_encode(slices[0], tmp_path), slices[0], "dimse")
+    assert result.status == OUT_OF_RESOURCES
+    assert p.store.list() == []
+
+
+def test_intake_counts_ct_and_only_stores_the_rest(parts: Parts, tmp_path: Path, slices: list[Dataset]) -> None:
+    for ds in slices:
+        assert parts.intake.accept(_encode(ds, tmp_path), ds, "dimse").status == SUCCESS
+    jobs = parts.store.list()
+    assert len(jobs) == 1 and jobs[0].instances == len(slices) and jobs[0].state == "received"
+
+    ours = copy.deepcopy(slices[0])
+    ours.SeriesInstanceUID = pydicom.uid.generate_uid()
+    item = Dataset()
+    item.Manufacturer = MANUFACTURER
+    ours.ContributingEquipmentSequence = [item]
+    derived = copy.deepcopy(slices[1])
+    derived.SeriesInstanceUID = pydicom.uid.generate_uid()
+    derived.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+    other = copy.deepcopy(slices[2])
+    other.SeriesInstanceUID = pydicom.uid.generate_uid()
+    other.Modality = "MR"
+    for ds, why in ((ours, "our own output"), (derived, "DERIVED"), (other, "not a CT image")):
+        result = parts.intake.accept(_encode(ds, tmp_path), ds, "dimse")
+        assert result.status == SUCCESS and why in result.reason
+        assert parts.spool.series_files(ds.SeriesInstanceUID), "stored even without a job"
+    assert len(parts.store.list()) == 1
+
+
+def test_quiet_timer_and_a_growing_series_gets_a_new_job(parts: Parts, tmp_path: Path,
+                                                         slices: list[Dataset]) -> None:
+    parts.cfg.jobs.quiet_seconds = 10
+    asm = Assembler(parts.cfg, parts.spool, parts.store, parts.metrics, parts.wake)
+    t0 = time.time()
+    for ds in slices[:3]:
+        parts.intake.accept(_encode(ds, tmp_path), ds, "dimse")
+    asm.tick(t0 + 5)
+    assert parts.store.list()[0].state == "received"
+    asm.tick(t0 + 11)
+    assert parts.store.list()[0].state == "queued" and parts.wake.is_set()
+    parts.intake.accept(_encode(slices[2], tmp_path), slices[2], "dimse")  # a late (re-sent) instance
+    first = parts.store.list()[0]
+    assert first.state == "received" and first.instances == 4, "queued but not started: it waits again"
+    asm.tick(time.time() + 11)
+    first = parts.store.list()[0]
+    assert first.state == "queued" and len(parts.store.list()) == 1
+    claimed = parts.store.claim()
+    assert claimed is not None and claimed.id == first.id and claimed.state == "processing"
+    assert parts.store.claim() is None  # never handed out twice
+    for ds in slices[3:]:
+        parts.intake.accept(_encode(ds, tmp_path), ds, "dimse")
+    jobs = parts.store.list()
+    assert [j.state for j in jobs] == ["received", "processing"] and jobs[0].instances == len(slices) - 3
+    assert jobs[0].id != first.id
+
+
+def test_restart_requeues_processing_and_resumes_sending(parts: Parts, tmp_path: Path,
+                                                         slices: list[Dataset]) -> None:
+    parts.intake.accept(_encode(slices[0], tmp_path), slices[0], "dimse")
+    parts.store.queue_quiet(0, time.time() + 1)
+    job = parts.store.claim()
+    assert job is not None
+    parts.store.close()  # "crash" while processing
+    store = JobStore(parts.spool.db_path)
+    resumed = store.recover()
+    assert [(j.id, j.state) for j in resumed] == [(job.id, "queued")]
+    again = store.claim()
+    assert again is not None and again.id == job.id
+    store.to_sending(job.id, ["/nonexistent"], "2.25.1", "sending")
+    sending = store.claim()
+    assert sending is not None and sending.state == "sending" and store.claim() is None
+    store.close()
+    store = JobStore(parts.spool.db_path)  # crash while sending: unclaimed, handed out once more
+    store.recover()
+    assert store.claim().id == job.id and store.claim() is None
+    store.close()
+
+
+class StoreSCP:
+    """A minimal archive: a pynetdicom storage SCP that records what it receives."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.received: list[str] = []
+        self.ae = AE(ae_title="ARCHIVE")
+        self.ae.supported_contexts = AllStoragePresentationContexts
+
+    def _store(self, event: evt.Event) -> int:
+        self.received.append(str(event.dataset.SOPInstanceUID))
+        return 0x0000
+
+    def __enter__(self) -> StoreSCP:
+        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False,
+                                           evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+
+
+def _job_with_outputs(parts: Parts, tmp_path: Path, slices: list[Dataset]) -> int:
+    outs = []
+    for ds in slices:
+        path = tmp_path / "out" / f"{ds.SOPInstanceUID}.dcm"
+        path.parent.mkdir(exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        outs.append(str(path))
+    job_id, _ = parts.store.note_instance("1.2.3", "1.2", "d")
+    parts.store.queue_quiet(0, time.time() + 1)
+    parts.store.claim()
+    parts.store.to_sending(job_id, outs, "2.25.9", "sending")
+    return job_id
+
+
+def test_send_delivers_once_per_destination(parts: Parts, tmp_path: Path, slices: list[Dataset]) -> None:
+    with StoreSCP() as a, StoreSCP() as b:
+        parts.cfg.destinations = [Destination(name="a", ae_title="ARCHIVE", host="127.0.0.1", port=a.port),
+                                  Destination(name="b", ae_title="ARCHIVE", host="127.0.0.1", port=b.port)]
+        job_id = _job_with_outputs(parts, tmp_path, slices)
+        w = parts.workers()
+        # "a" already has the outputs (an earlier attempt): it must not get them twice.
+        parts.store.set_deliveries(job_id, {"a": {"state": "done"}})
+        assert w.run_one()
+        job = parts.store.get(job_id)
+        assert job.state == "done", job.reason
+        assert a.received == [] and sorted(b.received) == sorted(ds.SOPInstanceUID for ds in slices)
+        assert job.deliveries["b"]["state"] == "done"
+
+
+def test_send_retries_with_backoff_then_fails(parts: Parts, tmp_path: Path, slices: list[Dataset]) -> None:
+    parts.cfg.jobs.retries = 2
+    parts.cfg.jobs.backoff_seconds = 0.2
+    parts.cfg.destinations = [Destination(name="down", ae_title="NOBODY", host="127.0.0.1", port=free_port(),
+                                          timeout_seconds=2)]
+    job_id = _job_with_outputs(parts, tmp_path, slices[:2])
+    w = parts.workers()
+    waits = []
+    for attempt in range(1, 4):
+        assert w.run_one()
+        job = parts.store.get(job_id)
+        if attempt <= 2:
+            assert job.state == "sending" and job.attempts == attempt
+            waits.append(job.next_attempt_at - time.time())
+            assert not w.run_one()  # not due yet
+            parts.store._update(job_id, next_attempt_at=0)
+    job = parts.store.get(job_id)
+    assert job.state == "failed" and "after 3 attempts" in job.reason and "down" in job.reason
+    assert 0.1 < waits[0] <= 0.2 + 0.05 and 0.3 < waits[1] <= 0.4 + 0.05  # doubling
+    assert all(Path(p).is_file() for p in job.outputs), "a failed job keeps its files"
+
+
+def test_retention_purges_done_jobs_only(parts: Parts, tmp_path: Path, slices: list[Dataset]) -> None:
+    for ds in slices:
+        parts.intake.accept(_encode(ds, tmp_path), ds, "dimse")
+    uid = slices[0].SeriesInstanceUID
+    job = parts.store.list()[0]
+    parts.store.finish(job.id, "done", "ok")
+    parts.spool.out_dir(job.id).mkdir(parents=True)
+    parts.cfg.spool.keep_days = 1
+    apply_retention(parts.cfg, parts.spool, parts.store, time.time())
+    assert parts.spool.series_files(uid), "younger than keep_days"
+    apply_retention(parts.cfg, parts.spool, parts.store, time.time() + 2 * 86400)
+    assert not parts.spool.series_files(uid) and not parts.spool.out_dir(job.id).exists()
+    assert parts.store.get(job.id).purged
+
+
+def test_fingerprint_ignores_who_sent_it(tmp_path: Path, slices: list[Dataset]) -> None:
+    cfg = Config()
+    a, b = tmp_path / "a.dcm", tmp_path / "b" / "a.dcm"
+    b.parent.mkdir()
+    ds = copy.deepcopy(slices[0])
+    ds.save_as(a, enforce_file_format=True)
+    ds.file_meta.SourceApplicationEntityTitle = "SOMEONE"
+    ds.save_as(b, enforce_file_format=True)
+    assert a.read_bytes() != b.read_bytes()
+    assert input_fingerprint([a], "m", cfg) == input_fingerprint([b], "m", cfg)
+    assert input_fingerprint([a], "m", cfg) != input_fingerprint([a], "other model", cfg)
+
+
+def test_purge_after_delivery(parts: Parts, tmp_path: Path, slices: list[Dataset]) -> None:
+    for ds in slices:
+        parts.intake.accept(_encode(ds, tmp_path), ds, "dimse")
+    uid = slices[0].SeriesInstanceUID
+    job = parts.store.list()[0]
+    parts.store.queue_quiet(0, time.time() + 1)
+    parts.store.claim()
+    out = parts.spool.out_dir(job.id) / "derived"
+    out.mkdir(parents=True)
+    files = []
+    for ds in slices[:2]:
+        ds.save_as(out / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+        files.append(str(out / f"{ds.SOPInstanceUID}.dcm"))
+    parts.store.to_sending(job.id, files, "2.25.1", "sending")
+    parts.cfg.spool.purge_after_delivery = True
+    with StoreSCP() as archive:
+        parts.cfg.destinations = [Destination(name="a", ae_title="ARCHIVE", host="127.0.0.1", port=archive.port)]
+        assert parts.workers().run_one()
+        assert len(archive.received) == 2
+    done = parts.store.get(job.id)
+    assert done.state == "done" and done.purged
+    assert not parts.spool.series_files(uid) and not parts.spool.out_dir(job.id).exists()
+
+
+def test_node_trouble_hands_the_job_back(parts: Parts, tmp_path: Path, slices: list[Dataset],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk is no fault of the job's: it waits (no attempt counted) instead of failing or staying claimed."""
+    import errno
+    import sqlite3
+
+    parts.cfg.jobs.backoff_seconds = 5
+    parts.cfg.destinations = [Destination(name="a", ae_title="ARCHIVE", host="127.0.0.1", port=free_port(),
+                                          timeout_seconds=2)]
+    job_id = _job_with_outputs(parts, tmp_path, slices[:2])
+    w = parts.workers()
+
+    def full(*args: Any, **kw: Any) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+    with monkeypatch.context() as m:
+        m.setattr(parts.store, "set_deliveries", full)
+        assert w.run_one()
+    job = parts.store.get(job_id)
+    assert (job.state, job.claimed, job.attempts) == ("sending", 0, 0) and "disk full" in job.reason, job
+    assert parts.store.claim() is None and parts.store.claim(time.time() + 6).id == job_id
+
+    parts.intake.accept(_encode(slices[0], tmp_path), slices[0], "dimse")
+    queued = parts.store.queue_quiet(0, time.time() + 1)[0]
+
+    def no_space(job: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(w, "process", no_space)
+    assert w.run_one()
+    job = parts.store.get(queued.id)
+    assert (job.state, job.claimed) == ("queued", 0) and "disk full" in job.reason, job
+    assert parts.store.claim() is None, "claimed again before the pause"
+    assert parts.store.claim(time.time() + 6).id == queued.id
+
+
+def test_restart_gives_a_series_still_arriving_a_fresh_quiet_time(parts: Parts, tmp_path: Path,
+                                                                  slices: list[Dataset]) -> None:
+    """The time a node was down is no silence of the sender's: after a crash it waits for the retry."""
+    t0 = time.time()
+    parts.store.note_instance(slices[0].SeriesInstanceUID, "1.2", "d", now=t0)
+    assert [j.state for j in parts.store.recover(now=t0 + 100)] == ["received"]
+    assert parts.store.queue_quiet(10, now=t0 + 105) == []
+    assert [j.state for j in parts.store.queue_quiet(10, now=t0 + 111)] == ["queued"]

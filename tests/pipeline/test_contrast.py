@@ -1,0 +1,90 @@
+"""Faint calcium found against its own vessel's contrast (dicom_node.pipeline.contrast, detect's local options)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from dicom_node.pipeline.contrast import local_lumen_level
+from dicom_node.pipeline.detect import DetectOptions, detect
+from dicom_node_lab import (
+    evaluate,  # Experiment 2's phantom settings
+    phantom,
+)
+
+SPACING = (0.47, 0.47, 0.47)
+SHAPE = (64, 48, 96)
+THRESHOLD_ONLY = DetectOptions(local_contrast_hu=0.0)
+
+
+def _vessels(deposit_hu: float | None, noise_sd: float = 15.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two parallel vessels along z: a dim one (350 HU) with an optional eccentric calcified deposit
+    (a quarter arc in its wall), and a bright one (600 HU) 48 voxels to the side.
+
+    Returns the blurred, noisy HU volume and the deposit's voxels.
+    """
+    z, y, x = np.indices(SHAPE)
+    vol = np.full(SHAPE, 40.0, np.float32)
+    r_dim = np.hypot(y - 24, x - 24)
+    vol[r_dim <= 4.0] = 350.0
+    vol[np.hypot(y - 24, x - 72) <= 4.0] = 600.0
+    deposit = (r_dim > 4.5) & (r_dim <= 6.0) & (np.abs(z - 32) <= 4) & (np.abs(np.arctan2(y - 24, x - 24)) <= np.pi / 4)
+    if deposit_hu is not None:
+        vol[deposit] = deposit_hu
+    vol = ndimage.gaussian_filter(vol, 0.8)
+    vol += np.random.default_rng(seed).normal(0.0, noise_sd, SHAPE).astype(np.float32)
+    return vol, deposit
+
+
+@pytest.mark.parametrize("crop", [(64, 48, 96), (63, 47, 95)])  # odd sizes leave partial coarse cells
+def test_the_level_follows_each_vessel_not_the_study(crop):
+    vol, deposit = _vessels(900.0)
+    vol = vol[:crop[0], :crop[1], :crop[2]]
+    level = local_lumen_level(vol, SPACING)
+    # coarse cells are 2 voxels: the centre of each vessel, away from the deposit
+    assert abs(level[8, 12, 12] - 350.0) < 40.0
+    assert abs(level[8, 12, 36] - 600.0) < 60.0
+    found = detect(vol, SPACING).calcium
+    assert found.shape == vol.shape and found.any()
+
+
+def test_a_deposit_below_the_threshold_is_found_when_it_stands_out_from_its_lumen():
+    vol, deposit = _vessels(900.0)
+    assert vol[deposit].max() < 700.0  # blurred below the paper's threshold: the fixed threshold misses it
+    assert not detect(vol, SPACING, THRESHOLD_ONLY).calcium.any()
+    det = detect(vol, SPACING)  # on by default
+    assert det.lesions
+    found = det.calcium
+    assert found.sum() >= 10 and not (found & ~ndimage.binary_dilation(deposit)).any()
+    assert not found[:, :, 48:].any()  # the 600 HU vessel is brighter than the deposit, and is not calcium
+
+
+def test_no_calcium_no_detection_in_noisy_contrast():
+    """Noise in contrast is not calcium: each vessel is compared with its own level, not the study's."""
+    for seed in range(4):
+        vol, _ = _vessels(None, noise_sd=45.0, seed=seed)
+        det = detect(vol, SPACING)  # the defaults: local_contrast_hu 200, local_extent_hu 120
+        assert not det.calcium.any(), det.lesions
+
+
+def test_faint_parts_of_calcium_the_threshold_finds_are_left_to_the_threshold():
+    """Taking a found deposit's faint flanks as calcium widened masks and read stenoses worse."""
+    vol, deposit = _vessels(900.0)
+    vol[30:35, 22:27, 28:31] += 600.0  # a bright piece of the deposit: the threshold finds it
+    base = detect(vol, SPACING, THRESHOLD_ONLY)
+    local = detect(vol, SPACING)
+    assert len(base.lesions) == 1
+    assert (local.calcium & base.calcium).sum() == base.calcium.sum()
+    lab, _ = ndimage.label(local.calcium, structure=np.ones((3, 3, 3)))
+    found = np.unique(lab[base.calcium])
+    assert np.array_equal(np.isin(lab, found), base.calcium), "the found deposit is not grown"
+
+
+def test_where_a_dim_vessel_meets_a_brighter_one_the_brighter_lumen_is_not_calcium():
+    """Experiment 2 tuning study 4040012152: where a 600 HU branch joins a 390 HU vessel, the
+    branch's lumen stood 230 HU above the dim vessel's level and was taken for calcium."""
+    p = phantom.generate(evaluate.EXP2_SHAPE, seed=4040012152, options=evaluate.EXP2_OPTIONS)
+    det = detect(p.image, p.spacing)
+    near_calcium = ndimage.binary_dilation(p.calcium_fraction > 0.05)
+    assert det.lesions and not (det.calcium & ~near_calcium).any()

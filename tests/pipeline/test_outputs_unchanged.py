@@ -1,0 +1,73 @@
+"""The derived series and SEG of a fixed phantom study, recorded as one digest: a refactoring that changes
+a single written value (detection, windows, resampling, the writers) fails here.
+
+The backend is a deterministic stand-in (numpy, no ONNX Runtime), so the digest does not depend on the
+CPU's floating-point kernels; dates and times of writing are left out, everything else is in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from dicom_node.config import Config
+from dicom_node.pipeline.process import build_engine, process_series
+from dicom_node.pipeline.series import read_ct_series
+from dicom_node_lab.phantom import generate
+from dicom_node_lab.phantom_dicom import ct_series
+
+# Recorded before the product/lab split (commit 098424a), with the code as it was then.
+RECORDED = "c3237825549659beccf03c41dbf73b9264323e47e0b2062e844afdaf0797f323"
+TIMES = {"DA", "TM", "DT"}
+DIMENSION_ORGANIZATION_UID = 0x00209164  # highdicom draws it at random for each SEG: no identity of ours
+
+
+class ShiftBackend:
+    """Lowers every masked voxel by a fixed amount, as a restoration would (deterministic in numpy)."""
+
+    name = "shift"
+    max_batch = 4
+
+    def run(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return np.where(mask > 0.5, image - 300.0, image).astype(np.float32)
+
+
+def study(folder: Path) -> Path:
+    p = generate((48, 96, 96), seed=2)
+    folder.mkdir(parents=True)
+    for i, ds in enumerate(ct_series(p.image, p.spacing, study_uid="1.2.826.0.1.3680043.8.498.1",
+                                     series_uid="1.2.826.0.1.3680043.8.498.2")):
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.3680043.8.498.3.{i + 1}"
+        ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.8.498.4"
+        ds.save_as(folder / f"{i:03d}.dcm", enforce_file_format=True)
+    return folder
+
+
+def digest(out: Path) -> str:
+    """Every element of every file written (paths, tags, values, pixels), dates, times and highdicom's
+    random Dimension Organization UID aside."""
+    h = hashlib.sha256()
+    for f in sorted(out.rglob("*")):
+        if not f.is_file():
+            continue
+        h.update(str(f.relative_to(out)).encode())
+        ds = pydicom.dcmread(f)
+        for elem in ds.iterall():
+            if elem.VR in TIMES or elem.VR == "SQ" or elem.tag == DIMENSION_ORGANIZATION_UID:
+                continue
+            value = elem.value if not isinstance(elem.value, bytes) else hashlib.sha256(elem.value).hexdigest()
+            h.update(f"{elem.tag}{elem.VR}{value!r}".encode())
+    return h.hexdigest()
+
+
+@pytest.mark.slow
+def test_process_writes_what_it_wrote_before(tmp_path: Path) -> None:
+    [series], _ = read_ct_series([study(tmp_path / "in")])
+    cfg = Config()
+    outcome = process_series(series, tmp_path / "out", cfg, build_engine(cfg, ShiftBackend()), "shift sha256:0")
+    assert outcome.status == "done" and outcome.voxels_changed > 0 and len(outcome.outputs) == 49
+    assert digest(tmp_path / "out") == RECORDED

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: peers on loopback, a TensorRT stand-in."""
