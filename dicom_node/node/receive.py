@@ -56,7 +56,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_node.config import NodeConfig
-from dicom_node.node.assemble import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, Intake
+from dicom_node.node.intake import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, Intake
 from dicom_node.node.logs import ctx
 from dicom_node.node.metrics import Metrics
 from dicom_node.node.security import TlsAssociationServer, server_context

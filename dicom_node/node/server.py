@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from dicom_node.config import Config
-from dicom_node.node.assemble import Assembler, Intake
+from dicom_node.node.completion import CompletionTimer
+from dicom_node.node.intake import Intake
 from dicom_node.node.jobs import JobStore
 from dicom_node.node.logs import ctx
 from dicom_node.node.metrics import Metrics
@@ -34,15 +35,15 @@ class Node:
     metrics: Metrics
     intake: Intake
     receiver: Receiver
-    assembler: Assembler
+    completion: CompletionTimer
     workers: Workers
     info: dict[str, Any]
 
     def stop(self) -> None:
         self.receiver.stop()
-        self.assembler.stop.set()
+        self.completion.stop.set()
         self.workers.shutdown()
-        self.assembler.join(5)
+        self.completion.join(5)
         self.store.close()
 
 
@@ -64,15 +65,15 @@ def start(cfg: Config, backend_name: str | None = None) -> Node:
     intake = Intake(spool, store, metrics, cfg.intake)
     wake = threading.Event()
     workers = Workers(cfg, spool, store, metrics, backend.name, mid, wake)
-    assembler = Assembler(cfg, spool, store, metrics, wake)
+    completion = CompletionTimer(cfg, spool, store, metrics, wake)
     receiver = Receiver(cfg.node, intake, metrics)
     receiver.start()
     workers.start()
-    assembler.start()
+    completion.start()
     info = {"ae_title": cfg.node.ae_title, "dicom_port": cfg.node.port, "http_port": cfg.http.port,
             "backend": why, "model": mid, "spool": str(spool.root),
             "destinations": [d.name for d in cfg.destinations]}
-    return Node(cfg, spool, store, metrics, intake, receiver, assembler, workers, info)
+    return Node(cfg, spool, store, metrics, intake, receiver, completion, workers, info)
 
 
 def serve(cfg: Config, backend_name: str | None = None) -> int:

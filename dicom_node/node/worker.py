@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.config import Config
-from dicom_node.node.assemble import purge_job_files
 from dicom_node.node.isolate import ChildDiedError, ChildRequest, StoppedError, run_child
 from dicom_node.node.jobs import Job, JobStore
 from dicom_node.node.logs import ctx
 from dicom_node.node.metrics import Metrics
+from dicom_node.node.retention import purge_job_files
 from dicom_node.node.send import SendError, deliver
 from dicom_node.node.spool import Spool, SpoolFullError
 from dicom_node.pipeline.process import SeriesOutcome

@@ -24,8 +24,8 @@ from pydicom.uid import JPEGLSLossless
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
-from dicom_node.node.assemble import SUCCESS
 from dicom_node.node.http import create_app
+from dicom_node.node.intake import SUCCESS
 from dicom_node.node.send import no_delay
 from dicom_node.pipeline.series import SeriesError, load_hu, order_series, read_ct_series
 from dicom_node_lab.peers import NodeProcess, free_port, wait_for, write_node_config

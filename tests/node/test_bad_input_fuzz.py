@@ -23,14 +23,14 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import Tag
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from dicom_node.node.assemble import (
+from dicom_node.node.intake import (
     CANNOT_UNDERSTAND,
     DOES_NOT_MATCH_SOP_CLASS,
     DUPLICATE_SOP_INSTANCE,
     SUCCESS,
     Intake,
 )
-from dicom_node.node.http import (
+from dicom_node.node.stow import (
     BodyFile,
     DelimiterScanner,
     MultipartError,

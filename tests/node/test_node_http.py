@@ -11,11 +11,12 @@ import pytest
 from fastapi.testclient import TestClient
 from pydicom.dataset import Dataset
 
-from dicom_node.node.assemble import Intake
-from dicom_node.node.http import create_app, split_multipart
+from dicom_node.node.http import create_app
+from dicom_node.node.intake import Intake
 from dicom_node.node.jobs import JobStore
 from dicom_node.node.metrics import Metrics
 from dicom_node.node.spool import Spool
+from dicom_node.node.stow import split_multipart
 from dicom_node_lab import phantom
 from dicom_node_lab.phantom_dicom import ct_series
 

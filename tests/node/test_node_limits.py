@@ -21,7 +21,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from dicom_node.config import AllowedPeer
-from dicom_node.node.assemble import Assembler
+from dicom_node.node.completion import CompletionTimer
 from dicom_node.node.receive import Receiver, pdu_bound
 from dicom_node_lab import phantom
 from dicom_node_lab.peers import free_port, wait_for
@@ -155,7 +155,7 @@ def test_an_aborted_association_leaves_its_series_incomplete(receiver, slices: l
                                                              tmp_path: Path) -> None:
     r, parts = receiver
     parts.cfg.jobs.quiet_seconds = 0.1
-    asm = Assembler(parts.cfg, parts.spool, parts.store, parts.metrics, parts.wake)
+    asm = CompletionTimer(parts.cfg, parts.spool, parts.store, parts.metrics, parts.wake)
     ae = AE(ae_title="SCU")
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", r.cfg.port, ae_title="DICOMNODE")

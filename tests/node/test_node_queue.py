@@ -15,9 +15,11 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 
 from dicom_node.config import Config, Destination
-from dicom_node.node.assemble import OUT_OF_RESOURCES, SUCCESS, Assembler, Intake, apply_retention
+from dicom_node.node.completion import CompletionTimer
+from dicom_node.node.intake import OUT_OF_RESOURCES, SUCCESS, Intake
 from dicom_node.node.jobs import JobStore
 from dicom_node.node.metrics import Metrics
+from dicom_node.node.retention import apply_retention
 from dicom_node.node.spool import Spool, safe_name
 from dicom_node.node.worker import Workers, input_fingerprint
 from dicom_node.pipeline.derived import MANUFACTURER
@@ -111,7 +113,7 @@ def test_intake_counts_ct_and_only_stores_the_rest(parts: Parts, tmp_path: Path,
 def test_quiet_timer_and_a_growing_series_gets_a_new_job(parts: Parts, tmp_path: Path,
                                                          slices: list[Dataset]) -> None:
     parts.cfg.jobs.quiet_seconds = 10
-    asm = Assembler(parts.cfg, parts.spool, parts.store, parts.metrics, parts.wake)
+    asm = CompletionTimer(parts.cfg, parts.spool, parts.store, parts.metrics, parts.wake)
     t0 = time.time()
     for ds in slices[:3]:
         parts.intake.accept(_encode(ds, tmp_path), ds, "dimse")

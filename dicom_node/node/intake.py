@@ -1,18 +1,14 @@
-"""Assemble: every stored instance is classified and counted into its series' job; a per-series
-quiet timer then decides that the series is complete and queues the job.
+"""Intake: the one door into the spool, shared by C-STORE and STOW-RS.
 
-Association release is no signal of completeness (a PACS may send one series over several
-associations, or several series over one), so only silence counts. An instance that arrives
-after its series' job left "received" starts a new job, which processes the grown series.
-This module also runs the spool's retention policy, on the same slow tick.
+Every received instance is checked on arrival (structure, UIDs, the image it must carry), stored
+durably, and counted into its series' job; an instance that cannot be processed safely is refused
+with a status the sender sees, and kept in the quarantine with the reason.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import threading
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -20,7 +16,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from dicom_node.config import Config, IntakeConfig
+from dicom_node.config import IntakeConfig
 from dicom_node.node.jobs import JobStore
 from dicom_node.node.logs import ctx
 from dicom_node.node.metrics import Metrics
@@ -39,7 +35,7 @@ from dicom_node.pipeline.series import (
 )
 from dicom_node.pipeline.structure import structure_problem, uid_problem
 
-log = logging.getLogger("dicom_node.node.assemble")
+log = logging.getLogger("dicom_node.node.intake")
 
 # DIMSE statuses shared by C-STORE and STOW-RS failure reasons.
 SUCCESS = 0x0000
@@ -196,62 +192,3 @@ def same_instance(old: bytes, new: bytes) -> bool:
         return bool(np.array_equal(a.pixel_array, b.pixel_array))
     except Exception:  # noqa: BLE001 - what cannot be compared is not the same
         return False
-
-
-class Assembler(threading.Thread):
-    """Once a second: queue quiet series, wake the workers; once a minute: apply retention."""
-
-    def __init__(self, cfg: Config, spool: Spool, store: JobStore, metrics: Metrics, wake: threading.Event) -> None:
-        super().__init__(name="assembler", daemon=True)
-        self.cfg = cfg
-        self.spool = spool
-        self.store = store
-        self.metrics = metrics
-        self.wake = wake
-        self.stop = threading.Event()
-        self._last_retention = 0.0
-
-    def run(self) -> None:
-        while not self.stop.wait(min(1.0, max(0.05, self.cfg.jobs.quiet_seconds / 4))):
-            self.tick()
-
-    def tick(self, now: float | None = None) -> None:
-        now = time.time() if now is None else now
-        try:
-            for job in self.store.queue_quiet(self.cfg.jobs.quiet_seconds, now):
-                if job.received_at is not None:
-                    self.metrics.stage.labels("receive").observe(max(0.0, (job.last_instance_at or now) -
-                                                                     job.received_at))
-                log.info("queued: %d instances, quiet for %.1f s", job.instances, self.cfg.jobs.quiet_seconds,
-                         **ctx(job.id, job.series_uid))
-                self.wake.set()
-            for job in self.store.expire_incomplete(now - self.cfg.jobs.incomplete_seconds, now):
-                log.error("%s", job.reason, **ctx(job.id, job.series_uid))
-            if now - self._last_retention > 60:
-                self._last_retention = now
-                apply_retention(self.cfg, self.spool, self.store, now)
-        except Exception:  # noqa: BLE001 - the timer must survive anything one tick throws
-            log.exception("assembler tick failed", **ctx())
-
-
-def purge_job_files(spool: Spool, store: JobStore, job_id: int, series_uid: str) -> None:
-    """Drop a finished job's outputs, and its input unless a newer job still needs that series."""
-    spool.remove_outputs(job_id)
-    if series_uid not in store.unfinished_series():
-        spool.remove_series(series_uid)
-    store.mark_purged(job_id)
-    log.info("files purged (retention)", **ctx(job_id, series_uid))
-
-
-def apply_retention(cfg: Config, spool: Spool, store: JobStore, now: float) -> None:
-    """keep_days: purge done jobs' files after N days. Failed jobs keep theirs for a person to look at,
-    until the quarantine's own age limit (quarantine_keep_days) takes the evidence."""
-    if cfg.spool.quarantine_keep_days > 0:
-        removed = spool.purge_quarantine(now - cfg.spool.quarantine_keep_days * 86400)
-        if removed:
-            log.info("quarantine: %d entries older than %g days purged", removed, cfg.spool.quarantine_keep_days,
-                     **ctx())
-    if cfg.spool.keep_days <= 0:
-        return
-    for job in store.finished_unpurged(now - cfg.spool.keep_days * 86400):
-        purge_job_files(spool, store, job.id, job.series_uid)
