@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import socketserver
 import ssl
 import threading
 from collections.abc import Callable
@@ -221,6 +222,12 @@ class _LimitedServer:
         finally:
             self.limits.release(_host(client_address))
 
+    def shutdown(self) -> None:
+        """Stop serve_forever and close the socket. pynetdicom's own shutdown also takes the server out of
+        the AE's private server list, which only its start_server fills: ours were made with make_server."""
+        socketserver.TCPServer.shutdown(self)  # type: ignore[arg-type]
+        self.server_close()  # type: ignore[attr-defined]
+
 
 class LimitedAssociationServer(_LimitedServer, ThreadedAssociationServer):
     pass
@@ -276,7 +283,6 @@ class Receiver:
             server.handshake_seconds = self.cfg.tls.handshake_seconds
             server.on_tls_refused = lambda _address, _why: self.metrics.associations_rejected.labels("tls").inc()
         threading.Thread(target=server.serve_forever, name="dimse-acceptor", daemon=True).start()
-        self.ae._servers.append(server)
         mode = (" over TLS" + (", client certificates required" if self.cfg.tls.require_client_cert else "")
                 if context is not None else "")
         log.info("DICOM listening on %s:%d as %s%s", self.cfg.host, port, self.cfg.ae_title, mode, **ctx())
