@@ -8,10 +8,7 @@ from scipy import ndimage
 
 from dicom_node.pipeline.contrast import local_lumen_level
 from dicom_node.pipeline.detect import DetectOptions, detect
-from dicom_node_lab import (
-    evaluate,  # Experiment 2's phantom settings
-    phantom,
-)
+from dicom_node_lab import experiment2, phantom  # Experiment 2's phantom settings
 
 SPACING = (0.47, 0.47, 0.47)
 SHAPE = (64, 48, 96)
@@ -84,7 +81,7 @@ def test_faint_parts_of_calcium_the_threshold_finds_are_left_to_the_threshold():
 def test_where_a_dim_vessel_meets_a_brighter_one_the_brighter_lumen_is_not_calcium():
     """Experiment 2 tuning study 4040012152: where a 600 HU branch joins a 390 HU vessel, the
     branch's lumen stood 230 HU above the dim vessel's level and was taken for calcium."""
-    p = phantom.generate(evaluate.EXP2_SHAPE, seed=4040012152, options=evaluate.EXP2_OPTIONS)
+    p = phantom.generate(experiment2.EXP2_SHAPE, seed=4040012152, options=experiment2.EXP2_OPTIONS)
     det = detect(p.image, p.spacing)
     near_calcium = ndimage.binary_dilation(p.calcium_fraction > 0.05)
     assert det.lesions and not (det.calcium & ~near_calcium).any()

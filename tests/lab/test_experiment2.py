@@ -11,21 +11,21 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node_lab import evaluate
+from dicom_node_lab import evaluate, experiment2
 
 pytestmark = pytest.mark.slow
 
 
 def _report(tmp_path: Path, name: str, *extra: str, runs: tuple[str, ...] = ("footprint",)) -> dict:
     out = tmp_path / name
-    argv = ["experiment2", "--studies", "1", "--seed", str(evaluate.EXP2_TUNE_SEED), "--runs", *runs,
+    argv = ["experiment2", "--studies", "1", "--seed", str(experiment2.EXP2_TUNE_SEED), "--runs", *runs,
             "--report-dir", str(out), *extra]
     assert evaluate.main(argv) == 0
     return json.loads((out / "experiment2.json").read_text()) | {"md": (out / "experiment2.md").read_text()}
 
 
 def test_in_process_run_reads_the_same_stenoses_as_the_dicom_round_trip(tmp_path):
-    dicom = _report(tmp_path, "dicom", runs=("footprint", *evaluate.DIAGNOSTIC_RUNS))
+    dicom = _report(tmp_path, "dicom", runs=("footprint", *experiment2.DIAGNOSTIC_RUNS))
     fast = _report(tmp_path, "fast", "--in-process")
     assert dicom["lesions"], "the study has calcified lesions to measure"
     assert [r["footprint"] for r in fast["lesions"]] == [r["footprint"] for r in dicom["lesions"]]
@@ -35,10 +35,10 @@ def test_in_process_run_reads_the_same_stenoses_as_the_dicom_round_trip(tmp_path
     assert "--in-process" in fast["md"] and "without the DICOM round trip" in fast["md"]
     assert "--in-process" not in dicom["md"]
     # the true-calcium diagnostic runs in-process beside the DICOM runs, and says what it is
-    true = [r[evaluate.TRUE_CALCIUM] for r in dicom["lesions"]]
+    true = [r[experiment2.TRUE_CALCIUM] for r in dicom["lesions"]]
     assert any(t != r["footprint"] for t, r in zip(true, dicom["lesions"])), "the true calcium is not the detected"
     assert "diagnostic, not a product run" in dicom["md"] and "diagnostic" not in fast["md"]
-    assert f"`{evaluate.VISIBLE_CALCIUM}` run is a diagnostic" in dicom["md"]
-    visible = [r[evaluate.VISIBLE_CALCIUM] for r in dicom["lesions"]]
+    assert f"`{experiment2.VISIBLE_CALCIUM}` run is a diagnostic" in dicom["md"]
+    visible = [r[experiment2.VISIBLE_CALCIUM] for r in dicom["lesions"]]
     assert any(v != r["footprint"] for v, r in zip(visible, dicom["lesions"])), "it adds calcium detection missed"
     assert any(isinstance(r["calcium_contrast_hu"], int) for r in dicom["lesions"])
