@@ -12,9 +12,10 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from dicom_node.pipeline.detect import DetectOptions
 from dicom_node.pipeline.series import REFUSED_IMAGE_TYPES
 from dicom_node.pipeline.structure import MAX_ELEMENT_MB, MAX_SEQUENCE_DEPTH
-from dicom_node.pipeline.windows import ENGINE_MARGIN_MM
+from dicom_node.pipeline.windows import MaskMode, WindowOptions
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "engines" / "dense_unet.onnx"
@@ -22,7 +23,6 @@ DEFAULT_MODEL = REPO / "engines" / "dense_unet.onnx"
 
 # The settings that take one of a few words: checked when the config loads, with the key named.
 Backend = Literal["auto", "onnxruntime", "tensorrt"]
-MaskMode = Literal["footprint", "cube"]
 Durability = Literal["journal", "posix"]
 DestinationKind = Literal["dimse", "stow"]
 
@@ -33,17 +33,38 @@ class EngineConfig:
     model: str = str(DEFAULT_MODEL)
     threads: int = 0  # inference threads; 0 = one per core
     batch: int = 8  # windows per backend call
-    threshold_hu: float = 700.0
-    adaptive_threshold: bool = False
-    local_contrast_hu: float = 200.0  # also calcium: deposits peaking this far above their vessel's contrast; 0 = off
-    local_extent_hu: float = 120.0  # ... taken down to this far above it
-    metal_hu: float = 3000.0
-    keep_edge_components: bool = False  # treat bright pieces cut by the volume's edge as calcium
-    margin_mm: float = ENGINE_MARGIN_MM  # blooming margin restored around the calcium
-    core: int = 16  # voxels a window may restore per axis (of 32)
-    mask_mode: MaskMode = "footprint"  # cube: the paper's, hiding each window's whole core
+    # Detection and windows: the operator-facing part of DetectOptions and WindowOptions, whose defaults
+    # these are (defined there, once); ENGINE_KEYS says which key feeds which option.
+    threshold_hu: float = DetectOptions.threshold_hu
+    adaptive_threshold: bool = DetectOptions.adaptive
+    local_contrast_hu: float = DetectOptions.local_contrast_hu  # also calcium: deposits this far above their vessel
+    local_extent_hu: float = DetectOptions.local_extent_hu  # ... taken down to this far above it; 0 = off
+    metal_hu: float = DetectOptions.metal_hu
+    keep_edge_components: bool = DetectOptions.keep_edge_components  # bright pieces cut by the volume's edge
+    margin_mm: float = WindowOptions.margin_mm  # blooming margin restored around the calcium
+    core: int = WindowOptions.core  # voxels a window may restore per axis (of 32)
+    mask_mode: MaskMode = WindowOptions.mask_mode  # cube: the paper's, hiding each window's whole core
     max_pixel_mm: float = 0.8  # refuse series coarser than this in-plane
     max_slice_mm: float = 1.25  # refuse series with slices further apart than this
+
+    def detect_options(self) -> DetectOptions:
+        return DetectOptions(**{opt: getattr(self, key) for key, (kind, opt) in ENGINE_KEYS.items()
+                                if kind is DetectOptions})
+
+    def window_options(self) -> WindowOptions:
+        return WindowOptions(**{opt: getattr(self, key) for key, (kind, opt) in ENGINE_KEYS.items()
+                                if kind is WindowOptions})
+
+
+# [engine] keys that are detection or window options: key -> (options class, field). The one place that
+# maps the operator's names (kept stable for config files and documented commands) onto the pipeline's.
+ENGINE_KEYS: dict[str, tuple[type, str]] = {
+    "threshold_hu": (DetectOptions, "threshold_hu"), "adaptive_threshold": (DetectOptions, "adaptive"),
+    "local_contrast_hu": (DetectOptions, "local_contrast_hu"), "local_extent_hu": (DetectOptions, "local_extent_hu"),
+    "metal_hu": (DetectOptions, "metal_hu"), "keep_edge_components": (DetectOptions, "keep_edge_components"),
+    "margin_mm": (WindowOptions, "margin_mm"), "core": (WindowOptions, "core"),
+    "mask_mode": (WindowOptions, "mask_mode"),
+}
 
 
 @dataclass

@@ -271,7 +271,8 @@ class Workers:
             return
         summary = (f"{outcome.lesions} lesions, {outcome.windows} windows, {outcome.voxels_changed} voxels "
                    f"changed, {len(outcome.outputs)} files in {outcome.seconds:.1f} s")
-        log.info("processed: %s", summary, **ctx(job.id, job.series_uid, derived=outcome.derived_series_uid))
+        log.info("processed: %s", summary, **ctx(job.id, job.series_uid, derived=outcome.derived_series_uid,
+                                                 settings=outcome.settings))
         outputs = [str(p) for p in outcome.outputs]
         if not self.cfg.destinations:
             self.store.finish(job.id, "done", f"processed ({summary}); no destinations configured, outputs kept "

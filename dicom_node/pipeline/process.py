@@ -6,20 +6,20 @@ so the offline command is exactly what runs in production.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dicom_node.backends import Backend
 from dicom_node.config import Config
 from dicom_node.pipeline.derived import DerivedOptions, source_uids, write_derived_series, write_multiframe
-from dicom_node.pipeline.detect import DetectOptions
 from dicom_node.pipeline.restore import Engine
 from dicom_node.pipeline.seg import write_seg
 from dicom_node.pipeline.series import Series, load_hu, read_ct_series
-from dicom_node.pipeline.windows import PlanOptions
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class SeriesOutcome:
     seconds: float = 0.0
     outputs: list[Path] = field(default_factory=list)
     derived_series_uid: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)  # what it ran with: the model and the [engine] keys
 
     def summary(self) -> str:
         if self.status != "done":
@@ -49,12 +50,15 @@ class SeriesOutcome:
 
 
 def build_engine(cfg: Config, backend: Backend) -> Engine:
-    e = cfg.engine
-    return Engine(backend,
-                  DetectOptions(threshold_hu=e.threshold_hu, adaptive=e.adaptive_threshold, metal_hu=e.metal_hu,
-                                keep_edge_components=e.keep_edge_components, local_contrast_hu=e.local_contrast_hu,
-                                local_extent_hu=e.local_extent_hu),
-                  PlanOptions(margin_mm=e.margin_mm, core=e.core, mask_mode=e.mask_mode))
+    return Engine(backend, cfg.engine.detect_options(), cfg.engine.window_options())
+
+
+def run_settings(cfg: Config, model_id: str) -> dict[str, Any]:
+    """The settings a run used, as its outcome carries them: the model and every [engine] setting that
+    shapes the output (not where the model file lies, nor threads and batch, which change no voxel)."""
+    engine = {k: v for k, v in dataclasses.asdict(cfg.engine).items()
+              if k not in ("model", "threads", "batch", "backend")}
+    return {"model": model_id, **engine}
 
 
 def check_resolution(series: Series, cfg: Config) -> str | None:
@@ -68,7 +72,8 @@ def check_resolution(series: Series, cfg: Config) -> str | None:
 def process_series(series: Series, out_dir: Path, cfg: Config, engine: Engine, model_id: str,
                    write_seg_file: bool = True, progress: Callable[[int, int], None] | None = None) -> SeriesOutcome:
     """Process one assembled series; failures come back as a readable outcome, not an exception."""
-    outcome = SeriesOutcome(uid=series.uid, description=series.description, status="failed", slices=len(series.files))
+    outcome = SeriesOutcome(uid=series.uid, description=series.description, status="failed", slices=len(series.files),
+                            settings=run_settings(cfg, model_id))
     t0 = time.perf_counter()
     reason = check_resolution(series, cfg)
     if reason:

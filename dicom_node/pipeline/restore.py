@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from dicom_node.backends import Backend
 from dicom_node.pipeline.detect import Detection, DetectOptions, detect
-from dicom_node.pipeline.windows import PlanOptions, Region, plan
+from dicom_node.pipeline.windows import Region, WindowOptions, plan
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,10 @@ class Engine:
     """Detect → plan → infer for one HU volume."""
 
     def __init__(self, backend: Backend, detect_options: DetectOptions | None = None,
-                 plan_options: PlanOptions | None = None):
+                 window_options: WindowOptions | None = None):
         self.backend = backend
         self.detect_options = detect_options or DetectOptions()
-        self.plan_options = plan_options or PlanOptions()
+        self.window_options = window_options or WindowOptions()
 
     def run(self, volume: np.ndarray, spacing: tuple[float, float, float],
             progress: Callable[[int, int], None] | None = None) -> EngineResult:
@@ -58,7 +58,7 @@ class Engine:
         step by step through the backend, resample back. Public for callers that know the calcium rather
         than detect it (the lab's diagnostic runs on the phantom's true calcium)."""
         t1 = time.perf_counter()
-        regions = plan(detection, spacing, self.plan_options)
+        regions = plan(detection, spacing, self.window_options)
         t2 = time.perf_counter()
         grids = [ndimage.map_coordinates(volume, r.model_coordinates(), order=1, mode="nearest").astype(np.float32)
                  for r in regions]

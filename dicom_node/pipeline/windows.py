@@ -10,6 +10,7 @@ inpainting). Only the neighbourhood of each region is resampled to the model gri
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 from scipy import ndimage
@@ -29,6 +30,9 @@ ENGINE_MARGIN_MM = 0.9
 # for 0.47); interpolation weights of 1e-13 then made the mask one voxel wider along that
 # axis, on one side, than the same series with exact spacing.
 MIN_INTERPOLATION_WEIGHT = 1e-3
+
+
+MaskMode = Literal["footprint", "cube"]  # what the network is told to restore in each window
 
 
 @dataclass
@@ -74,12 +78,12 @@ class Region:
 
 
 @dataclass
-class PlanOptions:
+class WindowOptions:
     margin_mm: float = ENGINE_MARGIN_MM  # blooming margin restored around the calcium
     model_spacing_mm: float = 0.47
     core: int = 16  # voxels a window may restore along each axis
     group_distance_mm: float = 3.0  # calcium closer than this is restored as one region
-    mask_mode: str = "footprint"  # or "cube": hide each window's whole core, as the paper did
+    mask_mode: MaskMode = "footprint"  # or "cube": hide each window's whole core, as the paper did
 
 
 def footprint(calcium: np.ndarray, spacing: tuple[float, float, float], margin_mm: float) -> np.ndarray:
@@ -140,9 +144,10 @@ def _padded_bbox(mask: np.ndarray, pad: np.ndarray) -> tuple[slice, slice, slice
     return tuple(bounds)
 
 
-def plan(detection: Detection, spacing: tuple[float, float, float], options: PlanOptions | None = None) -> list[Region]:
+def plan(detection: Detection, spacing: tuple[float, float, float], options: WindowOptions | None = None,
+         ) -> list[Region]:
     """Group the calcium into regions and cover each with ordered windows."""
-    opts = options or PlanOptions()
+    opts = options or WindowOptions()
     sp = np.asarray(spacing, float)
     # Work inside the calcium's bounding box (padded by how far footprint and grouping reach):
     # full-volume label images of a 600-slice series would cost more than the volume itself.

@@ -12,7 +12,7 @@ import pytest
 
 from dicom_node.pipeline.detect import DetectOptions, describe, detect
 from dicom_node.pipeline.restore import Engine
-from dicom_node.pipeline.windows import PATCH, PlanOptions, footprint, plan
+from dicom_node.pipeline.windows import PATCH, WindowOptions, footprint, plan
 from dicom_node_lab import phantom
 
 FILL_HU = 123.0
@@ -119,7 +119,7 @@ def test_windows_cover_the_footprint_in_order_along_the_lesion():
     vol = np.full((40, 40, 120), 40.0, np.float32)
     vol[19:21, 19:21, 20:100] = 1000.0  # a 37 mm long calcification along x
     det = detect(vol, (0.47, 0.47, 0.47))
-    regions = plan(det, (0.47, 0.47, 0.47), PlanOptions(core=16))
+    regions = plan(det, (0.47, 0.47, 0.47), WindowOptions(core=16))
     assert len(regions) == 1
     r = regions[0]
     assert len(r.windows) >= 5
@@ -141,7 +141,7 @@ def test_only_footprint_voxels_change(study, spacing):
     before = vol.copy()
     backend = FillBackend()
     result = Engine(backend).run(vol, spacing)
-    foot = footprint(result.detection.calcium, spacing, PlanOptions().margin_mm)
+    foot = footprint(result.detection.calcium, spacing, WindowOptions().margin_mm)
     assert np.array_equal(result.changed, foot)
     assert np.array_equal(vol[~foot], before[~foot]), "every other voxel keeps its exact value"
     assert np.allclose(vol[foot], FILL_HU, atol=1e-3)
@@ -157,7 +157,7 @@ def test_cube_mode_hides_the_whole_core_but_writes_only_the_footprint(study):
             assert all(m.sum() == 16 ** 3 for m in mask[:, 0])
             return super().run(image, mask)
 
-    result = Engine(Spy(), plan_options=PlanOptions(mask_mode="cube")).run(vol, study.spacing)
+    result = Engine(Spy(), window_options=WindowOptions(mask_mode="cube")).run(vol, study.spacing)
     assert np.array_equal(vol[~result.changed], before[~result.changed])
 
 
@@ -169,8 +169,8 @@ def test_a_given_calcium_mask_is_restored_instead_of_the_detected_one(study):
     assert len(given.lesions) == int(given.labels.max()) >= 2
     assert np.array_equal(given.labels > 0, study.calcium_mask)
     result = Engine(FillBackend()).restore(vol, study.spacing, given)
-    foot = footprint(study.calcium_mask, study.spacing, PlanOptions().margin_mm)
+    foot = footprint(study.calcium_mask, study.spacing, WindowOptions().margin_mm)
     assert np.array_equal(result.changed, foot)
     assert not np.array_equal(foot, footprint(detect(before, study.spacing).calcium, study.spacing,
-                                              PlanOptions().margin_mm)), "the given mask is not what detect finds"
+                                              WindowOptions().margin_mm)), "the given mask is not what detect finds"
     assert np.array_equal(vol[~foot], before[~foot])

@@ -70,4 +70,17 @@ def test_process_writes_what_it_wrote_before(tmp_path: Path) -> None:
     cfg = Config()
     outcome = process_series(series, tmp_path / "out", cfg, build_engine(cfg, ShiftBackend()), "shift sha256:0")
     assert outcome.status == "done" and outcome.voxels_changed > 0 and len(outcome.outputs) == 49
+    assert outcome.settings["model"] == "shift sha256:0" and outcome.settings["margin_mm"] == cfg.engine.margin_mm
+    assert engine_keys_cover_the_options(cfg)
     assert digest(tmp_path / "out") == RECORDED
+
+
+def engine_keys_cover_the_options(cfg: Config) -> bool:
+    """Every [engine] detection or window key reaches its option, with the option's own default."""
+    from dicom_node.config import ENGINE_KEYS
+    from dicom_node.pipeline.detect import DetectOptions
+    from dicom_node.pipeline.windows import WindowOptions
+
+    built = {DetectOptions: cfg.engine.detect_options(), WindowOptions: cfg.engine.window_options()}
+    return all(getattr(built[kind], field) == getattr(cfg.engine, key) == getattr(kind(), field)
+               for key, (kind, field) in ENGINE_KEYS.items())
