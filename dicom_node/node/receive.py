@@ -146,7 +146,10 @@ class _BulkSocket(AssociationSocket):
     refused = False  # this connection was dropped for a PDU it announced
 
 
-class _BulkRequestHandler(RequestHandler):
+class NodeRequestHandler(RequestHandler):
+    """The node's request handler: its socket class (the PDU bound) and poll delay; also used by the
+    benchmark's bare SCPs, so that they read the wire exactly as the node does."""
+
     def handle(self) -> None:
         """pynetdicom's handle, but the request thread stays until the association ends: the server's
         connection count (``_LimitedServer``) is released when the connection is really gone."""
@@ -278,7 +281,7 @@ class Receiver:
     def _listen(self, port: int, handlers: list, context: ssl.SSLContext | None) -> ThreadedAssociationServer:
         server_class = LimitedTlsAssociationServer if context is not None else LimitedAssociationServer
         server = self.ae.make_server((self.cfg.host, port), evt_handlers=handlers, ssl_context=context,
-                                     server_class=server_class, request_handler=_BulkRequestHandler)
+                                     server_class=server_class, request_handler=NodeRequestHandler)
         assert isinstance(server, _LimitedServer)
         server.limits = self.limits
         refused = self.metrics.connections_refused

@@ -37,7 +37,7 @@ def no_delay(event: object) -> None:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _unreachable(host: str, port: int, timeout: float) -> str:
+def unreachable(host: str, port: int, timeout: float) -> str:
     """Why a TCP connection to the peer fails, or "" when it opens: the operator's reason for a failed send."""
     try:
         with socket.create_connection((host, port), timeout=min(timeout, 5.0)):
@@ -77,11 +77,11 @@ def send_dimse(files: list[Path], dest: Destination, calling_ae: str, max_pdu: i
                          tls_args=tls_args)
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
-        unreachable = "" if assoc.is_rejected else _unreachable(dest.host, dest.port, dest.timeout_seconds)
-        if unreachable:  # pynetdicom says "aborted" for a refused or timed-out connection too
-            why = f"failed: cannot connect ({unreachable})"
+        down = "" if assoc.is_rejected else unreachable(dest.host, dest.port, dest.timeout_seconds)
+        if down:  # pynetdicom says "aborted" for a refused or timed-out connection too
+            why = f"failed: cannot connect ({down})"
         why += " (over TLS: see the log for the handshake error)" if dest.tls and not assoc.is_rejected and \
-            not unreachable else ""
+            not down else ""
         raise SendError(f"{dest.name}: association with {dest.ae_title}@{dest.host}:{dest.port} {why}")
     stored = 0
     try:

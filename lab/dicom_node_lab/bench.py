@@ -254,7 +254,7 @@ def bare_scp(port: int, mode: str, folder: Path) -> None:
     from pynetdicom.presentation import AllStoragePresentationContexts
 
     from dicom_node.config import NodeConfig
-    from dicom_node.node.receive import TRANSFER_SYNTAXES, _BulkRequestHandler
+    from dicom_node.node.receive import TRANSFER_SYNTAXES, NodeRequestHandler
     from dicom_node.node.send import no_delay
 
     def on_store(event) -> int:  # noqa: ANN001 - pynetdicom's event
@@ -271,13 +271,13 @@ def bare_scp(port: int, mode: str, folder: Path) -> None:
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
     ae.make_server(("127.0.0.1", port), evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_CONN_OPEN, no_delay)],
-                   request_handler=_BulkRequestHandler).serve_forever()
+                   request_handler=NodeRequestHandler).serve_forever()
 
 
 def _bare_rates(peers, folder: Path, root: Path, repeats: int, n: int) -> dict[str, list[float]]:
     import shutil
 
-    from dicom_node.node.send import _unreachable
+    from dicom_node.node.send import unreachable
 
     rates: dict[str, list[float]] = {}
     for mode in BARE_MODES:
@@ -287,7 +287,7 @@ def _bare_rates(peers, folder: Path, root: Path, repeats: int, n: int) -> dict[s
         proc = subprocess.Popen([sys.executable, "-m", "dicom_node_lab.bench", "bare-scp", str(port), mode, str(out)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         try:
-            peers.wait_for(lambda p=port: not _unreachable("127.0.0.1", p, 1.0), 20,
+            peers.wait_for(lambda p=port: not unreachable("127.0.0.1", p, 1.0), 20,
                            f"bare SCP ({mode}) on port {port}")
             rates[f"pynetdicom, {mode}"] = []
             for _ in range(repeats):
