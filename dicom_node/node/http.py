@@ -43,7 +43,7 @@ from dicom_node.node.stow import (
     BodyTooLargeError,
     DelimiterScanner,
     MultipartError,
-    _boundary,
+    dash_boundary,
     media_type,
     multipart_spans,
 )
@@ -240,7 +240,7 @@ def create_app(store: JobStore, intake: Intake | None, metrics: Metrics, info: d
         """Stream the body into the spool's tmp/, finding its delimiters on the way; the path is None when
         the spool could not take it (a full disk): the scanner still tells how many parts it held."""
         assert intake is not None
-        counter = DelimiterScanner(_boundary(request.headers.get("content-type", "")), limits.max_parts)
+        scanner = DelimiterScanner(dash_boundary(request.headers.get("content-type", "")), limits.max_parts)
         path = intake.spool.root / "tmp" / f"stow-{uuid.uuid4().hex}.body"
         size = 0
         try:
@@ -253,7 +253,7 @@ def create_app(store: JobStore, intake: Intake | None, metrics: Metrics, info: d
                 size += len(chunk)
                 if size > max_body:
                     raise BodyTooLargeError(f"the body passed http.max_body_mb = {limits.max_body_mb} MB")
-                counter.feed(chunk)
+                scanner.feed(chunk)
                 if f is not None:
                     try:
                         f.write(chunk)
@@ -269,10 +269,10 @@ def create_app(store: JobStore, intake: Intake | None, metrics: Metrics, info: d
         if f is not None:
             try:
                 f.close()  # buffered bytes hit the disk here: it may be full now
-                return path, counter
+                return path, scanner
             except OSError:
                 path.unlink(missing_ok=True)
-        return None, counter
+        return None, scanner
 
     async def stow(request: Request, study: str | None = None) -> Response:
         if intake is None:

@@ -163,7 +163,7 @@ class Intake:
         return Accepted(status, reason)
 
 
-def _dataset_offset(data: bytes) -> int:
+def dataset_offset(data: bytes) -> int:
     """Where the data set starts in a Part-10 file: past the preamble and the file meta group."""
     if data[128:132] == b"DICM" and data[132:136] == b"\x02\x00\x00\x00":
         # (0002,0000) UL group length, explicit VR: tag(4) VR(2) length(2) value(4)
@@ -174,7 +174,7 @@ def _dataset_offset(data: bytes) -> int:
 def same_instance(old: bytes, new: bytes) -> bool:
     """Whether a re-sent instance carries the data set already stored; file meta (who sent it, how)
     does not count, nor does a change of transfer syntax that decodes to the same pixels."""
-    if old[_dataset_offset(old):] == new[_dataset_offset(new):]:
+    if old[dataset_offset(old):] == new[dataset_offset(new):]:
         return True
     try:
         a = pydicom.dcmread(io.BytesIO(old), force=True)

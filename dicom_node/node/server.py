@@ -50,8 +50,8 @@ class Node:
 def start(cfg: Config, backend_name: str | None = None) -> Node:
     """Build and start everything except the HTTP server; raises on a bad model or a busy port."""
     from dicom_node.backends.select import model_id, select
-    from dicom_node.pipeline.process import build_engine
 
+    # Loads the model now, so a bad one fails the start, not the first job; each job's child loads its own.
     backend, why = select(backend_name or cfg.engine.backend, cfg.engine.model, cfg.engine.threads,
                           cfg.engine.batch)
     spool = Spool(cfg.spool.dir, cfg.spool.min_free_mb, cfg.spool.durability, cfg.spool.quarantine_mb)
@@ -60,7 +60,6 @@ def start(cfg: Config, backend_name: str | None = None) -> Node:
         log.info("resuming: %s", job.reason, **ctx(job.id, job.series_uid))
     mid = model_id(cfg.engine.model)
     log.info("backend: %s; model %s", why, mid, **ctx())
-    build_engine(cfg, backend)  # the model and the settings are checked now; each job's child builds its own
     metrics = Metrics(store)
     intake = Intake(spool, store, metrics, cfg.intake)
     wake = threading.Event()

@@ -36,7 +36,8 @@ def media_type(value: str) -> tuple[str, dict[str, str]]:
     return main.strip().lower(), params
 
 
-def _boundary(content_type: str) -> bytes:
+def dash_boundary(content_type: str) -> bytes:
+    """The delimiter line a multipart body declares in its Content-Type (--boundary), checked; MultipartError else."""
     boundary = media_type(content_type)[1].get("boundary", "")
     if not boundary:
         raise MultipartError("Content-Type has no boundary")
@@ -56,7 +57,7 @@ def multipart_spans(body: bytes | BodyFile, content_type: str) -> list[tuple[dic
     only counts at the start of a line, every part needs its blank line after the headers, and
     the body must end with the closing delimiter, else it was cut off. Raises MultipartError only.
     """
-    dash = _boundary(content_type)
+    dash = dash_boundary(content_type)
     delimiter = b"\r\n" + dash
     if body[:len(dash)] == dash:
         pos = 0

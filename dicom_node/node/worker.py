@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.config import Config
+from dicom_node.node.intake import dataset_offset
 from dicom_node.node.isolate import ChildDiedError, ChildRequest, StoppedError, run_child
 from dicom_node.node.jobs import Job, JobStore
 from dicom_node.node.logs import ctx
@@ -46,12 +47,8 @@ def input_fingerprint(files: list[Path], model_id: str, cfg: Config) -> str:
     h.update(repr((cfg.engine, cfg.output)).encode())
     for f in sorted(files, key=lambda p: p.name):
         data = f.read_bytes()
-        start = 0
-        if data[128:132] == b"DICM" and data[132:136] == b"\x02\x00\x00\x00":
-            # (0002,0000) UL group length, explicit VR: tag(4) VR(2) length(2) value(4)
-            start = 132 + 12 + int.from_bytes(data[140:144], "little")
         h.update(f.name.encode())
-        h.update(hashlib.sha256(data[start:]).digest())
+        h.update(hashlib.sha256(data[dataset_offset(data):]).digest())
     return h.hexdigest()
 
 
@@ -244,7 +241,7 @@ class Workers:
             self._fail(job, "processing failed: " + result["reason"])
             return
         log.info("processing child: peak %d MB resident", result.pop("peak_mb", 0), **ctx(job.id, job.series_uid))
-        outcome = SeriesOutcome(status=status, **{k: v for k, v in result.items() if k != "peak_mb"})
+        outcome = SeriesOutcome(status=status, **result)
         outcome.outputs = [Path(p) for p in outcome.outputs]
         self._after_processing(job, outcome)
 

@@ -34,7 +34,7 @@ from dicom_node.node.stow import (
     BodyFile,
     DelimiterScanner,
     MultipartError,
-    _boundary,
+    dash_boundary,
     media_type,
     multipart_spans,
     split_multipart,
@@ -126,7 +126,7 @@ def test_split_multipart_raises_only_multipart_error(request: tuple[bytes, str])
 def _streamed_spans(body: bytes, ctype: str, cuts: list[int], tmp: Path) -> list[tuple[dict[str, str], bytes]]:
     """What the node's streaming path finds: the body fed to a DelimiterScanner in chunks cut at ``cuts``,
     written to disk, and read back through a BodyFile."""
-    scanner = DelimiterScanner(_boundary(ctype), 10**6)
+    scanner = DelimiterScanner(dash_boundary(ctype), 10**6)
     edges = [0, *sorted(c % (len(body) + 1) for c in cuts), len(body)]
     for a, b in zip(edges, edges[1:], strict=False):
         scanner.feed(body[a:b])
