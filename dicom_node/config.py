@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from dicom_node.pipeline.detect import DetectOptions
+from dicom_node.pipeline.restore import ConfidenceOptions, UnsureAction
 from dicom_node.pipeline.series import REFUSED_IMAGE_TYPES
 from dicom_node.pipeline.structure import MAX_ELEMENT_MB, MAX_SEQUENCE_DEPTH
 from dicom_node.pipeline.windows import MaskMode, WindowOptions
@@ -44,6 +45,9 @@ class EngineConfig:
     margin_mm: float = WindowOptions.margin_mm  # blooming margin restored around the calcium
     core: int = WindowOptions.core  # voxels a window may restore per axis (of 32)
     mask_mode: MaskMode = WindowOptions.mask_mode  # cube: the paper's, hiding each window's whole core
+    confidence: bool = ConfidenceOptions.flips  # a mirrored second pass measures how sure each restoration is
+    unsure_hu: float = ConfidenceOptions.unsure_hu  # a region whose two passes differ more than this is unsure
+    unsure_action: UnsureAction = ConfidenceOptions.unsure_action  # mark: restore and say so; leave: as acquired
     max_pixel_mm: float = 0.8  # refuse series coarser than this in-plane
     max_slice_mm: float = 1.25  # refuse series with slices further apart than this
 
@@ -55,6 +59,10 @@ class EngineConfig:
         return WindowOptions(**{opt: getattr(self, key) for key, (kind, opt) in ENGINE_KEYS.items()
                                 if kind is WindowOptions})
 
+    def confidence_options(self) -> ConfidenceOptions:
+        return ConfidenceOptions(**{opt: getattr(self, key) for key, (kind, opt) in ENGINE_KEYS.items()
+                                    if kind is ConfidenceOptions})
+
 
 # [engine] keys that are detection or window options: key -> (options class, field). The one place that
 # maps the operator's names (kept stable for config files and documented commands) onto the pipeline's.
@@ -63,7 +71,8 @@ ENGINE_KEYS: dict[str, tuple[type, str]] = {
     "local_contrast_hu": (DetectOptions, "local_contrast_hu"), "local_extent_hu": (DetectOptions, "local_extent_hu"),
     "metal_hu": (DetectOptions, "metal_hu"), "keep_edge_components": (DetectOptions, "keep_edge_components"),
     "margin_mm": (WindowOptions, "margin_mm"), "core": (WindowOptions, "core"),
-    "mask_mode": (WindowOptions, "mask_mode"),
+    "mask_mode": (WindowOptions, "mask_mode"), "confidence": (ConfidenceOptions, "flips"),
+    "unsure_hu": (ConfidenceOptions, "unsure_hu"), "unsure_action": (ConfidenceOptions, "unsure_action"),
 }
 
 

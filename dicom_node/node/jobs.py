@@ -56,7 +56,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     purged INTEGER NOT NULL DEFAULT 0,
     fingerprint TEXT NOT NULL DEFAULT '',
     process_starts INTEGER NOT NULL DEFAULT 0,
-    incomplete_since REAL
+    incomplete_since REAL,
+    lesions TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE INDEX IF NOT EXISTS jobs_series ON jobs(series_uid, state);
@@ -66,7 +67,8 @@ CREATE TABLE IF NOT EXISTS instances (
 );
 """
 # Columns added after the first release: a spool from an older node gets them on start.
-_ADDED_COLUMNS = {"process_starts": "INTEGER NOT NULL DEFAULT 0", "incomplete_since": "REAL"}
+_ADDED_COLUMNS = {"process_starts": "INTEGER NOT NULL DEFAULT 0", "incomplete_since": "REAL",
+                  "lesions": "TEXT NOT NULL DEFAULT '[]'"}
 MAX_JOB_ID = (1 << 63) - 1  # SQLite's INTEGER; a larger id is no job of ours (and must not overflow the lookup)
 
 
@@ -95,12 +97,14 @@ class Job:
     fingerprint: str = ""
     process_starts: int = 0  # processing runs begun; one that never ended counts against jobs.max_crashes
     incomplete_since: float | None = None  # its association was aborted: not queued until re-sent or expired
+    lesions: list[dict[str, Any]] = field(default_factory=list)  # per restored region: lesions, confidence, action
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
         d = dict(row)
         d["outputs"] = json.loads(d["outputs"] or "[]")
         d["deliveries"] = json.loads(d["deliveries"] or "{}")
+        d["lesions"] = json.loads(d.get("lesions") or "[]")
         return cls(**d)
 
     def deliveries_cover(self, names: list[str]) -> bool:
@@ -123,6 +127,7 @@ class Job:
             "derived_series_uid": self.derived_series_uid, "outputs": len(self.outputs),
             "deliveries": self.deliveries, "files_purged": bool(self.purged),
             "processing_runs": self.process_starts, "incomplete_since": iso(self.incomplete_since),
+            "lesions": self.lesions,
         }
 
 
@@ -276,6 +281,10 @@ class JobStore:
 
     def set_fingerprint(self, job_id: int, fingerprint: str) -> None:
         self._update(job_id, fingerprint=fingerprint)
+
+    def set_lesions(self, job_id: int, lesions: list[dict[str, Any]]) -> None:
+        """The job's lesion table: each restored region, its lesions, its confidence and what was done."""
+        self._update(job_id, lesions=json.dumps(lesions))
 
     def delivered_twin(self, job_id: int, series_uid: str, fingerprint: str) -> Job | None:
         """An earlier job that processed exactly these instances with this model and finished."""

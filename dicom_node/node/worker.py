@@ -271,6 +271,10 @@ class Workers:
         log.info("processed: %s", summary, **ctx(job.id, job.series_uid, derived=outcome.derived_series_uid,
                                                  settings=outcome.settings))
         outputs = [str(p) for p in outcome.outputs]
+        self.store.set_lesions(job.id, outcome.regions)
+        unsure = [r for r in outcome.regions if r.get("unsure")]
+        if unsure:
+            summary += f"; {len(unsure)} region(s) unsure ({unsure[0]['action']})"
         if not self.cfg.destinations:
             self.store.finish(job.id, "done", f"processed ({summary}); no destinations configured, outputs kept "
                               "in the spool", outputs=json.dumps(outputs),

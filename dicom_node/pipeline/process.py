@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from dicom_node.backends import Backend
 from dicom_node.config import Config
 from dicom_node.pipeline.derived import DerivedOptions, source_uids, write_derived_series, write_multiframe
@@ -39,6 +41,7 @@ class SeriesOutcome:
     outputs: list[Path] = field(default_factory=list)
     derived_series_uid: str = ""
     settings: dict[str, Any] = field(default_factory=dict)  # what it ran with: the model and the [engine] keys
+    regions: list[dict[str, Any]] = field(default_factory=list)  # the lesion table: one row per restored region
 
     def summary(self) -> str:
         if self.status != "done":
@@ -46,11 +49,15 @@ class SeriesOutcome:
         extra = f"; left alone: {', '.join(e['reason'] for e in self.excluded)}" if self.excluded else ""
         return (f"done: {self.description or '(no description)'} [{self.uid}]: {self.slices} slices, "
                 f"{self.lesions} lesions, {self.windows} windows, {self.voxels_changed} voxels changed, "
-                f"{self.seconds:.1f} s, {len(self.outputs)} files{extra}")
+                f"{self.seconds:.1f} s, {len(self.outputs)} files{extra}{self._unsure()}")
+
+    def _unsure(self) -> str:
+        unsure = [r for r in self.regions if r.get("unsure")]
+        return f"; {len(unsure)} unsure ({unsure[0]['action']})" if unsure else ""
 
 
 def build_engine(cfg: Config, backend: Backend) -> Engine:
-    return Engine(backend, cfg.engine.detect_options(), cfg.engine.window_options())
+    return Engine(backend, cfg.engine.detect_options(), cfg.engine.window_options(), cfg.engine.confidence_options())
 
 
 def run_settings(cfg: Config, model_id: str) -> dict[str, Any]:
@@ -85,6 +92,11 @@ def process_series(series: Series, out_dir: Path, cfg: Config, engine: Engine, m
     outcome.lesions = len(det.lesions)
     outcome.windows = result.windows
     outcome.voxels_changed = int(result.changed.sum())
+    outcome.regions = [r.as_dict() for r in result.reports]
+    for r in result.reports:
+        if r.unsure:
+            log.warning("region %d (lesions %s): restoration unsure, flip disagreement %.0f HU; %s", r.region,
+                        r.lesions, r.disagreement_hu, r.action)
     outcome.excluded = det.excluded
     found = f"above {det.threshold_hu:.0f} HU" + (f" or {cfg.engine.local_contrast_hu:.0f} HU above their vessel's "
                                                   "contrast" if cfg.engine.local_contrast_hu > 0 else "")
@@ -108,8 +120,13 @@ def process_series(series: Series, out_dir: Path, cfg: Config, engine: Engine, m
         params = {"threshold_hu": f"{det.threshold_hu:.0f}", "local_contrast_hu": f"{cfg.engine.local_contrast_hu:.0f}",
                   "local_extent_hu": f"{cfg.engine.local_extent_hu:.0f}", "margin_mm": f"{cfg.engine.margin_mm}",
                   "core": str(cfg.engine.core)}
+        unsure = np.zeros(det.calcium.shape, bool)
+        for r in result.reports:
+            if r.unsure and det.labels is not None:
+                for lesion in r.lesions:
+                    unsure |= det.labels == lesion
         outcome.outputs.append(write_seg(series, det.calcium, result.changed, target, model_id, uids, params,
-                                         seg_number))
+                                         seg_number, unsure=unsure, reports=result.reports))
     outcome.status = "done"
     outcome.seconds = time.perf_counter() - t0
     return outcome

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 from scipy import ndimage
@@ -23,6 +24,50 @@ from dicom_node.pipeline.windows import Region, WindowOptions, plan
 log = logging.getLogger(__name__)
 
 
+UnsureAction = Literal["mark", "leave"]  # an unsure region: restored and marked, or left as acquired
+
+
+@dataclass(frozen=True)
+class ConfidenceOptions:
+    """How sure the engine must be of a region's restoration, and what it does when it is not.
+
+    A restoration can be wrong where the network has little to go on (a small vessel, a
+    lesion unlike its training), and a wrong one can draw a stenosis that is not there.
+    With ``flips`` each window is also restored mirrored along all three axes; the mean
+    absolute difference between the two restorations over a region's restored voxels is
+    its disagreement (HU). Above ``unsure_hu`` the region is unsure: ``mark`` restores it
+    and says so (SEG segment, job lesion table), ``leave`` keeps it as acquired.
+    Flips cost a second pass through the network.
+    """
+
+    flips: bool = True
+    unsure_hu: float = 25.0
+    unsure_action: UnsureAction = "mark"
+
+    def __post_init__(self) -> None:
+        if self.unsure_hu <= 0:
+            raise ValueError(f"unsure_hu must be positive, not {self.unsure_hu}")
+        if self.unsure_action not in ("mark", "leave"):
+            raise ValueError(f"unsure_action must be 'mark' or 'leave', not {self.unsure_action!r}")
+
+
+@dataclass
+class RegionReport:
+    """One restored region, as the job's lesion table and the SEG describe it."""
+
+    region: int
+    lesions: list[int]  # detection's lesion numbers in this region
+    voxels: int  # native voxels restored (0 when left as acquired)
+    disagreement_hu: float | None  # None without flips
+    unsure: bool
+    action: str  # "restored", "restored, unsure" or "left as acquired (unsure)"
+
+    def as_dict(self) -> dict:
+        return {"region": self.region, "lesions": self.lesions, "voxels": self.voxels,
+                "disagreement_hu": None if self.disagreement_hu is None else round(self.disagreement_hu, 1),
+                "unsure": self.unsure, "action": self.action}
+
+
 @dataclass
 class EngineResult:
     detection: Detection
@@ -31,16 +76,18 @@ class EngineResult:
     windows: int
     batches: int
     seconds: dict[str, float] = field(default_factory=dict)
+    reports: list[RegionReport] = field(default_factory=list)  # one per region, in region order
 
 
 class Engine:
     """Detect → plan → infer for one HU volume."""
 
     def __init__(self, backend: Backend, detect_options: DetectOptions | None = None,
-                 window_options: WindowOptions | None = None):
+                 window_options: WindowOptions | None = None, confidence: ConfidenceOptions | None = None):
         self.backend = backend
         self.detect_options = detect_options or DetectOptions()
         self.window_options = window_options or WindowOptions()
+        self.confidence = confidence or ConfidenceOptions()
 
     def run(self, volume: np.ndarray, spacing: tuple[float, float, float],
             progress: Callable[[int, int], None] | None = None) -> EngineResult:
@@ -64,16 +111,27 @@ class Engine:
                  for r in regions]
         steps = max((len(r.windows) for r in regions), default=0)
         total = sum(len(r.windows) for r in regions)
+        flips = self.confidence.flips
+        disagree = np.zeros((len(regions), 2))  # per region: sum of |restored - mirrored|, voxels
         done = batches = 0
         for k in range(steps):
-            work = [(grid, r.windows[k]) for grid, r in zip(grids, regions) if k < len(r.windows)]
+            work = [(ri, grid, r.windows[k]) for ri, (grid, r) in enumerate(zip(grids, regions))
+                    if k < len(r.windows)]
             for i in range(0, len(work), self.backend.max_batch):
                 chunk = work[i:i + self.backend.max_batch]
-                images = np.stack([g[w.box()] for g, w in chunk])[:, None]
-                masks = np.stack([w.network_mask for _, w in chunk])[:, None].astype(np.float32)
+                images = np.stack([g[w.box()] for _, g, w in chunk])[:, None]
+                masks = np.stack([w.network_mask for _, _, w in chunk])[:, None].astype(np.float32)
                 restored = self.backend.run(images, masks)
                 batches += 1
-                for (g, w), out in zip(chunk, restored[:, 0]):
+                if flips:
+                    mirror = (slice(None), slice(None), slice(None, None, -1), slice(None, None, -1),
+                              slice(None, None, -1))
+                    mirrored = self.backend.run(np.ascontiguousarray(images[mirror]),
+                                                np.ascontiguousarray(masks[mirror]))[mirror]
+                    batches += 1
+                    for (ri, _, w), a, b in zip(chunk, restored[:, 0], mirrored[:, 0]):
+                        disagree[ri] += (float(np.abs(a[w.mask] - b[w.mask]).sum()), int(w.mask.sum()))
+                for (_, g, w), out in zip(chunk, restored[:, 0]):
                     view = g[w.box()]
                     view[w.mask] = out[w.mask]
                 done += len(chunk)
@@ -81,11 +139,19 @@ class Engine:
                     progress(done, total)
         t3 = time.perf_counter()
         changed = np.zeros(volume.shape, bool)
-        for grid, r in zip(grids, regions):
+        reports = []
+        for ri, (grid, r) in enumerate(zip(grids, regions)):
+            d = float(disagree[ri, 0] / disagree[ri, 1]) if flips and disagree[ri, 1] else None
+            unsure = d is not None and d > self.confidence.unsure_hu
+            if unsure and self.confidence.unsure_action == "leave":
+                reports.append(RegionReport(r.index, r.lesions, 0, d, True, "left as acquired (unsure)"))
+                continue
             idx = r.native_indices()
             values = ndimage.map_coordinates(grid, r.native_coordinates(idx), order=1, mode="nearest")
             volume[tuple(idx.T)] = values
             changed[tuple(idx.T)] = True
+            reports.append(RegionReport(r.index, r.lesions, len(idx), d, unsure,
+                                        "restored, unsure" if unsure else "restored"))
         t4 = time.perf_counter()
         return EngineResult(detection=detection, regions=regions, changed=changed, windows=total, batches=batches,
-                            seconds={"plan": t2 - t1, "infer": t3 - t2, "resample": t4 - t3})
+                            seconds={"plan": t2 - t1, "infer": t3 - t2, "resample": t4 - t3}, reports=reports)

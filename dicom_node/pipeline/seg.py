@@ -46,9 +46,25 @@ def _source_headers(series: Series, uids: dict[str, str]) -> list[pydicom.Datase
     return out
 
 
+def _confidence_text(reports: list) -> str:
+    """Each region's flip disagreement, for a segment's description (LO: 64 characters at most)."""
+    parts = [f"{r.region}={r.disagreement_hu:.0f}{'!' if r.unsure else ''}" for r in reports
+             if r.disagreement_hu is not None]
+    if not parts:
+        return ""
+    text = "flip disagreement HU by region: " + " ".join(parts)
+    return text if len(text) <= 64 else text[:63] + "…"
+
+
 def write_seg(series: Series, calcium: np.ndarray, restored: np.ndarray, out_dir: Path, model_id: str,
-              uids: dict[str, str], parameters: dict[str, str], series_number: int) -> Path:
-    """Write a two-segment binary SEG referencing the source series; returns its path."""
+              uids: dict[str, str], parameters: dict[str, str], series_number: int,
+              unsure: np.ndarray | None = None, reports: list | None = None) -> Path:
+    """Write a binary SEG referencing the source series; returns its path.
+
+    Segments: 1 the calcium removed, 2 the region restored (its description gives each
+    region's flip disagreement, ``!`` marking the unsure), and 3, only when a restoration
+    was unsure, that calcium: restored and marked, or left as acquired, as ``reports`` say.
+    """
     algo = algorithm(model_id, parameters)
     segments = [
         hd.seg.SegmentDescription(
@@ -62,13 +78,27 @@ def write_seg(series: Series, calcium: np.ndarray, restored: np.ndarray, out_dir
             segmented_property_type=REGION_IN_SPACE, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algo),
     ]
+    text = _confidence_text(reports or [])
+    if text:
+        segments[1].SegmentDescription = text
+    masks = [calcium, restored]
+    if unsure is not None and unsure.any():
+        left = any(r.unsure and r.voxels == 0 for r in reports or [])
+        segments.append(hd.seg.SegmentDescription(
+            segment_number=3, segment_label="Unsure: left as acquired" if left else "Unsure restoration",
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=CALCIFICATION, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algo, anatomic_regions=[codes.SCT.CoronaryArtery]))
+        segments[2].SegmentDescription = ("calcium whose restoration the engine is unsure of; read on the "
+                                          "original")[:64]
+        masks.append(unsure)
     # Only the slices that hold a segment: highdicom would otherwise expand the whole series'
     # masks (several copies of a 600-slice volume) just to drop the empty frames again.
-    used = np.flatnonzero(calcium.any(axis=(1, 2)) | restored.any(axis=(1, 2)))
+    used = np.flatnonzero(np.logical_or.reduce([m.any(axis=(1, 2)) for m in masks]))
     if used.size == 0:
         used = np.array([0])
     headers = _source_headers(series, uids)
-    pixels = np.stack([calcium[used], restored[used]], axis=-1).astype(np.uint8)
+    pixels = np.stack([m[used] for m in masks], axis=-1).astype(np.uint8)
     seg = hd.seg.Segmentation(
         source_images=[headers[i] for i in used], pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=segments,

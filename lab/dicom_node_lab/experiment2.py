@@ -159,7 +159,7 @@ def _stenoses(p: phantom.Phantom, volumes: dict[str, np.ndarray]) -> list[dict]:
     return rows
 
 
-def _goal_metrics(p: phantom.Phantom, original: np.ndarray, processed: np.ndarray) -> dict[str, float]:
+def goal_metrics(p: phantom.Phantom, original: np.ndarray, processed: np.ndarray) -> dict[str, float]:
     """The engine issue's goals, per study: residual calcium, RMSE near lesions, far voxels, bone."""
     from dicom_node.pipeline.morphology import dilate_mm
 
@@ -309,7 +309,7 @@ def experiment2(args: argparse.Namespace) -> int:
         pid = _study_id(i)
         vols = {"truth": p.truth, "original": originals[pid]} | {m: processed[m][pid] for m in modes}
         for m in modes:
-            goals[m].append(_goal_metrics(p, originals[pid], processed[m][pid]))
+            goals[m].append(goal_metrics(p, originals[pid], processed[m][pid]))
         study_rows = _stenoses(p, vols)
         rows += study_rows
         examples += [(p, p.lesions[r["lesion"]], vols, r) for r in study_rows]

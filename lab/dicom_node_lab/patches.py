@@ -50,6 +50,30 @@ def training_options(kind_weights: tuple[float, ...] = ()) -> phantom.PhantomOpt
     return phantom.PhantomOptions(lesion_margin_mm=7.0, calcium_kind_weights=tuple(kind_weights) or None)
 
 
+# Held out of training, for Experiment 2 v2: the standard kernel and motion above TRAIN_MOTION_MM.
+HELD_OUT_KERNELS = ("standard",)
+TRAIN_MOTION_MM = (0.0, 0.7)
+
+
+def training_world_options():
+    """The calibrated world for training volumes: one vessel, one lesion near the middle, held-out settings out."""
+    from dicom_node_lab import world
+    from dicom_node_lab.physics import Kernel
+
+    return world.WorldOptions(kernels=tuple(k for k in Kernel if k not in HELD_OUT_KERNELS),
+                              motion_mm=TRAIN_MOTION_MM, n_vessels=(1, 1), lesions_per_vessel=(1, 1),
+                              lesion_margin_mm=3.0, reference_gap_mm=0.5)
+
+
+def training_volume(seed: int, kind_weights: tuple[float, ...] = (), use_world: bool = False) -> phantom.Phantom:
+    """One training volume (VOLUME voxels): from the calibrated world, or from the first phantom."""
+    if use_world:
+        from dicom_node_lab import world
+
+        return world.generate(VOLUME, seed=seed, options=training_world_options())
+    return phantom.generate(VOLUME, seed=seed, options=training_options(kind_weights))
+
+
 def _crop(p: phantom.Phantom, centre: np.ndarray) -> tuple[slice, ...]:
     lo = [int(np.clip(c - PATCH // 2, 0, n - PATCH)) for c, n in zip(centre, p.image.shape)]
     return tuple(slice(a, a + PATCH) for a in lo)

@@ -96,6 +96,7 @@ class Phantom:
     fwhm_mm: tuple[float, float, float]
     noise_sd: float
     seed: int
+    settings: object | None = None  # how a world study was acquired (world.StudySettings); None here
 
     def centreline_voxels(self, vessel: int) -> np.ndarray:
         """Centreline points of one vessel in (fractional) voxel indices."""

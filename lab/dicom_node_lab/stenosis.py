@@ -18,6 +18,8 @@ from typing import TypeVar
 import numpy as np
 from scipy import ndimage
 
+from dicom_node_lab.reader import frames
+
 TISSUE_HU = 50.0
 BRIGHTER_THAN_LUMEN_HU = 100.0  # above lumen + this, a voxel reads as calcium or blooming
 Level = TypeVar("Level")  # a float, a numpy array or a torch tensor of HU
@@ -38,21 +40,12 @@ class LumenProfile:
     diameter_mm: np.ndarray  # equivalent diameter (from area); nan outside the volume
 
 
-def _frames(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    t = np.gradient(points, axis=0)
-    t /= np.linalg.norm(t, axis=1, keepdims=True)
-    ref = np.where(np.abs(t[:, :1]) < 0.9, np.array([[1.0, 0, 0]]), np.array([[0, 1.0, 0]]))
-    n = ref - np.sum(ref * t, axis=1, keepdims=True) * t
-    n /= np.linalg.norm(n, axis=1, keepdims=True)
-    return t, n, np.cross(t, n)
-
-
 def lumen_profile(volume: np.ndarray, spacing: tuple[float, float, float], points_mm: np.ndarray,
                   lumen_hu: np.ndarray, radius_mm: np.ndarray, indices: np.ndarray, half_width_mm: float = 4.0,
                   pixel_mm: float = 0.1) -> LumenProfile:
     """Equivalent lumen diameter at the given centreline sample indices."""
     sp = np.asarray(spacing, float)
-    t, n, b = _frames(points_mm)
+    t, n, b = frames(points_mm)
     u = np.arange(-half_width_mm, half_width_mm + 1e-6, pixel_mm)
     uu, vv = np.meshgrid(u, u, indexing="ij")
     centre = (len(u) // 2, len(u) // 2)

@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--validation-patches", type=int, default=d.validation_patches)
     ap.add_argument("--margin-mm", type=float, default=d.margin_mm,
                     help="footprint masks dilate the calcium by 0.8-1.3 × this (the engine uses engine.margin_mm)")
+    ap.add_argument("--world", action="store_true",
+                    help="train on the calibrated world (world.py; the standard kernel and motion > 0.7 mm held out)")
     ap.add_argument("--init", default="", help="fine-tune from this model.pt instead of random weights")
     ap.add_argument("--bn-calibration-batches", type=int, default=d.bn_calibration_batches,
                     help="batches of 6 fresh patches for exact BatchNorm statistics after training")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dicom_node.pipeline.detect import DetectOptions, describe, detect
-from dicom_node.pipeline.restore import Engine
+from dicom_node.pipeline.restore import ConfidenceOptions, Engine
 from dicom_node.pipeline.windows import PATCH, WindowOptions, footprint, plan
 from dicom_node_lab import phantom
 
@@ -145,7 +145,47 @@ def test_only_footprint_voxels_change(study, spacing):
     assert np.array_equal(result.changed, foot)
     assert np.array_equal(vol[~foot], before[~foot]), "every other voxel keeps its exact value"
     assert np.allclose(vol[foot], FILL_HU, atol=1e-3)
-    assert sum(backend.calls) == result.windows and max(backend.calls) <= backend.max_batch
+    # each window twice: as it is and mirrored, for the confidence estimate
+    assert sum(backend.calls) == 2 * result.windows and max(backend.calls) <= backend.max_batch
+    assert [r.disagreement_hu for r in result.reports] == [0.0] * len(result.regions), "a fill is flip-symmetric"
+    assert all(r.action == "restored" and not r.unsure for r in result.reports)
+    plain = FillBackend()
+    Engine(plain, confidence=ConfidenceOptions(flips=False)).run(study.image.copy(), spacing)
+    assert sum(plain.calls) == result.windows, "without flips, one pass"
+
+
+class LopsidedBackend(FillBackend):
+    """Restores one half of each window's x axis differently: a restoration that changes when mirrored."""
+
+    def run(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        out = super().run(image, mask)
+        out[..., PATCH // 2:] = np.where(mask[..., PATCH // 2:] > 0.5, FILL_HU + 300.0, out[..., PATCH // 2:])
+        return out
+
+
+@pytest.mark.parametrize("action", ["mark", "leave"])
+def test_an_unsure_region_is_marked_or_left_as_acquired(study, action):
+    """A restoration that disagrees with its mirror image is unsure: restored and marked, or left alone."""
+    vol = study.image.copy()
+    before = vol.copy()
+    opts = ConfidenceOptions(unsure_hu=50.0, unsure_action=action)
+    result = Engine(LopsidedBackend(), confidence=opts).run(vol, study.spacing)
+    assert result.reports and all(r.unsure and r.disagreement_hu > 50.0 for r in result.reports)
+    if action == "leave":
+        assert not result.changed.any() and np.array_equal(vol, before), "left exactly as acquired"
+        assert all(r.voxels == 0 and r.action == "left as acquired (unsure)" for r in result.reports)
+    else:
+        assert result.changed.any() and all(r.action == "restored, unsure" for r in result.reports)
+    calm = Engine(LopsidedBackend(), confidence=ConfidenceOptions(unsure_hu=1e6)).run(study.image.copy(),
+                                                                                     study.spacing)
+    assert not any(r.unsure for r in calm.reports), "below the threshold nothing is unsure"
+
+
+def test_confidence_options_refuse_nonsense():
+    with pytest.raises(ValueError):
+        ConfidenceOptions(unsure_hu=0.0)
+    with pytest.raises(ValueError):
+        ConfidenceOptions(unsure_action="ignore")
 
 
 def test_cube_mode_hides_the_whole_core_but_writes_only_the_footprint(study):

@@ -20,8 +20,11 @@ from dicom_node.pipeline.series import read_ct_series
 from dicom_node_lab.phantom import generate
 from dicom_node_lab.phantom_dicom import ct_series
 
-# Recorded before the product/lab split (commit 098424a), with the code as it was then.
+# Recorded before the product/lab split (commit 098424a), with the code as it was then; still what
+# `engine.confidence = false` writes. With confidence on (the default since issue 16) the pixels are the
+# same and the SEG's restored segment carries each region's flip disagreement in its description.
 RECORDED = "c3237825549659beccf03c41dbf73b9264323e47e0b2062e844afdaf0797f323"
+RECORDED_WITH_CONFIDENCE = "63858ee2c0a344bc3e5fc6b5ed37b30e77baaa39e57cbb381cf1204fa3391473"
 TIMES = {"DA", "TM", "DT"}
 DIMENSION_ORGANIZATION_UID = 0x00209164  # highdicom draws it at random for each SEG: no identity of ours
 
@@ -72,15 +75,21 @@ def test_process_writes_what_it_wrote_before(tmp_path: Path) -> None:
     assert outcome.status == "done" and outcome.voxels_changed > 0 and len(outcome.outputs) == 49
     assert outcome.settings["model"] == "shift sha256:0" and outcome.settings["margin_mm"] == cfg.engine.margin_mm
     assert engine_keys_cover_the_options(cfg)
-    assert digest(tmp_path / "out") == RECORDED
+    assert outcome.regions and all(r["action"] == "restored" and r["disagreement_hu"] == 0.0 for r in outcome.regions)
+    assert digest(tmp_path / "out") == RECORDED_WITH_CONFIDENCE
+    cfg.engine.confidence = False
+    outcome = process_series(series, tmp_path / "off", cfg, build_engine(cfg, ShiftBackend()), "shift sha256:0")
+    assert digest(tmp_path / "off") == RECORDED, "without the confidence pass, byte for byte what it was"
 
 
 def engine_keys_cover_the_options(cfg: Config) -> bool:
-    """Every [engine] detection or window key reaches its option, with the option's own default."""
+    """Every [engine] detection, window or confidence key reaches its option, with the option's own default."""
     from dicom_node.config import ENGINE_KEYS
     from dicom_node.pipeline.detect import DetectOptions
+    from dicom_node.pipeline.restore import ConfidenceOptions
     from dicom_node.pipeline.windows import WindowOptions
 
-    built = {DetectOptions: cfg.engine.detect_options(), WindowOptions: cfg.engine.window_options()}
+    built = {DetectOptions: cfg.engine.detect_options(), WindowOptions: cfg.engine.window_options(),
+             ConfidenceOptions: cfg.engine.confidence_options()}
     return all(getattr(built[kind], field) == getattr(cfg.engine, key) == getattr(kind(), field)
                for key, (kind, field) in ENGINE_KEYS.items())

@@ -103,7 +103,11 @@ def test_seg_references_the_source_and_names_the_algorithm(processed):
     refs = {i.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence}
     assert refs <= src_uids and refs
     labels = [s.SegmentLabel for s in seg.SegmentSequence]
-    assert labels == ["Calcium removed", "Restored region"]
+    assert labels[:2] == ["Calcium removed", "Restored region"]
+    assert labels[2:] in ([], ["Unsure restoration"]), "segment 3 only for calcium restored with doubt"
+    described = seg.SegmentSequence[1].SegmentDescription
+    assert described.startswith("flip disagreement HU by region: 1=") and len(described) <= 64
+    assert ("!" in described) == (len(labels) == 3), "the unsure regions are the ones marked with !"
     for s in seg.SegmentSequence:
         assert s.SegmentAlgorithmType == "AUTOMATIC"
         assert s.SegmentedPropertyCategoryCodeSequence[0].CodingSchemeDesignator in ("SCT", "DCM")

@@ -15,7 +15,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from dicom_node_lab import phantom
 from dicom_node_lab.masks import DEFAULT_MARGIN_MM
-from dicom_node_lab.patches import VOLUME, Patch, cut, training_options, volume_seed
+from dicom_node_lab.patches import Patch, cut, training_volume, volume_seed
 
 
 class PhantomPatches(IterableDataset):
@@ -28,7 +28,7 @@ class PhantomPatches(IterableDataset):
     def __init__(self, seed: int, mode: str, start: int = 0, pool: int = 32, reuse: int = 10,
                  extra: Callable[[np.random.Generator], Patch | None] | None = None,
                  extra_fraction: float = 0.0, margin_mm: float = DEFAULT_MARGIN_MM,
-                 kind_weights: tuple[float, ...] = ()):
+                 kind_weights: tuple[float, ...] = (), use_world: bool = False):
         self.seed = seed
         self.margin_mm = margin_mm
         self.mode = mode
@@ -38,16 +38,16 @@ class PhantomPatches(IterableDataset):
         self.extra = extra
         self.extra_fraction = extra_fraction
         self.kind_weights = kind_weights
+        self.use_world = use_world  # the calibrated world (world.py) instead of the first phantom
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         rng = np.random.default_rng([self.seed, self.start, wid])
-        opts = training_options(self.kind_weights)
         index = self.start * nw + wid
         vols: list[phantom.Phantom] = []
         while True:
-            vols.append(phantom.generate(VOLUME, seed=volume_seed(self.seed, index), options=opts))
+            vols.append(training_volume(volume_seed(self.seed, index), self.kind_weights, self.use_world))
             index += nw
             if len(vols) > self.pool:
                 vols.pop(0)

@@ -19,12 +19,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from dicom_node_lab import phantom
 from dicom_node_lab.masks import DEFAULT_MARGIN_MM
 from dicom_node_lab.model.data import PhantomPatches
 from dicom_node_lab.model.inpaint import Inpainter, to_hu, to_norm
 from dicom_node_lab.model.networks import build
-from dicom_node_lab.patches import VOLUME, cut, training_options, volume_seed
+from dicom_node_lab.patches import cut, training_volume, volume_seed
 from dicom_node_lab.stenosis import lumen_threshold
 
 VALIDATION_SEED = 7  # volume seeds base*1_000_003 + i: disjoint from training's
@@ -62,6 +61,7 @@ class TrainConfig:
     init: str = ""  # start from these weights (a model.pt) instead of random ones: fine-tuning
     margin_mm: float = DEFAULT_MARGIN_MM  # footprint masks: calcium dilated by 0.8-1.3 × this
     device: str = "cpu"  # "cuda" trains on a GPU; patches are still rendered by CPU workers
+    world: bool = False  # train on the calibrated world (world.py, held-out kernel and motion left out)
 
 
 def lumen_boundary_loss(pred_hu: torch.Tensor, target_hu: torch.Tensor, mask: torch.Tensor,
@@ -98,14 +98,14 @@ def _cpu(state: dict) -> dict:
     return {k: v.cpu() for k, v in state.items()}
 
 
-def validation_set(n: int, mode: str, margin_mm: float = DEFAULT_MARGIN_MM
+def validation_set(n: int, mode: str, margin_mm: float = DEFAULT_MARGIN_MM, use_world: bool = False
                    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """A fixed held-out batch of patches, the same for every run with this mode."""
     rng = np.random.default_rng(VALIDATION_SEED)
     out = []
     i = 0
     while len(out) < n:
-        p = phantom.generate(VOLUME, seed=volume_seed(VALIDATION_SEED, i), options=training_options())
+        p = training_volume(volume_seed(VALIDATION_SEED, i), use_world=use_world)
         i += 1
         patch = cut(rng, p, mode, margin_mm)
         if patch is not None:
@@ -149,7 +149,7 @@ def recalibrate_batchnorm(model: Inpainter, cfg: TrainConfig, batches: int, batc
     device = next(model.parameters()).device
     # training seed range, unseen volumes
     data = PhantomPatches(cfg.seed, cfg.mask_mode, start=10_000_000, margin_mm=cfg.margin_mm,
-                          kind_weights=cfg.kind_weights)
+                          kind_weights=cfg.kind_weights, use_world=cfg.world)
     for i, (image, mask, *_) in enumerate(DataLoader(data, batch_size=batch, num_workers=0)):
         if i >= batches:
             break
@@ -206,10 +206,12 @@ def train(cfg: TrainConfig, out: Path, progress: bool = True, dicom_source=None)
     log = open(out / "train.log", "a")  # noqa: SIM115 - held for the whole run, closed at the end
     extra = dicom_source.sample if dicom_source is not None else None
     data = PhantomPatches(cfg.seed, cfg.mask_mode, start=step, reuse=cfg.reuse, extra=extra,
-                          extra_fraction=cfg.dicom_fraction, margin_mm=cfg.margin_mm, kind_weights=cfg.kind_weights)
+                          extra_fraction=cfg.dicom_fraction, margin_mm=cfg.margin_mm, kind_weights=cfg.kind_weights,
+                          use_world=cfg.world)
     loader = DataLoader(data, batch_size=cfg.batch, num_workers=cfg.workers, pin_memory=device.type == "cuda",
                         persistent_workers=cfg.workers > 0, prefetch_factor=4 if cfg.workers else None)
-    val = validation_set(cfg.validation_patches, cfg.mask_mode, cfg.margin_mm) if cfg.validation_patches else []
+    val = (validation_set(cfg.validation_patches, cfg.mask_mode, cfg.margin_mm, cfg.world)
+           if cfg.validation_patches else [])
     budget_s = cfg.minutes * 60.0
     budget_cpu = cfg.cpu_minutes * 60.0
 
