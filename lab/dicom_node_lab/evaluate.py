@@ -2,6 +2,7 @@
 
   python tools/evaluate.py experiment1 --patches 200
   python tools/evaluate.py experiment2 --studies 32
+  python tools/evaluate.py experiment2v2 --studies 120
 
 experiment1: restore a centre cube (16³ and 8³) that hides a stretch of vessel with
 no calcium, and measure MSE against the truth, for every network and the classical
@@ -14,6 +15,12 @@ and the true image with one method; also, in-process, the engine on the phantom'
 true calcium and on its own detection plus the visible true calcium, to separate
 detection's error from the restoration's. Writes
 reports/experiment2.md and .png.
+
+experiment2v2: the calibrated world (world.py) read by the reader model (reader.py), on
+held-out seeds and held-out scanner settings (the standard kernel, motion above 0.7 mm):
+bias, error, limits of agreement, CAD-RADS agreement and the ≥ 50 / ≥ 70 % decisions
+before and after processing, by stratum; safety and the engine's confidence flag. Writes
+reports/experiment2v2.md, .json and .png.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dicom_node_lab import calibration, experiment2v2
 from dicom_node_lab.experiment1 import experiment1
 from dicom_node_lab.experiment2 import EXP2_RUNS, EXP2_SEED, EXP2_TUNE_SEED, experiment2
 
@@ -47,7 +55,15 @@ def main(argv: list[str] | None = None) -> int:
                          "faster, same readings; for comparing settings on tuning studies")
     e2.add_argument("--seed", type=int, default=EXP2_SEED,
                     help=f"study seed base; {EXP2_SEED} is the held-out test set, {EXP2_TUNE_SEED} the tuning set")
+    e3 = sub.add_parser("experiment2v2", help="the calibrated world: calcified stenoses before and after, by stratum")
+    experiment2v2.add_arguments(e3)
+    cal = sub.add_parser("calibration", help="the world's blooming against the issue's 2D check, XCIST and the gate")
+    calibration.add_arguments(cal)
     args = ap.parse_args(argv)
+    if args.cmd == "calibration":
+        return calibration.report(args)
+    if args.cmd == "experiment2v2":
+        return experiment2v2.run(args)
     return experiment1(args) if args.cmd == "experiment1" else experiment2(args)
 
 

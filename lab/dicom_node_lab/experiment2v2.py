@@ -100,25 +100,27 @@ def _one_study(job: tuple[int, int, str, list[str], bool]) -> tuple[list[dict], 
 
 
 def _lesion_confidence(p, row: dict, result) -> tuple[bool | None, float | None]:
-    """The engine's confidence for the regions that touch this lesion's calcium (None: none touched it)."""
-    regions = getattr(result, "regions", [])
-    if not regions or not hasattr(regions[0], "disagreement_hu"):
+    """The engine's confidence for the regions that reach this lesion (None: no region did).
+
+    A region reaches the lesion when its box, widened by the lesion's half length, holds
+    the lesion's centre. Returns (unsure at the engine's threshold, the largest disagreement).
+    """
+    reports = getattr(result, "reports", [])
+    if not reports or reports[0].disagreement_hu is None:
         return None, None
     v = p.vessels[row["vessel"]]
     les = v.lesions_w[row["lesion"]]
-    if les.arc_deg <= 0:
-        return None, None
     point = v.points_mm[int(round(les.s_mm / world.STEP_MM))] / np.asarray(p.spacing)
+    reach = les.half_length_mm / min(p.spacing)
     best = None
-    for r in regions:
-        lo = np.array([s.start for s in r.native_box]) - les.half_length_mm / min(p.spacing)
-        hi = np.array([s.stop for s in r.native_box]) + les.half_length_mm / min(p.spacing)
-        if np.all(point >= lo) and np.all(point <= hi):
-            d = r.disagreement_hu
-            best = d if best is None or d > best else best
+    for region, rep in zip(result.regions, reports):
+        lo = np.array([s.start for s in region.native_box]) - reach
+        hi = np.array([s.stop for s in region.native_box]) + reach
+        if np.all(point >= lo) and np.all(point <= hi) and (best is None or rep.disagreement_hu > best):
+            best = rep.disagreement_hu
     if best is None:
         return None, None
-    return bool(best > _ENGINE.unsure_hu) if _ENGINE is not None else None, float(best)
+    return bool(best > _ENGINE.confidence.unsure_hu), float(best)
 
 
 def _strip(p, row: dict, original: np.ndarray, processed: np.ndarray) -> np.ndarray:

@@ -147,6 +147,11 @@ def _round_trip(node: NodeProcess, orthanc: Orthanc, cta: Path, destination: str
     derived_uid = _check_outputs(orthanc, cta, derived, seg)
     done = node.jobs(state="done")
     assert len(done) == 1 and done[0]["deliveries"][destination]["state"] == "done"
+    # the job's lesion table: every restored region with its lesions, its confidence and what was done
+    table = done[0]["lesions"]
+    assert table and all(r["action"] in ("restored", "restored, unsure") and r["voxels"] > 0
+                         and r["disagreement_hu"] >= 0 and r["lesions"] for r in table), table
+    assert ("unsure" in done[0]["reason"]) == any(r["unsure"] for r in table)
     _not_routed_back(node, derived_uid)
     return derived, done[0]
 
