@@ -48,6 +48,7 @@ class EngineConfig:
     confidence: bool = ConfidenceOptions.flips  # a mirrored second pass measures how sure each restoration is
     unsure_hu: float = ConfidenceOptions.unsure_hu  # a region whose two passes differ more than this is unsure
     unsure_action: UnsureAction = ConfidenceOptions.unsure_action  # mark: restore and say so; leave: as acquired
+    keep_visible_lumen: bool = ConfidenceOptions.keep_visible_lumen  # never darken visible lumen past its edge
     max_pixel_mm: float = 0.8  # refuse series coarser than this in-plane
     max_slice_mm: float = 1.25  # refuse series with slices further apart than this
 
@@ -73,6 +74,7 @@ ENGINE_KEYS: dict[str, tuple[type, str]] = {
     "margin_mm": (WindowOptions, "margin_mm"), "core": (WindowOptions, "core"),
     "mask_mode": (WindowOptions, "mask_mode"), "confidence": (ConfidenceOptions, "flips"),
     "unsure_hu": (ConfidenceOptions, "unsure_hu"), "unsure_action": (ConfidenceOptions, "unsure_action"),
+    "keep_visible_lumen": (ConfidenceOptions, "keep_visible_lumen"),
 }
 
 

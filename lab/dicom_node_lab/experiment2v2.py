@@ -269,7 +269,8 @@ def run(args: argparse.Namespace) -> int:
     (report / "experiment2v2.json").write_text(json.dumps(result, indent=1, default=float))
     worst = sorted(calcified, key=lambda r: -abs((r[f"processed@{PRIMARY_WHITE:g}"] or 0)
                                                 - (r[f"truth@{PRIMARY_WHITE:g}"] or 0)))[:10]
-    _figure(report / "experiment2v2.png", worst, args)
+    if not args.no_figure:
+        _figure(report / "experiment2v2.png", worst, args)
     _markdown(report / "experiment2v2.md", result, args)
     print((report / "experiment2v2.md").read_text())
     return 0
@@ -411,3 +412,4 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="extra [engine] setting (TOML), e.g. 'unsure_action = \"leave\"'")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--report-dir", default="reports")
+    ap.add_argument("--no-figure", action="store_true", help="skip the worst lesions' strips (tuning runs)")

@@ -140,7 +140,8 @@ def test_only_footprint_voxels_change(study, spacing):
     vol = study.image.copy()
     before = vol.copy()
     backend = FillBackend()
-    result = Engine(backend).run(vol, spacing)
+    # the visible-lumen guard off: this test checks where values are written, not what (see below)
+    result = Engine(backend, confidence=ConfidenceOptions(keep_visible_lumen=False)).run(vol, spacing)
     foot = footprint(result.detection.calcium, spacing, WindowOptions().margin_mm)
     assert np.array_equal(result.changed, foot)
     assert np.array_equal(vol[~foot], before[~foot]), "every other voxel keeps its exact value"
@@ -214,3 +215,25 @@ def test_a_given_calcium_mask_is_restored_instead_of_the_detected_one(study):
     assert not np.array_equal(foot, footprint(detect(before, study.spacing).calcium, study.spacing,
                                               WindowOptions().margin_mm)), "the given mask is not what detect finds"
     assert np.array_equal(vol[~foot], before[~foot])
+
+
+class DarkBackend(FillBackend):
+    """Restores every masked voxel to fat: the worst a network can do to a narrow lumen."""
+
+    def run(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        self.calls.append(len(image))
+        return np.where(mask > 0.5, -100.0, image).astype(np.float32)
+
+
+def test_the_visible_lumen_is_never_darkened_past_its_edge(study):
+    """The guard holds voxels the acquired image shows as lumen at its edge; calcium still goes."""
+    guarded, free = study.image.copy(), study.image.copy()
+    on = Engine(DarkBackend()).run(guarded, study.spacing)
+    off = Engine(DarkBackend(), confidence=ConfidenceOptions(keep_visible_lumen=False)).run(free, study.spacing)
+    assert np.array_equal(on.changed, off.changed)
+    assert sum(r.lumen_kept for r in on.reports) > 0 and all(r.lumen_kept == 0 for r in off.reports)
+    assert (guarded >= free).all(), "the guard only ever holds a value up"
+    white = study.image > 1000  # calcium itself: no lumen level reaches that high
+    assert np.array_equal(guarded[white & on.changed], free[white & on.changed])
+    held = on.changed & (guarded > free)
+    assert held.any() and (study.image[held] < 1000).all()
