@@ -21,10 +21,11 @@ from dicom_node_lab.phantom import generate
 from dicom_node_lab.phantom_dicom import ct_series
 
 # Recorded before the product/lab split (commit 098424a), with the code as it was then; still what
-# `engine.confidence = false` writes. With confidence on (the default since issue 16) the pixels are the
-# same and the SEG's restored segment carries each region's flip disagreement in its description.
+# `engine.confidence = false` with `keep_visible_lumen = false` writes. With both on (the defaults since
+# issue 16) the SEG's restored segment carries each region's flip disagreement in its description, and
+# the guard holds the voxels this backend would darken past the lumen's edge.
 RECORDED = "c3237825549659beccf03c41dbf73b9264323e47e0b2062e844afdaf0797f323"
-RECORDED_WITH_CONFIDENCE = "63858ee2c0a344bc3e5fc6b5ed37b30e77baaa39e57cbb381cf1204fa3391473"
+RECORDED_WITH_CONFIDENCE = "e663d80f73fd21a6f0a2241ecf99b65f1f3eb6d030f2646943e1348abdd52afb"
 TIMES = {"DA", "TM", "DT"}
 DIMENSION_ORGANIZATION_UID = 0x00209164  # highdicom draws it at random for each SEG: no identity of ours
 
@@ -78,6 +79,7 @@ def test_process_writes_what_it_wrote_before(tmp_path: Path) -> None:
     assert outcome.regions and all(r["action"] == "restored" and r["disagreement_hu"] == 0.0 for r in outcome.regions)
     assert digest(tmp_path / "out") == RECORDED_WITH_CONFIDENCE
     cfg.engine.confidence = False
+    cfg.engine.keep_visible_lumen = False
     outcome = process_series(series, tmp_path / "off", cfg, build_engine(cfg, ShiftBackend()), "shift sha256:0")
     assert digest(tmp_path / "off") == RECORDED, "without the confidence pass, byte for byte what it was"
 
