@@ -462,6 +462,22 @@ def _render_slab(z0: int, z1: int, shape: tuple[int, int, int], spacing: np.ndar
                 calcium=calc_n.reshape(cube))
 
 
+def render(shape: tuple[int, int, int], spacing: np.ndarray, supersample: int, geoms: list, bg: _Background,
+           slab: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Acquired and truth HU, lumen and calcium fractions of a whole volume, slab by slab (before blur).
+
+    ``geoms``: anything with ``_VesselGeometry``'s ``tree``, ``reach`` and ``render`` (the
+    calibrated world's lesions use the same slabs).
+    """
+    out = [np.empty(shape, np.float32) for _ in range(4)]
+    for z0 in range(0, shape[0], slab):
+        z1 = min(z0 + slab, shape[0])
+        part = _render_slab(z0, z1, shape, spacing, supersample, geoms, bg)
+        for arr, key in zip(out, ("image", "truth", "lumen", "calcium")):
+            arr[z0:z1] = part[key]
+    return tuple(out)
+
+
 def _correlated_noise(rng: np.random.Generator, shape: tuple[int, int, int], sd: float) -> np.ndarray:
     """Noise with the fine grain of filtered back-projection: white noise, low-passed."""
     n = rng.standard_normal(shape).astype(np.float32)
@@ -482,15 +498,7 @@ def generate(shape: tuple[int, int, int] = (48, 48, 48),
     vessels = _make_vessels(rng, extent, opts)
     bg = _make_background(rng, extent, vessels, opts)
     geoms = [_VesselGeometry(v) for v in vessels]
-    image = np.empty(shape, np.float32)
-    truth = np.empty(shape, np.float32)
-    lumen = np.empty(shape, np.float32)
-    calc = np.empty(shape, np.float32)
-    for z0 in range(0, shape[0], slab):
-        z1 = min(z0 + slab, shape[0])
-        out = _render_slab(z0, z1, shape, sp, opts.supersample, geoms, bg)
-        image[z0:z1], truth[z0:z1], lumen[z0:z1], calc[z0:z1] = (
-            out["image"], out["truth"], out["lumen"], out["calcium"])
+    image, truth, lumen, calc = render(shape, sp, opts.supersample, geoms, bg, slab)
 
     fwhm = (float(rng.uniform(*opts.fwhm_z_mm)), float(rng.uniform(*opts.fwhm_inplane_mm)))
     fwhm_mm = (fwhm[0], fwhm[1], fwhm[1])

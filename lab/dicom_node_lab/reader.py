@@ -158,15 +158,29 @@ def _diameters_at(volume: np.ndarray, spacing: tuple[float, float, float], point
     return (np.roll(d, 1, axis=1) + d + np.roll(d, -1, axis=1)) / 3.0
 
 
+def as_seen(volume: np.ndarray, spacing: tuple[float, float, float], settings: ReaderSettings = ReaderSettings()
+            ) -> np.ndarray:
+    """The volume as the reader's eye integrates it (``smooth_mm``); read_lesion does this unless told it is done.
+
+    Callers reading many lesions of one image smooth it once here and pass ``seen=True``.
+    """
+    if settings.smooth_mm <= 0:
+        return volume
+    return ndimage.gaussian_filter(volume, settings.smooth_mm / np.asarray(spacing, float), truncate=3.0)
+
+
 def read_lesion(volume: np.ndarray, spacing: tuple[float, float, float], lumen_points_mm: np.ndarray,
                 s_centre_mm: float, half_length_mm: float, settings: ReaderSettings = ReaderSettings(),
-                level_hu: float | None = None) -> Reading | None:
-    """Read one lesion along the lumen's centreline (sampled every 0.1 mm); None without references."""
+                level_hu: float | None = None, seen: bool = False) -> Reading | None:
+    """Read one lesion along the lumen's centreline (sampled every 0.1 mm); None without references.
+
+    ``seen``: ``volume`` is already :func:`as_seen` with these settings.
+    """
     lesion, ref = lesion_sections(s_centre_mm, half_length_mm, len(lumen_points_mm))
     if len(lesion) == 0 or len(ref) < 4:
         return None
-    if settings.smooth_mm > 0:
-        volume = ndimage.gaussian_filter(volume, settings.smooth_mm / np.asarray(spacing, float), truncate=3.0)
+    if not seen:
+        volume = as_seen(volume, spacing, settings)
     level = lumen_level(volume, spacing, lumen_points_mm[ref]) if level_hu is None else level_hu
     if level - settings.wall_hu < 100.0:
         return None  # no contrast to read against

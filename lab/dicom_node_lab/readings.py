@@ -11,7 +11,7 @@ import numpy as np
 
 from dicom_node_lab import world
 from dicom_node_lab.phantom import Phantom
-from dicom_node_lab.reader import WHITE_LEVELS_HU, ReaderSettings, read_lesion
+from dicom_node_lab.reader import WHITE_LEVELS_HU, ReaderSettings, as_seen, read_lesion
 
 
 def arc_stratum(arc_deg: float) -> str:
@@ -34,6 +34,8 @@ def read_study(p: Phantom, images: dict[str, np.ndarray], whites: tuple[float, .
     """One row per lesion: strata, geometric truth, and ``<image>@<white>`` readings (None if unreadable)."""
     rows = []
     settings = p.settings
+    # the white level does not change how the eye smooths: each image is smoothed once, not per lesion and level
+    seen = {name: as_seen(vol, p.spacing) for name, vol in images.items()}
     for vi, v in enumerate(p.vessels):
         if not isinstance(v, world.WorldVessel):
             raise TypeError("read_study reads world studies (world.generate)")
@@ -56,8 +58,8 @@ def read_study(p: Phantom, images: dict[str, np.ndarray], whites: tuple[float, .
             row["density"] = density_stratum(les.density_mg_cm3)
             for white in whites:
                 st = ReaderSettings(white_hu=white)
-                for name, vol in images.items():
-                    r = read_lesion(vol, p.spacing, lumen_pts, les.s_mm, les.half_length_mm, st)
+                for name, vol in seen.items():
+                    r = read_lesion(vol, p.spacing, lumen_pts, les.s_mm, les.half_length_mm, st, seen=True)
                     row[f"{name}@{white:g}"] = None if r is None else r.stenosis_pct
             rows.append(row)
     return rows

@@ -38,9 +38,9 @@ from dicom_node_lab.phantom import (
     Vessel,
     _frames,
     _make_background,
-    _render_slab,
     _smooth_curve,
     _wrap,
+    render,
 )
 from dicom_node_lab.physics import Acquisition, Kernel
 
@@ -388,15 +388,7 @@ def generate(shape: tuple[int, int, int] = (80, 112, 112), spacing: tuple[float,
     vessels = _draw_vessels(rng, extent, kvp, opts, motion_mm or opts.motion_mm)
     bg = _make_background(rng, extent, vessels, opts.background)
     geoms = [_Geometry(v) for v in vessels]
-    image = np.empty(shape, np.float32)
-    truth = np.empty(shape, np.float32)
-    lumen = np.empty(shape, np.float32)
-    calc = np.empty(shape, np.float32)
-    for z0 in range(0, shape[0], 16):
-        z1 = min(z0 + 16, shape[0])
-        out = _render_slab(z0, z1, shape, sp, opts.supersample, geoms, bg)
-        image[z0:z1], truth[z0:z1], lumen[z0:z1], calc[z0:z1] = (
-            out["image"], out["truth"], out["lumen"], out["calcium"])
+    image, truth, lumen, calc = render(shape, sp, opts.supersample, geoms, bg)
     km = physics.KERNELS[kern]
     acq = Acquisition(kernel=kern, slice_fwhm_mm=float(rng.uniform(*opts.slice_fwhm_mm)), kvp=kvp,
                       noise_sd=float(rng.uniform(*km.noise_sd)) if noise else 0.0,
