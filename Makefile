@@ -4,7 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint fmt clean serve
+.PHONY: venv test lint fmt clean serve ohif viewer
+
+# OHIF v3, ready-built in the npm package @ohif/app (its dist/), for the viewer tests and `make viewer`.
+# Keep in step with dicom_node_lab/viewer.py's OHIF_VERSION.
+OHIF_VERSION := 3.13.2
+OHIF_DIR := .cache/ohif-$(OHIF_VERSION)
 
 venv: $(STAMP)
 
@@ -15,7 +20,7 @@ $(STAMP): setup.cfg pyproject.toml lab/pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]' -e lab
 	touch $(STAMP)
 
-test: venv
+test: venv ohif
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
@@ -23,6 +28,18 @@ test: venv
 # Then, in another shell: .venv/bin/dicom-node demo   (or storescu -aet STORESCU -aec DICOMNODE localhost 11112 FILES)
 serve: venv
 	$(PY) -m dicom_node.cli serve --backend onnxruntime
+
+# Unpacks OHIF from the npm registry once (about 50 MB); nothing is fetched at run time.
+ohif: $(OHIF_DIR)/dist/index.html
+
+$(OHIF_DIR)/dist/index.html:
+	mkdir -p .cache
+	cd .cache && rm -rf package ohif-$(OHIF_VERSION) && npm pack --silent @ohif/app@$(OHIF_VERSION) >/dev/null \
+		&& tar xzf ohif-app-$(OHIF_VERSION).tgz && mv package ohif-$(OHIF_VERSION) && rm ohif-app-$(OHIF_VERSION).tgz
+
+# Orthanc, the node and OHIF on loopback with a demo study routed through the node; prints the viewer's URL.
+viewer: venv ohif
+	$(PY) -m dicom_node_lab.viewer
 
 lint: venv
 	$(VENV)/bin/ruff check .

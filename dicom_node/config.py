@@ -42,6 +42,8 @@ class EngineConfig:
     local_extent_hu: float = DetectOptions.local_extent_hu  # ... taken down to this far above it; 0 = off
     metal_hu: float = DetectOptions.metal_hu
     keep_edge_components: bool = DetectOptions.keep_edge_components  # bright pieces cut by the volume's edge
+    noise_sigmas: float = DetectOptions.noise_sigmas  # small components must peak this many noise SDs up; 0 = off
+    noise_keep_mm3: float = DetectOptions.noise_keep_mm3  # ... components this large are kept regardless
     margin_mm: float = WindowOptions.margin_mm  # blooming margin restored around the calcium
     core: int = WindowOptions.core  # voxels a window may restore per axis (of 32)
     mask_mode: MaskMode = WindowOptions.mask_mode  # cube: the paper's, hiding each window's whole core
@@ -71,6 +73,7 @@ ENGINE_KEYS: dict[str, tuple[type, str]] = {
     "threshold_hu": (DetectOptions, "threshold_hu"), "adaptive_threshold": (DetectOptions, "adaptive"),
     "local_contrast_hu": (DetectOptions, "local_contrast_hu"), "local_extent_hu": (DetectOptions, "local_extent_hu"),
     "metal_hu": (DetectOptions, "metal_hu"), "keep_edge_components": (DetectOptions, "keep_edge_components"),
+    "noise_sigmas": (DetectOptions, "noise_sigmas"), "noise_keep_mm3": (DetectOptions, "noise_keep_mm3"),
     "margin_mm": (WindowOptions, "margin_mm"), "core": (WindowOptions, "core"),
     "mask_mode": (WindowOptions, "mask_mode"), "confidence": (ConfidenceOptions, "flips"),
     "unsure_hu": (ConfidenceOptions, "unsure_hu"), "unsure_action": (ConfidenceOptions, "unsure_action"),
@@ -82,6 +85,7 @@ ENGINE_KEYS: dict[str, tuple[type, str]] = {
 class OutputConfig:
     series_number_offset: int = 1000
     write_seg: bool = True
+    write_report: bool = True  # a TID 1500 Structured Report of the lesions (needs write_seg: it points there)
     multiframe: bool = False  # also the derived series as one Legacy Converted Enhanced CT object
     institution_name: str = ""
     station_name: str = ""
@@ -146,6 +150,15 @@ class HttpConfig:
 
 
 @dataclass
+class ViewerConfig:
+    """Where the site's radiologists read studies: each job links there (the job page, GET /jobs)."""
+
+    # e.g. "http://pacs.example.org/ohif/viewer?StudyInstanceUIDs={study}"; fields {study}, {series}
+    # (the original series) and {derived} (the derived series); "" = no link
+    url_template: str = ""
+
+
+@dataclass
 class IntakeConfig:
     """Limits every received instance must keep, over DIMSE and STOW-RS alike, checked before it is stored."""
 
@@ -204,6 +217,7 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     node: NodeConfig = field(default_factory=NodeConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    viewer: ViewerConfig = field(default_factory=ViewerConfig)
     intake: IntakeConfig = field(default_factory=IntakeConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)

@@ -15,7 +15,6 @@ dropped after ``http.header_seconds``; connections beyond ``http.max_connections
 from __future__ import annotations
 
 import asyncio
-import html
 import io
 import logging
 import os
@@ -27,7 +26,7 @@ from typing import Any
 
 import pydicom
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -37,6 +36,7 @@ from dicom_node.node.intake import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS,
 from dicom_node.node.jobs import STATES, JobStore
 from dicom_node.node.logs import ctx
 from dicom_node.node.metrics import Metrics
+from dicom_node.node.pages import PICTURE_NAME, job_page, list_page, viewer_url, wants_html
 from dicom_node.node.security import BearerAuth
 from dicom_node.node.stow import (
     BodyFile,
@@ -129,10 +129,13 @@ def _item(sop_class: str, sop_uid: str, reason: int | None = None) -> dict[str, 
 
 
 def create_app(store: JobStore, intake: Intake | None, metrics: Metrics, info: dict[str, Any],
-               tokens: list[str] | None = None, limits: HttpConfig | None = None) -> FastAPI:
+               tokens: list[str] | None = None, limits: HttpConfig | None = None, pictures: Path | None = None,
+               viewer_url_template: str = "") -> FastAPI:
     """``info`` is shown on /healthz (AE title, ports, backend, model); with ``tokens``, every other
     path needs one of them (security.BearerAuth), and /healthz shows details only to a token holder.
-    ``limits`` gives the body and part limits (http.max_body_mb, http.max_parts)."""
+    ``limits`` gives the body and part limits (http.max_body_mb, http.max_parts). ``pictures`` is the
+    spool's pictures folder (``<job id>/lesion-N.png``); ``viewer_url_template`` (viewer.url_template)
+    makes each job's link to the study in the site's viewer."""
     limits = limits or HttpConfig()
     max_body = limits.max_body_mb << 20
     app = FastAPI(title="dicom-node", docs_url=None, redoc_url=None)
@@ -147,18 +150,37 @@ def create_app(store: JobStore, intake: Intake | None, metrics: Metrics, info: d
             return {"status": "ok", "uptime_s": round(time.time() - started, 1)}
         return {"status": "ok", "uptime_s": round(time.time() - started, 1), "jobs": counts, **info}
 
+    def shown(j: Any) -> dict[str, Any]:
+        """A job as the API shows it, with its pictures and its link to the viewer."""
+        d = j.as_json()
+        d["pictures"] = [{"lesion": r["lesion"], "file": r["picture"]} for r in j.lesions if r.get("picture")]
+        d["viewer_url"] = viewer_url(viewer_url_template, j) if viewer_url_template else None
+        return d
+
     @app.get("/jobs")
     def jobs(state: str | None = None, series: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         if state is not None and state not in STATES:
             raise HTTPException(400, f"state must be one of {', '.join(STATES)}")
-        return [j.as_json() for j in store.list(state, max(1, min(limit, 1000)), series)]
+        return [shown(j) for j in store.list(state, max(1, min(limit, 1000)), series)]
 
-    @app.get("/jobs/{job_id}")
-    def job(job_id: int) -> dict[str, Any]:  # an id beyond SQLite's range is simply no job (404), never a 500
-        j = store.get(job_id)
+    @app.get("/jobs/{job_id}", response_model=None)
+    def job(job_id: int, request: Request) -> dict[str, Any] | HTMLResponse:
+        if wants_html(request.headers.get("accept", "")):  # a browser: the page, which reads the JSON itself
+            return HTMLResponse(job_page(job_id))
+        j = store.get(job_id)  # an id beyond SQLite's range is simply no job (404), never a 500
         if j is None:
             raise HTTPException(404, f"no job {job_id}")
-        return j.as_json()
+        return shown(j)
+
+    @app.get("/jobs/{job_id}/pictures/{name}")
+    def job_picture(job_id: int, name: str) -> Response:
+        if pictures is None or not PICTURE_NAME.match(name):
+            raise HTTPException(404, f"no picture {name!r}")
+        path = pictures / str(job_id) / name
+        if not path.is_file():
+            raise HTTPException(404, f"job {job_id} has no picture {name}")
+        # made once when the job was processed, never changed: the browser may keep it
+        return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"})
 
     @app.get("/metrics")
     def prometheus() -> Response:
@@ -166,19 +188,7 @@ def create_app(store: JobStore, intake: Intake | None, metrics: Metrics, info: d
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
-        rows = []
-        for j in store.list(limit=200):
-            d = j.as_json()
-            rows.append("<tr>" + "".join(f"<td>{html.escape(str(d[k] if d[k] is not None else ''))}</td>" for k in
-                                         ("id", "state", "description", "instances", "received_at", "finished_at",
-                                          "reason")) + "</tr>")
-        counts = " · ".join(f"{k}: {v}" for k, v in store.counts().items())
-        return ("<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='refresh' content='5'>"
-                "<title>dicom-node jobs</title><style>body{font-family:sans-serif}td,th{padding:2px 8px;"
-                "border-bottom:1px solid #ddd;text-align:left;vertical-align:top}</style></head><body>"
-                f"<h1>dicom-node</h1><p>{html.escape(str(info.get('ae_title', '')))} · {html.escape(counts)}</p>"
-                "<table><tr><th>job</th><th>state</th><th>series</th><th>instances</th><th>received</th>"
-                f"<th>finished</th><th>reason</th></tr>{''.join(rows)}</table></body></html>")
+        return list_page(str(info.get("ae_title", "")))
 
     def store_parts(body: Path, scanner: DelimiterScanner, ctype: str, study: str | None,
                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:

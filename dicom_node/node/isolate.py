@@ -56,6 +56,7 @@ class ChildRequest:
     backend: str  # the backend the parent selected (never "auto" again in each child)
     model_id: str
     config: dict[str, Any]
+    pictures_dir: str = ""  # where the job page's lesion pictures go ("" = none)
 
 
 PR_SET_PDEATHSIG = 1
@@ -185,7 +186,8 @@ def _child(request_path: Path) -> int:
             backend, _ = select(req.backend, cfg.engine.model, cfg.engine.threads, cfg.engine.batch)
             engine = build_engine(cfg, backend)
             result = process_series(series_list[0], Path(req.out_dir), cfg, engine, req.model_id,
-                                    cfg.output.write_seg)
+                                    cfg.output.write_seg, pictures_dir=Path(req.pictures_dir) if req.pictures_dir
+                                    else None)
             outcome = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
             outcome["outputs"] = [str(p) for p in result.outputs]
     except Exception as exc:  # noqa: BLE001 - an error is an outcome with a reason; only a crash is not

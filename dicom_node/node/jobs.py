@@ -97,7 +97,7 @@ class Job:
     fingerprint: str = ""
     process_starts: int = 0  # processing runs begun; one that never ended counts against jobs.max_crashes
     incomplete_since: float | None = None  # its association was aborted: not queued until re-sent or expired
-    lesions: list[dict[str, Any]] = field(default_factory=list)  # per restored region: lesions, confidence, action
+    lesions: list[dict[str, Any]] = field(default_factory=list)  # per lesion: position, size, restoration, picture
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -283,7 +283,8 @@ class JobStore:
         self._update(job_id, fingerprint=fingerprint)
 
     def set_lesions(self, job_id: int, lesions: list[dict[str, Any]]) -> None:
-        """The job's lesion table: each restored region, its lesions, its confidence and what was done."""
+        """The job's lesion table: each lesion, where and how big, its region's restoration and confidence,
+        and its picture (process.lesion_table)."""
         self._update(job_id, lesions=json.dumps(lesions))
 
     def delivered_twin(self, job_id: int, series_uid: str, fingerprint: str) -> Job | None:

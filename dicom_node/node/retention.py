@@ -12,9 +12,12 @@ from dicom_node.node.spool import Spool
 log = logging.getLogger("dicom_node.node.retention")
 
 
-def purge_job_files(spool: Spool, store: JobStore, job_id: int, series_uid: str) -> None:
-    """Drop a finished job's outputs, and its input unless a newer job still needs that series."""
+def purge_job_files(spool: Spool, store: JobStore, job_id: int, series_uid: str, pictures: bool = False) -> None:
+    """Drop a finished job's outputs, and its input unless a newer job still needs that series; with
+    ``pictures``, its page's pictures too (kept after delivery, gone with the job's retention)."""
     spool.remove_outputs(job_id)
+    if pictures:
+        spool.remove_pictures(job_id)
     if series_uid not in store.unfinished_series():
         spool.remove_series(series_uid)
     store.mark_purged(job_id)
@@ -32,4 +35,4 @@ def apply_retention(cfg: Config, spool: Spool, store: JobStore, now: float) -> N
     if cfg.spool.keep_days <= 0:
         return
     for job in store.finished_unpurged(now - cfg.spool.keep_days * 86400):
-        purge_job_files(spool, store, job.id, job.series_uid)
+        purge_job_files(spool, store, job.id, job.series_uid, pictures=True)

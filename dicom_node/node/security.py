@@ -28,11 +28,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dicom_node.config import ConfigError, Destination, HttpConfig, TlsConfig
 from dicom_node.node.logs import ctx
+from dicom_node.node.pages import wants_html
 
 log = logging.getLogger("dicom_node.node.security")
 
 MIN_TOKEN_CHARS = 16  # a short token on a hospital network is a guessable password
 OPEN_PATHS = frozenset({"/healthz"})
+# The operator's page shells (pages.py) hold no data: a browser navigating to them gets the shell
+# without a token, and the shell asks for one before it reads anything. Only a navigation (Accept:
+# text/html first) opens them; the same paths asked for JSON stay behind the token.
+PAGE_PATHS = re.compile(r"^/(jobs/[0-9]{1,18})?$")
 
 
 # ---- DIMSE over TLS -----------------------------------------------------------------------
@@ -202,13 +207,18 @@ class BearerAuth:
             ok |= hmac.compare_digest(token, given)
         return None if ok else ("invalid_token", "the bearer token is not valid")
 
+    @staticmethod
+    def _page_shell(scope: Scope) -> bool:
+        return (scope.get("method") == "GET" and PAGE_PATHS.match(scope["path"]) is not None
+                and wants_html((_header(scope, b"accept") or b"").decode("latin-1")))
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.tokens:
             await self.app(scope, receive, send)
             return
         refusal = self._refusal(scope)
         scope.setdefault("state", {})["authorized"] = refusal is None
-        if refusal is None or scope["path"] in OPEN_PATHS:
+        if refusal is None or scope["path"] in OPEN_PATHS or self._page_shell(scope):
             await self.app(scope, receive, send)
             return
         code, why = refusal

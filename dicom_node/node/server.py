@@ -80,14 +80,17 @@ def serve(cfg: Config, backend_name: str | None = None) -> int:
     import uvicorn
 
     from dicom_node.node.http import create_app, header_deadline_protocol
+    from dicom_node.node.pages import check_viewer_template
     from dicom_node.node.security import check_http, http_tokens
 
+    check_viewer_template(cfg.viewer.url_template)  # a bad template stops the start, not every job link
     tokens = http_tokens(cfg.http)  # before anything listens: an open network-facing HTTP server is refused
     for warning in check_http(cfg.http, tokens):
         log.warning("%s", warning, **ctx())
     node = start(cfg, backend_name)
     try:
-        app = create_app(node.store, node.intake, node.metrics, node.info, tokens, cfg.http)
+        app = create_app(node.store, node.intake, node.metrics, node.info, tokens, cfg.http,
+                         pictures=node.spool.pictures_root, viewer_url_template=cfg.viewer.url_template)
         scheme = "https" if cfg.http.cert else "http"
         log.info("HTTP on %s://%s:%d (jobs page /, STOW-RS /dicomweb/studies); %s", scheme, cfg.http.host,
                  cfg.http.port, f"bearer token required except on /healthz ({len(tokens)} configured)" if tokens

@@ -39,8 +39,9 @@ def safe_name(uid: str) -> str:
 
 
 class Spool:
-    """``series/<series>/<sop>.dcm`` for input, ``out/<job>/`` for outputs, ``tmp/`` for partial writes,
-    ``quarantine/`` for what was refused or failed, each with the reason beside it."""
+    """``series/<series>/<sop>.dcm`` for input, ``out/<job>/`` for outputs, ``pictures/<job>/`` for the job
+    page's lesion pictures (kept after delivery: small, and what an operator looks at), ``tmp/`` for
+    partial writes, ``quarantine/`` for what was refused or failed, each with the reason beside it."""
 
     def __init__(self, root: str | Path, min_free_mb: int = 0, durability: str = "journal",
                  quarantine_mb: int = 0) -> None:
@@ -49,7 +50,7 @@ class Spool:
         self.posix = durability == "posix"
         self.root = Path(root)
         self.min_free = int(min_free_mb) * 1024 * 1024
-        for sub in ("series", "out", "tmp", "quarantine"):
+        for sub in ("series", "out", "pictures", "tmp", "quarantine"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._counter = 0
         self._lock = threading.Lock()
@@ -76,6 +77,13 @@ class Spool:
 
     def out_dir(self, job_id: int) -> Path:
         return self.root / "out" / str(job_id)
+
+    @property
+    def pictures_root(self) -> Path:
+        return self.root / "pictures"
+
+    def pictures_dir(self, job_id: int) -> Path:
+        return self.pictures_root / str(job_id)
 
     def instance_path(self, series_uid: str, sop_uid: str) -> Path:
         return self.series_dir(series_uid) / f"{safe_name(sop_uid)}.dcm"
@@ -126,6 +134,9 @@ class Spool:
 
     def remove_outputs(self, job_id: int) -> None:
         shutil.rmtree(self.out_dir(job_id), ignore_errors=True)
+
+    def remove_pictures(self, job_id: int) -> None:
+        shutil.rmtree(self.pictures_dir(job_id), ignore_errors=True)
 
     # -- quarantine: kept for a person to look at, within a size cap and an age limit ----------
     def quarantine_instance(self, data: bytes, series_uid: str, sop_uid: str, reason: dict[str, Any]) -> Path:

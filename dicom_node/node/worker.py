@@ -207,8 +207,10 @@ class Workers:
                     log.info(reason, **ctx(job.id, job.series_uid))
                     return
                 shutil.rmtree(out_dir, ignore_errors=True)  # a requeued job starts clean
+                self.spool.remove_pictures(job.id)
                 request = ChildRequest(job.id, job.series_uid, str(self.spool.series_dir(job.series_uid)),
-                                       str(out_dir), self.backend, self.model_id, dataclasses.asdict(self.cfg))
+                                       str(out_dir), self.backend, self.model_id, dataclasses.asdict(self.cfg),
+                                       str(self.spool.pictures_dir(job.id)))
                 result = run_child(request, self.spool.root / "tmp" / f"job-{job.id}", jc.memory_mb,
                                    jc.timeout_seconds, self.stop)
         except StoppedError:
@@ -271,7 +273,7 @@ class Workers:
         log.info("processed: %s", summary, **ctx(job.id, job.series_uid, derived=outcome.derived_series_uid,
                                                  settings=outcome.settings))
         outputs = [str(p) for p in outcome.outputs]
-        self.store.set_lesions(job.id, outcome.regions)
+        self.store.set_lesions(job.id, outcome.lesion_table)
         unsure = [r for r in outcome.regions if r.get("unsure")]
         if unsure:
             summary += f"; {len(unsure)} region(s) unsure ({unsure[0]['action']})"

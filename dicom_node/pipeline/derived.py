@@ -72,7 +72,8 @@ def source_uids(series: Series, model_id: str) -> dict[str, str]:
     return {"study": study, "frame": frame, "series": derived_uid("ct", series.uid, model_id),
             "seg_series": derived_uid("seg", series.uid, model_id), "seg": derived_uid("seg-sop", series.uid, model_id),
             "multiframe_series": derived_uid("ct-multiframe", series.uid, model_id),
-            "multiframe": derived_uid("ct-multiframe-sop", series.uid, model_id)}
+            "multiframe": derived_uid("ct-multiframe-sop", series.uid, model_id),
+            "sr_series": derived_uid("sr", series.uid, model_id), "sr": derived_uid("sr-sop", series.uid, model_id)}
 
 
 def contributing_equipment(model_id: str, description: str) -> hd.ContributingEquipment:

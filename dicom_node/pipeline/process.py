@@ -19,11 +19,14 @@ import numpy as np
 from dicom_node.backends import Backend
 from dicom_node.config import Config
 from dicom_node.pipeline.derived import DerivedOptions, source_uids, write_derived_series, write_multiframe
-from dicom_node.pipeline.restore import Engine
+from dicom_node.pipeline.pictures import lesion_pictures, thumbnail
+from dicom_node.pipeline.report import patient_position, write_report
+from dicom_node.pipeline.restore import Engine, EngineResult
 from dicom_node.pipeline.seg import write_seg
 from dicom_node.pipeline.series import Series, load_hu, read_ct_series
 
 log = logging.getLogger(__name__)
+PICTURE_PIXEL_MM = 0.1  # 200 px panels for a 20 mm view: big enough to judge a lumen on the job page
 
 
 @dataclass
@@ -41,7 +44,9 @@ class SeriesOutcome:
     outputs: list[Path] = field(default_factory=list)
     derived_series_uid: str = ""
     settings: dict[str, Any] = field(default_factory=dict)  # what it ran with: the model and the [engine] keys
-    regions: list[dict[str, Any]] = field(default_factory=list)  # the lesion table: one row per restored region
+    regions: list[dict[str, Any]] = field(default_factory=list)  # one row per restored region
+    # the job's lesion table: one row per lesion, its region's restoration and confidence, and its picture
+    lesion_table: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> str:
         if self.status != "done":
@@ -76,9 +81,36 @@ def check_resolution(series: Series, cfg: Config) -> str | None:
     return None
 
 
+def lesion_table(series: Series, result: EngineResult, pictures: dict[int, str]) -> list[dict[str, Any]]:
+    """One row per lesion for the job page and GET /jobs/{id}: where it is (patient mm), how big and how
+    bright it was, what its region's restoration did and how sure it was, and its picture's file name."""
+    regions = {lesion: r for r in result.reports for lesion in r.lesions}
+    rows = []
+    for lesion in result.detection.lesions:
+        r = regions.get(lesion.index)
+        rows.append({"lesion": lesion.index, "region": r.region if r else None,
+                     "position_mm": [round(v, 1) for v in patient_position(series, lesion.centroid)],
+                     "volume_mm3": round(lesion.volume_mm3, 2), "peak_hu": round(lesion.peak_hu, 1),
+                     "voxels": r.voxels if r else 0,
+                     "disagreement_hu": None if r is None or r.disagreement_hu is None else round(r.disagreement_hu, 1),
+                     "unsure": bool(r and r.unsure), "action": r.action if r else "not restored",
+                     "lumen_kept": r.lumen_kept if r else 0, "picture": pictures.get(lesion.index)})
+    return rows
+
+
+def original_slices(series: Series) -> Callable[[int, int], np.ndarray]:
+    """Reads the source's HU slices [z0, z1) again: the engine restored the volume in place, and the
+    pictures need the original only around each lesion, not a second copy of the whole series."""
+    return lambda z0, z1: load_hu(series, z0, z1)
+
+
 def process_series(series: Series, out_dir: Path, cfg: Config, engine: Engine, model_id: str,
-                   write_seg_file: bool = True, progress: Callable[[int, int], None] | None = None) -> SeriesOutcome:
-    """Process one assembled series; failures come back as a readable outcome, not an exception."""
+                   write_seg_file: bool = True, progress: Callable[[int, int], None] | None = None,
+                   pictures_dir: Path | None = None) -> SeriesOutcome:
+    """Process one assembled series; failures come back as a readable outcome, not an exception.
+
+    With ``pictures_dir``, also draws each lesion's picture there (for the node's job page; never
+    sent anywhere) and a thumbnail of the first (``thumb.png``)."""
     outcome = SeriesOutcome(uid=series.uid, description=series.description, status="failed", slices=len(series.files),
                             settings=run_settings(cfg, model_id))
     t0 = time.perf_counter()
@@ -125,8 +157,26 @@ def process_series(series: Series, out_dir: Path, cfg: Config, engine: Engine, m
             if r.unsure and det.labels is not None:
                 for lesion in r.lesions:
                     unsure |= det.labels == lesion
-        outcome.outputs.append(write_seg(series, det.calcium, result.changed, target, model_id, uids, params,
-                                         seg_number, unsure=unsure, reports=result.reports))
+        seg_path = write_seg(series, det.calcium, result.changed, target, model_id, uids, params, seg_number,
+                             unsure=unsure, reports=result.reports)
+        outcome.outputs.append(seg_path)
+        if cfg.output.write_report and det.lesions:
+            outcome.outputs.append(write_report(series, det, result.reports, seg_path, target, model_id, uids,
+                                                seg_number + 2))
+    drawn: dict[int, str] = {}
+    if pictures_dir is not None and det.lesions:
+        t1 = time.perf_counter()
+        try:
+            made = lesion_pictures(original_slices(series), volume, result.changed, det, series.spacing,
+                                   pictures_dir, pixel_mm=PICTURE_PIXEL_MM)
+            if made:
+                thumbnail(made[0].path, pictures_dir / "thumb.png")
+            drawn = {pic.lesion: pic.path.name for pic in made}
+            log.info("%d lesion pictures in %.1f s", len(made), time.perf_counter() - t1)
+        except Exception:  # noqa: BLE001 - pictures are for people; the derived series must not wait on them
+            log.exception("lesion pictures failed; the job goes on without them")
+            drawn = {}
+    outcome.lesion_table = lesion_table(series, result, drawn)
     outcome.status = "done"
     outcome.seconds = time.perf_counter() - t0
     return outcome

@@ -13,6 +13,7 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pydicom
+from highdicom.color import CIELabColor
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
@@ -22,6 +23,12 @@ from dicom_node.pipeline.series import Series
 
 CALCIFICATION = Code("18115005", "SCT", "Pathologic calcification")
 REGION_IN_SPACE = Code("130488", "DCM", "Region in Space")
+# Recommended display colours, so every viewer shows the same thing the same way (OHIF warns and
+# picks its own without them): the calcium taken out red, the restored region green, and calcium
+# whose restoration the engine doubts magenta.
+CALCIUM_COLOR = CIELabColor.from_rgb(230, 40, 40)
+RESTORED_COLOR = CIELabColor.from_rgb(40, 200, 80)
+UNSURE_COLOR = CIELabColor.from_rgb(220, 40, 220)
 
 
 def algorithm(model_id: str, parameters: dict[str, str]) -> hd.AlgorithmIdentificationSequence:
@@ -71,12 +78,12 @@ def write_seg(series: Series, calcium: np.ndarray, restored: np.ndarray, out_dir
             segment_number=1, segment_label="Calcium removed",
             segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
             segmented_property_type=CALCIFICATION, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algo, anatomic_regions=[codes.SCT.CoronaryArtery]),
+            algorithm_identification=algo, anatomic_regions=[codes.SCT.CoronaryArtery], display_color=CALCIUM_COLOR),
         hd.seg.SegmentDescription(
             segment_number=2, segment_label="Restored region",
             segmented_property_category=codes.SCT.SpatialAndRelationalConcept,
             segmented_property_type=REGION_IN_SPACE, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algo),
+            algorithm_identification=algo, display_color=RESTORED_COLOR),
     ]
     text = _confidence_text(reports or [])
     if text:
@@ -88,7 +95,7 @@ def write_seg(series: Series, calcium: np.ndarray, restored: np.ndarray, out_dir
             segment_number=3, segment_label="Unsure: left as acquired" if left else "Unsure restoration",
             segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
             segmented_property_type=CALCIFICATION, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algo, anatomic_regions=[codes.SCT.CoronaryArtery]))
+            algorithm_identification=algo, anatomic_regions=[codes.SCT.CoronaryArtery], display_color=UNSURE_COLOR))
         segments[2].SegmentDescription = ("calcium whose restoration the engine is unsure of; read on the "
                                           "original")[:64]
         masks.append(unsure)

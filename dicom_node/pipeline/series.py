@@ -329,8 +329,8 @@ def order_series(uid: str, items: list[tuple[Path, Dataset]], tolerance: float =
     return Series(uid=uid, files=[f for f, _ in items], headers=[ds for _, ds in items], spacing=(dz, dy, dx))
 
 
-def load_hu(series: Series) -> np.ndarray:
-    """Decode every slice and apply the modality LUT; one float32 volume, nothing more.
+def load_hu(series: Series, z0: int = 0, z1: int | None = None) -> np.ndarray:
+    """Decode every slice (or slices [z0, z1)) and apply the modality LUT; one float32 volume, nothing more.
 
     A slice that does not decode to the series' size fails the series with its file named,
     never with a bare codec error; the volume is allocated only once a slice decoded to the
@@ -340,8 +340,9 @@ def load_hu(series: Series) -> np.ndarray:
     rows, cols = int(first.Rows), int(first.Columns)
     if not (1 <= rows <= MAX_MATRIX and 1 <= cols <= MAX_MATRIX) or len(series.files) * rows * cols > MAX_VOXELS:
         raise SeriesError(f"series {series.uid}: {len(series.files)} slices of {rows}x{cols} is too large")
+    files = series.files[z0:z1]
     vol: np.ndarray | None = None  # allocated once the first slice proved the declared size real
-    for i, f in enumerate(series.files):
+    for i, f in enumerate(files, start=z0):
         try:
             ds = pydicom.dcmread(f)
             arr = ds.pixel_array
@@ -357,9 +358,9 @@ def load_hu(series: Series) -> np.ndarray:
             raise SeriesError(f"series {series.uid}: slice {i + 1} ({f.name}) has rescale slope {slope:g} "
                               f"and intercept {intercept:g}")
         if vol is None:
-            vol = np.empty((len(series.files), rows, cols), np.float32)
-        np.multiply(arr, slope, out=vol[i], casting="unsafe")
-        vol[i] += intercept
+            vol = np.empty((len(files), rows, cols), np.float32)
+        np.multiply(arr, slope, out=vol[i - z0], casting="unsafe")
+        vol[i - z0] += intercept
     if vol is None:
         raise SeriesError(f"series {series.uid}: no slices")
     return vol

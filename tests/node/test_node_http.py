@@ -116,5 +116,8 @@ def test_operator_endpoints(app, slices: list[bytes]) -> None:
     metrics = client.get("/metrics").text
     assert 'dicom_node_jobs{state="received"} 1.0' in metrics
     assert f'dicom_node_instances_received_total{{kind="processed",via="stow"}} {float(len(slices))}' in metrics
-    page = client.get("/")
-    assert page.status_code == 200 and "<table>" in page.text and "received" in page.text
+    page = client.get("/")  # the shell: the browser fills it from /jobs (tests/viewer/test_pages.py)
+    assert page.status_code == 200 and "<table>" in page.text and "/jobs?limit=" in page.text
+    job_page = client.get(f"/jobs/{jobs[0]['id']}", headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"})
+    assert job_page.status_code == 200 and job_page.headers["content-type"].startswith("text/html")
+    assert jobs[0]["series_uid"] not in job_page.text  # no data in the shell: it reads the JSON like any client

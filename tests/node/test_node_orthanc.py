@@ -147,10 +147,15 @@ def _round_trip(node: NodeProcess, orthanc: Orthanc, cta: Path, destination: str
     derived_uid = _check_outputs(orthanc, cta, derived, seg)
     done = node.jobs(state="done")
     assert len(done) == 1 and done[0]["deliveries"][destination]["state"] == "done"
-    # the job's lesion table: every restored region with its lesions, its confidence and what was done
+    # the job's lesion table: every lesion with its position, size, its region's restoration and confidence,
+    # and its picture for the job page
     table = done[0]["lesions"]
-    assert table and all(r["action"] in ("restored", "restored, unsure") and r["voxels"] > 0
-                         and r["disagreement_hu"] >= 0 and r["lesions"] for r in table), table
+    assert table and all(r["action"] in ("restored", "restored, unsure") and r["voxels"] > 0 and r["region"]
+                         and r["disagreement_hu"] >= 0 and r["volume_mm3"] > 0 and len(r["position_mm"]) == 3
+                         for r in table), table
+    assert done[0]["pictures"] and all(p["file"] == f"lesion-{p['lesion']}.png" for p in done[0]["pictures"])
+    picture = requests.get(f"{node.url}/jobs/{done[0]['id']}/pictures/{done[0]['pictures'][0]['file']}", timeout=5)
+    assert picture.ok and picture.headers["content-type"] == "image/png" and picture.content[:4] == b"\x89PNG"
     _not_routed_back(node, derived_uid)
     return derived, done[0]
 

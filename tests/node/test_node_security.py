@@ -225,6 +225,8 @@ def test_c_store_to_a_tls_destination(tmp_path: Path, pki: Path, series: Path) -
 
 
 @pytest.mark.parametrize("method, path", [("GET", "/jobs"), ("GET", "/jobs/1"), ("GET", "/metrics"), ("GET", "/"),
+                                          ("GET", "/jobs/1/pictures/thumb.png"),
+                                          ("GET", "/jobs/1/pictures/lesion-1.png"),
                                           ("POST", "/dicomweb/studies"), ("POST", "/dicomweb/studies/1.2.3")])
 def test_endpoints_need_a_bearer_token(node: NodeProcess, method: str, path: str) -> None:
     for headers, error in (({}, None), (_auth(WRONG_TOKEN), "invalid_token"),
@@ -247,6 +249,25 @@ def test_tokens_from_config_and_environment_are_accepted(node: NodeProcess, seri
     stored = _stow(node, series, TOKEN_ENV)
     assert stored.status_code == 200, stored.text
     assert len(pydicom.Dataset.from_json(stored.json()).ReferencedSOPSequence) == len(list(series.glob("*.dcm")))
+
+
+BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
+
+
+def test_a_browser_gets_the_page_shells_without_a_token_but_no_data(node: NodeProcess, series: Path) -> None:
+    """The jobs list and a job's page are shells that read the API with the token the user gives them."""
+    assert _stow(node, series, TOKEN_CFG).status_code == 200
+    job = _get(node, "/jobs", TOKEN_CFG).json()[0]
+    for path in ("/", f"/jobs/{job['id']}"):
+        shell = requests.get(f"{node.url}{path}", headers=BROWSER, verify=node.verify, timeout=10)
+        assert shell.status_code == 200 and "Bearer token" in shell.text
+        assert job["series_uid"] not in shell.text and job["description"] not in shell.text
+    for path in (f"/jobs/{job['id']}", "/jobs", f"/jobs/{job['id']}/pictures/thumb.png", "/metrics"):
+        refused = requests.get(f"{node.url}{path}", headers=BROWSER, verify=node.verify, timeout=10)
+        assert refused.status_code == 401 or path == f"/jobs/{job['id']}", path
+    as_json = requests.get(f"{node.url}/jobs/{job['id']}", headers={"Accept": "application/json"},
+                           verify=node.verify, timeout=10)
+    assert as_json.status_code == 401
 
 
 def test_healthz_is_open_but_shows_details_only_with_a_token(node: NodeProcess) -> None:

@@ -85,3 +85,29 @@ def test_where_a_dim_vessel_meets_a_brighter_one_the_brighter_lumen_is_not_calci
     det = detect(p.image, p.spacing)
     near_calcium = ndimage.binary_dilation(p.calcium_fraction > 0.05)
     assert det.lesions and not (det.calcium & ~near_calcium).any()
+
+
+
+def _noisy_lumen(blob_hu: float, seed: int, noise_sd: float = 60.0) -> np.ndarray:
+    """A wide 500 HU lumen with a sharp kernel's noise level, and a millimetre blob ``blob_hu`` above it."""
+    shape = (48, 48, 48)
+    z, y, x = np.indices(shape)
+    vol = np.full(shape, 40.0, np.float32)
+    vol[np.hypot(y - 24, x - 24) <= 9] = 500.0
+    noise = ndimage.gaussian_filter(np.random.default_rng(seed).normal(0.0, 1.0, shape).astype(np.float32), 0.5)
+    vol += noise * np.float32(noise_sd / noise.std())
+    vol += (blob_hu * np.exp(-((z - 24) ** 2 + (y - 24) ** 2 + (x - 27) ** 2) / (2 * 1.3 ** 2))).astype(np.float32)
+    return vol
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_noise_sized_blob_in_a_noisy_lumen_is_not_calcium_but_a_bright_deposit_is(seed):
+    """Experiment 2 v2, held-out study 57: a noise blob in a calcium-free segment of a sharp-kernel
+    study passed the threshold and, restored as calcium, read as a 100 % stenosis."""
+    faint = _noisy_lumen(250.0, seed)  # peaks at 750-850 HU: past the 700 HU threshold
+    assert detect(faint, SPACING, DetectOptions(noise_sigmas=0.0)).lesions, "the blob never reached the threshold"
+    det = detect(faint, SPACING)
+    assert not det.lesions
+    assert [e for e in det.excluded if e["reason"].startswith("noise")]
+    bright = detect(_noisy_lumen(600.0, seed), SPACING)  # 10 noise SDs up: a small deposit, kept
+    assert len(bright.lesions) == 1 and bright.lesions[0].volume_mm3 > 2.0
