@@ -145,6 +145,9 @@ def _round_trip(node: NodeProcess, orthanc: Orthanc, cta: Path, destination: str
     storescu(("127.0.0.1", orthanc.dicom_port), orthanc.aet, cta)
     derived, seg = _wait_round_trip(node, orthanc, _study_uid(cta), n)
     derived_uid = _check_outputs(orthanc, cta, derived, seg)
+    # the lesion report travels with them, into the same study (tests/pipeline/test_report.py checks its content)
+    reports = wait_for(lambda: _by_modality(orthanc, _study_uid(cta)).get("SR"), 30, "the lesion report in Orthanc")
+    assert len(reports) == 1 and "CALCIUM REMOVED REPORT" in reports[0]["MainDicomTags"]["SeriesDescription"]
     done = node.jobs(state="done")
     assert len(done) == 1 and done[0]["deliveries"][destination]["state"] == "done"
     # the job's lesion table: every lesion with its position, size, its region's restoration and confidence,
