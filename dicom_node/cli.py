@@ -116,7 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logs.setup()
     try:
         cfg = load(args.config)
-        return serve(cfg, args.backend)
+        return serve(cfg, args.backend, args.role)
     except (ConfigError, BackendError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -258,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="run the DICOM node (C-STORE and STOW-RS in, C-STORE/STOW-RS out)")
     sv.add_argument("--config", help="config.toml (default: embedded defaults)")
     sv.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"))
+    sv.add_argument("--role", choices=("all", "receiver", "worker"), default="all",
+                    help="all: the single box (default); receiver: DIMSE and STOW-RS into the shared spool and job "
+                         "store; worker: claim, process and send (README: Running on several hosts)")
     sv.set_defaults(func=cmd_serve)
     for name, func, text in (("echo", cmd_echo, "C-ECHO a DICOM node (default: ours)"),
                              ("send", cmd_send, "C-STORE a folder of DICOM files to a node"),

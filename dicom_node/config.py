@@ -191,6 +191,10 @@ class JobsConfig:
     timeout_seconds: float = 900.0  # ... or when it runs longer than this
     max_crashes: int = 2  # processing runs that crashed, were killed or never finished; then the job fails
     incomplete_seconds: float = 3600.0  # a series whose association was aborted waits this long for a re-send
+    lease_seconds: float = 120.0  # a claimed job's lease, renewed every quarter; then another worker may take it
+    # "" = SQLite in the spool (one host); "postgresql://user@host:port/db" = one store shared by many hosts
+    # (the password from PGPASSWORD or PGPASSFILE, not this file; never logged)
+    store: str = ""
 
 
 @dataclass

@@ -35,6 +35,7 @@ class CompletionTimer(threading.Thread):
         self.wake = wake
         self.stop = threading.Event()
         self._last_retention = 0.0
+        self._store_failed = False  # the last tick could not reach the job store
 
     def run(self) -> None:
         while not self.stop.wait(min(1.0, max(0.05, self.cfg.jobs.quiet_seconds / 4))):
@@ -43,6 +44,12 @@ class CompletionTimer(threading.Thread):
     def tick(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
         try:
+            if self._store_failed:
+                # The receivers refused instances while the store was away: a series is not complete just
+                # because nothing could arrive. Every series still collecting waits its full quiet again.
+                for job in self.store.restart_quiet("the job store was unavailable", now):
+                    log.info("quiet period restarted: the job store was unavailable", **ctx(job.id, job.series_uid))
+                self._store_failed = False
             for job in self.store.queue_quiet(self.cfg.jobs.quiet_seconds, now):
                 if job.received_at is not None:
                     self.metrics.stage.labels("receive").observe(max(0.0, (job.last_instance_at or now) -
@@ -56,4 +63,6 @@ class CompletionTimer(threading.Thread):
                 self._last_retention = now
                 apply_retention(self.cfg, self.spool, self.store, now)
         except Exception:  # noqa: BLE001 - the timer must survive anything one tick throws
-            log.exception("completion tick failed", **ctx())
+            if not self._store_failed:  # once per outage, not once a second
+                log.exception("completion tick failed", **ctx())
+            self._store_failed = True

@@ -32,7 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from dicom_node.config import HttpConfig
-from dicom_node.node.intake import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, Intake
+from dicom_node.node.intake import CANNOT_UNDERSTAND, JOB_STORE_FAILED, OUT_OF_RESOURCES, SUCCESS, Intake
 from dicom_node.node.jobs import STATES, JobStore
 from dicom_node.node.logs import ctx
 from dicom_node.node.metrics import Metrics
@@ -118,6 +118,10 @@ def header_deadline_protocol(seconds: float, on_timeout: Callable[[str], None] |
 def _header_text(text: str) -> str:
     """Printable ASCII without quotes, short: safe inside an HTTP header's quoted string."""
     return "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in text)[:300]
+
+
+def answer_failed(failed: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"00081198": {"vr": "SQ", "Value": failed}}
 
 
 def _item(sop_class: str, sop_uid: str, reason: int | None = None) -> dict[str, Any]:
@@ -327,6 +331,12 @@ def create_app(store: JobStore, intake: Intake | None, metrics: Metrics, info: d
         if failed:
             answer["00081198"] = {"vr": "SQ", "Value": failed}
         status = 200 if not failed else 202 if referenced else 409
+        if failed and not referenced and all(JOB_STORE_FAILED in w for w in why):
+            # Nothing could be recorded because the job store is away: the server's trouble, not the
+            # request's; the client should come back (as a C-STORE sender retries "out of resources").
+            log.warning("STOW-RS refused (503): the job store is unavailable", **ctx())
+            return JSONResponse(answer_failed(failed), status_code=503, media_type=DICOM_JSON,
+                                headers={"Retry-After": "10", "Warning": '299 dicom-node "job store unavailable"'})
         log.info("STOW-RS: %d stored, %d failed", len(referenced), len(failed), **ctx())
         # PS3.18 lets a warning header carry the reasons the Failure Reason codes cannot.
         headers = {"Warning": ", ".join(f'299 dicom-node "{_header_text(w)}"' for w in why[:10])} if why else None

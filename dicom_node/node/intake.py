@@ -40,6 +40,7 @@ log = logging.getLogger("dicom_node.node.intake")
 # DIMSE statuses shared by C-STORE and STOW-RS failure reasons.
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
+JOB_STORE_FAILED = "job database failed"  # the start of an Accepted.reason when the job store failed
 DOES_NOT_MATCH_SOP_CLASS = 0xA900  # the IOD's rules broken: no pixels, wrong BitsAllocated, impossible size
 CANNOT_UNDERSTAND = 0xC000  # not a data set, or one cut short
 DUPLICATE_SOP_INSTANCE = 0x0111  # the UID came before with other content; the first copy is kept
@@ -112,7 +113,10 @@ class Intake:
                 return self.refuse(data, series_uid, sop_uid, via, DUPLICATE_SOP_INSTANCE, "duplicate",
                                     f"SOP Instance UID {sop_uid} was received before with different content; "
                                     "the first copy is kept", loud=loud)
-            other = self.store.series_of_instance(sop_uid) if skip is None else None
+            try:
+                other = self.store.series_of_instance(sop_uid) if skip is None else None
+            except Exception as exc:  # noqa: BLE001 - the job store, not the instance: a retry will do
+                return self._store_failed(via, series_uid, sop_uid, exc)
             if other is not None and other != series_uid:
                 # Derived UIDs are hashed from the source's: two series sharing one would collide downstream.
                 return self.refuse(data, series_uid, sop_uid, via, DUPLICATE_SOP_INSTANCE, "duplicate",
@@ -139,14 +143,19 @@ class Intake:
             job_id, created = self.store.note_instance(series_uid, str(getattr(ds, "StudyInstanceUID", "") or ""),
                                                        str(getattr(ds, "SeriesDescription", "") or ""),
                                                        sop_uid=sop_uid)
-        except Exception as exc:  # noqa: BLE001 - the database is on the same disk as the spool
-            self.metrics.rejected.labels(via, "out_of_resources").inc()
-            log.error("instance refused, job database failed: %s", exc, **ctx(series=series_uid, sop=sop_uid))
-            return Accepted(OUT_OF_RESOURCES, f"job database failed: {exc}")
+        except Exception as exc:  # noqa: BLE001 - the database is on the same disk as the spool, or away
+            return self._store_failed(via, series_uid, sop_uid, exc)
         self.metrics.instances.labels(via, "processed").inc()
         if created:
             log.info("new job: first instance of the series (via %s)", via, **ctx(job_id, series_uid))
         return Accepted(SUCCESS, "", job_id)
+
+    def _store_failed(self, via: str, series_uid: str, sop_uid: str, exc: Exception) -> Accepted:
+        """The job store cannot record the instance (a full disk, or a shared database that is away): refused
+        with "out of resources", which senders retry, never taken without a job to process it."""
+        self.metrics.rejected.labels(via, "out_of_resources").inc()
+        log.error("instance refused, job database failed: %s", exc, **ctx(series=series_uid, sop=sop_uid))
+        return Accepted(OUT_OF_RESOURCES, f"{JOB_STORE_FAILED}: {exc}")
 
     def refuse(self, data: bytes, series_uid: str, sop_uid: str, via: str, status: int, label: str,
                 reason: str, loud: bool = True) -> Accepted:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
-from dicom_node.config import Config
+from dicom_node.config import Config, ConfigError
 from dicom_node.node.completion import CompletionTimer
 from dicom_node.node.intake import Intake
-from dicom_node.node.jobs import JobStore
+from dicom_node.node.jobs import JobStore, open_job_store
 from dicom_node.node.logs import ctx
 from dicom_node.node.metrics import Metrics
 from dicom_node.node.receive import Receiver
@@ -25,57 +26,95 @@ from dicom_node.node.worker import Workers
 log = logging.getLogger("dicom_node.node.server")
 
 
+class Role(StrEnum):
+    """What one ``serve`` process does. ``all`` is the single box; on several hosts, receivers take
+    DIMSE and STOW-RS into the shared spool and store, and workers claim, process and send. Every
+    role serves /healthz, /metrics and the jobs pages from the shared store."""
+
+    ALL = "all"
+    RECEIVER = "receiver"
+    WORKER = "worker"
+
+
 @dataclass
 class Node:
-    """Every running part, so tests can start a node in-process and stop it cleanly."""
+    """Every running part, so tests can start a node in-process and stop it cleanly (a part the role
+    does not run is None)."""
 
     cfg: Config
     spool: Spool
     store: JobStore
     metrics: Metrics
-    intake: Intake
-    receiver: Receiver
-    completion: CompletionTimer
-    workers: Workers
+    intake: Intake | None
+    receiver: Receiver | None
+    completion: CompletionTimer | None
+    workers: Workers | None
     info: dict[str, Any]
+    stop_event: threading.Event = field(default_factory=threading.Event)
 
     def stop(self) -> None:
-        self.receiver.stop()
-        self.completion.stop.set()
-        self.workers.shutdown()
-        self.completion.join(5)
+        self.stop_event.set()
+        if self.receiver is not None:
+            self.receiver.stop()
+        if self.completion is not None:
+            self.completion.stop.set()
+        if self.workers is not None:
+            self.workers.shutdown()
+        if self.completion is not None:
+            self.completion.join(5)
         self.store.close()
 
 
-def start(cfg: Config, backend_name: str | None = None) -> Node:
-    """Build and start everything except the HTTP server; raises on a bad model or a busy port."""
+def start(cfg: Config, backend_name: str | None = None, role: Role | str = Role.ALL) -> Node:
+    """Build and start everything the role runs except the HTTP server; raises on a bad model, an
+    unreachable job store or a busy port."""
     from dicom_node.backends.select import model_id, select
 
-    # Loads the model now, so a bad one fails the start, not the first job; each job's child loads its own.
-    backend, why = select(backend_name or cfg.engine.backend, cfg.engine.model, cfg.engine.threads,
-                          cfg.engine.batch)
+    role = Role(role)
+    working = role in (Role.ALL, Role.WORKER)
+    receiving = role in (Role.ALL, Role.RECEIVER)
     spool = Spool(cfg.spool.dir, cfg.spool.min_free_mb, cfg.spool.durability, cfg.spool.quarantine_mb)
-    store = JobStore(spool.db_path)
-    for job in store.recover():
-        log.info("resuming: %s", job.reason, **ctx(job.id, job.series_uid))
-    mid = model_id(cfg.engine.model)
-    log.info("backend: %s; model %s", why, mid, **ctx())
+    try:
+        store = open_job_store(cfg.jobs.store, spool.db_path)
+    except (ConnectionError, ValueError) as exc:
+        raise ConfigError(f"jobs.store: {exc}") from None
+    if not cfg.jobs.store:
+        # One host owns the whole store: what was in hand when it stopped is put back now. A shared
+        # store is never swept by one host's restart (the others' work is in it): leases do that.
+        for job in store.recover():
+            log.info("resuming: %s", job.reason, **ctx(job.id, job.series_uid))
     metrics = Metrics(store)
-    intake = Intake(spool, store, metrics, cfg.intake)
     wake = threading.Event()
-    workers = Workers(cfg, spool, store, metrics, backend.name, mid, wake)
-    completion = CompletionTimer(cfg, spool, store, metrics, wake)
-    receiver = Receiver(cfg.node, intake, metrics)
-    receiver.start()
-    workers.start()
-    completion.start()
-    info = {"ae_title": cfg.node.ae_title, "dicom_port": cfg.node.port, "http_port": cfg.http.port,
-            "backend": why, "model": mid, "spool": str(spool.root),
-            "destinations": [d.name for d in cfg.destinations]}
-    return Node(cfg, spool, store, metrics, intake, receiver, completion, workers, info)
+    node = Node(cfg, spool, store, metrics, None, None, None, None, {})
+    info: dict[str, Any] = {"role": str(role), "ae_title": cfg.node.ae_title, "http_port": cfg.http.port,
+                            "spool": str(spool.root), "destinations": [d.name for d in cfg.destinations],
+                            "job_store": "sqlite" if not cfg.jobs.store else "postgresql"}
+    if working:
+        # Loads the model now, so a bad one fails the start, not the first job; each job's child loads its own.
+        backend, why = select(backend_name or cfg.engine.backend, cfg.engine.model, cfg.engine.threads,
+                              cfg.engine.batch)
+        mid = model_id(cfg.engine.model)
+        log.info("backend: %s; model %s", why, mid, **ctx())
+        info.update(backend=why, model=mid)
+        node.workers = Workers(cfg, spool, store, metrics, backend.name, mid, wake)
+        store.listen(wake.set, node.stop_event)  # other hosts' receivers wake these workers (PostgreSQL)
+    if receiving:
+        node.intake = Intake(spool, store, metrics, cfg.intake)
+        node.completion = CompletionTimer(cfg, spool, store, metrics, wake)
+        node.receiver = Receiver(cfg.node, node.intake, metrics)
+        node.receiver.start()
+        info["dicom_port"] = cfg.node.port
+    if node.workers is not None:
+        node.workers.start()
+    if node.completion is not None:
+        node.completion.start()
+    node.info = info
+    log.info("role %s: %s", role, ", ".join(p for p, on in (("receiving", receiving), ("working", working)) if on),
+             **ctx())
+    return node
 
 
-def serve(cfg: Config, backend_name: str | None = None) -> int:
+def serve(cfg: Config, backend_name: str | None = None, role: Role | str = Role.ALL) -> int:
     """Run the node in the foreground; returns the exit code."""
     import uvicorn
 
@@ -87,7 +126,7 @@ def serve(cfg: Config, backend_name: str | None = None) -> int:
     tokens = http_tokens(cfg.http)  # before anything listens: an open network-facing HTTP server is refused
     for warning in check_http(cfg.http, tokens):
         log.warning("%s", warning, **ctx())
-    node = start(cfg, backend_name)
+    node = start(cfg, backend_name, role)
     try:
         app = create_app(node.store, node.intake, node.metrics, node.info, tokens, cfg.http,
                          pictures=node.spool.pictures_root, viewer_url_template=cfg.viewer.url_template)

@@ -37,6 +37,7 @@ from dicom_node.node.spool import Spool, SpoolFullError
 from dicom_node.pipeline.process import SeriesOutcome
 
 log = logging.getLogger("dicom_node.node.worker")
+REAP_EVERY_S = 5  # how often the watcher looks for claims whose lease ran out
 
 
 def input_fingerprint(files: list[Path], model_id: str, cfg: Config) -> str:
@@ -101,8 +102,13 @@ class Workers:
         return t
 
     def _watch(self) -> None:
-        """Once a second: a worker thread that died is replaced, and the job it held goes back in line."""
+        """Once a second: a worker thread that died is replaced, and the job it held goes back in line;
+        every few seconds, claims whose lease ran out (a worker elsewhere died) go back in line too."""
+        ticks = 0
         while not self.stop.wait(1.0):
+            ticks += 1
+            if ticks % REAP_EVERY_S == 0:
+                self._reap()
             for i, t in enumerate(list(self.threads)):
                 if t.is_alive() or self.stop.is_set():
                     continue
@@ -115,13 +121,21 @@ class Workers:
                     self._release(job, "the worker thread handling it died")
                 self.threads[i] = self._spawn()
 
+    def _reap(self) -> None:
+        try:
+            for job in self.store.reap_expired():
+                log.warning("%s", job.reason, **ctx(job.id, job.series_uid))
+        except Exception:  # noqa: BLE001 - the store unreachable: the next round tries again
+            log.warning("could not look for expired leases", exc_info=True, **ctx())
+
     def _release(self, job: Job, why: str) -> None:
         """A claimed job whose owner is gone: processing counts as a run that never finished."""
         try:
             if job.state == "processing":
                 self._crashed(job, why)
             else:
-                self.store.hand_back(job.id, "sending", time.time(), f"waiting: {why}; delivery resumes")
+                self.store.hand_back(job.id, "sending", time.time(), f"waiting: {why}; delivery resumes",
+                                     epoch=job.lease_epoch)
         except Exception:  # noqa: BLE001 - the database itself failing: recover() puts it back at the next start
             log.exception("could not hand back job %d", job.id, **ctx(job.id, job.series_uid))
 
@@ -147,12 +161,21 @@ class Workers:
                 self.wake.clear()
 
     def run_one(self) -> bool:
-        """Claim and handle one job; False when there was nothing to do."""
-        job = self.store.claim()
+        """Claim and handle one job; False when there was nothing to do.
+
+        The claim's lease is renewed every quarter lease while the job is in hand; every transition
+        the worker makes carries the claim's epoch, so if the store gave the job to another worker
+        meanwhile (this one was presumed dead), what this one does afterwards changes nothing.
+        """
+        lease = self.cfg.jobs.lease_seconds
+        job = self.store.claim(lease_seconds=lease)
         if job is None:
             return False
         name = threading.current_thread().name
         self.holding[name] = job
+        done = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(job, lease, done), name=f"{name}-lease", daemon=True)
+        beat.start()
         try:
             if job.state == "processing":
                 self.process(job)
@@ -160,8 +183,22 @@ class Workers:
                 self.send(job)
         except Exception as exc:  # noqa: BLE001 - e.g. a full disk: the job waits, it is not lost or stuck
             self._hand_back(job, exc)
+        finally:
+            done.set()
+            beat.join(5)
         self.holding.pop(name, None)
         return True
+
+    def _heartbeat(self, job: Job, lease: float, done: threading.Event) -> None:
+        """Renew the job's lease until the worker lets go of it; say so once if the claim was lost."""
+        while not done.wait(lease / 4):
+            try:
+                if not self.store.renew(job.id, job.lease_epoch, lease):
+                    log.warning("lease lost: the job was given to another worker; this one's results will not count",
+                                **ctx(job.id, job.series_uid))
+                    return
+            except Exception:  # noqa: BLE001 - the store unreachable for a moment: the lease has 3 more beats
+                log.warning("could not renew the lease", exc_info=True, **ctx(job.id, job.series_uid))
 
     def _hand_back(self, job: Job, exc: Exception) -> None:
         """The node's own trouble (a full disk, a job database it cannot write) is no fault of the job's:
@@ -175,7 +212,8 @@ class Workers:
         while not self.stop.is_set():
             try:
                 self.store.hand_back(job.id, state, time.time() + delay,
-                                     f"waiting: {job.state} interrupted ({what}); retry in {delay:g} s")
+                                     f"waiting: {job.state} interrupted ({what}); retry in {delay:g} s",
+                                     epoch=job.lease_epoch)
                 return
             except Exception:  # noqa: BLE001 - still no room: try again (recover() covers a shutdown)
                 self.stop.wait(delay)
@@ -203,7 +241,8 @@ class Workers:
                 if twin is not None and twin.deliveries_cover([d.name for d in self.cfg.destinations]):
                     reason = (f"duplicate of job {twin.id}: identical instances and model, already processed and "
                               "delivered; nothing sent again")
-                    self.store.finish(job.id, "done", reason, derived_series_uid=twin.derived_series_uid)
+                    self.store.finish(job.id, "done", reason, derived_series_uid=twin.derived_series_uid,
+                                      epoch=job.lease_epoch)
                     log.info(reason, **ctx(job.id, job.series_uid))
                     return
                 shutil.rmtree(out_dir, ignore_errors=True)  # a requeued job starts clean
@@ -215,7 +254,8 @@ class Workers:
                                    jc.timeout_seconds, self.stop)
         except StoppedError:
             shutil.rmtree(out_dir, ignore_errors=True)
-            self.store.hand_back(job.id, "queued", time.time(), "requeued: the node stopped while processing")
+            self.store.hand_back(job.id, "queued", time.time(), "requeued: the node stopped while processing",
+                                 epoch=job.lease_epoch)
             log.info("processing stopped for shutdown; the job resumes at the next start",
                      **ctx(job.id, job.series_uid))
             return
@@ -258,11 +298,11 @@ class Workers:
         delay = max(0.1, jc.backoff_seconds)
         reason = f"processing {why} (run {runs} of {jc.max_crashes}); trying again in {delay:g} s"
         log.error(reason, **ctx(job.id, job.series_uid))
-        self.store.crashed(job.id, time.time() + delay, reason)
+        self.store.crashed(job.id, time.time() + delay, reason, epoch=job.lease_epoch)
 
     def _after_processing(self, job: Job, outcome: SeriesOutcome) -> None:
         if outcome.status == "skipped":
-            self.store.finish(job.id, "done", f"skipped: {outcome.reason}")
+            self.store.finish(job.id, "done", f"skipped: {outcome.reason}", epoch=job.lease_epoch)
             log.info("skipped: %s", outcome.reason, **ctx(job.id, job.series_uid))
             return
         if outcome.status != "done":
@@ -280,9 +320,10 @@ class Workers:
         if not self.cfg.destinations:
             self.store.finish(job.id, "done", f"processed ({summary}); no destinations configured, outputs kept "
                               "in the spool", outputs=json.dumps(outputs),
-                              derived_series_uid=outcome.derived_series_uid)
+                              derived_series_uid=outcome.derived_series_uid, epoch=job.lease_epoch)
             return
-        self.store.to_sending(job.id, outputs, outcome.derived_series_uid, f"processed ({summary}); sending")
+        self.store.to_sending(job.id, outputs, outcome.derived_series_uid, f"processed ({summary}); sending",
+                              epoch=job.lease_epoch)
         self.wake.set()
 
     def _fail(self, job: Job, reason: str) -> None:
@@ -293,7 +334,7 @@ class Workers:
             reason = f"{reason} [input kept in {where.relative_to(self.spool.root)}]"
         except OSError as exc:
             log.error("failed job not quarantined: %s", exc, **ctx(job.id, job.series_uid))
-        self.store.finish(job.id, "failed", reason)
+        self.store.finish(job.id, "failed", reason, epoch=job.lease_epoch)
         log.error(reason, **ctx(job.id, job.series_uid))
 
     # -- sending -----------------------------------------------------------------------
@@ -302,7 +343,7 @@ class Workers:
         files = [Path(p) for p in job.outputs]
         missing = [f for f in files if not f.is_file()]
         if missing:
-            self.store.finish(job.id, "failed", f"outputs missing from the spool: {missing[0]}")
+            self.store.finish(job.id, "failed", f"outputs missing from the spool: {missing[0]}", epoch=job.lease_epoch)
             return
         deliveries: dict[str, dict[str, Any]] = dict(job.deliveries)
         errors: list[str] = []
@@ -321,7 +362,7 @@ class Workers:
         self.metrics.stage.labels("sending").observe(time.perf_counter() - t0)
         if not errors:
             names = ", ".join(d.name for d in self.cfg.destinations)
-            self.store.finish(job.id, "done", f"delivered to {names}")
+            self.store.finish(job.id, "done", f"delivered to {names}", epoch=job.lease_epoch)
             if job.last_instance_at:
                 self.metrics.stage.labels("total").observe(time.time() - job.last_instance_at)
             log.info("done: delivered to %s", names, **ctx(job.id, job.series_uid))
@@ -332,10 +373,11 @@ class Workers:
         jc = self.cfg.jobs
         if attempts > jc.retries:
             reason = f"delivery failed after {attempts} attempts: {'; '.join(errors)}"
-            self.store.finish(job.id, "failed", reason)
+            self.store.finish(job.id, "failed", reason, epoch=job.lease_epoch)
             log.error(reason, **ctx(job.id, job.series_uid))
             return
         delay = min(jc.backoff_max_seconds, jc.backoff_seconds * 2 ** (attempts - 1))
         self.store.retry_later(job.id, attempts, time.time() + delay,
-                               f"delivery attempt {attempts} failed, retry in {delay:.0f} s: {'; '.join(errors)}")
+                               f"delivery attempt {attempts} failed, retry in {delay:.0f} s: {'; '.join(errors)}",
+                               epoch=job.lease_epoch)
 

@@ -8,6 +8,7 @@ AssertionError, so a test reports it as its failure).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -82,8 +84,10 @@ def need(exe: str) -> str:
 
 def write_node_config(root: Path, *, dicom_port: int, http_port: int, destinations: list[dict[str, Any]],
                       allowed: list[tuple[str, str]], quiet: float = 1.5, retries: int = 3,
-                      backoff: float = 0.5, extra: dict[str, list[str]] | None = None) -> Path:
-    """A complete config.toml for a test node (TOML written by hand: the format is tiny).
+                      backoff: float = 0.5, extra: dict[str, list[str]] | None = None, name: str = "node",
+                      spool: Path | None = None) -> Path:
+    """A complete config.toml for a test node (TOML written by hand: the format is tiny), as
+    ``root/<name>.toml``; the spool is ``root/spool`` unless ``spool`` names a shared one.
 
     ``extra`` adds lines to the [node], [http], [spool] or [jobs] table, or adds a table (e.g. "node.tls",
     "intake") at the end."""
@@ -93,7 +97,7 @@ def write_node_config(root: Path, *, dicom_port: int, http_port: int, destinatio
         "[node]", 'ae_title = "DICOMNODE"', f"port = {dicom_port}", *ex.pop("node", []), "",
         *sum(([ "[[node.allowed]]", f'ae_title = "{a}"', f'host = "{h}"', ""] for a, h in allowed), []),
         "[http]", f"port = {http_port}", *ex.pop("http", []), "",
-        "[spool]", f'dir = "{root / "spool"}"', "min_free_mb = 16", *ex.pop("spool", []), "",
+        "[spool]", f'dir = "{spool or root / "spool"}"', "min_free_mb = 16", *ex.pop("spool", []), "",
         "[jobs]", f"quiet_seconds = {quiet}", "workers = 2", f"retries = {retries}",
         *([] if any(v.startswith("backoff_seconds") for v in ex.get("jobs", [])) else [f"backoff_seconds = {backoff}"]),
         *ex.pop("jobs", []), "",
@@ -104,7 +108,7 @@ def write_node_config(root: Path, *, dicom_port: int, http_port: int, destinatio
         lines.append("")
     for table, table_lines in ex.items():
         lines += [f"[{table}]", *table_lines, ""]
-    path = root / "node.toml"
+    path = root / f"{name}.toml"
     path.write_text("\n".join(lines))
     return path
 
@@ -113,8 +117,9 @@ class NodeProcess:
     """``dicom-node serve`` in a subprocess, exactly as an operator runs it."""
 
     def __init__(self, config: Path, http_port: int, dicom_port: int, log: Path, https_ca: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, role: str = "all") -> None:
         self.config, self.http_port, self.dicom_port, self.log = config, http_port, dicom_port, log
+        self.role = role
         self.verify: str | bool = str(https_ca) if https_ca else True  # requests' verify= for an HTTPS node
         self.scheme = "https" if https_ca else "http"
         self.env = env
@@ -126,8 +131,9 @@ class NodeProcess:
 
     def start(self) -> NodeProcess:
         out = self.log.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config)],
-                                     stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=self.env)
+        self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config),
+                                      "--role", self.role], stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                                     env=self.env)
         out.close()
 
         def up() -> bool:
@@ -245,3 +251,75 @@ def storescu(host_port: tuple[str, int], called: str, folder: Path, calling: str
 def echoscu(port: int, called: str, calling: str) -> subprocess.CompletedProcess:
     return subprocess.run([need("echoscu"), "-aet", calling, "-aec", called, "127.0.0.1", str(port)],
                           capture_output=True, text=True, env=NODELAY, timeout=30)
+
+
+def _postgres_bin(name: str) -> str:
+    """A PostgreSQL server program: on PATH, or where Debian's postgresql package puts it."""
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    if not candidates:
+        raise PeerError(f"{name} not found: install PostgreSQL (Debian: apt-get install postgresql)")
+    return str(candidates[-1])
+
+
+class PostgresCluster:
+    """A private PostgreSQL cluster in a temporary folder, on loopback and a free port, with its own socket
+    folder; removed by :meth:`stop`.
+
+    PostgreSQL refuses to run as root, so as root (CI) ``initdb`` and ``pg_ctl`` run as the ``postgres``
+    user, in a folder that user owns. Trust authentication on 127.0.0.1 only: a test cluster that lives
+    for one test session.
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="dicom-node-pg-"))
+        self.data = self.root / "data"
+        self.sockets = self.root / "sockets"
+        self.log = self.root / "postgres.log"
+        self.as_root = os.geteuid() == 0
+
+    def _run(self, *cmd: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        full = ["runuser", "-u", "postgres", "--", *cmd] if self.as_root else list(cmd)
+        out = subprocess.run(full, capture_output=True, text=True, timeout=timeout)
+        if out.returncode != 0:
+            raise PeerError(f"{' '.join(cmd[:2])} failed ({out.returncode}): {(out.stderr or out.stdout)[-2000:]}")
+        return out
+
+    def start(self) -> PostgresCluster:
+        self.sockets.mkdir()
+        if self.as_root:
+            shutil.chown(self.root, "postgres", "postgres")
+            shutil.chown(self.sockets, "postgres", "postgres")
+        self._run(_postgres_bin("initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
+                  "--no-sync")
+        return self.restart()
+
+    def restart(self) -> PostgresCluster:
+        """Start the server on the existing cluster (after :meth:`stop`, a crash included)."""
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.sockets} -c fsync=on"
+        self._run(_postgres_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start")
+        return self
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        """A fresh database (one per test keeps tests apart); returns its URL."""
+        import psycopg
+
+        with psycopg.connect(self.url(), autocommit=True) as db:
+            db.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def stop(self, mode: str = "fast") -> None:
+        """``mode`` "immediate" is a crash as far as the data is concerned (no checkpoint)."""
+        if self.data.is_dir():
+            with contextlib.suppress(PeerError):  # not running: nothing to stop
+                self._run(_postgres_bin("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop", timeout=60)
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
