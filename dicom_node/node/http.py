@@ -174,7 +174,7 @@ def create_app(store: JobStore, intake: Intake | None, metrics: Metrics, info: d
         j = store.get(job_id)  # an id beyond SQLite's range is simply no job (404), never a 500
         if j is None:
             raise HTTPException(404, f"no job {job_id}")
-        return shown(j)
+        return {**shown(j), "sends": store.ledger(job_id)}
 
     @app.get("/jobs/{job_id}/pictures/{name}")
     def job_picture(job_id: int, name: str) -> Response:

@@ -75,7 +75,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     incomplete_since {real},
     lesions TEXT NOT NULL DEFAULT '[]',
     lease_until {real},
-    lease_epoch INTEGER NOT NULL DEFAULT 0
+    lease_epoch INTEGER NOT NULL DEFAULT 0,
+    owner TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE INDEX IF NOT EXISTS jobs_series ON jobs(series_uid, state);
@@ -83,11 +84,20 @@ CREATE TABLE IF NOT EXISTS instances (
     sop_uid TEXT PRIMARY KEY,
     series_uid TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS sends (
+    job_id BIGINT NOT NULL,
+    destination TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    sop_uid TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    at {real} NOT NULL,
+    PRIMARY KEY (job_id, destination, epoch, sop_uid)
+);
 """
 # Columns added after the first release: a spool from an older node gets them on start.
 _ADDED_COLUMNS = {"process_starts": "INTEGER NOT NULL DEFAULT 0", "incomplete_since": "REAL",
                   "lesions": "TEXT NOT NULL DEFAULT '[]'", "lease_until": "REAL",
-                  "lease_epoch": "INTEGER NOT NULL DEFAULT 0"}
+                  "lease_epoch": "INTEGER NOT NULL DEFAULT 0", "owner": "TEXT NOT NULL DEFAULT ''"}
 DEFAULT_LEASE_SECONDS = 120.0  # a claim's lease; the worker renews it well before it runs out
 MAX_JOB_ID = (1 << 63) - 1  # SQLite's INTEGER; a larger id is no job of ours (and must not overflow the lookup)
 
@@ -120,6 +130,7 @@ class Job:
     lesions: list[dict[str, Any]] = field(default_factory=list)  # per lesion: position, size, restoration, picture
     lease_until: float | None = None  # the claim's lease runs out then, unless renewed
     lease_epoch: int = 0  # claims so far: the fence a worker's transitions carry
+    owner: str = ""  # the worker that made the last claim (host:pid)
 
     @classmethod
     def from_row(cls, row: Any) -> Job:
@@ -149,7 +160,8 @@ class Job:
             "derived_series_uid": self.derived_series_uid, "outputs": len(self.outputs),
             "deliveries": self.deliveries, "files_purged": bool(self.purged),
             "processing_runs": self.process_starts, "incomplete_since": iso(self.incomplete_since),
-            "lesions": self.lesions,
+            "lesions": self.lesions, "claimed": bool(self.claimed), "claims": self.lease_epoch,
+            "worker": self.owner,
         }
 
 
@@ -306,7 +318,8 @@ class JobStore:
         return self._tx(fn)
 
     # -- working -----------------------------------------------------------------------
-    def claim(self, now: float | None = None, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> Job | None:
+    def claim(self, now: float | None = None, lease_seconds: float = DEFAULT_LEASE_SECONDS,
+              owner: str = "") -> Job | None:
         """The next piece of work, atomically: a due send first (results out sooner), else a queued job.
 
         The claim starts a lease of ``lease_seconds`` and a new epoch (the returned job's
@@ -316,16 +329,16 @@ class JobStore:
         lease = now + lease_seconds
 
         def fn(db: Dialect) -> Job | None:
-            row = db.execute("UPDATE jobs SET claimed=1, lease_until=?, lease_epoch=lease_epoch+1 WHERE id=("
+            row = db.execute("UPDATE jobs SET claimed=1, lease_until=?, lease_epoch=lease_epoch+1, owner=? WHERE id=("
                              "SELECT id FROM jobs WHERE state='sending' AND claimed=0 AND (next_attempt_at IS NULL "
                              f"OR next_attempt_at<=?) ORDER BY id LIMIT 1{db.skip_locked}) RETURNING *",
-                             (lease, now)).fetchone()
+                             (lease, owner, now)).fetchone()
             if row is None:
                 row = db.execute("UPDATE jobs SET state='processing', processing_at=?, claimed=1, reason='processing', "
-                                 "process_starts=process_starts+1, lease_until=?, lease_epoch=lease_epoch+1 WHERE id=("
-                                 "SELECT id FROM jobs WHERE state='queued' AND (next_attempt_at IS NULL OR "
+                                 "process_starts=process_starts+1, lease_until=?, lease_epoch=lease_epoch+1, owner=? "
+                                 "WHERE id=(SELECT id FROM jobs WHERE state='queued' AND (next_attempt_at IS NULL OR "
                                  f"next_attempt_at<=?) ORDER BY id LIMIT 1{db.skip_locked}) RETURNING *",
-                                 (now, lease, now)).fetchone()
+                                 (now, lease, owner, now)).fetchone()
             return Job.from_row(row) if row else None
         return self._tx(fn)
 
@@ -489,6 +502,35 @@ class JobStore:
         not take instances (the job store was away), silence is no sign that the sender had finished."""
         now = time.time() if now is None else now
         return [Job.from_row(r) for r in self._tx(lambda db: self._restart_quiet(db, now, why))]
+
+    # -- the send ledger -----------------------------------------------------------------
+    def record_sends(self, job_id: int, destination: str, epoch: int, sent: list[tuple[str, int]],
+                     now: float | None = None) -> None:
+        """Each instance handed to a destination, with its status, under the claim (epoch) that sent it.
+
+        Deterministic UIDs make a re-sent derived series the same objects (the PACS keeps one copy);
+        the ledger makes each attempt visible: which instances went out, by which claim, answered how.
+        """
+        if not sent:
+            return
+        now = time.time() if now is None else now
+
+        def fn(db: Dialect) -> None:
+            for sop_uid, status in sent:
+                db.execute("INSERT INTO sends(job_id, destination, epoch, sop_uid, status, at) VALUES (?,?,?,?,?,?) "
+                           "ON CONFLICT DO NOTHING", (job_id, destination, int(epoch), sop_uid, int(status), now))
+        self._tx(fn)
+
+    def ledger(self, job_id: int) -> dict[str, dict[str, dict[str, int]]]:
+        """Per destination, per claim (epoch): instances stored and refused."""
+        rows = self._read("SELECT destination, epoch, SUM(CASE WHEN status=0 THEN 1 ELSE 0 END) AS stored, "
+                          "SUM(CASE WHEN status<>0 THEN 1 ELSE 0 END) AS refused FROM sends WHERE job_id=? "
+                          "GROUP BY destination, epoch ORDER BY destination, epoch", (job_id,))
+        out: dict[str, dict[str, dict[str, int]]] = {}
+        for r in rows:
+            out.setdefault(r["destination"], {})[str(r["epoch"])] = {"stored": int(r["stored"]),
+                                                                     "refused": int(r["refused"])}
+        return out
 
     # -- reading -----------------------------------------------------------------------
     def get(self, job_id: int) -> Job | None:

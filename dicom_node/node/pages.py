@@ -158,7 +158,11 @@ async function refresh() {
   }
   const del = document.getElementById('deliveries'); del.innerHTML = '';
   for (const [name, d] of Object.entries(j.deliveries || {})) {
-    const tr = del.insertRow(); cell(tr, name); cell(tr, d.state); cell(tr, when(d.at)); cell(tr, d.error || '');
+    const claims = Object.entries((j.sends || {})[name] || {})
+      .map(([epoch, n]) => 'claim ' + epoch + ': ' + n.stored + ' stored'
+                           + (n.refused ? ', ' + n.refused + ' refused' : ''));
+    const tr = del.insertRow(); cell(tr, name); cell(tr, d.state); cell(tr, when(d.at)); cell(tr, claims.join('; '));
+    cell(tr, d.error || '');
   }
   const les = document.getElementById('lesions'); les.innerHTML = '';
   for (const l of j.lesions || []) {
@@ -219,7 +223,8 @@ def job_page(job_id: int) -> str:
             "disagreement</th><th>done</th></tr></thead><tbody id='lesions'></tbody></table>"
             "<h2>Pictures</h2><p id='no-pictures' class='muted'>none (not processed, or no calcium)</p>"
             "<div id='pictures'></div>"
-            "<h2>Deliveries</h2><table><thead><tr><th>destination</th><th>state</th><th>at</th><th>error</th>"
+            "<h2>Deliveries</h2><table><thead><tr><th>destination</th><th>state</th><th>at</th>"
+            "<th>instances sent, per claim</th><th>error</th>"
             "</tr></thead><tbody id='deliveries'></tbody></table>").replace("%d", str(int(job_id)), 1)
     return _page(f"dicom-node job {job_id}", body, _JOB_SCRIPT % {"job": job_id, "refresh": REFRESH_MS})
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -58,8 +59,10 @@ def _contexts(files: list[Path]) -> list[tuple[str, str]]:
 
 
 def send_dimse(files: list[Path], dest: Destination, calling_ae: str, max_pdu: int = 0,
-               job: int | None = None, series: str | None = None) -> int:
-    """C-STORE every file over one association; returns how many were stored."""
+               job: int | None = None, series: str | None = None,
+               ledger: Callable[[str, int], None] | None = None) -> int:
+    """C-STORE every file over one association; returns how many were stored. ``ledger(sop_uid, status)``
+    hears of every answer (0 stored, else the status; -1 no answer)."""
     from pynetdicom import AE, evt
 
     from dicom_node.node.security import client_context
@@ -88,6 +91,8 @@ def send_dimse(files: list[Path], dest: Destination, calling_ae: str, max_pdu: i
         for f in files:
             status = assoc.send_c_store(f)
             code = int(getattr(status, "Status", -1)) if status else -1
+            if ledger is not None:
+                ledger(_sop_uid(f), 0 if code in STORED else code)
             if code not in STORED:
                 raise SendError(f"{dest.name}: C-STORE of {f.name} answered "
                                 f"{'no response' if code < 0 else hex(code)}")
@@ -99,7 +104,8 @@ def send_dimse(files: list[Path], dest: Destination, calling_ae: str, max_pdu: i
     return stored
 
 
-def send_stow(files: list[Path], dest: Destination, job: int | None = None, series: str | None = None) -> int:
+def send_stow(files: list[Path], dest: Destination, job: int | None = None, series: str | None = None,
+              ledger: Callable[[str, int], None] | None = None) -> int:
     """STOW-RS in batches; any FailedSOPSequence entry or HTTP error fails the delivery."""
     import requests
     from dicomweb_client.api import DICOMwebClient
@@ -114,6 +120,11 @@ def send_stow(files: list[Path], dest: Destination, job: int | None = None, seri
         except requests.RequestException as exc:
             raise SendError(f"{dest.name}: STOW-RS to {dest.url} failed: {exc}") from None
         failed = getattr(response, "FailedSOPSequence", None) if response is not None else None
+        if ledger is not None:
+            refused = {str(getattr(item, "ReferencedSOPInstanceUID", "")): int(getattr(item, "FailureReason", 0xC000))
+                       for item in failed or []}
+            for ds in batch:
+                ledger(str(ds.SOPInstanceUID), refused.get(str(ds.SOPInstanceUID), 0))
         if failed:
             item = failed[0]
             raise SendError(f"{dest.name}: STOW-RS refused {len(failed)} instances, e.g. "
@@ -124,12 +135,17 @@ def send_stow(files: list[Path], dest: Destination, job: int | None = None, seri
     return stored
 
 
+def _sop_uid(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+
+
 def deliver(files: list[Path], dest: Destination, calling_ae: str, max_pdu: int = 0,
-            job: int | None = None, series: str | None = None) -> int:
+            job: int | None = None, series: str | None = None,
+            ledger: Callable[[str, int], None] | None = None) -> int:
     try:
         if dest.kind == "stow":
-            return send_stow(files, dest, job, series)
-        return send_dimse(files, dest, calling_ae, max_pdu, job, series)
+            return send_stow(files, dest, job, series, ledger)
+        return send_dimse(files, dest, calling_ae, max_pdu, job, series, ledger)
     except SendError:
         raise
     except Exception as exc:  # noqa: BLE001 - network and library errors become a readable reason

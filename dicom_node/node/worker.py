@@ -18,7 +18,9 @@ import errno
 import hashlib
 import json
 import logging
+import os
 import shutil
+import socket
 import sqlite3
 import threading
 import time
@@ -38,6 +40,30 @@ from dicom_node.pipeline.process import SeriesOutcome
 
 log = logging.getLogger("dicom_node.node.worker")
 REAP_EVERY_S = 5  # how often the watcher looks for claims whose lease ran out
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"  # who holds a claim, as /jobs shows it
+LEDGER_BATCH = 16  # send-ledger rows written per transaction while a series goes out
+
+
+class SendLedger:
+    """Collects each instance's answer while a series goes out and writes them to the job store in small
+    batches, so that a worker killed mid-send leaves a record of what it had sent."""
+
+    def __init__(self, store: JobStore, job: Job, destination: str) -> None:
+        self.store, self.job, self.destination = store, job, destination
+        self.rows: list[tuple[str, int]] = []
+
+    def add(self, sop_uid: str, status: int) -> None:
+        self.rows.append((sop_uid, status))
+        if len(self.rows) >= LEDGER_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        rows, self.rows = self.rows, []
+        try:
+            self.store.record_sends(self.job.id, self.destination, self.job.lease_epoch, rows)
+        except Exception:  # noqa: BLE001 - the ledger is a record; delivery itself must not fail on it
+            log.warning("could not record %d sends in the ledger", len(rows), exc_info=True,
+                        **ctx(self.job.id, self.job.series_uid))
 
 
 def input_fingerprint(files: list[Path], model_id: str, cfg: Config) -> str:
@@ -168,7 +194,7 @@ class Workers:
         meanwhile (this one was presumed dead), what this one does afterwards changes nothing.
         """
         lease = self.cfg.jobs.lease_seconds
-        job = self.store.claim(lease_seconds=lease)
+        job = self.store.claim(lease_seconds=lease, owner=WORKER_ID)
         if job is None:
             return False
         name = threading.current_thread().name
@@ -350,10 +376,14 @@ class Workers:
         for dest in self.cfg.destinations:
             if deliveries.get(dest.name, {}).get("state") == "done":
                 continue  # delivered before a retry or a restart: never sent twice
+            ledger = SendLedger(self.store, job, dest.name)
             try:
-                n = deliver(files, dest, self.cfg.node.ae_title, self.cfg.node.max_pdu, job.id, job.series_uid)
+                n = deliver(files, dest, self.cfg.node.ae_title, self.cfg.node.max_pdu, job.id, job.series_uid,
+                            ledger.add)
+                ledger.flush()
                 deliveries[dest.name] = {"state": "done", "instances": n, "at": _now_iso()}
             except SendError as exc:
+                ledger.flush()
                 self.metrics.send_failures.labels(dest.name).inc()
                 deliveries[dest.name] = {"state": "failed", "error": str(exc), "at": _now_iso()}
                 errors.append(str(exc))

@@ -219,3 +219,15 @@ def test_an_unreachable_store_is_one_readable_line_without_the_password() -> Non
     assert "s3cret-pass" not in text and "\n" not in text and "127.0.0.1" in text
     with pytest.raises(ValueError):
         open_job_store("mysql://x", Path("/nonexistent"))
+
+
+def test_the_send_ledger_keeps_every_claims_answers(store: JobStore) -> None:
+    job_id = _queued(store, "11.1")
+    first = store.claim(now=11000.0)
+    store.record_sends(job_id, "pacs", first.lease_epoch, [("1.1", 0), ("1.2", 0), ("1.3", 0xA700)])
+    store.record_sends(job_id, "pacs", first.lease_epoch, [("1.1", 0)])  # recorded once
+    store.record_sends(job_id, "pacs", first.lease_epoch + 1, [("1.1", 0), ("1.2", 0), ("1.3", 0)])
+    store.record_sends(job_id, "web", first.lease_epoch + 1, [])
+    assert store.ledger(job_id) == {"pacs": {str(first.lease_epoch): {"stored": 2, "refused": 1},
+                                             str(first.lease_epoch + 1): {"stored": 3, "refused": 0}}}
+    assert store.ledger(job_id + 1) == {}

@@ -218,3 +218,28 @@ def test_an_unreachable_job_store_stops_the_start_with_one_line_and_exit_code_2(
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert out.returncode == 2 and len(errors) == 1 and "jobs.store" in errors[0], out.stderr[-2000:]
     assert "hunter2-secret" not in out.stderr + out.stdout
+
+
+def test_a_worker_killed_while_sending_hands_the_send_over_and_the_series_arrives_once(hosts: Hosts,
+                                                                                       tmp_path: Path) -> None:
+    folder, study = _series(tmp_path / "cta", 36, slices=96)
+    storescu(("127.0.0.1", hosts.orthanc.dicom_port), hosts.orthanc.aet, folder)
+    job = wait_for(lambda: next((j for j in hosts.jobs() if j["state"] == "sending" and j["claimed"]), None),
+                   240, "a job being sent", interval=0.02)
+    pid = int(job["worker"].rsplit(":", 1)[1])  # the claim says who holds it
+    holder = next(n for n, node in hosts.nodes.items() if node.proc is not None and node.proc.pid == pid)
+    victim = hosts.nodes[holder]
+    os.kill(victim.proc.pid, signal.SIGKILL)
+    victim.proc.wait(10)
+
+    def done() -> dict | None:
+        j = requests.get(f"{hosts.nodes['receiver'].url}/jobs/{job['id']}", timeout=5).json()
+        assert j["state"] != "failed", j["reason"]
+        return j if j["state"] == "done" else None
+    finished = wait_for(done, 240, "the send finished by the other worker", interval=1.0)
+    derived = wait_for(lambda: hosts.derived_in_orthanc(study) or None, 30, "the derived series")
+    assert len(derived) == 1 and len(derived[0]["Instances"]) == 96  # exactly once, no duplicate instance
+    assert finished["claims"] > job["claims"] and finished["worker"] != job["worker"]  # taken over
+    last = finished["sends"]["pacs"][str(finished["claims"])]
+    # the whole output again (96 slices, the SEG and the report), by the new claim
+    assert last == {"stored": finished["outputs"], "refused": 0} and finished["outputs"] == 98, finished["sends"]
