@@ -38,6 +38,7 @@ from dicom_node.node.logs import ctx
 from dicom_node.node.metrics import Metrics
 from dicom_node.node.pages import PICTURE_NAME, job_page, list_page, viewer_url, wants_html
 from dicom_node.node.security import BearerAuth
+from dicom_node.node.spool import HOST
 from dicom_node.node.stow import (
     BodyFile,
     BodyTooLargeError,
@@ -255,7 +256,7 @@ def create_app(store: JobStore, intake: Intake | None, metrics: Metrics, info: d
         the spool could not take it (a full disk): the scanner still tells how many parts it held."""
         assert intake is not None
         scanner = DelimiterScanner(dash_boundary(request.headers.get("content-type", "")), limits.max_parts)
-        path = intake.spool.root / "tmp" / f"stow-{uuid.uuid4().hex}.body"
+        path = intake.spool.root / "tmp" / f"{HOST}-{os.getpid()}-stow-{uuid.uuid4().hex}.body"
         size = 0
         try:
             intake.spool.check_space()

@@ -73,7 +73,8 @@ def start(cfg: Config, backend_name: str | None = None, role: Role | str = Role.
     role = Role(role)
     working = role in (Role.ALL, Role.WORKER)
     receiving = role in (Role.ALL, Role.RECEIVER)
-    spool = Spool(cfg.spool.dir, cfg.spool.min_free_mb, cfg.spool.durability, cfg.spool.quarantine_mb)
+    spool = Spool(cfg.spool.dir, cfg.spool.min_free_mb, cfg.spool.durability, cfg.spool.quarantine_mb,
+                  shared=bool(cfg.jobs.store))
     try:
         store = open_job_store(cfg.jobs.store, spool.db_path)
     except (ConnectionError, ValueError) as exc:

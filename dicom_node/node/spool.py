@@ -10,6 +10,15 @@ ingest speed:
   systems (ext4, XFS, btrfs) the rename also changes the file's inode, so that one
   commit makes both the data and the new name durable.
 - "posix": fsync the file, rename, then fsync the directory: portable, two commits.
+
+Several hosts may share one spool (``Spool(shared=True)``, when the job store is shared):
+every host mounts it at the same path (jobs record their outputs' paths), and its file
+system must make a rename atomic within a directory and an fsync durable before it
+returns (NFS: a hard, ``sync`` mount; local file systems and most cluster file systems
+do). The node's storage is this class's methods (write an instance, list a series, the
+output and picture folders, remove, quarantine): an object store can take its place
+behind the same methods. On a shared spool, a starting host removes only its own
+leftovers (``tmp/`` names carry the host and process) and other hosts' that are hours old.
 """
 
 from __future__ import annotations
@@ -20,7 +29,9 @@ import json
 import os
 import re
 import shutil
+import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +55,7 @@ class Spool:
     partial writes, ``quarantine/`` for what was refused or failed, each with the reason beside it."""
 
     def __init__(self, root: str | Path, min_free_mb: int = 0, durability: str = "journal",
-                 quarantine_mb: int = 0) -> None:
+                 quarantine_mb: int = 0, shared: bool = False) -> None:
         if durability not in ("journal", "posix"):
             raise ValueError(f"spool durability must be 'journal' or 'posix', not {durability!r}")
         self.posix = durability == "posix"
@@ -57,8 +68,12 @@ class Spool:
         self.quarantine_cap = int(quarantine_mb) * 1024 * 1024  # 0 = no cap
         self._refused_bytes = sum(_footprint(f.stat().st_size) for f in self.refused_dir.rglob("*") if f.is_file()) \
             if self.refused_dir.is_dir() else 0
-        # Leftovers of writes interrupted by a crash were never acknowledged: drop them.
+        self.shared = shared
+        # Leftovers of writes interrupted by a crash were never acknowledged: drop them (on a shared spool,
+        # only those of this host's dead processes, and anyone's that are hours old).
         for leftover in (self.root / "tmp").iterdir():
+            if shared and not _stale(leftover):
+                continue
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
@@ -102,7 +117,7 @@ class Spool:
         with self._lock:
             self._counter += 1
             n = self._counter
-        tmp = self.root / "tmp" / f"{os.getpid()}-{threading.get_ident()}-{n}.part"
+        tmp = self.root / "tmp" / f"{HOST}-{os.getpid()}-{threading.get_ident()}-{n}.part"
         target = self.instance_path(series_uid, sop_uid)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -215,6 +230,31 @@ class Spool:
         return folder
 
 
+HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64]  # in tmp/ names: whose partial write it is
+STALE_SECONDS = 6 * 3600  # another host's partial write this old belongs to a process long gone
+
+
+def _stale(leftover: Path) -> bool:
+    """A leftover in a shared spool's tmp/ that no live process will finish."""
+    parts = leftover.name.split("-")
+    if len(parts) >= 2 and parts[0] == HOST and parts[1].isdigit():
+        return not _alive(int(parts[1]))
+    try:
+        return time.time() - leftover.stat().st_mtime > STALE_SECONDS
+    except OSError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != os.getpid()
+
+
 def _footprint(size: int) -> int:
     """What a file takes on disk, counted in 4 KiB blocks: ten thousand tiny files are not free."""
     return max(4096, (size + 4095) // 4096 * 4096)
@@ -233,7 +273,7 @@ def _now_iso() -> str:
 
 def _write_atomic(tmp_dir: Path, target: Path, data: bytes) -> None:
     """Whole or absent, never half-written (no fsync: the quarantine is evidence, not a promise to a sender)."""
-    tmp = tmp_dir / f"{os.getpid()}-{threading.get_ident()}-{target.name}.part"
+    tmp = tmp_dir / f"{HOST}-{os.getpid()}-{threading.get_ident()}-{target.name}.part"
     try:
         tmp.write_bytes(data)
         os.replace(tmp, target)

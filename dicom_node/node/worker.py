@@ -35,7 +35,7 @@ from dicom_node.node.logs import ctx
 from dicom_node.node.metrics import Metrics
 from dicom_node.node.retention import purge_job_files
 from dicom_node.node.send import SendError, deliver
-from dicom_node.node.spool import Spool, SpoolFullError
+from dicom_node.node.spool import HOST, Spool, SpoolFullError
 from dicom_node.pipeline.process import SeriesOutcome
 
 log = logging.getLogger("dicom_node.node.worker")
@@ -276,8 +276,8 @@ class Workers:
                 request = ChildRequest(job.id, job.series_uid, str(self.spool.series_dir(job.series_uid)),
                                        str(out_dir), self.backend, self.model_id, dataclasses.asdict(self.cfg),
                                        str(self.spool.pictures_dir(job.id)))
-                result = run_child(request, self.spool.root / "tmp" / f"job-{job.id}", jc.memory_mb,
-                                   jc.timeout_seconds, self.stop)
+                scratch = self.spool.root / "tmp" / f"{HOST}-{os.getpid()}-job-{job.id}"
+                result = run_child(request, scratch, jc.memory_mb, jc.timeout_seconds, self.stop)
         except StoppedError:
             shutil.rmtree(out_dir, ignore_errors=True)
             self.store.hand_back(job.id, "queued", time.time(), "requeued: the node stopped while processing",

@@ -7,6 +7,7 @@
   python tools/bench.py memory --isolated  # the same as a node job: a child under jobs.memory_mb
   python tools/bench.py load               # 4 concurrent senders × 3 studies of 256 slices
   python tools/bench.py durable-write      # ms per 512 KiB instance made durable, by method
+  python tools/bench.py hosts              # job store SQLite vs PostgreSQL; 1 vs 2 receivers; 12 studies, 2 workers
 
 process: times `dicom-node process` end to end on a 512×512×256 phantom CTA (written
 once as DICOM into --cache), then each stage on its own: read (decode + modality LUT),
@@ -573,6 +574,11 @@ def main(argv: list[str] | None = None) -> int:
     dw = sub.add_parser("durable-write", help="ms per durable 512 KiB write, by method, on the --cache disk")
     dw.add_argument("--writes", type=int, default=200)
     dw.add_argument("--cache", default="runs/bench")
+    from dicom_node_lab import bench_hosts
+
+    hosts = sub.add_parser("hosts", help="several hosts: job store overhead, 1 vs 2 receivers, studies end to end "
+                                         "through a receiver and two workers (PostgreSQL)")
+    bench_hosts.add_arguments(hosts)
     bare = sub.add_parser("bare-scp", help=argparse.SUPPRESS)  # run by ingest --ceiling
     bare.add_argument("port", type=int)
     bare.add_argument("mode", choices=BARE_MODES)
@@ -582,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         bare_scp(args.port, args.mode, args.folder)
         return 0
     modes = {"process": bench_process, "ingest": bench_ingest, "latency": bench_latency, "memory": bench_memory,
-             "load": bench_load, "durable-write": bench_durable_write}
+             "load": bench_load, "durable-write": bench_durable_write, "hosts": bench_hosts.bench_hosts}
     return modes[args.cmd](args)
 
 

@@ -326,3 +326,26 @@ def test_restart_gives_a_series_still_arriving_a_fresh_quiet_time(parts: Parts, 
     assert [j.state for j in parts.store.recover(now=t0 + 100)] == ["received"]
     assert parts.store.queue_quiet(10, now=t0 + 105) == []
     assert [j.state for j in parts.store.queue_quiet(10, now=t0 + 111)] == ["queued"]
+
+
+def test_a_shared_spool_leaves_other_hosts_partial_writes_alone(tmp_path: Path) -> None:
+    """Several hosts share the spool: a host's start must not delete what another is writing right now."""
+    import os
+    import subprocess
+
+    from dicom_node.node.spool import HOST, STALE_SECONDS
+
+    Spool(tmp_path / "s")
+    tmp = tmp_path / "s" / "tmp"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    files = {"other-host": tmp / "otherhost-123-1-1.part", "other-host-old": tmp / "otherhost-124-1-1.part",
+             "mine-dead": tmp / f"{HOST}-{dead.pid}-1-1.part", "mine-alive": tmp / f"{HOST}-1-1-1.part"}
+    for f in files.values():
+        f.write_bytes(b"half")
+    old = time.time() - STALE_SECONDS - 60
+    os.utime(files["other-host-old"], (old, old))
+    Spool(tmp_path / "s", shared=True)
+    assert {k for k, f in files.items() if f.exists()} == {"other-host", "mine-alive"}  # pid 1 lives
+    Spool(tmp_path / "s")  # one host owning the spool: everything left is a leftover
+    assert not any(f.exists() for f in files.values())
