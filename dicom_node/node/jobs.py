@@ -173,6 +173,9 @@ class Dialect(Protocol):
 
     def lock_series(self, series_uid: str) -> None: ...  # serialise writers of one series' job, to commit
     def notify(self) -> None: ...  # work may be waiting: wake other processes' workers (at commit)
+    def hold(self, job_id: int) -> None: ...  # this process holds the job: others can tell if it dies
+    def release(self, job_id: int) -> None: ...
+    def orphans(self, job_ids: list[int]) -> list[int]: ...  # of these claimed jobs, those whose holder is gone
 
     def execute(self, sql: str, args: tuple = ()) -> Any: ...  # a cursor: fetchone(), fetchall(), rowcount
     def begin(self) -> None: ...
@@ -193,6 +196,15 @@ class SqliteDialect:
 
     def notify(self) -> None:
         pass  # one process: its own threads are woken directly (threading.Event)
+
+    def hold(self, job_id: int) -> None:
+        pass  # one process owns the whole store: recover() at its next start puts its claims back
+
+    def release(self, job_id: int) -> None:
+        pass
+
+    def orphans(self, job_ids: list[int]) -> list[int]:
+        return []
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -339,7 +351,10 @@ class JobStore:
                                  "WHERE id=(SELECT id FROM jobs WHERE state='queued' AND (next_attempt_at IS NULL OR "
                                  f"next_attempt_at<=?) ORDER BY id LIMIT 1{db.skip_locked}) RETURNING *",
                                  (now, lease, owner, now)).fetchone()
-            return Job.from_row(row) if row else None
+            if row is None:
+                return None
+            db.hold(int(row["id"]))  # before the commit: no one sees the claim without its holder's mark
+            return Job.from_row(row)
         return self._tx(fn)
 
     def renew(self, job_id: int, epoch: int, lease_seconds: float = DEFAULT_LEASE_SECONDS,
@@ -370,15 +385,15 @@ class JobStore:
 
     def to_sending(self, job_id: int, outputs: list[str], derived_series_uid: str, reason: str,
                    epoch: int | None = None) -> bool:
-        return self._update(job_id, epoch, _notify=True, state="sending", sending_at=time.time(), claimed=0,
-                            next_attempt_at=None, outputs=json.dumps(outputs), derived_series_uid=derived_series_uid,
-                            reason=reason, lease_until=None)
+        return self._update(job_id, epoch, _notify=True, _release=True, state="sending", sending_at=time.time(),
+                            claimed=0, next_attempt_at=None, outputs=json.dumps(outputs),
+                            derived_series_uid=derived_series_uid, reason=reason, lease_until=None)
 
     def finish(self, job_id: int, state: JobState | str, reason: str, epoch: int | None = None, **more: Any) -> bool:
         if JobState(state) not in (JobState.DONE, JobState.FAILED):
             raise ValueError(f"a job finishes done or failed, not {state!r}")
-        return self._update(job_id, epoch, state=str(JobState(state)), finished_at=time.time(), claimed=0,
-                            reason=reason, lease_until=None, **more)
+        return self._update(job_id, epoch, _release=True, state=str(JobState(state)), finished_at=time.time(),
+                            claimed=0, reason=reason, lease_until=None, **more)
 
     def hand_back(self, job_id: int, state: str, next_attempt_at: float, reason: str, epoch: int | None = None) -> bool:
         """A claimed job goes back in line unfinished (processing: queued again; sending: unclaimed), to be
@@ -393,6 +408,7 @@ class JobStore:
             "process_starts=CASE WHEN state='processing' AND process_starts>0 THEN process_starts-1 "
             "ELSE process_starts END WHERE id=? AND claimed=1 AND state IN ('processing','sending')" + fence,
             (str(JobState(state)), next_attempt_at, reason, job_id, *fargs)))
+        self._let_go(job_id)
         return cur.rowcount > 0
 
     def crashed(self, job_id: int, next_attempt_at: float, reason: str, epoch: int | None = None) -> bool:
@@ -401,6 +417,7 @@ class JobStore:
         cur = self._tx(lambda db: db.execute("UPDATE jobs SET state='queued', claimed=0, next_attempt_at=?, reason=?, "
                                              "lease_until=NULL WHERE id=? AND state='processing'" + fence,
                                              (next_attempt_at, reason, job_id, *fargs)))
+        self._let_go(job_id)
         return cur.rowcount > 0
 
     def series_of_instance(self, sop_uid: str) -> str | None:
@@ -432,8 +449,8 @@ class JobStore:
 
     def retry_later(self, job_id: int, attempts: int, next_attempt_at: float, reason: str,
                     epoch: int | None = None) -> bool:
-        return self._update(job_id, epoch, attempts=attempts, next_attempt_at=next_attempt_at, claimed=0,
-                            reason=reason, lease_until=None)
+        return self._update(job_id, epoch, _release=True, attempts=attempts, next_attempt_at=next_attempt_at,
+                            claimed=0, reason=reason, lease_until=None)
 
     def set_deliveries(self, job_id: int, deliveries: dict[str, dict[str, Any]]) -> None:
         self._update(job_id, None, deliveries=json.dumps(deliveries))
@@ -455,7 +472,8 @@ class JobStore:
     def mark_purged(self, job_id: int) -> None:
         self._update(job_id, None, purged=1)
 
-    def _update(self, job_id: int, epoch: int | None = None, _notify: bool = False, **values: Any) -> bool:
+    def _update(self, job_id: int, epoch: int | None = None, _notify: bool = False, _release: bool = False,
+                **values: Any) -> bool:
         cols = ", ".join(f"{k}=?" for k in values)
         fence, fargs = self._fence(epoch)
 
@@ -464,7 +482,43 @@ class JobStore:
             if _notify and cur.rowcount > 0:
                 db.notify()
             return cur
-        return self._tx(fn).rowcount > 0
+        changed = self._tx(fn).rowcount > 0
+        if _release:
+            self._let_go(job_id)
+        return changed
+
+    def _let_go(self, job_id: int) -> None:
+        """This process no longer holds the job (whether or not its transition counted)."""
+        try:
+            with self._lock:
+                self.db.release(job_id)
+        except Exception:  # noqa: BLE001 - a lost connection released it already
+            pass
+
+    def reap_orphans(self, now: float | None = None) -> list[Job]:
+        """Claims whose holder's connection is gone (the process or its host died): back in line at once,
+        as :meth:`reap_expired` would do when their lease runs out. PostgreSQL only: a session lock per
+        claimed job, which the database drops with the session."""
+        claimed = [r["id"] for r in self._read("SELECT id FROM jobs WHERE claimed=1 AND state IN "
+                                                "('processing','sending')")]
+        with self._lock:
+            gone = self.db.orphans([int(i) for i in claimed])
+        if not gone:
+            return []
+        now = time.time() if now is None else now
+        marks = ",".join("?" * len(gone))
+
+        def fn(db: Dialect) -> list[Job]:
+            rows = db.execute("UPDATE jobs SET state='queued', claimed=0, next_attempt_at=NULL, lease_until=NULL, "
+                              "reason='requeued: the worker holding it is gone' WHERE state='processing' AND claimed=1 "
+                              f"AND id IN ({marks}) RETURNING *", tuple(gone)).fetchall()
+            rows += db.execute("UPDATE jobs SET claimed=0, next_attempt_at=NULL, lease_until=NULL, reason='resuming "
+                               "delivery: the worker sending it is gone' WHERE state='sending' AND claimed=1 AND "
+                               f"id IN ({marks}) RETURNING *", tuple(gone)).fetchall()
+            if rows:
+                db.notify()
+            return [Job.from_row(r) for r in rows]
+        return self._tx(fn)
 
     def listen(self, wake: Any, stop: threading.Event) -> threading.Thread | None:
         """Where the database can tell other processes that work is waiting, a thread that calls ``wake``

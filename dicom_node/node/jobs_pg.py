@@ -33,6 +33,7 @@ from dicom_node.node.jobs import _SCHEMA, pyformat
 
 CONNECT_SECONDS = 10
 CHANNEL = "dicom_node_jobs"
+JOB_LOCKS = 0x0D1C  # advisory-lock namespace of held jobs (the first of the two-key form)
 log = logging.getLogger("dicom_node.node.jobs_pg")
 
 
@@ -50,6 +51,8 @@ class PostgresDialect:
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self.held: set[int] = set()  # jobs this process holds (a session lock each)
+        self._probe: psycopg.Connection | None = None  # another session, to test others' locks
         self.db = self._connect()
         with self.db.transaction():
             # Several hosts may start at once: one creates the schema, the others wait for it.
@@ -68,10 +71,38 @@ class PostgresDialect:
                                   f"{(str(exc).strip().splitlines() or ['?'])[0]}") from None
 
     def _usable(self) -> None:
-        """A connection the database dropped (a restart, a failover) is replaced before it is used again."""
+        """A connection the database dropped (a restart, a failover) is replaced before it is used again,
+        and the jobs this process holds are marked held again on the new session."""
         if self.db.broken or self.db.closed:
             log.warning("job store connection lost; reconnecting to %s", redacted(self.url))
             self.db = self._connect()
+            for job_id in sorted(self.held):
+                self.db.execute("SELECT pg_try_advisory_lock(%s, %s)", (JOB_LOCKS, _key(job_id)))
+
+    def hold(self, job_id: int) -> None:
+        self.db.execute("SELECT pg_advisory_lock(%s, %s)", (JOB_LOCKS, _key(job_id)))
+        self.held.add(job_id)
+
+    def release(self, job_id: int) -> None:
+        if job_id in self.held:
+            self.held.discard(job_id)
+            self.db.execute("SELECT pg_advisory_unlock(%s, %s)", (JOB_LOCKS, _key(job_id)))
+
+    def orphans(self, job_ids: list[int]) -> list[int]:
+        """Of these claimed jobs, those no session holds: their holder's connection (process, host) is gone."""
+        if not job_ids:
+            return []
+        if self._probe is None or self._probe.broken or self._probe.closed:
+            self._probe = psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_SECONDS,
+                                          application_name="dicom-node reaper")
+        gone = []
+        for job_id in job_ids:
+            if job_id in self.held:
+                continue
+            if self._probe.execute("SELECT pg_try_advisory_lock(%s, %s)", (JOB_LOCKS, _key(job_id))).fetchone()[0]:
+                self._probe.execute("SELECT pg_advisory_unlock(%s, %s)", (JOB_LOCKS, _key(job_id)))
+                gone.append(job_id)
+        return gone
 
     def execute(self, sql: str, args: tuple = ()) -> Any:
         if self.in_transaction():
@@ -128,4 +159,11 @@ class PostgresDialect:
         return self.db.info.transaction_status in (status.INTRANS, status.INERROR, status.ACTIVE)
 
     def close(self) -> None:
+        if self._probe is not None:
+            self._probe.close()
         self.db.close()
+
+
+def _key(job_id: int) -> int:
+    """The job's advisory-lock key (the two-key form takes 32-bit integers)."""
+    return int(job_id) % (1 << 31)

@@ -149,7 +149,7 @@ class Workers:
 
     def _reap(self) -> None:
         try:
-            for job in self.store.reap_expired():
+            for job in self.store.reap_orphans() + self.store.reap_expired():
                 log.warning("%s", job.reason, **ctx(job.id, job.series_uid))
         except Exception:  # noqa: BLE001 - the store unreachable: the next round tries again
             log.warning("could not look for expired leases", exc_info=True, **ctx())

@@ -231,3 +231,26 @@ def test_the_send_ledger_keeps_every_claims_answers(store: JobStore) -> None:
     assert store.ledger(job_id) == {"pacs": {str(first.lease_epoch): {"stored": 2, "refused": 1},
                                              str(first.lease_epoch + 1): {"stored": 3, "refused": 0}}}
     assert store.ledger(job_id + 1) == {}
+
+
+@pytest.mark.postgres
+def test_a_claim_whose_holder_disconnects_is_requeued_at_once(cluster) -> None:
+    """PostgreSQL drops a session's locks with the session: a dead worker's job need not wait for its lease."""
+    url = cluster.create_database(f"orphans{next(_databases)}")
+    holder, other = open_job_store(url, Path("/unused")), open_job_store(url, Path("/unused"))
+    try:
+        a, b = _queued(holder, "12.1"), _queued(holder, "12.2")
+        held = holder.claim(lease_seconds=3600.0)
+        kept = holder.claim(lease_seconds=3600.0)
+        assert other.reap_orphans() == [] and holder.reap_orphans() == []  # alive: held
+        holder.finish(kept.id, "done", "delivered", epoch=kept.lease_epoch)  # released with its transition
+        holder.close()  # the process dies: its session, and its locks, go with it
+        time.sleep(0.5)
+        reaped = other.reap_orphans()
+        assert [j.id for j in reaped] == [held.id] and reaped[0].state == "queued"  # lease far from over
+        assert {a, b} == {held.id, kept.id} and other.get(kept.id).state == "done"
+        again = other.claim()
+        assert again.id == held.id and again.lease_epoch == held.lease_epoch + 1
+        assert not other.finish(held.id, "done", "late", epoch=held.lease_epoch)
+    finally:
+        other.close()
