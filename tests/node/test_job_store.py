@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 
 from dicom_node.node.jobs import JobState, JobStore, open_job_store
-from dicom_node_lab.peers import PostgresCluster
+from tests.node.conftest import postgres_cluster
 
 _databases = itertools.count()
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = PostgresCluster().start()
+    c = postgres_cluster()
     yield c
     c.remove()
 

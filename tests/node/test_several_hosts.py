@@ -20,6 +20,7 @@ import requests
 from dicom_node_lab import phantom
 from dicom_node_lab.peers import NodeProcess, Orthanc, PostgresCluster, free_port, storescu, wait_for, write_node_config
 from dicom_node_lab.phantom_dicom import write_phantom_series
+from tests.node.conftest import postgres_cluster
 
 pytestmark = [pytest.mark.postgres, pytest.mark.integration]
 
@@ -28,7 +29,7 @@ LEASE_S = 4.0  # short, so that a dead worker's job comes back within seconds
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = PostgresCluster().start()
+    c = postgres_cluster()
     yield c
     c.remove()
 
@@ -164,7 +165,7 @@ def test_losing_the_database_refuses_what_it_cannot_record_and_recovers_without_
     takes the re-sent instances and processes the series, without a restart."""
     import psycopg
 
-    cluster = PostgresCluster().start()
+    cluster = postgres_cluster()
     try:
         url = cluster.create_database("loss")
         dicom, http = free_port(), free_port()
