@@ -146,7 +146,7 @@ def outputs_in_orthanc(orthanc: Orthanc, study_uid: str) -> dict[str, list[dict]
 
 
 def wait_delivered(node: NodeProcess, orthanc: Orthanc, study_uid: str, n: int, timeout: float = 90) -> None:
-    """Until the node's jobs are all done and Orthanc holds the complete derived series and its SEG."""
+    """Until the node's jobs are all done and Orthanc holds the complete derived series, its SEG and its report."""
     def complete() -> bool:
         jobs = node.jobs()
         failed = [j for j in jobs if j["state"] == "failed"]
@@ -154,16 +154,16 @@ def wait_delivered(node: NodeProcess, orthanc: Orthanc, study_uid: str, n: int, 
             pytest.fail(f"job failed: {failed[0]['reason']}\n{node.log.read_text()[-3000:]}")
         series = outputs_in_orthanc(orthanc, study_uid)
         return (bool(jobs) and all(j["state"] == "done" for j in jobs) and bool(series.get("SEG"))
-                and any(len(s["Instances"]) >= n for s in series.get("CT", [])))
+                and bool(series.get("SR")) and any(len(s["Instances"]) >= n for s in series.get("CT", [])))
     wait_for(complete, timeout, "delivery of the derived series and the SEG to Orthanc", interval=0.5)
 
 
 def assert_exactly_once(orthanc: Orthanc, study_uid: str, n: int, derived_uid: str, studies: int = 1) -> None:
-    """One derived CT series with exactly n instances (one per source slice), one SEG with one instance;
-    and nothing else in Orthanc (``studies`` such studies in all)."""
+    """One derived CT series with exactly n instances (one per source slice), one SEG and one lesion report
+    (SR) with one instance each; and nothing else in Orthanc (``studies`` such studies in all)."""
     series = outputs_in_orthanc(orthanc, study_uid)
     counts = {k: [len(s["Instances"]) for s in v] for k, v in series.items()}
-    assert counts == {"CT": [n], "SEG": [1]}, counts
+    assert counts == {"CT": [n], "SEG": [1], "SR": [1]}, counts
     ct = series["CT"][0]
     assert ct["MainDicomTags"]["SeriesInstanceUID"] == derived_uid
     assert "CALCIUM REMOVED" in ct["MainDicomTags"].get("SeriesDescription", "").upper()
@@ -171,7 +171,7 @@ def assert_exactly_once(orthanc: Orthanc, study_uid: str, n: int, derived_uid: s
     sops = {orthanc.get(f"/instances/{i}")["MainDicomTags"]["SOPInstanceUID"] for i in ct["Instances"]}
     assert len(sops) == n
     stats = orthanc.get("/statistics")
-    assert (stats["CountStudies"], stats["CountInstances"]) == (studies, studies * (n + 1)), stats
+    assert (stats["CountStudies"], stats["CountInstances"]) == (studies, studies * (n + 2)), stats
 
 
 def log_messages(node: NodeProcess) -> list[dict]:
@@ -254,8 +254,8 @@ def test_crash_during_processing_delivers_once(peers, cta: phantom.Phantom, tmp_
     assert [m["msg"] for m in resumed] == ["resuming: requeued after restart"], "the crash missed processing"
     wait_delivered(node, orthanc, study, n)
     jobs = node.jobs()
-    assert len(jobs) == 1 and jobs[0]["state"] == "done" and jobs[0]["outputs"] == n + 1
-    assert len(list(out_dir.rglob("*.dcm"))) == n + 1, "the interrupted run left stray outputs"
+    assert len(jobs) == 1 and jobs[0]["state"] == "done" and jobs[0]["outputs"] == n + 2
+    assert len(list(out_dir.rglob("*.dcm"))) == n + 2, "the interrupted run left stray outputs"
     assert_exactly_once(orthanc, study, n, jobs[0]["derived_series_uid"])
 
 
@@ -382,7 +382,7 @@ def test_destination_never_back_fails_with_reason_and_keeps_files(peers, cta: ph
     spool = node.config.parent / "spool"
     assert len(list((spool / "series" / series_uid).glob("*.dcm"))) == n, "the input is gone"
     outputs = list((spool / "out" / str(job["id"])).rglob("*.dcm"))
-    assert job["outputs"] == len(outputs) == n + 1, "the outputs are gone"
+    assert job["outputs"] == len(outputs) == n + 2, "the outputs are gone"
     assert all(pydicom.dcmread(f).SOPInstanceUID for f in outputs)
 
 
