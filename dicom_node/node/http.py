@@ -38,7 +38,6 @@ from dicom_node.node.logs import ctx
 from dicom_node.node.metrics import Metrics
 from dicom_node.node.pages import PICTURE_NAME, job_page, list_page, viewer_url, wants_html
 from dicom_node.node.security import BearerAuth
-from dicom_node.node.spool import HOST
 from dicom_node.node.stow import (
     BodyFile,
     BodyTooLargeError,
@@ -119,10 +118,6 @@ def header_deadline_protocol(seconds: float, on_timeout: Callable[[str], None] |
 def _header_text(text: str) -> str:
     """Printable ASCII without quotes, short: safe inside an HTTP header's quoted string."""
     return "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in text)[:300]
-
-
-def answer_failed(failed: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"00081198": {"vr": "SQ", "Value": failed}}
 
 
 def _item(sop_class: str, sop_uid: str, reason: int | None = None) -> dict[str, Any]:
@@ -256,7 +251,7 @@ def create_app(store: JobStore, intake: Intake | None, metrics: Metrics, info: d
         the spool could not take it (a full disk): the scanner still tells how many parts it held."""
         assert intake is not None
         scanner = DelimiterScanner(dash_boundary(request.headers.get("content-type", "")), limits.max_parts)
-        path = intake.spool.root / "tmp" / f"{HOST}-{os.getpid()}-stow-{uuid.uuid4().hex}.body"
+        path = intake.spool.tmp_path(f"stow-{uuid.uuid4().hex}.body")
         size = 0
         try:
             intake.spool.check_space()
@@ -336,7 +331,7 @@ def create_app(store: JobStore, intake: Intake | None, metrics: Metrics, info: d
             # Nothing could be recorded because the job store is away: the server's trouble, not the
             # request's; the client should come back (as a C-STORE sender retries "out of resources").
             log.warning("STOW-RS refused (503): the job store is unavailable", **ctx())
-            return JSONResponse(answer_failed(failed), status_code=503, media_type=DICOM_JSON,
+            return JSONResponse(answer, status_code=503, media_type=DICOM_JSON,
                                 headers={"Retry-After": "10", "Warning": '299 dicom-node "job store unavailable"'})
         log.info("STOW-RS: %d stored, %d failed", len(referenced), len(failed), **ctx())
         # PS3.18 lets a warning header carry the reasons the Failure Reason codes cannot.

@@ -168,7 +168,6 @@ class Job:
 class Dialect(Protocol):
     """What differs between the databases a :class:`JobStore` runs on."""
 
-    name: str
     skip_locked: str  # appended to a claim's inner SELECT ("" where one writer at a time is all there is)
 
     def lock_series(self, series_uid: str) -> None: ...  # serialise writers of one series' job, to commit
@@ -176,6 +175,7 @@ class Dialect(Protocol):
     def hold(self, job_id: int) -> None: ...  # this process holds the job: others can tell if it dies
     def release(self, job_id: int) -> None: ...
     def orphans(self, job_ids: list[int]) -> list[int]: ...  # of these claimed jobs, those whose holder is gone
+    def listen(self, wake: Any, stop: threading.Event) -> threading.Thread | None: ...  # notifications → wake
 
     def execute(self, sql: str, args: tuple = ()) -> Any: ...  # a cursor: fetchone(), fetchall(), rowcount
     def begin(self) -> None: ...
@@ -188,7 +188,6 @@ class Dialect(Protocol):
 class SqliteDialect:
     """SQLite in WAL mode: one file beside the spool, one writer at a time (BEGIN IMMEDIATE)."""
 
-    name = "sqlite"
     skip_locked = ""
 
     def lock_series(self, series_uid: str) -> None:
@@ -205,6 +204,9 @@ class SqliteDialect:
 
     def orphans(self, job_ids: list[int]) -> list[int]:
         return []
+
+    def listen(self, wake: Any, stop: threading.Event) -> threading.Thread | None:
+        return None  # no other process to hear from
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -369,15 +371,20 @@ class JobStore:
         """Claims whose lease ran out (their worker died or lost the database): processing goes back to
         the queue (the run stays counted, as a crash does), a send is unclaimed for another worker."""
         now = time.time() if now is None else now
+        return self._put_back("lease_until IS NOT NULL AND lease_until<?", (now,),
+                              "requeued: its worker stopped renewing its lease",
+                              "resuming delivery: its worker stopped renewing its lease")
 
+    def _put_back(self, condition: str, args: tuple, processing_reason: str, sending_reason: str) -> list[Job]:
+        """Claimed jobs matching ``condition`` back in line: processing requeued (the run stays counted, as
+        a crash does), a send unclaimed for another worker; workers elsewhere are woken."""
         def fn(db: Dialect) -> list[Job]:
             rows = db.execute("UPDATE jobs SET state='queued', claimed=0, next_attempt_at=NULL, lease_until=NULL, "
-                              "reason='requeued: its worker stopped renewing its lease' WHERE state='processing' "
-                              "AND claimed=1 AND lease_until IS NOT NULL AND lease_until<? RETURNING *",
-                              (now,)).fetchall()
-            rows += db.execute("UPDATE jobs SET claimed=0, next_attempt_at=NULL, lease_until=NULL, reason='resuming "
-                               "delivery: its worker stopped renewing its lease' WHERE state='sending' AND claimed=1 "
-                               "AND lease_until IS NOT NULL AND lease_until<? RETURNING *", (now,)).fetchall()
+                              f"reason=? WHERE state='processing' AND claimed=1 AND {condition} RETURNING *",
+                              (processing_reason, *args)).fetchall()
+            rows += db.execute("UPDATE jobs SET claimed=0, next_attempt_at=NULL, lease_until=NULL, reason=? "
+                               f"WHERE state='sending' AND claimed=1 AND {condition} RETURNING *",
+                               (sending_reason, *args)).fetchall()
             if rows:
                 db.notify()
             return [Job.from_row(r) for r in rows]
@@ -495,7 +502,7 @@ class JobStore:
         except Exception:  # noqa: BLE001 - a lost connection released it already
             pass
 
-    def reap_orphans(self, now: float | None = None) -> list[Job]:
+    def reap_orphans(self) -> list[Job]:
         """Claims whose holder's connection is gone (the process or its host died): back in line at once,
         as :meth:`reap_expired` would do when their lease runs out. PostgreSQL only: a session lock per
         claimed job, which the database drops with the session."""
@@ -505,26 +512,14 @@ class JobStore:
             gone = self.db.orphans([int(i) for i in claimed])
         if not gone:
             return []
-        now = time.time() if now is None else now
-        marks = ",".join("?" * len(gone))
-
-        def fn(db: Dialect) -> list[Job]:
-            rows = db.execute("UPDATE jobs SET state='queued', claimed=0, next_attempt_at=NULL, lease_until=NULL, "
-                              "reason='requeued: the worker holding it is gone' WHERE state='processing' AND claimed=1 "
-                              f"AND id IN ({marks}) RETURNING *", tuple(gone)).fetchall()
-            rows += db.execute("UPDATE jobs SET claimed=0, next_attempt_at=NULL, lease_until=NULL, reason='resuming "
-                               "delivery: the worker sending it is gone' WHERE state='sending' AND claimed=1 AND "
-                               f"id IN ({marks}) RETURNING *", tuple(gone)).fetchall()
-            if rows:
-                db.notify()
-            return [Job.from_row(r) for r in rows]
-        return self._tx(fn)
+        return self._put_back(f"id IN ({','.join('?' * len(gone))})", tuple(gone),
+                              "requeued: the worker holding it is gone",
+                              "resuming delivery: the worker sending it is gone")
 
     def listen(self, wake: Any, stop: threading.Event) -> threading.Thread | None:
         """Where the database can tell other processes that work is waiting, a thread that calls ``wake``
         when it does (PostgreSQL: LISTEN); None where this process is the only one (SQLite)."""
-        listen = getattr(self.db, "listen", None)
-        return listen(wake, stop) if listen is not None else None
+        return self.db.listen(wake, stop)
 
     def recover(self, now: float | None = None) -> list[Job]:
         """After a restart: interrupted processing goes back to the queue, interrupted sends are unclaimed.

@@ -46,7 +46,6 @@ class PostgresDialect:
     """One psycopg connection (autocommit; transactions begun explicitly), shared by a process's threads
     under the store's lock."""
 
-    name = "postgresql"
     skip_locked = " FOR UPDATE SKIP LOCKED"
 
     def __init__(self, url: str) -> None:
@@ -62,10 +61,14 @@ class PostgresDialect:
                 if statement.strip():
                     self.db.execute(statement)
 
+    def _open(self, purpose: str, **options: Any) -> psycopg.Connection:
+        """A connection of its own for one purpose (transactions, the reaper's probe, the listener)."""
+        return psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_SECONDS,
+                               application_name=f"dicom-node{purpose}", **options)
+
     def _connect(self) -> psycopg.Connection:
         try:
-            return psycopg.connect(self.url, autocommit=True, row_factory=dict_row, connect_timeout=CONNECT_SECONDS,
-                                   application_name="dicom-node")
+            return self._open("", row_factory=dict_row)
         except psycopg.Error as exc:
             raise ConnectionError(f"cannot reach the job store {redacted(self.url)}: "
                                   f"{(str(exc).strip().splitlines() or ['?'])[0]}") from None
@@ -93,8 +96,7 @@ class PostgresDialect:
         if not job_ids:
             return []
         if self._probe is None or self._probe.broken or self._probe.closed:
-            self._probe = psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_SECONDS,
-                                          application_name="dicom-node reaper")
+            self._probe = self._open(" reaper")
         gone = []
         for job_id in job_ids:
             if job_id in self.held:
@@ -107,14 +109,16 @@ class PostgresDialect:
     def execute(self, sql: str, args: tuple = ()) -> Any:
         if self.in_transaction():
             return self.db.execute(pyformat(sql), args)
-        # A read on its own: nothing half-done to lose, so a connection found dead is replaced and the
-        # read tried once more.
+        return self._once_more(pyformat(sql), args)  # a read on its own: nothing half-done to lose
+
+    def _once_more(self, sql: str, args: tuple = ()) -> Any:
+        """Outside a transaction: on a connection found dead, replaced, and tried once more."""
         self._usable()
         try:
-            return self.db.execute(pyformat(sql), args)
-        except psycopg.OperationalError:
+            return self.db.execute(sql, args)
+        except psycopg.OperationalError:  # dropped since its last use
             self._usable()
-            return self.db.execute(pyformat(sql), args)
+            return self.db.execute(sql, args)
 
     def notify(self) -> None:
         """Tell every listening process that work may be waiting (delivered at commit)."""
@@ -125,8 +129,7 @@ class PostgresDialect:
         def run() -> None:
             while not stop.is_set():
                 try:
-                    with psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_SECONDS,
-                                         application_name="dicom-node listener") as conn:
+                    with self._open(" listener") as conn:
                         conn.execute(f"LISTEN {CHANNEL}")
                         while not stop.is_set():
                             for _ in conn.notifies(timeout=1.0, stop_after=1):
@@ -141,12 +144,7 @@ class PostgresDialect:
         self.db.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (series_uid,))
 
     def begin(self) -> None:
-        self._usable()
-        try:
-            self.db.execute("BEGIN")
-        except psycopg.OperationalError:  # dropped since its last use: nothing was begun, so open again
-            self._usable()
-            self.db.execute("BEGIN")
+        self._once_more("BEGIN")
 
     def commit(self) -> None:
         self.db.execute("COMMIT")

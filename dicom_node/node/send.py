@@ -47,15 +47,18 @@ def unreachable(host: str, port: int, timeout: float) -> str:
         return exc.strerror or str(exc) or exc.__class__.__name__
 
 
-def _contexts(files: list[Path]) -> list[tuple[str, str]]:
-    """(SOP class, transfer syntax) pairs the files need, read from their file meta."""
+def _contexts(files: list[Path]) -> tuple[list[tuple[str, str]], list[str]]:
+    """(SOP class, transfer syntax) pairs the files need, and each file's SOP Instance UID (for the send
+    ledger), read from their file meta in one pass."""
     pairs: list[tuple[str, str]] = []
+    sop_uids: list[str] = []
     for f in files:
         meta = pydicom.filereader.read_file_meta_info(f)
         pair = (str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
         if pair not in pairs:
             pairs.append(pair)
-    return pairs
+        sop_uids.append(str(meta.MediaStorageSOPInstanceUID))
+    return pairs, sop_uids
 
 
 def send_dimse(files: list[Path], dest: Destination, calling_ae: str, max_pdu: int = 0,
@@ -70,7 +73,7 @@ def send_dimse(files: list[Path], dest: Destination, calling_ae: str, max_pdu: i
     ae = AE(ae_title=calling_ae)
     ae.maximum_pdu_size = max_pdu
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_seconds
-    pairs = _contexts(files)
+    pairs, sop_uids = _contexts(files)
     if len(pairs) > 128:
         raise SendError(f"{len(pairs)} presentation contexts needed, at most 128 fit one association")
     for sop, ts in pairs:
@@ -88,11 +91,11 @@ def send_dimse(files: list[Path], dest: Destination, calling_ae: str, max_pdu: i
         raise SendError(f"{dest.name}: association with {dest.ae_title}@{dest.host}:{dest.port} {why}")
     stored = 0
     try:
-        for f in files:
+        for f, sop_uid in zip(files, sop_uids):
             status = assoc.send_c_store(f)
             code = int(getattr(status, "Status", -1)) if status else -1
             if ledger is not None:
-                ledger(_sop_uid(f), 0 if code in STORED else code)
+                ledger(sop_uid, 0 if code in STORED else code)
             if code not in STORED:
                 raise SendError(f"{dest.name}: C-STORE of {f.name} answered "
                                 f"{'no response' if code < 0 else hex(code)}")
@@ -133,10 +136,6 @@ def send_stow(files: list[Path], dest: Destination, job: int | None = None, seri
         stored += len(batch)
     log.info("sent %d instances by STOW-RS to %s", stored, dest.name, **ctx(job, series, destination=dest.name))
     return stored
-
-
-def _sop_uid(path: Path) -> str:
-    return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
 
 
 def deliver(files: list[Path], dest: Destination, calling_ae: str, max_pdu: int = 0,

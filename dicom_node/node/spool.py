@@ -68,7 +68,6 @@ class Spool:
         self.quarantine_cap = int(quarantine_mb) * 1024 * 1024  # 0 = no cap
         self._refused_bytes = sum(_footprint(f.stat().st_size) for f in self.refused_dir.rglob("*") if f.is_file()) \
             if self.refused_dir.is_dir() else 0
-        self.shared = shared
         # Leftovers of writes interrupted by a crash were never acknowledged: drop them (on a shared spool,
         # only those of this host's dead processes, and anyone's that are hours old).
         for leftover in (self.root / "tmp").iterdir():
@@ -100,6 +99,10 @@ class Spool:
     def pictures_dir(self, job_id: int) -> Path:
         return self.pictures_root / str(job_id)
 
+    def tmp_path(self, name: str) -> Path:
+        """A partial write's place in ``tmp/``, named after this host and process (see :func:`_stale`)."""
+        return self.root / "tmp" / tmp_name(name)
+
     def instance_path(self, series_uid: str, sop_uid: str) -> Path:
         return self.series_dir(series_uid) / f"{safe_name(sop_uid)}.dcm"
 
@@ -117,7 +120,7 @@ class Spool:
         with self._lock:
             self._counter += 1
             n = self._counter
-        tmp = self.root / "tmp" / f"{HOST}-{os.getpid()}-{threading.get_ident()}-{n}.part"
+        tmp = self.tmp_path(f"{threading.get_ident()}-{n}.part")
         target = self.instance_path(series_uid, sop_uid)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -234,6 +237,11 @@ HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64]  # in tmp/ names
 STALE_SECONDS = 6 * 3600  # another host's partial write this old belongs to a process long gone
 
 
+def tmp_name(name: str) -> str:
+    """``<host>-<pid>-<name>``: whose partial write a file in ``tmp/`` is."""
+    return f"{HOST}-{os.getpid()}-{name}"
+
+
 def _stale(leftover: Path) -> bool:
     """A leftover in a shared spool's tmp/ that no live process will finish."""
     parts = leftover.name.split("-")
@@ -273,7 +281,7 @@ def _now_iso() -> str:
 
 def _write_atomic(tmp_dir: Path, target: Path, data: bytes) -> None:
     """Whole or absent, never half-written (no fsync: the quarantine is evidence, not a promise to a sender)."""
-    tmp = tmp_dir / f"{HOST}-{os.getpid()}-{threading.get_ident()}-{target.name}.part"
+    tmp = tmp_dir / tmp_name(f"{threading.get_ident()}-{target.name}.part")
     try:
         tmp.write_bytes(data)
         os.replace(tmp, target)

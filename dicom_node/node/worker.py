@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import sqlite3
 import threading
 import time
@@ -40,7 +39,7 @@ from dicom_node.pipeline.process import SeriesOutcome
 
 log = logging.getLogger("dicom_node.node.worker")
 REAP_EVERY_S = 5  # how often the watcher looks for claims whose lease ran out
-WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"  # who holds a claim, as /jobs shows it
+WORKER_ID = f"{HOST}:{os.getpid()}"  # who holds a claim, as /jobs shows it
 LEDGER_BATCH = 16  # send-ledger rows written per transaction while a series goes out
 
 
@@ -276,8 +275,8 @@ class Workers:
                 request = ChildRequest(job.id, job.series_uid, str(self.spool.series_dir(job.series_uid)),
                                        str(out_dir), self.backend, self.model_id, dataclasses.asdict(self.cfg),
                                        str(self.spool.pictures_dir(job.id)))
-                scratch = self.spool.root / "tmp" / f"{HOST}-{os.getpid()}-job-{job.id}"
-                result = run_child(request, scratch, jc.memory_mb, jc.timeout_seconds, self.stop)
+                result = run_child(request, self.spool.tmp_path(f"job-{job.id}"), jc.memory_mb,
+                                   jc.timeout_seconds, self.stop)
         except StoppedError:
             shutil.rmtree(out_dir, ignore_errors=True)
             self.store.hand_back(job.id, "queued", time.time(), "requeued: the node stopped while processing",

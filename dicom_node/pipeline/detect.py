@@ -227,14 +227,14 @@ def detect(volume: np.ndarray, spacing: tuple[float, float, float], options: Det
                 lab[sl][part] = 0
                 continue  # noise spike; not worth a line in the report
             at_edge = any(s.start == 0 or s.stop == n_ax for s, n_ax in zip(sl, volume.shape))
-            above = _peak_above_lumen(volume, sl, part, level)
             if vol_mm3 >= opts.dense_min_volume_mm3:
                 reason = "large dense structure (bone cortex or device)"
             elif peak >= opts.metal_hu:
                 reason = f"metal (peak {peak:.0f} HU >= {opts.metal_hu:.0f})"
             elif at_edge and not opts.keep_edge_components:
                 reason = "cut by the edge of the scanned volume (cannot be told from bone)"
-            elif (vol_mm3 < opts.noise_keep_mm3 and np.isfinite(noise_sd) and np.isfinite(above)
+            elif (vol_mm3 < opts.noise_keep_mm3 and np.isfinite(noise_sd)  # noise_sd is nan with the test off
+                  and np.isfinite(above := _peak_above_lumen(volume, sl, part, level))
                   and above < opts.noise_sigmas * noise_sd):
                 reason = (f"noise (peak {above:.0f} HU above its lumen, under {opts.noise_sigmas:g} × "
                           f"the image's noise SD of {noise_sd:.0f} HU)")

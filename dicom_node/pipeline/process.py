@@ -175,7 +175,6 @@ def process_series(series: Series, out_dir: Path, cfg: Config, engine: Engine, m
             log.info("%d lesion pictures in %.1f s", len(made), time.perf_counter() - t1)
         except Exception:  # noqa: BLE001 - pictures are for people; the derived series must not wait on them
             log.exception("lesion pictures failed; the job goes on without them")
-            drawn = {}
     outcome.lesion_table = lesion_table(series, result, drawn)
     outcome.status = "done"
     outcome.seconds = time.perf_counter() - t0
