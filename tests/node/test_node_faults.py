@@ -29,12 +29,11 @@ from typing import Any
 import pydicom
 import pytest
 import requests
-from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage
 
 from dicom_node_lab import phantom
 from dicom_node_lab.peers import NodeProcess, Orthanc, free_port, storescu, wait_for, write_node_config
 from dicom_node_lab.phantom_dicom import write_phantom_series
+from tests.node.conftest import send_scu
 
 pytestmark = pytest.mark.integration
 
@@ -105,36 +104,6 @@ def crash(node: NodeProcess) -> None:
     node.proc.kill()
     node.proc.wait(10)
     node.proc = None
-
-
-def send_scu(port: int, files: list[Path], on_success: Any = None) -> dict[str, int | None]:
-    """C-STORE the files one by one over one association, as a PACS does; SOP UID -> status (None: no answer).
-
-    ``on_success(n)`` runs after the n-th success, while the association goes on.
-    """
-    ae = AE(ae_title="STORESCU")
-    ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 15
-    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
-    assert assoc.is_established, "the node refused the association"
-    out: dict[str, int | None] = {}
-    try:
-        for f in files:
-            ds = pydicom.dcmread(f)
-            status = None
-            if assoc.is_established:
-                try:
-                    answer = assoc.send_c_store(ds)
-                    status = int(answer.Status) if answer is not None and "Status" in answer else None
-                except (RuntimeError, OSError):  # the association died under us
-                    status = None
-            out[str(ds.SOPInstanceUID)] = status
-            if status == SUCCESS and on_success is not None:
-                on_success(sum(s == SUCCESS for s in out.values()))
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    return out
 
 
 def outputs_in_orthanc(orthanc: Orthanc, study_uid: str) -> dict[str, list[dict]]:

@@ -20,7 +20,7 @@ import requests
 from dicom_node_lab import phantom
 from dicom_node_lab.peers import NodeProcess, Orthanc, PostgresCluster, free_port, storescu, wait_for, write_node_config
 from dicom_node_lab.phantom_dicom import write_phantom_series
-from tests.node.conftest import postgres_cluster
+from tests.node.conftest import postgres_cluster, send_scu
 
 pytestmark = [pytest.mark.postgres, pytest.mark.integration]
 
@@ -137,28 +137,6 @@ def test_a_worker_killed_while_processing_hands_its_job_to_the_other(hosts: Host
     assert len(derived) == 1 and len(derived[0]["Instances"]) == 64  # exactly once
 
 
-def _send(port: int, files: list[Path], during=None) -> list[tuple[str, int]]:
-    """C-STORE each file over one association; ``during(i)`` runs before file i. Returns (SOP UID, status)."""
-    from pynetdicom import AE
-    from pynetdicom.presentation import StoragePresentationContexts
-
-    ae = AE(ae_title="STORESCU")
-    ae.requested_contexts = StoragePresentationContexts[:120]
-    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
-    assert assoc.is_established
-    out = []
-    try:
-        for i, f in enumerate(files):
-            if during is not None:
-                during(i)
-            ds = pydicom.dcmread(f)
-            status = assoc.send_c_store(ds)
-            out.append((str(ds.SOPInstanceUID), int(status.Status) if status else -1))
-    finally:
-        assoc.release()
-    return out
-
-
 def test_losing_the_database_refuses_what_it_cannot_record_and_recovers_without_a_restart(tmp_path: Path) -> None:
     """PostgreSQL stopped hard in the middle of a series: every instance that got success is recorded and
     spooled; the rest get "out of resources" (STOW-RS: 503); once the database is back, the same node
@@ -176,12 +154,12 @@ def test_losing_the_database_refuses_what_it_cannot_record_and_recovers_without_
             folder, _ = _series(tmp_path / "cta", 35)
             files = sorted(folder.glob("*.dcm"))
 
-            def crash(i: int) -> None:
-                if i == 15:
+            def crash(acknowledged: int) -> None:
+                if acknowledged == 15:
                     cluster.stop("immediate")
-            sent = _send(dicom, files, crash)
-            ok = [uid for uid, status in sent if status == 0]
-            refused = [status for _, status in sent if status != 0]
+            sent = send_scu(dicom, files, crash)
+            ok = [uid for uid, status in sent.items() if status == 0]
+            refused = [status for status in sent.values() if status != 0]
             assert len(ok) == 15 and refused and set(refused) == {0xA700}, sent
             body = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + files[-1].read_bytes() + b"\r\n--b--\r\n"
             stow = requests.post(f"{node.url}/dicomweb/studies", data=body, timeout=30,
@@ -193,8 +171,8 @@ def test_losing_the_database_refuses_what_it_cannot_record_and_recovers_without_
             assert set(ok) <= recorded
             spooled = {p.stem for p in (tmp_path / "spool" / "series").rglob("*.dcm")}
             assert set(ok) <= spooled
-            resent = _send(dicom, files[15:])  # the sender retries what was refused
-            assert all(status == 0 for _, status in resent), resent
+            resent = send_scu(dicom, files[15:])  # the sender retries what was refused
+            assert all(status == 0 for status in resent.values()), resent
 
             def done() -> dict | None:
                 jobs = requests.get(f"{node.url}/jobs", timeout=5).json()
