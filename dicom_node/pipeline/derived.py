@@ -13,23 +13,27 @@ series never creates a second derived series in the archive.
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import pydicom
+from pydicom.charset import default_encoding
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
 from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.valuerep import VR
 
 from dicom_node import __version__
-from dicom_node.pipeline.series import MANUFACTURER, Series, sop_class
+from dicom_node.pipeline.series import MANUFACTURER, PIXEL_DATA, Series, sop_class
 
 DERIVATION_CODE = Code("113077", "DCM", "Volume editing")
 PROCESSING_EQUIPMENT = Code("109102", "DCM", "Processing Equipment")
@@ -92,35 +96,154 @@ def _stored(hu: np.ndarray, ds: Dataset) -> np.ndarray:
     return np.clip(np.round((hu - intercept) / slope), lo, hi)
 
 
+# Transfer syntaxes whose Pixel Data is the stored values as little-endian words, nothing around them.
+NATIVE_LITTLE_ENDIAN = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+VERBATIM_MAX_BYTES = 1024  # longer values are rare and rarely repeat: converted as they always were
+SEEN_ONCE = "seen once"  # a header value not yet checked (a value unique to one slice never is)
+
+
+@dataclass
+class SliceShared:
+    """What every slice of one derived series shares, made once per series instead of once per slice.
+
+    ``now``: the series' date and time (one series, one SeriesDate/SeriesTime). ``equipment``: this
+    node's ContributingEquipment item. ``verbatim``: what ``_remove_private_tags`` learnt about the
+    source's header values, (tag, VR, raw value, character set) -> whether writing the value as read
+    gives the same bytes as converting it and writing it back, or SEEN_ONCE.
+    """
+
+    now: dt.datetime
+    equipment: Dataset
+    verbatim: dict[tuple, bool | str] = field(default_factory=dict)
+
+
+def _encoded_pixels(src: Dataset) -> bytes | None:
+    """The source's Pixel Data as it is encoded, where that is byte for byte what decoding it and writing
+    the decoded array back (``src.pixel_array.copy().tobytes()``) gives; None where it may not be.
+
+    Most slices of a result are unchanged; decoding them only to write the same words again was a tenth
+    of the write stage. Only one frame of 16-bit, one-sample words in a native little-endian transfer
+    syntax, exactly as long as Rows x Columns says, qualifies. A big-endian, compressed or longer (padded)
+    value takes the decode path as before, and so does a value with bits set above BitsStored that are
+    not copies of the sign bit: pydicom's decoder clears (or sign-extends) those unused bits.
+    """
+    meta = getattr(src, "file_meta", None)
+    if meta is None or meta.get("TransferSyntaxUID") not in NATIVE_LITTLE_ENDIAN:
+        return None
+    try:
+        if (int(src.BitsAllocated) != 16 or int(src.SamplesPerPixel) != 1
+                or int(src.get("NumberOfFrames", 1) or 1) != 1):
+            return None
+        rows, cols, bits, signed = int(src.Rows), int(src.Columns), int(src.BitsStored), int(src.PixelRepresentation)
+        data = src.PixelData
+    except (AttributeError, KeyError, TypeError, ValueError):  # the decode path says what is wrong
+        return None
+    if not isinstance(data, bytes) or len(data) != rows * cols * 2 or not 1 <= bits <= 16 or signed not in (0, 1):
+        return None
+    if bits < 16:  # every value must lie in what BitsStored holds; min and max read the words once, in place
+        words = np.frombuffer(data, "<i2" if signed else "<u2")
+        lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+        if words.min() < lo or words.max() > hi:
+            return None
+    return data
+
+
+def _element_bytes(elem: DataElement | RawDataElement, encodings: str | list[str]) -> bytes:
+    """One element as ``save_as`` writes it into an explicit VR little endian data set."""
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_data_element(fp, elem, encodings)
+    return fp.getvalue()
+
+
+def _remove_private_tags(ds: Dataset, verbatim: dict[tuple, bool | str] | None) -> None:
+    """``ds.remove_private_tags()``, without converting the header values that need no converting.
+
+    ``remove_private_tags`` converts every element it passes, so the file is written from values,
+    re-encoded: converting some fifty elements per slice was an eighth of the write stage, and a value
+    takes longer to write than the bytes it was read from. Most of them (patient, study, geometry,
+    rescale) are the same in every slice of a series. An element of an explicit VR little endian source
+    is therefore converted as before the first time a value is seen; the second time, both ways of
+    writing it are compared, and from then on a value that pydicom writes back byte for byte as read is
+    left as read. The file is the same either way. Anything else is converted as before: sequences,
+    implicit VR or big-endian sources (written explicit little endian, they are re-encoded anyway), UN
+    (the VR it converts to can depend on other elements) and long values.
+    """
+    if verbatim is None or ds.original_encoding != (False, True):
+        ds.remove_private_tags()
+        return
+    encodings = ds.get("SpecificCharacterSet", default_encoding)  # what write_dataset encodes text with
+    charset = str(encodings)
+    for tag in list(ds.keys()):
+        elem = ds.get_item(tag)
+        if tag.is_private:
+            del ds[tag]
+            continue
+        if (elem.is_raw and elem.VR not in (None, VR.SQ, VR.UN) and elem.length != 0xFFFFFFFF
+                and tag != PIXEL_DATA and len(elem.value or b"") <= VERBATIM_MAX_BYTES):
+            key = (tag, elem.VR, elem.value, charset)
+            same = verbatim.get(key)
+            if same is True:
+                continue
+            converted = ds[tag]
+            if same is None:
+                verbatim[key] = SEEN_ONCE
+            elif same == SEEN_ONCE:
+                verbatim[key] = _element_bytes(elem, encodings) == _element_bytes(converted, encodings)
+            continue
+        elem = ds[tag]
+        if elem.VR == VR.SQ:
+            for item in elem.value:
+                item.remove_private_tags()
+
+
 def derive_slice(src: Dataset, hu_slice: np.ndarray, changed: np.ndarray, uids: dict[str, str], model_id: str,
-                 description: str, options: DerivedOptions) -> Dataset:
-    """One derived slice: the source's stored pixels, with only the changed voxels replaced."""
-    pixels = src.pixel_array.copy()
+                 description: str, options: DerivedOptions, shared: SliceShared | None = None) -> Dataset:
+    """One derived slice: the source's stored pixels, with only the changed voxels replaced.
+
+    Takes ownership of ``src``: the derived slice is ``src`` itself, changed in place and returned (pass
+    a copy to keep the source). Each source slice is read from disk for this alone, and deep-copying it
+    cost more than decoding its pixels. ``shared`` is made once per series by ``write_derived_series``;
+    without it, a slice of its own (its own time and equipment item, every header value converted).
+    """
     if changed.any():
+        pixels = src.pixel_array.copy()
         pixels[changed] = _stored(hu_slice[changed], src).astype(pixels.dtype)
-    ds = copy.deepcopy(src)
-    if not src.original_encoding[1]:  # big endian source: decode every element, then write it little endian
+        pixel_data = pixels.tobytes()
+    else:
+        pixel_data = _encoded_pixels(src)
+        if pixel_data is None:
+            pixel_data = src.pixel_array.copy().tobytes()
+    # What the derived slice takes from the source, read before the slice is changed in place.
+    src_uid = instance_uid(src)
+    sop_class_uid = sop_class(src)
+    series_number = int(getattr(src, "SeriesNumber", 0) or 0) + options.series_number_offset
+    original = str(getattr(src, "SeriesDescription", "") or "CT")
+    equipment = list(getattr(src, "ContributingEquipmentSequence", []))
+    ds = src
+    if "ContributingEquipmentSequence" in ds:  # the source's items are written as read (private tags and
+        del ds.ContributingEquipmentSequence  # all), as they were when the slice was a copy: not cleaned below
+    if not ds.original_encoding[1]:  # big endian source: decode every element, then write it little endian
         for _ in ds.iterall():  # iterating converts each raw element to a value
             pass
         ds.set_original_encoding(False, True)
-    ds.remove_private_tags()  # vendor tags describe the original acquisition's processing
+    # vendor tags describe the original acquisition's processing
+    _remove_private_tags(ds, shared.verbatim if shared else None)
     for kw in ("ReferencedImageSequence", "IconImageSequence"):
         if kw in ds:
             del ds[kw]
-    src_uid = instance_uid(src)
     sop_uid = derived_uid("ct-sop", src_uid, model_id)
-    now = dt.datetime.now()
+    now = shared.now if shared else dt.datetime.now()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = sop_class(src)
+    ds.file_meta.MediaStorageSOPClassUID = sop_class_uid
     ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
     ds.SOPInstanceUID = sop_uid
     ds.StudyInstanceUID = uids["study"]
     ds.FrameOfReferenceUID = uids["frame"]
     ds.SeriesInstanceUID = uids["series"]
-    ds.SeriesNumber = int(getattr(src, "SeriesNumber", 0) or 0) + options.series_number_offset
-    original = str(getattr(src, "SeriesDescription", "") or "CT")
+    ds.SeriesNumber = series_number
     ds.SeriesDescription = original[: 64 - len(SUFFIX)] + SUFFIX
     ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
     ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
@@ -139,14 +262,14 @@ def derive_slice(src: Dataset, hu_slice: np.ndarray, changed: np.ndarray, uids: 
         codes.DCM.SourceImageForImageProcessingOperation.meaning)
     ref.PurposeOfReferenceCodeSequence = Sequence([purpose])
     ds.SourceImageSequence = Sequence([ref])
-    equipment = list(getattr(src, "ContributingEquipmentSequence", []))
-    ds.ContributingEquipmentSequence = Sequence(equipment + [contributing_equipment(model_id, description)])
+    ds.ContributingEquipmentSequence = Sequence(
+        equipment + [shared.equipment if shared else contributing_equipment(model_id, description)])
     ds.BurnedInAnnotation = "NO"
     body_part = str(getattr(ds, "BodyPartExamined", "")).upper()
     if "Laterality" not in ds and "ImageLaterality" not in ds and body_part not in UNPAIRED_BODY_PARTS:
         # type 2C, required unless the part is known to be unpaired; anonymisers strip it
         ds.Laterality = ""
-    ds.PixelData = pixels.tobytes()
+    ds.PixelData = pixel_data
     ds["PixelData"].VR = "OW"
     ds.BitsAllocated = 16
     ds.SamplesPerPixel = 1
@@ -159,14 +282,18 @@ def derive_slice(src: Dataset, hu_slice: np.ndarray, changed: np.ndarray, uids: 
 
 def write_derived_series(series: Series, volume_hu: np.ndarray, changed: np.ndarray, out_dir: Path, model_id: str,
                          description: str, options: DerivedOptions | None = None) -> list[Path]:
-    """Write one derived slice per source slice into ``out_dir``; returns the paths."""
+    """Write one derived slice per source slice into ``out_dir``; returns the paths.
+
+    One slice after the other: a pool of threads was slower on two cores (pydicom's encoding holds
+    the GIL, and the threads contend for it).
+    """
     opts = options or DerivedOptions()
     uids = source_uids(series, model_id)
+    shared = SliceShared(now=dt.datetime.now(), equipment=contributing_equipment(model_id, description))
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for z, f in enumerate(series.files):
-        src = pydicom.dcmread(f)
-        ds = derive_slice(src, volume_hu[z], changed[z], uids, model_id, description, opts)
+        ds = derive_slice(pydicom.dcmread(f), volume_hu[z], changed[z], uids, model_id, description, opts, shared)
         paths.append(save_atomic(ds, out_dir / f"CT_{ds.SOPInstanceUID}.dcm"))
     return paths
 

@@ -8,6 +8,7 @@ whole region whose values were replaced (calcium plus blooming margin).
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from pathlib import Path
 
 import highdicom as hd
@@ -37,10 +38,12 @@ def algorithm(model_id: str, parameters: dict[str, str]) -> hd.AlgorithmIdentifi
                                               version=f"{__version__} {model_id}"[:64], parameters=parameters)
 
 
-def _source_headers(series: Series, uids: dict[str, str]) -> list[pydicom.Dataset]:
-    """Source headers with the UIDs the derived objects use (stand-ins where the source had none)."""
+def _source_headers(series: Series, uids: dict[str, str], slices: Iterable[int] | None = None
+                    ) -> list[pydicom.Dataset]:
+    """Source headers (all, or those of ``slices``) with the UIDs the derived objects use (stand-ins where
+    the source had none)."""
     out = []
-    for h in series.headers:
+    for h in series.headers if slices is None else (series.headers[i] for i in slices):
         h = copy.copy(h)
         h.SOPInstanceUID = instance_uid(h)
         if "SOPClassUID" not in h or not h.SOPClassUID:
@@ -104,10 +107,13 @@ def write_seg(series: Series, calcium: np.ndarray, restored: np.ndarray, out_dir
     used = np.flatnonzero(np.logical_or.reduce([m.any(axis=(1, 2)) for m in masks]))
     if used.size == 0:
         used = np.array([0])
-    headers = _source_headers(series, uids)
-    pixels = np.stack([m[used] for m in masks], axis=-1).astype(np.uint8)
+    headers = _source_headers(series, uids, used)
+    # (frames, rows, columns, segments) as highdicom wants it, but laid out segment by segment in memory:
+    # highdicom's overlap check sums over the segments, and adding whole planes takes a fifth of the time
+    # that adding pairs of neighbouring bytes does (that sum was half of the SEG's time). Same SEG.
+    pixels = np.moveaxis(np.stack([m[used] for m in masks]).astype(np.uint8), 0, -1)
     seg = hd.seg.Segmentation(
-        source_images=[headers[i] for i in used], pixel_array=pixels,
+        source_images=headers, pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=segments,
         series_instance_uid=uids["seg_series"], series_number=series_number, sop_instance_uid=uids["seg"],
         instance_number=1, manufacturer=MANUFACTURER, manufacturer_model_name="dicom-node calcium removal",
