@@ -182,6 +182,9 @@ class SpoolConfig:
 @dataclass
 class JobsConfig:
     quiet_seconds: float = 15.0  # a series is complete after this long without a new instance
+    # ... or this long after the association (or STOW-RS request) that brought it was released, when no other
+    # association is still sending it and nothing arrived since; 0 = the quiet timer only
+    release_grace_seconds: float = 2.0
     workers: int = 2  # jobs handled at once (processing or sending)
     inference_slots: int = 1  # jobs running the model at once; bounds memory
     retries: int = 5  # send attempts after the first, then the job fails

@@ -1,10 +1,16 @@
-"""Completion: a per-series quiet timer decides that a series is complete and queues its job.
+"""Completion: decides that a series is complete and queues its job.
 
-Association release is no signal of completeness (a PACS may send one series over several
-associations, or several series over one), so only silence counts; an association that ended
-without a release leaves its series waiting for a re-send (see receive.py), and one never re-sent
-fails after jobs.incomplete_seconds. An instance that arrives after its series' job left
-"received" starts a new job, which processes the grown series. The same slow tick runs retention.
+Two rules. The release rule is fast: a PACS usually sends a series over one association and
+releases it, so a series is complete ``jobs.release_grace_seconds`` (about 2 s) after the
+association that brought it was released, when no other association of this receiver is still
+sending it and no instance of it arrived since (the job store's last_instance_at: that also sees
+other hosts' receivers). The end of a STOW-RS request is the same kind of hint. The quiet timer
+is the fallback: silence for ``jobs.quiet_seconds`` completes a series whatever brought it (one
+series spread over several associations with gaps, a sender that never releases). An association
+that ended without a release gives no hint: its series waits for a re-send (see receive.py), and
+one never re-sent fails after jobs.incomplete_seconds. An instance that arrives after its series'
+job left "received" starts a new job, which processes the grown series: nothing is lost, the
+series is processed again whole. The same slow tick runs retention.
 """
 
 from __future__ import annotations
@@ -36,10 +42,33 @@ class CompletionTimer(threading.Thread):
         self.stop = threading.Event()
         self._last_retention = 0.0
         self._store_failed = False  # the last tick could not reach the job store
+        self._released: list[tuple[float, list[int], str]] = []  # (released at, job ids, why), oldest first
+        self._released_lock = threading.Lock()
+        self._hinted = threading.Event()  # a release hint arrived: recompute the next wake-up
+
+    def released(self, job_ids: list[int], at: float, why: str) -> None:
+        """The association (or STOW-RS request) that brought these jobs' instances ended at ``at``; their
+        series are queued ``jobs.release_grace_seconds`` later unless more of them arrives."""
+        if not job_ids or self.cfg.jobs.release_grace_seconds <= 0:
+            return
+        with self._released_lock:
+            self._released.append((at, sorted(job_ids), why))
+        self._hinted.set()
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        self._hinted.set()
 
     def run(self) -> None:
-        while not self.stop.wait(min(1.0, max(0.05, self.cfg.jobs.quiet_seconds / 4))):
-            self.tick()
+        period = min(1.0, max(0.05, self.cfg.jobs.quiet_seconds / 4))
+        while not self.stop.is_set():
+            with self._released_lock:
+                due = self._released[0][0] + self.cfg.jobs.release_grace_seconds if self._released else None
+            wait = period if due is None else min(period, max(0.0, due - time.time()) + 0.01)
+            self._hinted.wait(wait)
+            self._hinted.clear()
+            if not self.stop.is_set():
+                self.tick()
 
     def tick(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
@@ -50,6 +79,7 @@ class CompletionTimer(threading.Thread):
                 for job in self.store.restart_quiet("the job store was unavailable", now):
                     log.info("quiet period restarted: the job store was unavailable", **ctx(job.id, job.series_uid))
                 self._store_failed = False
+            self._queue_released(now)
             for job in self.store.queue_quiet(self.cfg.jobs.quiet_seconds, now):
                 if job.received_at is not None:
                     self.metrics.stage.labels("receive").observe(max(0.0, (job.last_instance_at or now) -
@@ -66,3 +96,21 @@ class CompletionTimer(threading.Thread):
             if not self._store_failed:  # once per outage, not once a second
                 log.exception("completion tick failed", **ctx())
             self._store_failed = True
+
+    def _queue_released(self, now: float) -> None:
+        grace = self.cfg.jobs.release_grace_seconds
+        with self._released_lock:
+            due = [hint for hint in self._released if hint[0] + grace <= now]
+            self._released = [hint for hint in self._released if hint[0] + grace > now]
+        try:
+            for at, job_ids, why in due:
+                for job in self.store.queue_released(job_ids, at, f"{why}; nothing more for {grace:g} s", now):
+                    if job.received_at is not None:
+                        self.metrics.stage.labels("receive").observe(max(0.0, (job.last_instance_at or now) -
+                                                                         job.received_at))
+                    log.info("queued: %d instances, %s", job.instances, why, **ctx(job.id, job.series_uid))
+                    self.wake.set()
+        except Exception:
+            with self._released_lock:  # the store is away: try again next tick (the quiet timer stays the fallback)
+                self._released = due + self._released
+            raise

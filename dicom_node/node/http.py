@@ -212,6 +212,7 @@ def create_app(store: JobStore, intake: Intake | None, metrics: Metrics, info: d
         referenced: list[dict[str, Any]] = []
         failed: list[dict[str, Any]] = []
         why: list[str] = []
+        jobs: set[int] = set()
         for index, (headers, start, end) in enumerate(spans, 1):
             data = body[start:end]
             loud = len(why) < LOGGED_REFUSALS  # a flood of junk parts gets a summary, not a line each
@@ -238,12 +239,15 @@ def create_app(store: JobStore, intake: Intake | None, metrics: Metrics, info: d
             result = intake.accept(data, ds, "stow", loud=loud)
             if result.status == SUCCESS:
                 referenced.append(_item(sop_class, sop_uid))
+                if result.job_id is not None:
+                    jobs.add(result.job_id)
             else:
                 failed.append(_item(sop_class, sop_uid, result.status))
                 why.append(f"part {index}: {result.reason}")
         if len(why) > LOGGED_REFUSALS:
             log.warning("STOW-RS: %d parts refused; the first %d were logged, the rest only counted", len(why),
                         LOGGED_REFUSALS, **ctx())
+        intake.released(jobs, "the STOW-RS request ended")  # a completion hint, as an association's release
         return referenced, failed, why
 
     async def receive_body(request: Request) -> tuple[Path | None, DelimiterScanner]:

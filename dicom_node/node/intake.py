@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +78,15 @@ class Intake:
         self.metrics = metrics
         self.limits = limits or IntakeConfig()
         self._ignored_series: set[str] = set()
+        # (job ids, released at, why): the end of an association or STOW-RS request, the completion hint
+        self.on_released: Callable[[list[int], float, str], None] | None = None
+
+    def released(self, job_ids: Iterable[int], why: str, at: float | None = None) -> None:
+        """Whatever brought instances of these jobs has ended (an association released, a STOW-RS request
+        answered): tell completion, which queues them after ``jobs.release_grace_seconds``."""
+        ids = sorted(set(job_ids))
+        if ids and self.on_released is not None:
+            self.on_released(ids, time.time() if at is None else at, why)
 
     def accept(self, data: bytes, ds: Dataset, via: str, loud: bool = True) -> Accepted:
         """Store durably, then count the instance into a job; never raises.

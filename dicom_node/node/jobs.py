@@ -331,6 +331,24 @@ class JobStore:
             return [Job.from_row(r) for r in rows]
         return self._tx(fn)
 
+    def queue_released(self, job_ids: list[int], released_at: float, why: str, now: float | None = None) -> list[Job]:
+        """Series whose association was released (or whose STOW-RS request ended) at ``released_at`` become
+        queued jobs, unless an instance arrived after it (another association, or another host, is still
+        sending: the quiet timer decides then) or the series waits for a re-send."""
+        now = time.time() if now is None else now
+        if not job_ids:
+            return []
+        marks = ",".join("?" * len(job_ids))
+
+        def fn(db: Dialect) -> list[Job]:
+            rows = db.execute(f"UPDATE jobs SET state='queued', queued_at=?, reason=? WHERE id IN ({marks}) "
+                              "AND state='received' AND incomplete_since IS NULL AND last_instance_at<=? RETURNING *",
+                              (now, why, *job_ids, released_at)).fetchall()
+            if rows:
+                db.notify()
+            return [Job.from_row(r) for r in rows]
+        return self._tx(fn)
+
     # -- working -----------------------------------------------------------------------
     def claim(self, now: float | None = None, lease_seconds: float = DEFAULT_LEASE_SECONDS,
               owner: str = "") -> Job | None:

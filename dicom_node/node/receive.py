@@ -262,6 +262,8 @@ class Receiver:
         self.ae.network_timeout = cfg.idle_seconds
         self.limits = ConnectionLimits(cfg.max_connections, cfg.max_connections_per_host)
         self._assoc_jobs: dict[int, tuple[str, set[int], int]] = {}  # id(assoc) -> (peer, jobs, instances)
+        self._job_assocs: dict[int, set[int]] = {}  # job id -> the open associations that sent it instances
+        self._assoc_refused: set[int] = set()  # associations that had an instance refused: no completion hint
         self._assoc_lock = threading.Lock()
         self._requested: set[int] = set()  # associations whose A-ASSOCIATE-RQ arrived
         self.server: ThreadedAssociationServer | None = None
@@ -322,14 +324,34 @@ class Receiver:
             event.assoc.kill()  # as pynetdicom's own rejections do: lets the DUL flush the A-ASSOCIATE-RJ
 
     def _on_released(self, event: Event) -> None:
+        """A release is the sender saying it is done: each series it brought whose other senders (if any)
+        are done too is a completion hint (see completion.py)."""
         with self._assoc_lock:
-            self._assoc_jobs.pop(id(event.assoc), None)
+            peer, jobs, count = self._assoc_jobs.pop(id(event.assoc), ("", set(), 0))
+            done = self._forget(id(event.assoc), jobs)
+            if id(event.assoc) in self._assoc_refused:
+                self._assoc_refused.discard(id(event.assoc))
+                done = []  # the sender may re-send what was refused: the quiet timer decides
+        self.intake.released(done, f"the association from {peer} was released after {count} instances")
+
+    def _forget(self, assoc: int, jobs: set[int]) -> list[int]:
+        """Take an ended association off its jobs; returns the jobs no open association is sending (lock held)."""
+        done = []
+        for job_id in jobs:
+            senders = self._job_assocs.get(job_id, set())
+            senders.discard(assoc)
+            if not senders:
+                self._job_assocs.pop(job_id, None)
+                done.append(job_id)
+        return done
 
     def _on_ended(self, event: Event) -> None:
         """Aborted or closed without a release: what this association brought may be cut short. A connection
         that never sent an A-ASSOCIATE-RQ (request_seconds ran out, or the caller gave up) is logged and counted."""
         with self._assoc_lock:
             peer, jobs, count = self._assoc_jobs.pop(id(event.assoc), ("", set(), 0))
+            self._forget(id(event.assoc), jobs)  # no hint: what it brought may be cut short
+            self._assoc_refused.discard(id(event.assoc))
             requested = id(event.assoc) in self._requested
             self._requested.discard(id(event.assoc))
         if not requested and event.event is evt.EVT_CONN_CLOSE and not getattr(event.assoc.dul.socket, "refused",
@@ -353,6 +375,13 @@ class Receiver:
         return 0x0000
 
     def _on_store(self, event: Event) -> int:
+        status = self._store(event)
+        if status != 0x0000:
+            with self._assoc_lock:
+                self._assoc_refused.add(id(event.assoc))
+        return status
+
+    def _store(self, event: Event) -> int:
         """Spool first, answer after: success means the instance is on disk."""
         try:
             data = event.encoded_dataset()
@@ -374,6 +403,7 @@ class Receiver:
                                           set(), 0))
                     jobs.add(accepted.job_id)
                     self._assoc_jobs[id(event.assoc)] = (peer, jobs, count + 1)
+                    self._job_assocs.setdefault(accepted.job_id, set()).add(id(event.assoc))
             return accepted.status
         except Exception as exc:  # noqa: BLE001 - never let a handler crash the association thread
             log.exception("C-STORE failed: %s", exc, **ctx())

@@ -57,7 +57,7 @@ class Node:
         if self.receiver is not None:
             self.receiver.stop()
         if self.completion is not None:
-            self.completion.stop.set()
+            self.completion.shutdown()
         if self.workers is not None:
             self.workers.shutdown()
         if self.completion is not None:
@@ -102,6 +102,7 @@ def start(cfg: Config, backend_name: str | None = None, role: Role | str = Role.
     if receiving:
         node.intake = Intake(spool, store, metrics, cfg.intake)
         node.completion = CompletionTimer(cfg, spool, store, metrics, wake)
+        node.intake.on_released = node.completion.released
         node.receiver = Receiver(cfg.node, node.intake, metrics)
         node.receiver.start()
         info["dicom_port"] = cfg.node.port

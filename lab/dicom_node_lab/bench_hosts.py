@@ -53,7 +53,7 @@ def _receivers(root: Path, url: str, n: int) -> list[peers.NodeProcess]:
         dicom, http = peers.free_port(), peers.free_port()
         cfg = peers.write_node_config(root, dicom_port=dicom, http_port=http, destinations=[], name=f"receiver{i}",
                                       spool=root / "spool", allowed=[("STORESCU", "127.0.0.1")], quiet=3600,
-                                      extra={"jobs": [f'store = "{url}"']})
+                                      extra={"jobs": [f'store = "{url}"', "release_grace_seconds = 0"]})
         nodes.append(peers.NodeProcess(cfg, http, dicom, root / f"receiver{i}.log", role="receiver").start())
     return nodes
 
@@ -103,7 +103,7 @@ def end_to_end(cluster: peers.PostgresCluster, root: Path, studies: list[Path], 
         http = peers.free_port()
         cfg = peers.write_node_config(work, dicom_port=dicom, http_port=http, destinations=dest, name=name,
                                       spool=work / "spool", allowed=[("STORESCU", "127.0.0.1")], quiet=3.0,
-                                      extra={"jobs": [f'store = "{url}"']})
+                                      extra={"jobs": [f'store = "{url}"', "release_grace_seconds = 0"]})
         nodes.append(peers.NodeProcess(cfg, http, dicom, work / f"{name}.log", role=role))
     try:
         for node in nodes:

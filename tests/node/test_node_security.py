@@ -89,6 +89,7 @@ def node(tmp_path_factory: pytest.TempPathFactory, pki: Path):
         "http": [f'cert = "{pki / "server.pem"}"', f'key = "{pki / "server.key"}"', f'tokens = ["{TOKEN_CFG}"]'],
         "node.tls": ["enabled = true", f"port = {tls_port}", f'cert = "{pki / "server.pem"}"',
                      f'key = "{pki / "server.key"}"', f'ca = "{pki / "ca.pem"}"', "handshake_seconds = 4.0"],
+        "jobs": ["release_grace_seconds = 0"],  # received series wait (the quiet timer only)
     }
     cfg = write_node_config(root, dicom_port=dicom_port, http_port=http_port, destinations=[],
                             allowed=[("ECHOSCU", "127.0.0.1"), ("STORESCU", "127.0.0.1"), ("FARAWAY", FAR_HOST)],
