@@ -1,7 +1,7 @@
 """Speed measurements. Figures go in the notes, never into timed tests.
 
   python tools/bench.py process            # 512×512×256 phantom CTA, about 10 lesions
-  python tools/bench.py ingest             # node vs DCMTK storescp, 256 slices, one association
+  python tools/bench.py ingest             # node vs Orthanc vs storescp, 256 slices, 1/2/4 associations
   python tools/bench.py latency            # last instance in -> derived series in Orthanc
   python tools/bench.py memory             # peak RSS of `process` on a 512×512×600 series
   python tools/bench.py memory --isolated  # the same as a node job: a child under jobs.memory_mb
@@ -13,12 +13,12 @@ process: times `dicom-node process` end to end on a 512×512×256 phantom CTA (w
 once as DICOM into --cache), then each stage on its own: read (decode + modality LUT),
 detect, plan, infer (with windows/s), resample back, write (derived series + SEG).
 
-ingest: DCMTK storescu sends the 256 slices over one association, alternately to DCMTK
-storescp and to `dicom-node serve` (durable spool: fsync and atomic rename before each
-success), in the same run and on the same disk; reports instances/s and the ratio.
---ceiling adds bare pynetdicom SCPs to the same run, with the node's socket settings and
-a handler that (a) answers success at once, storing nothing, (b) writes
-encoded_dataset() to a file, (c) also fsyncs it: what pynetdicom itself allows here.
+ingest: DCMTK storescu sends the 256 slices over 1, 2 and 4 concurrent associations (the
+slices dealt round-robin, one storescu each), in turn to DCMTK storescp (no fsync),
+Orthanc (Debian's, TCP_NODELAY=1, its default SyncStorageArea: an fsync per write) and
+`dicom-node serve` (fsync and atomic rename before each success), in the same run and on
+the same disk; reports instances/s, node/Orthanc and node 4/1, and the fsync ceiling:
+instances/s if one durable write per instance were all there was to do.
 
 latency: a private Orthanc on loopback routes the study to the node (Lua OnStableSeries),
 as a hospital's would; reports the time from the node's last received instance to the
@@ -152,9 +152,60 @@ def _delivered(orthanc, study_uid: str, n: int) -> bool:
     return len(derived) == 1 and len(derived[0]["Instances"]) == n and len(seg) == 1
 
 
+ASSOCIATIONS = (1, 2, 4)
+
+
+def _split(folder: Path, root: Path, k: int) -> list[Path]:
+    """The series' files dealt round-robin into ``k`` folders (symbolic links): one per concurrent sender."""
+    if k == 1:
+        return [folder]
+    dirs = [root / f"split-{k}" / str(i) for i in range(k)]
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(sorted(folder.glob("*.dcm"))):
+        (dirs[i % k] / f.name).symlink_to(f.resolve())
+    return dirs
+
+
+def _concurrent_storescu(peers, port: int, called: str, dirs: list[Path]) -> float:
+    """Seconds from starting ``len(dirs)`` storescu processes at once (one association each) to the last one done."""
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([peers.need("storescu"), "-aet", "STORESCU", "-aec", called, "127.0.0.1", str(port),
+                               "+sd", str(d)], env=peers.NODELAY, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for d in dirs]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        if p.returncode != 0:
+            raise RuntimeError(f"storescu to {called} failed: {err.decode(errors='replace')[-500:]}")
+    return time.perf_counter() - t0
+
+
+def _fsync_ceiling(root: Path, size: int, writes: int = 100) -> float:
+    """Instances/s if a durable write (new file, rename, fsync) of one instance were all there was to do."""
+    import os
+
+    data = os.urandom(size)
+    t0 = time.perf_counter()
+    for i in range(writes):
+        part, final = root / f"c{i}.part", root / f"c{i}.dcm"
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, data)
+        os.replace(part, final)
+        os.fsync(fd)
+        os.close(fd)
+    rate = writes / (time.perf_counter() - t0)
+    for i in range(writes):
+        (root / f"c{i}.dcm").unlink()
+    return rate
+
+
 def bench_ingest(args: argparse.Namespace) -> int:
+    """1, 2 and 4 concurrent storescu associations into the node, Orthanc (durable: SyncStorageArea, its
+    default) and DCMTK storescp (no fsync), alternating, in one run on one disk."""
     import shutil
     import tempfile
+
+    import requests
 
     peers = _peers()
     folder = bench_series(Path(args.cache), tuple(args.shape)) / "series"
@@ -167,32 +218,50 @@ def bench_ingest(args: argparse.Namespace) -> int:
                            env=peers.NODELAY, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     dicom_port, http_port = peers.free_port(), peers.free_port()
     cfg = peers.write_node_config(root, dicom_port=dicom_port, http_port=http_port, destinations=[],
-                                  allowed=[("STORESCU", "127.0.0.1")], quiet=3600)
+                                  allowed=[("STORESCU", "127.0.0.1")], quiet=3600,
+                                  extra={"jobs": ["release_grace_seconds = 0"]})  # receive only: no processing
     node = peers.NodeProcess(cfg, http_port, dicom_port, root / "node.log").start()
-    rates: dict[str, list[float]] = {"storescp": [], "dicom-node": []}
+    (root / "pacs").mkdir()
+    orthanc = peers.Orthanc(root / "pacs", peers.free_port(), peers.free_port(), route=None).start()
+    splits = {k: _split(folder, root, k) for k in ASSOCIATIONS}
+    targets = {"storescp": (scp_port, "STORESCP"), "orthanc": (orthanc.dicom_port, orthanc.aet),
+               "dicom-node": (dicom_port, "DICOMNODE")}
+    rates: dict[str, dict[int, list[float]]] = {name: {k: [] for k in ASSOCIATIONS} for name in targets}
+
+    def clear() -> None:
+        shutil.rmtree(scp_dir, ignore_errors=True)
+        scp_dir.mkdir()
+        for study in requests.get(f"{orthanc.url}/studies", timeout=30).json():
+            requests.delete(f"{orthanc.url}/studies/{study}", timeout=60)
+        shutil.rmtree(root / "spool" / "series", ignore_errors=True)
+
     try:
         time.sleep(1.0)
         for _ in range(args.repeats):
-            shutil.rmtree(scp_dir, ignore_errors=True)
-            scp_dir.mkdir()
-            rates["storescp"].append(n / _timed_storescu(peers, scp_port, "STORESCP", folder))
-            shutil.rmtree(root / "spool" / "series", ignore_errors=True)
-            rates["dicom-node"].append(n / _timed_storescu(peers, dicom_port, "DICOMNODE", folder))
+            for k in ASSOCIATIONS:
+                for name, (port, aet) in targets.items():
+                    clear()
+                    rates[name][k].append(n / _concurrent_storescu(peers, port, aet, splits[k]))
         spooled = len(list((root / "spool" / "series").rglob("*.dcm")))
+        ceiling = _fsync_ceiling(root, next(folder.glob("*.dcm")).stat().st_size)
     finally:
         node.stop()
+        orthanc.stop()
         scp.terminate()
         scp.wait(10)
-    if args.ceiling:
-        rates |= _bare_rates(peers, folder, root, args.repeats, n)
-    med = {k: float(sorted(v)[len(v) // 2]) for k, v in rates.items()}
-    size = next(folder.glob("*.dcm")).stat().st_size
-    report = {"instances": n, "instance_bytes": size,
-              "repeats": args.repeats, "instances_per_s": {k: [round(x, 1) for x in v] for k, v in rates.items()},
-              "median_instances_per_s": {k: round(v, 1) for k, v in med.items()},
-              "ratio_node_to_storescp": round(med["dicom-node"] / med["storescp"], 2),
-              "ratios_to_storescp": {k: round(v / med["storescp"], 2) for k, v in med.items() if k != "storescp"},
-              "spooled_last_run": spooled, "durability": "fsync + atomic rename per instance (storescp: none)"}
+    med = {name: {k: float(sorted(v)[len(v) // 2]) for k, v in by_k.items()} for name, by_k in rates.items()}
+    report = {"instances": n, "instance_bytes": next(folder.glob("*.dcm")).stat().st_size, "repeats": args.repeats,
+              "instances_per_s": {name: {k: [round(x, 1) for x in v] for k, v in by_k.items()}
+                                  for name, by_k in rates.items()},
+              "median_instances_per_s": {name: {k: round(v, 1) for k, v in by_k.items()} for name, by_k in med.items()},
+              "node_to_orthanc": {k: round(med["dicom-node"][k] / med["orthanc"][k], 2) for k in ASSOCIATIONS},
+              "node_to_storescp": {k: round(med["dicom-node"][k] / med["storescp"][k], 2) for k in ASSOCIATIONS},
+              "node_4_to_1": round(med["dicom-node"][4] / med["dicom-node"][1], 2),
+              "orthanc_4_to_1": round(med["orthanc"][4] / med["orthanc"][1], 2),
+              "fsync_ceiling_instances_per_s": round(ceiling, 1),
+              "spooled_last_run": spooled,
+              "durability": "node: fsync + atomic rename per instance; Orthanc: SyncStorageArea (default); "
+                            "storescp: none"}
     print(json.dumps(report, indent=2))
     shutil.rmtree(root, ignore_errors=True)
     return 0 if spooled == n else 1
@@ -244,63 +313,6 @@ def bench_durable_write(args: argparse.Namespace) -> int:
     return 0
 
 
-BARE_MODES = ("nothing", "write", "write+fsync")
-
-
-def bare_scp(port: int, mode: str, folder: Path) -> None:
-    """A pynetdicom storage SCP with the node's socket settings and a handler that does only ``mode``."""
-    import os
-
-    from pynetdicom import AE, evt
-    from pynetdicom.presentation import AllStoragePresentationContexts
-
-    from dicom_node.config import NodeConfig
-    from dicom_node.node.receive import TRANSFER_SYNTAXES, NodeRequestHandler
-    from dicom_node.node.send import no_delay
-
-    def on_store(event) -> int:  # noqa: ANN001 - pynetdicom's event
-        if mode != "nothing":
-            fd = os.open(folder / f"{event.request.AffectedSOPInstanceUID}.dcm", os.O_WRONLY | os.O_CREAT, 0o644)
-            os.write(fd, event.encoded_dataset())
-            if mode == "write+fsync":
-                os.fsync(fd)
-            os.close(fd)
-        return 0x0000
-
-    ae = AE("BARE")
-    ae.maximum_pdu_size = NodeConfig().max_pdu  # the node's default
-    for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
-    ae.make_server(("127.0.0.1", port), evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_CONN_OPEN, no_delay)],
-                   request_handler=NodeRequestHandler).serve_forever()
-
-
-def _bare_rates(peers, folder: Path, root: Path, repeats: int, n: int) -> dict[str, list[float]]:
-    import shutil
-
-    from dicom_node.node.send import unreachable
-
-    rates: dict[str, list[float]] = {}
-    for mode in BARE_MODES:
-        port = peers.free_port()
-        out = root / f"bare-{mode}"
-        out.mkdir()
-        proc = subprocess.Popen([sys.executable, "-m", "dicom_node_lab.bench", "bare-scp", str(port), mode, str(out)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        try:
-            peers.wait_for(lambda p=port: not unreachable("127.0.0.1", p, 1.0), 20,
-                           f"bare SCP ({mode}) on port {port}")
-            rates[f"pynetdicom, {mode}"] = []
-            for _ in range(repeats):
-                rates[f"pynetdicom, {mode}"].append(n / _timed_storescu(peers, port, "BARE", folder))
-                shutil.rmtree(out)
-                out.mkdir()
-        finally:
-            proc.terminate()
-            proc.wait(10)
-    return rates
-
-
 def bench_latency(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
@@ -346,7 +358,7 @@ def bench_latency(args: argparse.Namespace) -> int:
               "orthanc_to_node_first_instance_s": round(_epoch(job["received_at"]) - t_in_pacs, 1),
               "node_receive_s": round(t_last - _epoch(job["received_at"]), 1),
               "latency_last_instance_to_derived_in_orthanc_s": round(t_done - t_last, 1),
-              "stages_s": {"quiet_timer": round(_epoch(job["queued_at"]) - t_last, 1),
+              "stages_s": {"completion": round(_epoch(job["queued_at"]) - t_last, 1),
                            "queue_wait": round(_epoch(job["processing_at"]) - _epoch(job["queued_at"]), 1),
                            "processing": round(_epoch(job["sending_at"]) - _epoch(job["processing_at"]), 1),
                            "sending": round(_epoch(job["finished_at"]) - _epoch(job["sending_at"]), 1),
@@ -557,7 +569,6 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--cache", default="runs/bench")
         if name == "ingest":
             sp.add_argument("--repeats", type=int, default=3)
-            sp.add_argument("--ceiling", action="store_true", help="also time bare pynetdicom SCPs in the same run")
         else:
             sp.add_argument("--quiet", type=float, default=15.0, help="the node's quiet time (default: the default)")
             sp.add_argument("--timeout", type=float, default=600.0)
@@ -579,14 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     hosts = sub.add_parser("hosts", help="several hosts: job store overhead, 1 vs 2 receivers, studies end to end "
                                          "through a receiver and two workers (PostgreSQL)")
     bench_hosts.add_arguments(hosts)
-    bare = sub.add_parser("bare-scp", help=argparse.SUPPRESS)  # run by ingest --ceiling
-    bare.add_argument("port", type=int)
-    bare.add_argument("mode", choices=BARE_MODES)
-    bare.add_argument("folder", type=Path)
     args = ap.parse_args(argv)
-    if args.cmd == "bare-scp":
-        bare_scp(args.port, args.mode, args.folder)
-        return 0
     modes = {"process": bench_process, "ingest": bench_ingest, "latency": bench_latency, "memory": bench_memory,
              "load": bench_load, "durable-write": bench_durable_write, "hosts": bench_hosts.bench_hosts}
     return modes[args.cmd](args)

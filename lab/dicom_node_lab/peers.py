@@ -167,19 +167,20 @@ LUA = REPO / "dicom_node" / "node" / "orthanc"
 class Orthanc:
     """A private Orthanc 1.10 with DICOMweb, on loopback (RemoteAccessAllowed false), as the test PACS."""
 
-    def __init__(self, root: Path, node_dicom_port: int, node_http_port: int, route: str) -> None:
+    def __init__(self, root: Path, node_dicom_port: int, node_http_port: int, route: str | None) -> None:
+        """``route`` "dimse" or "stow": the Lua rule that routes stable series to the node; None: none."""
         self.root = root
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.aet = "ORTHANC"
         (root / "storage").mkdir(parents=True, exist_ok=True)
-        lua = LUA / f"route-{route}.lua"
+        lua = [str(LUA / f"route-{route}.lua")] if route else []
         cfg = {
             "Name": "test-pacs", "StorageDirectory": str(root / "storage"), "IndexDirectory": str(root / "storage"),
             "DicomAet": self.aet, "DicomPort": self.dicom_port, "HttpPort": self.http_port,
             "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckModalityHost": True,
             "DicomModalities": {"dicomnode": ["DICOMNODE", "127.0.0.1", node_dicom_port]},
-            "StableAge": 2, "LuaScripts": [str(lua)], "SaveJobs": False, "HttpTimeout": 60,
+            "StableAge": 2, "LuaScripts": lua, "SaveJobs": False, "HttpTimeout": 60,
             "Plugins": [str(ORTHANC_PLUGINS / "libOrthancDicomWeb.so")],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Host": f"127.0.0.1:{self.http_port}",
                          "Servers": {"dicomnode": [f"http://127.0.0.1:{node_http_port}/dicomweb/"]}},
