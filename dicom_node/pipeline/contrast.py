@@ -50,6 +50,22 @@ def _cells(coarse: np.ndarray, z0: int, blocks: np.ndarray) -> np.ndarray:
     return part[:, None, :, None, :, None]
 
 
+def _block_sum(v: np.ndarray) -> np.ndarray:
+    """``v.sum(axis=(1, 3, 5))`` in float32 for blocks shaped (cz, BLOCK, cy, BLOCK, cx, BLOCK), added slice by
+    slice: numpy's reduction over those short, strided axes was most of detection's time (4.6 of 8.7 s on a
+    512x512x256 study). HU values are whole numbers, so the order of the additions changes nothing."""
+    s = v[..., 0].astype(np.float32)
+    for k in range(1, BLOCK):
+        s += v[..., k]
+    t = s[:, :, :, 0].copy()
+    for k in range(1, BLOCK):
+        t += s[:, :, :, k]
+    u = t[:, 0].copy()
+    for k in range(1, BLOCK):
+        u += t[:, k]
+    return u
+
+
 def _level(volume: np.ndarray, spacing: tuple[float, float, float], sigma_mm: float,
            previous: np.ndarray | None, band: tuple[float, float]) -> np.ndarray:
     """Coarse map of the mean of the voxels in ``previous + band``; nan where too few are.
@@ -64,8 +80,8 @@ def _level(volume: np.ndarray, spacing: tuple[float, float, float], sigma_mm: fl
         ref = 0.0 if previous is None else _cells(previous, z0, b)
         w = (b >= ref + band[0]) & (b < ref + band[1])  # nan (padding, or no level) compares False
         c = z0 // BLOCK
-        sums[c:c + b.shape[0]] = np.where(w, b, 0.0).sum(axis=(1, 3, 5), dtype=np.float32)
-        weights[c:c + b.shape[0]] = w.sum(axis=(1, 3, 5))
+        sums[c:c + b.shape[0]] = _block_sum(np.where(w, b, np.float32(0.0)))
+        weights[c:c + b.shape[0]] = _block_sum(w)
     sigma = [sigma_mm / (BLOCK * sp) for sp in spacing]
     ndimage.gaussian_filter(sums, sigma, output=sums, mode="nearest")
     ndimage.gaussian_filter(weights, sigma, output=weights, mode="nearest")
