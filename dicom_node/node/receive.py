@@ -18,14 +18,15 @@ be cut short: its jobs wait for the sender's re-send instead of the quiet timer.
 Ingest speed: a CT slice is half a megabyte, and pynetdicom reads sockets 4 KiB per
 ``recv`` and polls its reactor every millisecond. ``_BulkSocket`` reads each PDU with
 ``recv_into`` into one preallocated buffer, and the DUL polls ten times as often while
-an association is open. Neither changes a byte on the wire; measured, they help little
-(151 -> 159 instances/s on a loaded machine): the per-instance fsync and pynetdicom's
-own receive path dominate. The poll delay was measured again in one run (96 slices of
-512x512 over one association, in-process, alternating three times each): median 86
-instances/s against 77 with pynetdicom's 1 ms, so it stays until the intake rework (issue 19)
-replaces this path. The socket class also carries the PDU bound, a security limit that
-pynetdicom's public API has no hook for. ``tools/bench.py ingest --ceiling`` times bare pynetdicom SCPs
-beside the node to show how much of the gap to DCMTK's storescp is pynetdicom's.
+an association is open. Neither changes a byte on the wire. The poll delay was measured
+in one run (96 slices of 512x512 over one association, in-process, alternating three
+times each): median 86 instances/s against 77 with pynetdicom's 1 ms. The socket class
+also carries the PDU bound, a security limit that pynetdicom's public API has no hook for.
+pynetdicom's chunked receive (``STORE_RECV_CHUNKED_DATASET``) was measured for issue 19
+and not adopted: storing nothing, it cost 2.97 ms of CPU per instance against 1.84 ms for
+this path, and with an fsync per instance both received at the same rate (README).
+``tools/bench.py ingest`` times the node beside Orthanc and storescp at 1, 2 and 4
+associations.
 """
 
 from __future__ import annotations
