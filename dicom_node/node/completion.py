@@ -20,7 +20,7 @@ import threading
 import time
 
 from dicom_node.config import Config
-from dicom_node.node.jobs import JobStore
+from dicom_node.node.jobs import Job, JobStore
 from dicom_node.node.logs import ctx
 from dicom_node.node.metrics import Metrics
 from dicom_node.node.retention import apply_retention
@@ -81,12 +81,7 @@ class CompletionTimer(threading.Thread):
                 self._store_failed = False
             self._queue_released(now)
             for job in self.store.queue_quiet(self.cfg.jobs.quiet_seconds, now):
-                if job.received_at is not None:
-                    self.metrics.stage.labels("receive").observe(max(0.0, (job.last_instance_at or now) -
-                                                                     job.received_at))
-                log.info("queued: %d instances, quiet for %.1f s", job.instances, self.cfg.jobs.quiet_seconds,
-                         **ctx(job.id, job.series_uid))
-                self.wake.set()
+                self._queued(job, f"quiet for {self.cfg.jobs.quiet_seconds:.1f} s", now)
             for job in self.store.expire_incomplete(now - self.cfg.jobs.incomplete_seconds, now):
                 log.error("%s", job.reason, **ctx(job.id, job.series_uid))
             if now - self._last_retention > 60:
@@ -105,12 +100,15 @@ class CompletionTimer(threading.Thread):
         try:
             for at, job_ids, why in due:
                 for job in self.store.queue_released(job_ids, at, f"{why}; nothing more for {grace:g} s", now):
-                    if job.received_at is not None:
-                        self.metrics.stage.labels("receive").observe(max(0.0, (job.last_instance_at or now) -
-                                                                         job.received_at))
-                    log.info("queued: %d instances, %s", job.instances, why, **ctx(job.id, job.series_uid))
-                    self.wake.set()
+                    self._queued(job, why, now)
         except Exception:
             with self._released_lock:  # the store is away: try again next tick (the quiet timer stays the fallback)
                 self._released = due + self._released
             raise
+
+    def _queued(self, job: Job, why: str, now: float) -> None:
+        """A job just queued, by either rule: its receive time observed, a line logged, the workers woken."""
+        if job.received_at is not None:
+            self.metrics.stage.labels("receive").observe(max(0.0, (job.last_instance_at or now) - job.received_at))
+        log.info("queued: %d instances, %s", job.instances, why, **ctx(job.id, job.series_uid))
+        self.wake.set()

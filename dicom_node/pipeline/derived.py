@@ -91,9 +91,13 @@ def _stored(hu: np.ndarray, ds: Dataset) -> np.ndarray:
     """HU back to the source's stored values, clipped to what its pixel format can hold."""
     slope = float(getattr(ds, "RescaleSlope", 1.0))
     intercept = float(getattr(ds, "RescaleIntercept", 0.0))
-    bits = int(ds.BitsStored)
-    lo, hi = ((-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if int(ds.PixelRepresentation) == 1 else (0, (1 << bits) - 1))
+    lo, hi = _stored_range(int(ds.BitsStored), int(ds.PixelRepresentation))
     return np.clip(np.round((hu - intercept) / slope), lo, hi)
+
+
+def _stored_range(bits: int, pixel_representation: int) -> tuple[int, int]:
+    """The smallest and largest stored value BitsStored holds, signed (PixelRepresentation 1) or not."""
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if pixel_representation == 1 else (0, (1 << bits) - 1)
 
 
 # Transfer syntaxes whose Pixel Data is the stored values as little-endian words, nothing around them.
@@ -119,7 +123,7 @@ class SliceShared:
 
 def _encoded_pixels(src: Dataset) -> bytes | None:
     """The source's Pixel Data as it is encoded, where that is byte for byte what decoding it and writing
-    the decoded array back (``src.pixel_array.copy().tobytes()``) gives; None where it may not be.
+    the decoded array back (``src.pixel_array.tobytes()``) gives; None where it may not be.
 
     Most slices of a result are unchanged; decoding them only to write the same words again was a tenth
     of the write stage. Only one frame of 16-bit, one-sample words in a native little-endian transfer
@@ -142,7 +146,7 @@ def _encoded_pixels(src: Dataset) -> bytes | None:
         return None
     if bits < 16:  # every value must lie in what BitsStored holds; min and max read the words once, in place
         words = np.frombuffer(data, "<i2" if signed else "<u2")
-        lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+        lo, hi = _stored_range(bits, signed)
         if words.min() < lo or words.max() > hi:
             return None
     return data
@@ -213,7 +217,7 @@ def derive_slice(src: Dataset, hu_slice: np.ndarray, changed: np.ndarray, uids: 
     else:
         pixel_data = _encoded_pixels(src)
         if pixel_data is None:
-            pixel_data = src.pixel_array.copy().tobytes()
+            pixel_data = src.pixel_array.tobytes()
     # What the derived slice takes from the source, read before the slice is changed in place.
     src_uid = instance_uid(src)
     sop_class_uid = sop_class(src)

@@ -124,12 +124,6 @@ def _peers():
     return peers
 
 
-def _timed_storescu(peers, port: int, called: str, folder: Path) -> float:
-    t0 = time.perf_counter()
-    peers.storescu(("127.0.0.1", port), called, folder)
-    return time.perf_counter() - t0
-
-
 def _epoch(iso: str) -> float:
     """Seconds since the epoch of the node's /jobs timestamps (ISO 8601, UTC, trailing Z)."""
     from datetime import datetime
@@ -180,6 +174,18 @@ def _concurrent_storescu(peers, port: int, called: str, dirs: list[Path]) -> flo
     return time.perf_counter() - t0
 
 
+def _new_file(root: Path, name: str, data: bytes, sync) -> None:  # noqa: ANN001 - os.fsync or os.fdatasync
+    """One durable write as the spool makes it: a new file, renamed into place, then synced."""
+    import os
+
+    part, final = root / f"{name}.part", root / f"{name}.dcm"
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.write(fd, data)
+    os.replace(part, final)
+    sync(fd)
+    os.close(fd)
+
+
 def _fsync_ceiling(root: Path, size: int, writes: int = 100) -> float:
     """Instances/s if a durable write (new file, rename, fsync) of one instance were all there was to do."""
     import os
@@ -187,12 +193,7 @@ def _fsync_ceiling(root: Path, size: int, writes: int = 100) -> float:
     data = os.urandom(size)
     t0 = time.perf_counter()
     for i in range(writes):
-        part, final = root / f"c{i}.part", root / f"c{i}.dcm"
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.write(fd, data)
-        os.replace(part, final)
-        os.fsync(fd)
-        os.close(fd)
+        _new_file(root, f"c{i}", data, os.fsync)
     rate = writes / (time.perf_counter() - t0)
     for i in range(writes):
         (root / f"c{i}.dcm").unlink()
@@ -276,14 +277,6 @@ def bench_durable_write(args: argparse.Namespace) -> int:
     data = os.urandom(525_702)  # one 512×512 CT slice as the bench series stores it
     n = args.writes
 
-    def new_file(i: int, sync) -> None:  # noqa: ANN001 - os.fsync or os.fdatasync
-        part, final = root / f"{i}.part", root / f"{i}.dcm"
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.write(fd, data)
-        os.replace(part, final)
-        sync(fd)
-        os.close(fd)
-
     journal = root / "journal"
     fd_j = os.open(journal, os.O_RDWR | os.O_CREAT, 0o644)
     os.pwrite(fd_j, bytes(n * len(data)), 0)  # written once: later writes change no metadata
@@ -294,8 +287,8 @@ def bench_durable_write(args: argparse.Namespace) -> int:
         os.pwrite(fd_j, data, i * len(data))
         os.fdatasync(fd_j)
 
-    methods = {"new file, rename, fsync (the spool)": lambda i: new_file(i, os.fsync),
-               "new file, rename, fdatasync": lambda i: new_file(i, os.fdatasync),
+    methods = {"new file, rename, fsync (the spool)": lambda i: _new_file(root, str(i), data, os.fsync),
+               "new file, rename, fdatasync": lambda i: _new_file(root, str(i), data, os.fdatasync),
                "preallocated journal, pwrite + fdatasync": journal_fdatasync,
                "preallocated journal, O_DSYNC pwrite": lambda i: os.pwrite(fd_dsync, data, i * len(data))}
     report = {}
