@@ -85,45 +85,96 @@ def _signal_name(code: int) -> str:
         return f"signal {-code}"
 
 
+class WarmChild:
+    """A processing child started ahead of its job: the interpreter is up and numpy, scipy, pydicom and
+    ONNX Runtime are imported (about a second on this hardware, on every job) before the job exists.
+    It waits for one request path on its stdin, processes it exactly as a cold child would, and exits;
+    the worker starts the next one while it sends. Its log goes to its own file until it has a job."""
+
+    def __init__(self, err_path: Path) -> None:
+        self.err_path = err_path
+        with err_path.open("wb") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node.node.isolate", WAIT], stdin=subprocess.PIPE,
+                                         stdout=err, stderr=err, close_fds=True,
+                                         preexec_fn=_die_with_parent)  # noqa: PLW1509 - one prctl, no locks taken
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def hand(self, request_path: Path) -> subprocess.Popen:
+        """Give the child its one job; raises OSError if it died meanwhile (the caller starts a cold one)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{request_path}\n".encode())
+        self.proc.stdin.close()
+        return self.proc
+
+    def discard(self) -> None:
+        """Never used: closing its stdin ends it; its log file goes."""
+        with contextlib.suppress(OSError):
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.err_path.unlink(missing_ok=True)
+
+
+WAIT = "--wait"  # the child's argument: import, then wait for a request path on stdin
+
+
 def run_child(request: ChildRequest, prefix: Path, memory_mb: int, timeout_seconds: float,
-              stop: threading.Event) -> dict[str, Any]:
+              stop: threading.Event, warm: WarmChild | None = None) -> dict[str, Any]:
     """Run one processing job in a child process and return its outcome (the JSON it wrote).
 
     Raises ChildDiedError with a readable reason when the child crashes or is killed for a limit, and
     StoppedError when ``stop`` is set while it runs. The child's log lines are passed on to ours. Its files
-    are ``prefix`` + ``.request.json``, ``.outcome.json`` and ``.stderr``, removed when it is done.
+    are ``prefix`` + ``.request.json``, ``.outcome.json`` and ``.stderr``, removed when it is done. A
+    ``warm`` child, if still alive, takes the job instead of a new one (its log file replaces ``.stderr``).
     """
     req_path, result_path, err_path = (prefix.with_name(prefix.name + ext) for ext in
                                        (".request.json", ".outcome.json", ".stderr"))
     result_path.unlink(missing_ok=True)
     req_path.write_text(json.dumps(dataclasses.asdict(request)))
     limit = memory_mb * 1024 * 1024
-    with err_path.open("wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "dicom_node.node.isolate", str(req_path)],
-                                stdin=subprocess.DEVNULL, stdout=err, stderr=err, close_fds=True,
-                                preexec_fn=_die_with_parent)  # noqa: PLW1509 - one prctl, no locks taken
-        started = time.monotonic()
-        peak = 0
-        killed_for = ""
+    proc = None
+    if warm is not None:
         try:
-            while proc.poll() is None:
-                peak = max(peak, _resident_bytes(proc.pid))
-                if peak > limit:
-                    killed_for = (f"killed: its memory grew past jobs.memory_mb = {memory_mb} MB "
-                                  f"({peak / 2**20:.0f} MB resident)")
-                elif time.monotonic() - started > timeout_seconds:
-                    killed_for = f"killed: still running after jobs.timeout_seconds = {timeout_seconds:g} s"
-                elif stop.is_set():
-                    killed_for = "stopped"
-                if killed_for:
-                    proc.kill()
-                    proc.wait()
-                    break
-                time.sleep(POLL_SECONDS)
-        finally:
-            if proc.poll() is None:  # an exception of our own while watching: never leave it running
+            if warm.alive():
+                proc, err_path = warm.hand(req_path), warm.err_path
+        except OSError:  # it died between the check and the hand-over
+            proc = None
+        if proc is None:
+            warm.discard()
+    if proc is None:
+        with err_path.open("wb") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "dicom_node.node.isolate", str(req_path)],
+                                    stdin=subprocess.DEVNULL, stdout=err, stderr=err, close_fds=True,
+                                    preexec_fn=_die_with_parent)  # noqa: PLW1509 - one prctl, no locks taken
+    started = time.monotonic()
+    peak = 0
+    killed_for = ""
+    try:
+        while proc.poll() is None:
+            peak = max(peak, _resident_bytes(proc.pid))
+            if peak > limit:
+                killed_for = (f"killed: its memory grew past jobs.memory_mb = {memory_mb} MB "
+                              f"({peak / 2**20:.0f} MB resident)")
+            elif time.monotonic() - started > timeout_seconds:
+                killed_for = f"killed: still running after jobs.timeout_seconds = {timeout_seconds:g} s"
+            elif stop.is_set():
+                killed_for = "stopped"
+            if killed_for:
                 proc.kill()
                 proc.wait()
+                break
+            time.sleep(POLL_SECONDS)
+        ended = time.monotonic()
+    finally:
+        if proc.poll() is None:  # an exception of our own while watching: never leave it running
+            proc.kill()
+            proc.wait()
     tail = _relay_and_tail(err_path)
     req_path.unlink(missing_ok=True)
     outcome_text = result_path.read_text() if proc.returncode == 0 and result_path.is_file() else None
@@ -135,6 +186,7 @@ def run_child(request: ChildRequest, prefix: Path, memory_mb: int, timeout_secon
     if outcome_text is not None:
         outcome = json.loads(outcome_text)
         outcome["peak_mb"] = round(peak / 2**20)
+        outcome["child_seconds"] = round(ended - started, 3)  # the worker splits it into stages
         return outcome
     how = (f"crashed ({_signal_name(proc.returncode)})" if proc.returncode < 0
            else f"exited with status {proc.returncode} and no outcome")
@@ -164,30 +216,35 @@ def _relay_and_tail(err_path: Path) -> str:
 
 
 def _child(request_path: Path) -> int:
+    t0 = time.perf_counter()
     from dicom_node.backends.select import select
     from dicom_node.config import from_dict
     from dicom_node.node.logs import ctx, setup
-    from dicom_node.pipeline.process import build_engine, process_series
+    from dicom_node.pipeline.process import build_engine, process_series, timed
     from dicom_node.pipeline.series import read_ct_series
 
     setup()
+    stages = {"imports": round(time.perf_counter() - t0, 3)}  # numpy, scipy, pydicom, onnxruntime: every run pays it
     req = ChildRequest(**json.loads(request_path.read_text()))
     cfg: Config = from_dict(req.config)
     result_path = request_path.with_name(request_path.name.replace(".request.json", ".outcome.json"))
     outcome: dict[str, Any]
     try:
-        series_list, notes = read_ct_series([req.series_dir], max_depth=cfg.intake.max_sequence_depth,
-                                            max_element_mb=cfg.intake.max_element_mb,
-                                            refused=cfg.intake.refuse_image_types)
+        with timed(stages, "read"):
+            series_list, notes = read_ct_series([req.series_dir], max_depth=cfg.intake.max_sequence_depth,
+                                                max_element_mb=cfg.intake.max_element_mb,
+                                                refused=cfg.intake.refuse_image_types)
         if not series_list:
             shown = "; ".join(notes[:5]) + (f"; and {len(notes) - 5} more" if len(notes) > 5 else "")
             outcome = {"status": "refused", "reason": shown or "no instances in the spool"}
         else:
-            backend, _ = select(req.backend, cfg.engine.model, cfg.engine.threads, cfg.engine.batch)
-            engine = build_engine(cfg, backend)
+            with timed(stages, "model"):
+                backend, _ = select(req.backend, cfg.engine.model, cfg.engine.threads, cfg.engine.batch)
+                engine = build_engine(cfg, backend)
             result = process_series(series_list[0], Path(req.out_dir), cfg, engine, req.model_id,
                                     cfg.output.write_seg, pictures_dir=Path(req.pictures_dir) if req.pictures_dir
                                     else None)
+            result.stages = {**stages, **result.stages}
             outcome = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
             outcome["outputs"] = [str(p) for p in result.outputs]
     except Exception as exc:  # noqa: BLE001 - an error is an outcome with a reason; only a crash is not
@@ -205,5 +262,22 @@ def _child(request_path: Path) -> int:
     return 0
 
 
+def _main(argv: list[str]) -> int:
+    """A cold child gets its request path as its argument; a warm one (``--wait``) imports first, then
+    reads it from stdin (an empty stdin: the worker no longer needs it)."""
+    if argv[0] != WAIT:
+        return _child(Path(argv[0]))
+    import dicom_node.pipeline.process  # noqa: F401 - the point of a warm child: imported before the job
+    with contextlib.suppress(ImportError):
+        import onnxruntime  # noqa: F401
+    line = sys.stdin.readline().strip()
+    return _child(Path(line)) if line else 0
+
+
 if __name__ == "__main__":
-    sys.exit(_child(Path(sys.argv[1])))
+    code = _main(sys.argv[1:])
+    # The outcome is written and the log flushed: skip the interpreter's teardown (freeing the volume, the
+    # model's session), half a second of every job spent after the result exists.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -76,7 +76,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     lesions TEXT NOT NULL DEFAULT '[]',
     lease_until {real},
     lease_epoch INTEGER NOT NULL DEFAULT 0,
-    owner TEXT NOT NULL DEFAULT ''
+    owner TEXT NOT NULL DEFAULT '',
+    timings TEXT NOT NULL DEFAULT '{{}}'
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE INDEX IF NOT EXISTS jobs_series ON jobs(series_uid, state);
@@ -97,7 +98,8 @@ CREATE TABLE IF NOT EXISTS sends (
 # Columns added after the first release: a spool from an older node gets them on start.
 _ADDED_COLUMNS = {"process_starts": "INTEGER NOT NULL DEFAULT 0", "incomplete_since": "REAL",
                   "lesions": "TEXT NOT NULL DEFAULT '[]'", "lease_until": "REAL",
-                  "lease_epoch": "INTEGER NOT NULL DEFAULT 0", "owner": "TEXT NOT NULL DEFAULT ''"}
+                  "lease_epoch": "INTEGER NOT NULL DEFAULT 0", "owner": "TEXT NOT NULL DEFAULT ''",
+                  "timings": "TEXT NOT NULL DEFAULT '{}'"}
 DEFAULT_LEASE_SECONDS = 120.0  # a claim's lease; the worker renews it well before it runs out
 MAX_JOB_ID = (1 << 63) - 1  # SQLite's INTEGER; a larger id is no job of ours (and must not overflow the lookup)
 
@@ -131,6 +133,7 @@ class Job:
     lease_until: float | None = None  # the claim's lease runs out then, unless renewed
     lease_epoch: int = 0  # claims so far: the fence a worker's transitions carry
     owner: str = ""  # the worker that made the last claim (host:pid)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per processing stage, of the last run
 
     @classmethod
     def from_row(cls, row: Any) -> Job:
@@ -138,6 +141,7 @@ class Job:
         d["outputs"] = json.loads(d["outputs"] or "[]")
         d["deliveries"] = json.loads(d["deliveries"] or "{}")
         d["lesions"] = json.loads(d.get("lesions") or "[]")
+        d["timings"] = json.loads(d.get("timings") or "{}")
         return cls(**d)
 
     def deliveries_cover(self, names: list[str]) -> bool:
@@ -161,7 +165,7 @@ class Job:
             "deliveries": self.deliveries, "files_purged": bool(self.purged),
             "processing_runs": self.process_starts, "incomplete_since": iso(self.incomplete_since),
             "lesions": self.lesions, "claimed": bool(self.claimed), "claims": self.lease_epoch,
-            "worker": self.owner,
+            "worker": self.owner, "timings": self.timings,
         }
 
 
@@ -487,6 +491,10 @@ class JobStore:
         """The job's lesion table: each lesion, where and how big, its region's restoration and confidence,
         and its picture (process.lesion_table)."""
         self._update(job_id, None, lesions=json.dumps(lesions))
+
+    def set_timings(self, job_id: int, timings: dict[str, float]) -> None:
+        """Where the last processing run spent its time, stage by stage (GET /jobs/{id}, the benchmarks)."""
+        self._update(job_id, None, timings=json.dumps(timings))
 
     def delivered_twin(self, job_id: int, series_uid: str, fingerprint: str) -> Job | None:
         """An earlier job that processed exactly these instances with this model and finished."""

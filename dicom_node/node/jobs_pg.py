@@ -29,7 +29,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from dicom_node.node.jobs import _SCHEMA, pyformat
+from dicom_node.node.jobs import _ADDED_COLUMNS, _SCHEMA, pyformat
 
 CONNECT_SECONDS = 10
 CHANNEL = "dicom_node_jobs"
@@ -60,6 +60,9 @@ class PostgresDialect:
                                             real="DOUBLE PRECISION").split(";"):
                 if statement.strip():
                     self.db.execute(statement)
+            for name, decl in _ADDED_COLUMNS.items():  # a database made by an older node lacks them
+                self.db.execute(f"ALTER TABLE jobs ADD COLUMN IF NOT EXISTS {name} "
+                                f"{decl.replace('REAL', 'DOUBLE PRECISION')}")
 
     def _open(self, purpose: str, **options: Any) -> psycopg.Connection:
         """A connection of its own for one purpose (transactions, the reaper's probe, the listener)."""

@@ -38,6 +38,10 @@ class Metrics:
         self.stage = Histogram("dicom_node_stage_seconds", "Duration of each job stage", ["stage"],
                                buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 90, 120, 300, 600, 1800),
                                registry=self.registry)
+        self.processing_stage = Histogram("dicom_node_processing_stage_seconds",
+                                          "Duration of each step of processing (read, detect, infer, write, ...)",
+                                          ["step"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300),
+                                          registry=self.registry)
         self.send_failures = Counter("dicom_node_send_failures", "Failed delivery attempts", ["destination"],
                                      registry=self.registry)
         self.connections_refused = Counter("dicom_node_connections_refused",

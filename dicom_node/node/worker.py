@@ -28,7 +28,7 @@ from typing import Any
 
 from dicom_node.config import Config
 from dicom_node.node.intake import dataset_offset
-from dicom_node.node.isolate import ChildDiedError, ChildRequest, StoppedError, run_child
+from dicom_node.node.isolate import ChildDiedError, ChildRequest, StoppedError, WarmChild, run_child
 from dicom_node.node.jobs import Job, JobStore
 from dicom_node.node.logs import ctx
 from dicom_node.node.metrics import Metrics
@@ -113,6 +113,8 @@ class Workers:
         self.holding: dict[str, Job] = {}  # thread name -> the job it claimed and has not let go of
         self._watcher: threading.Thread | None = None
         self._started = 0
+        self._warm: dict[str, WarmChild] = {}  # thread name -> its next processing child (jobs.warm_child)
+        self._warm_lock = threading.Lock()
 
     def start(self) -> None:
         for _ in range(self.cfg.jobs.workers):
@@ -173,10 +175,35 @@ class Workers:
             t.join(timeout)
         if self._watcher is not None:
             self._watcher.join(timeout)
+        with self._warm_lock:
+            warm, self._warm = list(self._warm.values()), {}
+        for child in warm:
+            child.discard()
+
+    def _keep_warm(self) -> None:
+        """This worker thread's next processing child, started now if it has none (or it died): it imports
+        while the worker waits or sends. Started by the thread itself, so it dies with it (PDEATHSIG)."""
+        if not self.cfg.jobs.warm_child or self.stop.is_set():
+            return
+        name = threading.current_thread().name
+        with self._warm_lock:
+            child = self._warm.get(name)
+        if child is not None and child.alive():
+            return
+        if child is not None:
+            child.discard()
+        try:
+            child = WarmChild(self.spool.tmp_path(f"warm-{name}.stderr"))
+        except OSError:  # no room or no process: the job starts a cold child as before
+            log.warning("could not start a warm processing child", exc_info=True, **ctx())
+            return
+        with self._warm_lock:
+            self._warm[name] = child
 
     def _loop(self) -> None:
         while not self.stop.is_set():
             try:
+                self._keep_warm()
                 busy = self.run_one()
             except Exception:  # noqa: BLE001 - a worker thread must outlive any single job
                 log.exception("worker error", **ctx())
@@ -260,7 +287,9 @@ class Workers:
                 if not files:
                     self._fail(job, "refused: no instances in the spool")
                     return
+                t_fingerprint = time.perf_counter()
                 fingerprint = input_fingerprint(files, self.model_id, self.cfg)
+                t_fingerprint = time.perf_counter() - t_fingerprint
                 self.store.set_fingerprint(job.id, fingerprint)
                 twin = self.store.delivered_twin(job.id, job.series_uid, fingerprint)
                 if twin is not None and twin.deliveries_cover([d.name for d in self.cfg.destinations]):
@@ -275,8 +304,10 @@ class Workers:
                 request = ChildRequest(job.id, job.series_uid, str(self.spool.series_dir(job.series_uid)),
                                        str(out_dir), self.backend, self.model_id, dataclasses.asdict(self.cfg),
                                        str(self.spool.pictures_dir(job.id)))
+                with self._warm_lock:
+                    warm = self._warm.pop(threading.current_thread().name, None)
                 result = run_child(request, self.spool.tmp_path(f"job-{job.id}"), jc.memory_mb,
-                                   jc.timeout_seconds, self.stop)
+                                   jc.timeout_seconds, self.stop, warm)
         except StoppedError:
             shutil.rmtree(out_dir, ignore_errors=True)
             self.store.hand_back(job.id, "queued", time.time(), "requeued: the node stopped while processing",
@@ -308,9 +339,31 @@ class Workers:
             self._fail(job, "processing failed: " + result["reason"])
             return
         log.info("processing child: peak %d MB resident", result.pop("peak_mb", 0), **ctx(job.id, job.series_uid))
+        self._record_timings(job, t_fingerprint, result.pop("child_seconds", None), result.get("stages") or {},
+                             time.perf_counter() - t0)
         outcome = SeriesOutcome(status=status, **result)
         outcome.outputs = [Path(p) for p in outcome.outputs]
         self._after_processing(job, outcome)
+
+    def _record_timings(self, job: Job, fingerprint: float, child: float | None, stages: dict[str, float],
+                        total: float) -> None:
+        """The run's time, step by step, into the job (GET /jobs/{id}) and the metrics: "fingerprint" is the
+        duplicate check before the child, "child_start" the child's interpreter start and exit, the rest the
+        child's own steps (process.timed)."""
+        timings = {"fingerprint": round(fingerprint, 3)}
+        if child is not None:
+            timings["child_start"] = round(max(0.0, child - sum(stages.values())), 3)
+        timings.update(stages)
+        timings["total"] = round(total, 3)
+        for step, seconds in timings.items():
+            if step != "total":
+                self.metrics.processing_stage.labels(step).observe(seconds)
+        try:
+            self.store.set_timings(job.id, timings)
+        except Exception:  # noqa: BLE001 - timings are for people; the job goes on without them
+            log.exception("could not record the processing timings", **ctx(job.id, job.series_uid))
+        log.info("processing steps (s): %s", ", ".join(f"{k} {v:.2f}" for k, v in timings.items()),
+                 **ctx(job.id, job.series_uid))
 
     def _crashed(self, job: Job, why: str) -> None:
         """A processing run that died: again after a pause, or, after jobs.max_crashes runs, failed for good."""

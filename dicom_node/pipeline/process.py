@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,8 @@ class SeriesOutcome:
     regions: list[dict[str, Any]] = field(default_factory=list)  # one row per restored region
     # the job's lesion table: one row per lesion, its region's restoration and confidence, and its picture
     lesion_table: list[dict[str, Any]] = field(default_factory=list)
+    # seconds per stage, in the order they ran (the job's timings: where the time from queue to result goes)
+    stages: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
         if self.status != "done":
@@ -59,6 +62,17 @@ class SeriesOutcome:
     def _unsure(self) -> str:
         unsure = [r for r in self.regions if r.get("unsure")]
         return f"; {len(unsure)} unsure ({unsure[0]['action']})" if unsure else ""
+
+
+@contextmanager
+def timed(stages: dict[str, float], stage: str) -> Iterator[None]:
+    """Adds the seconds the block took to ``stages[stage]``: the per-stage split that tells an operator
+    (and the latency benchmark) where a job's processing time goes."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        stages[stage] = round(stages.get(stage, 0.0) + time.perf_counter() - t0, 3)
 
 
 def build_engine(cfg: Config, backend: Backend) -> Engine:
@@ -118,8 +132,11 @@ def process_series(series: Series, out_dir: Path, cfg: Config, engine: Engine, m
     if reason:
         outcome.status, outcome.reason = "skipped", reason
         return outcome
-    volume = load_hu(series)
+    stages = outcome.stages
+    with timed(stages, "load"):
+        volume = load_hu(series)
     result = engine.run(volume, series.spacing, progress=progress)
+    stages.update({name: round(seconds, 3) for name, seconds in result.seconds.items()})
     det = result.detection
     outcome.lesions = len(det.lesions)
     outcome.windows = result.windows
@@ -139,15 +156,17 @@ def process_series(series: Series, out_dir: Path, cfg: Config, engine: Engine, m
     uids = source_uids(series, model_id)
     target = out_dir / uids["series"]
     outcome.derived_series_uid = uids["series"]
-    outcome.outputs = write_derived_series(
-        series, volume, result.changed, target, model_id, description,
-        DerivedOptions(series_number_offset=cfg.output.series_number_offset,
-                       institution_name=cfg.output.institution_name or None,
-                       station_name=cfg.output.station_name or None))
+    with timed(stages, "write"):
+        outcome.outputs = write_derived_series(
+            series, volume, result.changed, target, model_id, description,
+            DerivedOptions(series_number_offset=cfg.output.series_number_offset,
+                           institution_name=cfg.output.institution_name or None,
+                           station_name=cfg.output.station_name or None))
     seg_number = int(getattr(series.headers[0], "SeriesNumber", 0) or 0) + cfg.output.series_number_offset + 1
     if cfg.output.multiframe:
-        outcome.outputs.append(write_multiframe(series, outcome.outputs, target, model_id, uids, description,
-                                                seg_number + 1))
+        with timed(stages, "write"):
+            outcome.outputs.append(write_multiframe(series, outcome.outputs, target, model_id, uids, description,
+                                                    seg_number + 1))
     if write_seg_file and det.calcium.any():
         params = {"threshold_hu": f"{det.threshold_hu:.0f}", "local_contrast_hu": f"{cfg.engine.local_contrast_hu:.0f}",
                   "local_extent_hu": f"{cfg.engine.local_extent_hu:.0f}", "margin_mm": f"{cfg.engine.margin_mm}",
@@ -157,22 +176,24 @@ def process_series(series: Series, out_dir: Path, cfg: Config, engine: Engine, m
             if r.unsure and det.labels is not None:
                 for lesion in r.lesions:
                     unsure |= det.labels == lesion
-        seg_path = write_seg(series, det.calcium, result.changed, target, model_id, uids, params, seg_number,
-                             unsure=unsure, reports=result.reports)
+        with timed(stages, "seg"):
+            seg_path = write_seg(series, det.calcium, result.changed, target, model_id, uids, params, seg_number,
+                                 unsure=unsure, reports=result.reports)
         outcome.outputs.append(seg_path)
         if cfg.output.write_report and det.lesions:
-            outcome.outputs.append(write_report(series, det, result.reports, seg_path, target, model_id, uids,
-                                                seg_number + 2))
+            with timed(stages, "report"):
+                outcome.outputs.append(write_report(series, det, result.reports, seg_path, target, model_id, uids,
+                                                    seg_number + 2))
     drawn: dict[int, str] = {}
     if pictures_dir is not None and det.lesions:
-        t1 = time.perf_counter()
         try:
-            made = lesion_pictures(original_slices(series), volume, result.changed, det, series.spacing,
-                                   pictures_dir, pixel_mm=PICTURE_PIXEL_MM)
-            if made:
-                thumbnail(made[0].path, pictures_dir / "thumb.png")
+            with timed(stages, "pictures"):
+                made = lesion_pictures(original_slices(series), volume, result.changed, det, series.spacing,
+                                       pictures_dir, pixel_mm=PICTURE_PIXEL_MM)
+                if made:
+                    thumbnail(made[0].path, pictures_dir / "thumb.png")
             drawn = {pic.lesion: pic.path.name for pic in made}
-            log.info("%d lesion pictures in %.1f s", len(made), time.perf_counter() - t1)
+            log.info("%d lesion pictures in %.1f s", len(made), stages["pictures"])
         except Exception:  # noqa: BLE001 - pictures are for people; the derived series must not wait on them
             log.exception("lesion pictures failed; the job goes on without them")
     outcome.lesion_table = lesion_table(series, result, drawn)

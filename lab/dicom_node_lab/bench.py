@@ -355,7 +355,8 @@ def bench_latency(args: argparse.Namespace) -> int:
                            "queue_wait": round(_epoch(job["processing_at"]) - _epoch(job["queued_at"]), 1),
                            "processing": round(_epoch(job["sending_at"]) - _epoch(job["processing_at"]), 1),
                            "sending": round(_epoch(job["finished_at"]) - _epoch(job["sending_at"]), 1),
-                           "orthanc_indexed_after_send": round(t_done - _epoch(job["finished_at"]), 1)}}
+                           "orthanc_indexed_after_send": round(t_done - _epoch(job["finished_at"]), 1)},
+              "processing_steps_s": {k: round(v, 2) for k, v in (job.get("timings") or {}).items()}}
     print(json.dumps(report, indent=2, default=str))
     shutil.rmtree(root, ignore_errors=True)
     return 0
