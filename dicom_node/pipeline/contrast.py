@@ -10,9 +10,18 @@ The level is a normalised convolution on a coarse grid (blocks of ``BLOCK``³ vo
 cheap, and a few MB for a 512×512×600 series, where a full-resolution map would be
 another float32 copy of the volume. Band passes around the previous estimate keep
 vessel edges (partial volume with tissue) and the calcium itself from pulling it.
+
+Speed: contrast is a few per cent of a chest CT, so each pass visits only the voxels that
+can fall in its band and counts them into their cells, and the Gaussian runs only over the
+box that holds them (sums and weights side by side, on two cores). On the 512x512x256
+benchmark study this took detection from 6.2 to 4.3 s with identical maps; with HU values
+that are not whole numbers the float32 sums may differ from the dense ones in the last bit
+(1e-4 HU), which changed no detection in the tests.
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 from scipy import ndimage
@@ -31,60 +40,76 @@ SIGMA_MM = 1.0
 NEIGHBOUR_MM = 1.0
 
 
-def _blocks(slab: np.ndarray) -> np.ndarray:
-    """The slab as a (cz, B, cy, B, cx, B) view of BLOCK³ cells; partial cells padded with nan.
-
-    nan compares False, so padding never counts: comparing a cell's voxels with the
-    cell's level needs no full-resolution copy of the level.
-    """
-    pad = [(0, -n % BLOCK) for n in slab.shape]
-    if any(p for _, p in pad):
-        slab = np.pad(slab.astype(np.float32, copy=False), pad, constant_values=np.nan)
-    cz, cy, cx = (n // BLOCK for n in slab.shape)
-    return slab.reshape(cz, BLOCK, cy, BLOCK, cx, BLOCK)
+def _cell_index(idx: np.ndarray, shape: tuple[int, ...], coarse_yx: tuple[int, int]) -> np.ndarray:
+    """Flat coarse-cell index of each flat voxel index ``idx`` into an array of ``shape`` (cell rows from 0)."""
+    z, y, x = np.unravel_index(idx, shape)
+    cy, cx = coarse_yx
+    return ((z // BLOCK) * cy + y // BLOCK) * cx + x // BLOCK
 
 
-def _cells(coarse: np.ndarray, z0: int, blocks: np.ndarray) -> np.ndarray:
-    """The coarse values of the slab starting at slice ``z0``, shaped to broadcast against its blocks."""
-    part = coarse[z0 // BLOCK: z0 // BLOCK + blocks.shape[0]]
-    return part[:, None, :, None, :, None]
+def _band_bounds(previous: np.ndarray | None, band: tuple[float, float]) -> tuple[float, float] | None:
+    """HU bounds that hold every voxel the band can take (widened by 1 HU: only a pre-filter), or None."""
+    if previous is None:
+        return band
+    finite = previous[np.isfinite(previous)]
+    if not finite.size:
+        return None
+    return float(finite.min()) + band[0] - 1.0, float(finite.max()) + band[1] + 1.0
 
 
-def _block_sum(v: np.ndarray) -> np.ndarray:
-    """``v.sum(axis=(1, 3, 5))`` in float32 for blocks shaped (cz, BLOCK, cy, BLOCK, cx, BLOCK), added slice by
-    slice: numpy's reduction over those short, strided axes was most of detection's time (4.6 of 8.7 s on a
-    512x512x256 study). HU values are whole numbers, so the order of the additions changes nothing."""
-    s = v[..., 0].astype(np.float32)
-    for k in range(1, BLOCK):
-        s += v[..., k]
-    t = s[:, :, :, 0].copy()
-    for k in range(1, BLOCK):
-        t += s[:, :, :, k]
-    u = t[:, 0].copy()
-    for k in range(1, BLOCK):
-        u += t[:, k]
-    return u
+def _smooth(a: np.ndarray, sigma: list[float]) -> None:
+    """Gaussian filter in place, run only over the box that holds the non-zero cells plus the kernel's reach:
+    beyond it the result is exactly 0, and inside it every output sums the same taps in the same order, so the
+    map is the one a filter over the whole grid gives, at a fraction of the cost (contrast fills little of a
+    chest CT's grid)."""
+    nonzero = [np.flatnonzero(a.any(axis=tuple(j for j in range(3) if j != i))) for i in range(3)]
+    if not nonzero[0].size:
+        return
+    box = tuple(slice(max(0, int(nz[0]) - _reach(s)), min(n, int(nz[-1]) + 1 + _reach(s)))
+                for nz, s, n in zip(nonzero, sigma, a.shape))
+    part = a[box]
+    a[box] = ndimage.gaussian_filter(part, sigma, mode="nearest")
+
+
+def _reach(sigma: float, truncate: float = 4.0) -> int:
+    """How far scipy's Gaussian kernel reaches, in cells (gaussian_filter1d's radius)."""
+    return int(truncate * float(sigma) + 0.5)
 
 
 def _level(volume: np.ndarray, spacing: tuple[float, float, float], sigma_mm: float,
            previous: np.ndarray | None, band: tuple[float, float]) -> np.ndarray:
     """Coarse map of the mean of the voxels in ``previous + band``; nan where too few are.
 
-    Without ``previous`` the band is absolute HU.
+    Without ``previous`` the band is absolute HU. Only the voxels that can fall in the band are visited
+    (contrast is a few per cent of a CT): each is counted into its cell, where the dense block sums
+    it replaced spent most of detection's time. Sums of whole HU values are exact in any order.
     """
     coarse_shape = tuple(-(-n // BLOCK) for n in volume.shape)
+    _, cy, cx = coarse_shape
     sums = np.zeros(coarse_shape, np.float32)
     weights = np.zeros(coarse_shape, np.float32)
-    for z0 in range(0, volume.shape[0], SLAB):
-        b = _blocks(volume[z0:z0 + SLAB])
-        ref = 0.0 if previous is None else _cells(previous, z0, b)
-        w = (b >= ref + band[0]) & (b < ref + band[1])  # nan (padding, or no level) compares False
-        c = z0 // BLOCK
-        sums[c:c + b.shape[0]] = _block_sum(np.where(w, b, np.float32(0.0)))
-        weights[c:c + b.shape[0]] = _block_sum(w)
+    bounds = _band_bounds(previous, band)
+    flat_previous = None if previous is None else previous.reshape(-1)
+    for z0 in range(0, volume.shape[0] if bounds else 0, SLAB):
+        slab = volume[z0:z0 + SLAB]
+        idx = np.flatnonzero((slab >= bounds[0]) & (slab < bounds[1]))
+        if not idx.size:
+            continue
+        values = slab.reshape(-1)[idx]
+        cell = _cell_index(idx, slab.shape, (cy, cx))
+        c0, rows = z0 // BLOCK, -(-slab.shape[0] // BLOCK)
+        ref = 0.0 if flat_previous is None else flat_previous[cell + c0 * cy * cx]
+        inside = (values >= ref + band[0]) & (values < ref + band[1])  # nan (no level) compares False
+        cell = cell[inside]
+        n = rows * cy * cx
+        sums[c0:c0 + rows] = np.bincount(cell, weights=values[inside], minlength=n).reshape(rows, cy, cx)
+        weights[c0:c0 + rows] = np.bincount(cell, minlength=n).reshape(rows, cy, cx)
     sigma = [sigma_mm / (BLOCK * sp) for sp in spacing]
-    ndimage.gaussian_filter(sums, sigma, output=sums, mode="nearest")
-    ndimage.gaussian_filter(weights, sigma, output=weights, mode="nearest")
+    # The two filters are independent and scipy releases the GIL in them: side by side, on two cores.
+    helper = threading.Thread(target=_smooth, args=(weights, sigma), name="contrast-smooth")
+    helper.start()
+    _smooth(sums, sigma)
+    helper.join()
     with np.errstate(invalid="ignore", divide="ignore"):
         level = sums / weights
     level[weights < MIN_WEIGHT] = np.nan
@@ -120,15 +145,18 @@ def brighter_than_lumen(volume: np.ndarray, floor_hu: float,
     """For each (level, contrast_hu) test, the voxels above ``floor_hu`` and ``contrast_hu`` above that level.
 
     Levels are coarse maps (from :func:`local_lumen_level`); all tests share one pass
-    over the volume.
+    over the volume, which visits only the voxels above the floor.
     """
     out = [np.zeros(volume.shape, bool) for _ in tests]
-    for z0 in range(0, volume.shape[0], SLAB):
-        v = volume[z0:z0 + SLAB]
-        b = _blocks(v)
-        bright = b > floor_hu
+    _, cy, cx = tests[0][0].shape if tests else (0, 0, 0)
+    for z0 in range(0, volume.shape[0] if tests else 0, SLAB):
+        slab = volume[z0:z0 + SLAB]
+        idx = np.flatnonzero(slab > floor_hu)
+        if not idx.size:
+            continue
+        values = slab.reshape(-1)[idx]
+        cell = _cell_index(idx, slab.shape, (cy, cx)) + (z0 // BLOCK) * cy * cx
         for mask, (level, contrast_hu) in zip(out, tests):
-            above = bright & (b > _cells(level, z0, b) + contrast_hu)
-            mask[z0:z0 + SLAB] = above.reshape(b.shape[0] * BLOCK, b.shape[2] * BLOCK, b.shape[4] * BLOCK)[
-                :v.shape[0], :v.shape[1], :v.shape[2]]
+            above = values > level.reshape(-1)[cell] + contrast_hu  # nan (no level) compares False
+            mask[z0:z0 + SLAB].reshape(-1)[idx[above]] = True
     return out

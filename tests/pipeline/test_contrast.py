@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from dicom_node.pipeline import contrast
 from dicom_node.pipeline.contrast import local_lumen_level
 from dicom_node.pipeline.detect import DetectOptions, detect
 from dicom_node_lab import experiment2, phantom  # Experiment 2's phantom settings
@@ -111,3 +112,56 @@ def test_a_noise_sized_blob_in_a_noisy_lumen_is_not_calcium_but_a_bright_deposit
     assert [e for e in det.excluded if e["reason"].startswith("noise")]
     bright = detect(_noisy_lumen(600.0, seed), SPACING)  # 10 noise SDs up: a small deposit, kept
     assert len(bright.lesions) == 1 and bright.lesions[0].volume_mm3 > 2.0
+
+
+def _dense_level(volume: np.ndarray, spacing: tuple[float, float, float], previous: np.ndarray | None,
+                 band: tuple[float, float]) -> np.ndarray:
+    """The level map written the plain way (every voxel, every cell, the whole grid filtered): the
+    reference the sparse, cropped and threaded one must equal."""
+    b = contrast.BLOCK
+    cells = tuple(-(-n // b) for n in volume.shape)
+    padded = np.full(tuple(c * b for c in cells), np.nan, np.float32)
+    padded[:volume.shape[0], :volume.shape[1], :volume.shape[2]] = volume
+    ref = 0.0 if previous is None else np.repeat(np.repeat(np.repeat(previous, b, 0), b, 1), b, 2)
+    inside = (padded >= ref + band[0]) & (padded < ref + band[1])
+    blocks = (cells[0], b, cells[1], b, cells[2], b)
+    sums = np.where(inside, padded, 0).reshape(blocks).sum(axis=(1, 3, 5)).astype(np.float32)
+    weights = inside.reshape(blocks).sum(axis=(1, 3, 5)).astype(np.float32)
+    sigma = [contrast.SIGMA_MM / (b * sp) for sp in spacing]
+    sums = ndimage.gaussian_filter(sums, sigma, mode="nearest")
+    weights = ndimage.gaussian_filter(weights, sigma, mode="nearest")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        level = sums / weights
+    level[weights < contrast.MIN_WEIGHT] = np.nan
+    return level
+
+
+@pytest.mark.parametrize("shape", [(64, 48, 96), (37, 45, 51)])  # odd sizes: cells cut by the volume's edge
+def test_the_fast_level_map_and_comparison_equal_the_plain_ones(shape: tuple[int, int, int]) -> None:
+    """Whole HU values, as CT stores them: the sparse sums, the cropped filter and the threads change nothing."""
+    vol, _ = _vessels(900.0)
+    vol = np.round(vol[:shape[0], :shape[1], :shape[2]]).astype(np.float32)
+    vol[:, :, :8] = 40.0  # a calcium-free margin, so that the filter's crop has something to leave out
+    first = _dense_level(vol, SPACING, None, contrast.CONTRAST_RANGE_HU)
+    core = _dense_level(vol, SPACING, first, (0.0, contrast.CORE_BAND_HU))
+    want = _dense_level(vol, SPACING, core, (-contrast.NOISE_BAND_HU, contrast.NOISE_BAND_HU))
+    got = local_lumen_level(vol, SPACING)
+    assert np.isfinite(got).any() and np.isnan(got).any()
+    assert np.array_equal(got, want, equal_nan=True)
+    level = np.repeat(np.repeat(np.repeat(got, 2, 0), 2, 1), 2, 2)[:shape[0], :shape[1], :shape[2]]
+    [mask] = contrast.brighter_than_lumen(vol, 400.0, [(got, 120.0)])
+    assert mask.any() and np.array_equal(mask, (vol > 400.0) & (vol > level + 120.0))
+
+
+def test_the_cropped_filter_equals_the_whole_grid_filter() -> None:
+    """Beyond the crop the filter gives exactly 0 and inside it the same sums: also in the faint tails that the
+    level map's weight floor hides."""
+    rng = np.random.default_rng(3)
+    grid = np.zeros((40, 60, 50), np.float32)
+    grid[12:20, 30:33, 5:9] = rng.integers(0, 8000, (8, 3, 4))
+    grid[30, 50, 40] = 7.0
+    sigma = [1.3, 1.1, 0.9]
+    want = ndimage.gaussian_filter(grid, sigma, mode="nearest")
+    got = grid.copy()
+    contrast._smooth(got, sigma)
+    assert np.array_equal(got, want) and (want > 0).sum() < got.size // 2
