@@ -203,6 +203,9 @@ class JobsConfig:
     store: str = ""
 
 
+MAX_SEND_ASSOCIATIONS = 16
+
+
 @dataclass
 class Destination:
     """Where derived series and SEGs go: a DICOM AE (C-STORE) or a DICOMweb server (STOW-RS)."""
@@ -219,6 +222,9 @@ class Destination:
     cert: str = ""  # dimse + tls: our client certificate (PEM) for peers that require one
     key: str = ""  # dimse + tls: its private key
     timeout_seconds: float = 60.0
+    # dimse: associations opened at once for one job's files (each takes every n-th file). A durable
+    # archive stores faster over several; a PACS that limits associations per caller wants 1
+    associations: int = 1
 
 
 @dataclass
@@ -317,6 +323,9 @@ def check(cfg: Config) -> None:
             raise ConfigError(f"{where} ({d.name}): cert and key go together")
         if d.tls and d.kind != "dimse":
             raise ConfigError(f"{where} ({d.name}): tls is for dimse destinations; a stow one uses an https:// url")
+        if not 1 <= d.associations <= MAX_SEND_ASSOCIATIONS:
+            raise ConfigError(f"{where} ({d.name}): associations must be 1 to {MAX_SEND_ASSOCIATIONS}, "
+                              f"got {d.associations}")
     for i, peer in enumerate(cfg.node.allowed):
         if not (peer.ae_title and peer.host):
             raise ConfigError(f"node.allowed[{i}]: ae_title and host are both required")

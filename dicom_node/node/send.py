@@ -9,9 +9,12 @@ than duplicates them.
 from __future__ import annotations
 
 import logging
+import queue
 import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pydicom
 
@@ -64,8 +67,72 @@ def _contexts(files: list[Path]) -> tuple[list[tuple[str, str]], list[str]]:
 def send_dimse(files: list[Path], dest: Destination, calling_ae: str, max_pdu: int = 0,
                job: int | None = None, series: str | None = None,
                ledger: Callable[[str, int], None] | None = None) -> int:
-    """C-STORE every file over one association; returns how many were stored. ``ledger(sop_uid, status)``
-    hears of every answer (0 stored, else the status; -1 no answer)."""
+    """C-STORE every file, over up to ``dest.associations`` associations at once; returns how many were
+    stored. ``ledger(sop_uid, status)`` hears of every answer (0 stored, else the status; -1 no answer).
+
+    Why several: a durable archive spends most of each instance on its own disk and index, and another
+    association's instance is stored meanwhile. The first association opens before any other, and failing
+    it fails the delivery as always; the others take files from the same queue, so one the PACS refuses
+    (many limit associations per caller) leaves its share to those it accepted. A refused instance stops
+    its association and fails the delivery with its reason once the others are done (a retry sends it
+    all again: the UIDs are deterministic, so the archive keeps one copy).
+    """
+    pairs, sop_uids = _contexts(files)
+    if len(pairs) > 128:
+        raise SendError(f"{len(pairs)} presentation contexts needed, at most 128 fit one association")
+    work: queue.SimpleQueue[tuple[Path, str]] = queue.SimpleQueue()
+    for item in zip(files, sop_uids):
+        work.put(item)
+    lock = threading.Lock()
+    stored: list[int] = []
+    errors: list[str] = []
+
+    def answered(sop_uid: str, status: int) -> None:
+        if ledger is not None:
+            with lock:
+                ledger(sop_uid, status)
+
+    def drain(assoc: Any) -> None:
+        n = 0
+        try:
+            n = _drain(assoc, work, dest, answered)
+        except SendError as exc:
+            with lock:
+                errors.append(str(exc))
+        finally:
+            with lock:
+                stored.append(n)
+
+    def extra(i: int) -> None:
+        try:
+            assoc = _associate(dest, calling_ae, max_pdu, pairs)
+        except SendError as exc:  # the PACS takes fewer at once: the others send its share
+            log.warning("association %d of %d not opened, the others send its share: %s", i + 1, dest.associations,
+                        exc, **ctx(job, series, destination=dest.name))
+            return
+        drain(assoc)
+
+    first = _associate(dest, calling_ae, max_pdu, pairs)
+    helpers = [threading.Thread(target=extra, args=(i,), name=f"send-{dest.name}-{i}", daemon=True)
+               for i in range(1, max(1, min(dest.associations, len(files))))]
+    for t in helpers:
+        t.start()
+    drain(first)
+    for t in helpers:
+        t.join()
+    if errors:
+        raise SendError(errors[0])
+    if not work.empty():  # every association ended without an error and files are left: cannot happen
+        raise SendError(f"{dest.name}: {work.qsize()} instances not sent")
+    total = sum(stored)
+    log.info("sent %d instances by C-STORE to %s over %d association(s)", total, dest.name, len(stored),
+             **ctx(job, series, destination=dest.name))
+    return total
+
+
+def _associate(dest: Destination, calling_ae: str, max_pdu: int, pairs: list[tuple[str, str]]) -> Any:
+    """One established association to ``dest`` for these (SOP class, transfer syntax) pairs, or SendError
+    with the reason (rejected, aborted, or why the connection failed)."""
     from pynetdicom import AE, evt
 
     from dicom_node.node.security import client_context
@@ -73,9 +140,6 @@ def send_dimse(files: list[Path], dest: Destination, calling_ae: str, max_pdu: i
     ae = AE(ae_title=calling_ae)
     ae.maximum_pdu_size = max_pdu
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_seconds
-    pairs, sop_uids = _contexts(files)
-    if len(pairs) > 128:
-        raise SendError(f"{len(pairs)} presentation contexts needed, at most 128 fit one association")
     for sop, ts in pairs:
         ae.add_requested_context(sop, [ts])
     tls_args = (client_context(dest), dest.host) if dest.tls else None  # verifies the peer's name, too
@@ -89,13 +153,22 @@ def send_dimse(files: list[Path], dest: Destination, calling_ae: str, max_pdu: i
         why += " (over TLS: see the log for the handshake error)" if dest.tls and not assoc.is_rejected and \
             not down else ""
         raise SendError(f"{dest.name}: association with {dest.ae_title}@{dest.host}:{dest.port} {why}")
+    return assoc
+
+
+def _drain(assoc: Any, work: queue.SimpleQueue, dest: Destination, answered: Callable[[str, int], None]) -> int:
+    """C-STORE files from ``work`` over ``assoc`` until none are left; released at the end. Returns how
+    many were stored; the first refusal raises SendError (the association stops taking files)."""
     stored = 0
     try:
-        for f, sop_uid in zip(files, sop_uids):
+        while True:
+            try:
+                f, sop_uid = work.get_nowait()
+            except queue.Empty:
+                return stored
             status = assoc.send_c_store(f)
             code = int(getattr(status, "Status", -1)) if status else -1
-            if ledger is not None:
-                ledger(sop_uid, 0 if code in STORED else code)
+            answered(sop_uid, 0 if code in STORED else code)
             if code not in STORED:
                 raise SendError(f"{dest.name}: C-STORE of {f.name} answered "
                                 f"{'no response' if code < 0 else hex(code)}")
@@ -103,8 +176,6 @@ def send_dimse(files: list[Path], dest: Destination, calling_ae: str, max_pdu: i
     finally:
         if assoc.is_established:
             assoc.release()
-    log.info("sent %d instances by C-STORE to %s", stored, dest.name, **ctx(job, series, destination=dest.name))
-    return stored
 
 
 def send_stow(files: list[Path], dest: Destination, job: int | None = None, series: str | None = None,

@@ -321,7 +321,8 @@ def bench_latency(args: argparse.Namespace) -> int:
     orthanc = peers.Orthanc(root / "pacs", dicom_port, http_port, "dimse")
     cfg = peers.write_node_config(root, dicom_port=dicom_port, http_port=http_port,
                                   destinations=[{"name": "pacs", "kind": "dimse", "host": "127.0.0.1",
-                                                 "port": orthanc.dicom_port, "ae_title": orthanc.aet}],
+                                                 "port": orthanc.dicom_port, "ae_title": orthanc.aet,
+                                                 "associations": args.send_associations}],
                                   allowed=[("ORTHANC", "127.0.0.1")], quiet=args.quiet)
     node = peers.NodeProcess(cfg, http_port, dicom_port, root / "node.log").start()
     orthanc.start()
@@ -347,6 +348,7 @@ def bench_latency(args: argparse.Namespace) -> int:
     job = next(j for j in jobs if j.get("state") == "done")
     t_last = _epoch(job["last_instance_at"])
     report = {"instances": n, "quiet_seconds": args.quiet, "orthanc_stable_age_s": 2,
+              "send_associations": args.send_associations,
               "storescu_to_orthanc_s": round(t_in_pacs - t_send, 1),
               "orthanc_to_node_first_instance_s": round(_epoch(job["received_at"]) - t_in_pacs, 1),
               "node_receive_s": round(t_last - _epoch(job["received_at"]), 1),
@@ -566,6 +568,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sp.add_argument("--quiet", type=float, default=15.0, help="the node's quiet time (default: the default)")
             sp.add_argument("--timeout", type=float, default=600.0)
+        if name == "latency":
+            sp.add_argument("--send-associations", type=int, default=1,
+                            help="the Orthanc destination's associations setting (default: the default, 1)")
     mem = sub.add_parser("memory", help="peak RSS of process on a 512×512×600 series")
     mem.add_argument("--slices", type=int, default=600)
     mem.add_argument("--cache", default="runs/bench")

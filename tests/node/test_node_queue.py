@@ -20,6 +20,7 @@ from dicom_node.node.intake import OUT_OF_RESOURCES, SUCCESS, Intake
 from dicom_node.node.jobs import JobStore
 from dicom_node.node.metrics import Metrics
 from dicom_node.node.retention import apply_retention
+from dicom_node.node.send import SendError, send_dimse
 from dicom_node.node.spool import Spool, safe_name
 from dicom_node.node.worker import Workers, input_fingerprint
 from dicom_node.pipeline.derived import MANUFACTURER
@@ -165,11 +166,18 @@ class StoreSCP:
     def __init__(self) -> None:
         self.port = free_port()
         self.received: list[str] = []
+        self.associations: set[int] = set()  # the associations that brought them
         self.ae = AE(ae_title="ARCHIVE")
         self.ae.supported_contexts = AllStoragePresentationContexts
 
+    refuse: set[str] = set()  # SOP Instance UIDs answered "out of resources"
+
     def _store(self, event: evt.Event) -> int:
+        if str(event.dataset.SOPInstanceUID) in self.refuse:
+            return 0xA700
         self.received.append(str(event.dataset.SOPInstanceUID))
+        self.associations.add(id(event.assoc))
+        time.sleep(0.01)  # an archive's own write: lets the associations overlap
         return 0x0000
 
     def __enter__(self) -> StoreSCP:
@@ -208,6 +216,59 @@ def test_send_delivers_once_per_destination(parts: Parts, tmp_path: Path, slices
         assert job.state == "done", job.reason
         assert a.received == [] and sorted(b.received) == sorted(ds.SOPInstanceUID for ds in slices)
         assert job.deliveries["b"]["state"] == "done"
+
+
+def test_send_over_several_associations_delivers_each_instance_once(parts: Parts, tmp_path: Path,
+                                                                    slices: list[Dataset]) -> None:
+    with StoreSCP() as a:
+        parts.cfg.destinations = [Destination(name="a", ae_title="ARCHIVE", host="127.0.0.1", port=a.port,
+                                              associations=3)]
+        job_id = _job_with_outputs(parts, tmp_path, slices)
+        assert parts.workers().run_one()
+        job = parts.store.get(job_id)
+        assert job.state == "done" and job.deliveries["a"]["instances"] == len(slices), job.reason
+        assert sorted(a.received) == sorted(ds.SOPInstanceUID for ds in slices), "each instance once"
+        assert len(a.associations) == 3
+        ledger = parts.store.ledger(job_id)["a"]
+        assert sum(v["stored"] for v in ledger.values()) == len(slices), ledger
+
+
+def test_associations_the_pacs_refuses_leave_their_share_to_the_accepted_one(tmp_path: Path,
+                                                                            slices: list[Dataset]) -> None:
+    with StoreSCP() as a:
+        a.ae.maximum_associations = 1  # a PACS that takes one association per caller
+        dest = Destination(name="a", ae_title="ARCHIVE", host="127.0.0.1", port=a.port, associations=3)
+        sent: list[tuple[str, int]] = []
+        n = send_dimse([Path(p) for p in parts_outputs(tmp_path, slices)], dest, "DICOMNODE",
+                       ledger=lambda uid, status: sent.append((uid, status)))
+        assert n == len(slices) and sorted(a.received) == sorted(ds.SOPInstanceUID for ds in slices)
+        assert len(a.associations) == 1
+        assert sorted(uid for uid, status in sent if status == 0) == sorted(a.received)
+
+
+def test_a_refused_instance_fails_the_delivery_after_the_other_associations_finish(tmp_path: Path,
+                                                                                   slices: list[Dataset]) -> None:
+    with StoreSCP() as a:
+        bad = slices[3].SOPInstanceUID
+        a.refuse = {bad}
+        dest = Destination(name="a", ae_title="ARCHIVE", host="127.0.0.1", port=a.port, associations=2)
+        sent: list[tuple[str, int]] = []
+        with pytest.raises(SendError, match="0xa700"):
+            send_dimse([Path(p) for p in parts_outputs(tmp_path, slices)], dest, "DICOMNODE",
+                       ledger=lambda uid, status: sent.append((uid, status)))
+        assert (bad, 0xA700) in sent
+        assert sorted(uid for uid, status in sent if status == 0) == sorted(a.received)
+        assert len(a.received) >= len(slices) // 2, "the other association sent its share to the end"
+
+
+def parts_outputs(tmp_path: Path, slices: list[Dataset]) -> list[str]:
+    outs = []
+    for ds in slices:
+        path = tmp_path / "files" / f"{ds.SOPInstanceUID}.dcm"
+        path.parent.mkdir(exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        outs.append(str(path))
+    return outs
 
 
 def test_send_retries_with_backoff_then_fails(parts: Parts, tmp_path: Path, slices: list[Dataset]) -> None:
