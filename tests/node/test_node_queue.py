@@ -190,12 +190,7 @@ class StoreSCP:
 
 
 def _job_with_outputs(parts: Parts, tmp_path: Path, slices: list[Dataset]) -> int:
-    outs = []
-    for ds in slices:
-        path = tmp_path / "out" / f"{ds.SOPInstanceUID}.dcm"
-        path.parent.mkdir(exist_ok=True)
-        ds.save_as(path, enforce_file_format=True)
-        outs.append(str(path))
+    outs = parts_outputs(tmp_path, slices)
     job_id, _ = parts.store.note_instance("1.2.3", "1.2", "d")
     parts.store.queue_quiet(0, time.time() + 1)
     parts.store.claim()
