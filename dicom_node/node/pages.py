@@ -151,6 +151,9 @@ async function refresh() {
   fact('queued', when(j.queued_at)); fact('processing', when(j.processing_at)); fact('sending', when(j.sending_at));
   fact('finished', when(j.finished_at)); fact('processing runs', j.processing_runs);
   fact('delivery attempts', j.attempts);
+  const steps = Object.entries(j.timings || {}).filter(([k]) => k !== 'total');
+  if (steps.length) fact('processing steps (s)', steps.map(([k, v]) => k + ' ' + v.toFixed(2)).join(', ')
+                         + '; total ' + (j.timings.total || 0).toFixed(1));
   if (j.viewer_url) {
     const dd = fact('viewer', ' ');
     const a = document.createElement('a'); a.href = j.viewer_url; a.textContent = 'open the study in the viewer';

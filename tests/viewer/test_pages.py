@@ -103,7 +103,9 @@ def test_the_pages_ask_for_the_token_then_show_the_job_its_lesions_and_pictures(
             wait_for(lambda: all(pictures.nth(i).evaluate("i => i.complete && i.naturalWidth > 100")
                                  for i in range(pictures.count())), 20, "every lesion picture")
             assert page.get_attribute("#viewer-link", "href") == job["viewer_url"]
-            assert "sending" in page.inner_text("#facts") or "finished" in page.inner_text("#facts")
+            facts = page.inner_text("#facts")
+            assert "sending" in facts or "finished" in facts
+            assert "processing steps (s)" in facts and "detect " in facts and "write " in facts
             page.screenshot(path=str(SHOTS / "job.png"), full_page=True)
         finally:
             browser.close()
