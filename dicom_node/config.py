@@ -87,6 +87,8 @@ class OutputConfig:
     write_seg: bool = True
     write_report: bool = True  # a TID 1500 Structured Report of the lesions (needs write_seg: it points there)
     multiframe: bool = False  # also the derived series as one Legacy Converted Enhanced CT object
+    # 2: a second (forked) process writes part of the slices and the pictures meanwhile; 1: one process
+    write_processes: int = 2
     institution_name: str = ""
     station_name: str = ""
 
@@ -326,6 +328,8 @@ def check(cfg: Config) -> None:
         if not 1 <= d.associations <= MAX_SEND_ASSOCIATIONS:
             raise ConfigError(f"{where} ({d.name}): associations must be 1 to {MAX_SEND_ASSOCIATIONS}, "
                               f"got {d.associations}")
+    if cfg.output.write_processes not in (1, 2):
+        raise ConfigError(f"output.write_processes must be 1 or 2, got {cfg.output.write_processes}")
     for i, peer in enumerate(cfg.node.allowed):
         if not (peer.ae_title and peer.host):
             raise ConfigError(f"node.allowed[{i}]: ae_title and host are both required")

@@ -285,21 +285,29 @@ def derive_slice(src: Dataset, hu_slice: np.ndarray, changed: np.ndarray, uids: 
 
 
 def write_derived_series(series: Series, volume_hu: np.ndarray, changed: np.ndarray, out_dir: Path, model_id: str,
-                         description: str, options: DerivedOptions | None = None) -> list[Path]:
+                         description: str, options: DerivedOptions | None = None, shared: SliceShared | None = None,
+                         slices: range | None = None) -> list[Path]:
     """Write one derived slice per source slice into ``out_dir``; returns the paths.
 
     One slice after the other: a pool of threads was slower on two cores (pydicom's encoding holds
-    the GIL, and the threads contend for it).
+    the GIL, and the threads contend for it). ``slices`` (default: all) and ``shared`` let two
+    processes write parts of one series: they must share one :func:`series_shared`.
     """
     opts = options or DerivedOptions()
     uids = source_uids(series, model_id)
-    shared = SliceShared(now=dt.datetime.now(), equipment=contributing_equipment(model_id, description))
+    shared = shared or series_shared(model_id, description)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for z, f in enumerate(series.files):
-        ds = derive_slice(pydicom.dcmread(f), volume_hu[z], changed[z], uids, model_id, description, opts, shared)
+    for z in slices if slices is not None else range(len(series.files)):
+        ds = derive_slice(pydicom.dcmread(series.files[z]), volume_hu[z], changed[z], uids, model_id, description,
+                          opts, shared)
         paths.append(save_atomic(ds, out_dir / f"CT_{ds.SOPInstanceUID}.dcm"))
     return paths
+
+
+def series_shared(model_id: str, description: str) -> SliceShared:
+    """What every slice of one derived series shares (its date and time, our equipment item)."""
+    return SliceShared(now=dt.datetime.now(), equipment=contributing_equipment(model_id, description))
 
 
 def save_atomic(ds: Dataset, path: Path) -> Path:

@@ -6,8 +6,12 @@ so the offline command is exactly what runs in production.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import logging
+import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,7 +23,13 @@ import numpy as np
 
 from dicom_node.backends import Backend
 from dicom_node.config import Config
-from dicom_node.pipeline.derived import DerivedOptions, source_uids, write_derived_series, write_multiframe
+from dicom_node.pipeline.derived import (
+    DerivedOptions,
+    series_shared,
+    source_uids,
+    write_derived_series,
+    write_multiframe,
+)
 from dicom_node.pipeline.pictures import lesion_pictures, thumbnail
 from dicom_node.pipeline.report import patient_position, write_report
 from dicom_node.pipeline.restore import Engine, EngineResult
@@ -156,50 +166,154 @@ def process_series(series: Series, out_dir: Path, cfg: Config, engine: Engine, m
     uids = source_uids(series, model_id)
     target = out_dir / uids["series"]
     outcome.derived_series_uid = uids["series"]
-    with timed(stages, "write"):
-        outcome.outputs = write_derived_series(
-            series, volume, result.changed, target, model_id, description,
-            DerivedOptions(series_number_offset=cfg.output.series_number_offset,
-                           institution_name=cfg.output.institution_name or None,
-                           station_name=cfg.output.station_name or None))
+    options = DerivedOptions(series_number_offset=cfg.output.series_number_offset,
+                             institution_name=cfg.output.institution_name or None,
+                             station_name=cfg.output.station_name or None)
+    shared = series_shared(model_id, description)
     seg_number = int(getattr(series.headers[0], "SeriesNumber", 0) or 0) + cfg.output.series_number_offset + 1
-    if cfg.output.multiframe:
+    n = len(series.files)
+    draw = pictures_dir is not None and bool(det.lesions)
+
+    def derived(slices: range) -> list[Path]:
+        return write_derived_series(series, volume, result.changed, target, model_id, description, options, shared,
+                                    slices)
+
+    def pictures() -> dict[int, str]:
+        return _pictures(series, volume, result, pictures_dir) if draw and pictures_dir is not None else {}
+
+    def seg_and_report(steps: dict[str, float]) -> list[Path]:
+        return _seg_and_report(series, result, cfg, target, model_id, uids, seg_number, write_seg_file, steps)
+
+    if cfg.output.write_processes > 1 and n >= MIN_SPLIT_SLICES and hasattr(os, "fork"):
+        # Two processes: a forked copy writes the first part of the slices and draws the pictures while
+        # this one writes the rest, the SEG and the report. pydicom's encoding holds the GIL, so threads
+        # could not do this; the copy shares the volume copy-on-write and only reads it.
+        cut = n * 3 // 5
         with timed(stages, "write"):
+            first = in_forked_process(lambda: {"paths": [str(p) for p in derived(range(cut))],
+                                               "pictures": pictures()})
+            try:
+                rest = derived(range(cut, n))
+                more = seg_and_report({})  # inside "write": the two processes' work overlaps
+            finally:
+                copy = first()  # always waited for: never a stray writer, nor a zombie
+        outcome.outputs = [Path(p) for p in copy["paths"]] + rest
+        drawn = {int(k): v for k, v in copy["pictures"].items()}
+    else:
+        with timed(stages, "write"):
+            outcome.outputs = derived(range(n))
+        more = seg_and_report(stages)
+        drawn = {}
+        if draw:
+            with timed(stages, "pictures"):
+                drawn = pictures()
+    if cfg.output.multiframe:
+        with timed(stages, "multiframe"):
             outcome.outputs.append(write_multiframe(series, outcome.outputs, target, model_id, uids, description,
                                                     seg_number + 1))
-    if write_seg_file and det.calcium.any():
-        params = {"threshold_hu": f"{det.threshold_hu:.0f}", "local_contrast_hu": f"{cfg.engine.local_contrast_hu:.0f}",
-                  "local_extent_hu": f"{cfg.engine.local_extent_hu:.0f}", "margin_mm": f"{cfg.engine.margin_mm}",
-                  "core": str(cfg.engine.core)}
-        unsure = np.zeros(det.calcium.shape, bool)
-        for r in result.reports:
-            if r.unsure and det.labels is not None:
-                for lesion in r.lesions:
-                    unsure |= det.labels == lesion
-        with timed(stages, "seg"):
-            seg_path = write_seg(series, det.calcium, result.changed, target, model_id, uids, params, seg_number,
-                                 unsure=unsure, reports=result.reports)
-        outcome.outputs.append(seg_path)
-        if cfg.output.write_report and det.lesions:
-            with timed(stages, "report"):
-                outcome.outputs.append(write_report(series, det, result.reports, seg_path, target, model_id, uids,
-                                                    seg_number + 2))
-    drawn: dict[int, str] = {}
-    if pictures_dir is not None and det.lesions:
-        try:
-            with timed(stages, "pictures"):
-                made = lesion_pictures(original_slices(series), volume, result.changed, det, series.spacing,
-                                       pictures_dir, pixel_mm=PICTURE_PIXEL_MM)
-                if made:
-                    thumbnail(made[0].path, pictures_dir / "thumb.png")
-            drawn = {pic.lesion: pic.path.name for pic in made}
-            log.info("%d lesion pictures in %.1f s", len(made), stages["pictures"])
-        except Exception:  # noqa: BLE001 - pictures are for people; the derived series must not wait on them
-            log.exception("lesion pictures failed; the job goes on without them")
+    outcome.outputs += more
     outcome.lesion_table = lesion_table(series, result, drawn)
     outcome.status = "done"
     outcome.seconds = time.perf_counter() - t0
     return outcome
+
+
+MIN_SPLIT_SLICES = 32  # below this a second writer process costs more than it saves
+
+
+def _seg_and_report(series: Series, result: EngineResult, cfg: Config, target: Path, model_id: str,
+                    uids: dict[str, str], seg_number: int, write_seg_file: bool, stages: dict[str, float],
+                    ) -> list[Path]:
+    """The SEG of what was removed and, with lesions, the TID 1500 report that points into it."""
+    det = result.detection
+    if not (write_seg_file and det.calcium.any()):
+        return []
+    params = {"threshold_hu": f"{det.threshold_hu:.0f}", "local_contrast_hu": f"{cfg.engine.local_contrast_hu:.0f}",
+              "local_extent_hu": f"{cfg.engine.local_extent_hu:.0f}", "margin_mm": f"{cfg.engine.margin_mm}",
+              "core": str(cfg.engine.core)}
+    unsure = np.zeros(det.calcium.shape, bool)
+    for r in result.reports:
+        if r.unsure and det.labels is not None:
+            for lesion in r.lesions:
+                unsure |= det.labels == lesion
+    with timed(stages, "seg"):
+        seg_path = write_seg(series, det.calcium, result.changed, target, model_id, uids, params, seg_number,
+                             unsure=unsure, reports=result.reports)
+    out = [seg_path]
+    if cfg.output.write_report and det.lesions:
+        with timed(stages, "report"):
+            out.append(write_report(series, det, result.reports, seg_path, target, model_id, uids, seg_number + 2))
+    return out
+
+
+def _pictures(series: Series, volume: np.ndarray, result: EngineResult, pictures_dir: Path) -> dict[int, str]:
+    """Each lesion's picture for the job page (and a thumbnail of the first): lesion -> file name. Pictures
+    are for people: when they fail, the job goes on without them."""
+    t0 = time.perf_counter()
+    try:
+        made = lesion_pictures(original_slices(series), volume, result.changed, result.detection, series.spacing,
+                               pictures_dir, pixel_mm=PICTURE_PIXEL_MM)
+        if made:
+            thumbnail(made[0].path, pictures_dir / "thumb.png")
+    except Exception:  # noqa: BLE001 - the derived series must not wait on them
+        log.exception("lesion pictures failed; the job goes on without them")
+        return {}
+    log.info("%d lesion pictures in %.1f s", len(made), time.perf_counter() - t0)
+    return {pic.lesion: pic.path.name for pic in made}
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def in_forked_process(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """Run ``fn`` now in a forked copy of this process; returns a function that waits for it and gives
+    its result (anything JSON can carry) or raises RuntimeError with the copy's error.
+
+    The copy dies with this process (a processing child killed for a limit takes its writer with it),
+    leaves through ``os._exit`` (no atexit handlers, no second flush of inherited buffers) and shares
+    everything else copy-on-write.
+    """
+    import json
+    import signal
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    parent = os.getpid()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the copy
+        code = 0
+        try:
+            os.close(read_end)
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != parent:  # the parent died before the prctl took hold
+                os._exit(1)
+            payload = json.dumps({"result": fn()})
+        except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent as a message
+            payload = json.dumps({"error": f"{exc.__class__.__name__}: {exc}"})
+            code = 1
+        try:
+            with os.fdopen(write_end, "w") as f:
+                f.write(payload)
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+    os.close(write_end)
+
+    def wait() -> Any:
+        with os.fdopen(read_end) as f:
+            text = f.read()
+        _, status = os.waitpid(pid, 0)
+        if not text:
+            raise RuntimeError(f"the second writer process ended without a result (wait status {status})")
+        answer = json.loads(text)
+        if "error" in answer:
+            raise RuntimeError(f"the second writer process failed: {answer['error']}")
+        return answer["result"]
+
+    return wait
 
 
 def process_inputs(inputs: list[str | Path], out_dir: Path, cfg: Config, engine: Engine, model_id: str,

@@ -98,3 +98,27 @@ def engine_keys_cover_the_options(cfg: Config) -> bool:
              ConfidenceOptions: cfg.engine.confidence_options()}
     return all(getattr(built[kind], field) == getattr(cfg.engine, key) == getattr(kind(), field)
                for key, (kind, field) in ENGINE_KEYS.items())
+
+
+@pytest.mark.slow
+def test_one_writer_process_writes_what_two_write(tmp_path: Path) -> None:
+    """output.write_processes: the forked copy's slices and pictures and this process's are the one series,
+    in slice order, the SEG and report after them, whichever way it is written."""
+    [series], _ = read_ct_series([study(tmp_path / "in")])
+    outcomes = {}
+    for k in (1, 2):
+        cfg = Config()
+        cfg.output.write_processes = k
+        outcomes[k] = process_series(series, tmp_path / f"out{k}", cfg, build_engine(cfg, ShiftBackend()),
+                                     "shift sha256:0", pictures_dir=tmp_path / f"pictures{k}")
+    one, two = outcomes[1], outcomes[2]
+    assert one.stages.keys() != two.stages.keys(), "the two ways were both taken"
+    assert [p.name for p in one.outputs] == [p.name for p in two.outputs]
+    assert [p.name[:3] for p in two.outputs] == ["CT_"] * len(series.files) + ["SEG", "SR_"]
+    sources = [str(pydicom.dcmread(p, stop_before_pixels=True).SourceImageSequence[0].ReferencedSOPInstanceUID)
+               for p in two.outputs[:len(series.files)]]
+    assert sources == [str(h.SOPInstanceUID) for h in series.headers], "slice order kept"
+    assert digest(tmp_path / "out1") == digest(tmp_path / "out2") == RECORDED_WITH_CONFIDENCE
+    assert one.lesion_table == two.lesion_table and any(row["picture"] for row in two.lesion_table)
+    assert sorted(p.name for p in (tmp_path / "pictures1").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "pictures2").iterdir())

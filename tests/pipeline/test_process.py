@@ -188,3 +188,16 @@ def test_real_siemens_series_written_when_allowed_is_valid(tmp_path):
         assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
     src = pydicom.dcmread(sorted(few.iterdir())[0])
     assert np.asarray(src.pixel_array).shape == (512, 512)
+
+
+def test_the_forked_writer_gives_back_its_result_or_its_error() -> None:
+    import os
+    import signal
+
+    from dicom_node.pipeline.process import in_forked_process
+
+    assert in_forked_process(lambda: {"paths": ["a", "b"], "n": 2})() == {"paths": ["a", "b"], "n": 2}
+    with pytest.raises(RuntimeError, match="second writer process failed: OSError: disk full"):
+        in_forked_process(lambda: (_ for _ in ()).throw(OSError("disk full")))()
+    with pytest.raises(RuntimeError, match="ended without a result"):
+        in_forked_process(lambda: os.kill(os.getpid(), signal.SIGKILL))()
