@@ -201,3 +201,24 @@ def test_the_forked_writer_gives_back_its_result_or_its_error() -> None:
         in_forked_process(lambda: (_ for _ in ()).throw(OSError("disk full")))()
     with pytest.raises(RuntimeError, match="ended without a result"):
         in_forked_process(lambda: os.kill(os.getpid(), signal.SIGKILL))()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_morphology_in_slabs_and_threads_equals_one_whole_volume_transform(monkeypatch: pytest.MonkeyPatch,
+                                                                           threads: int) -> None:
+    """Slabs (here 5 slices, so there are many) written by two threads give the whole-volume answer."""
+    from scipy import ndimage
+
+    from dicom_node.pipeline import morphology
+
+    monkeypatch.setattr(morphology, "SLAB", 5)
+    monkeypatch.setattr(morphology, "THREADS", threads)
+    rng = np.random.default_rng(7)
+    mask = rng.random((40, 30, 34)) > 0.97
+    mask[10:30, 5:25, 8:28] = True
+    sp = (0.5, 0.4, 0.45)
+    assert np.array_equal(morphology.dilate_mm(mask, sp, 1.2),
+                          ndimage.distance_transform_edt(~mask, sampling=sp) <= 1.2 + 1e-6)
+    padded = np.pad(mask, 6, constant_values=True)  # outside the volume counts as foreground
+    want = (ndimage.distance_transform_edt(padded, sampling=sp) > 1.0 + 1e-6)[6:-6, 6:-6, 6:-6]
+    assert np.array_equal(morphology.erode_mm(mask, sp, 1.0), want) and want.any()
