@@ -157,10 +157,16 @@ def _faint_calcium(volume: np.ndarray, spacing: tuple[float, float, float], brig
     low &= ~bright
     seed &= low
     lab, n = _label(low | bright)
-    found = np.bincount(lab[bright], minlength=n + 1) * float(np.prod(spacing)) >= opts.min_volume_mm3
-    keep = (np.bincount(lab[seed], minlength=n + 1) > 0) & ~found
+    flat = lab.reshape(-1)
+    # Label lookups at the (few) voxels that matter rather than over the whole volume.
+    low_idx = np.flatnonzero(low)
+    found = (np.bincount(flat[np.flatnonzero(bright)], minlength=n + 1) * float(np.prod(spacing))
+             >= opts.min_volume_mm3)
+    keep = (np.bincount(flat[np.flatnonzero(seed)], minlength=n + 1) > 0) & ~found
     keep[0] = False
-    return low & keep[lab]
+    out = np.zeros(low.shape, bool)
+    out.reshape(-1)[low_idx[keep[flat[low_idx]]]] = True
+    return out
 
 
 def _peak_above_lumen(volume: np.ndarray, sl: tuple[slice, slice, slice], part: np.ndarray,
