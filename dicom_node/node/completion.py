@@ -4,7 +4,9 @@ Two rules. The release rule is fast: a PACS usually sends a series over one asso
 releases it, so a series is complete ``jobs.release_grace_seconds`` (about 2 s) after the
 association that brought it was released, when no other association of this receiver is still
 sending it and no instance of it arrived since (the job store's last_instance_at: that also sees
-other hosts' receivers). The end of a STOW-RS request is the same kind of hint. The quiet timer
+other hosts' receivers). The end of a STOW-RS request is the same kind of hint, once no other
+STOW-RS request is in flight (intake.StowRequests: a request's series is known only after its
+body has arrived). The quiet timer
 is the fallback: silence for ``jobs.quiet_seconds`` completes a series whatever brought it (one
 series spread over several associations with gaps, a sender that never releases). An association
 that ended without a release gives no hint: its series waits for a re-send (see receive.py), and

@@ -190,7 +190,7 @@ def create_app(store: JobStore, intake: Intake | None, metrics: Metrics, info: d
     def page() -> str:
         return list_page(str(info.get("ae_title", "")))
 
-    def store_parts(body: Path, scanner: DelimiterScanner, ctype: str, study: str | None,
+    def store_parts(body: Path, scanner: DelimiterScanner, ctype: str, study: str | None, jobs: set[int],
                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
         """Blocking work (parsing, fsync) off the event loop; also a line per failed part, for people.
 
@@ -204,15 +204,15 @@ def create_app(store: JobStore, intake: Intake | None, metrics: Metrics, info: d
             spans = multipart_spans(view, ctype)
             if len(spans) > limits.max_parts:
                 raise BodyTooLargeError(f"{len(spans)} parts, more than http.max_parts = {limits.max_parts}")
-            return _store_spans(view, spans, study)
+            return _store_spans(view, spans, study, jobs)
 
     def _store_spans(body: BodyFile, spans: list[tuple[dict[str, str], int, int]], study: str | None,
-                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+                     jobs: set[int]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+        """Store each part; ``jobs`` collects the jobs its instances went into (the request's completion hint)."""
         assert intake is not None
         referenced: list[dict[str, Any]] = []
         failed: list[dict[str, Any]] = []
         why: list[str] = []
-        jobs: set[int] = set()
         for index, (headers, start, end) in enumerate(spans, 1):
             data = body[start:end]
             loud = len(why) < LOGGED_REFUSALS  # a flood of junk parts gets a summary, not a line each
@@ -247,7 +247,6 @@ def create_app(store: JobStore, intake: Intake | None, metrics: Metrics, info: d
         if len(why) > LOGGED_REFUSALS:
             log.warning("STOW-RS: %d parts refused; the first %d were logged, the rest only counted", len(why),
                         LOGGED_REFUSALS, **ctx())
-        intake.released(jobs, "the STOW-RS request ended")  # a completion hint, as an association's release
         return referenced, failed, why
 
     async def receive_body(request: Request) -> tuple[Path | None, DelimiterScanner]:
@@ -289,8 +288,21 @@ def create_app(store: JobStore, intake: Intake | None, metrics: Metrics, info: d
         return None, scanner
 
     async def stow(request: Request, study: str | None = None) -> Response:
+        """One STOW-RS request, counted in flight from its first byte to its answer (see StowRequests)."""
         if intake is None:
             raise HTTPException(503, "not receiving")
+        jobs: set[int] = set()
+        clean = False
+        intake.stow.begin()
+        try:
+            response = await _stow(request, study, jobs)
+            clean = response.status_code == 200
+            return response
+        finally:
+            intake.stow.end(jobs, clean)
+
+    async def _stow(request: Request, study: str | None, jobs: set[int]) -> Response:
+        assert intake is not None
         ctype = request.headers.get("content-type", "")
         mtype, params = media_type(ctype)
         if mtype != "multipart/related":
@@ -317,7 +329,7 @@ def create_app(store: JobStore, intake: Intake | None, metrics: Metrics, info: d
             return JSONResponse(answer, status_code=409, media_type=DICOM_JSON,
                                 headers={"Warning": f'299 dicom-node "{reason}"'})
         try:
-            referenced, failed, why = await run_in_threadpool(store_parts, body, scanner, ctype, study)
+            referenced, failed, why = await run_in_threadpool(store_parts, body, scanner, ctype, study, jobs)
         except MultipartError as exc:
             log.warning("STOW-RS refused (400): %s", exc, **ctx())
             raise HTTPException(400, str(exc)) from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -69,6 +70,41 @@ def why_not_processed(ds: Dataset, refused: Iterable[str] = REFUSED_IMAGE_TYPES)
     return image_type_refusal(ds, refused)
 
 
+class StowRequests:
+    """STOW-RS requests in flight, so that the end of one is a completion hint only when none is left.
+
+    DICOMweb clients upload a series as several requests, often at once, and a request's instances
+    are known only once its body has arrived: while one request streams, another that ended cannot
+    tell that the series is not finished. So the hints of requests that end while others are in flight
+    wait for the last of them, and go out together when it ends. A request with a refused part gives no
+    hint for its series (the client may send the part again): the quiet timer decides, as it does for
+    an association with a refusal. A request that never ends holds the hints back; the quiet timer
+    stays the fallback.
+    """
+
+    def __init__(self, released: Callable[[Iterable[int], str], None]) -> None:
+        self._released = released
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._pending: set[int] = set()
+        self._unsure: set[int] = set()  # series a request with refusals touched, until all requests end
+
+    def begin(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+
+    def end(self, jobs: Iterable[int], clean: bool) -> None:
+        """A request ended having stored instances of ``jobs``; ``clean``: none of its parts was refused."""
+        with self._lock:
+            self._in_flight -= 1
+            (self._pending if clean else self._unsure).update(jobs)
+            if self._in_flight > 0:
+                return
+            due, self._pending, self._unsure = self._pending - self._unsure, set(), set()
+        if due:
+            self._released(due, "the last STOW-RS request in flight ended")
+
+
 class Intake:
     """The one door into the spool, shared by C-STORE and STOW-RS."""
 
@@ -80,6 +116,7 @@ class Intake:
         self._ignored_series: set[str] = set()
         # (job ids, released at, why): the end of an association or STOW-RS request, the completion hint
         self.on_released: Callable[[list[int], float, str], None] | None = None
+        self.stow = StowRequests(self.released)
 
     def released(self, job_ids: Iterable[int], why: str, at: float | None = None) -> None:
         """Whatever brought instances of these jobs has ended (an association released, a STOW-RS request

@@ -1,10 +1,12 @@
 """Completion on release (issue 19): a series is queued ``jobs.release_grace_seconds`` after the association
 that brought it was released, not after the full quiet timer; a series still being sent over another
-association is not cut in two; an aborted association gives no hint."""
+association, or by another STOW-RS request still in flight, is not cut in two; an aborted association gives no
+hint."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -119,3 +121,65 @@ def test_an_instance_after_the_job_started_makes_a_new_job(node: NodeProcess, tm
     spool = node.config.parent / "spool" / "series"
     assert len(list(spool.rglob("*.dcm"))) >= len(files), "the late instance was lost"
     assert sorted(j["instances"] for j in jobs) == [1, len(files) - 1], jobs
+
+
+def _stow_body(files: list[Path], boundary: str = "release-test") -> tuple[list[bytes], str]:
+    """A STOW-RS body in pieces (one per part, then the closing delimiter) and its Content-Type."""
+    pieces = [b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + f.read_bytes() + b"\r\n"
+              for f in files]
+    return pieces + [b"--" + boundary.encode() + b"--\r\n"], \
+        f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def test_a_stow_request_that_ends_while_another_streams_gives_no_hint_until_the_last_ends(
+        node: NodeProcess, tmp_path: Path) -> None:
+    """Two STOW-RS requests of one series at once, as DICOMweb uploaders send them: the first ends while the
+    second's body still arrives (its instances not yet known); the series waits for the second."""
+    import threading
+
+    files = _series(tmp_path / "s", 5)
+    url = f"{node.url}/dicomweb/studies"
+    pieces, ctype = _stow_body(files[6:])
+    streaming = threading.Event()
+    answers: list[int] = []
+
+    def slow() -> Iterator[bytes]:
+        yield pieces[0]
+        streaming.set()
+        time.sleep(GRACE + 3.0)  # the first request ends meanwhile, and its grace passes
+        yield from pieces[1:]
+
+    second = threading.Thread(target=lambda: answers.append(
+        requests.post(url, data=slow(), headers={"Content-Type": ctype}, timeout=60).status_code))
+    second.start()
+    assert streaming.wait(10)
+    body, ctype_first = _stow_body(files[:6])
+    assert requests.post(url, data=b"".join(body), headers={"Content-Type": ctype_first}, timeout=30).status_code == 200
+    time.sleep(GRACE + 1.5)
+    assert [j["state"] for j in _jobs(node, files)] == ["received"], "queued while another request was in flight"
+    second.join(30)
+    assert answers == [200]
+    job = wait_for(lambda: next((j for j in _jobs(node, files) if j["state"] != "received"), None), 15,
+                   "the job leaving 'received' after the last request")
+    assert job["instances"] == len(files) and len(_jobs(node, files)) == 1, job
+
+
+def test_stow_hints_wait_for_the_last_request_and_skip_refusals() -> None:
+    from dicom_node.node.intake import StowRequests
+
+    hints: list[set[int]] = []
+    gate = StowRequests(lambda jobs, why: hints.append(set(jobs)))
+    gate.begin()
+    gate.begin()
+    gate.end([1], clean=True)
+    assert hints == [], "another request is still in flight"
+    gate.end([2], clean=True)
+    assert hints == [{1, 2}]
+    gate.begin()
+    gate.begin()
+    gate.end([3], clean=False)  # a refused part: the client may send it again
+    gate.end([3, 4], clean=True)
+    assert hints == [{1, 2}, {4}]
+    gate.begin()
+    gate.end([3], clean=True)  # the re-send came through whole
+    assert hints == [{1, 2}, {4}, {3}]
