@@ -97,6 +97,9 @@ def _now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
+MAX_WARM_DEATHS = 3
+
+
 class Workers:
     def __init__(self, cfg: Config, spool: Spool, store: JobStore, metrics: Metrics, backend: str,
                  model_id: str, wake: threading.Event) -> None:
@@ -115,6 +118,8 @@ class Workers:
         self._started = 0
         self._warm: dict[str, WarmChild] = {}  # thread name -> its next processing child (jobs.warm_child)
         self._warm_lock = threading.Lock()
+        self._warm_died = 0  # warm children found dead before their job, in a row
+        self._warm_off = False  # after MAX_WARM_DEATHS of them: cold children only, no restart loop
 
     def start(self) -> None:
         for _ in range(self.cfg.jobs.workers):
@@ -183,15 +188,24 @@ class Workers:
     def _keep_warm(self) -> None:
         """This worker thread's next processing child, started now if it has none (or it died): it imports
         while the worker waits or sends. Started by the thread itself, so it dies with it (PDEATHSIG)."""
-        if not self.cfg.jobs.warm_child or self.stop.is_set():
+        if not self.cfg.jobs.warm_child or self._warm_off or self.stop.is_set():
             return
         name = threading.current_thread().name
         with self._warm_lock:
             child = self._warm.get(name)
         if child is not None and child.alive():
             return
-        if child is not None:
+        if child is not None:  # it died before it had a job: something is wrong with starting one
             child.discard()
+            with self._warm_lock:
+                self._warm.pop(name, None)
+                self._warm_died += 1
+                if self._warm_died >= MAX_WARM_DEATHS:
+                    log.warning("%d warm processing children died before their job; jobs start cold children "
+                                "from now on", self._warm_died, **ctx())
+                    self._warm_off = True
+        if self._warm_off:
+            return
         try:
             child = WarmChild(self.spool.tmp_path(f"warm-{name}.stderr"))
         except OSError:  # no room or no process: the job starts a cold child as before
@@ -308,6 +322,8 @@ class Workers:
                     warm = self._warm.pop(threading.current_thread().name, None)
                 result = run_child(request, self.spool.tmp_path(f"job-{job.id}"), jc.memory_mb,
                                    jc.timeout_seconds, self.stop, warm)
+                if warm is not None:
+                    self._warm_died = 0  # warm children work: only deaths in a row turn them off
         except StoppedError:
             shutil.rmtree(out_dir, ignore_errors=True)
             self.store.hand_back(job.id, "queued", time.time(), "requeued: the node stopped while processing",

@@ -267,7 +267,8 @@ PR_SET_PDEATHSIG = 1
 
 def in_forked_process(fn: Callable[[], Any]) -> Callable[[], Any]:
     """Run ``fn`` now in a forked copy of this process; returns a function that waits for it and gives
-    its result (anything JSON can carry) or raises RuntimeError with the copy's error.
+    its result (anything JSON can carry) or raises the copy's error: an OSError with its errno (a full disk
+    must still read as one), anything else as RuntimeError.
 
     The copy dies with this process (a processing child killed for a limit takes its writer with it),
     leaves through ``os._exit`` (no atexit handlers, no second flush of inherited buffers) and shares
@@ -291,7 +292,8 @@ def in_forked_process(fn: Callable[[], Any]) -> Callable[[], Any]:
                 os._exit(1)
             payload = json.dumps({"result": fn()})
         except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent as a message
-            payload = json.dumps({"error": f"{exc.__class__.__name__}: {exc}"})
+            payload = json.dumps({"error": f"{exc.__class__.__name__}: {exc}",
+                                  "errno": exc.errno if isinstance(exc, OSError) else None})
             code = 1
         try:
             with os.fdopen(write_end, "w") as f:
@@ -310,7 +312,10 @@ def in_forked_process(fn: Callable[[], Any]) -> Callable[[], Any]:
             raise RuntimeError(f"the second writer process ended without a result (wait status {status})")
         answer = json.loads(text)
         if "error" in answer:
-            raise RuntimeError(f"the second writer process failed: {answer['error']}")
+            why = f"the second writer process failed: {answer['error']}"
+            if answer.get("errno"):  # e.g. a full disk: the worker hands the job back instead of failing it
+                raise OSError(answer["errno"], why)
+            raise RuntimeError(why)
         return answer["result"]
 
     return wait

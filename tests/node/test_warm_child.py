@@ -104,3 +104,20 @@ def test_warm_children_can_be_turned_off(tmp_path: Path) -> None:
         assert workers._warm == {}
     finally:
         parts.store.close()
+
+
+def test_warm_children_that_keep_dying_are_given_up(tmp_path: Path) -> None:
+    """A warm child that dies before its job is replaced, but not forever: after a few, cold children only."""
+    from dicom_node.node import worker
+
+    parts = Parts(tmp_path)
+    workers = parts.workers()
+    try:
+        for _ in range(worker.MAX_WARM_DEATHS):
+            child = _warm(workers)
+            child.proc.kill()
+            child.proc.wait()
+        workers._keep_warm()
+        assert workers._warm == {} and workers._warm_off, "no new warm child after repeated deaths"
+    finally:
+        parts.store.close()

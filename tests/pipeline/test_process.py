@@ -191,14 +191,18 @@ def test_real_siemens_series_written_when_allowed_is_valid(tmp_path):
 
 
 def test_the_forked_writer_gives_back_its_result_or_its_error() -> None:
+    import errno
     import os
     import signal
 
     from dicom_node.pipeline.process import in_forked_process
 
     assert in_forked_process(lambda: {"paths": ["a", "b"], "n": 2})() == {"paths": ["a", "b"], "n": 2}
-    with pytest.raises(RuntimeError, match="second writer process failed: OSError: disk full"):
-        in_forked_process(lambda: (_ for _ in ()).throw(OSError("disk full")))()
+    with pytest.raises(RuntimeError, match="second writer process failed: ValueError: bad"):
+        in_forked_process(lambda: (_ for _ in ()).throw(ValueError("bad")))()
+    with pytest.raises(OSError, match="second writer process failed") as full:
+        in_forked_process(lambda: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))()
+    assert full.value.errno == errno.ENOSPC  # the worker's disk_full() hands such a job back
     with pytest.raises(RuntimeError, match="ended without a result"):
         in_forked_process(lambda: os.kill(os.getpid(), signal.SIGKILL))()
 
