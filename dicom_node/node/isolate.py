@@ -15,7 +15,6 @@ configuration, so the child processes with exactly the parent's settings.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import json
 import logging
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.config import Config
+from dicom_node.pipeline.process import die_with_parent
 
 log = logging.getLogger("dicom_node.node.isolate")
 
@@ -59,16 +59,6 @@ class ChildRequest:
     pictures_dir: str = ""  # where the job page's lesion pictures go ("" = none)
 
 
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: the kernel kills it when the node (strictly: the worker thread that
-    started it) dies, so no orphan keeps running and writing into the spool of a restarted node."""
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: the child may outlive a killed node
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 def _resident_bytes(pid: int) -> int:
     """Resident set size of a process, from /proc (0 once it is gone)."""
     try:
@@ -85,6 +75,14 @@ def _signal_name(code: int) -> str:
         return f"signal {-code}"
 
 
+def _start_child(argument: str, err_path: Path, stdin: int) -> subprocess.Popen:
+    """``python -m dicom_node.node.isolate ARGUMENT``, its output into ``err_path``, dying with its parent."""
+    with err_path.open("wb") as err:
+        return subprocess.Popen([sys.executable, "-m", "dicom_node.node.isolate", argument], stdin=stdin,
+                                stdout=err, stderr=err, close_fds=True,
+                                preexec_fn=die_with_parent)  # noqa: PLW1509 - one prctl, no locks taken
+
+
 class WarmChild:
     """A processing child started ahead of its job: the interpreter is up and numpy, scipy, pydicom and
     ONNX Runtime are imported (about a second on this hardware, on every job) before the job exists.
@@ -93,10 +91,7 @@ class WarmChild:
 
     def __init__(self, err_path: Path) -> None:
         self.err_path = err_path
-        with err_path.open("wb") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node.node.isolate", WAIT], stdin=subprocess.PIPE,
-                                         stdout=err, stderr=err, close_fds=True,
-                                         preexec_fn=_die_with_parent)  # noqa: PLW1509 - one prctl, no locks taken
+        self.proc = _start_child(WAIT, err_path, subprocess.PIPE)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -148,10 +143,7 @@ def run_child(request: ChildRequest, prefix: Path, memory_mb: int, timeout_secon
         if proc is None:
             warm.discard()
     if proc is None:
-        with err_path.open("wb") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "dicom_node.node.isolate", str(req_path)],
-                                    stdin=subprocess.DEVNULL, stdout=err, stderr=err, close_fds=True,
-                                    preexec_fn=_die_with_parent)  # noqa: PLW1509 - one prctl, no locks taken
+        proc = _start_child(str(req_path), err_path, subprocess.DEVNULL)
     started = time.monotonic()
     peak = 0
     killed_for = ""

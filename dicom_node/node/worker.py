@@ -35,7 +35,7 @@ from dicom_node.node.metrics import Metrics
 from dicom_node.node.retention import purge_job_files
 from dicom_node.node.send import SendError, deliver
 from dicom_node.node.spool import HOST, Spool, SpoolFullError
-from dicom_node.pipeline.process import SeriesOutcome
+from dicom_node.pipeline.process import SeriesOutcome, timed
 
 log = logging.getLogger("dicom_node.node.worker")
 REAP_EVERY_S = 5  # how often the watcher looks for claims whose lease ran out
@@ -301,9 +301,9 @@ class Workers:
                 if not files:
                     self._fail(job, "refused: no instances in the spool")
                     return
-                t_fingerprint = time.perf_counter()
-                fingerprint = input_fingerprint(files, self.model_id, self.cfg)
-                t_fingerprint = time.perf_counter() - t_fingerprint
+                before_child: dict[str, float] = {}
+                with timed(before_child, "fingerprint"):
+                    fingerprint = input_fingerprint(files, self.model_id, self.cfg)
                 self.store.set_fingerprint(job.id, fingerprint)
                 twin = self.store.delivered_twin(job.id, job.series_uid, fingerprint)
                 if twin is not None and twin.deliveries_cover([d.name for d in self.cfg.destinations]):
@@ -322,8 +322,8 @@ class Workers:
                     warm = self._warm.pop(threading.current_thread().name, None)
                 result = run_child(request, self.spool.tmp_path(f"job-{job.id}"), jc.memory_mb,
                                    jc.timeout_seconds, self.stop, warm)
-                if warm is not None:
-                    self._warm_died = 0  # warm children work: only deaths in a row turn them off
+                if warm is not None and warm.proc.returncode == 0:
+                    self._warm_died = 0  # it took the job: only deaths in a row turn warm children off
         except StoppedError:
             shutil.rmtree(out_dir, ignore_errors=True)
             self.store.hand_back(job.id, "queued", time.time(), "requeued: the node stopped while processing",
@@ -355,18 +355,18 @@ class Workers:
             self._fail(job, "processing failed: " + result["reason"])
             return
         log.info("processing child: peak %d MB resident", result.pop("peak_mb", 0), **ctx(job.id, job.series_uid))
-        self._record_timings(job, t_fingerprint, result.pop("child_seconds", None), result.get("stages") or {},
+        self._record_timings(job, before_child, result.pop("child_seconds", None), result.get("stages") or {},
                              time.perf_counter() - t0)
         outcome = SeriesOutcome(status=status, **result)
         outcome.outputs = [Path(p) for p in outcome.outputs]
         self._after_processing(job, outcome)
 
-    def _record_timings(self, job: Job, fingerprint: float, child: float | None, stages: dict[str, float],
-                        total: float) -> None:
+    def _record_timings(self, job: Job, before_child: dict[str, float], child: float | None,
+                        stages: dict[str, float], total: float) -> None:
         """The run's time, step by step, into the job (GET /jobs/{id}) and the metrics: "fingerprint" is the
         duplicate check before the child, "child_start" the child's interpreter start and exit, the rest the
         child's own steps (process.timed)."""
-        timings = {"fingerprint": round(fingerprint, 3)}
+        timings = dict(before_child)
         if child is not None:
             timings["child_start"] = round(max(0.0, child - sum(stages.values())), 3)
         timings.update(stages)

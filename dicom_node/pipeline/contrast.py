@@ -26,6 +26,8 @@ import threading
 import numpy as np
 from scipy import ndimage
 
+from dicom_node.pipeline.morphology import padded_bbox
+
 BLOCK = 2  # voxels per coarse-grid cell along each axis
 SLAB = 32  # slices per pass (a multiple of BLOCK)
 CONTRAST_RANGE_HU = (200.0, 800.0)  # what can be iodinated blood, for the first estimate
@@ -62,13 +64,9 @@ def _smooth(a: np.ndarray, sigma: list[float]) -> None:
     beyond it the result is exactly 0, and inside it every output sums the same taps in the same order, so the
     map is the one a filter over the whole grid gives, at a fraction of the cost (contrast fills little of a
     chest CT's grid)."""
-    nonzero = [np.flatnonzero(a.any(axis=tuple(j for j in range(3) if j != i))) for i in range(3)]
-    if not nonzero[0].size:
-        return
-    box = tuple(slice(max(0, int(nz[0]) - _reach(s)), min(n, int(nz[-1]) + 1 + _reach(s)))
-                for nz, s, n in zip(nonzero, sigma, a.shape))
-    part = a[box]
-    a[box] = ndimage.gaussian_filter(part, sigma, mode="nearest")
+    box = padded_bbox(a, [_reach(s) for s in sigma])
+    if box is not None:
+        a[box] = ndimage.gaussian_filter(a[box], sigma, mode="nearest")
 
 
 def _reach(sigma: float, truncate: float = 4.0) -> int:

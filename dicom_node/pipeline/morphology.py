@@ -18,18 +18,17 @@ from scipy import ndimage
 SLAB = 48  # slices per distance-transform slab (plus overlap)
 
 
-def _bbox(mask: np.ndarray, pad: np.ndarray) -> tuple[slice, ...] | None:
-    idx = np.argwhere(mask.any(axis=(1, 2)))
-    if len(idx) == 0:
-        return None
-    out = []
+def padded_bbox(mask: np.ndarray, pad: np.ndarray | list[int]) -> tuple[slice, slice, slice] | None:
+    """Bounding box of the mask's non-zero voxels grown by ``pad`` voxels per axis, clipped to the volume;
+    None if there are none. Shared by the morphology here, window planning and the contrast filter."""
+    bounds = []
     for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        nz = np.flatnonzero(mask.any(axis=other))
-        lo = max(int(nz[0]) - int(pad[axis]), 0)
-        hi = min(int(nz[-1]) + int(pad[axis]) + 1, mask.shape[axis])
-        out.append(slice(lo, hi))
-    return tuple(out)
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        if hit.size == 0:
+            return None
+        bounds.append(slice(max(int(hit[0]) - int(pad[axis]), 0), min(int(hit[-1]) + 1 + int(pad[axis]),
+                                                                       mask.shape[axis])))
+    return bounds[0], bounds[1], bounds[2]
 
 
 THREADS = min(2, os.cpu_count() or 1)  # scipy's distance transform releases the GIL: slabs side by side
@@ -61,7 +60,7 @@ def dilate_mm(mask: np.ndarray, spacing: tuple[float, float, float], radius_mm: 
         out |= mask
         return out
     pad = np.ceil(radius_mm / sp).astype(int) + 1
-    box = _bbox(mask, pad)
+    box = padded_bbox(mask, pad)
     if box is None:
         return out
     sub = mask[box]
@@ -85,7 +84,7 @@ def erode_mm(mask: np.ndarray, spacing: tuple[float, float, float], radius_mm: f
     sp = np.asarray(spacing, float)
     out = np.zeros(mask.shape, bool)
     pad = np.ceil(radius_mm / sp).astype(int) + 1
-    box = _bbox(mask, pad)
+    box = padded_bbox(mask, pad)
     if box is None:
         return out
     widths = [(p if s.start == 0 else 0, p if s.stop == n else 0) for p, s, n in zip(pad, box, mask.shape)]

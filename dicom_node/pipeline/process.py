@@ -265,6 +265,16 @@ def _pictures(series: Series, volume: np.ndarray, result: EngineResult, pictures
 PR_SET_PDEATHSIG = 1
 
 
+def die_with_parent() -> None:
+    """In a child process, first thing: the kernel kills it when its parent (strictly: the thread that
+    started it) dies, so no orphan keeps running and writing into a spool or an output folder. Used for
+    the node's processing children (before exec) and for the forked writer."""
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the child may outlive its parent
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def in_forked_process(fn: Callable[[], Any]) -> Callable[[], Any]:
     """Run ``fn`` now in a forked copy of this process; returns a function that waits for it and gives
     its result (anything JSON can carry) or raises the copy's error: an OSError with its errno (a full disk
@@ -275,7 +285,6 @@ def in_forked_process(fn: Callable[[], Any]) -> Callable[[], Any]:
     everything else copy-on-write.
     """
     import json
-    import signal
 
     sys.stdout.flush()
     sys.stderr.flush()
@@ -286,8 +295,7 @@ def in_forked_process(fn: Callable[[], Any]) -> Callable[[], Any]:
         code = 0
         try:
             os.close(read_end)
-            with contextlib.suppress(OSError, AttributeError):
-                ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            die_with_parent()
             if os.getppid() != parent:  # the parent died before the prctl took hold
                 os._exit(1)
             payload = json.dumps({"result": fn()})

@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from dicom_node.backends import PATCH
 from dicom_node.pipeline.detect import CONNECTIVITY_26, Detection
-from dicom_node.pipeline.morphology import dilate_mm
+from dicom_node.pipeline.morphology import dilate_mm, padded_bbox
 
 # Restored margin at inference. Training masks use 1.1-1.8 mm (masks.DEFAULT_MARGIN_MM × 0.8-1.3);
 # 0.9 mm was chosen on Experiment 2's tuning studies (seed 4040, not the held-out 3030): stenosis error
@@ -132,18 +132,6 @@ def _windows(mask: np.ndarray, core: int, cube: bool = False) -> list[Window]:
     return out
 
 
-def _padded_bbox(mask: np.ndarray, pad: np.ndarray) -> tuple[slice, slice, slice] | None:
-    """Bounding box of the mask grown by ``pad`` voxels per axis, clipped to the volume; None if empty."""
-    bounds = []
-    for axis in range(3):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        if hit.size == 0:
-            return None
-        bounds.append(slice(max(int(hit[0]) - int(pad[axis]), 0), min(int(hit[-1]) + 1 + int(pad[axis]),
-                                                                       mask.shape[axis])))
-    return tuple(bounds)
-
-
 def plan(detection: Detection, spacing: tuple[float, float, float], options: WindowOptions | None = None,
          ) -> list[Region]:
     """Group the calcium into regions and cover each with ordered windows."""
@@ -151,7 +139,7 @@ def plan(detection: Detection, spacing: tuple[float, float, float], options: Win
     sp = np.asarray(spacing, float)
     # Work inside the calcium's bounding box (padded by how far footprint and grouping reach):
     # full-volume label images of a 600-slice series would cost more than the volume itself.
-    crop = _padded_bbox(detection.calcium, np.ceil((opts.margin_mm + opts.group_distance_mm) / sp).astype(int) + 2)
+    crop = padded_bbox(detection.calcium, np.ceil((opts.margin_mm + opts.group_distance_mm) / sp).astype(int) + 2)
     if crop is None:
         return []
     offset = np.array([s.start for s in crop])
