@@ -8,6 +8,7 @@ instance, and the HTTP server runs in the main thread so uvicorn handles the sig
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -142,8 +143,33 @@ def serve(cfg: Config, backend_name: str | None = None, role: Role | str = Role.
         server = uvicorn.Server(uvicorn.Config(app, host=cfg.http.host, port=cfg.http.port, log_config=None,
                                                access_log=False, http=protocol,
                                                limit_concurrency=cfg.http.max_connections, **tls))
-        server.run()
+        with _SignalsEndRun():
+            server.run()
     finally:
         log.info("shutting down", **ctx())
         node.stop()
     return 0
+
+
+class _SignalsEndRun:
+    """While uvicorn runs, SIGTERM and SIGINT end ``server.run()`` by returning, so that the node then
+    stops in order (workers hand their job back, warm children go, the store closes).
+
+    uvicorn catches both signals itself, shuts the HTTP server down, puts back the handlers it found
+    and raises the signal again, expecting the default action. For SIGTERM that action kills the
+    process on the spot, and ``serve``'s ``finally`` never ran: a stop by systemd or ``docker stop``
+    left the job in hand and the children's files to the next start. The handlers in place during
+    ``run`` only note the signal; after it they are the old ones again.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __enter__(self) -> None:
+        self.caught: list[int] = []
+        self.old = {sig: signal.signal(sig, lambda sig, _frame: self.caught.append(sig)) for sig in self.SIGNALS}
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+        if self.caught:
+            log.info("stopping on signal %s", signal.Signals(self.caught[0]).name, **ctx())
