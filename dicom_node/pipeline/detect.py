@@ -26,7 +26,7 @@ import numpy as np
 from scipy import ndimage
 
 from dicom_node.pipeline.contrast import BLOCK, brighter_than_lumen, brightest_level_nearby, local_lumen_level
-from dicom_node.pipeline.morphology import dilate_mm, open_mm
+from dicom_node.pipeline.morphology import dilate_mm, open_mm, padded_bbox
 
 CONNECTIVITY_26 = np.ones((3, 3, 3), bool)
 
@@ -73,17 +73,28 @@ class Detection:
     labels: np.ndarray | None = None  # uint16 lesion labels (1-based), same shape as calcium
 
 
-def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """26-connected components of ``mask`` as 16-bit labels, and their number.
+def _label(mask: np.ndarray) -> tuple[np.ndarray, int, list[tuple[slice, slice, slice]]]:
+    """26-connected components of ``mask`` as 16-bit labels, their number, and each one's box
+    (``ndimage.find_objects`` of the labels).
 
     16 bits because a volume's worth of int32 would cost as much as the HU volume itself.
+    Labelled in the mask's bounding box only: scipy visits every voxel it is given, and a
+    CTA's bright voxels fill a fraction of the volume. The numbering is the whole volume's
+    (components are numbered in the order a raster scan meets them, and a box keeps that order).
     """
     lab = np.zeros(mask.shape, np.uint16)
+    box = padded_bbox(mask, [0, 0, 0])
+    if box is None:
+        return lab, 0, []
+    sub = np.zeros(tuple(s.stop - s.start for s in box), np.uint16)
     try:
-        n = ndimage.label(mask, structure=CONNECTIVITY_26, output=lab)
+        n = ndimage.label(mask[box], structure=CONNECTIVITY_26, output=sub)
     except RuntimeError as exc:
         raise ValueError("more than 65535 bright components: not a CT angiogram, or a broken rescale") from exc
-    return lab, int(n)
+    lab[box] = sub
+    objects = [tuple(slice(o.start + b.start, o.stop + b.start) for o, b in zip(obj, box))
+               for obj in ndimage.find_objects(sub)]
+    return lab, int(n), objects  # type: ignore[return-value]
 
 
 def _lesion(index: int, part: np.ndarray, sl: tuple[slice, slice, slice], volume: np.ndarray,
@@ -97,10 +108,9 @@ def _lesion(index: int, part: np.ndarray, sl: tuple[slice, slice, slice], volume
 def describe(calcium: np.ndarray, volume: np.ndarray, spacing: tuple[float, float, float]) -> Detection:
     """The detection record of a calcium mask as it is (each 26-connected component a lesion), for callers
     that know the calcium rather than detect it; :func:`detect` is the product's way to find it."""
-    lab, _ = _label(calcium)
+    lab, _, objects = _label(calcium)
     voxel_mm3 = float(np.prod(spacing))
-    lesions = [_lesion(i, lab[sl] == i, sl, volume, voxel_mm3)
-               for i, sl in enumerate(ndimage.find_objects(lab), start=1)]
+    lesions = [_lesion(i, lab[sl] == i, sl, volume, voxel_mm3) for i, sl in enumerate(objects, start=1)]
     return Detection(calcium=calcium.astype(bool), lesions=lesions, threshold_hu=float("nan"), labels=lab)
 
 
@@ -156,7 +166,7 @@ def _faint_calcium(volume: np.ndarray, spacing: tuple[float, float, float], brig
         (level, opts.local_extent_hu), (brightest_level_nearby(level, spacing), opts.local_contrast_hu)])
     low &= ~bright
     seed &= low
-    lab, n = _label(low | bright)
+    lab, n, _ = _label(low | bright)
     flat = lab.reshape(-1)
     # Label lookups at the (few) voxels that matter rather than over the whole volume.
     low_idx = np.flatnonzero(low)
@@ -202,14 +212,14 @@ def detect(volume: np.ndarray, spacing: tuple[float, float, float], options: Det
     # Bone cut by the field of view stays bone: the opening treats the volume as continuing.
     opened = open_mm(bright, spacing, opts.dense_opening_mm)
     dense = np.zeros_like(bright)
-    if opened.any():
-        lab, n = ndimage.label(opened, structure=CONNECTIVITY_26)
-        sizes = ndimage.sum(opened, lab, range(1, n + 1)) * voxel_mm3
-        for i, size in enumerate(sizes, start=1):
+    lab, n, objects = _label(opened)
+    if n:
+        sizes = np.bincount(lab.reshape(-1)[np.flatnonzero(opened)], minlength=n + 1)[1:] * voxel_mm3
+        for i, (size, sl) in enumerate(zip(sizes, objects), start=1):
             if size >= opts.dense_min_volume_mm3:
-                part = lab == i
-                dense |= part
-                c = ndimage.center_of_mass(part)
+                part = lab[sl] == i
+                dense[sl] |= part
+                c = [x + s.start for x, s in zip(ndimage.center_of_mass(part), sl)]
                 excluded.append({"reason": "bone or large dense structure", "volume_mm3": round(float(size), 1),
                                  "centroid": [round(float(x), 1) for x in c]})
     if dense.any():
@@ -219,12 +229,11 @@ def detect(volume: np.ndarray, spacing: tuple[float, float, float], options: Det
         dense = dilate_mm(dense, spacing, regrow) & bright
     candidates = bright & ~dense
     del bright, opened, dense
-    lab, n = _label(candidates)
+    lab, n, objects = _label(candidates)
     lesions: list[Lesion] = []
     calcium = np.zeros(volume.shape, bool)
     labels = lab  # relabelled in place below: only kept lesions, numbered from 1
     if n:
-        objects = ndimage.find_objects(lab)
         for i, sl in enumerate(objects, start=1):
             part = lab[sl] == i
             lesion = _lesion(len(lesions) + 1, part, sl, volume, voxel_mm3)
