@@ -197,6 +197,9 @@ class JobsConfig:
     # Start each worker's next processing child ahead of its job, its libraries already imported: about a
     # second less per job, for one idle process (~150 MB) per worker
     warm_child: bool = True
+    # When an association is released, a warm child reads the series and detects its calcium during the
+    # release grace; the job uses that only if the series' files are still exactly those (needs warm_child)
+    prepare_ahead: bool = True
     max_crashes: int = 2  # processing runs that crashed, were killed or never finished; then the job fails
     incomplete_seconds: float = 3600.0  # a series whose association was aborted waits this long for a re-send
     lease_seconds: float = 120.0  # a claimed job's lease, renewed every quarter; then another worker may take it

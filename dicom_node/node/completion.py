@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from dicom_node.config import Config
 from dicom_node.node.jobs import Job, JobStore
@@ -47,6 +48,8 @@ class CompletionTimer(threading.Thread):
         self._released: list[tuple[float, list[int], str]] = []  # (released at, job ids, why), oldest first
         self._released_lock = threading.Lock()
         self._hinted = threading.Event()  # a release hint arrived: recompute the next wake-up
+        # Told of each release hint as it arrives (the workers' prepare_ahead, in a node that also works)
+        self.on_hint: Callable[[list[int]], None] | None = None
 
     def released(self, job_ids: list[int], at: float, why: str) -> None:
         """The association (or STOW-RS request) that brought these jobs' instances ended at ``at``; their
@@ -56,6 +59,11 @@ class CompletionTimer(threading.Thread):
         with self._released_lock:
             self._released.append((at, sorted(job_ids), why))
         self._hinted.set()
+        if self.on_hint is not None:
+            try:
+                self.on_hint(sorted(job_ids))
+            except Exception:  # noqa: BLE001 - a head start only: completion goes on without it
+                log.warning("could not start preparing the released series", exc_info=True, **ctx())
 
     def shutdown(self) -> None:
         self.stop.set()

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.config import Config
+from dicom_node.node.logs import ctx
 from dicom_node.pipeline.process import die_with_parent
 
 log = logging.getLogger("dicom_node.node.isolate")
@@ -57,6 +58,17 @@ class ChildRequest:
     model_id: str
     config: dict[str, Any]
     pictures_dir: str = ""  # where the job page's lesion pictures go ("" = none)
+    handed_at: float = 0.0  # wall time the job was handed over (a warm child reports how long it then waited)
+
+
+@dataclass
+class PrepareRequest:
+    """A warm child's work ahead of a job (see :class:`WarmChild`): read, load and detect this series."""
+
+    series_uid: str
+    series_dir: str
+    backend: str
+    config: dict[str, Any]
 
 
 def _resident_bytes(pid: int) -> int:
@@ -87,24 +99,78 @@ class WarmChild:
     """A processing child started ahead of its job: the interpreter is up and numpy, scipy, pydicom and
     ONNX Runtime are imported (about a second on this hardware, on every job) before the job exists.
     It waits for one request path on its stdin, processes it exactly as a cold child would, and exits;
-    the worker starts the next one while it sends. Its log goes to its own file until it has a job."""
+    the worker starts the next one while it sends. Its log goes to its own file until it has a job.
+
+    Before its job, it may be asked to *prepare* a series (``jobs.prepare_ahead``): when the
+    association that brought a series is released, the series is complete only after
+    ``jobs.release_grace_seconds``, and the child spends that grace reading the series, loading its
+    volume and detecting the calcium. The job then uses that work only if the series' files are
+    exactly those it read (names, sizes, modification times, inodes) and the settings are the same;
+    otherwise it starts over. Preparing runs under the job's memory and time limits; a child that
+    dies or is killed preparing costs nothing but the cold start of the job's own child.
+    """
 
     def __init__(self, err_path: Path) -> None:
         self.err_path = err_path
         self.proc = _start_child(WAIT, err_path, subprocess.PIPE)
+        self.prepared_for = ""  # the series it was asked to prepare ("" = none)
+        self._prepare_path: Path | None = None  # the request file; the child removes it when it is done
+        self._handed = threading.Event()
 
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def preparing(self) -> bool:
+        """Still working on its preparation (a job handed to it now would wait for the end of it)."""
+        return self._prepare_path is not None and self._prepare_path.exists() and self.alive()
+
+    def prepare(self, request: PrepareRequest, request_path: Path, memory_mb: int, timeout_seconds: float) -> None:
+        """Ask the child to prepare a series; raises OSError if it died. Watched for the limits until it is
+        handed its job (then ``run_child`` watches it)."""
+        assert self.proc.stdin is not None
+        request_path.write_text(json.dumps(dataclasses.asdict(request)))
+        self._prepare_path = request_path
+        try:
+            self.proc.stdin.write(f"{PREPARE}{request_path}\n".encode())
+            self.proc.stdin.flush()
+        except OSError:
+            request_path.unlink(missing_ok=True)
+            raise
+        self.prepared_for = request.series_uid
+        threading.Thread(target=self._watch, args=(memory_mb, timeout_seconds), name="prepare-watch",
+                         daemon=True).start()
+
+    def _watch(self, memory_mb: int, timeout_seconds: float) -> None:
+        started = time.monotonic()
+        while self.preparing() and not self._handed.is_set():
+            rss = _resident_bytes(self.proc.pid)
+            why = (f"memory past jobs.memory_mb = {memory_mb} MB ({rss / 2**20:.0f} MB resident)"
+                   if rss > memory_mb * 1024 * 1024 else
+                   f"still running after jobs.timeout_seconds = {timeout_seconds:g} s"
+                   if time.monotonic() - started > timeout_seconds else "")
+            if why:
+                log.warning("preparing a series ahead of its job stopped: %s; the job starts a new child",
+                            why, **ctx(series=self.prepared_for))
+                with contextlib.suppress(OSError):
+                    self.proc.kill()
+                return
+            time.sleep(POLL_SECONDS)
+
     def hand(self, request_path: Path) -> subprocess.Popen:
         """Give the child its one job; raises OSError if it died meanwhile (the caller starts a cold one)."""
         assert self.proc.stdin is not None
+        self._handed.set()
         self.proc.stdin.write(f"{request_path}\n".encode())
         self.proc.stdin.close()
         return self.proc
 
     def discard(self) -> None:
-        """Never used: closing its stdin ends it; its log file goes."""
+        """Never used: closing its stdin ends it (one still preparing is killed: that would take seconds);
+        its files go."""
+        self._handed.set()
+        if self.preparing():
+            with contextlib.suppress(OSError):
+                self.proc.kill()
         with contextlib.suppress(OSError):
             if self.proc.stdin is not None:
                 self.proc.stdin.close()
@@ -114,9 +180,12 @@ class WarmChild:
             self.proc.kill()
             self.proc.wait()
         self.err_path.unlink(missing_ok=True)
+        if self._prepare_path is not None:
+            self._prepare_path.unlink(missing_ok=True)
 
 
 WAIT = "--wait"  # the child's argument: import, then wait for a request path on stdin
+PREPARE = "prepare "  # a warm child's stdin line before its job: prepare the series of this request file
 
 
 def run_child(request: ChildRequest, prefix: Path, memory_mb: int, timeout_seconds: float,
@@ -207,35 +276,116 @@ def _relay_and_tail(err_path: Path) -> str:
 # ---- the child ------------------------------------------------------------------------------------
 
 
-def _child(request_path: Path) -> int:
+def series_state(folder: str | Path) -> list[tuple[str, int, int, int]]:
+    """What a series folder holds, as far as a preparation ahead of the job must know: each entry's name,
+    size, modification time and inode (the spool replaces a file by renaming a new one over it)."""
+    with os.scandir(folder) as entries:
+        return sorted((e.name, st.st_size, st.st_mtime_ns, st.st_ino) for e in entries for st in [e.stat()])
+
+
+@dataclass
+class Prepared:
+    """A warm child's work ahead of its job: the series read, its volume loaded, the calcium detected."""
+
+    request: PrepareRequest
+    state: list[tuple[str, int, int, int]]
+    series: Any  # pipeline.series.Series
+    engine: Any  # pipeline.restore.Engine
+    volume: Any  # numpy float32 HU volume
+    detection: Any  # pipeline.detect.Detection
+    stages: dict[str, float]
+
+    def fits(self, req: ChildRequest) -> bool:
+        """Whether the job is exactly what was prepared: the same folder with the same files, the same settings."""
+        return (req.series_dir == self.request.series_dir and req.config == self.request.config
+                and req.backend == self.request.backend and series_state(req.series_dir) == self.state)
+
+
+def _prepare(request_path: Path) -> Prepared | None:
+    """Read, load and detect ahead of the job; None when that cannot be used (the job then does it all and
+    says why it fails, if it does). The request file is removed at the end: that tells the worker it is done."""
+    from dicom_node.backends.select import select
+    from dicom_node.config import from_dict
+    from dicom_node.pipeline.detect import detect
+    from dicom_node.pipeline.process import build_engine, check_resolution, timed
+    from dicom_node.pipeline.series import load_hu, read_ct_series
+
+    stages: dict[str, float] = {}
+    req = None
+    try:
+        req = PrepareRequest(**json.loads(request_path.read_text()))
+        cfg = from_dict(req.config)
+        before = series_state(req.series_dir)
+        with timed(stages, "read"):
+            series_list, _ = read_ct_series([req.series_dir], max_depth=cfg.intake.max_sequence_depth,
+                                            max_element_mb=cfg.intake.max_element_mb,
+                                            refused=cfg.intake.refuse_image_types)
+        if not series_list or check_resolution(series_list[0], cfg):
+            return None
+        with timed(stages, "model"):
+            backend, _ = select(req.backend, cfg.engine.model, cfg.engine.threads, cfg.engine.batch)
+            engine = build_engine(cfg, backend)
+        with timed(stages, "load"):
+            volume = load_hu(series_list[0])
+        with timed(stages, "detect"):
+            detection = detect(volume, series_list[0].spacing, engine.detect_options)
+        if series_state(req.series_dir) != before:  # an instance arrived meanwhile: the job starts over
+            return None
+        log.info("prepared ahead of the job: %s", ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()),
+                 **ctx(series=req.series_uid))
+        return Prepared(req, before, series_list[0], engine, volume, detection, stages)
+    except Exception as exc:  # noqa: BLE001 - only ever a head start: the job itself meets and reports any error
+        log.info("nothing prepared ahead (%s: %s); the job starts from the files", exc.__class__.__name__,
+                 str(exc)[:200], **ctx(series=req.series_uid if req else None))
+        return None
+    finally:
+        request_path.unlink(missing_ok=True)
+
+
+def _child(request_path: Path, prepared: Prepared | None = None) -> int:
     t0 = time.perf_counter()
     from dicom_node.backends.select import select
     from dicom_node.config import from_dict
-    from dicom_node.node.logs import ctx, setup
+    from dicom_node.node.logs import setup
     from dicom_node.pipeline.process import build_engine, process_series, timed
     from dicom_node.pipeline.series import read_ct_series
 
     setup()
     stages = {"imports": round(time.perf_counter() - t0, 3)}  # numpy, scipy, pydicom, onnxruntime: every run pays it
     req = ChildRequest(**json.loads(request_path.read_text()))
+    if req.handed_at and prepared is not None:  # the job waited in the pipe while the preparation ran
+        stages["ahead_wait"] = round(max(0.0, time.time() - req.handed_at), 3)
+    ahead = prepared if prepared is not None and prepared.fits(req) else None
+    if prepared is not None and ahead is None:
+        log.info("the series changed since it was prepared ahead: the job starts from the files",
+                 **ctx(req.job_id, req.series_uid))
+    prepared = None  # what does not fit is freed now: the job needs the memory
     cfg: Config = from_dict(req.config)
     result_path = request_path.with_name(request_path.name.replace(".request.json", ".outcome.json"))
     outcome: dict[str, Any]
     try:
-        with timed(stages, "read"):
-            series_list, notes = read_ct_series([req.series_dir], max_depth=cfg.intake.max_sequence_depth,
-                                                max_element_mb=cfg.intake.max_element_mb,
-                                                refused=cfg.intake.refuse_image_types)
+        if ahead is not None:
+            series_list, notes = [ahead.series], []
+            stages.update({f"ahead_{k}": v for k, v in ahead.stages.items()})
+        else:
+            with timed(stages, "read"):
+                series_list, notes = read_ct_series([req.series_dir], max_depth=cfg.intake.max_sequence_depth,
+                                                    max_element_mb=cfg.intake.max_element_mb,
+                                                    refused=cfg.intake.refuse_image_types)
         if not series_list:
             shown = "; ".join(notes[:5]) + (f"; and {len(notes) - 5} more" if len(notes) > 5 else "")
             outcome = {"status": "refused", "reason": shown or "no instances in the spool"}
         else:
-            with timed(stages, "model"):
-                backend, _ = select(req.backend, cfg.engine.model, cfg.engine.threads, cfg.engine.batch)
-                engine = build_engine(cfg, backend)
+            if ahead is not None:
+                engine = ahead.engine
+            else:
+                with timed(stages, "model"):
+                    backend, _ = select(req.backend, cfg.engine.model, cfg.engine.threads, cfg.engine.batch)
+                    engine = build_engine(cfg, backend)
             result = process_series(series_list[0], Path(req.out_dir), cfg, engine, req.model_id,
                                     cfg.output.write_seg, pictures_dir=Path(req.pictures_dir) if req.pictures_dir
-                                    else None)
+                                    else None, ahead=(ahead.volume, ahead.detection) if ahead else None)
+            ahead = None
             result.stages = {**stages, **result.stages}
             outcome = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
             outcome["outputs"] = [str(p) for p in result.outputs]
@@ -256,14 +406,23 @@ def _child(request_path: Path) -> int:
 
 def _main(argv: list[str]) -> int:
     """A cold child gets its request path as its argument; a warm one (``--wait``) imports first, then
-    reads it from stdin (an empty stdin: the worker no longer needs it)."""
+    reads lines from stdin: any number of ``prepare`` requests (each replaces the last), then its job's
+    request path (an empty stdin: the worker no longer needs it)."""
     if argv[0] != WAIT:
         return _child(Path(argv[0]))
     import dicom_node.pipeline.process  # noqa: F401 - the point of a warm child: imported before the job
     with contextlib.suppress(ImportError):
         import onnxruntime  # noqa: F401
-    line = sys.stdin.readline().strip()
-    return _child(Path(line)) if line else 0
+    from dicom_node.node.logs import setup
+
+    setup()
+    prepared = None
+    while line := sys.stdin.readline().strip():
+        if not line.startswith(PREPARE):
+            return _child(Path(line), prepared)
+        prepared = None  # the last preparation's memory goes before the next one takes its own
+        prepared = _prepare(Path(line[len(PREPARE):]))
+    return 0
 
 
 if __name__ == "__main__":

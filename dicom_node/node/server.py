@@ -107,6 +107,8 @@ def start(cfg: Config, backend_name: str | None = None, role: Role | str = Role.
         node.receiver = Receiver(cfg.node, node.intake, metrics)
         node.receiver.start()
         info["dicom_port"] = cfg.node.port
+    if node.workers is not None and node.completion is not None and cfg.jobs.prepare_ahead:
+        node.completion.on_hint = node.workers.prepare  # a released series is prepared during its grace
     if node.workers is not None:
         node.workers.start()
     if node.completion is not None:

@@ -28,7 +28,14 @@ from typing import Any
 
 from dicom_node.config import Config
 from dicom_node.node.intake import dataset_offset
-from dicom_node.node.isolate import ChildDiedError, ChildRequest, StoppedError, WarmChild, run_child
+from dicom_node.node.isolate import (
+    ChildDiedError,
+    ChildRequest,
+    PrepareRequest,
+    StoppedError,
+    WarmChild,
+    run_child,
+)
 from dicom_node.node.jobs import Job, JobStore
 from dicom_node.node.logs import ctx
 from dicom_node.node.metrics import Metrics
@@ -199,7 +206,8 @@ class Workers:
             child.discard()
             with self._warm_lock:
                 self._warm.pop(name, None)
-                self._warm_died += 1
+                if not child.prepared_for:  # one killed for a limit while preparing says nothing about starting
+                    self._warm_died += 1
                 if self._warm_died >= MAX_WARM_DEATHS:
                     log.warning("%d warm processing children died before their job; jobs start cold children "
                                 "from now on", self._warm_died, **ctx())
@@ -284,6 +292,58 @@ class Workers:
             except Exception:  # noqa: BLE001 - still no room: try again (recover() covers a shutdown)
                 self.stop.wait(delay)
 
+    def prepare(self, job_ids: list[int]) -> None:
+        """A release hint (completion.py): have idle warm children read, load and detect these jobs' series
+        while their grace runs out. Only ever a head start: no child free, no preparation."""
+        jc = self.cfg.jobs
+        if not (jc.warm_child and jc.prepare_ahead) or self.stop.is_set():
+            return
+        for job_id in job_ids:
+            job = self.store.get(job_id)
+            if job is None or job.state != "received":
+                continue
+            with self._warm_lock:
+                if any(c.prepared_for == job.series_uid and c.alive() for c in self._warm.values()):
+                    continue  # another association's release: already in hand
+                free = sorted(((bool(c.prepared_for), name) for name, c in self._warm.items()
+                               if c.alive() and not c.preparing()))
+                if not free:
+                    return
+                name = free[0][1]  # one never asked before, else one whose preparation is over
+                child = self._warm[name]
+                request = PrepareRequest(job.series_uid, str(self.spool.series_dir(job.series_uid)), self.backend,
+                                         dataclasses.asdict(self.cfg))
+                try:
+                    child.prepare(request, self.spool.tmp_path(f"prepare-{name}.json"), jc.memory_mb,
+                                  jc.timeout_seconds)
+                except OSError:
+                    continue  # it died: _keep_warm replaces it
+            log.info("preparing the series during its release grace", **ctx(job.id, job.series_uid))
+
+    def _take_warm(self, series_uid: str) -> WarmChild | None:
+        """The warm child for this thread's job: the one that prepared its series if there is one (another
+        thread's child is swapped for this thread's own), else this thread's own; one still busy preparing
+        another series is swapped for an idle one, or else stopped (the job starts a cold child)."""
+        name = threading.current_thread().name
+        busy = None
+        with self._warm_lock:
+            mine = self._warm.pop(name, None)
+            if mine is not None and mine.prepared_for == series_uid and mine.alive():
+                return mine
+            ready = next((n for n, c in self._warm.items() if c.prepared_for == series_uid and c.alive()), None)
+            if ready is None and mine is not None and mine.preparing():
+                ready = next((n for n, c in self._warm.items() if c.alive() and not c.preparing()), None)
+                if ready is None:
+                    busy, mine = mine, None
+            if ready is not None:
+                child = self._warm.pop(ready)
+                if mine is not None:
+                    self._warm[ready] = mine  # that thread's next job takes this one
+                mine = child
+        if busy is not None:
+            busy.discard()
+        return mine
+
     # -- processing --------------------------------------------------------------------
     def process(self, job: Job) -> None:
         jc = self.cfg.jobs
@@ -315,11 +375,10 @@ class Workers:
                     return
                 shutil.rmtree(out_dir, ignore_errors=True)  # a requeued job starts clean
                 self.spool.remove_pictures(job.id)
+                warm = self._take_warm(job.series_uid)
                 request = ChildRequest(job.id, job.series_uid, str(self.spool.series_dir(job.series_uid)),
                                        str(out_dir), self.backend, self.model_id, dataclasses.asdict(self.cfg),
-                                       str(self.spool.pictures_dir(job.id)))
-                with self._warm_lock:
-                    warm = self._warm.pop(threading.current_thread().name, None)
+                                       str(self.spool.pictures_dir(job.id)), handed_at=time.time())
                 result = run_child(request, self.spool.tmp_path(f"job-{job.id}"), jc.memory_mb,
                                    jc.timeout_seconds, self.stop, warm)
                 if warm is not None and warm.proc.returncode == 0:
@@ -367,8 +426,9 @@ class Workers:
         duplicate check before the child, "child_start" the child's interpreter start and exit, the rest the
         child's own steps (process.timed)."""
         timings = dict(before_child)
-        if child is not None:
-            timings["child_start"] = round(max(0.0, child - sum(stages.values())), 3)
+        if child is not None:  # the steps done ahead of the job (ahead_*) took none of the child's time here
+            own = sum(v for k, v in stages.items() if not k.startswith("ahead_") or k == "ahead_wait")
+            timings["child_start"] = round(max(0.0, child - own), 3)
         timings.update(stages)
         timings["total"] = round(total, 3)
         for step, seconds in timings.items():

@@ -30,6 +30,7 @@ from dicom_node.pipeline.derived import (
     write_derived_series,
     write_multiframe,
 )
+from dicom_node.pipeline.detect import Detection
 from dicom_node.pipeline.pictures import lesion_pictures, thumbnail
 from dicom_node.pipeline.report import patient_position, write_report
 from dicom_node.pipeline.restore import Engine, EngineResult
@@ -130,11 +131,14 @@ def original_slices(series: Series) -> Callable[[int, int], np.ndarray]:
 
 def process_series(series: Series, out_dir: Path, cfg: Config, engine: Engine, model_id: str,
                    write_seg_file: bool = True, progress: Callable[[int, int], None] | None = None,
-                   pictures_dir: Path | None = None) -> SeriesOutcome:
+                   pictures_dir: Path | None = None, ahead: tuple[np.ndarray, Detection] | None = None,
+                   ) -> SeriesOutcome:
     """Process one assembled series; failures come back as a readable outcome, not an exception.
 
     With ``pictures_dir``, also draws each lesion's picture there (for the node's job page; never
-    sent anywhere) and a thumbnail of the first (``thumb.png``)."""
+    sent anywhere) and a thumbnail of the first (``thumb.png``). ``ahead``: the series' HU volume
+    and its detection, already done (a warm child's preparation, see node/isolate.py); the volume
+    is restored in place."""
     outcome = SeriesOutcome(uid=series.uid, description=series.description, status="failed", slices=len(series.files),
                             settings=run_settings(cfg, model_id))
     t0 = time.perf_counter()
@@ -143,9 +147,13 @@ def process_series(series: Series, out_dir: Path, cfg: Config, engine: Engine, m
         outcome.status, outcome.reason = "skipped", reason
         return outcome
     stages = outcome.stages
-    with timed(stages, "load"):
-        volume = load_hu(series)
-    result = engine.run(volume, series.spacing, progress=progress)
+    if ahead is None:
+        with timed(stages, "load"):
+            volume = load_hu(series)
+        result = engine.run(volume, series.spacing, progress=progress)
+    else:
+        volume, detection = ahead
+        result = engine.restore(volume, series.spacing, detection, progress)
     stages.update({name: round(seconds, 3) for name, seconds in result.seconds.items()})
     det = result.detection
     outcome.lesions = len(det.lesions)

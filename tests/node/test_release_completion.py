@@ -80,6 +80,22 @@ def test_a_released_series_is_queued_after_the_grace_not_the_quiet_time(node: No
     assert len(_jobs(node, files)) == 1
 
 
+def test_a_released_series_is_prepared_during_its_grace(node: NodeProcess, tmp_path: Path) -> None:
+    """The node wires the release hint to its workers: a warm child read the series and detected its calcium
+    while the grace ran (jobs.prepare_ahead), and the job's steps say so."""
+    files = _series(tmp_path / "s", 5, slices=24)
+    assoc = _associate(node.dicom_port)
+    _send(assoc, files)
+    assoc.release()
+    job = wait_for(lambda: next((j for j in _jobs(node, files) if j["state"] in ("done", "failed")), None), 90,
+                   "the job to be processed")
+    assert job["state"] == "done", job["reason"]
+    timings = requests.get(f"{node.url}/jobs/{job['id']}", timeout=5).json()["timings"]
+    assert "ahead_detect" in timings and "detect" not in timings, timings
+    log = (node.config.parent / "node.log").read_text()
+    assert "preparing the series during its release grace" in log
+
+
 def test_a_series_over_two_associations_is_not_cut_in_two(node: NodeProcess, tmp_path: Path) -> None:
     files = _series(tmp_path / "s", 2)
     first, second = _associate(node.dicom_port), _associate(node.dicom_port)
