@@ -329,6 +329,37 @@ def order_series(uid: str, items: list[tuple[Path, Dataset]], tolerance: float =
     return Series(uid=uid, files=[f for f, _ in items], headers=[ds for _, ds in items], spacing=(dz, dy, dx))
 
 
+NATIVE_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})  # implicit and explicit VR little endian
+
+
+def native_pixels(ds: Dataset) -> np.ndarray | None:
+    """The one 16-bit frame of an uncompressed little-endian slice, read straight from its bytes; None for
+    anything else (the caller asks pydicom).
+
+    What pydicom's ``pixel_array`` gives for such a slice (the bits above Bits Stored cleared, or filled
+    with the sign; excess padding dropped), without its decoder's per-call set-up, which cost 0.8 ms a slice: a fifth
+    of loading a 512x512x256 series.
+    """
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or str(meta.get("TransferSyntaxUID", "")) not in NATIVE_SYNTAXES:
+        return None
+    if (ds.get("BitsAllocated") != 16 or ds.get("SamplesPerPixel", 1) != 1
+            or ds.get("PixelRepresentation") not in (0, 1) or int(ds.get("NumberOfFrames", 1) or 1) != 1
+            or "PixelData" not in ds):
+        return None
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    data = ds.PixelData
+    if not isinstance(data, bytes) or len(data) < rows * cols * 2:
+        return None
+    stored = ds.get("BitsStored")
+    if not isinstance(stored, int) or not 1 <= stored <= 16:
+        return None
+    arr = np.frombuffer(data, "<i2" if ds.PixelRepresentation == 1 else "<u2", rows * cols).reshape(rows, cols)
+    if stored < 16:  # as pydicom does: the unused high bits cleared, or filled with the sign
+        arr = np.right_shift(np.left_shift(arr, 16 - stored), 16 - stored)
+    return arr
+
+
 def load_hu(series: Series, z0: int = 0, z1: int | None = None) -> np.ndarray:
     """Decode every slice (or slices [z0, z1)) and apply the modality LUT; one float32 volume, nothing more.
 
@@ -345,7 +376,9 @@ def load_hu(series: Series, z0: int = 0, z1: int | None = None) -> np.ndarray:
     for i, f in enumerate(files, start=z0):
         try:
             ds = pydicom.dcmread(f)
-            arr = ds.pixel_array
+            arr = native_pixels(ds)
+            if arr is None:
+                arr = ds.pixel_array
             slope = float(getattr(ds, "RescaleSlope", 1.0))
             intercept = float(getattr(ds, "RescaleIntercept", 0.0))
         except Exception as exc:  # noqa: BLE001 - codecs raise anything; the series fails with a reason
