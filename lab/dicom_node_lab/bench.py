@@ -7,6 +7,7 @@
   python tools/bench.py memory --isolated  # the same as a node job: a child under jobs.memory_mb
   python tools/bench.py load               # 4 concurrent senders × 3 studies of 256 slices
   python tools/bench.py durable-write      # ms per 512 KiB instance made durable, by method
+  python tools/bench.py send               # the node's C-STORE sender vs storescu into Orthanc
   python tools/bench.py hosts              # job store SQLite vs PostgreSQL; 1 vs 2 receivers; 12 studies, 2 workers
 
 process: times `dicom-node process` end to end on a 512×512×256 phantom CTA (written
@@ -37,6 +38,11 @@ every derived series and SEG to a private Orthanc. Reports whether every derived
 arrived complete, throughput, p50/p95 job latency (last instance received to delivered),
 and the node's resident memory: its peak, and after each finished job, so growth with the
 number of studies shows.
+
+send: 256 slices into Orthanc (TCP_NODELAY=1, durable) over one association, alternating: DCMTK
+storescu, the node's sender as shipped (send.send_dimse), and the same sender with pynetdicom's
+defaults (each file decoded and encoded again; the DUL reactor's 1 ms idle sleep). Orthanc's
+study is deleted between runs. Reports seconds per run and the medians' ratios.
 
 durable-write: what one durable 512 KiB write costs on the --cache disk: a new file with
 fsync (what the spool does, with the rename), a new file with fdatasync, and a write into
@@ -257,6 +263,48 @@ def bench_ingest(args: argparse.Namespace) -> int:
     print(json.dumps(report, indent=2))
     shutil.rmtree(root, ignore_errors=True)
     return 0 if spooled == n else 1
+
+
+def bench_send(args: argparse.Namespace) -> int:
+    import shutil
+    import statistics
+    import tempfile
+
+    import requests
+
+    from dicom_node.config import Destination
+    from dicom_node.node import send
+
+    peers = _peers()
+    folder = bench_series(Path(args.cache), tuple(args.shape)) / "series"
+    files = sorted(folder.glob("*.dcm"))
+    root = Path(tempfile.mkdtemp(prefix="bench-send-", dir=Path(args.cache).resolve()))
+    orthanc = peers.Orthanc(root, peers.free_port(), peers.free_port(), None).start()
+    dest = Destination(name="pacs", kind="dimse", host="127.0.0.1", port=orthanc.dicom_port, ae_title=orthanc.aet)
+    shipped = (send.SEND_AS_STORED, send.SEND_POLL_SECONDS)
+    times: dict[str, list[float]] = {"storescu": [], "node": [], "node_pynetdicom_defaults": []}
+    try:
+        for _ in range(args.repeats):
+            for name in times:
+                for study in requests.get(f"{orthanc.url}/studies", timeout=10).json():
+                    requests.delete(f"{orthanc.url}/studies/{study}", timeout=30)
+                t0 = time.perf_counter()
+                if name == "storescu":
+                    peers.storescu(("127.0.0.1", orthanc.dicom_port), orthanc.aet, folder)
+                else:
+                    send.SEND_AS_STORED, send.SEND_POLL_SECONDS = shipped if name == "node" else (False, 0.001)
+                    send.send_dimse(files, dest, "DICOMNODE")
+                times[name].append(round(time.perf_counter() - t0, 2))
+    finally:
+        send.SEND_AS_STORED, send.SEND_POLL_SECONDS = shipped
+        orthanc.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(json.dumps({"instances": len(files), "seconds": times, "median_s": med,
+                      "node_over_storescu": round(med["node"] / med["storescu"], 2),
+                      "node_over_pynetdicom_defaults": round(med["node"] / med["node_pynetdicom_defaults"], 2)},
+                     indent=2))
+    return 0
 
 
 def bench_durable_write(args: argparse.Namespace) -> int:
@@ -572,6 +620,10 @@ def main(argv: list[str] | None = None) -> int:
     ld.add_argument("--quiet", type=float, default=15.0, help="the node's quiet time (default: the default)")
     ld.add_argument("--timeout", type=float, default=1500.0)
     ld.add_argument("--cache", default="runs/bench")
+    se = sub.add_parser("send", help="the node's C-STORE sender vs storescu into Orthanc, one association")
+    se.add_argument("--shape", type=int, nargs=3, default=[256, 512, 512], metavar=("Z", "Y", "X"))
+    se.add_argument("--cache", default="runs/bench")
+    se.add_argument("--repeats", type=int, default=5)
     dw = sub.add_parser("durable-write", help="ms per durable 512 KiB write, by method, on the --cache disk")
     dw.add_argument("--writes", type=int, default=200)
     dw.add_argument("--cache", default="runs/bench")
@@ -582,7 +634,8 @@ def main(argv: list[str] | None = None) -> int:
     bench_hosts.add_arguments(hosts)
     args = ap.parse_args(argv)
     modes = {"process": bench_process, "ingest": bench_ingest, "latency": bench_latency, "memory": bench_memory,
-             "load": bench_load, "durable-write": bench_durable_write, "hosts": bench_hosts.bench_hosts}
+             "load": bench_load, "durable-write": bench_durable_write, "send": bench_send,
+             "hosts": bench_hosts.bench_hosts}
     return modes[args.cmd](args)
 
 

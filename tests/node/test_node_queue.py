@@ -405,3 +405,32 @@ def test_a_shared_spool_leaves_other_hosts_partial_writes_alone(tmp_path: Path) 
     assert {k for k, f in files.items() if f.exists()} == {"other-host", "mine-alive"}  # pid 1 lives
     Spool(tmp_path / "s")  # one host owning the spool: everything left is a leftover
     assert not any(f.exists() for f in files.values())
+
+
+def test_files_go_out_as_stored_not_decoded_again(tmp_path: Path, slices: list[Dataset],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sender reads each file's data set bytes and sends them; pynetdicom's default would decode every
+    file and encode it again (about 2 ms a slice). The archive receives the file's own bytes."""
+    import pynetdicom.association
+
+    from dicom_node.node.intake import dataset_offset
+
+    def no_decoding(*_a: Any, **_k: Any) -> None:
+        raise AssertionError("a file was decoded to be sent")
+
+    monkeypatch.setattr(pynetdicom.association, "dcmread", no_decoding)
+    files = [Path(p) for p in parts_outputs(tmp_path, slices)]
+    got: dict[str, bytes] = {}
+
+    class Raw(StoreSCP):
+        def _store(self, event: evt.Event) -> int:
+            got[str(event.dataset.SOPInstanceUID)] = event.request.DataSet.getvalue()
+            return 0x0000
+
+    with Raw() as scp:
+        dest = Destination(name="a", ae_title="ARCHIVE", host="127.0.0.1", port=scp.port)
+        assert send_dimse(files, dest, "DICOMNODE") == len(files)
+    for f in files:
+        data = f.read_bytes()
+        uid = str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+        assert got[uid] == data[dataset_offset(data):]
