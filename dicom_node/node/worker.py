@@ -294,7 +294,8 @@ class Workers:
 
     def prepare(self, job_ids: list[int]) -> None:
         """A release hint (completion.py): have idle warm children read, load and detect these jobs' series
-        while their grace runs out. Only ever a head start: no child free, no preparation."""
+        while their grace runs out. Only ever a head start: no child free, no preparation. A prepared child
+        holds its series in memory until its job, so there are at most ``jobs.inference_slots`` of them."""
         jc = self.cfg.jobs
         if not (jc.warm_child and jc.prepare_ahead) or self.stop.is_set():
             return
@@ -305,6 +306,8 @@ class Workers:
             with self._warm_lock:
                 if any(c.prepared_for == job.series_uid and c.alive() for c in self._warm.values()):
                     continue  # another association's release: already in hand
+                if sum(bool(c.prepared_for) and c.alive() for c in self._warm.values()) >= jc.inference_slots:
+                    return  # each holds a whole series in memory: at most one more per inference slot
                 free = sorted(((bool(c.prepared_for), name) for name, c in self._warm.items()
                                if c.alive() and not c.preparing()))
                 if not free:

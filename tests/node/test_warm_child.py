@@ -284,3 +284,14 @@ def test_the_job_takes_the_child_that_prepared_its_series(with_workers: tuple[Pa
         assert workers._take_warm("1.2.3") is mine, "its own series: worth the wait"
     finally:
         workers._warm = {}
+
+
+def test_prepared_series_are_bounded_by_the_inference_slots(with_workers: tuple[Parts, Workers]) -> None:
+    """A prepared child holds a whole series in memory: no more of them than jobs.inference_slots (1)."""
+    parts, workers = with_workers
+    workers._warm = {"a": _Fake("1.2.3"), "b": _Fake()}  # type: ignore[dict-item]
+    parts.store.note_instance("4.5.6", "4.5", "d")
+    [job] = parts.store.list()
+    workers.prepare([job.id])
+    assert workers._warm["b"].prepared_for == "", "a second series would have been held in memory"
+    workers._warm = {}
