@@ -16,6 +16,7 @@ import dataclasses
 import datetime as dt
 import errno
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -127,6 +128,7 @@ class Workers:
         self._warm_lock = threading.Lock()
         self._warm_died = 0  # warm children found dead before their job, in a row
         self._warm_off = False  # after MAX_WARM_DEATHS of them: cold children only, no restart loop
+        self._prepared = itertools.count(1)  # preparation requests so far (names their files)
 
     def start(self) -> None:
         for _ in range(self.cfg.jobs.workers):
@@ -317,8 +319,9 @@ class Workers:
                 request = PrepareRequest(job.series_uid, str(self.spool.series_dir(job.series_uid)), self.backend,
                                          dataclasses.asdict(self.cfg))
                 try:
-                    child.prepare(request, self.spool.tmp_path(f"prepare-{name}.json"), jc.memory_mb,
-                                  jc.timeout_seconds)
+                    # Named once per request: children move between slots (_take_warm), their files must not.
+                    child.prepare(request, self.spool.tmp_path(f"prepare-{next(self._prepared)}.json"),
+                                  jc.memory_mb, jc.timeout_seconds)
                 except OSError:
                     continue  # it died: _keep_warm replaces it
             log.info("preparing the series during its release grace", **ctx(job.id, job.series_uid))
@@ -326,7 +329,10 @@ class Workers:
     def _take_warm(self, series_uid: str) -> WarmChild | None:
         """The warm child for this thread's job: the one that prepared its series if there is one (another
         thread's child is swapped for this thread's own), else this thread's own; one still busy preparing
-        another series is swapped for an idle one, or else stopped (the job starts a cold child)."""
+        another series is swapped for an idle one, or else stopped (the job starts a cold child). A child
+        dies with the thread that started it (PDEATHSIG); worker threads live as long as the node, and one
+        that dies anyway is replaced: a child of its that another thread holds then dies too, which that
+        thread's job meets as a dead warm child (a cold start) or, mid-job, as a crash."""
         name = threading.current_thread().name
         busy = None
         with self._warm_lock:
