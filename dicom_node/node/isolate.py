@@ -342,7 +342,9 @@ def _prepare(request_path: Path) -> Prepared | None:
         request_path.unlink(missing_ok=True)
 
 
-def _child(request_path: Path, prepared: Prepared | None = None) -> int:
+def _child(request_path: Path, held: list[Prepared] | None = None) -> int:
+    """One job. ``held``: a warm child's preparation, if any, handed over in a list that this function
+    empties, so that no caller's frame keeps a volume the job cannot use alive through the job."""
     t0 = time.perf_counter()
     from dicom_node.backends.select import select
     from dicom_node.config import from_dict
@@ -353,6 +355,7 @@ def _child(request_path: Path, prepared: Prepared | None = None) -> int:
     setup()
     stages = {"imports": round(time.perf_counter() - t0, 3)}  # numpy, scipy, pydicom, onnxruntime: every run pays it
     req = ChildRequest(**json.loads(request_path.read_text()))
+    prepared = held.pop() if held else None
     if req.handed_at and prepared is not None:  # the job waited in the pipe while the preparation ran
         stages["ahead_wait"] = round(max(0.0, time.time() - req.handed_at), 3)
     ahead = prepared if prepared is not None and prepared.fits(req) else None
@@ -416,12 +419,15 @@ def _main(argv: list[str]) -> int:
     from dicom_node.node.logs import setup
 
     setup()
-    prepared = None
+    held: list[Prepared] = []  # the last preparation, if it can be used
     while line := sys.stdin.readline().strip():
         if not line.startswith(PREPARE):
-            return _child(Path(line), prepared)
-        prepared = None  # the last preparation's memory goes before the next one takes its own
+            return _child(Path(line), held)
+        held.clear()  # the last preparation's memory goes before the next one takes its own
         prepared = _prepare(Path(line[len(PREPARE):]))
+        if prepared is not None:
+            held.append(prepared)
+        del prepared
     return 0
 
 
