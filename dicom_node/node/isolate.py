@@ -240,7 +240,9 @@ def run_child(request: ChildRequest, prefix: Path, memory_mb: int, timeout_secon
     req_path.unlink(missing_ok=True)
     outcome_text = result_path.read_text() if proc.returncode == 0 and result_path.is_file() else None
     result_path.unlink(missing_ok=True)
-    if killed_for == "stopped":
+    if killed_for == "stopped" or (outcome_text is None and stop.is_set()):
+        # A child that died while the node stops died of the stop (a swapped warm child goes with the worker
+        # thread that started it, PDEATHSIG): the job goes back uncounted, never as a crash.
         raise StoppedError("the node is shutting down")
     if killed_for:
         raise ChildDiedError(killed_for)
