@@ -303,14 +303,30 @@ class Prepared:
                 and req.backend == self.request.backend and series_state(req.series_dir) == self.state)
 
 
+def _read_series(series_dir: str, cfg: Config) -> tuple[list, list[str]]:
+    """The spooled series, read under the node's [intake] limits: the one way a job (or its preparation) reads it."""
+    from dicom_node.pipeline.series import read_ct_series
+
+    return read_ct_series([series_dir], max_depth=cfg.intake.max_sequence_depth,
+                          max_element_mb=cfg.intake.max_element_mb, refused=cfg.intake.refuse_image_types)
+
+
+def _engine(backend_name: str, cfg: Config) -> Any:
+    """The job's engine on the backend the parent selected (a pipeline.restore.Engine)."""
+    from dicom_node.backends.select import select
+    from dicom_node.pipeline.process import build_engine
+
+    backend, _ = select(backend_name, cfg.engine.model, cfg.engine.threads, cfg.engine.batch)
+    return build_engine(cfg, backend)
+
+
 def _prepare(request_path: Path) -> Prepared | None:
     """Read, load and detect ahead of the job; None when that cannot be used (the job then does it all and
     says why it fails, if it does). The request file is removed at the end: that tells the worker it is done."""
-    from dicom_node.backends.select import select
     from dicom_node.config import from_dict
     from dicom_node.pipeline.detect import detect
-    from dicom_node.pipeline.process import build_engine, check_resolution, timed
-    from dicom_node.pipeline.series import load_hu, read_ct_series
+    from dicom_node.pipeline.process import check_resolution, timed
+    from dicom_node.pipeline.series import load_hu
 
     stages: dict[str, float] = {}
     req = None
@@ -319,14 +335,11 @@ def _prepare(request_path: Path) -> Prepared | None:
         cfg = from_dict(req.config)
         before = series_state(req.series_dir)
         with timed(stages, "read"):
-            series_list, _ = read_ct_series([req.series_dir], max_depth=cfg.intake.max_sequence_depth,
-                                            max_element_mb=cfg.intake.max_element_mb,
-                                            refused=cfg.intake.refuse_image_types)
+            series_list, _ = _read_series(req.series_dir, cfg)
         if not series_list or check_resolution(series_list[0], cfg):
             return None
         with timed(stages, "model"):
-            backend, _ = select(req.backend, cfg.engine.model, cfg.engine.threads, cfg.engine.batch)
-            engine = build_engine(cfg, backend)
+            engine = _engine(req.backend, cfg)
         with timed(stages, "load"):
             volume = load_hu(series_list[0])
         with timed(stages, "detect"):
@@ -348,11 +361,9 @@ def _child(request_path: Path, held: list[Prepared] | None = None) -> int:
     """One job. ``held``: a warm child's preparation, if any, handed over in a list that this function
     empties, so that no caller's frame keeps a volume the job cannot use alive through the job."""
     t0 = time.perf_counter()
-    from dicom_node.backends.select import select
     from dicom_node.config import from_dict
     from dicom_node.node.logs import setup
-    from dicom_node.pipeline.process import build_engine, process_series, timed
-    from dicom_node.pipeline.series import read_ct_series
+    from dicom_node.pipeline.process import process_series, timed
 
     setup()
     stages = {"imports": round(time.perf_counter() - t0, 3)}  # numpy, scipy, pydicom, onnxruntime: every run pays it
@@ -374,9 +385,7 @@ def _child(request_path: Path, held: list[Prepared] | None = None) -> int:
             stages.update({f"ahead_{k}": v for k, v in ahead.stages.items()})
         else:
             with timed(stages, "read"):
-                series_list, notes = read_ct_series([req.series_dir], max_depth=cfg.intake.max_sequence_depth,
-                                                    max_element_mb=cfg.intake.max_element_mb,
-                                                    refused=cfg.intake.refuse_image_types)
+                series_list, notes = _read_series(req.series_dir, cfg)
         if not series_list:
             shown = "; ".join(notes[:5]) + (f"; and {len(notes) - 5} more" if len(notes) > 5 else "")
             outcome = {"status": "refused", "reason": shown or "no instances in the spool"}
@@ -385,8 +394,7 @@ def _child(request_path: Path, held: list[Prepared] | None = None) -> int:
                 engine = ahead.engine
             else:
                 with timed(stages, "model"):
-                    backend, _ = select(req.backend, cfg.engine.model, cfg.engine.threads, cfg.engine.batch)
-                    engine = build_engine(cfg, backend)
+                    engine = _engine(req.backend, cfg)
             result = process_series(series_list[0], Path(req.out_dir), cfg, engine, req.model_id,
                                     cfg.output.write_seg, pictures_dir=Path(req.pictures_dir) if req.pictures_dir
                                     else None, ahead=(ahead.volume, ahead.detection) if ahead else None)
