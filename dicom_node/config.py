@@ -51,6 +51,8 @@ class EngineConfig:
     unsure_hu: float = ConfidenceOptions.unsure_hu  # a region whose two passes differ more than this is unsure
     unsure_action: UnsureAction = ConfidenceOptions.unsure_action  # mark: restore and say so; leave: as acquired
     keep_visible_lumen: bool = ConfidenceOptions.keep_visible_lumen  # never darken visible lumen past its edge
+    average_flips: bool = ConfidenceOptions.average_flips  # write the mean of the two passes (needs confidence)
+    lumen_guard_from: float = ConfidenceOptions.lumen_guard_from  # guard voxels this far from edge (0) to level (1)
     max_pixel_mm: float = 0.8  # refuse series coarser than this in-plane
     max_slice_mm: float = 1.25  # refuse series with slices further apart than this
 
@@ -78,6 +80,8 @@ ENGINE_KEYS: dict[str, tuple[type, str]] = {
     "mask_mode": (WindowOptions, "mask_mode"), "confidence": (ConfidenceOptions, "flips"),
     "unsure_hu": (ConfidenceOptions, "unsure_hu"), "unsure_action": (ConfidenceOptions, "unsure_action"),
     "keep_visible_lumen": (ConfidenceOptions, "keep_visible_lumen"),
+    "average_flips": (ConfidenceOptions, "average_flips"),
+    "lumen_guard_from": (ConfidenceOptions, "lumen_guard_from"),
 }
 
 

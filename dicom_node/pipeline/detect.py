@@ -49,7 +49,7 @@ class DetectOptions:
     dense_min_volume_mm3: float = 300.0  # opened bright volume bigger than this is bone or a device
     keep_edge_components: bool = False  # remove bright components cut by the volume's edge as calcium
     noise_sigmas: float = 8.0  # > 0: small components must peak this many noise SDs above their lumen
-    noise_keep_mm3: float = 10.0  # ... components at least this large are kept whatever their peak
+    noise_keep_mm3: float = 20.0  # ... components at least this large are kept whatever their peak
 
 
 @dataclass

@@ -238,3 +238,33 @@ def test_the_visible_lumen_is_never_darkened_past_its_edge(study):
     assert np.array_equal(guarded[white & on.changed], free[white & on.changed])
     held = on.changed & (guarded > free)
     assert held.any() and (study.image[held] < 1000).all()
+
+
+def test_the_guard_can_be_kept_to_voxels_as_bright_as_the_lumen(study):
+    """lumen_guard_from = 1 holds only voxels at or above the lumen's level: a subset of the edge guard's."""
+    edge, level, free = study.image.copy(), study.image.copy(), study.image.copy()
+    at_edge = Engine(DarkBackend(), confidence=ConfidenceOptions(lumen_guard_from=0.0)).run(edge, study.spacing)
+    at_level = Engine(DarkBackend(), confidence=ConfidenceOptions(lumen_guard_from=1.0)).run(level, study.spacing)
+    Engine(DarkBackend(), confidence=ConfidenceOptions(keep_visible_lumen=False)).run(free, study.spacing)
+    held_edge, held_level = edge > free, level > free
+    assert held_level.any(), "voxels as bright as the lumen beside calcium are still held"
+    assert not (held_level & ~held_edge).any(), "the level guard holds nothing the edge guard does not"
+    assert held_level.sum() < held_edge.sum(), "the band between the edge and the level is left to the model"
+    assert sum(r.lumen_kept for r in at_level.reports) == held_level.sum() < sum(r.lumen_kept for r in
+                                                                                 at_edge.reports)
+    with pytest.raises(ValueError):
+        ConfidenceOptions(lumen_guard_from=-0.5)
+
+
+def test_averaged_flips_write_the_mean_of_both_passes(study):
+    """average_flips: the mirrored pass is not only a measure of doubt but half of what is written."""
+    vol = study.image.copy()
+    opts = ConfidenceOptions(keep_visible_lumen=False, average_flips=True, unsure_hu=1e6)
+    result = Engine(LopsidedBackend(), confidence=opts).run(vol, (0.47, 0.47, 0.47))
+    assert result.changed.any()
+    assert np.allclose(vol[result.changed], FILL_HU + 150.0, atol=1e-3), "each half once as is, once mirrored"
+    single = study.image.copy()
+    one = Engine(LopsidedBackend(), confidence=ConfidenceOptions(keep_visible_lumen=False, unsure_hu=1e6,
+                                                                 average_flips=False))
+    one.run(single, (0.47, 0.47, 0.47))
+    assert not np.allclose(single[result.changed], FILL_HU + 150.0, atol=1.0), "without it, the first pass only"
