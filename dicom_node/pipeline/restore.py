@@ -50,9 +50,11 @@ class ConfidenceOptions:
 
     ``keep_visible_lumen`` holds voxels the acquired image shows as lumen (see
     ``keep_visible_lumen``); ``lumen_guard_from`` says where that range starts, as a fraction
-    of the way from the lumen's edge (0) up to its contrast level (1). From the edge, the
-    guard also held the band that thin calcium's blur lifts into the lumen's range, which a
-    truth image shows as plaque, and the processed images under-called by 5 points.
+    of the way from the lumen's edge (0) up to its contrast level (1). From the edge (the
+    default) the guard also holds the band that thin calcium's blur lifts into the lumen's
+    range, which an image without calcium shows as plaque, so processed images under-call by
+    about 5 points; from higher up the network may darken that band, and in small vessels
+    real residual lumen with it (twice the invented severe stenoses on the tuning studies).
     """
 
     flips: bool = True
@@ -60,7 +62,7 @@ class ConfidenceOptions:
     unsure_action: UnsureAction = "mark"
     keep_visible_lumen: bool = True  # see KeepLumen
     average_flips: bool = True  # with flips, write the mean of the two passes instead of the first
-    lumen_guard_from: float = 1.0  # the guard holds voxels from this far (0 edge .. 1 level) up to the lumen level
+    lumen_guard_from: float = 0.0  # the guard holds voxels from this far (0 edge .. 1 level) up to the lumen level
 
 
     def __post_init__(self) -> None:

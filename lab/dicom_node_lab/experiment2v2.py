@@ -76,10 +76,17 @@ def _engine(model: Path, engine_args: list[str]):
 _ENGINE = None
 
 
-def _one_study(job: tuple[int, int, str, list[str], bool]) -> tuple[list[dict], dict, dict | None]:
+# --oracle: what a perfect network would leave. The truth image written into exactly the voxels the
+# engine restored (its detection, margin and rounding), and into those plus every true calcium
+# deposit's surroundings (what detection missed too). The error left is not the network's.
+PERFECT_NETWORK = "perfect_network"
+PERFECT_DETECTION = "perfect_detection"
+
+
+def _one_study(job: tuple[int, int, str, list[str], bool, bool]) -> tuple[list[dict], dict, dict | None]:
     """Generate, process and read one study (in a worker process: one engine per worker)."""
     global _ENGINE
-    seed, i, model, engine_args, keep = job
+    seed, i, model, engine_args, keep, oracle = job
     if _ENGINE is None:
         _ENGINE = _engine(Path(model), engine_args)
     p = make_study(seed, i)
@@ -89,7 +96,15 @@ def _one_study(job: tuple[int, int, str, list[str], bool]) -> tuple[list[dict], 
     result = _ENGINE.run(processed, p.spacing)
     seconds = time.perf_counter() - t0
     processed = np.where(result.changed, _stored_hu(processed), original)
-    rows = read_study(p, {"original": original, "processed": processed, "truth": p.truth}, study=f"{seed}-{i}")
+    images = {"original": original, "processed": processed, "truth": p.truth}
+    if oracle:
+        from scipy import ndimage
+
+        truth = _stored_hu(p.truth)
+        images[PERFECT_NETWORK] = np.where(result.changed, truth, original)
+        around = ndimage.binary_dilation(p.calcium_fraction > 0.01, iterations=2)
+        images[PERFECT_DETECTION] = np.where(result.changed | around, truth, original)
+    rows = read_study(p, images, study=f"{seed}-{i}")
     for r in rows:
         r["index"] = i
         r["unsure"], r["disagreement_hu"] = _lesion_confidence(p, r, result)
@@ -200,6 +215,18 @@ def summarise(rows: list[dict], white: float = PRIMARY_WHITE) -> dict:
     return out
 
 
+def floor(rows: list[dict], white: float = PRIMARY_WHITE) -> dict:
+    """Error against the truth image of the processed image and of the two oracles (``--oracle``)."""
+    w = f"{white:g}"
+    out = {}
+    for name in ("original", "processed", PERFECT_NETWORK, PERFECT_DETECTION):
+        ok = [r for r in rows if r[f"{name}@{w}"] is not None and r[f"truth@{w}"] is not None]
+        err = _values(ok, f"{name}@{w}") - _values(ok, f"truth@{w}")
+        out[name] = {"n": len(ok), "bias": float(err.mean()), "mae": float(np.abs(err).mean()),
+                     "median_abs": float(np.median(np.abs(err)))} if ok else {"n": 0}
+    return out
+
+
 def safety(rows: list[dict], white: float = PRIMARY_WHITE) -> dict:
     """Invented severe stenoses, and change where there is no calcium."""
     w = f"{white:g}"
@@ -238,7 +265,7 @@ def strata(rows: list[dict], key: str, white: float = PRIMARY_WHITE) -> dict[str
 
 def run(args: argparse.Namespace) -> int:
     model = Path(args.model) if args.model else ENGINES / "dense_unet.onnx"
-    jobs = [(args.seed, i, str(model), args.engine, False) for i in range(args.studies)]
+    jobs = [(args.seed, i, str(model), args.engine, False, args.oracle) for i in range(args.studies)]
     rows: list[dict] = []
     goals: list[dict] = []
     t0 = time.perf_counter()
@@ -266,6 +293,8 @@ def run(args: argparse.Namespace) -> int:
     result = {"studies": args.studies, "seed": args.seed, "model": str(model), "engine": args.engine,
               "summary_calcified": summary, "strata": by, "safety": safe, "goals": goal, "confidence": conf,
               "wall_seconds": wall, "lesions": rows}
+    if args.oracle:
+        result["floor"] = floor(calcified)
     (report / "experiment2v2.json").write_text(json.dumps(result, indent=1, default=float))
     worst = sorted(calcified, key=lambda r: -abs((r[f"processed@{PRIMARY_WHITE:g}"] or 0)
                                                 - (r[f"truth@{PRIMARY_WHITE:g}"] or 0)))[:10]
@@ -304,7 +333,7 @@ def _figure(path: Path, worst: list[dict], args: argparse.Namespace) -> None:
     strips = {}
     model = Path(args.model) if args.model else ENGINES / "dense_unet.onnx"
     for i in jobs:
-        _, _, s = _one_study((args.seed, i, str(model), args.engine, True))
+        _, _, s = _one_study((args.seed, i, str(model), args.engine, True, False))
         for r in jobs[i]:
             strips[id(r)] = s[(r["vessel"], r["lesion"])]
     fig, axes = plt.subplots(len(worst), 1, figsize=(9, 2.1 * len(worst)), squeeze=False)
@@ -334,6 +363,8 @@ def _markdown(path: Path, res: dict, args: argparse.Namespace) -> None:
     if args.model:
         cmd += f" --model {args.model}"
     cmd += "".join(f" --engine '{kv}'" for kv in args.engine)
+    if args.oracle:
+        cmd += " --oracle"
     lines = ["# Experiment 2 v2: calcified stenoses on the calibrated world, before and after calcium removal", "",
              f"Reproduce: `{cmd}` ({res['wall_seconds'] / 60:.0f} min on this machine's 2 cores).", "",
              f"{res['studies']} {'held-out' if args.seed == EXP2V2_SEED else 'tuning'} studies of the world "
@@ -388,6 +419,19 @@ def _markdown(path: Path, res: dict, args: argparse.Namespace) -> None:
                       f"lesions read more than {c['large_points']:g} points from the truth image, "
                       f"{c['large_flagged']} were flagged unsure; {c['good_flagged']} of {c['good']} good "
                       "restorations were flagged too."]
+    if "floor" in res:
+        names = {"original": "original", "processed": "processed (the network)",
+                 PERFECT_NETWORK: "a perfect network: the truth image in the voxels the engine restored",
+                 PERFECT_DETECTION: "... and around every true calcium deposit (perfect detection too)"}
+        lines += ["", f"## What limits the error (calcified lesions, white + {PRIMARY_WHITE:g} HU)", "",
+                  "Against the truth image. The oracles keep everything of the engine but the network's "
+                  "output (and then detection): the error left by the first is the detection's, margin's and "
+                  "reader's; the gap between it and the processed image is the network's.", "",
+                  "| image | n | bias | mean abs. error | median abs. error |", "|---|---:|---:|---:|---:|"]
+        for name, f in res["floor"].items():
+            if f.get("n"):
+                lines.append(f"| {names[name]} | {f['n']} | {f['bias']:+.1f} | {f['mae']:.1f} | "
+                             f"{f['median_abs']:.1f} |")
     g = res["goals"]
     lines += ["", "## Kept goals", "",
               f"- Residual calcium (≥ 700 HU near vessels): {100 * g['residual_calcium_fraction']:.1f} % of the "
@@ -413,3 +457,5 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--report-dir", default="reports")
     ap.add_argument("--no-figure", action="store_true", help="skip the worst lesions' strips (tuning runs)")
+    ap.add_argument("--oracle", action="store_true",
+                    help="also read a perfect network's and a perfect detection's images: what limits the error")

@@ -18,7 +18,7 @@ from dicom_node_lab.reader import WHITE_LEVELS_HU
 @pytest.mark.slow
 def test_processing_invents_no_severe_stenosis_and_leaves_clean_vessels_alone():
     rows = []
-    engine_job = (experiment2v2.EXP2V2_TUNE_SEED, 0, str(experiment2v2.ENGINES / "dense_unet.onnx"), [], False)
+    engine_job = (experiment2v2.EXP2V2_TUNE_SEED, 0, str(experiment2v2.ENGINES / "dense_unet.onnx"), [], False, False)
     for i in range(6):
         r, goal, _ = experiment2v2._one_study(engine_job[:1] + (i,) + engine_job[2:])
         rows += r

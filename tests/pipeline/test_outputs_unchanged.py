@@ -27,11 +27,11 @@ from dicom_node_lab.phantom_dicom import ct_series
 # Issue 17 gave the SEG's segments recommended display colours (RecommendedDisplayCIELabValue);
 # without that one attribute the digests were c3237825... and e663d80f..., as before.
 RECORDED = "6d47f02c4c5ab0514186c2bd833df461b71ae7679483033547d0abcafdd6fd3f"
-# Since issue 16's tuning the guard holds only voxels as bright as the lumen (engine.lumen_guard_from = 1)
-# and the two passes are averaged: RECORDED_WITH_CONFIDENCE. With the guard from the lumen's edge, as
-# before, this backend (flip-symmetric, so averaging changes nothing) writes RECORDED_GUARD_FROM_EDGE.
-RECORDED_GUARD_FROM_EDGE = "6a6af58a601539297058892cda268ecc849d79e978e70fb06599e66d462c2664"
-RECORDED_WITH_CONFIDENCE = "3c6c0110a023c301807594b26c24838d0a3ef7abbc813f1600b126728cfb042c"
+# The two passes are averaged by default since issue 16's tuning (engine.average_flips); this backend is
+# flip-symmetric, so that changes nothing here. With the guard holding only voxels as bright as the lumen
+# (engine.lumen_guard_from = 1), it writes RECORDED_GUARD_FROM_LEVEL.
+RECORDED_WITH_CONFIDENCE = "6a6af58a601539297058892cda268ecc849d79e978e70fb06599e66d462c2664"
+RECORDED_GUARD_FROM_LEVEL = "3c6c0110a023c301807594b26c24838d0a3ef7abbc813f1600b126728cfb042c"
 TIMES = {"DA", "TM", "DT"}
 DIMENSION_ORGANIZATION_UID = 0x00209164  # highdicom draws it at random for each SEG: no identity of ours
 
@@ -85,9 +85,9 @@ def test_process_writes_what_it_wrote_before(tmp_path: Path) -> None:
     assert engine_keys_cover_the_options(cfg)
     assert outcome.regions and all(r["action"] == "restored" and r["disagreement_hu"] == 0.0 for r in outcome.regions)
     assert digest(tmp_path / "out") == RECORDED_WITH_CONFIDENCE
-    cfg.engine.lumen_guard_from = 0.0
-    process_series(series, tmp_path / "edge", cfg, build_engine(cfg, ShiftBackend()), "shift sha256:0")
-    assert digest(tmp_path / "edge") == RECORDED_GUARD_FROM_EDGE, "only the guard's range changed the output"
+    cfg.engine.lumen_guard_from = 1.0
+    process_series(series, tmp_path / "level", cfg, build_engine(cfg, ShiftBackend()), "shift sha256:0")
+    assert digest(tmp_path / "level") == RECORDED_GUARD_FROM_LEVEL, "the guard's range is what changed"
     cfg.engine.confidence = False
     cfg.engine.keep_visible_lumen = False
     outcome = process_series(series, tmp_path / "off", cfg, build_engine(cfg, ShiftBackend()), "shift sha256:0")
