@@ -138,6 +138,7 @@ class NodeConfig:
     max_connections_per_host: int = 8  # ... and from one calling host (address)
     request_seconds: float = 10.0  # from TCP connect to the A-ASSOCIATE-RQ; then the caller is dropped
     idle_seconds: float = 60.0  # an association silent this long is aborted
+    receiver_processes: int = 1  # >1: one listener hands each connection to the least busy of N processes
 
 
 @dataclass
@@ -213,6 +214,7 @@ class JobsConfig:
 
 
 MAX_SEND_ASSOCIATIONS = 16
+MAX_RECEIVER_PROCESSES = 16  # node.receiver_processes
 
 
 @dataclass
@@ -335,6 +337,9 @@ def check(cfg: Config) -> None:
         if not 1 <= d.associations <= MAX_SEND_ASSOCIATIONS:
             raise ConfigError(f"{where} ({d.name}): associations must be 1 to {MAX_SEND_ASSOCIATIONS}, "
                               f"got {d.associations}")
+    if not 1 <= cfg.node.receiver_processes <= MAX_RECEIVER_PROCESSES:
+        raise ConfigError(f"node.receiver_processes must be 1 to {MAX_RECEIVER_PROCESSES}, "
+                          f"got {cfg.node.receiver_processes}")
     if cfg.output.write_processes not in (1, 2):
         raise ConfigError(f"output.write_processes must be 1 or 2, got {cfg.output.write_processes}")
     for i, peer in enumerate(cfg.node.allowed):

@@ -55,4 +55,9 @@ class Metrics:
                                      registry=self.registry)
         self.aborted_associations = Counter("dicom_node_associations_aborted", "Associations that ended without a "
                                             "release while instances were arriving", registry=self.registry)
+        self.connections_handed = Counter("dicom_node_connections_handed", "DIMSE connections handed to each "
+                                          "receiver process (node.receiver_processes > 1)", ["process"],
+                                          registry=self.registry)
+        self.receiver_restarts = Counter("dicom_node_receiver_restarts", "Receiver processes that ended and were "
+                                         "replaced", registry=self.registry)
         self.registry.register(_JobStates(store))

@@ -209,6 +209,7 @@ class _LimitedServer:
 
     limits: ConnectionLimits
     on_refused: Callable[[str], None] | None = None  # (reason label), for metrics
+    on_closed: Callable[[str], None] | None = None  # (calling host): a connection ended (receiver pool)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         host = _host(client_address)
@@ -218,6 +219,8 @@ class _LimitedServer:
             if self.on_refused is not None:
                 self.on_refused("per_host" if "from" in why else "total")
             self.shutdown_request(request)  # type: ignore[attr-defined]
+            if self.on_closed is not None:
+                self.on_closed(host)
             return
         try:
             super().process_request(request, client_address)  # type: ignore[misc]
@@ -230,6 +233,8 @@ class _LimitedServer:
             super().process_request_thread(request, client_address)  # type: ignore[misc]
         finally:
             self.limits.release(_host(client_address))
+            if self.on_closed is not None:
+                self.on_closed(_host(client_address))
 
     def shutdown(self) -> None:
         """Stop serve_forever and close the socket. pynetdicom's own shutdown also takes the server out of
@@ -246,11 +251,43 @@ class LimitedTlsAssociationServer(_LimitedServer, TlsAssociationServer):
     pass
 
 
-class Receiver:
-    """Owns the SCP: start it in the background, stop it on shutdown."""
+class _Handed:
+    """A server that never binds or listens: in a receiver pool (receive_pool.py) the parent accepts each
+    connection and hands it to one child, whose server then runs it as if it had accepted it itself."""
 
-    def __init__(self, cfg: NodeConfig, intake: Intake, metrics: Metrics) -> None:
+    def server_bind(self) -> None:
+        pass
+
+    def server_activate(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        """No serve_forever loop runs here (TCPServer.shutdown would wait for one forever)."""
+        self.server_close()  # type: ignore[attr-defined]
+
+
+class HandedAssociationServer(_Handed, LimitedAssociationServer):
+    pass
+
+
+class HandedTlsAssociationServer(_Handed, LimitedTlsAssociationServer):
+    pass
+
+
+class Receiver:
+    """Owns the SCP: start it in the background, stop it on shutdown.
+
+    ``listen=False`` is a receiver pool's child: nothing is bound, and the connections its parent
+    accepted arrive through ``adopt``. Its hooks tell the parent what only this process sees.
+    """
+
+    def __init__(self, cfg: NodeConfig, intake: Intake, metrics: Metrics, *, listen: bool = True) -> None:
         self.cfg = cfg
+        self.listen = listen
+        # (job id, True): the first open association of this process began sending the job's series;
+        # (job id, False): the last one ended. Called with the association lock held, so in order.
+        self.on_job_senders: Callable[[int, bool], None] | None = None
+        self.on_closed: Callable[[str], None] | None = None  # (calling host): a connection ended
         self.intake = intake
         self.metrics = metrics
         self.ae = AE(ae_title=cfg.ae_title)
@@ -283,21 +320,39 @@ class Receiver:
             self.plain_server = self._listen(self.cfg.port, handlers, None)
 
     def _listen(self, port: int, handlers: list, context: ssl.SSLContext | None) -> ThreadedAssociationServer:
-        server_class = LimitedTlsAssociationServer if context is not None else LimitedAssociationServer
+        if self.listen:
+            server_class = LimitedTlsAssociationServer if context is not None else LimitedAssociationServer
+        else:
+            server_class = HandedTlsAssociationServer if context is not None else HandedAssociationServer
         server = self.ae.make_server((self.cfg.host, port), evt_handlers=handlers, ssl_context=context,
                                      server_class=server_class, request_handler=NodeRequestHandler)
         assert isinstance(server, _LimitedServer)
         server.limits = self.limits
+        server.on_closed = self.on_closed
         refused = self.metrics.connections_refused
         server.on_refused = lambda label: refused.labels("dimse", label).inc()
         if isinstance(server, TlsAssociationServer):
             server.handshake_seconds = self.cfg.tls.handshake_seconds
             server.on_tls_refused = lambda _address, _why: self.metrics.associations_rejected.labels("tls").inc()
+        if not self.listen:
+            server.socket.close()  # made by TCPServer, never bound: connections come through adopt()
+            return server
         threading.Thread(target=server.serve_forever, name="dimse-acceptor", daemon=True).start()
         mode = (" over TLS" + (", client certificates required" if self.cfg.tls.require_client_cert else "")
                 if context is not None else "")
         log.info("DICOM listening on %s:%d as %s%s", self.cfg.host, port, self.cfg.ae_title, mode, **ctx())
         return server
+
+    def adopt(self, sock: socket.socket, address: tuple[str, int], tls: bool) -> None:
+        """Run a connection that a receiver pool's parent accepted, on the TLS port (``tls``) or the plain
+        one, exactly as if this process had accepted it (the handshake too: in the connection's thread)."""
+        server = self.server if tls == self.cfg.tls.enabled else self.plain_server
+        if server is None:
+            sock.close()
+            return
+        if server.ssl_context is not None:
+            sock = server.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        server.process_request(sock, address)
 
     def stop(self) -> None:
         for server in (self.server, self.plain_server):
@@ -345,6 +400,8 @@ class Receiver:
             if not senders:
                 self._job_assocs.pop(job_id, None)
                 done.append(job_id)
+                if self.on_job_senders is not None:
+                    self.on_job_senders(job_id, False)
         return done
 
     def _on_ended(self, event: Event) -> None:
@@ -405,6 +462,8 @@ class Receiver:
                                           set(), 0))
                     jobs.add(accepted.job_id)
                     self._assoc_jobs[id(event.assoc)] = (peer, jobs, count + 1)
+                    if accepted.job_id not in self._job_assocs and self.on_job_senders is not None:
+                        self.on_job_senders(accepted.job_id, True)
                     self._job_assocs.setdefault(accepted.job_id, set()).add(id(event.assoc))
             return accepted.status
         except Exception as exc:  # noqa: BLE001 - never let a handler crash the association thread

@@ -21,6 +21,7 @@ from dicom_node.node.jobs import JobStore, open_job_store
 from dicom_node.node.logs import ctx
 from dicom_node.node.metrics import Metrics
 from dicom_node.node.receive import Receiver
+from dicom_node.node.receive_pool import ReceiverPool
 from dicom_node.node.spool import Spool
 from dicom_node.node.worker import Workers
 
@@ -47,7 +48,7 @@ class Node:
     store: JobStore
     metrics: Metrics
     intake: Intake | None
-    receiver: Receiver | None
+    receiver: Receiver | ReceiverPool | None
     completion: CompletionTimer | None
     workers: Workers | None
     info: dict[str, Any]
@@ -104,9 +105,13 @@ def start(cfg: Config, backend_name: str | None = None, role: Role | str = Role.
         node.intake = Intake(spool, store, metrics, cfg.intake)
         node.completion = CompletionTimer(cfg, spool, store, metrics, wake)
         node.intake.on_released = node.completion.released
-        node.receiver = Receiver(cfg.node, node.intake, metrics)
+        if cfg.node.receiver_processes > 1:
+            node.receiver = ReceiverPool(cfg, node.intake, metrics, cfg.node.receiver_processes)
+        else:
+            node.receiver = Receiver(cfg.node, node.intake, metrics)
         node.receiver.start()
         info["dicom_port"] = cfg.node.port
+        info["receiver_processes"] = cfg.node.receiver_processes
     if node.workers is not None and node.completion is not None and cfg.jobs.prepare_ahead:
         node.completion.on_hint = node.workers.prepare  # a released series is prepared during its grace
     if node.workers is not None:

@@ -25,12 +25,17 @@ QUIET = 60.0  # far longer than any wait here: only the release rule can queue t
 GRACE = 1.0
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory):
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-receiver", "receiver-pool"])
+def node(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """The node receiving in its own process, and with a pool of two receiver processes: there the two
+    associations of one series land in different processes (the least busy takes each), and the rule
+    that no other association is still sending the series must hold across them."""
     root = tmp_path_factory.mktemp("release-node")
     dicom, http = free_port(), free_port()
     cfg = write_node_config(root, dicom_port=dicom, http_port=http, destinations=[], quiet=QUIET,
-                            allowed=[("STORESCU", "127.0.0.1")], extra={"jobs": [f"release_grace_seconds = {GRACE}"]})
+                            allowed=[("STORESCU", "127.0.0.1")],
+                            extra={"jobs": [f"release_grace_seconds = {GRACE}"],
+                                   "node": [f"receiver_processes = {request.param}"]})
     proc = NodeProcess(cfg, http, dicom, root / "node.log").start()
     try:
         yield proc
