@@ -273,9 +273,12 @@ class ReceiverPool:
         log.error("receiver process %d ended (exit code %s) with %d connections open; starting another",
                   child.index, code, sum(hosts.values()), **ctx())
         self.metrics.receiver_restarts.inc()
-        time.sleep(RESTART_SECONDS)
-        if not self._stopping.is_set():
-            self._spawn(child)
+        while not self._stopping.wait(RESTART_SECONDS):
+            try:
+                self._spawn(child)
+                return
+            except OSError:  # out of processes or memory for the moment: the others serve meanwhile
+                log.exception("receiver process %d could not be started; trying again", child.index, **ctx())
 
 
 def _drop(counts: dict[str, int], host: str) -> bool:

@@ -155,3 +155,28 @@ def test_tls_through_the_pool(tmp_path: Path, pki: Path, series: Path) -> None: 
         assert f'dicom_node_instances_received_total{{kind="processed",via="dimse"}} {files:.1f}' in metrics
     finally:
         node.stop()
+
+
+def test_a_release_is_a_hint_only_when_no_process_still_sends_the_series(tmp_path: Path) -> None:
+    """The parent's rule, message by message: process 1 still sends job 7 when process 0's association that
+    sent it is released, so no hint; when process 1's ends too, the hint goes out. Counters add up."""
+    parts = Parts(tmp_path)
+    hints: list[list[int]] = []
+    parts.intake.on_released = lambda ids, _at, _why: hints.append(ids)
+    pool = ReceiverPool(parts.cfg, parts.intake, parts.metrics, 2)  # not started: messages fed by hand
+    first, second = pool.children
+    pool._on_message(first, {"senders": [7, True]})
+    pool._on_message(second, {"senders": [7, True]})
+    pool._on_message(first, {"senders": [8, True]})
+    pool._on_message(first, {"senders": [7, False]})
+    pool._on_message(first, {"senders": [8, False]})
+    pool._on_message(first, {"released": [[7, 8], time.time(), "released"]})
+    assert hints == [[8]], "job 7 is still being sent by the other process"
+    pool._on_message(second, {"senders": [7, False]})
+    pool._on_message(second, {"released": [[7], time.time(), "released"]})
+    assert hints == [[8], [7]]
+    pool._on_message(first, {"metrics": [["instances", ["dimse", "processed"], 3], ["aborted_associations", [], 1],
+                                         ["job_crashes", [], 5]]})  # not a receiver's counter: ignored
+    assert _value(parts.metrics.instances.labels("dimse", "processed")) == 3
+    assert _value(parts.metrics.aborted_associations) == 1 and _value(parts.metrics.job_crashes) == 0
+    parts.store.close()
