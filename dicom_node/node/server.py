@@ -56,6 +56,8 @@ class Node:
 
     def stop(self) -> None:
         self.stop_event.set()
+        if self.workers is not None:
+            self.workers.stop.set()  # the job in hand stops now, not after the listeners' shutdown (up to 0.5 s)
         if self.receiver is not None:
             self.receiver.stop()
         if self.completion is not None:
