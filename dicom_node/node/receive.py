@@ -62,7 +62,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from dicom_node.config import NodeConfig
+from dicom_node.config import NodeConfig, TlsConfig
 from dicom_node.node.intake import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, Intake
 from dicom_node.node.logs import ctx
 from dicom_node.node.metrics import Metrics
@@ -199,6 +199,21 @@ class ConnectionLimits:
             return sum(self._open.values())
 
 
+def refuse_connection(host: str, why: str, on_refused: Callable[[str], None] | None) -> None:
+    """Log and count a connection that ``ConnectionLimits.admit`` refused (``why``); the caller closes it.
+    Shared by the one-process listener and the receiver pool's parent, which count the same limits."""
+    log.warning("connection from %s refused: %s", host, why, **ctx(peer=host))
+    if on_refused is not None:
+        on_refused("per_host" if "from" in why else "total")
+
+
+def listening_mode(tls: TlsConfig, on_tls: bool) -> str:
+    """What the "DICOM listening" log line says about a port: nothing for plain DICOM."""
+    if not on_tls:
+        return ""
+    return " over TLS" + (", client certificates required" if tls.require_client_cert else "")
+
+
 def _host(client_address: object) -> str:
     return str(client_address[0]) if isinstance(client_address, tuple) else str(client_address)
 
@@ -215,9 +230,7 @@ class _LimitedServer:
         host = _host(client_address)
         why = self.limits.admit(host)
         if why is not None:
-            log.warning("connection from %s refused: %s", host, why, **ctx(peer=host))
-            if self.on_refused is not None:
-                self.on_refused("per_host" if "from" in why else "total")
+            refuse_connection(host, why, self.on_refused)
             self.shutdown_request(request)  # type: ignore[attr-defined]
             if self.on_closed is not None:
                 self.on_closed(host)
@@ -338,9 +351,8 @@ class Receiver:
             server.socket.close()  # made by TCPServer, never bound: connections come through adopt()
             return server
         threading.Thread(target=server.serve_forever, name="dimse-acceptor", daemon=True).start()
-        mode = (" over TLS" + (", client certificates required" if self.cfg.tls.require_client_cert else "")
-                if context is not None else "")
-        log.info("DICOM listening on %s:%d as %s%s", self.cfg.host, port, self.cfg.ae_title, mode, **ctx())
+        log.info("DICOM listening on %s:%d as %s%s", self.cfg.host, port, self.cfg.ae_title,
+                 listening_mode(self.cfg.tls, context is not None), **ctx())
         return server
 
     def adopt(self, sock: socket.socket, address: tuple[str, int], tls: bool) -> None:

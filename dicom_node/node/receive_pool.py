@@ -49,6 +49,7 @@ from dicom_node.config import Config
 from dicom_node.node.intake import Intake
 from dicom_node.node.logs import ctx
 from dicom_node.node.metrics import Metrics
+from dicom_node.node.receive import ConnectionLimits, listening_mode, refuse_connection
 
 log = logging.getLogger("dicom_node.node.receive_pool")
 
@@ -83,8 +84,6 @@ class ReceiverPool:
     bookkeeping that spans them. Same surface as ``Receiver``: ``start`` and ``stop``."""
 
     def __init__(self, cfg: Config, intake: Intake, metrics: Metrics, processes: int) -> None:
-        from dicom_node.node.receive import ConnectionLimits
-
         if processes < 2:
             raise ValueError(f"a receiver pool needs at least 2 processes, not {processes}")
         self.cfg = cfg
@@ -122,10 +121,8 @@ class ReceiverPool:
         for sock, tls in self._listeners:
             threading.Thread(target=self._accept_loop, args=(sock, tls), name="dimse-pool-acceptor",
                              daemon=True).start()
-            mode = (" over TLS" + (", client certificates required" if node.tls.require_client_cert else "")
-                    if tls else "")
             log.info("DICOM listening on %s:%d as %s%s, %d receiver processes", node.host, sock.getsockname()[1],
-                     node.ae_title, mode, len(self.children), **ctx())
+                     node.ae_title, listening_mode(node.tls, tls), len(self.children), **ctx())
 
     def stop(self) -> None:
         """Stop listening, then ask every child to stop; one that does not within 5 s is killed."""
@@ -183,8 +180,7 @@ class ReceiverPool:
         host = str(address[0])
         why = self.limits.admit(host)
         if why is not None:
-            log.warning("connection from %s refused: %s", host, why, **ctx(peer=host))
-            self.metrics.connections_refused.labels("dimse", "per_host" if "from" in why else "total").inc()
+            refuse_connection(host, why, lambda label: self.metrics.connections_refused.labels("dimse", label).inc())
             return
         message = json.dumps({"address": [host, int(address[1])], "tls": tls}).encode()
         with self._lock:
