@@ -52,9 +52,9 @@ def cmd_process(args: argparse.Namespace) -> int:
     """Process CT series on disk into derived series and SEGs."""
     from tqdm import tqdm
 
-    from dicom_node.backends.select import BackendError, model_id, select
+    from dicom_node.backends.select import BackendError, select
     from dicom_node.config import ConfigError, load
-    from dicom_node.pipeline.process import build_engine, process_inputs
+    from dicom_node.pipeline.process import build_engine, engine_id, process_inputs
 
     try:
         cfg = load(args.config)
@@ -83,7 +83,7 @@ def cmd_process(args: argparse.Namespace) -> int:
 
     engine = build_engine(cfg, backend)
     write_seg = cfg.output.write_seg and not args.no_seg
-    outcomes, notes = process_inputs(args.input, Path(args.output), cfg, engine, model_id(cfg.engine.model),
+    outcomes, notes = process_inputs(args.input, Path(args.output), cfg, engine, engine_id(cfg),
                                      write_seg, progress_factory)
     for bar in bars:
         bar.close()

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from dicom_node.pipeline.detect import DetectOptions
-from dicom_node.pipeline.restore import ConfidenceOptions, UnsureAction
+from dicom_node.pipeline.restore import ConfidenceOptions, Method, UnsureAction
 from dicom_node.pipeline.series import REFUSED_IMAGE_TYPES
 from dicom_node.pipeline.structure import MAX_ELEMENT_MB, MAX_SEQUENCE_DEPTH
+from dicom_node.pipeline.subtract import ScannerBlur, SubtractOptions
 from dicom_node.pipeline.windows import MaskMode, WindowOptions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,6 +54,11 @@ class EngineConfig:
     keep_visible_lumen: bool = ConfidenceOptions.keep_visible_lumen  # never darken visible lumen past its edge
     average_flips: bool = ConfidenceOptions.average_flips  # write the mean of the two passes (needs confidence)
     lumen_guard_from: float = ConfidenceOptions.lumen_guard_from  # guard voxels this far from edge (0) to level (1)
+    method: Method = "network"  # network: the Dense-Unet inpaints; subtract: the calcium's blur is subtracted
+    scanner_mtf50_lp_cm: float = ScannerBlur.mtf50_lp_cm  # subtract: the blur assumed in-plane ...
+    scanner_slice_fwhm_mm: float = ScannerBlur.slice_fwhm_mm  # ... and along z
+    subtract_white_hu: float = SubtractOptions.white_above_lumen_hu  # subtract: calcium is this far above contrast
+    subtract_tv_weight: float = SubtractOptions.tv_weight  # subtract: how flat the sharpened image is drawn
     max_pixel_mm: float = 0.8  # refuse series coarser than this in-plane
     max_slice_mm: float = 1.25  # refuse series with slices further apart than this
 
@@ -63,6 +69,11 @@ class EngineConfig:
     def window_options(self) -> WindowOptions:
         return WindowOptions(**{opt: getattr(self, key) for key, (kind, opt) in ENGINE_KEYS.items()
                                 if kind is WindowOptions})
+
+    def subtract_options(self) -> SubtractOptions:
+        blur = ScannerBlur(mtf50_lp_cm=self.scanner_mtf50_lp_cm, slice_fwhm_mm=self.scanner_slice_fwhm_mm)
+        return SubtractOptions(blur=blur, tv_weight=self.subtract_tv_weight,
+                               white_above_lumen_hu=self.subtract_white_hu)
 
     def confidence_options(self) -> ConfidenceOptions:
         return ConfidenceOptions(**{opt: getattr(self, key) for key, (kind, opt) in ENGINE_KEYS.items()

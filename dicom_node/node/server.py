@@ -72,7 +72,8 @@ class Node:
 def start(cfg: Config, backend_name: str | None = None, role: Role | str = Role.ALL) -> Node:
     """Build and start everything the role runs except the HTTP server; raises on a bad model, an
     unreachable job store or a busy port."""
-    from dicom_node.backends.select import model_id, select
+    from dicom_node.backends.select import select
+    from dicom_node.pipeline.process import engine_id
 
     role = Role(role)
     working = role in (Role.ALL, Role.WORKER)
@@ -98,7 +99,7 @@ def start(cfg: Config, backend_name: str | None = None, role: Role | str = Role.
         # Loads the model now, so a bad one fails the start, not the first job; each job's child loads its own.
         backend, why = select(backend_name or cfg.engine.backend, cfg.engine.model, cfg.engine.threads,
                               cfg.engine.batch)
-        mid = model_id(cfg.engine.model)
+        mid = engine_id(cfg)
         log.info("backend: %s; model %s", why, mid, **ctx())
         info.update(backend=why, model=mid)
         node.workers = Workers(cfg, spool, store, metrics, backend.name, mid, wake)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import hashlib
 import logging
 import os
 import sys
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from dicom_node.backends import Backend
+from dicom_node.backends.select import model_id as model_file_id
 from dicom_node.config import Config
 from dicom_node.pipeline.derived import (
     DerivedOptions,
@@ -33,7 +35,7 @@ from dicom_node.pipeline.derived import (
 from dicom_node.pipeline.detect import Detection
 from dicom_node.pipeline.pictures import lesion_pictures, thumbnail
 from dicom_node.pipeline.report import patient_position, write_report
-from dicom_node.pipeline.restore import Engine, EngineResult
+from dicom_node.pipeline.restore import METHOD_WORDS, Engine, EngineResult
 from dicom_node.pipeline.seg import write_seg
 from dicom_node.pipeline.series import Series, load_hu, read_ct_series
 
@@ -87,7 +89,19 @@ def timed(stages: dict[str, float], stage: str) -> Iterator[None]:
 
 
 def build_engine(cfg: Config, backend: Backend) -> Engine:
-    return Engine(backend, cfg.engine.detect_options(), cfg.engine.window_options(), cfg.engine.confidence_options())
+    return Engine(backend, cfg.engine.detect_options(), cfg.engine.window_options(), cfg.engine.confidence_options(),
+                  cfg.engine.method, cfg.engine.subtract_options())
+
+
+def engine_id(cfg: Config) -> str:
+    """What made the output, for its UIDs, equipment and job records: the model file, or the subtraction.
+
+    Derived UIDs hang on this, so the same series processed by another method (or other
+    subtraction settings) gets other UIDs, never a silent replacement of the first result.
+    """
+    if cfg.engine.method == "network":
+        return model_file_id(cfg.engine.model)
+    return "subtract-" + hashlib.sha256(repr(cfg.engine.subtract_options()).encode()).hexdigest()[:10]
 
 
 def run_settings(cfg: Config, model_id: str) -> dict[str, Any]:
@@ -167,10 +181,11 @@ def process_series(series: Series, out_dir: Path, cfg: Config, engine: Engine, m
     outcome.excluded = det.excluded
     found = f"above {det.threshold_hu:.0f} HU" + (f" or {cfg.engine.local_contrast_hu:.0f} HU above their vessel's "
                                                   "contrast" if cfg.engine.local_contrast_hu > 0 else "")
-    description = (f"Calcium removed by 3D inpainting (dicom-node, {model_id}): {outcome.lesions} calcified "
-                   f"lesions {found} replaced, with a {cfg.engine.margin_mm} mm blooming "
-                   "margin, by model-restored tissue and lumen. Synthetic-data model, research use; read with "
-                   "the original series.")
+    restored_by = ("model-restored tissue and lumen. Synthetic-data model" if engine.method == "network"
+                   else "the image less the calcium's estimated blur. Validated on simulated scans only")
+    description = (f"Calcium removed by {METHOD_WORDS[engine.method]} (dicom-node, {model_id}): {outcome.lesions} "
+                   f"calcified lesions {found} replaced, with a {cfg.engine.margin_mm} mm blooming "
+                   f"margin, by {restored_by}, research use; read with the original series.")
     uids = source_uids(series, model_id)
     target = out_dir / uids["series"]
     outcome.derived_series_uid = uids["series"]
@@ -246,7 +261,7 @@ def _seg_and_report(series: Series, result: EngineResult, cfg: Config, target: P
                 unsure |= det.labels == lesion
     with timed(stages, "seg"):
         seg_path = write_seg(series, det.calcium, result.changed, target, model_id, uids, params, seg_number,
-                             unsure=unsure, reports=result.reports)
+                             unsure=unsure, reports=result.reports, method=cfg.engine.method)
     out = [seg_path]
     if cfg.output.write_report and det.lesions:
         with timed(stages, "report"):

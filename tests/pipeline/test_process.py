@@ -122,6 +122,28 @@ def test_reprocessing_gives_the_same_uids(processed, tmp_path):
     assert first == again, "re-sending a series must not create a second derived series"
 
 
+def test_subtract_method_says_so_and_gets_its_own_uids(processed, tmp_path):
+    """engine.method = "subtract": the outputs name the physics path, not the network, and its UIDs are its own."""
+    _, root, _, _ = processed
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[engine]\nmethod = "subtract"\n')
+    assert main(["process", str(root / "in"), str(tmp_path / "out"), "--quiet", "--config", str(cfg)]) == 0
+    cts = sorted((tmp_path / "out").rglob("CT_*.dcm"))
+    network = {f.name for f in (root / "out").rglob("CT_*.dcm")}
+    assert cts and not ({f.name for f in cts} & network), "another method's output never replaces the first"
+    ct = pydicom.dcmread(cts[0])
+    assert "subtracting its estimated blur" in ct.DerivationDescription and "inpainting" not in ct.DerivationDescription
+    assert ct.SeriesDescription.endswith("CALCIUM REMOVED")
+    seg_path = next((tmp_path / "out").rglob("SEG_*.dcm"))
+    seg = pydicom.dcmread(seg_path)
+    algo = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algo.AlgorithmName == "dicom-node blur-subtraction calcium removal"
+    assert seg.ContentDescription == "Calcium removed and region restored by blur subtraction"
+    assert len(seg.SegmentSequence) == 2, "no confidence pass, so no region is marked unsure"
+    for f in (cts[len(cts) // 2], seg_path):
+        assert _dciodvfy_errors(f) == [], f.name
+
+
 def test_optional_multiframe_copy_is_valid_and_holds_the_same_pixels(processed, tmp_path):
     _, root, _, src = processed
     cfg = tmp_path / "multiframe.toml"
