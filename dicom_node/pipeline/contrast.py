@@ -138,6 +138,16 @@ def brightest_level_nearby(level: np.ndarray, spacing: tuple[float, float, float
     return out
 
 
+def lumen_level_at(volume: np.ndarray, spacing: tuple[float, float, float], idx: np.ndarray) -> np.ndarray:
+    """The brightest contrast level near each voxel ``idx`` (n, 3) of ``volume`` (nan: no contrast nearby).
+
+    What the visible-lumen guard and the subtraction compare a voxel with: the level the
+    detector measures, from :func:`local_lumen_level` and :func:`brightest_level_nearby`.
+    """
+    level = brightest_level_nearby(local_lumen_level(volume, spacing), spacing)
+    return level[tuple((idx // BLOCK).T)]
+
+
 def brighter_than_lumen(volume: np.ndarray, floor_hu: float,
                         tests: list[tuple[np.ndarray, float]]) -> list[np.ndarray]:
     """For each (level, contrast_hu) test, the voxels above ``floor_hu`` and ``contrast_hu`` above that level.

@@ -28,9 +28,13 @@ def padded_bbox(mask: np.ndarray, pad: np.ndarray | list[int]) -> tuple[slice, s
         return None
     sub = mask[int(hit_z[0]):int(hit_z[-1]) + 1]
     hits = [hit_z, np.flatnonzero(sub.any(axis=(0, 2))), np.flatnonzero(sub.any(axis=(0, 1)))]
-    bounds = [slice(max(int(hit[0]) - int(p), 0), min(int(hit[-1]) + 1 + int(p), n))
-              for hit, p, n in zip(hits, pad, mask.shape)]
-    return bounds[0], bounds[1], bounds[2]
+    return grow_box(tuple(slice(int(hit[0]), int(hit[-1]) + 1) for hit in hits), mask.shape, pad)
+
+
+def grow_box(box: tuple[slice, ...], shape: tuple[int, ...], pad: np.ndarray | list[int]) -> tuple[slice, slice, slice]:
+    """``box`` grown by ``pad`` voxels per axis, clipped to a volume of ``shape``."""
+    z, y, x = (slice(max(s.start - int(p), 0), min(s.stop + int(p), n)) for s, p, n in zip(box, pad, shape))
+    return z, y, x
 
 
 THREADS = min(2, os.cpu_count() or 1)  # scipy's distance transform releases the GIL: slabs side by side

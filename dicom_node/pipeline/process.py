@@ -35,7 +35,7 @@ from dicom_node.pipeline.derived import (
 from dicom_node.pipeline.detect import Detection
 from dicom_node.pipeline.pictures import lesion_pictures, thumbnail
 from dicom_node.pipeline.report import patient_position, write_report
-from dicom_node.pipeline.restore import METHOD_WORDS, Engine, EngineResult
+from dicom_node.pipeline.restore import METHOD_TEXT, Engine, EngineResult
 from dicom_node.pipeline.seg import write_seg
 from dicom_node.pipeline.series import Series, load_hu, read_ct_series
 
@@ -181,11 +181,10 @@ def process_series(series: Series, out_dir: Path, cfg: Config, engine: Engine, m
     outcome.excluded = det.excluded
     found = f"above {det.threshold_hu:.0f} HU" + (f" or {cfg.engine.local_contrast_hu:.0f} HU above their vessel's "
                                                   "contrast" if cfg.engine.local_contrast_hu > 0 else "")
-    restored_by = ("model-restored tissue and lumen. Synthetic-data model" if engine.method == "network"
-                   else "the image less the calcium's estimated blur. Validated on simulated scans only")
-    description = (f"Calcium removed by {METHOD_WORDS[engine.method]} (dicom-node, {model_id}): {outcome.lesions} "
+    text = METHOD_TEXT[cfg.engine.method]  # as engine_id, the SEG and the run's settings say it
+    description = (f"Calcium removed by {text.words} (dicom-node, {model_id}): {outcome.lesions} "
                    f"calcified lesions {found} replaced, with a {cfg.engine.margin_mm} mm blooming "
-                   f"margin, by {restored_by}, research use; read with the original series.")
+                   f"margin, by {text.restored_by}, research use; read with the original series.")
     uids = source_uids(series, model_id)
     target = out_dir / uids["series"]
     outcome.derived_series_uid = uids["series"]

@@ -12,15 +12,16 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 from scipy import ndimage
 
 from dicom_node.backends import Backend
-from dicom_node.pipeline.contrast import BLOCK, brightest_level_nearby, local_lumen_level
+from dicom_node.pipeline.contrast import lumen_level_at
 from dicom_node.pipeline.detect import Detection, DetectOptions, detect
-from dicom_node.pipeline.subtract import SubtractOptions, calcium_removed, padded_box
+from dicom_node.pipeline.morphology import grow_box
+from dicom_node.pipeline.subtract import SubtractOptions, calcium_removed
 from dicom_node.pipeline.windows import Region, WindowOptions, plan
 
 log = logging.getLogger(__name__)
@@ -28,10 +29,26 @@ log = logging.getLogger(__name__)
 
 UnsureAction = Literal["mark", "leave"]  # an unsure region: restored and marked, or left as acquired
 Method = Literal["network", "subtract"]  # how a region is restored: inpainted by the network, or by physics
-# How each method is named where the outputs say what was done to the image (derived series, SEG).
-METHOD_WORDS: dict[str, str] = {"network": "3D inpainting",
-                                "subtract": "subtracting its estimated blur (a physics model, no network)"}
-METHOD_SHORT: dict[str, str] = {"network": "inpainting", "subtract": "blur subtraction"}
+
+
+@dataclass(frozen=True)
+class MethodText:
+    """How the outputs name a method (derived series, SEG, contributing equipment): one place per method."""
+
+    words: str  # "Calcium removed by <words>"
+    short: str  # "... region restored by <short>" (the SEG's 64-character content description)
+    restored_by: str  # what the derived series' description says replaced the calcium
+    algorithm: str  # the SEG's algorithm name
+    family: str  # the SEG's algorithm family: a name in DICOM CID 7162
+
+
+METHOD_TEXT: dict[str, MethodText] = {
+    "network": MethodText("3D inpainting", "inpainting", "model-restored tissue and lumen. Synthetic-data model",
+                          "dicom-node Dense-Unet calcium removal", "ArtificialIntelligence"),
+    "subtract": MethodText("subtracting its estimated blur (a physics model, no network)", "blur subtraction",
+                           "the image less the calcium's estimated blur. Validated on simulated scans only",
+                           "dicom-node blur-subtraction calcium removal", "AdaptiveFiltering"),
+}
 
 
 # A reader puts the lumen's edge half-way between the contrast and the wall, and calls white what
@@ -95,10 +112,7 @@ def keep_visible_lumen(volume: np.ndarray, spacing: tuple[float, float, float], 
     detector measures it (``contrast.local_lumen_level``); where there is none, no guard.
     Returns the guarded values and how many voxels it held up.
     """
-    sub = volume[box]
-    level = brightest_level_nearby(local_lumen_level(sub, spacing), spacing)
-    cells = (idx - np.array([s.start for s in box])) // BLOCK
-    lum = level[tuple(cells.T)]
+    lum = lumen_level_at(volume[box], spacing, idx - np.array([s.start for s in box]))
     orig = volume[tuple(idx.T)]
     edge = 0.5 * (lum + WALL_HU)
     seen = np.isfinite(lum) & (orig >= edge + guard_from * (lum - edge)) & (orig <= lum + WHITE_ABOVE_LUMEN_HU)
@@ -142,8 +156,8 @@ class Engine:
     def __init__(self, backend: Backend | None, detect_options: DetectOptions | None = None,
                  window_options: WindowOptions | None = None, confidence: ConfidenceOptions | None = None,
                  method: Method = "network", subtract: SubtractOptions | None = None):
-        if method not in ("network", "subtract"):
-            raise ValueError(f"unknown method {method!r}: 'network' or 'subtract'")
+        if method not in get_args(Method):
+            raise ValueError(f"unknown method {method!r}: one of {', '.join(get_args(Method))}")
         if method == "network" and backend is None:
             raise ValueError("the network method needs a backend")
         self.backend = backend
@@ -248,7 +262,7 @@ class Engine:
         reports = []
         written = []  # (indices, values) per region: all are computed from the acquired volume first
         for k, r in enumerate(regions):
-            box = padded_box(r.native_box, volume.shape, pad)
+            box = grow_box(r.native_box, volume.shape, pad)
             restored = calcium_removed(volume[box], detection.calcium[box], spacing, opts, fallback)
             idx = r.native_indices()
             written.append((idx, restored[tuple((idx - np.array([s.start for s in box])).T)]))

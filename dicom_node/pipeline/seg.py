@@ -20,7 +20,7 @@ from pydicom.sr.coding import Code
 
 from dicom_node import __version__
 from dicom_node.pipeline.derived import MANUFACTURER, contributing_equipment, instance_uid, save_atomic
-from dicom_node.pipeline.restore import METHOD_SHORT, METHOD_WORDS
+from dicom_node.pipeline.restore import METHOD_TEXT
 from dicom_node.pipeline.series import Series
 
 CALCIFICATION = Code("18115005", "SCT", "Pathologic calcification")
@@ -36,11 +36,8 @@ UNSURE_COLOR = CIELabColor.from_rgb(220, 40, 220)
 def algorithm(model_id: str, parameters: dict[str, str], method: str = "network",
               ) -> hd.AlgorithmIdentificationSequence:
     """The SEG's algorithm: the Dense-Unet (an AI family) or the blur subtraction (an adaptive filter)."""
-    if method == "network":
-        name, family = "dicom-node Dense-Unet calcium removal", codes.cid7162.ArtificialIntelligence
-    else:
-        name, family = "dicom-node blur-subtraction calcium removal", codes.cid7162.AdaptiveFiltering
-    return hd.AlgorithmIdentificationSequence(name=name, family=family,
+    text = METHOD_TEXT[method]
+    return hd.AlgorithmIdentificationSequence(name=text.algorithm, family=getattr(codes.cid7162, text.family),
                                               version=f"{__version__} {model_id}"[:64], parameters=parameters)
 
 
@@ -82,6 +79,7 @@ def write_seg(series: Series, calcium: np.ndarray, restored: np.ndarray, out_dir
     was unsure, that calcium: restored and marked, or left as acquired, as ``reports`` say.
     """
     algo = algorithm(model_id, parameters, method)
+    named = METHOD_TEXT[method]
     segments = [
         hd.seg.SegmentDescription(
             segment_number=1, segment_label="Calcium removed",
@@ -125,8 +123,8 @@ def write_seg(series: Series, calcium: np.ndarray, restored: np.ndarray, out_dir
         instance_number=1, manufacturer=MANUFACTURER, manufacturer_model_name="dicom-node calcium removal",
         software_versions=__version__, device_serial_number="0",
         series_description=(f"{series.description[:40]} CALCIUM REMOVED SEG").strip(),
-        content_label="CALCIUM", content_description=f"Calcium removed and region restored by {METHOD_SHORT[method]}",
-        contributing_equipment=[contributing_equipment(model_id, f"calcium removal by {METHOD_WORDS[method]}")],
+        content_label="CALCIUM", content_description=f"Calcium removed and region restored by {named.short}",
+        contributing_equipment=[contributing_equipment(model_id, f"calcium removal by {named.words}")],
         omit_empty_frames=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     return save_atomic(seg, out_dir / f"SEG_{uids['seg']}.dcm")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from dicom_node.pipeline.contrast import BLOCK, brightest_level_nearby, local_lumen_level
+from dicom_node.pipeline.contrast import lumen_level_at
 
 FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
 TV_EPSILON_HU = 20.0  # smooths total variation below this step between neighbours (noise-sized)
@@ -125,15 +125,6 @@ def sharpen(image: np.ndarray, h: np.ndarray, tv_weight: float, iterations: int)
     return u
 
 
-def contrast_level(image: np.ndarray, spacing: tuple[float, float, float], fallback: float) -> np.ndarray:
-    """The local contrast level at every voxel of a box (the detector's measure; ``fallback`` where none)."""
-    level = brightest_level_nearby(local_lumen_level(image.astype(np.float32), spacing), spacing)
-    level = np.where(np.isfinite(level), level, fallback)
-    for axis in range(3):
-        level = np.repeat(level, BLOCK, axis=axis)
-    return level[: image.shape[0], : image.shape[1], : image.shape[2]]
-
-
 def calcium_removed(image: np.ndarray, calcium: np.ndarray, spacing: tuple[float, float, float],
                     options: SubtractOptions, fallback_level: float) -> np.ndarray:
     """A box of HU without its calcium: ``image`` minus the blurred excess of the sharp calcium.
@@ -144,14 +135,13 @@ def calcium_removed(image: np.ndarray, calcium: np.ndarray, spacing: tuple[float
     y = image.astype(np.float64)
     h = options.blur.transfer(y.shape, spacing)
     u = sharpen(y, h, options.tv_weight, options.iterations)
-    level = contrast_level(image, spacing, fallback_level)
     near = ndimage.binary_dilation(calcium, iterations=options.near_calcium_voxels) if options.near_calcium_voxels \
         else calcium
-    sharp_calcium = near & (u > level + options.white_above_lumen_hu)
-    excess = np.where(sharp_calcium, np.clip(u - options.plaque_hu, 0.0, None), 0.0)
+    idx = np.argwhere(near)
+    level = lumen_level_at(image.astype(np.float32), spacing, idx)
+    level = np.where(np.isfinite(level), level, fallback_level)
+    sharp = tuple(idx[u[tuple(idx.T)] > level + options.white_above_lumen_hu].T)
+    excess = np.zeros(y.shape)
+    excess[sharp] = np.clip(u[sharp] - options.plaque_hu, 0.0, None)
     return (y - np.fft.irfftn(np.fft.rfftn(excess) * h, s=y.shape, axes=(0, 1, 2))).astype(np.float32)
 
-
-def padded_box(box: tuple[slice, slice, slice], shape: tuple[int, ...], pad: np.ndarray) -> tuple[slice, ...]:
-    """``box`` grown by ``pad`` voxels per axis, clipped to the volume."""
-    return tuple(slice(max(0, s.start - int(p)), min(n, s.stop + int(p))) for s, n, p in zip(box, shape, pad))

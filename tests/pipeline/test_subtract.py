@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from dicom_node.pipeline.morphology import grow_box
 from dicom_node.pipeline.restore import Engine
-from dicom_node.pipeline.subtract import ScannerBlur, SubtractOptions, calcium_removed, padded_box
+from dicom_node.pipeline.subtract import ScannerBlur, SubtractOptions, calcium_removed
 
 SPACING = (0.47, 0.47, 0.47)
 
@@ -95,6 +96,6 @@ def test_engine_runs_the_physics_path_without_a_network_and_writes_only_the_foot
         Engine(None, method="inpaint")  # type: ignore[arg-type]
 
 
-def test_padded_box_stays_inside_the_volume():
-    box = padded_box((slice(1, 4), slice(5, 9), slice(0, 2)), (6, 10, 3), np.array([2, 3, 2]))
+def test_grown_box_stays_inside_the_volume():
+    box = grow_box((slice(1, 4), slice(5, 9), slice(0, 2)), (6, 10, 3), np.array([2, 3, 2]))
     assert box == (slice(0, 6), slice(2, 10), slice(0, 3))
