@@ -182,14 +182,14 @@ class ReceiverPool:
         if why is not None:
             refuse_connection(host, why, lambda label: self.metrics.connections_refused.labels("dimse", label).inc())
             return
-        message = json.dumps({"address": [host, int(address[1])], "tls": tls}).encode()
+        message = {"address": [host, int(address[1])], "tls": tls}
         with self._lock:
             order = sorted((c for c in self.children if c.ready.is_set()), key=lambda c: (c.open(), c.handed))
         for child in order:
             with self._lock:
                 child.open_by_host[host] = child.open_by_host.get(host, 0) + 1
                 child.handed += 1
-            if self._send(child, None, message, conn.fileno()):
+            if self._send(child, message, conn.fileno()):
                 self.metrics.connections_handed.labels(str(child.index)).inc()
                 return
             with self._lock:
@@ -197,8 +197,9 @@ class ReceiverPool:
         self.limits.release(host)
         log.error("connection from %s dropped: no receiver process is running", host, **ctx(peer=host))
 
-    def _send(self, child: _Child, payload: dict | None, raw: bytes = b"", fd: int | None = None) -> bool:
-        data = raw or json.dumps(payload).encode()
+    def _send(self, child: _Child, payload: dict, fd: int | None = None) -> bool:
+        """One message to a child (with a connection's descriptor, if ``fd``); False if it cannot take it."""
+        data = json.dumps(payload).encode()
         with child.send_lock:
             if child.chan is None:
                 return False
