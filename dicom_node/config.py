@@ -59,6 +59,8 @@ class EngineConfig:
     scanner_slice_fwhm_mm: float = ScannerBlur.slice_fwhm_mm  # ... and along z
     subtract_white_hu: float = SubtractOptions.white_above_lumen_hu  # subtract: calcium is this far above contrast
     subtract_tv_weight: float = SubtractOptions.tv_weight  # subtract: how flat the sharpened image is drawn
+    subtract_second_mtf50_lp_cm: float = SubtractOptions.second_blur.mtf50_lp_cm  # subtract, confidence: 2nd blur
+    subtract_unsure_hu: float = SubtractOptions.unsure_hu  # subtract: a region whose two blurs differ more is unsure
     max_pixel_mm: float = 0.8  # refuse series coarser than this in-plane
     max_slice_mm: float = 1.25  # refuse series with slices further apart than this
 
@@ -72,8 +74,10 @@ class EngineConfig:
 
     def subtract_options(self) -> SubtractOptions:
         blur = ScannerBlur(mtf50_lp_cm=self.scanner_mtf50_lp_cm, slice_fwhm_mm=self.scanner_slice_fwhm_mm)
+        second = ScannerBlur(mtf50_lp_cm=self.subtract_second_mtf50_lp_cm, slice_fwhm_mm=self.scanner_slice_fwhm_mm)
         return SubtractOptions(blur=blur, tv_weight=self.subtract_tv_weight,
-                               white_above_lumen_hu=self.subtract_white_hu)
+                               white_above_lumen_hu=self.subtract_white_hu, second_blur=second,
+                               unsure_hu=self.subtract_unsure_hu)
 
     def confidence_options(self) -> ConfidenceOptions:
         return ConfidenceOptions(**{opt: getattr(self, key) for key, (kind, opt) in ENGINE_KEYS.items()

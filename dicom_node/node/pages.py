@@ -176,7 +176,7 @@ async function refresh() {
     cell(tr, l.peak_hu !== undefined ? Math.round(l.peak_hu) : '');
     cell(tr, l.voxels);
     const d = l.disagreement_hu;
-    cell(tr, d === null || d === undefined ? 'not measured' : d + ' HU');
+    cell(tr, d === null || d === undefined ? 'not measured' : d + ' HU (' + (l.measure || 'flip') + ')');
     cell(tr, l.action, l.unsure ? 'warn' : '');
   }
   const pics = document.getElementById('pictures'); pics.innerHTML = '';

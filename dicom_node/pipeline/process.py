@@ -35,7 +35,7 @@ from dicom_node.pipeline.derived import (
 from dicom_node.pipeline.detect import Detection
 from dicom_node.pipeline.pictures import lesion_pictures, thumbnail
 from dicom_node.pipeline.report import patient_position, write_report
-from dicom_node.pipeline.restore import METHOD_TEXT, Engine, EngineResult
+from dicom_node.pipeline.restore import CONFIDENCE_MEASURES, METHOD_TEXT, Engine, EngineResult
 from dicom_node.pipeline.seg import write_seg
 from dicom_node.pipeline.series import Series, load_hu, read_ct_series
 
@@ -132,6 +132,7 @@ def lesion_table(series: Series, result: EngineResult, pictures: dict[int, str])
                      "volume_mm3": round(lesion.volume_mm3, 2), "peak_hu": round(lesion.peak_hu, 1),
                      "voxels": r.voxels if r else 0,
                      "disagreement_hu": None if r is None or r.disagreement_hu is None else round(r.disagreement_hu, 1),
+                     "measure": r.measure if r else None,
                      "unsure": bool(r and r.unsure), "action": r.action if r else "not restored",
                      "lumen_kept": r.lumen_kept if r else 0, "picture": pictures.get(lesion.index)})
     return rows
@@ -176,8 +177,8 @@ def process_series(series: Series, out_dir: Path, cfg: Config, engine: Engine, m
     outcome.regions = [r.as_dict() for r in result.reports]
     for r in result.reports:
         if r.unsure:
-            log.warning("region %d (lesions %s): restoration unsure, flip disagreement %.0f HU; %s", r.region,
-                        r.lesions, r.disagreement_hu, r.action)
+            log.warning("region %d (lesions %s): restoration unsure, %s %.0f HU; %s", r.region,
+                        r.lesions, CONFIDENCE_MEASURES[r.measure], r.disagreement_hu, r.action)
     outcome.excluded = det.excluded
     found = f"above {det.threshold_hu:.0f} HU" + (f" or {cfg.engine.local_contrast_hu:.0f} HU above their vessel's "
                                                   "contrast" if cfg.engine.local_contrast_hu > 0 else "")

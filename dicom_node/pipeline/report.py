@@ -46,6 +46,8 @@ QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 PRIVATE_SCHEME = "99DCMNODE"
 VOXELS_RESTORED = Code("RESTORED-VOXELS", PRIVATE_SCHEME, "Voxels restored in the lesion's region")
 FLIP_DISAGREEMENT = Code("FLIP-DISAGREE", PRIVATE_SCHEME, "Restoration flip disagreement")
+BLUR_DISAGREEMENT = Code("BLUR-DISAGREE", PRIVATE_SCHEME, "Restoration blur disagreement")
+DISAGREEMENTS = {"flip": FLIP_DISAGREEMENT, "blur": BLUR_DISAGREEMENT}  # RegionReport.measure → its code
 RESTORATION_UNSURE = Code("UNSURE", PRIVATE_SCHEME, "Restoration unsure")
 RESTORATION = Code("RESTORATION", PRIVATE_SCHEME, "Restoration")
 ACTIONS = {  # RegionReport.action → its coded value
@@ -114,9 +116,10 @@ def _group(lesion: Lesion, region: RegionReport | None, series: Series, headers:
     ]
     evaluations = []
     if region is not None:
-        # without flips the engine cannot tell, so it neither measures nor says whether it was sure
+        # without its second pass the engine cannot tell, so it neither measures nor says whether it was sure
         if region.disagreement_hu is not None:
-            measurements.append(hd.sr.Measurement(name=FLIP_DISAGREEMENT, value=float(region.disagreement_hu),
+            measurements.append(hd.sr.Measurement(name=DISAGREEMENTS[region.measure],
+                                                  value=float(region.disagreement_hu),
                                                   unit=codes.UCUM.HounsfieldUnit, derivation=codes.SCT.Mean))
             evaluations.append(hd.sr.QualitativeEvaluation(RESTORATION_UNSURE,
                                                            codes.SCT.Yes if region.unsure else codes.SCT.No))

@@ -51,6 +51,12 @@ METHOD_TEXT: dict[str, MethodText] = {
 }
 
 
+# How the outputs name each confidence measure (SEG segment description, report, logs): the network's
+# compares a window's restoration with its mirrored one, the subtraction's compares the region's
+# subtraction under the assumed blur with one under a softer blur (SubtractOptions.second_blur).
+CONFIDENCE_MEASURES: dict[str, str] = {"flip": "flip disagreement", "blur": "blur disagreement"}
+
+
 # A reader puts the lumen's edge half-way between the contrast and the wall, and calls white what
 # stands this far above the contrast (the reader model's levels, lab/dicom_node_lab/reader.py).
 WALL_HU = 50.0
@@ -121,6 +127,22 @@ def keep_visible_lumen(volume: np.ndarray, spacing: tuple[float, float, float], 
     return np.where(held, floor, values).astype(values.dtype), int(held.sum())
 
 
+def lumen_disagreement(first: np.ndarray, second: np.ndarray, level: np.ndarray) -> float:
+    """Mean absolute difference (HU) of two restorations of a region, over the voxels either shows as lumen.
+
+    What a reader measures is where the lumen ends, so the voxels that matter are those in
+    the lumen's range (from its edge, half-way down to the wall, up to the white level) in
+    either restoration; calcium cores, which both take out, would only add noise. ``level``
+    is the local contrast level at each voxel (NaN where unknown: not counted). 0 when no
+    voxel is lumen in either.
+    """
+    ok = np.isfinite(level)
+    edge = 0.5 * (level + WALL_HU)
+    white = level + WHITE_ABOVE_LUMEN_HU
+    seen = ok & (((first >= edge) & (first <= white)) | ((second >= edge) & (second <= white)))
+    return float(np.mean(np.abs(first - second)[seen])) if seen.any() else 0.0
+
+
 @dataclass
 class RegionReport:
     """One restored region, as the job's lesion table and the SEG describe it."""
@@ -132,11 +154,12 @@ class RegionReport:
     unsure: bool
     action: str  # "restored", "restored, unsure" or "left as acquired (unsure)"
     lumen_kept: int = 0  # voxels the visible-lumen guard held at the lumen's edge
+    measure: str = "flip"  # what the disagreement compares: a key of CONFIDENCE_MEASURES
 
     def as_dict(self) -> dict:
         return {"region": self.region, "lesions": self.lesions, "voxels": self.voxels,
                 "disagreement_hu": None if self.disagreement_hu is None else round(self.disagreement_hu, 1),
-                "unsure": self.unsure, "action": self.action, "lumen_kept": self.lumen_kept}
+                "measure": self.measure, "unsure": self.unsure, "action": self.action, "lumen_kept": self.lumen_kept}
 
 
 @dataclass
@@ -251,8 +274,14 @@ class Engine:
         result), then written. The network's lumen guard is not applied: subtraction takes out
         only what the calcium's estimated blur adds, and on 120 tuning studies the guard cost it
         2 points of mean absolute error (8.1 -> 10.1) and prevented no invented stenosis
-        (reports/tuning/subtract.md). There is no second pass to measure confidence by, so no
-        region is marked unsure.
+        (reports/tuning/subtract.md).
+
+        With confidence on, each region is subtracted a second time under a softer assumed blur
+        (``SubtractOptions.second_blur``), and its blur disagreement (``lumen_disagreement``) over
+        ``SubtractOptions.unsure_hu`` makes it unsure: the estimate hangs on what the scanner's
+        blur is assumed to be, which no image header states reliably. Measured on the tuning
+        studies it is a weak flag (reports/tuning/subtract-confidence.md): ``mark`` is the useful
+        action, since leaving a flagged lesion as acquired was worse than its restoration.
         """
         t0 = time.perf_counter()
         opts = self.subtract
@@ -263,10 +292,22 @@ class Engine:
         written = []  # (indices, values) per region: all are computed from the acquired volume first
         for k, r in enumerate(regions):
             box = grow_box(r.native_box, volume.shape, pad)
-            restored = calcium_removed(volume[box], detection.calcium[box], spacing, opts, fallback)
             idx = r.native_indices()
-            written.append((idx, restored[tuple((idx - np.array([s.start for s in box])).T)]))
-            reports.append(RegionReport(r.index, r.lesions, len(idx), None, False, "restored"))
+            local = tuple((idx - np.array([s.start for s in box])).T)
+            values = calcium_removed(volume[box], detection.calcium[box], spacing, opts, fallback)[local]
+            d = None
+            if self.confidence.flips and len(idx):
+                second = calcium_removed(volume[box], detection.calcium[box], spacing, opts, fallback,
+                                         opts.second_blur)[local]
+                d = lumen_disagreement(values, second, lumen_level_at(volume[box], spacing, np.array(local).T))
+            unsure = d is not None and d > opts.unsure_hu
+            if unsure and self.confidence.unsure_action == "leave":
+                reports.append(RegionReport(r.index, r.lesions, 0, d, True, "left as acquired (unsure)",
+                                            measure="blur"))
+            else:
+                written.append((idx, values))
+                reports.append(RegionReport(r.index, r.lesions, len(idx), d, unsure,
+                                            "restored, unsure" if unsure else "restored", measure="blur"))
             if progress:
                 progress(k + 1, len(regions))
         for idx, values in written:

@@ -20,7 +20,7 @@ from pydicom.sr.coding import Code
 
 from dicom_node import __version__
 from dicom_node.pipeline.derived import MANUFACTURER, contributing_equipment, instance_uid, save_atomic
-from dicom_node.pipeline.restore import METHOD_TEXT
+from dicom_node.pipeline.restore import CONFIDENCE_MEASURES, METHOD_TEXT
 from dicom_node.pipeline.series import Series
 
 CALCIFICATION = Code("18115005", "SCT", "Pathologic calcification")
@@ -60,12 +60,12 @@ def _source_headers(series: Series, uids: dict[str, str], slices: Iterable[int] 
 
 
 def _confidence_text(reports: list) -> str:
-    """Each region's flip disagreement, for a segment's description (LO: 64 characters at most)."""
-    parts = [f"{r.region}={r.disagreement_hu:.0f}{'!' if r.unsure else ''}" for r in reports
-             if r.disagreement_hu is not None]
-    if not parts:
+    """Each region's disagreement (the method's measure), for a segment's description (LO: 64 characters)."""
+    measured = [r for r in reports if r.disagreement_hu is not None]
+    if not measured:
         return ""
-    text = "flip disagreement HU by region: " + " ".join(parts)
+    parts = [f"{r.region}={r.disagreement_hu:.0f}{'!' if r.unsure else ''}" for r in measured]
+    text = f"{CONFIDENCE_MEASURES[measured[0].measure]} HU by region: " + " ".join(parts)
     return text if len(text) <= 64 else text[:63] + "…"
 
 
@@ -75,7 +75,7 @@ def write_seg(series: Series, calcium: np.ndarray, restored: np.ndarray, out_dir
     """Write a binary SEG referencing the source series; returns its path.
 
     Segments: 1 the calcium removed, 2 the region restored (its description gives each
-    region's flip disagreement, ``!`` marking the unsure), and 3, only when a restoration
+    region's flip or blur disagreement, ``!`` marking the unsure), and 3, only when a restoration
     was unsure, that calcium: restored and marked, or left as acquired, as ``reports`` say.
     """
     algo = algorithm(model_id, parameters, method)

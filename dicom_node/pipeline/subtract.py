@@ -91,12 +91,20 @@ class SubtractOptions:
     plaque_hu: float = 50.0  # what calcium is replaced by: the plaque it sits in
     pad_mm: float = 4.0  # image taken around each region for the blur's reach
     near_calcium_voxels: int = 2  # calcium in the sharp image is looked for this close to the detected
+    # Confidence (with the engine's confidence on): the region is estimated again under this second,
+    # softer blur (the softest cardiac kernel), and the two are compared where either shows lumen
+    # (restore.lumen_disagreement); above unsure_hu the region is unsure. A restoration that hangs on
+    # what the blur is assumed to be is one to doubt (reports/tuning/subtract-confidence.md).
+    second_blur: ScannerBlur = ScannerBlur(mtf50_lp_cm=3.5)
+    unsure_hu: float = 90.0
 
     def __post_init__(self) -> None:
         if self.tv_weight < 0 or self.iterations < 1:
             raise ValueError("tv_weight must be >= 0 and iterations >= 1")
         if self.pad_mm <= 0 or self.near_calcium_voxels < 0:
             raise ValueError("pad_mm must be positive and near_calcium_voxels >= 0")
+        if self.unsure_hu <= 0:
+            raise ValueError(f"unsure_hu must be positive, not {self.unsure_hu}")
 
 
 def _tv_gradient(u: np.ndarray) -> np.ndarray:
@@ -126,14 +134,15 @@ def sharpen(image: np.ndarray, h: np.ndarray, tv_weight: float, iterations: int)
 
 
 def calcium_removed(image: np.ndarray, calcium: np.ndarray, spacing: tuple[float, float, float],
-                    options: SubtractOptions, fallback_level: float) -> np.ndarray:
+                    options: SubtractOptions, fallback_level: float, blur: ScannerBlur | None = None) -> np.ndarray:
     """A box of HU without its calcium: ``image`` minus the blurred excess of the sharp calcium.
 
     ``calcium`` (bool, same box) says where the detector found calcium; the sharp image
     decides its extent. Values far from any calcium come back unchanged up to float error.
+    ``blur`` overrides ``options.blur`` (the confidence pass).
     """
     y = image.astype(np.float64)
-    h = options.blur.transfer(y.shape, spacing)
+    h = (blur or options.blur).transfer(y.shape, spacing)
     u = sharpen(y, h, options.tv_weight, options.iterations)
     near = ndimage.binary_dilation(calcium, iterations=options.near_calcium_voxels) if options.near_calcium_voxels \
         else calcium

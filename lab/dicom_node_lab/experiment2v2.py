@@ -108,6 +108,7 @@ def _one_study(job: tuple[int, int, str, list[str], bool, bool]) -> tuple[list[d
     for r in rows:
         r["index"] = i
         r["unsure"], r["disagreement_hu"] = _lesion_confidence(p, r, result)
+        r["measure"] = result.reports[0].measure if result.reports else None
     goal = goal_metrics(p, original, processed)
     goal["seconds"] = seconds
     strips = {(r["vessel"], r["lesion"]): _strip(p, r, original, processed) for r in rows} if keep else None
@@ -119,23 +120,25 @@ def _lesion_confidence(p, row: dict, result) -> tuple[bool | None, float | None]
 
     A region reaches the lesion when its box, widened by the lesion's half length, holds
     the lesion's centre. Returns (unsure at the engine's threshold, the largest disagreement).
+    The engine decides unsure (each method has its own measure and threshold).
     """
     reports = getattr(result, "reports", [])
-    if not reports or reports[0].disagreement_hu is None:
+    if all(r.disagreement_hu is None for r in reports):
         return None, None
     v = p.vessels[row["vessel"]]
     les = v.lesions_w[row["lesion"]]
     point = v.points_mm[int(round(les.s_mm / world.STEP_MM))] / np.asarray(p.spacing)
     reach = les.half_length_mm / min(p.spacing)
-    best = None
+    best, unsure = None, False
     for region, rep in zip(result.regions, reports):
         lo = np.array([s.start for s in region.native_box]) - reach
         hi = np.array([s.stop for s in region.native_box]) + reach
-        if np.all(point >= lo) and np.all(point <= hi) and (best is None or rep.disagreement_hu > best):
-            best = rep.disagreement_hu
+        if np.all(point >= lo) and np.all(point <= hi) and rep.disagreement_hu is not None:
+            best = rep.disagreement_hu if best is None else max(best, rep.disagreement_hu)
+            unsure |= rep.unsure
     if best is None:
         return None, None
-    return bool(best > _ENGINE.confidence.unsure_hu), float(best)
+    return unsure, float(best)
 
 
 def _strip(p, row: dict, original: np.ndarray, processed: np.ndarray) -> np.ndarray:
@@ -315,8 +318,14 @@ def confidence(rows: list[dict], white: float = PRIMARY_WHITE, large: float = 10
     err = np.array([abs(r[f"processed@{w}"] - r[f"truth@{w}"]) for r in flagged])
     unsure = np.array([bool(r["unsure"]) for r in flagged])
     big = err > large
+    # severe stenoses made by processing (as in safety): lesions under 50 % that read >= 70 % only after it
+    made = np.array([r["geometric"] < 50 and r[f"original@{w}"] is not None and r[f"original@{w}"] < 70
+                     and r[f"processed@{w}"] >= 70 and r[f"truth@{w}"] < 70 for r in flagged])
+    measures = sorted({r["measure"] for r in flagged if r.get("measure")})
     return {"n": len(flagged), "large": int(big.sum()), "large_flagged": int((big & unsure).sum()),
-            "good_flagged": int((~big & unsure).sum()), "good": int((~big).sum()), "large_points": large}
+            "good_flagged": int((~big & unsure).sum()), "good": int((~big).sum()), "large_points": large,
+            "made_severe": int(made.sum()), "made_severe_flagged": int((made & unsure).sum()),
+            "measure": "/".join(measures) or "flip"}
 
 
 def _figure(path: Path, worst: list[dict], args: argparse.Namespace) -> None:
@@ -415,10 +424,14 @@ def _markdown(path: Path, res: dict, args: argparse.Namespace) -> None:
                      f"by more than 1 point (largest {s['no_calcium_max_change']:.1f}).")
     c = res["confidence"]
     if c.get("n"):
-        lines += ["", f"Confidence (test-time flip disagreement, `engine.unsure_hu`): of {c['large']} calcified "
+        measure, threshold = {"flip": ("test-time flip disagreement", "engine.unsure_hu"),
+                              "blur": ("blur disagreement", "engine.subtract_unsure_hu")}.get(
+            c.get("measure", "flip"), (c.get("measure"), "its threshold"))
+        lines += ["", f"Confidence ({measure}, `{threshold}`): of {c['large']} calcified "
                       f"lesions read more than {c['large_points']:g} points from the truth image, "
                       f"{c['large_flagged']} were flagged unsure; {c['good_flagged']} of {c['good']} good "
-                      "restorations were flagged too."]
+                      f"restorations were flagged too. Of {c.get('made_severe', 0)} calcified lesions under 50 % "
+                      f"that read ≥ 70 % only after processing, {c.get('made_severe_flagged', 0)} were flagged."]
     if "floor" in res:
         names = {"original": "original", "processed": "processed (the network)",
                  PERFECT_NETWORK: "a perfect network: the truth image in the voxels the engine restored",

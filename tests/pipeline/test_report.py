@@ -23,7 +23,7 @@ from dicom_node.pipeline.derived import source_uids
 from dicom_node.pipeline.detect import Detection, detect
 from dicom_node.pipeline.report import (
     ACTIONS,
-    FLIP_DISAGREEMENT,
+    DISAGREEMENTS,
     RESTORATION,
     RESTORATION_UNSURE,
     VOXELS_RESTORED,
@@ -32,6 +32,7 @@ from dicom_node.pipeline.report import (
 from dicom_node.pipeline.restore import ConfidenceOptions, Engine, EngineResult
 from dicom_node.pipeline.seg import CALCIFICATION, write_seg
 from dicom_node.pipeline.series import Series, load_hu, read_ct_series
+from dicom_node.pipeline.subtract import SubtractOptions
 from dicom_node.pipeline.windows import PATCH
 from dicom_node_lab import phantom
 from dicom_node_lab.phantom_dicom import write_phantom_series
@@ -89,14 +90,22 @@ def source(tmp_path_factory) -> tuple[phantom.Phantom, Series, np.ndarray]:
     return p, series, load_hu(series)
 
 
-@pytest.fixture(scope="module", params=["mark", "leave"])
+@pytest.fixture(scope="module", params=[("network", "mark"), ("network", "leave"), ("subtract", "leave")],
+                ids=lambda p: "-".join(p))
 def case(request, source, tmp_path_factory) -> Case:
+    """The network (its flip disagreement, from SkewBackend) or the subtraction (its blur disagreement),
+    with the unsure threshold between the regions' disagreements so that some are unsure and some not."""
     p, series, volume = source
-    calm = Engine(SkewBackend(), confidence=ConfidenceOptions(unsure_hu=1e6)).run(volume.copy(), series.spacing)
+    method, action = request.param
+    backend = SkewBackend() if method == "network" else None
+    calm = Engine(backend, confidence=ConfidenceOptions(unsure_hu=1e6), method=method,
+                  subtract=SubtractOptions(unsure_hu=1e6)).run(volume.copy(), series.spacing)
     levels = sorted(r.disagreement_hu for r in calm.reports)
     assert len(calm.reports) >= 2 and levels[0] < levels[-1], "the case needs regions that disagree differently"
-    opts = ConfidenceOptions(unsure_hu=(levels[0] + levels[-1]) / 2, unsure_action=request.param)
-    result = Engine(SkewBackend(), confidence=opts).run(volume.copy(), series.spacing)
+    middle = (levels[0] + levels[-1]) / 2
+    result = Engine(backend, confidence=ConfidenceOptions(unsure_hu=middle, unsure_action=action), method=method,
+                    subtract=SubtractOptions(unsure_hu=middle)).run(volume.copy(), series.spacing)
+    assert {r.measure for r in result.reports} == {"flip" if method == "network" else "blur"}
     det = result.detection
     unsure = np.zeros(det.calcium.shape, bool)  # as process.py builds it for write_seg
     for r in result.reports:
@@ -104,11 +113,11 @@ def case(request, source, tmp_path_factory) -> Case:
             for lesion in r.lesions:
                 unsure |= det.labels == lesion
     uids = source_uids(series, MODEL)
-    out = tmp_path_factory.mktemp(f"out-{request.param}")
+    out = tmp_path_factory.mktemp(f"out-{method}-{action}")
     seg = write_seg(series, det.calcium, result.changed, out, MODEL, uids, {"threshold_hu": "700"}, 1001,
-                    unsure=unsure, reports=result.reports)
+                    unsure=unsure, reports=result.reports, method=method)
     sr = write_report(series, det, result.reports, seg, out, MODEL, uids, 1002)
-    return Case(request.param, p, series, result, uids, seg, sr)
+    return Case(action, p, series, result, uids, seg, sr)
 
 
 def _groups(path: Path) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
@@ -174,7 +183,7 @@ def test_measurements_are_the_engines_own(case):
         assert _measurement(g, VOXELS_RESTORED) == region.voxels
         if case.action == "leave" and region.unsure:
             assert region.voxels == 0, "left as acquired: nothing restored"
-        assert _measurement(g, FLIP_DISAGREEMENT) == pytest.approx(region.disagreement_hu)
+        assert _measurement(g, DISAGREEMENTS[region.measure]) == pytest.approx(region.disagreement_hu)
         assert _evaluation(g, RESTORATION_UNSURE) == (codes.SCT.Yes if region.unsure else codes.SCT.No)
         assert _evaluation(g, RESTORATION) == ACTIONS[region.action]
 

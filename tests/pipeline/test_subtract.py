@@ -12,7 +12,7 @@ import pytest
 from scipy import ndimage
 
 from dicom_node.pipeline.morphology import grow_box
-from dicom_node.pipeline.restore import Engine
+from dicom_node.pipeline.restore import ConfidenceOptions, Engine, lumen_disagreement
 from dicom_node.pipeline.subtract import ScannerBlur, SubtractOptions, calcium_removed
 
 SPACING = (0.47, 0.47, 0.47)
@@ -86,7 +86,8 @@ def test_engine_runs_the_physics_path_without_a_network_and_writes_only_the_foot
     result = Engine(None, method="subtract").run(volume, SPACING)
     assert result.detection.calcium.any() and result.regions
     assert result.windows == 0 and "subtract" in result.seconds
-    assert all(r.action == "restored" and r.disagreement_hu is None for r in result.reports)
+    assert all(r.action in ("restored", "restored, unsure") and r.measure == "blur" and r.disagreement_hu is not None
+               for r in result.reports), "confidence (on by default) measures the blur disagreement"
     assert np.array_equal(volume[~result.changed], acquired[~result.changed])
     near = _near(calcium, 2.0) & result.changed
     assert np.abs(volume[near] - truth[near]).mean() < 0.5 * np.abs(acquired[near] - truth[near]).mean()
@@ -99,3 +100,33 @@ def test_engine_runs_the_physics_path_without_a_network_and_writes_only_the_foot
 def test_grown_box_stays_inside_the_volume():
     box = grow_box((slice(1, 4), slice(5, 9), slice(0, 2)), (6, 10, 3), np.array([2, 3, 2]))
     assert box == (slice(0, 6), slice(2, 10), slice(0, 3))
+
+
+def test_unsure_regions_are_marked_or_left_as_acquired():
+    """A threshold under every region's blur disagreement makes them all unsure: ``mark`` restores them and
+    says so, ``leave`` writes nothing; without confidence there is no second pass and nothing is measured."""
+    acquired, _, _ = _vessel(ScannerBlur(mtf50_lp_cm=5.0), 200.0)
+    tiny = SubtractOptions(unsure_hu=1e-6)
+    marked = acquired.copy()
+    result = Engine(None, method="subtract", subtract=tiny).run(marked, SPACING)
+    assert result.reports and all(r.unsure and r.action == "restored, unsure" and r.voxels for r in result.reports)
+    left = acquired.copy()
+    result = Engine(None, confidence=ConfidenceOptions(unsure_action="leave"), method="subtract",
+                    subtract=tiny).run(left, SPACING)
+    assert all(r.unsure and r.voxels == 0 and r.action == "left as acquired (unsure)" for r in result.reports)
+    assert np.array_equal(left, acquired) and not result.changed.any()
+    plain = acquired.copy()
+    result = Engine(None, confidence=ConfidenceOptions(flips=False), method="subtract").run(plain, SPACING)
+    assert all(r.disagreement_hu is None and not r.unsure for r in result.reports)
+    assert np.array_equal(plain[result.changed], marked[result.changed]), "the second pass only measures"
+
+
+def test_lumen_disagreement_counts_only_what_either_shows_as_lumen():
+    level = np.full(6, 400.0)  # edge (400 + 50) / 2 = 225, white 500
+    first = np.array([300.0, 300.0, 900.0, 100.0, 100.0, 300.0])
+    second = np.array([300.0, 340.0, 600.0, 100.0, 260.0, 300.0])
+    # counted: lumen in either (0, 1, 4, 5); not the calcium (2: white in both) nor plaque (3: below the edge)
+    assert lumen_disagreement(first, second, level) == pytest.approx((0 + 40 + 160 + 0) / 4)
+    level[1] = np.nan  # no contrast level known: not counted
+    assert lumen_disagreement(first, second, level) == pytest.approx(160 / 3)
+    assert lumen_disagreement(first[[2, 3]], second[[2, 3]], level[[2, 3]]) == 0.0
