@@ -61,6 +61,8 @@ class EngineConfig:
     subtract_tv_weight: float = SubtractOptions.tv_weight  # subtract: how flat the sharpened image is drawn
     subtract_second_mtf50_lp_cm: float = SubtractOptions.second_blur.mtf50_lp_cm  # subtract, confidence: 2nd blur
     subtract_unsure_hu: float = SubtractOptions.unsure_hu  # subtract: a region whose two blurs differ more is unsure
+    # subtract: reconstruction kernel (ConvolutionKernel) -> the MTF50 (lp/cm) to assume for its series
+    scanner_kernels: dict[str, float] = field(default_factory=dict)
     max_pixel_mm: float = 0.8  # refuse series coarser than this in-plane
     max_slice_mm: float = 1.25  # refuse series with slices further apart than this
 
@@ -77,7 +79,7 @@ class EngineConfig:
         second = ScannerBlur(mtf50_lp_cm=self.subtract_second_mtf50_lp_cm, slice_fwhm_mm=self.scanner_slice_fwhm_mm)
         return SubtractOptions(blur=blur, tv_weight=self.subtract_tv_weight,
                                white_above_lumen_hu=self.subtract_white_hu, second_blur=second,
-                               unsure_hu=self.subtract_unsure_hu)
+                               unsure_hu=self.subtract_unsure_hu, kernels=tuple(self.scanner_kernels.items()))
 
     def confidence_options(self) -> ConfidenceOptions:
         return ConfidenceOptions(**{opt: getattr(self, key) for key, (kind, opt) in ENGINE_KEYS.items()
@@ -283,6 +285,9 @@ def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
             _apply(current, value, f"{where}.{key}")
             continue
         want = hints[key]
+        if get_origin(want) is dict:
+            setattr(obj, key, _table(get_args(want)[1], value, f"{where}.{key}"))
+            continue
         item_type = _list_item_type(want)
         if item_type is not None:
             value = _list(item_type, value, f"{where}.{key}")
@@ -299,6 +304,20 @@ def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
         if want in (int, float, str, bool) and not isinstance(value, want):
             raise ConfigError(f"{where}.{key} must be {want.__name__}, got {value!r}")
         setattr(obj, key, value)
+
+
+def _table(value_type: Any, value: Any, where: str) -> dict[str, Any]:
+    """A table of names to numbers ([engine.scanner_kernels]): any name, each value of the one type."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a table")
+    out = {}
+    for name, v in value.items():
+        if value_type is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, value_type) or isinstance(v, bool):
+            raise ConfigError(f"{where}.{name} must be {value_type.__name__}, got {v!r}")
+        out[str(name)] = v
+    return out
 
 
 def _list_item_type(want: Any) -> Any:
@@ -384,6 +403,10 @@ def check(cfg: Config) -> None:
     for name, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{name} must be greater than 0, got {value!r}")
+    try:  # the engine's options check their own ranges (a blur's MTF50, a kernel table's names)
+        cfg.engine.subtract_options()
+    except ValueError as exc:
+        raise ConfigError(f"engine: {exc}") from None
     if cfg.intake.max_sequence_depth < 0 or cfg.intake.max_element_mb < 0:
         raise ConfigError("intake.max_sequence_depth and intake.max_element_mb cannot be negative")
 

@@ -165,10 +165,10 @@ def process_series(series: Series, out_dir: Path, cfg: Config, engine: Engine, m
     if ahead is None:
         with timed(stages, "load"):
             volume = load_hu(series)
-        result = engine.run(volume, series.spacing, progress=progress)
+        result = engine.run(volume, series.spacing, progress=progress, kernel=series.kernel)
     else:
         volume, detection = ahead
-        result = engine.restore(volume, series.spacing, detection, progress)
+        result = engine.restore(volume, series.spacing, detection, progress, kernel=series.kernel)
     stages.update({name: round(seconds, 3) for name, seconds in result.seconds.items()})
     det = result.detection
     outcome.lesions = len(det.lesions)
@@ -186,6 +186,12 @@ def process_series(series: Series, out_dir: Path, cfg: Config, engine: Engine, m
     description = (f"Calcium removed by {text.words} (dicom-node, {model_id}): {outcome.lesions} "
                    f"calcified lesions {found} replaced, with a {cfg.engine.margin_mm} mm blooming "
                    f"margin, by {text.restored_by}, research use; read with the original series.")
+    if result.assumed_mtf50_lp_cm is not None:  # the one assumption the subtraction's result hangs on
+        outcome.settings["assumed_mtf50_lp_cm"] = result.assumed_mtf50_lp_cm
+        opts = cfg.engine.subtract_options()
+        listed = opts.for_kernel(series.kernel) is not opts
+        description += (f" Scanner blur assumed: MTF50 {result.assumed_mtf50_lp_cm:g} lp/cm "
+                        f"({'for kernel ' + series.kernel if listed else 'the default'}).")
     uids = source_uids(series, model_id)
     target = out_dir / uids["series"]
     outcome.derived_series_uid = uids["series"]

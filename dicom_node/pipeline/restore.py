@@ -171,6 +171,7 @@ class EngineResult:
     batches: int
     seconds: dict[str, float] = field(default_factory=dict)
     reports: list[RegionReport] = field(default_factory=list)  # one per region, in region order
+    assumed_mtf50_lp_cm: float | None = None  # the subtraction's: the scanner blur it assumed for this series
 
 
 class Engine:
@@ -191,17 +192,18 @@ class Engine:
         self.subtract = subtract or SubtractOptions()
 
     def run(self, volume: np.ndarray, spacing: tuple[float, float, float],
-            progress: Callable[[int, int], None] | None = None) -> EngineResult:
-        """Detect the calcium, then restore ``volume`` in place (float32 HU); say which voxels changed."""
+            progress: Callable[[int, int], None] | None = None, kernel: str = "") -> EngineResult:
+        """Detect the calcium, then restore ``volume`` in place (float32 HU); say which voxels changed.
+        ``kernel``: the series' reconstruction kernel (ConvolutionKernel), for the subtraction's blur."""
         t0 = time.perf_counter()
         detection = detect(volume, spacing, self.detect_options)
         seconds = time.perf_counter() - t0
-        result = self.restore(volume, spacing, detection, progress)
+        result = self.restore(volume, spacing, detection, progress, kernel)
         result.seconds = {"detect": seconds, **result.seconds}
         return result
 
     def restore(self, volume: np.ndarray, spacing: tuple[float, float, float], detection: Detection,
-                progress: Callable[[int, int], None] | None = None) -> EngineResult:
+                progress: Callable[[int, int], None] | None = None, kernel: str = "") -> EngineResult:
         """Remove the given calcium from ``volume`` in place (float32 HU): plan the windows, restore them
         step by step through the backend, resample back. Public for callers that know the calcium rather
         than detect it (the lab's diagnostic runs on the phantom's true calcium)."""
@@ -209,7 +211,8 @@ class Engine:
         regions = plan(detection, spacing, self.window_options)
         t2 = time.perf_counter()
         if self.method == "subtract":
-            return self._subtract(volume, spacing, detection, regions, progress, {"plan": t2 - t1})
+            return self._subtract(volume, spacing, detection, regions, progress, {"plan": t2 - t1},
+                                  self.subtract.for_kernel(kernel))
         grids = [ndimage.map_coordinates(volume, r.model_coordinates(), order=1, mode="nearest").astype(np.float32)
                  for r in regions]
         steps = max((len(r.windows) for r in regions), default=0)
@@ -267,7 +270,7 @@ class Engine:
 
     def _subtract(self, volume: np.ndarray, spacing: tuple[float, float, float], detection: Detection,
                   regions: list[Region], progress: Callable[[int, int], None] | None,
-                  seconds: dict[str, float]) -> EngineResult:
+                  seconds: dict[str, float], opts: SubtractOptions) -> EngineResult:
         """The physics path (``subtract.py``): each region's calcium estimated and subtracted, region by region.
 
         Every region is computed from the acquired volume (regions do not see each other's
@@ -284,7 +287,6 @@ class Engine:
         action, since leaving a flagged lesion as acquired was worse than its restoration.
         """
         t0 = time.perf_counter()
-        opts = self.subtract
         pad = np.ceil(opts.pad_mm / np.asarray(spacing, float)).astype(int)
         fallback = detection.threshold_hu - opts.white_above_lumen_hu
         changed = np.zeros(volume.shape, bool)
@@ -314,4 +316,5 @@ class Engine:
             volume[tuple(idx.T)] = values
             changed[tuple(idx.T)] = True
         return EngineResult(detection=detection, regions=regions, changed=changed, windows=0, batches=0,
-                            seconds={**seconds, "subtract": time.perf_counter() - t0}, reports=reports)
+                            seconds={**seconds, "subtract": time.perf_counter() - t0}, reports=reports,
+                            assumed_mtf50_lp_cm=opts.blur.mtf50_lp_cm)

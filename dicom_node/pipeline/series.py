@@ -18,6 +18,7 @@ import numpy as np
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from dicom_node.pipeline.structure import MAX_ELEMENT_MB, MAX_SEQUENCE_DEPTH, structure_problem
 
@@ -57,6 +58,14 @@ class Series:
     @property
     def description(self) -> str:
         return str(getattr(self.headers[0], "SeriesDescription", ""))
+
+    @property
+    def kernel(self) -> str:
+        """The reconstruction kernel (ConvolutionKernel, values joined by a backslash); "" when not stated."""
+        value = getattr(self.headers[0], "ConvolutionKernel", None)
+        if value is None:
+            return ""
+        return "\\".join(str(v) for v in value) if isinstance(value, MultiValue) else str(value)
 
 
 def find_files(inputs: Iterable[str | Path]) -> list[Path]:

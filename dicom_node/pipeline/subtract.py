@@ -22,7 +22,7 @@ The deconvolution's weights are per voxel, so they assume a spacing near the mod
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage
@@ -97,6 +97,11 @@ class SubtractOptions:
     # what the blur is assumed to be is one to doubt (reports/tuning/subtract-confidence.md).
     second_blur: ScannerBlur = ScannerBlur(mtf50_lp_cm=3.5)
     unsure_hu: float = 90.0
+    # Reconstruction kernels (a series' ConvolutionKernel) and the in-plane MTF50 (lp/cm) to assume for
+    # each, as a site knows them; a series whose kernel is not listed gets ``blur``. The estimate hangs
+    # on the blur: assumed too sharp, soft-kernel calcium is under-removed; too soft, sharp-kernel
+    # calcium is over-removed and stenoses over-called (reports/tuning/subtract-kernels.md).
+    kernels: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.tv_weight < 0 or self.iterations < 1:
@@ -105,7 +110,33 @@ class SubtractOptions:
             raise ValueError("pad_mm must be positive and near_calcium_voxels >= 0")
         if self.unsure_hu <= 0:
             raise ValueError(f"unsure_hu must be positive, not {self.unsure_hu}")
+        seen = set()
+        for name, mtf50 in self.kernels:
+            key = kernel_key(name)
+            if not key or key in seen:
+                raise ValueError(f"kernel names must be given and differ, not {name!r}")
+            seen.add(key)
+            replace(self.blur, mtf50_lp_cm=mtf50)  # checks the MTF50 as any blur's
 
+    def for_kernel(self, kernel: str) -> SubtractOptions:
+        """These options with the blur assumed for ``kernel`` (a series' ConvolutionKernel), when listed.
+
+        A header may hold several values (``FC43\\AIDR 3D``): the whole value matches, or its first part.
+        The confidence pass's blur moves with it, in proportion (so it stays the softer of the two).
+        """
+        key = kernel_key(kernel)
+        first = kernel_key(kernel.split("\\")[0])
+        for name, mtf50 in self.kernels:
+            if kernel_key(name) in (key, first):
+                scale = mtf50 / self.blur.mtf50_lp_cm
+                second = replace(self.second_blur, mtf50_lp_cm=max(1.0, self.second_blur.mtf50_lp_cm * scale))
+                return replace(self, blur=replace(self.blur, mtf50_lp_cm=mtf50), second_blur=second)
+        return self
+
+
+def kernel_key(name: str) -> str:
+    """How kernel names are compared: without case or surrounding spaces (``B26f`` is ``b26f``)."""
+    return name.strip().casefold()
 
 def _tv_gradient(u: np.ndarray) -> np.ndarray:
     """Gradient of the smoothed total variation (negative divergence of the normalised gradient)."""

@@ -76,3 +76,18 @@ def test_a_word_outside_its_choices_is_refused_at_load_naming_the_key(tmp_path, 
     path.write_text(f"[{'[destinations]' if table == 'destinations' else table}]\n{line}\n")
     with pytest.raises(ConfigError, match=re.escape(key) + " must be one of"):
         load(path)
+
+
+def test_a_kernel_table_loads_and_is_checked(tmp_path: Path) -> None:
+    """[engine.scanner_kernels]: any kernel name, each an MTF50 the subtraction can assume; a bad one fails at load."""
+    f = tmp_path / "c.toml"
+    f.write_text('[engine]\nmethod = "subtract"\n[engine.scanner_kernels]\n"B26f" = 4\nSOFT = 3.5\n')
+    cfg = load(f)
+    assert cfg.engine.scanner_kernels == {"B26f": 4.0, "SOFT": 3.5}
+    opts = cfg.engine.subtract_options()
+    assert opts.for_kernel("b26f").blur.mtf50_lp_cm == 4.0 and opts.for_kernel("B30f") is opts
+    for text, message in [('"B26f" = "soft"', "must be float"), ('"B26f" = 40.0', "not a CT kernel"),
+                          ('"B26f" = 4.0\n"b26F " = 4.5', "must be given and differ")]:
+        f.write_text(f"[engine.scanner_kernels]\n{text}\n")
+        with pytest.raises(ConfigError, match=message):
+            load(f)

@@ -130,3 +130,22 @@ def test_lumen_disagreement_counts_only_what_either_shows_as_lumen():
     level[1] = np.nan  # no contrast level known: not counted
     assert lumen_disagreement(first, second, level) == pytest.approx(160 / 3)
     assert lumen_disagreement(first[[2, 3]], second[[2, 3]], level[[2, 3]]) == 0.0
+
+
+def test_a_kernel_table_picks_the_blur_the_series_header_names():
+    """The site's table maps a series' ConvolutionKernel to the blur assumed; the confidence pass's blur moves
+    with it in proportion; an unlisted kernel, or none, keeps the default."""
+    opts = SubtractOptions(kernels=(("SOFT", 3.5), ("FC43", 4.0)))
+    soft = opts.for_kernel(" soft ")
+    assert soft.blur.mtf50_lp_cm == 3.5 and soft.second_blur.mtf50_lp_cm == pytest.approx(3.5 * 3.5 / 5.2)
+    assert opts.for_kernel("FC43\\AIDR 3D").blur.mtf50_lp_cm == 4.0, "a multi-valued header matches by its first"
+    assert opts.for_kernel("B26f") is opts and opts.for_kernel("") is opts
+    with pytest.raises(ValueError):
+        SubtractOptions(kernels=(("SOFT", 0.5),))
+    acquired, _, _ = _vessel(ScannerBlur(mtf50_lp_cm=5.0), 200.0)
+    engine = Engine(None, method="subtract", subtract=opts)
+    listed, plain = acquired.copy(), acquired.copy()
+    result = engine.run(listed, SPACING, kernel="SOFT")
+    assert result.regions and result.assumed_mtf50_lp_cm == 3.5
+    assert engine.run(plain, SPACING, kernel="B26f").assumed_mtf50_lp_cm == 5.2
+    assert not np.array_equal(listed, plain), "the assumed blur changes the result"
