@@ -217,15 +217,18 @@ def bench_ingest(args: argparse.Namespace) -> int:
     scp = subprocess.Popen([peers.need("storescp"), "-aet", "STORESCP", "-od", str(scp_dir), str(scp_port)],
                            env=peers.NODELAY, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     nodes: dict[str, Any] = {}  # one node per node.receiver_processes value, each with its own spool
+    received: dict[str, Path] = {}  # where each node's spool keeps the series it receives
     for processes in args.receiver_processes:
         name = "dicom-node" if processes == 1 else f"dicom-node-x{processes}"
         dicom_port, http_port = peers.free_port(), peers.free_port()
+        spool = root / f"spool-{name}"
         cfg = peers.write_node_config(root, dicom_port=dicom_port, http_port=http_port, destinations=[],
                                       allowed=[("STORESCU", "127.0.0.1")], quiet=3600, name=name,
-                                      spool=root / f"spool-{name}",
+                                      spool=spool,
                                       extra={"jobs": ["release_grace_seconds = 0"],  # receive only: no processing
                                              "node": [f"receiver_processes = {processes}"]})
         nodes[name] = peers.NodeProcess(cfg, http_port, dicom_port, root / f"{name}.log").start()
+        received[name] = spool / "series"
     (root / "pacs").mkdir()
     orthanc = peers.Orthanc(root / "pacs", peers.free_port(), peers.free_port(), route=None).start()
     splits = {k: _split(folder, root, k) for k in ASSOCIATIONS}
@@ -238,8 +241,8 @@ def bench_ingest(args: argparse.Namespace) -> int:
         scp_dir.mkdir()
         for study in requests.get(f"{orthanc.url}/studies", timeout=30).json():
             requests.delete(f"{orthanc.url}/studies/{study}", timeout=60)
-        for name in nodes:
-            shutil.rmtree(root / f"spool-{name}" / "series", ignore_errors=True)
+        for spooled_series in received.values():
+            shutil.rmtree(spooled_series, ignore_errors=True)
 
     spooled: dict[str, int] = {}
     try:
@@ -250,8 +253,7 @@ def bench_ingest(args: argparse.Namespace) -> int:
                     clear()
                     rates[name][k].append(n / _concurrent_storescu(peers, port, aet, splits[k]))
                     if name in nodes:  # every instance of every run on disk, checked before the next clears it
-                        spooled[name] = min(spooled.get(name, n),
-                                            len(list((root / f"spool-{name}" / "series").rglob("*.dcm"))))
+                        spooled[name] = min(spooled.get(name, n), len(list(received[name].rglob("*.dcm"))))
         ceiling = _fsync_ceiling(root, next(folder.glob("*.dcm")).stat().st_size)
     finally:
         for node in nodes.values():
