@@ -8,6 +8,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node.pipeline.series import SeriesError, load_hu, order_series, read_ct_series
+from dicom_node.pipeline.subtract import SubtractOptions
 
 from ..conftest import SHARED_DATA
 
@@ -21,6 +22,9 @@ def test_reads_the_real_siemens_series():
     [s] = [x for x in series if x.files[0].parent == REAL]
     assert len(s.files) == 20
     assert s.spacing == pytest.approx((2.0, 0.9765625, 0.9765625))
+    # a Siemens header states the kernel and its iterative strength (Br38f\3): a site's table names the kernel
+    assert s.kernel == "Br38f\\3"
+    assert SubtractOptions(kernels=(("BR38F", 4.0),)).for_kernel(s.kernel).blur.mtf50_lp_cm == 4.0
     vol = load_hu(s)
     assert vol.shape == (20, 512, 512) and vol.dtype == np.float32
     assert vol.min() == pytest.approx(-1024.0)  # modality LUT applied (intercept -1024)
@@ -74,6 +78,7 @@ def test_a_scanner_reformat_marked_derived_primary_is_read(tmp_path, capsys):
     series, _ = read_ct_series([TOSHIBA])
     [s] = series
     assert len(s.files) == 47 and list(s.headers[0].ImageType)[:2] == ["DERIVED", "PRIMARY"]
+    assert s.kernel == "FC12", "a Toshiba (Canon) kernel, single-valued"
     assert s.spacing[0] == pytest.approx(3.0)
     assert main(["process", str(TOSHIBA), str(tmp_path / "out"), "--quiet"]) == 2
     out = capsys.readouterr()
