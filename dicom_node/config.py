@@ -299,25 +299,23 @@ def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
                 raise ConfigError(f"{where}.{key} must be one of {choices}, got {value!r}")
             setattr(obj, key, value)
             continue
-        if want is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if want in (int, float, str, bool) and not isinstance(value, want):
-            raise ConfigError(f"{where}.{key} must be {want.__name__}, got {value!r}")
-        setattr(obj, key, value)
+        setattr(obj, key, _scalar(want, value, f"{where}.{key}"))
+
+
+def _scalar(want: Any, value: Any, where: str) -> Any:
+    """A plain setting's value, checked against its type (a whole number is taken for a float)."""
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if want in (int, float, str, bool) and not isinstance(value, want):
+        raise ConfigError(f"{where} must be {want.__name__}, got {value!r}")
+    return value
 
 
 def _table(value_type: Any, value: Any, where: str) -> dict[str, Any]:
-    """A table of names to numbers ([engine.scanner_kernels]): any name, each value of the one type."""
+    """A table of names to values ([engine.scanner_kernels]): any name, each value checked as a plain setting."""
     if not isinstance(value, dict):
         raise ConfigError(f"{where} must be a table")
-    out = {}
-    for name, v in value.items():
-        if value_type is float and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-        if not isinstance(v, value_type) or isinstance(v, bool):
-            raise ConfigError(f"{where}.{name} must be {value_type.__name__}, got {v!r}")
-        out[str(name)] = v
-    return out
+    return {str(name): _scalar(value_type, v, f"{where}.{name}") for name, v in value.items()}
 
 
 def _list_item_type(want: Any) -> Any:

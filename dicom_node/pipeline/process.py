@@ -188,10 +188,9 @@ def process_series(series: Series, out_dir: Path, cfg: Config, engine: Engine, m
                    f"margin, by {text.restored_by}, research use; read with the original series.")
     if result.assumed_mtf50_lp_cm is not None:  # the one assumption the subtraction's result hangs on
         outcome.settings["assumed_mtf50_lp_cm"] = result.assumed_mtf50_lp_cm
-        opts = cfg.engine.subtract_options()
-        listed = opts.for_kernel(series.kernel) is not opts
+        chosen = result.assumed_for_kernel
         description += (f" Scanner blur assumed: MTF50 {result.assumed_mtf50_lp_cm:g} lp/cm "
-                        f"({'for kernel ' + series.kernel if listed else 'the default'}).")
+                        f"({'for kernel ' + chosen if chosen else 'the default'}).")
     uids = source_uids(series, model_id)
     target = out_dir / uids["series"]
     outcome.derived_series_uid = uids["series"]

@@ -172,6 +172,7 @@ class EngineResult:
     seconds: dict[str, float] = field(default_factory=dict)
     reports: list[RegionReport] = field(default_factory=list)  # one per region, in region order
     assumed_mtf50_lp_cm: float | None = None  # the subtraction's: the scanner blur it assumed for this series
+    assumed_for_kernel: str = ""  # ... and the series' kernel when the kernel table chose it ("" for the default)
 
 
 class Engine:
@@ -211,8 +212,10 @@ class Engine:
         regions = plan(detection, spacing, self.window_options)
         t2 = time.perf_counter()
         if self.method == "subtract":
-            return self._subtract(volume, spacing, detection, regions, progress, {"plan": t2 - t1},
-                                  self.subtract.for_kernel(kernel))
+            opts = self.subtract.for_kernel(kernel)
+            result = self._subtract(volume, spacing, detection, regions, progress, {"plan": t2 - t1}, opts)
+            result.assumed_for_kernel = kernel if opts is not self.subtract else ""
+            return result
         grids = [ndimage.map_coordinates(volume, r.model_coordinates(), order=1, mode="nearest").astype(np.float32)
                  for r in regions]
         steps = max((len(r.windows) for r in regions), default=0)
@@ -295,13 +298,14 @@ class Engine:
         for k, r in enumerate(regions):
             box = grow_box(r.native_box, volume.shape, pad)
             idx = r.native_indices()
-            local = tuple((idx - np.array([s.start for s in box])).T)
+            local_idx = idx - np.array([s.start for s in box])
+            local = tuple(local_idx.T)
             values = calcium_removed(volume[box], detection.calcium[box], spacing, opts, fallback)[local]
             d = None
             if self.confidence.flips and len(idx):
                 second = calcium_removed(volume[box], detection.calcium[box], spacing, opts, fallback,
                                          opts.second_blur)[local]
-                d = lumen_disagreement(values, second, lumen_level_at(volume[box], spacing, np.array(local).T))
+                d = lumen_disagreement(values, second, lumen_level_at(volume[box], spacing, local_idx))
             unsure = d is not None and d > opts.unsure_hu
             if unsure and self.confidence.unsure_action == "leave":
                 reports.append(RegionReport(r.index, r.lesions, 0, d, True, "left as acquired (unsure)",

@@ -146,6 +146,7 @@ def test_a_kernel_table_picks_the_blur_the_series_header_names():
     engine = Engine(None, method="subtract", subtract=opts)
     listed, plain = acquired.copy(), acquired.copy()
     result = engine.run(listed, SPACING, kernel="SOFT")
-    assert result.regions and result.assumed_mtf50_lp_cm == 3.5
-    assert engine.run(plain, SPACING, kernel="B26f").assumed_mtf50_lp_cm == 5.2
+    assert result.regions and result.assumed_mtf50_lp_cm == 3.5 and result.assumed_for_kernel == "SOFT"
+    other = engine.run(plain, SPACING, kernel="B26f")
+    assert other.assumed_mtf50_lp_cm == 5.2 and other.assumed_for_kernel == ""
     assert not np.array_equal(listed, plain), "the assumed blur changes the result"
