@@ -232,13 +232,22 @@ def floor(rows: list[dict], white: float = PRIMARY_WHITE) -> dict:
     return out
 
 
+def _invented_severe(r: dict, w: str) -> bool:
+    """Under 50 % (geometry), read >= 70 % processed where the truth image does not (needs a processed reading)."""
+    return r["geometric"] < 50 and r[f"processed@{w}"] >= 70 and (r[f"truth@{w}"] is None or r[f"truth@{w}"] < 70)
+
+
+def _made_by_processing(r: dict, w: str) -> bool:
+    """An invented severe stenosis that the original did not read as severe (needs both readings)."""
+    return _invented_severe(r, w) and r[f"original@{w}"] < 70
+
+
 def safety(rows: list[dict], white: float = PRIMARY_WHITE) -> dict:
     """Invented severe stenoses, and change where there is no calcium."""
     w = f"{white:g}"
     ok = [r for r in rows if r[f"processed@{w}"] is not None and r[f"original@{w}"] is not None]
-    invented = [r for r in ok if r["geometric"] < 50 and r[f"processed@{w}"] >= 70
-                and (r[f"truth@{w}"] is None or r[f"truth@{w}"] < 70)]
-    invented_by_engine = [r for r in invented if r[f"original@{w}"] < 70]
+    invented = [r for r in ok if _invented_severe(r, w)]
+    invented_by_engine = [r for r in ok if _made_by_processing(r, w)]
     clean = [r for r in ok if r["type"] in ("soft", "normal")]
     change = np.array([abs(r[f"processed@{w}"] - r[f"original@{w}"]) for r in clean])
     return {"n_below_50": sum(r["geometric"] < 50 for r in ok), "invented_severe": len(invented),
@@ -320,9 +329,8 @@ def confidence(rows: list[dict], white: float = PRIMARY_WHITE, large: float = 10
     err = np.array([abs(r[f"processed@{w}"] - r[f"truth@{w}"]) for r in flagged])
     unsure = np.array([bool(r["unsure"]) for r in flagged])
     big = err > large
-    # severe stenoses made by processing (as in safety): lesions under 50 % that read >= 70 % only after it
-    made = np.array([r["geometric"] < 50 and r[f"original@{w}"] is not None and r[f"original@{w}"] < 70
-                     and r[f"processed@{w}"] >= 70 and r[f"truth@{w}"] < 70 for r in flagged])
+    # severe stenoses made by processing, as safety counts them
+    made = np.array([r[f"original@{w}"] is not None and _made_by_processing(r, w) for r in flagged])
     measures = sorted({r["measure"] for r in flagged if r.get("measure")})
     return {"n": len(flagged), "large": int(big.sum()), "large_flagged": int((big & unsure).sum()),
             "good_flagged": int((~big & unsure).sum()), "good": int((~big).sum()), "large_points": large,
@@ -426,10 +434,10 @@ def _markdown(path: Path, res: dict, args: argparse.Namespace) -> None:
                      f"by more than 1 point (largest {s['no_calcium_max_change']:.1f}).")
     c = res["confidence"]
     if c.get("n"):
-        measure, threshold = {"flip": ("test-time flip disagreement", "engine.unsure_hu"),
-                              "blur": ("blur disagreement", "engine.subtract_unsure_hu")}.get(
+        named, threshold = {"flip": ("test-time flip disagreement", "engine.unsure_hu"),
+                            "blur": ("blur disagreement", "engine.subtract_unsure_hu")}.get(
             c.get("measure", "flip"), (c.get("measure"), "its threshold"))
-        lines += ["", f"Confidence ({measure}, `{threshold}`): of {c['large']} calcified "
+        lines += ["", f"Confidence ({named}, `{threshold}`): of {c['large']} calcified "
                       f"lesions read more than {c['large_points']:g} points from the truth image, "
                       f"{c['large_flagged']} were flagged unsure; {c['good_flagged']} of {c['good']} good "
                       f"restorations were flagged too. Of {c.get('made_severe', 0)} calcified lesions under 50 % "

@@ -28,9 +28,8 @@ def stored_values(volume_hu: np.ndarray) -> np.ndarray:
 def ct_series(volume_hu: np.ndarray, spacing: tuple[float, float, float], *, patient_id: str = "PHANTOM-0001",
               patient_name: str = "Phantom^Coronary", study_uid: str | None = None, series_uid: str | None = None,
               description: str = "CTA Coronary 0.47 phantom", series_number: int = 3,
-              origin_mm: tuple[float, float, float] = (-60.0, -60.0, -100.0), kernel: str = "") -> list[Dataset]:
-    """Single-frame CT Image Storage datasets, one per z slice, stored as uint16 with intercept -1024.
-    ``kernel``: the reconstruction kernel to state (ConvolutionKernel), as a scanner does; none if empty."""
+              origin_mm: tuple[float, float, float] = (-60.0, -60.0, -100.0)) -> list[Dataset]:
+    """Single-frame CT Image Storage datasets, one per z slice, stored as uint16 with intercept -1024."""
     study_uid = study_uid or generate_uid()
     series_uid = series_uid or generate_uid()
     frame_uid = generate_uid()
@@ -72,8 +71,6 @@ def ct_series(volume_hu: np.ndarray, spacing: tuple[float, float, float], *, pat
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.AcquisitionNumber = 1
         ds.KVP = "100"
-        if kernel:
-            ds.ConvolutionKernel = kernel
         ds.PatientPosition = "HFS"
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.ImagePositionPatient = [round(origin_mm[0], 4), round(origin_mm[1], 4),
