@@ -57,11 +57,17 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"study seed base; {EXP2_SEED} is the held-out test set, {EXP2_TUNE_SEED} the tuning set")
     e3 = sub.add_parser("experiment2v2", help="the calibrated world: calcified stenoses before and after, by stratum")
     experiment2v2.add_arguments(e3)
+    th = sub.add_parser("thresholds", help="the unsure flag at other thresholds, from an experiment2v2 report's JSON")
+    th.add_argument("report", help="experiment2v2.json of a run with engine.confidence on")
+    th.add_argument("--at", type=float, nargs="+", required=True, metavar="HU", help="thresholds to try")
+    th.add_argument("--large", type=float, default=10.0, help="an error over this many points is large")
     cal = sub.add_parser("calibration", help="the world's blooming against the issue's 2D check, XCIST and the gate")
     calibration.add_arguments(cal)
     args = ap.parse_args(argv)
     if args.cmd == "calibration":
         return calibration.report(args)
+    if args.cmd == "thresholds":
+        return experiment2v2.thresholds_report(args)
     if args.cmd == "experiment2v2":
         return experiment2v2.run(args)
     return experiment1(args) if args.cmd == "experiment1" else experiment2(args)

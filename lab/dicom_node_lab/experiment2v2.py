@@ -338,6 +338,49 @@ def confidence(rows: list[dict], white: float = PRIMARY_WHITE, large: float = 10
             "measure": "/".join(measures) or "flip"}
 
 
+def at_thresholds(rows: list[dict], thresholds: list[float], white: float = PRIMARY_WHITE,
+                  large: float = 10.0) -> list[dict]:
+    """What the unsure flag would do at each threshold, from a report's recorded disagreements.
+
+    A run records each lesion's disagreement, and ``unsure_action = "mark"`` writes the same
+    voxels flagged or not, so a threshold can be chosen on a tuning run's rows and checked on a
+    held-out run's without processing either again. Calcified lesions with a disagreement only.
+    """
+    w = f"{white:g}"
+    rows = [r for r in rows if r.get("stratum") == "calcified" and r.get("disagreement_hu") is not None
+            and r[f"processed@{w}"] is not None and r[f"truth@{w}"] is not None]
+    err = np.array([abs(r[f"processed@{w}"] - r[f"truth@{w}"]) for r in rows])
+    out = []
+    for t in thresholds:
+        flagged = [dict(r, unsure=r["disagreement_hu"] > t) for r in rows]
+        c = confidence(flagged, white, large)
+        u = np.array([r["unsure"] for r in flagged], bool)
+        c.update(threshold=t, flagged=int(u.sum()),
+                 mae_flagged=float(err[u].mean()) if u.any() else None,
+                 mae_unflagged=float(err[~u].mean()) if (~u).any() else None)
+        out.append(c)
+    return out
+
+
+def thresholds_report(args: argparse.Namespace) -> int:
+    """``evaluate.py thresholds``: the unsure flag at several thresholds, as a Markdown table."""
+    rows = json.loads(Path(args.report).read_text())["lesions"]
+    print(f"{args.report}, calcified lesions with a disagreement, lumen + {PRIMARY_WHITE:g} HU, "
+          f"large = more than {args.large:g} points from the truth image\n")
+    print("| threshold | flagged | large errors caught | good restorations flagged | MAE flagged / not "
+          "| severe made, flagged |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    fmt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
+    for c in at_thresholds(rows, args.at, large=args.large):
+        if not c.get("n"):
+            print(f"| {c['threshold']:g} | no lesions with a disagreement | | | | |")
+            continue
+        print(f"| {c['threshold']:g} | {c['flagged']} of {c['n']} | {c['large_flagged']} of {c['large']} | "
+              f"{c['good_flagged']} of {c['good']} | {fmt(c['mae_flagged'])} / {fmt(c['mae_unflagged'])} | "
+              f"{c['made_severe_flagged']} of {c['made_severe']} |")
+    return 0
+
+
 def _figure(path: Path, worst: list[dict], args: argparse.Namespace) -> None:
     import matplotlib
 
