@@ -81,6 +81,12 @@ _ENGINE = None
 # deposit's surroundings (what detection missed too). The error left is not the network's.
 PERFECT_NETWORK = "perfect_network"
 PERFECT_DETECTION = "perfect_detection"
+# With the subtraction (engine.method = "subtract"), a third: the phantom's own sharp calcium, blurred by
+# the blur the engine assumed for the study and subtracted in the voxels it restored. Between it and the
+# processed image lies the error of estimating the calcium; between it and a perfect restoration, the
+# error of the assumed blur (the scanner's is softer or sharper, and moves).
+TRUE_CALCIUM_SUBTRACTED = "true_calcium_subtracted"
+ORACLES = (TRUE_CALCIUM_SUBTRACTED, PERFECT_NETWORK, PERFECT_DETECTION)
 
 
 def _one_study(job: tuple[int, int, str, list[str], bool, bool]) -> tuple[list[dict], dict, dict | None]:
@@ -95,7 +101,8 @@ def _one_study(job: tuple[int, int, str, list[str], bool, bool]) -> tuple[list[d
     t0 = time.perf_counter()
     # the kernel as a scanner's header states it: the subtraction assumes its blur when engine.scanner_kernels
     # lists it (the network ignores it)
-    result = _ENGINE.run(processed, p.spacing, kernel=str(p.settings.kernel).upper())
+    kernel = str(p.settings.kernel).upper()
+    result = _ENGINE.run(processed, p.spacing, kernel=kernel)
     seconds = time.perf_counter() - t0
     processed = np.where(result.changed, _stored_hu(processed), original)
     images = {"original": original, "processed": processed, "truth": p.truth}
@@ -106,6 +113,9 @@ def _one_study(job: tuple[int, int, str, list[str], bool, bool]) -> tuple[list[d
         images[PERFECT_NETWORK] = np.where(result.changed, truth, original)
         around = ndimage.binary_dilation(p.calcium_fraction > 0.01, iterations=2)
         images[PERFECT_DETECTION] = np.where(result.changed | around, truth, original)
+        if result.assumed_mtf50_lp_cm is not None and p.calcium_excess is not None:
+            images[TRUE_CALCIUM_SUBTRACTED] = np.where(result.changed, _stored_hu(
+                original - _blurred(p.calcium_excess, _ENGINE.subtract.for_kernel(kernel).blur, p.spacing)), original)
     rows = read_study(p, images, study=f"{seed}-{i}")
     for r in rows:
         r["index"] = i
@@ -115,6 +125,12 @@ def _one_study(job: tuple[int, int, str, list[str], bool, bool]) -> tuple[list[d
     goal["seconds"] = seconds
     strips = {(r["vessel"], r["lesion"]): _strip(p, r, original, processed) for r in rows} if keep else None
     return rows, goal, strips
+
+
+def _blurred(volume: np.ndarray, blur, spacing: tuple[float, float, float]) -> np.ndarray:
+    """``volume`` through a subtraction's assumed scanner blur (``subtract.ScannerBlur``), whole-volume FFT."""
+    h = blur.transfer(volume.shape, spacing)
+    return np.fft.irfftn(np.fft.rfftn(volume.astype(np.float64)) * h, s=volume.shape, axes=(0, 1, 2))
 
 
 def _lesion_confidence(p, row: dict, result) -> tuple[bool | None, float | None]:
@@ -221,10 +237,12 @@ def summarise(rows: list[dict], white: float = PRIMARY_WHITE) -> dict:
 
 
 def floor(rows: list[dict], white: float = PRIMARY_WHITE) -> dict:
-    """Error against the truth image of the processed image and of the two oracles (``--oracle``)."""
+    """Error against the truth image of the processed image and of the oracles (``--oracle``)."""
     w = f"{white:g}"
     out = {}
-    for name in ("original", "processed", PERFECT_NETWORK, PERFECT_DETECTION):
+    for name in ("original", "processed", *ORACLES):
+        if not rows or f"{name}@{w}" not in rows[0]:
+            continue  # the subtraction's oracle, with the network
         ok = [r for r in rows if r[f"{name}@{w}"] is not None and r[f"truth@{w}"] is not None]
         err = _values(ok, f"{name}@{w}") - _values(ok, f"truth@{w}")
         out[name] = {"n": len(ok), "bias": float(err.mean()), "mae": float(np.abs(err).mean()),
@@ -486,13 +504,18 @@ def _markdown(path: Path, res: dict, args: argparse.Namespace) -> None:
                       f"restorations were flagged too. Of {c.get('made_severe', 0)} calcified lesions under 50 % "
                       f"that read ≥ 70 % only after processing, {c.get('made_severe_flagged', 0)} were flagged."]
     if "floor" in res:
-        names = {"original": "original", "processed": "processed (the network)",
-                 PERFECT_NETWORK: "a perfect network: the truth image in the voxels the engine restored",
-                 PERFECT_DETECTION: "... and around every true calcium deposit (perfect detection too)"}
+        subtract = TRUE_CALCIUM_SUBTRACTED in res["floor"]
+        names = {"original": "original",
+                 "processed": "processed (the subtraction)" if subtract else "processed (the network)",
+                 PERFECT_NETWORK: "a perfect restoration: the truth image in the voxels the engine restored",
+                 PERFECT_DETECTION: "... and around every true calcium deposit (perfect detection too)",
+                 TRUE_CALCIUM_SUBTRACTED: "the phantom's own sharp calcium, subtracted under the assumed blur"}
+        why = ("the gap between the processed image and the true calcium subtracted is the calcium estimate's; "
+               "between that and a perfect restoration, the assumed blur's (the scanner's differs, and moves)"
+               if subtract else "the gap between it and the processed image is the network's")
         lines += ["", f"## What limits the error (calcified lesions, white + {PRIMARY_WHITE:g} HU)", "",
-                  "Against the truth image. The oracles keep everything of the engine but the network's "
-                  "output (and then detection): the error left by the first is the detection's, margin's and "
-                  "reader's; the gap between it and the processed image is the network's.", "",
+                  "Against the truth image. The oracles keep the engine's detection, margin and regions: the "
+                  "error a perfect restoration leaves is the detection's, margin's and reader's; " + why + ".", "",
                   "| image | n | bias | mean abs. error | median abs. error |", "|---|---:|---:|---:|---:|"]
         for name, f in res["floor"].items():
             if f.get("n"):
@@ -524,4 +547,5 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--report-dir", default="reports")
     ap.add_argument("--no-figure", action="store_true", help="skip the worst lesions' strips (tuning runs)")
     ap.add_argument("--oracle", action="store_true",
-                    help="also read a perfect network's and a perfect detection's images: what limits the error")
+                    help="also read a perfect restoration's and a perfect detection's images (with the "
+                         "subtraction, also the true calcium subtracted): what limits the error")

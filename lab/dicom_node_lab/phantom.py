@@ -97,6 +97,9 @@ class Phantom:
     noise_sd: float
     seed: int
     settings: object | None = None  # how a world study was acquired (world.StudySettings); None here
+    # What the calcium adds to the anatomy before the scanner sees it (HU, image − truth as rendered, before
+    # beam hardening, blur and noise): the sharp calcium a subtraction estimates. World studies only.
+    calcium_excess: np.ndarray | None = None
 
     def centreline_voxels(self, vessel: int) -> np.ndarray:
         """Centreline points of one vessel in (fractional) voxel indices."""

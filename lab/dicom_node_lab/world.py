@@ -389,6 +389,7 @@ def generate(shape: tuple[int, int, int] = (80, 112, 112), spacing: tuple[float,
     bg = _make_background(rng, extent, vessels, opts.background)
     geoms = [_Geometry(v) for v in vessels]
     image, truth, lumen, calc = render(shape, sp, opts.supersample, geoms, bg)
+    excess = np.clip(image - truth, 0.0, None).astype(np.float32)
     km = physics.KERNELS[kern]
     acq = Acquisition(kernel=kern, slice_fwhm_mm=float(rng.uniform(*opts.slice_fwhm_mm)), kvp=kvp,
                       noise_sd=float(rng.uniform(*km.noise_sd)) if noise else 0.0,
@@ -421,4 +422,4 @@ def generate(shape: tuple[int, int, int] = (80, 112, 112), spacing: tuple[float,
     return Phantom(image=image, truth=truth, calcium_mask=calc >= 0.5, calcium_fraction=calc,
                    lumen_mask=lumen > 0.5, vessels=vessels, lesions=lesions,
                    spacing=tuple(float(x) for x in sp), fwhm_mm=(acq.slice_fwhm_mm, km.fwhm_mm(), km.fwhm_mm()),
-                   noise_sd=acq.noise_sd, seed=seed, settings=settings)
+                   noise_sd=acq.noise_sd, seed=seed, settings=settings, calcium_excess=excess)
