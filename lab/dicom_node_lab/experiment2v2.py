@@ -21,6 +21,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
@@ -32,6 +33,9 @@ from dicom_node_lab.patches import HELD_OUT_KERNELS, TRAIN_MOTION_MM, volume_see
 from dicom_node_lab.physics import Kernel
 from dicom_node_lab.reader import WHITE_LEVELS_HU
 from dicom_node_lab.readings import read_study
+
+if TYPE_CHECKING:
+    from dicom_node.pipeline.subtract import ScannerBlur
 
 EXP2V2_SEED = 5050  # held out: training 1..99, validation 7, Experiment 2 3030/4040
 EXP2V2_TUNE_SEED = 6060  # for choosing settings (margin, confidence threshold) without touching EXP2V2_SEED
@@ -127,7 +131,7 @@ def _one_study(job: tuple[int, int, str, list[str], bool, bool]) -> tuple[list[d
     return rows, goal, strips
 
 
-def _blurred(volume: np.ndarray, blur, spacing: tuple[float, float, float]) -> np.ndarray:
+def _blurred(volume: np.ndarray, blur: ScannerBlur, spacing: tuple[float, float, float]) -> np.ndarray:
     """``volume`` through a subtraction's assumed scanner blur (``subtract.ScannerBlur``), whole-volume FFT."""
     h = blur.transfer(volume.shape, spacing)
     return np.fft.irfftn(np.fft.rfftn(volume.astype(np.float64)) * h, s=volume.shape, axes=(0, 1, 2))
