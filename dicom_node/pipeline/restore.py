@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, get_args
 
 import numpy as np
@@ -103,6 +103,12 @@ class ConfidenceOptions:
             raise ValueError(f"lumen_guard_from must be 0 (the edge) or more, not {self.lumen_guard_from}")
 
 
+def lumen_range(level: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What a reader takes for lumen at a local contrast ``level``: from the edge, half-way down to the
+    wall, up to the white level (``WHITE_ABOVE_LUMEN_HU`` above the contrast)."""
+    return 0.5 * (level + WALL_HU), level + WHITE_ABOVE_LUMEN_HU
+
+
 def keep_visible_lumen(volume: np.ndarray, spacing: tuple[float, float, float], idx: np.ndarray,
                        values: np.ndarray, box: tuple[slice, slice, slice],
                        guard_from: float = 0.0) -> tuple[np.ndarray, int]:
@@ -120,8 +126,8 @@ def keep_visible_lumen(volume: np.ndarray, spacing: tuple[float, float, float], 
     """
     lum = lumen_level_at(volume[box], spacing, idx - np.array([s.start for s in box]))
     orig = volume[tuple(idx.T)]
-    edge = 0.5 * (lum + WALL_HU)
-    seen = np.isfinite(lum) & (orig >= edge + guard_from * (lum - edge)) & (orig <= lum + WHITE_ABOVE_LUMEN_HU)
+    edge, white = lumen_range(lum)
+    seen = np.isfinite(lum) & (orig >= edge + guard_from * (lum - edge)) & (orig <= white)
     floor = np.minimum(orig, edge + EDGE_MARGIN_HU)
     held = seen & (values < floor)
     return np.where(held, floor, values).astype(values.dtype), int(held.sum())
@@ -137,8 +143,7 @@ def lumen_disagreement(first: np.ndarray, second: np.ndarray, level: np.ndarray)
     voxel is lumen in either.
     """
     ok = np.isfinite(level)
-    edge = 0.5 * (level + WALL_HU)
-    white = level + WHITE_ABOVE_LUMEN_HU
+    edge, white = lumen_range(level)
     seen = ok & (((first >= edge) & (first <= white)) | ((second >= edge) & (second <= white)))
     return float(np.mean(np.abs(first - second)[seen])) if seen.any() else 0.0
 
@@ -303,8 +308,8 @@ class Engine:
             values = calcium_removed(volume[box], detection.calcium[box], spacing, opts, fallback)[local]
             d = None
             if self.confidence.flips and len(idx):
-                second = calcium_removed(volume[box], detection.calcium[box], spacing, opts, fallback,
-                                         opts.second_blur)[local]
+                second = calcium_removed(volume[box], detection.calcium[box], spacing,
+                                         replace(opts, blur=opts.second_blur), fallback)[local]
                 d = lumen_disagreement(values, second, lumen_level_at(volume[box], spacing, local_idx))
             unsure = d is not None and d > opts.unsure_hu
             if unsure and self.confidence.unsure_action == "leave":

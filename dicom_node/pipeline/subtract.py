@@ -145,19 +145,19 @@ def _tv_gradient(u: np.ndarray) -> np.ndarray:
     return -sum(p - np.roll(p, 1, axis=a) for a, p in enumerate(x / norm for x in g))
 
 
+def through(volume: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """``volume`` through the transfer function ``h`` (on its real-FFT grid, ``ScannerBlur.transfer``)."""
+    return np.fft.irfftn(np.fft.rfftn(volume) * h, s=volume.shape, axes=(0, 1, 2))
+
+
 def sharpen(image: np.ndarray, h: np.ndarray, tv_weight: float, iterations: int) -> np.ndarray:
     """Total-variation deconvolution: argmin ½‖h∗u − image‖² + w·TV(u), by accelerated gradient (FISTA)."""
-    shape = image.shape
-
-    def blur(v: np.ndarray) -> np.ndarray:
-        return np.fft.irfftn(np.fft.rfftn(v) * h, s=shape, axes=(0, 1, 2))
-
     step = 1.0 / (float(np.max(h)) ** 2 + 12.0 * tv_weight / TV_EPSILON_HU)
     u = image.copy()
     z = u.copy()
     t = 1.0
     for _ in range(iterations):
-        nxt = z - step * (blur(blur(z) - image) + tv_weight * _tv_gradient(z))
+        nxt = z - step * (through(through(z, h) - image, h) + tv_weight * _tv_gradient(z))
         t_next = 0.5 * (1.0 + np.sqrt(1.0 + 4.0 * t * t))
         z = nxt + (t - 1.0) / t_next * (nxt - u)
         u, t = nxt, t_next
@@ -165,15 +165,14 @@ def sharpen(image: np.ndarray, h: np.ndarray, tv_weight: float, iterations: int)
 
 
 def calcium_removed(image: np.ndarray, calcium: np.ndarray, spacing: tuple[float, float, float],
-                    options: SubtractOptions, fallback_level: float, blur: ScannerBlur | None = None) -> np.ndarray:
+                    options: SubtractOptions, fallback_level: float) -> np.ndarray:
     """A box of HU without its calcium: ``image`` minus the blurred excess of the sharp calcium.
 
     ``calcium`` (bool, same box) says where the detector found calcium; the sharp image
     decides its extent. Values far from any calcium come back unchanged up to float error.
-    ``blur`` overrides ``options.blur`` (the confidence pass).
     """
     y = image.astype(np.float64)
-    h = (blur or options.blur).transfer(y.shape, spacing)
+    h = options.blur.transfer(y.shape, spacing)
     u = sharpen(y, h, options.tv_weight, options.iterations)
     near = ndimage.binary_dilation(calcium, iterations=options.near_calcium_voxels) if options.near_calcium_voxels \
         else calcium
@@ -183,5 +182,5 @@ def calcium_removed(image: np.ndarray, calcium: np.ndarray, spacing: tuple[float
     sharp = tuple(idx[u[tuple(idx.T)] > level + options.white_above_lumen_hu].T)
     excess = np.zeros(y.shape)
     excess[sharp] = np.clip(u[sharp] - options.plaque_hu, 0.0, None)
-    return (y - np.fft.irfftn(np.fft.rfftn(excess) * h, s=y.shape, axes=(0, 1, 2))).astype(np.float32)
+    return (y - through(excess, h)).astype(np.float32)
 

@@ -21,7 +21,6 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
@@ -33,9 +32,6 @@ from dicom_node_lab.patches import HELD_OUT_KERNELS, TRAIN_MOTION_MM, volume_see
 from dicom_node_lab.physics import Kernel
 from dicom_node_lab.reader import WHITE_LEVELS_HU
 from dicom_node_lab.readings import read_study
-
-if TYPE_CHECKING:
-    from dicom_node.pipeline.subtract import ScannerBlur
 
 EXP2V2_SEED = 5050  # held out: training 1..99, validation 7, Experiment 2 3030/4040
 EXP2V2_TUNE_SEED = 6060  # for choosing settings (margin, confidence threshold) without touching EXP2V2_SEED
@@ -118,8 +114,12 @@ def _one_study(job: tuple[int, int, str, list[str], bool, bool]) -> tuple[list[d
         around = ndimage.binary_dilation(p.calcium_fraction > 0.01, iterations=2)
         images[PERFECT_DETECTION] = np.where(result.changed | around, truth, original)
         if result.assumed_mtf50_lp_cm is not None and p.calcium_excess is not None:
-            images[TRUE_CALCIUM_SUBTRACTED] = np.where(result.changed, _stored_hu(
-                original - _blurred(p.calcium_excess, _ENGINE.subtract.for_kernel(kernel).blur, p.spacing)), original)
+            from dicom_node.pipeline.subtract import through
+
+            excess = p.calcium_excess.astype(np.float64)
+            h = _ENGINE.subtract.for_kernel(kernel).blur.transfer(excess.shape, p.spacing)
+            images[TRUE_CALCIUM_SUBTRACTED] = np.where(result.changed, _stored_hu(original - through(excess, h)),
+                                                       original)
     rows = read_study(p, images, study=f"{seed}-{i}")
     for r in rows:
         r["index"] = i
@@ -129,12 +129,6 @@ def _one_study(job: tuple[int, int, str, list[str], bool, bool]) -> tuple[list[d
     goal["seconds"] = seconds
     strips = {(r["vessel"], r["lesion"]): _strip(p, r, original, processed) for r in rows} if keep else None
     return rows, goal, strips
-
-
-def _blurred(volume: np.ndarray, blur: ScannerBlur, spacing: tuple[float, float, float]) -> np.ndarray:
-    """``volume`` through a subtraction's assumed scanner blur (``subtract.ScannerBlur``), whole-volume FFT."""
-    h = blur.transfer(volume.shape, spacing)
-    return np.fft.irfftn(np.fft.rfftn(volume.astype(np.float64)) * h, s=volume.shape, axes=(0, 1, 2))
 
 
 def _lesion_confidence(p, row: dict, result) -> tuple[bool | None, float | None]:
@@ -344,20 +338,22 @@ def run(args: argparse.Namespace) -> int:
 def confidence(rows: list[dict], white: float = PRIMARY_WHITE, large: float = 10.0) -> dict:
     """How many large errors (> ``large`` points against the truth image) the unsure flag catches."""
     w = f"{white:g}"
-    flagged = [r for r in rows if r.get("unsure") is not None and r[f"processed@{w}"] is not None
-               and r[f"truth@{w}"] is not None]
-    if not flagged:
-        return {"n": 0}
-    err = np.array([abs(r[f"processed@{w}"] - r[f"truth@{w}"]) for r in flagged])
-    unsure = np.array([bool(r["unsure"]) for r in flagged])
+    measured = [r for r in rows if r.get("unsure") is not None and r[f"processed@{w}"] is not None
+                and r[f"truth@{w}"] is not None]
+    if not measured:
+        return {"n": 0, "flagged": 0, "mae_flagged": None, "mae_unflagged": None}
+    err = np.array([abs(r[f"processed@{w}"] - r[f"truth@{w}"]) for r in measured])
+    unsure = np.array([bool(r["unsure"]) for r in measured])
     big = err > large
     # severe stenoses made by processing, as safety counts them
-    made = np.array([r[f"original@{w}"] is not None and _made_by_processing(r, w) for r in flagged])
-    measures = sorted({r["measure"] for r in flagged if r.get("measure")})
-    return {"n": len(flagged), "large": int(big.sum()), "large_flagged": int((big & unsure).sum()),
+    made = np.array([r[f"original@{w}"] is not None and _made_by_processing(r, w) for r in measured])
+    measures = sorted({r["measure"] for r in measured if r.get("measure")})
+    return {"n": len(measured), "large": int(big.sum()), "large_flagged": int((big & unsure).sum()),
             "good_flagged": int((~big & unsure).sum()), "good": int((~big).sum()), "large_points": large,
             "made_severe": int(made.sum()), "made_severe_flagged": int((made & unsure).sum()),
-            "measure": "/".join(measures) or "flip"}
+            "measure": "/".join(measures) or "flip", "flagged": int(unsure.sum()),
+            "mae_flagged": float(err[unsure].mean()) if unsure.any() else None,
+            "mae_unflagged": float(err[~unsure].mean()) if (~unsure).any() else None}
 
 
 def at_thresholds(rows: list[dict], thresholds: list[float], white: float = PRIMARY_WHITE,
@@ -368,20 +364,9 @@ def at_thresholds(rows: list[dict], thresholds: list[float], white: float = PRIM
     voxels flagged or not, so a threshold can be chosen on a tuning run's rows and checked on a
     held-out run's without processing either again. Calcified lesions with a disagreement only.
     """
-    w = f"{white:g}"
-    rows = [r for r in rows if r.get("stratum") == "calcified" and r.get("disagreement_hu") is not None
-            and r[f"processed@{w}"] is not None and r[f"truth@{w}"] is not None]
-    err = np.array([abs(r[f"processed@{w}"] - r[f"truth@{w}"]) for r in rows])
-    out = []
-    for t in thresholds:
-        flagged = [dict(r, unsure=r["disagreement_hu"] > t) for r in rows]
-        c = confidence(flagged, white, large)
-        u = np.array([r["unsure"] for r in flagged], bool)
-        c.update(threshold=t, flagged=int(u.sum()),
-                 mae_flagged=float(err[u].mean()) if u.any() else None,
-                 mae_unflagged=float(err[~u].mean()) if (~u).any() else None)
-        out.append(c)
-    return out
+    rows = [r for r in rows if r.get("stratum") == CALCIFIED and r.get("disagreement_hu") is not None]
+    return [dict(confidence([dict(r, unsure=r["disagreement_hu"] > t) for r in rows], white, large), threshold=t)
+            for t in thresholds]
 
 
 def thresholds_report(args: argparse.Namespace) -> int:
