@@ -18,8 +18,10 @@ ingest: DCMTK storescu sends the 256 slices over 1, 2 and 4 concurrent associati
 slices dealt round-robin, one storescu each), in turn to DCMTK storescp (no fsync),
 Orthanc (Debian's, TCP_NODELAY=1, its default SyncStorageArea: an fsync per write) and
 `dicom-node serve` (fsync and atomic rename before each success; one node per
-`--receiver-processes` value, default 1 and 2), in the same run and on
-the same disk; reports instances/s, node/Orthanc and node 4/1, and the fsync ceiling:
+`--receiver-processes` value, default 1 and 2) and a bare pynetdicom receiver
+(`dicom_node_lab.bare_scp`: the encoded data set, a new file, rename, fsync, Success: the
+ceiling for a node on pynetdicom's public API in one process), in the same run and on the
+same disk; reports instances/s, node/Orthanc, bare/Orthanc and 4/1, and the fsync ceiling:
 instances/s if one durable write per instance were all there was to do.
 
 latency: a private Orthanc on loopback routes the study to the node (Lua OnStableSeries),
@@ -146,6 +148,7 @@ def _delivered(orthanc, study_uid: str, n: int) -> bool:
 
 
 ASSOCIATIONS = (1, 2, 4)
+BARE = "pynetdicom-bare"  # dicom_node_lab.bare_scp: the least a durable pynetdicom receiver can do
 
 
 def _split(folder: Path, root: Path, k: int) -> list[Path]:
@@ -229,11 +232,17 @@ def bench_ingest(args: argparse.Namespace) -> int:
                                              "node": [f"receiver_processes = {processes}"]})
         nodes[name] = peers.NodeProcess(cfg, http_port, dicom_port, root / f"{name}.log").start()
         received[name] = spool / "series"
+    # The ceiling for any receiver on pynetdicom's public API: encoded data set, new file, rename, fsync, Success.
+    bare_port, bare_dir = peers.free_port(), root / "pynetdicom-bare"
+    bare = subprocess.Popen([sys.executable, "-m", "dicom_node_lab.bare_scp", "--port", str(bare_port),
+                             "--out", str(bare_dir), "--ae-title", "BARE"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    received[BARE] = bare_dir
     (root / "pacs").mkdir()
     orthanc = peers.Orthanc(root / "pacs", peers.free_port(), peers.free_port(), route=None).start()
     splits = {k: _split(folder, root, k) for k in ASSOCIATIONS}
     targets = {"storescp": (scp_port, "STORESCP"), "orthanc": (orthanc.dicom_port, orthanc.aet),
-               **{name: (node.dicom_port, "DICOMNODE") for name, node in nodes.items()}}
+               BARE: (bare_port, "BARE"), **{name: (node.dicom_port, "DICOMNODE") for name, node in nodes.items()}}
     rates: dict[str, dict[int, list[float]]] = {name: {k: [] for k in ASSOCIATIONS} for name in targets}
 
     def clear() -> None:
@@ -241,8 +250,12 @@ def bench_ingest(args: argparse.Namespace) -> int:
         scp_dir.mkdir()
         for study in requests.get(f"{orthanc.url}/studies", timeout=30).json():
             requests.delete(f"{orthanc.url}/studies/{study}", timeout=60)
-        for spooled_series in received.values():
-            shutil.rmtree(spooled_series, ignore_errors=True)
+        for name, spooled_series in received.items():
+            if name == BARE:  # the bare receiver keeps writing into its folder: empty it, keep it
+                for f in spooled_series.glob("*.dcm"):
+                    f.unlink()
+            else:
+                shutil.rmtree(spooled_series, ignore_errors=True)
 
     spooled: dict[str, int] = {}
     try:
@@ -252,15 +265,16 @@ def bench_ingest(args: argparse.Namespace) -> int:
                 for name, (port, aet) in targets.items():
                     clear()
                     rates[name][k].append(n / _concurrent_storescu(peers, port, aet, splits[k]))
-                    if name in nodes:  # every instance of every run on disk, checked before the next clears it
+                    if name in received:  # every instance of every run on disk, checked before the next clears it
                         spooled[name] = min(spooled.get(name, n), len(list(received[name].rglob("*.dcm"))))
         ceiling = _fsync_ceiling(root, next(folder.glob("*.dcm")).stat().st_size)
     finally:
         for node in nodes.values():
             node.stop()
         orthanc.stop()
-        scp.terminate()
-        scp.wait(10)
+        for proc in (scp, bare):
+            proc.terminate()
+            proc.wait(10)
     med = {name: {k: float(sorted(v)[len(v) // 2]) for k, v in by_k.items()} for name, by_k in rates.items()}
     report = {"instances": n, "instance_bytes": next(folder.glob("*.dcm")).stat().st_size, "repeats": args.repeats,
               "instances_per_s": {name: {k: [round(x, 1) for x in v] for k, v in by_k.items()}
@@ -271,11 +285,13 @@ def bench_ingest(args: argparse.Namespace) -> int:
               "node_to_storescp": {name: {k: round(med[name][k] / med["storescp"][k], 2) for k in ASSOCIATIONS}
                                    for name in nodes},
               "node_4_to_1": {name: round(med[name][4] / med[name][1], 2) for name in nodes},
+              "pynetdicom_bare_to_orthanc": {k: round(med[BARE][k] / med["orthanc"][k], 2) for k in ASSOCIATIONS},
+              "pynetdicom_bare_4_to_1": round(med[BARE][4] / med[BARE][1], 2),
               "orthanc_4_to_1": round(med["orthanc"][4] / med["orthanc"][1], 2),
               "fsync_ceiling_instances_per_s": round(ceiling, 1),
               "spooled_fewest": spooled,
-              "durability": "node: fsync + atomic rename per instance; Orthanc: SyncStorageArea (default); "
-                            "storescp: none"}
+              "durability": "node and pynetdicom-bare: atomic rename + fsync per instance; Orthanc: "
+                            "SyncStorageArea (default); storescp: none"}
     print(json.dumps(report, indent=2))
     shutil.rmtree(root, ignore_errors=True)
     return 0 if spooled and all(v == n for v in spooled.values()) else 1
