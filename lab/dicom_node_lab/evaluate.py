@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     th.add_argument("report", help="experiment2v2.json of a run with engine.confidence on")
     th.add_argument("--at", type=float, nargs="+", required=True, metavar="HU", help="thresholds to try")
     th.add_argument("--large", type=float, default=10.0, help="an error over this many points is large")
+    sc = sub.add_parser("safety-cases", help="the lesions behind an experiment2v2 report's safety figures")
+    sc.add_argument("report", help="experiment2v2.json")
     cal = sub.add_parser("calibration", help="the world's blooming against the issue's 2D check, XCIST and the gate")
     calibration.add_arguments(cal)
     args = ap.parse_args(argv)
@@ -68,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         return calibration.report(args)
     if args.cmd == "thresholds":
         return experiment2v2.thresholds_report(args)
+    if args.cmd == "safety-cases":
+        return experiment2v2.safety_cases_report(args)
     if args.cmd == "experiment2v2":
         return experiment2v2.run(args)
     return experiment1(args) if args.cmd == "experiment1" else experiment2(args)

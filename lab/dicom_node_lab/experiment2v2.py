@@ -388,6 +388,52 @@ def thresholds_report(args: argparse.Namespace) -> int:
     return 0
 
 
+SAFETY_COLUMNS = ("study", "vessel", "lesion", "type", "kernel", "diameter_mm", "geometric", "arc_deg",
+                  "density_mg_cm3", "motion_mm")
+
+
+def safety_cases(rows: list[dict]) -> list[dict]:
+    """The lesions behind a run's safety figures: each severe stenosis processing made (at either
+    white level) and each non-calcified lesion or calcium-free segment whose reading moved more
+    than a point. A count says that the rule failed; these rows say where, so that a cause can be
+    looked for in the study (``make_study(seed, i)`` renders it again)."""
+    out = []
+    for r in rows:
+        why = []
+        for w in (f"{x:g}" for x in WHITE_LEVELS_HU):
+            if any(r.get(f"{n}@{w}") is None for n in ("original", "processed")):
+                continue
+            if _made_by_processing(r, w):
+                why.append(f"severe made at + {w}")
+            elif r["type"] in ("soft", "normal") and abs(r[f"processed@{w}"] - r[f"original@{w}"]) > 1.0:
+                why.append(f"no calcium, moved at + {w}")
+        if why:
+            out.append({**{k: r.get(k) for k in SAFETY_COLUMNS}, "why": why,
+                        **{f"{n}@{w:g}": r.get(f"{n}@{w:g}") for w in WHITE_LEVELS_HU
+                           for n in ("original", "processed", "truth")},
+                        "unsure": r.get("unsure"), "disagreement_hu": r.get("disagreement_hu")})
+    return out
+
+
+def safety_cases_report(args: argparse.Namespace) -> int:
+    """``evaluate.py safety-cases``: the lesions behind a report's safety figures, as a Markdown table."""
+    rows = json.loads(Path(args.report).read_text())["lesions"]
+    cases = safety_cases(rows)
+    print(f"{args.report}: {len(cases)} lesions behind the safety figures (readings: original / processed / truth "
+          "image, at + 100 and + 200 HU)\n")
+    print("| study | vessel, lesion | type | kernel | vessel mm | geometric % | arc ° | mg HA/cm³ | motion mm "
+          "| + 100 HU | + 200 HU | flagged unsure (HU) | why |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---|---|---|---|")
+    fmt = lambda x: "-" if x is None else f"{x:.0f}"  # noqa: E731
+    for c in cases:
+        reads = [" / ".join(fmt(c[f"{n}@{w:g}"]) for n in ("original", "processed", "truth")) for w in WHITE_LEVELS_HU]
+        flag = "-" if c["unsure"] is None else f"{'yes' if c['unsure'] else 'no'} ({c['disagreement_hu']:.0f})"
+        print(f"| {c['study']} | {c['vessel']}, {c['lesion']} | {c['type']} | {c['kernel']} | {c['diameter_mm']:.1f} "
+              f"| {c['geometric']:.0f} | {c['arc_deg']:.0f} | {c['density_mg_cm3']:.0f} | {c['motion_mm']:.1f} "
+              f"| {reads[0]} | {reads[1]} | {flag} | {'; '.join(c['why'])} |")
+    return 0
+
+
 def _figure(path: Path, worst: list[dict], args: argparse.Namespace) -> None:
     import matplotlib
 

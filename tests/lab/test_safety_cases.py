@@ -1,0 +1,43 @@
+"""The lesions behind a run's safety figures (``evaluate.py safety-cases``) are exactly the ones it counted.
+
+The held-out report says how many severe stenoses processing made and how many calcium-free
+readings moved; the listing must name those lesions and no others, or the causes looked for in
+them would be the wrong ones.
+"""
+
+from __future__ import annotations
+
+from dicom_node_lab import experiment2v2
+
+
+def _row(i, kind, geometric, original, processed, truth, original_200=None, processed_200=None):
+    reads = {"original@100": original, "processed@100": processed, "truth@100": truth,
+             "original@200": original if original_200 is None else original_200,
+             "processed@200": processed if processed_200 is None else processed_200, "truth@200": truth}
+    return {"study": f"1-{i}", "vessel": 0, "lesion": 0, "type": kind, "stratum": kind, "kernel": "standard",
+            "diameter_mm": 2.5, "geometric": geometric, "arc_deg": 120.0, "density_mg_cm3": 800.0,
+            "motion_mm": 0.2, "unsure": False, "disagreement_hu": 10.0, **reads}
+
+
+ROWS = [
+    _row(0, "calcified", 30.0, 65.0, 80.0, 40.0),  # made severe at both levels
+    _row(1, "calcified", 30.0, 75.0, 80.0, 40.0),  # severe before processing too: not made by it
+    _row(2, "calcified", 60.0, 60.0, 80.0, 75.0),  # truly 60 %: not invented
+    _row(3, "calcified", 30.0, 60.0, 65.0, 40.0, original_200=60.0, processed_200=72.0),  # made at + 200 only
+    _row(4, "soft", 0.0, 20.0, 20.5, 20.0),  # moved half a point: within the rule
+    _row(5, "normal", 0.0, 20.0, 25.0, 20.0),  # moved five points
+    _row(6, "calcified", 30.0, None, None, 40.0),  # unreadable: never counted
+]
+
+
+def test_safety_cases_name_the_lesions_the_figures_count():
+    cases = experiment2v2.safety_cases(ROWS)
+    assert [(c["study"], c["why"]) for c in cases] == [
+        ("1-0", ["severe made at + 100", "severe made at + 200"]),
+        ("1-3", ["severe made at + 200"]),
+        ("1-5", ["no calcium, moved at + 100", "no calcium, moved at + 200"])]
+    for w in (100.0, 200.0):
+        figures = experiment2v2.safety(ROWS, w)
+        listed = [c for c in cases if f"severe made at + {w:g}" in c["why"]]
+        assert figures["invented_severe_by_processing"] == len(listed)
+        assert figures["no_calcium_over_1"] == sum(f"no calcium, moved at + {w:g}" in c["why"] for c in cases)
