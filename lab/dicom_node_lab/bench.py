@@ -64,6 +64,7 @@ from typing import Any
 
 from dicom_node.config import load
 from dicom_node_lab import phantom
+from dicom_node_lab.bare_scp import durable_write
 from dicom_node_lab.phantom_dicom import write_phantom_series
 
 BENCH_SEED = 4711
@@ -176,18 +177,6 @@ def _concurrent_storescu(peers, port: int, called: str, dirs: list[Path]) -> flo
     return time.perf_counter() - t0
 
 
-def _new_file(root: Path, name: str, data: bytes, sync) -> None:  # noqa: ANN001 - os.fsync or os.fdatasync
-    """One durable write as the spool makes it: a new file, renamed into place, then synced."""
-    import os
-
-    part, final = root / f"{name}.part", root / f"{name}.dcm"
-    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.write(fd, data)
-    os.replace(part, final)
-    sync(fd)
-    os.close(fd)
-
-
 def _fsync_ceiling(root: Path, size: int, writes: int = 100) -> float:
     """Instances/s if a durable write (new file, rename, fsync) of one instance were all there was to do."""
     import os
@@ -195,7 +184,7 @@ def _fsync_ceiling(root: Path, size: int, writes: int = 100) -> float:
     data = os.urandom(size)
     t0 = time.perf_counter()
     for i in range(writes):
-        _new_file(root, f"c{i}", data, os.fsync)
+        durable_write(root, f"c{i}", data)
     rate = writes / (time.perf_counter() - t0)
     for i in range(writes):
         (root / f"c{i}.dcm").unlink()
@@ -358,8 +347,8 @@ def bench_durable_write(args: argparse.Namespace) -> int:
         os.pwrite(fd_j, data, i * len(data))
         os.fdatasync(fd_j)
 
-    methods = {"new file, rename, fsync (the spool)": lambda i: _new_file(root, str(i), data, os.fsync),
-               "new file, rename, fdatasync": lambda i: _new_file(root, str(i), data, os.fdatasync),
+    methods = {"new file, rename, fsync (the spool)": lambda i: durable_write(root, str(i), data),
+               "new file, rename, fdatasync": lambda i: durable_write(root, str(i), data, os.fdatasync),
                "preallocated journal, pwrite + fdatasync": journal_fdatasync,
                "preallocated journal, O_DSYNC pwrite": lambda i: os.pwrite(fd_dsync, data, i * len(data))}
     report = {}

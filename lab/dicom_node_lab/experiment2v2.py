@@ -258,19 +258,32 @@ def _made_by_processing(r: dict, w: str) -> bool:
     return _invented_severe(r, w) and r[f"original@{w}"] < 70
 
 
+NO_CALCIUM = ("soft", "normal")  # non-calcified lesions and calcium-free segments
+NO_CALCIUM_POINTS = 1.0  # ... whose reading processing may move by at most this much
+
+
+def _change(r: dict, w: str) -> float:
+    return abs(r[f"processed@{w}"] - r[f"original@{w}"])
+
+
+def _moved_without_calcium(r: dict, w: str) -> bool:
+    """A lesion without calcium whose reading processing moved by more than the rule allows (needs both readings)."""
+    return r["type"] in NO_CALCIUM and _change(r, w) > NO_CALCIUM_POINTS
+
+
 def safety(rows: list[dict], white: float = PRIMARY_WHITE) -> dict:
     """Invented severe stenoses, and change where there is no calcium."""
     w = f"{white:g}"
     ok = [r for r in rows if r[f"processed@{w}"] is not None and r[f"original@{w}"] is not None]
     invented = [r for r in ok if _invented_severe(r, w)]
     invented_by_engine = [r for r in ok if _made_by_processing(r, w)]
-    clean = [r for r in ok if r["type"] in ("soft", "normal")]
-    change = np.array([abs(r[f"processed@{w}"] - r[f"original@{w}"]) for r in clean])
+    clean = [r for r in ok if r["type"] in NO_CALCIUM]
     return {"n_below_50": sum(r["geometric"] < 50 for r in ok), "invented_severe": len(invented),
             "invented_severe_by_processing": len(invented_by_engine),
             "invented": [(r["study"], r["vessel"], r["lesion"]) for r in invented],
-            "no_calcium_n": len(clean), "no_calcium_max_change": float(change.max()) if len(change) else 0.0,
-            "no_calcium_over_1": int((change > 1.0).sum())}
+            "no_calcium_n": len(clean),
+            "no_calcium_max_change": float(max((_change(r, w) for r in clean), default=0.0)),
+            "no_calcium_over_1": sum(_moved_without_calcium(r, w) for r in clean)}
 
 
 def strata(rows: list[dict], key: str, white: float = PRIMARY_WHITE) -> dict[str, dict]:
@@ -405,7 +418,7 @@ def safety_cases(rows: list[dict]) -> list[dict]:
                 continue
             if _made_by_processing(r, w):
                 why.append(f"severe made at + {w}")
-            elif r["type"] in ("soft", "normal") and abs(r[f"processed@{w}"] - r[f"original@{w}"]) > 1.0:
+            elif _moved_without_calcium(r, w):
                 why.append(f"no calcium, moved at + {w}")
         if why:
             out.append({**{k: r.get(k) for k in SAFETY_COLUMNS}, "why": why,

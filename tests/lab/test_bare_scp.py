@@ -42,7 +42,7 @@ def test_bare_receiver_writes_every_acknowledged_instance(tmp_path: Path) -> Non
     assert statuses == [bare_scp.SUCCESS] * len(files)
     stored = sorted(out.glob("*.dcm"))
     assert len(stored) == len(files) and not list(out.glob(".*.part"))
-    sent = {str(pydicom.dcmread(f).SOPInstanceUID): pydicom.dcmread(f).pixel_array for f in files}
+    sent = {str(ds.SOPInstanceUID): ds.pixel_array for ds in map(pydicom.dcmread, files)}
     for f in stored:
         ds = pydicom.dcmread(f)
         assert (ds.pixel_array == sent[str(ds.SOPInstanceUID)]).all()
