@@ -86,7 +86,18 @@ PERFECT_DETECTION = "perfect_detection"
 # processed image lies the error of estimating the calcium; between it and a perfect restoration, the
 # error of the assumed blur (the scanner's is softer or sharper, and moves).
 TRUE_CALCIUM_SUBTRACTED = "true_calcium_subtracted"
-ORACLES = (TRUE_CALCIUM_SUBTRACTED, PERFECT_NETWORK, PERFECT_DETECTION)
+# What no restoration can know is the noise under the calcium: the truth image keeps the acquired image's own
+# noise draw there, and a reader's stenosis in a small lumen moves with it. So a restoration that knew the
+# anatomy exactly would still write a different noise draw: the calcium-free anatomy plus a new draw of the
+# scanner's noise (same kernel texture and SD), in the voxels the engine restored ...
+KNOWN_ANATOMY = "known_anatomy"
+KNOWN_ANATOMY_ALL_CALCIUM = "known_anatomy_all_calcium"  # ... there and around every true deposit
+# ... and everywhere: the same calcium-free anatomy scanned again. Read against the truth image, it is the
+# reader's own test-retest agreement, the best any image whose noise is not the truth image's can expect.
+RETEST = "retest"
+ORACLES = (TRUE_CALCIUM_SUBTRACTED, PERFECT_NETWORK, PERFECT_DETECTION, KNOWN_ANATOMY, KNOWN_ANATOMY_ALL_CALCIUM,
+           RETEST)
+RETEST_STREAM = 2  # the new noise draw's stream, beside the study's seed
 
 
 def _one_study(job: tuple[int, int, str, list[str], bool, bool]) -> tuple[list[dict], dict, dict | None]:
@@ -120,6 +131,11 @@ def _one_study(job: tuple[int, int, str, list[str], bool, bool]) -> tuple[list[d
             h = _ENGINE.subtract.for_kernel(kernel).blur.transfer(excess.shape, p.spacing)
             images[TRUE_CALCIUM_SUBTRACTED] = np.where(result.changed, _stored_hu(original - through(excess, h)),
                                                        original)
+        if p.noise is not None:
+            retest = _rescanned(p)
+            images[KNOWN_ANATOMY] = np.where(result.changed, retest, original)
+            images[KNOWN_ANATOMY_ALL_CALCIUM] = np.where(result.changed | around, retest, original)
+            images[RETEST] = retest
     rows = read_study(p, images, study=f"{seed}-{i}")
     for r in rows:
         r["index"] = i
@@ -129,6 +145,16 @@ def _one_study(job: tuple[int, int, str, list[str], bool, bool]) -> tuple[list[d
     goal["seconds"] = seconds
     strips = {(r["vessel"], r["lesion"]): _strip(p, r, original, processed) for r in rows} if keep else None
     return rows, goal, strips
+
+
+def _rescanned(p) -> np.ndarray:
+    """The study's calcium-free anatomy under a new draw of its scanner's noise, as stored (see ``RETEST``)."""
+    from dicom_node_lab import physics
+
+    s = p.settings
+    fresh = physics.noise(p.truth.shape, p.spacing, s.kernel, s.slice_fwhm_mm, s.noise_sd,
+                          np.random.default_rng([p.seed, RETEST_STREAM]))
+    return _stored_hu(p.truth - p.noise + fresh)
 
 
 def _lesion_confidence(p, row: dict, result) -> tuple[bool | None, float | None]:
@@ -235,16 +261,22 @@ def summarise(rows: list[dict], white: float = PRIMARY_WHITE) -> dict:
 
 
 def floor(rows: list[dict], white: float = PRIMARY_WHITE) -> dict:
-    """Error against the truth image of the processed image and of the oracles (``--oracle``)."""
+    """Error and CAD-RADS agreement against the truth image of the processed image and of the oracles (``--oracle``)."""
     w = f"{white:g}"
     out = {}
     for name in ("original", "processed", *ORACLES):
         if not rows or f"{name}@{w}" not in rows[0]:
             continue  # the subtraction's oracle, with the network
         ok = [r for r in rows if r[f"{name}@{w}"] is not None and r[f"truth@{w}"] is not None]
-        err = _values(ok, f"{name}@{w}") - _values(ok, f"truth@{w}")
-        out[name] = {"n": len(ok), "bias": float(err.mean()), "mae": float(np.abs(err).mean()),
-                     "median_abs": float(np.median(np.abs(err)))} if ok else {"n": 0}
+        if not ok:
+            out[name] = {"n": 0}
+            continue
+        measured, truth = _values(ok, f"{name}@{w}"), _values(ok, f"truth@{w}")
+        a = agreement(measured, truth)
+        out[name] = {"n": len(ok), "bias": a["bias"], "mae": a["mae"],
+                     "mae_ci": a["mae_ci"],
+                     "median_abs": float(np.median(np.abs(measured - truth))), "kappa": a["kappa"],
+                     "cadrads_exact": a["cadrads_exact"], "sens50": a["sens50"], "spec50": a["spec50"]}
     return out
 
 
@@ -557,18 +589,30 @@ def _markdown(path: Path, res: dict, args: argparse.Namespace) -> None:
                  "processed": "processed (the subtraction)" if subtract else "processed (the network)",
                  PERFECT_NETWORK: "a perfect restoration: the truth image in the voxels the engine restored",
                  PERFECT_DETECTION: "... and around every true calcium deposit (perfect detection too)",
-                 TRUE_CALCIUM_SUBTRACTED: "the phantom's own sharp calcium, subtracted under the assumed blur"}
+                 TRUE_CALCIUM_SUBTRACTED: "the phantom's own sharp calcium, subtracted under the assumed blur",
+                 KNOWN_ANATOMY: "the calcium-free anatomy with a new noise draw, in the voxels the engine restored "
+                                "(a restoration that knows all but the noise under the calcium)",
+                 KNOWN_ANATOMY_ALL_CALCIUM: "... and around every true calcium deposit",
+                 RETEST: "the calcium-free anatomy scanned again, everywhere: the reader's test-retest"}
         why = ("the gap between the processed image and the true calcium subtracted is the calcium estimate's; "
                "between that and a perfect restoration, the assumed blur's (the scanner's differs, and moves)"
                if subtract else "the gap between it and the processed image is the network's")
         lines += ["", f"## What limits the error (calcified lesions, white + {PRIMARY_WHITE:g} HU)", "",
                   "Against the truth image. The oracles keep the engine's detection, margin and regions: the "
-                  "error a perfect restoration leaves is the detection's, margin's and reader's; " + why + ".", "",
-                  "| image | n | bias | mean abs. error | median abs. error |", "|---|---:|---:|---:|---:|"]
+                  "error a perfect restoration leaves is the detection's, margin's and reader's; " + why + ". "
+                  "A perfect restoration copies the truth image's own noise draw under the calcium, which no "
+                  "restoration can know; the known-anatomy rows put a new draw there, and the retest reads the "
+                  "whole calcium-free anatomy under a new draw: how far the reader's own readings move with the "
+                  "noise alone.", "",
+                  "| image | n | bias | mean abs. error | median abs. error | CAD-RADS exact | κ | sens ≥ 50 | "
+                  "spec ≥ 50 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, f in res["floor"].items():
             if f.get("n"):
-                lines.append(f"| {names[name]} | {f['n']} | {f['bias']:+.1f} | {f['mae']:.1f} | "
-                             f"{f['median_abs']:.1f} |")
+                ci = f" [{f['mae_ci'][0]:.1f}, {f['mae_ci'][1]:.1f}]" if "mae_ci" in f else ""
+                rest = (f" {100 * f['cadrads_exact']:.0f} % | {f['kappa']:.2f} | {100 * f['sens50']:.0f} % | "
+                        f"{100 * f['spec50']:.0f} % |" if "kappa" in f else " | | | |")
+                lines.append(f"| {names[name]} | {f['n']} | {f['bias']:+.1f} | {f['mae']:.1f}{ci} | "
+                             f"{f['median_abs']:.1f} |{rest}")
     g = res["goals"]
     lines += ["", "## Kept goals", "",
               f"- Residual calcium (≥ 700 HU near vessels): {100 * g['residual_calcium_fraction']:.1f} % of the "
@@ -595,5 +639,6 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--report-dir", default="reports")
     ap.add_argument("--no-figure", action="store_true", help="skip the worst lesions' strips (tuning runs)")
     ap.add_argument("--oracle", action="store_true",
-                    help="also read a perfect restoration's and a perfect detection's images (with the "
-                         "subtraction, also the true calcium subtracted): what limits the error")
+                    help="also read a perfect restoration's and a perfect detection's images, the known anatomy "
+                         "under a new noise draw and a calcium-free rescan (with the subtraction, also the true "
+                         "calcium subtracted): what limits the error")

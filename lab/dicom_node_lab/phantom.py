@@ -100,6 +100,9 @@ class Phantom:
     # What the calcium adds to the anatomy before the scanner sees it (HU, image − truth as rendered, before
     # beam hardening, blur and noise): the sharp calcium a subtraction estimates. World studies only.
     calcium_excess: np.ndarray | None = None
+    # The scanner noise drawn into both image and truth (HU; world studies with noise only): truth − noise is
+    # the calcium-free anatomy as the scanner blurs it, which a restoration could know at best.
+    noise: np.ndarray | None = None
 
     def centreline_voxels(self, vessel: int) -> np.ndarray:
         """Centreline points of one vessel in (fractional) voxel indices."""

@@ -405,6 +405,7 @@ def generate(shape: tuple[int, int, int] = (80, 112, 112), spacing: tuple[float,
               if np.linalg.norm(v.motion_mm) > 0.05]
     image = physics.blur(image, spacing, kern, acq.slice_fwhm_mm, motion)
     truth = physics.blur(truth, spacing, kern, acq.slice_fwhm_mm, motion)
+    n = None
     if acq.noise_sd:
         n = physics.noise(shape, spacing, kern, acq.slice_fwhm_mm, acq.noise_sd,
                           np.random.default_rng(acq.noise_seed))
@@ -422,4 +423,4 @@ def generate(shape: tuple[int, int, int] = (80, 112, 112), spacing: tuple[float,
     return Phantom(image=image, truth=truth, calcium_mask=calc >= 0.5, calcium_fraction=calc,
                    lumen_mask=lumen > 0.5, vessels=vessels, lesions=lesions,
                    spacing=tuple(float(x) for x in sp), fwhm_mm=(acq.slice_fwhm_mm, km.fwhm_mm(), km.fwhm_mm()),
-                   noise_sd=acq.noise_sd, seed=seed, settings=settings, calcium_excess=excess)
+                   noise_sd=acq.noise_sd, seed=seed, settings=settings, calcium_excess=excess, noise=n)

@@ -2,7 +2,9 @@
 
 The oracles are what says whether a goal is out of reach of the network or of the rest of the
 engine, so they must be what they claim: the truth image exactly where the engine wrote, and
-the acquired image everywhere else.
+the acquired image everywhere else. The known-anatomy oracle and the retest put a new draw of the
+scanner's noise where the truth image keeps the acquired one: they say how much of an error is
+the noise a restoration cannot know, so that draw must be new and of the same size.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ def test_the_oracles_read_as_the_truth_where_they_restore_and_as_acquired_elsewh
     assert f[e.PERFECT_DETECTION]["median_abs"] < 2.0, f
     assert f[e.PERFECT_DETECTION]["mae"] < f["original"]["mae"], f
     assert np.isfinite(f[e.PERFECT_NETWORK]["mae"])
+    for r in clean:  # the known anatomy goes where the engine wrote (nowhere here); the retest goes everywhere
+        assert r[f"{e.KNOWN_ANATOMY}@{w}"] == pytest.approx(r[f"processed@{w}"], abs=1.0)
+    assert any(abs(r[f"{e.RETEST}@{w}"] - r[f"truth@{w}"]) > 0.5 for r in clean), "the retest is a new draw"
+    assert f[e.KNOWN_ANATOMY_ALL_CALCIUM]["n"] == len(calcified)
 
 
 def test_the_calcium_excess_is_what_the_scanner_blurs_into_the_image():
@@ -75,3 +81,26 @@ def test_the_subtraction_oracle_subtracts_the_true_calcium_only_where_the_engine
     monkeypatch.setattr(e, "_ENGINE", None)
     net = e._one_study((e.EXP2V2_TUNE_SEED, 0, job[2], [], False, True))[0]
     assert all(name not in r for r in net)
+
+
+def test_the_noise_a_study_draws_is_what_its_image_and_truth_share():
+    """truth − noise is the calcium-free anatomy the scanner blurs: the same study drawn without noise."""
+    from dicom_node_lab import world
+
+    p = world.generate(seed=3)
+    clean = world.generate(seed=3, noise=False)
+    assert p.noise is not None and clean.noise is None
+    assert p.noise.std() == pytest.approx(p.noise_sd, rel=1e-3)
+    assert np.abs((p.truth - p.noise) - clean.truth).max() < 1e-3
+
+
+def test_the_rescan_is_the_same_anatomy_under_an_independent_draw_of_the_same_noise():
+    """The retest image keeps the anatomy and the noise's size, and shares nothing of the noise draw it replaces:
+    otherwise the known-anatomy oracle would be a perfect restoration in disguise."""
+    p = e.make_study(e.EXP2V2_TUNE_SEED, 1)
+    retest = e._rescanned(p)
+    assert np.array_equal(retest, e._rescanned(p)), "one study, one rescan"
+    fresh = retest - (p.truth - p.noise)
+    assert np.abs(fresh.mean()) < 0.05 * p.noise_sd
+    assert fresh.std() == pytest.approx(p.noise_sd, rel=0.05)  # the stored values' rounding adds ~0.3 HU
+    assert abs(np.corrcoef(fresh.ravel(), p.noise.ravel())[0, 1]) < 0.05
