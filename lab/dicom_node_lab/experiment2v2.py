@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from dicom_node_lab import world
+from dicom_node_lab import physics, world
 from dicom_node_lab.experiment1 import ENGINES
 from dicom_node_lab.experiment2 import goal_metrics
 from dicom_node_lab.patches import HELD_OUT_KERNELS, TRAIN_MOTION_MM, volume_seed
@@ -149,8 +149,6 @@ def _one_study(job: tuple[int, int, str, list[str], bool, bool]) -> tuple[list[d
 
 def _rescanned(p) -> np.ndarray:
     """The study's calcium-free anatomy under a new draw of its scanner's noise, as stored (see ``RETEST``)."""
-    from dicom_node_lab import physics
-
     s = p.settings
     fresh = physics.noise(p.truth.shape, p.spacing, s.kernel, s.slice_fwhm_mm, s.noise_sd,
                           np.random.default_rng([p.seed, RETEST_STREAM]))
@@ -273,10 +271,8 @@ def floor(rows: list[dict], white: float = PRIMARY_WHITE) -> dict:
             continue
         measured, truth = _values(ok, f"{name}@{w}"), _values(ok, f"truth@{w}")
         a = agreement(measured, truth)
-        out[name] = {"n": len(ok), "bias": a["bias"], "mae": a["mae"],
-                     "mae_ci": a["mae_ci"],
-                     "median_abs": float(np.median(np.abs(measured - truth))), "kappa": a["kappa"],
-                     "cadrads_exact": a["cadrads_exact"], "sens50": a["sens50"], "spec50": a["spec50"]}
+        out[name] = {**{k: a[k] for k in ("n", "bias", "mae", "mae_ci", "kappa", "cadrads_exact", "sens50", "spec50")},
+                     "median_abs": float(np.median(np.abs(measured - truth)))}
     return out
 
 
@@ -608,11 +604,9 @@ def _markdown(path: Path, res: dict, args: argparse.Namespace) -> None:
                   "spec ≥ 50 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, f in res["floor"].items():
             if f.get("n"):
-                ci = f" [{f['mae_ci'][0]:.1f}, {f['mae_ci'][1]:.1f}]" if "mae_ci" in f else ""
-                rest = (f" {100 * f['cadrads_exact']:.0f} % | {f['kappa']:.2f} | {100 * f['sens50']:.0f} % | "
-                        f"{100 * f['spec50']:.0f} % |" if "kappa" in f else " | | | |")
-                lines.append(f"| {names[name]} | {f['n']} | {f['bias']:+.1f} | {f['mae']:.1f}{ci} | "
-                             f"{f['median_abs']:.1f} |{rest}")
+                lines.append(f"| {names[name]} | {f['n']} | {f['bias']:+.1f} | {f['mae']:.1f} [{f['mae_ci'][0]:.1f}, "
+                             f"{f['mae_ci'][1]:.1f}] | {f['median_abs']:.1f} | {100 * f['cadrads_exact']:.0f} % | "
+                             f"{f['kappa']:.2f} | {100 * f['sens50']:.0f} % | {100 * f['spec50']:.0f} % |")
     g = res["goals"]
     lines += ["", "## Kept goals", "",
               f"- Residual calcium (≥ 700 HU near vessels): {100 * g['residual_calcium_fraction']:.1f} % of the "
