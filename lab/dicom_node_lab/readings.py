@@ -11,7 +11,7 @@ import numpy as np
 
 from dicom_node_lab import world
 from dicom_node_lab.phantom import Phantom
-from dicom_node_lab.reader import WHITE_LEVELS_HU, ReaderSettings, as_seen, read_lesion
+from dicom_node_lab.reader import WHITE_LEVELS_HU, ReaderSettings, as_seen, read_lesion, smoothing_for
 
 
 def arc_stratum(arc_deg: float) -> str:
@@ -34,8 +34,10 @@ def read_study(p: Phantom, images: dict[str, np.ndarray], whites: tuple[float, .
     """One row per lesion: strata, geometric truth, and ``<image>@<white>`` readings (None if unreadable)."""
     rows = []
     settings = p.settings
-    # the white level does not change how the eye smooths: each image is smoothed once, not per lesion and level
-    seen = {name: as_seen(vol, p.spacing) for name, vol in images.items()}
+    # every image of a study is seen alike, with the smoothing its kernel asks for; the white level does
+    # not change how the eye smooths, so each image is smoothed once, not per lesion and level
+    smooth = smoothing_for(settings.kernel if settings else None)
+    seen = {name: as_seen(vol, p.spacing, ReaderSettings(smooth_mm=smooth)) for name, vol in images.items()}
     for vi, v in enumerate(p.vessels):
         if not isinstance(v, world.WorldVessel):
             raise TypeError("read_study reads world studies (world.generate)")
@@ -49,7 +51,7 @@ def read_study(p: Phantom, images: dict[str, np.ndarray], whites: tuple[float, .
                    "diameter_mm": 2.0 * float(v.radius_mm[i]), "length_mm": 2.0 * les.half_length_mm,
                    "calcium_thickness_mm": les.calcium_thickness_mm,
                    "kernel": str(settings.kernel) if settings else "", "kvp": settings.kvp if settings else 0,
-                   "motion_mm": float(np.linalg.norm(v.motion_mm))}
+                   "motion_mm": float(np.linalg.norm(v.motion_mm)), "reader_smooth_mm": smooth}
             row["calcium_contrast_hu"] = world.calcium_contrast(p.image, p.spacing, v, les)
             # the stratum as a reader meets it: calcium that never looks white reads with the faint ones
             row["stratum"] = (str(world.LesionType.FAINT) if les.arc_deg > 0
@@ -57,7 +59,7 @@ def read_study(p: Phantom, images: dict[str, np.ndarray], whites: tuple[float, .
             row["size"] = size_stratum(row["diameter_mm"])
             row["density"] = density_stratum(les.density_mg_cm3)
             for white in whites:
-                st = ReaderSettings(white_hu=white)
+                st = ReaderSettings(white_hu=white, smooth_mm=smooth)
                 for name, vol in seen.items():
                     r = read_lesion(vol, p.spacing, lumen_pts, les.s_mm, les.half_length_mm, st, seen=True)
                     row[f"{name}@{white:g}"] = None if r is None else r.stenosis_pct

@@ -104,3 +104,29 @@ def test_the_rescan_is_the_same_anatomy_under_an_independent_draw_of_the_same_no
     assert np.abs(fresh.mean()) < 0.05 * p.noise_sd
     assert fresh.std() == pytest.approx(p.noise_sd, rel=0.05)  # the stored values' rounding adds ~0.3 HU
     assert abs(np.corrcoef(fresh.ravel(), p.noise.ravel())[0, 1]) < 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", [375, 347])  # held-out studies: a sharp and an HD kernel
+def test_a_calcium_free_rescan_does_not_read_as_occluded(index, monkeypatch):
+    """The reader sees sharp-kernel noise as noise, not as an edge (reports/tuning/reader-noise.md).
+
+    With 0.2 mm of smoothing these calcium-free segments (truth image about 5 %) read 81-83 % on
+    a rescan of the same anatomy: a noise grain at a section's centre, or a bright patch across a
+    sector of rays. The kernel's smoothing must read the rescan within 10 points of the truth image.
+    """
+    from dicom_node_lab import reader
+    from dicom_node_lab.readings import read_study
+
+    p = e.make_study(e.EXP2V2_SEED, index)
+    images = {"truth": p.truth, e.RETEST: e._rescanned(p)}
+    w = f"{e.PRIMARY_WHITE:g}"
+    def clean() -> list[dict]:
+        return [r for r in read_study(p, images) if r["type"] in ("soft", "normal") and r["geometric"] < 10]
+
+    now = clean()
+    assert now
+    assert all(abs(r[f"{e.RETEST}@{w}"] - r[f"truth@{w}"]) < 10 for r in now), now
+    kernel = str(p.settings.kernel)
+    monkeypatch.setitem(reader.SMOOTH_MM_BY_KERNEL, kernel, 0.2)  # the reader before: the case is real
+    assert any(r[f"{e.RETEST}@{w}"] >= 70 for r in clean())
