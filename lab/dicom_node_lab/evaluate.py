@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dicom_node_lab import calibration, experiment2v2
+from dicom_node_lab import calibration, experiment2v2, reader_tuning
 from dicom_node_lab.experiment1 import experiment1
 from dicom_node_lab.experiment2 import EXP2_RUNS, EXP2_SEED, EXP2_TUNE_SEED, experiment2
 
@@ -65,7 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("report", help="experiment2v2.json")
     cal = sub.add_parser("calibration", help="the world's blooming against the issue's 2D check, XCIST and the gate")
     calibration.add_arguments(cal)
+    rs = sub.add_parser("reader-smoothing",
+                        help="the reader's smoothing per kernel, by its test-retest on tuning studies")
+    reader_tuning.add_arguments(rs)
     args = ap.parse_args(argv)
+    if args.cmd == "reader-smoothing":
+        return reader_tuning.run(args)
     if args.cmd == "calibration":
         return calibration.report(args)
     if args.cmd == "thresholds":

@@ -30,13 +30,16 @@ def density_stratum(mg_cm3: float) -> str:
 
 
 def read_study(p: Phantom, images: dict[str, np.ndarray], whites: tuple[float, ...] = WHITE_LEVELS_HU,
-               study: str = "") -> list[dict]:
-    """One row per lesion: strata, geometric truth, and ``<image>@<white>`` readings (None if unreadable)."""
+               study: str = "", smooth_mm: float | None = None) -> list[dict]:
+    """One row per lesion: strata, geometric truth, and ``<image>@<white>`` readings (None if unreadable).
+
+    ``smooth_mm``: the eye's smoothing, in place of the kernel's (``reader.smoothing_for``), for tuning it.
+    """
     rows = []
     settings = p.settings
     # every image of a study is seen alike, with the smoothing its kernel asks for; the white level does
     # not change how the eye smooths, so each image is smoothed once, not per lesion and level
-    smooth = smoothing_for(settings.kernel if settings else None)
+    smooth = smoothing_for(settings.kernel if settings else None) if smooth_mm is None else smooth_mm
     seen = {name: as_seen(vol, p.spacing, ReaderSettings(smooth_mm=smooth)) for name, vol in images.items()}
     for vi, v in enumerate(p.vessels):
         if not isinstance(v, world.WorldVessel):
