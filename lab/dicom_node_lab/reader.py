@@ -35,7 +35,7 @@ WALL_HU = 50.0  # vessel wall and plaque: the lumen's edge is half-way down to i
 # calcium-free rescans as occluded (reports/tuning/noise-floor.md). Readers read such images
 # integrated over more (a thicker slab, a wider window); the soft and standard kernels keep 0.2 mm,
 # so the calibration gate (standard kernel) and the noiseless inserts read as before. Chosen on
-# tuning studies (seed 6060) by the reader's test-retest agreement, reports/tuning/reader-noise.md.
+# tuning studies (seed 6060) by the reader's test-retest agreement, reports/tuning/reader-smoothing.md.
 SMOOTH_MM_BY_KERNEL = {"soft": 0.2, "standard": 0.2, "hd": 0.4, "sharp": 0.4}
 REFERENCE_GAP_MM = 1.0  # between a lesion's end and its reference sections
 REFERENCE_LENGTH_MM = 2.0

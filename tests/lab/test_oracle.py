@@ -109,7 +109,7 @@ def test_the_rescan_is_the_same_anatomy_under_an_independent_draw_of_the_same_no
 @pytest.mark.slow
 @pytest.mark.parametrize("index", [375, 347])  # held-out studies: a sharp and an HD kernel
 def test_a_calcium_free_rescan_does_not_read_as_occluded(index, monkeypatch):
-    """The reader sees sharp-kernel noise as noise, not as an edge (reports/tuning/reader-noise.md).
+    """The reader sees sharp-kernel noise as noise, not as an edge (reports/tuning/reader-smoothing.md).
 
     With 0.2 mm of smoothing these calcium-free segments (truth image about 5 %) read 81-83 % on
     a rescan of the same anatomy: a noise grain at a section's centre, or a bright patch across a
