@@ -276,9 +276,9 @@ def floor(rows: list[dict], white: float = PRIMARY_WHITE) -> dict:
     return out
 
 
-def _invented_severe(r: dict, w: str) -> bool:
-    """Under 50 % (geometry), read >= 70 % processed where the truth image does not (needs a processed reading)."""
-    return r["geometric"] < 50 and r[f"processed@{w}"] >= 70 and (r[f"truth@{w}"] is None or r[f"truth@{w}"] < 70)
+def _invented_severe(r: dict, w: str, image: str = "processed") -> bool:
+    """Under 50 % (geometry), read >= 70 % on ``image`` where the truth image does not (needs that reading)."""
+    return r["geometric"] < 50 and r[f"{image}@{w}"] >= 70 and (r[f"truth@{w}"] is None or r[f"truth@{w}"] < 70)
 
 
 def _made_by_processing(r: dict, w: str) -> bool:

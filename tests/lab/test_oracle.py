@@ -121,6 +121,7 @@ def test_a_calcium_free_rescan_does_not_read_as_occluded(index, monkeypatch):
     p = e.make_study(e.EXP2V2_SEED, index)
     images = {"truth": p.truth, e.RETEST: e._rescanned(p)}
     w = f"{e.PRIMARY_WHITE:g}"
+
     def clean() -> list[dict]:
         return [r for r in read_study(p, images) if r["type"] in ("soft", "normal") and r["geometric"] < 10]
 
