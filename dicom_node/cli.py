@@ -140,10 +140,10 @@ def _peer(args: argparse.Namespace) -> tuple[str, int, str]:
 
 def cmd_echo(args: argparse.Namespace) -> int:
     """C-ECHO a DICOM node: the first thing to try when a PACS says it cannot reach us."""
-    from pynetdicom import AE, evt
+    from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
-    from dicom_node.node.send import no_delay
+    from dicom_node.node.send import requestor_handlers
 
     try:
         host, port, aet = _peer(args)
@@ -152,7 +152,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
         return 2
     ae = AE(ae_title=args.calling_aet)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(host, port, ae_title=aet, evt_handlers=[(evt.EVT_CONN_OPEN, no_delay)])
+    assoc = ae.associate(host, port, ae_title=aet, evt_handlers=requestor_handlers())
     if not assoc.is_established:
         print(f"echo {aet}@{host}:{port}: association {'rejected' if assoc.is_rejected else 'failed'}",
               file=sys.stderr)

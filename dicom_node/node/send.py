@@ -12,6 +12,7 @@ import logging
 import queue
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,74 @@ def no_delay(event: object) -> None:
     raw = getattr(sock, "socket", None)
     if raw is not None:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class ReactorGate:
+    """Stands in for a requesting Association's reactor checkpoint (``_reactor_checkpoint``, a
+    ``threading.Event``) so that a C-STORE's answer always reaches the call that waits for it.
+
+    Why: before each ``send_*`` pynetdicom 3 clears the checkpoint, then waits until its reactor thread
+    says it is paused (``_is_paused``). The reactor sets that flag *before* it waits at the checkpoint and
+    clears it only after, so a request sent while the reactor is between the two reads the stale flag, goes
+    out, and when the reactor runs on it takes the answer off the queue itself ("Received unexpected
+    C-STORE service message"): the sender waits out the whole DIMSE timeout and aborts. On loopback with
+    Nagle off an answer comes back in about a millisecond, inside one thread switch; a clean-clone CI run
+    lost one that way. Here ``clear()`` (from any thread but the reactor's own) returns only once the reactor
+    is parked at ``wait()``, so the request goes out only after the reactor can no longer take its answer.
+    Only the Event methods pynetdicom calls are provided."""
+
+    def __init__(self, assoc: Any, park_timeout: float = 10.0) -> None:
+        self._assoc = assoc
+        self._park_timeout = park_timeout
+        self._cond = threading.Condition()
+        self._open = True
+        self._parked = False
+
+    def is_set(self) -> bool:
+        return self._open
+
+    def set(self) -> None:
+        with self._cond:
+            self._open = True
+            self._cond.notify_all()
+
+    def clear(self) -> None:
+        with self._cond:
+            self._open = False
+            if threading.current_thread() is self._assoc or not self._assoc.is_alive():
+                return  # the reactor itself (a handler sending on its own association), or none to wait for
+            # The reactor reaches wait() within one loop turn (~1 ms) unless it is serving a message. It may
+            # also end its loop (an abort) without passing here: look again every 10 ms; the deadline only
+            # guards against a reactor that hangs (pynetdicom then reports the missing answer).
+            deadline = time.monotonic() + self._park_timeout
+            while not self._parked and self._assoc.is_alive() and time.monotonic() < deadline:
+                self._cond.wait(0.01)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Called by the reactor thread once per loop turn: parks it while the gate is closed."""
+        with self._cond:
+            self._parked = True
+            self._cond.notify_all()
+            try:
+                return self._cond.wait_for(lambda: self._open, timeout)
+            finally:
+                self._parked = False
+
+
+def gate_reactor(event: object) -> None:
+    """EVT_CONN_OPEN handler for associations we request: install a ReactorGate before the reactor starts."""
+    assoc = getattr(event, "assoc", None)
+    if assoc is not None and assoc.is_requestor:
+        assoc._reactor_checkpoint = ReactorGate(assoc)
+
+
+def requestor_handlers(nagle_off: bool = True) -> list[tuple[Any, Callable[[Any], None]]]:
+    """The event handlers every association this node (or its tooling) requests is opened with: Nagle
+    off, and the reactor gated so no answer is lost. Tests that time a sender as pynetdicom's defaults
+    leave it keep Nagle (``nagle_off=False``) but are gated all the same."""
+    from pynetdicom import evt
+
+    return [(evt.EVT_CONN_OPEN, no_delay)] * nagle_off + [(evt.EVT_CONN_OPEN, gate_reactor)]
 
 
 def unreachable(host: str, port: int, timeout: float) -> str:
@@ -133,7 +202,7 @@ def send_dimse(files: list[Path], dest: Destination, calling_ae: str, max_pdu: i
 def _associate(dest: Destination, calling_ae: str, max_pdu: int, pairs: list[tuple[str, str]]) -> Any:
     """One established association to ``dest`` for these (SOP class, transfer syntax) pairs, or SendError
     with the reason (rejected, aborted, or why the connection failed)."""
-    from pynetdicom import AE, _config, evt
+    from pynetdicom import AE, _config
 
     from dicom_node.node.security import client_context
 
@@ -144,7 +213,7 @@ def _associate(dest: Destination, calling_ae: str, max_pdu: int, pairs: list[tup
     for sop, ts in pairs:
         ae.add_requested_context(sop, [ts])
     tls_args = (client_context(dest), dest.host) if dest.tls else None  # verifies the peer's name, too
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, no_delay)],
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=requestor_handlers(),
                          tls_args=tls_args)
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"

@@ -14,6 +14,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
+from dicom_node.node.send import requestor_handlers
 from dicom_node_lab import bare_scp
 from dicom_node_lab.peers import free_port
 from dicom_node_lab.phantom import generate
@@ -31,7 +32,7 @@ def test_bare_receiver_writes_every_acknowledged_instance(tmp_path: Path) -> Non
     assert ready.wait(10)
     ae = AE(ae_title="STORESCU")
     ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
-    assoc = ae.associate("127.0.0.1", port, ae_title="BARE")
+    assoc = ae.associate("127.0.0.1", port, ae_title="BARE", evt_handlers=requestor_handlers(nagle_off=False))
     assert assoc.is_established
     try:
         statuses = [int(assoc.send_c_store(pydicom.dcmread(f)).Status) for f in files]

@@ -11,6 +11,8 @@ import pytest
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage
 
+from dicom_node.node.send import requestor_handlers
+
 SUCCESS = 0x0000
 
 
@@ -49,7 +51,7 @@ def send_scu(port: int, files: list[Path], on_success: Any = None) -> dict[str, 
     ae = AE(ae_title="STORESCU")
     ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 15
-    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE", evt_handlers=requestor_handlers(nagle_off=False))
     assert assoc.is_established, "the node refused the association"
     out: dict[str, int | None] = {}
     try:

@@ -21,12 +21,12 @@ import pytest
 import requests
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEGLSLossless
-from pynetdicom import AE, evt
+from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from dicom_node.node.http import create_app
 from dicom_node.node.intake import SUCCESS
-from dicom_node.node.send import no_delay
+from dicom_node.node.send import requestor_handlers
 from dicom_node.pipeline.series import SeriesError, load_hu, order_series, read_ct_series
 from dicom_node_lab.peers import NodeProcess, free_port, wait_for, write_node_config
 
@@ -217,7 +217,7 @@ def c_store(node: NodeProcess, paths: list[Path]) -> list[int]:
     for sop, ts in sorted(contexts):
         ae.add_requested_context(sop, ts)
     assoc = ae.associate("127.0.0.1", node.dicom_port, ae_title="DICOMNODE",
-                         evt_handlers=[(evt.EVT_CONN_OPEN, no_delay)])  # else ~40 ms per instance (Nagle)
+                         evt_handlers=requestor_handlers())  # Nagle off (else ~40 ms per instance), reactor gated
     assert assoc.is_established
     try:
         return [int(assoc.send_c_store(p).Status) for p in paths]
@@ -233,7 +233,7 @@ def still_serving(node: NodeProcess, tmp: Path) -> None:
     """A C-ECHO, and a good instance over both routes (an SR: stored, no job to wait for)."""
     ae = AE(ae_title=CALLING)
     ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", node.dicom_port, ae_title="DICOMNODE")
+    assoc = ae.associate("127.0.0.1", node.dicom_port, ae_title="DICOMNODE", evt_handlers=requestor_handlers())
     assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
     assoc.release()
     sr = bi.part10(bi.stored_case("sr"))

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import requests
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from dicom_node.node.send import no_delay
+from dicom_node.node.send import requestor_handlers
 from dicom_node_lab.peers import REPO, NodeProcess, echoscu, free_port, wait_for, write_node_config
 
 from . import badinput as bi
@@ -71,7 +71,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
 def c_store(port: int, files: list[Path]) -> list[int]:
     ae = AE(ae_title=CALLING)
     ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
-    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE", evt_handlers=[(evt.EVT_CONN_OPEN, no_delay)])
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE", evt_handlers=requestor_handlers())
     assert assoc.is_established
     try:
         return [int(assoc.send_c_store(f).Status) for f in files]

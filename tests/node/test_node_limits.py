@@ -23,11 +23,14 @@ from pynetdicom.sop_class import Verification
 from dicom_node.config import AllowedPeer
 from dicom_node.node.completion import CompletionTimer
 from dicom_node.node.receive import Receiver, pdu_bound
+from dicom_node.node.send import requestor_handlers
 from dicom_node_lab import phantom
 from dicom_node_lab.peers import free_port, wait_for
 from dicom_node_lab.phantom_dicom import ct_series
 
 from .test_node_queue import Parts, _encode
+
+GATED = requestor_handlers(nagle_off=False)  # reactor gated (no lost answer); Nagle as pynetdicom leaves it
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +62,7 @@ def _echo(port: int, source: str = "127.0.0.1", called: str = "DICOMNODE") -> AE
     ae = AE(ae_title="SCU")
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.network_timeout = 5
-    return ae.associate("127.0.0.1", port, ae_title=called, bind_address=(source, 0))
+    return ae.associate("127.0.0.1", port, ae_title=called, bind_address=(source, 0), evt_handlers=GATED)
 
 
 def _closed_by_peer(s: socket.socket, within: float) -> bool:
@@ -158,7 +161,7 @@ def test_an_aborted_association_leaves_its_series_incomplete(receiver, slices: l
     asm = CompletionTimer(parts.cfg, parts.spool, parts.store, parts.metrics, parts.wake)
     ae = AE(ae_title="SCU")
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", r.cfg.port, ae_title="DICOMNODE")
+    assoc = ae.associate("127.0.0.1", r.cfg.port, ae_title="DICOMNODE", evt_handlers=GATED)
     for ds in slices[:3]:
         assert assoc.send_c_store(ds).Status == 0x0000
     assoc.abort()
@@ -168,7 +171,8 @@ def test_an_aborted_association_leaves_its_series_incomplete(receiver, slices: l
     asm.tick(time.time() + 60)
     assert parts.store.list()[0].state == "received", "an aborted series was queued as if complete"
 
-    assoc = ae.associate("127.0.0.1", r.cfg.port, ae_title="DICOMNODE")  # the sender sends it all again
+    # the sender sends it all again
+    assoc = ae.associate("127.0.0.1", r.cfg.port, ae_title="DICOMNODE", evt_handlers=GATED)
     for ds in slices:
         assert assoc.send_c_store(ds).Status == 0x0000
     assoc.release()
@@ -177,7 +181,8 @@ def test_an_aborted_association_leaves_its_series_incomplete(receiver, slices: l
     [job] = parts.store.list()
     assert job.state == "queued" and job.incomplete_since is None, job
 
-    assoc = ae.associate("127.0.0.1", r.cfg.port, ae_title="DICOMNODE")  # a second series, never re-sent
+    # a second series, never re-sent
+    assoc = ae.associate("127.0.0.1", r.cfg.port, ae_title="DICOMNODE", evt_handlers=GATED)
     other = [_reseries(ds, "1.2.826.0.1.3680043.8.498.99") for ds in slices[:2]]
     for ds in other:
         assert assoc.send_c_store(ds).Status == 0x0000

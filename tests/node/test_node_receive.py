@@ -13,6 +13,7 @@ from pynetdicom import AE
 
 from dicom_node.config import AllowedPeer, NodeConfig
 from dicom_node.node.receive import Receiver, caller_refusal
+from dicom_node.node.send import requestor_handlers
 from dicom_node_lab import phantom
 from dicom_node_lab.peers import free_port
 from dicom_node_lab.phantom_dicom import ct_series
@@ -42,7 +43,7 @@ def _associate(port: int, contexts: list[tuple[str, list[str]]], calling: str = 
     ae = AE(ae_title=calling)
     for sop, ts in contexts:
         ae.add_requested_context(sop, ts)
-    return ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+    return ae.associate("127.0.0.1", port, ae_title="DICOMNODE", evt_handlers=requestor_handlers(nagle_off=False))
 
 
 def caller_allowed(cfg: NodeConfig, ae_title: str, address: str) -> bool:

@@ -18,6 +18,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from dicom_node.config import AllowedPeer
 from dicom_node.node.receive_pool import ReceiverPool
+from dicom_node.node.send import requestor_handlers
 from dicom_node_lab import phantom
 from dicom_node_lab.peers import free_port, wait_for
 from dicom_node_lab.phantom_dicom import ct_series
@@ -54,7 +55,7 @@ def _associate(port: int, store: bool = True):
     ae = AE(ae_title="SCU")
     ae.add_requested_context(CTImageStorage if store else Verification, ["1.2.840.10008.1.2.1"])
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 15
-    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE", evt_handlers=requestor_handlers(nagle_off=False))
     assert assoc.is_established
     return assoc
 

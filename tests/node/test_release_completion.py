@@ -15,6 +15,7 @@ import requests
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
+from dicom_node.node.send import requestor_handlers
 from dicom_node_lab import phantom
 from dicom_node_lab.peers import NodeProcess, free_port, wait_for, write_node_config
 from dicom_node_lab.phantom_dicom import write_phantom_series
@@ -53,7 +54,7 @@ def _associate(port: int):
     ae = AE(ae_title="STORESCU")
     ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 15
-    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE", evt_handlers=requestor_handlers(nagle_off=False))
     assert assoc.is_established
     return assoc
 
