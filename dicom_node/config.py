@@ -61,8 +61,11 @@ class EngineConfig:
     subtract_tv_weight: float = SubtractOptions.tv_weight  # subtract: how flat the sharpened image is drawn
     subtract_second_mtf50_lp_cm: float = SubtractOptions.second_blur.mtf50_lp_cm  # subtract, confidence: 2nd blur
     subtract_unsure_hu: float = SubtractOptions.unsure_hu  # subtract: a region whose two blurs differ more is unsure
+    subtract_reach_hu: float = SubtractOptions.reach_hu  # subtract: also write where calcium blur adds more
     # subtract: reconstruction kernel (ConvolutionKernel) -> the MTF50 (lp/cm) to assume for its series
     scanner_kernels: dict[str, float] = field(default_factory=dict)
+    # subtract: reconstruction kernel -> subtract_white_hu for its series (a kernel not listed keeps that)
+    subtract_white_by_kernel: dict[str, float] = field(default_factory=dict)
     max_pixel_mm: float = 0.8  # refuse series coarser than this in-plane
     max_slice_mm: float = 1.25  # refuse series with slices further apart than this
 
@@ -79,7 +82,9 @@ class EngineConfig:
         second = ScannerBlur(mtf50_lp_cm=self.subtract_second_mtf50_lp_cm, slice_fwhm_mm=self.scanner_slice_fwhm_mm)
         return SubtractOptions(blur=blur, tv_weight=self.subtract_tv_weight,
                                white_above_lumen_hu=self.subtract_white_hu, second_blur=second,
-                               unsure_hu=self.subtract_unsure_hu, kernels=tuple(self.scanner_kernels.items()))
+                               unsure_hu=self.subtract_unsure_hu, kernels=tuple(self.scanner_kernels.items()),
+                               reach_hu=self.subtract_reach_hu,
+                               white_by_kernel=tuple(self.subtract_white_by_kernel.items()))
 
     def confidence_options(self) -> ConfidenceOptions:
         return ConfidenceOptions(**{opt: getattr(self, key) for key, (kind, opt) in ENGINE_KEYS.items()

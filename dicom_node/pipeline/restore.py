@@ -21,7 +21,7 @@ from dicom_node.backends import Backend
 from dicom_node.pipeline.contrast import lumen_level_at
 from dicom_node.pipeline.detect import Detection, DetectOptions, detect
 from dicom_node.pipeline.morphology import grow_box
-from dicom_node.pipeline.subtract import SubtractOptions, calcium_removed
+from dicom_node.pipeline.subtract import SubtractOptions, calcium_blur, calcium_removed
 from dicom_node.pipeline.windows import Region, WindowOptions, plan
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ class Engine:
         if self.method == "subtract":
             opts = self.subtract.for_kernel(kernel)
             result = self._subtract(volume, spacing, detection, regions, progress, {"plan": t2 - t1}, opts)
-            result.assumed_for_kernel = kernel if opts is not self.subtract else ""
+            result.assumed_for_kernel = kernel if opts.blur != self.subtract.blur else ""
             return result
         grids = [ndimage.map_coordinates(volume, r.model_coordinates(), order=1, mode="nearest").astype(np.float32)
                  for r in regions]
@@ -302,10 +302,14 @@ class Engine:
         written = []  # (indices, values) per region: all are computed from the acquired volume first
         for k, r in enumerate(regions):
             box = grow_box(r.native_box, volume.shape, pad)
-            idx = r.native_indices()
-            local_idx = idx - np.array([s.start for s in box])
+            origin = np.array([s.start for s in box])
+            local_idx = r.native_indices() - origin
+            added = calcium_blur(volume[box], detection.calcium[box], spacing, opts, fallback)
+            if opts.reach_hu > 0:  # also wherever the calcium's blur reaches past the footprint
+                local_idx = np.unique(np.concatenate([local_idx, np.argwhere(added > opts.reach_hu)]), axis=0)
+            idx = local_idx + origin
             local = tuple(local_idx.T)
-            values = calcium_removed(volume[box], detection.calcium[box], spacing, opts, fallback)[local]
+            values = (volume[box][local] - added[local]).astype(np.float32)
             d = None
             if self.confidence.flips and len(idx):
                 second = calcium_removed(volume[box], detection.calcium[box], spacing,

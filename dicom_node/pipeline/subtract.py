@@ -102,14 +102,28 @@ class SubtractOptions:
     # on the blur: assumed too sharp, soft-kernel calcium is under-removed; too soft, sharp-kernel
     # calcium is over-removed and stenoses over-called (reports/tuning/subtract-kernels.md).
     kernels: tuple[tuple[str, float], ...] = ()
+    # ... and the white level (``white_above_lumen_hu``) for a kernel whose sharpened calcium stands lower:
+    # under a soft kernel the deconvolution recovers less of the calcium's flank, which a threshold of
+    # 100 HU leaves in the lumen's range, where the reader takes it for lumen (under-call).
+    white_by_kernel: tuple[tuple[str, float], ...] = ()
+    # Where the subtraction is written: the region's footprint (calcium + engine.margin_mm, as the network
+    # restores it) and, when this is above 0, every voxel of the box where the calcium's estimated blur
+    # adds more than this many HU. A fixed margin fits one blur; the blur's own reach fits every kernel
+    # (a soft kernel spreads calcium further than the margin). 0 = the footprint only.
+    reach_hu: float = 0.0
 
     def __post_init__(self) -> None:
         if self.tv_weight < 0 or self.iterations < 1:
             raise ValueError("tv_weight must be >= 0 and iterations >= 1")
         if self.pad_mm <= 0 or self.near_calcium_voxels < 0:
             raise ValueError("pad_mm must be positive and near_calcium_voxels >= 0")
+        if self.reach_hu < 0:
+            raise ValueError(f"reach_hu must be >= 0 (0 = footprint only), not {self.reach_hu}")
         if self.unsure_hu <= 0:
             raise ValueError(f"unsure_hu must be positive, not {self.unsure_hu}")
+        for name, white in self.white_by_kernel:
+            if not kernel_key(name) or white <= 0:
+                raise ValueError(f"a kernel's white level needs a name and a positive HU, not {name!r} = {white}")
         seen = set()
         for name, mtf50 in self.kernels:
             key = kernel_key(name)
@@ -119,19 +133,25 @@ class SubtractOptions:
             replace(self.blur, mtf50_lp_cm=mtf50)  # checks the MTF50 as any blur's
 
     def for_kernel(self, kernel: str) -> SubtractOptions:
-        """These options with the blur assumed for ``kernel`` (a series' ConvolutionKernel), when listed.
+        """These options with the blur and the white level assumed for ``kernel`` (a series'
+        ConvolutionKernel), each where its table lists the kernel.
 
         A header may hold several values (``FC43\\AIDR 3D``): the whole value matches, or its first part.
         The confidence pass's blur moves with it, in proportion (so it stays the softer of the two).
         """
         key = kernel_key(kernel)
         first = kernel_key(kernel.split("\\")[0])
+        out = self
+        for name, white in self.white_by_kernel:
+            if kernel_key(name) in (key, first):
+                out = replace(out, white_above_lumen_hu=white)
+                break
         for name, mtf50 in self.kernels:
             if kernel_key(name) in (key, first):
                 scale = mtf50 / self.blur.mtf50_lp_cm
                 second = replace(self.second_blur, mtf50_lp_cm=max(1.0, self.second_blur.mtf50_lp_cm * scale))
-                return replace(self, blur=replace(self.blur, mtf50_lp_cm=mtf50), second_blur=second)
-        return self
+                return replace(out, blur=replace(self.blur, mtf50_lp_cm=mtf50), second_blur=second)
+        return out
 
 
 def kernel_key(name: str) -> str:
@@ -171,6 +191,14 @@ def calcium_removed(image: np.ndarray, calcium: np.ndarray, spacing: tuple[float
     ``calcium`` (bool, same box) says where the detector found calcium; the sharp image
     decides its extent. Values far from any calcium come back unchanged up to float error.
     """
+    return (image.astype(np.float64) - calcium_blur(image, calcium, spacing, options, fallback_level)) \
+        .astype(np.float32)
+
+
+def calcium_blur(image: np.ndarray, calcium: np.ndarray, spacing: tuple[float, float, float],
+                 options: SubtractOptions, fallback_level: float) -> np.ndarray:
+    """What the calcium adds to a box of HU as the scanner shows it: its sharp excess, blurred (float64).
+    Its reach also says where the subtraction must be written (``SubtractOptions.reach_hu``)."""
     y = image.astype(np.float64)
     h = options.blur.transfer(y.shape, spacing)
     u = sharpen(y, h, options.tv_weight, options.iterations)
@@ -182,5 +210,5 @@ def calcium_removed(image: np.ndarray, calcium: np.ndarray, spacing: tuple[float
     sharp = tuple(idx[u[tuple(idx.T)] > level + options.white_above_lumen_hu].T)
     excess = np.zeros(y.shape)
     excess[sharp] = np.clip(u[sharp] - options.plaque_hu, 0.0, None)
-    return (y - through(excess, h)).astype(np.float32)
+    return through(excess, h)
 

@@ -150,3 +150,36 @@ def test_a_kernel_table_picks_the_blur_the_series_header_names():
     other = engine.run(plain, SPACING, kernel="B26f")
     assert other.assumed_mtf50_lp_cm == 5.2 and other.assumed_for_kernel == ""
     assert not np.array_equal(listed, plain), "the assumed blur changes the result"
+
+
+def test_reach_writes_where_the_calcium_blur_reaches_and_nothing_beyond():
+    """``reach_hu`` grows what is written past the footprint to where the estimated calcium's blur adds more
+    than that many HU; off (0), the footprint only; never negative."""
+    acquired, _, calcium = _vessel(ScannerBlur(mtf50_lp_cm=5.0), 200.0)
+    footprint_only = acquired.copy()
+    base = Engine(None, method="subtract").run(footprint_only, SPACING)
+    reached = acquired.copy()
+    result = Engine(None, method="subtract", subtract=SubtractOptions(reach_hu=10.0)).run(reached, SPACING)
+    assert (result.changed & ~base.changed).any(), "the calcium's blur reaches past the margin"
+    assert not (base.changed & ~result.changed).any(), "the footprint is always written"
+    assert np.array_equal(reached[~result.changed], acquired[~result.changed])
+    assert np.array_equal(reached[base.changed], footprint_only[base.changed]), "the same estimate, written wider"
+    extra = result.changed & ~base.changed
+    assert (acquired[extra] - reached[extra]).min() > 10.0 - 1e-3, "only where the blur adds more than reach_hu"
+    assert not (extra & ~_near(calcium, 4.0)).any(), "never beyond the blur's reach"
+    with pytest.raises(ValueError):
+        SubtractOptions(reach_hu=-1.0)
+
+
+def test_a_kernel_can_have_its_own_white_level():
+    """``white_by_kernel`` sets the white level for the series of a listed kernel only, alongside (or without)
+    its blur; the blur table still decides the blur."""
+    opts = SubtractOptions(kernels=(("SOFT", 4.3),), white_by_kernel=(("soft", 70.0), ("FC03", 80.0)))
+    soft = opts.for_kernel("SOFT")
+    assert soft.white_above_lumen_hu == 70.0 and soft.blur.mtf50_lp_cm == 4.3
+    fc03 = opts.for_kernel("FC03\\AIDR 3D")
+    assert fc03.white_above_lumen_hu == 80.0 and fc03.blur == opts.blur
+    assert opts.for_kernel("SHARP").white_above_lumen_hu == opts.white_above_lumen_hu == 100.0
+    for bad in ((("", 70.0),), (("SOFT", 0.0),)):
+        with pytest.raises(ValueError):
+            SubtractOptions(white_by_kernel=bad)
