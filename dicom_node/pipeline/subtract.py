@@ -139,19 +139,22 @@ class SubtractOptions:
         A header may hold several values (``FC43\\AIDR 3D``): the whole value matches, or its first part.
         The confidence pass's blur moves with it, in proportion (so it stays the softer of the two).
         """
-        key = kernel_key(kernel)
-        first = kernel_key(kernel.split("\\")[0])
         out = self
-        for name, white in self.white_by_kernel:
-            if kernel_key(name) in (key, first):
-                out = replace(out, white_above_lumen_hu=white)
-                break
-        for name, mtf50 in self.kernels:
-            if kernel_key(name) in (key, first):
-                scale = mtf50 / self.blur.mtf50_lp_cm
-                second = replace(self.second_blur, mtf50_lp_cm=max(1.0, self.second_blur.mtf50_lp_cm * scale))
-                return replace(out, blur=replace(self.blur, mtf50_lp_cm=mtf50), second_blur=second)
+        white = _listed(self.white_by_kernel, kernel)
+        if white is not None:
+            out = replace(out, white_above_lumen_hu=white)
+        mtf50 = _listed(self.kernels, kernel)
+        if mtf50 is not None:
+            scale = mtf50 / self.blur.mtf50_lp_cm
+            second = replace(self.second_blur, mtf50_lp_cm=max(1.0, self.second_blur.mtf50_lp_cm * scale))
+            out = replace(out, blur=replace(self.blur, mtf50_lp_cm=mtf50), second_blur=second)
         return out
+
+
+def _listed(table: tuple[tuple[str, float], ...], kernel: str) -> float | None:
+    """The value a kernel table gives a series' ConvolutionKernel (the whole value, or its first part), or None."""
+    names = (kernel_key(kernel), kernel_key(kernel.split("\\")[0]))
+    return next((value for name, value in table if kernel_key(name) in names), None)
 
 
 def kernel_key(name: str) -> str:
