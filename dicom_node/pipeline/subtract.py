@@ -121,15 +121,16 @@ class SubtractOptions:
             raise ValueError(f"reach_hu must be >= 0 (0 = footprint only), not {self.reach_hu}")
         if self.unsure_hu <= 0:
             raise ValueError(f"unsure_hu must be positive, not {self.unsure_hu}")
+        for table in (self.kernels, self.white_by_kernel):
+            keys = [kernel_key(name) for name, _ in table]
+            for name, key in zip((name for name, _ in table), keys):
+                # two spellings of one kernel (B26f, b26f) would leave which value applies to the table's order
+                if not key or keys.count(key) > 1:
+                    raise ValueError(f"kernel names must be given and differ, not {name!r}")
         for name, white in self.white_by_kernel:
-            if not kernel_key(name) or white <= 0:
-                raise ValueError(f"a kernel's white level needs a name and a positive HU, not {name!r} = {white}")
-        seen = set()
-        for name, mtf50 in self.kernels:
-            key = kernel_key(name)
-            if not key or key in seen:
-                raise ValueError(f"kernel names must be given and differ, not {name!r}")
-            seen.add(key)
+            if white <= 0:
+                raise ValueError(f"a kernel's white level must be a positive HU, not {name!r} = {white}")
+        for _, mtf50 in self.kernels:
             replace(self.blur, mtf50_lp_cm=mtf50)  # checks the MTF50 as any blur's
 
     def for_kernel(self, kernel: str) -> SubtractOptions:

@@ -140,8 +140,9 @@ def test_a_kernel_table_picks_the_blur_the_series_header_names():
     assert soft.blur.mtf50_lp_cm == 3.5 and soft.second_blur.mtf50_lp_cm == pytest.approx(3.5 * 3.5 / 5.2)
     assert opts.for_kernel("FC43\\AIDR 3D").blur.mtf50_lp_cm == 4.0, "a multi-valued header matches by its first"
     assert opts.for_kernel("B26f") is opts and opts.for_kernel("") is opts
-    with pytest.raises(ValueError):
-        SubtractOptions(kernels=(("SOFT", 0.5),))
+    for bad in ((("SOFT", 0.5),), (("SOFT", 3.5), ("soft", 4.0)), (("", 4.0),)):
+        with pytest.raises(ValueError):
+            SubtractOptions(kernels=bad)
     acquired, _, _ = _vessel(ScannerBlur(mtf50_lp_cm=5.0), 200.0)
     engine = Engine(None, method="subtract", subtract=opts)
     listed, plain = acquired.copy(), acquired.copy()
@@ -180,6 +181,6 @@ def test_a_kernel_can_have_its_own_white_level():
     fc03 = opts.for_kernel("FC03\\AIDR 3D")
     assert fc03.white_above_lumen_hu == 80.0 and fc03.blur == opts.blur
     assert opts.for_kernel("SHARP").white_above_lumen_hu == opts.white_above_lumen_hu == 100.0
-    for bad in ((("", 70.0),), (("SOFT", 0.0),)):
+    for bad in ((("", 70.0),), (("SOFT", 0.0),), (("SOFT", 70.0), (" soft", 90.0))):
         with pytest.raises(ValueError):
             SubtractOptions(white_by_kernel=bad)
