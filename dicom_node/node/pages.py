@@ -177,7 +177,9 @@ async function refresh() {
     cell(tr, l.voxels);
     const d = l.disagreement_hu;
     cell(tr, d === null || d === undefined ? 'not measured' : d + ' HU (' + (l.measure || 'flip') + ')');
-    cell(tr, l.action, l.unsure ? 'warn' : '');
+    const v = l.vessel_mm;
+    cell(tr, v === null || v === undefined ? 'not measured' : v.toFixed(1) + ' mm');
+    cell(tr, l.action + (l.why && l.why.length ? ': ' + l.why.join('; ') : ''), l.unsure ? 'warn' : '');
   }
   const pics = document.getElementById('pictures'); pics.innerHTML = '';
   for (const p of j.pictures || []) {
@@ -222,8 +224,8 @@ def job_page(job_id: int) -> str:
     body = ("<p><a href='/'>← all jobs</a></p><h1 id='title'>Job %d</h1><p id='status' class='muted'>loading…</p>"
             "<dl id='facts'></dl>"
             "<h2>Lesions</h2><table><thead><tr><th>lesion</th><th>region</th><th>position (patient, mm)</th>"
-            "<th>calcium mm³</th><th>peak HU</th><th>voxels restored (region)</th><th>confidence: flip "
-            "disagreement</th><th>done</th></tr></thead><tbody id='lesions'></tbody></table>"
+            "<th>calcium mm³</th><th>peak HU</th><th>voxels restored (region)</th><th>confidence: "
+            "disagreement</th><th>vessel calibre</th><th>done</th></tr></thead><tbody id='lesions'></tbody></table>"
             "<h2>Pictures</h2><p id='no-pictures' class='muted'>none (not processed, or no calcium)</p>"
             "<div id='pictures'></div>"
             "<h2>Deliveries</h2><table><thead><tr><th>destination</th><th>state</th><th>at</th>"

@@ -134,7 +134,9 @@ def lesion_table(series: Series, result: EngineResult, pictures: dict[int, str])
                      "disagreement_hu": None if r is None or r.disagreement_hu is None else round(r.disagreement_hu, 1),
                      "measure": r.measure if r else None,
                      "unsure": bool(r and r.unsure), "action": r.action if r else "not restored",
-                     "lumen_kept": r.lumen_kept if r else 0, "picture": pictures.get(lesion.index)})
+                     "lumen_kept": r.lumen_kept if r else 0,
+                     "vessel_mm": None if r is None or r.vessel_mm is None else round(r.vessel_mm, 1),
+                     "why": r.why if r else [], "picture": pictures.get(lesion.index)})
     return rows
 
 
@@ -177,8 +179,8 @@ def process_series(series: Series, out_dir: Path, cfg: Config, engine: Engine, m
     outcome.regions = [r.as_dict() for r in result.reports]
     for r in result.reports:
         if r.unsure:
-            log.warning("region %d (lesions %s): restoration unsure, %s %.0f HU; %s", r.region,
-                        r.lesions, CONFIDENCE_MEASURES[r.measure], r.disagreement_hu, r.action)
+            log.warning("region %d (lesions %s): restoration unsure (%s); %s", r.region, r.lesions,
+                        "; ".join(r.why) or f"{CONFIDENCE_MEASURES[r.measure]} {r.disagreement_hu:.0f} HU", r.action)
     outcome.excluded = det.excluded
     found = f"above {det.threshold_hu:.0f} HU" + (f" or {cfg.engine.local_contrast_hu:.0f} HU above their vessel's "
                                                   "contrast" if cfg.engine.local_contrast_hu > 0 else "")

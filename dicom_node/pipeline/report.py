@@ -49,6 +49,7 @@ FLIP_DISAGREEMENT = Code("FLIP-DISAGREE", PRIVATE_SCHEME, "Restoration flip disa
 BLUR_DISAGREEMENT = Code("BLUR-DISAGREE", PRIVATE_SCHEME, "Restoration blur disagreement")
 DISAGREEMENTS = {"flip": FLIP_DISAGREEMENT, "blur": BLUR_DISAGREEMENT}  # RegionReport.measure → its code
 RESTORATION_UNSURE = Code("UNSURE", PRIVATE_SCHEME, "Restoration unsure")
+VESSEL_CALIBRE = Code("VESSEL-CALIBRE", PRIVATE_SCHEME, "Vessel calibre at the restoration")
 RESTORATION = Code("RESTORATION", PRIVATE_SCHEME, "Restoration")
 ACTIONS = {  # RegionReport.action → its coded value
     "restored": Code("RESTORED", PRIVATE_SCHEME, "Restored"),
@@ -116,11 +117,16 @@ def _group(lesion: Lesion, region: RegionReport | None, series: Series, headers:
     ]
     evaluations = []
     if region is not None:
-        # without its second pass the engine cannot tell, so it neither measures nor says whether it was sure
+        # without its second pass or the calibre rule the engine cannot tell, so it neither measures nor
+        # says whether it was sure
         if region.disagreement_hu is not None:
             measurements.append(hd.sr.Measurement(name=DISAGREEMENTS[region.measure],
                                                   value=float(region.disagreement_hu),
                                                   unit=codes.UCUM.HounsfieldUnit, derivation=codes.SCT.Mean))
+        if region.vessel_mm is not None:  # the largest ball of lumen at the region (restore.vessel_calibre_mm)
+            measurements.append(hd.sr.Measurement(name=VESSEL_CALIBRE, value=round(float(region.vessel_mm), 1),
+                                                  unit=codes.UCUM.Millimeter, derivation=codes.SCT.Maximum))
+        if region.disagreement_hu is not None or region.vessel_mm is not None:
             evaluations.append(hd.sr.QualitativeEvaluation(RESTORATION_UNSURE,
                                                            codes.SCT.Yes if region.unsure else codes.SCT.No))
         action = ACTIONS.get(region.action)

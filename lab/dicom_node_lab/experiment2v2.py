@@ -60,15 +60,21 @@ def _stored_hu(hu: np.ndarray) -> np.ndarray:
     return stored_values(hu).astype(np.float32) + np.float32(RESCALE_INTERCEPT)
 
 
-def _engine(model: Path, engine_args: list[str]):
+def _engine_config(model: Path, engine_args: list[str]):
+    """The node's configuration for these ``--engine`` lines (every other engine setting at its default)."""
     from dicom_node import config as node_config
-    from dicom_node.backends.select import select
-    from dicom_node.pipeline.process import build_engine
 
     cfg_path = Path(tempfile.mkdtemp(prefix="exp2v2-")) / "engine.toml"
     extra = "".join(f"{kv}\n" for kv in engine_args)
     cfg_path.write_text(f'[engine]\nmodel = "{model.resolve()}"\nbackend = "onnxruntime"\nthreads = 1\n{extra}')
-    cfg = node_config.load(cfg_path)
+    return node_config.load(cfg_path)
+
+
+def _engine(model: Path, engine_args: list[str]):
+    from dicom_node.backends.select import select
+    from dicom_node.pipeline.process import build_engine
+
+    cfg = _engine_config(model, engine_args)
     backend, _ = select(cfg.engine.backend, cfg.engine.model, cfg.engine.threads, cfg.engine.batch)
     return build_engine(cfg, backend)
 
@@ -139,7 +145,7 @@ def _one_study(job: tuple[int, int, str, list[str], bool, bool]) -> tuple[list[d
     rows = read_study(p, images, study=f"{seed}-{i}")
     for r in rows:
         r["index"] = i
-        r["unsure"], r["disagreement_hu"] = _lesion_confidence(p, r, result)
+        r["unsure"], r["disagreement_hu"], r["vessel_mm"] = _lesion_confidence(p, r, result)
         r["measure"] = result.reports[0].measure if result.reports else None
     goal = goal_metrics(p, original, processed)
     goal["seconds"] = seconds
@@ -155,30 +161,34 @@ def _rescanned(p) -> np.ndarray:
     return _stored_hu(p.truth - p.noise + fresh)
 
 
-def _lesion_confidence(p, row: dict, result) -> tuple[bool | None, float | None]:
-    """The engine's confidence for the regions that reach this lesion (None: no region did).
+def _lesion_confidence(p, row: dict, result) -> tuple[bool | None, float | None, float | None]:
+    """The engine's confidence for the regions that reach this lesion (None: no region did, or none measured).
 
     A region reaches the lesion when its box, widened by the lesion's half length, holds
-    the lesion's centre. Returns (unsure at the engine's threshold, the largest disagreement).
-    The engine decides unsure (each method has its own measure and threshold).
+    the lesion's centre. Returns (unsure as the engine decided it, the largest disagreement,
+    the smallest vessel calibre the engine estimated). The engine decides unsure (each method has
+    its own measure and threshold, and the calibre rule when it is on).
     """
     reports = getattr(result, "reports", [])
-    if all(r.disagreement_hu is None for r in reports):
-        return None, None
     v = p.vessels[row["vessel"]]
     les = v.lesions_w[row["lesion"]]
     point = v.points_mm[int(round(les.s_mm / world.STEP_MM))] / np.asarray(p.spacing)
     reach = les.half_length_mm / min(p.spacing)
-    best, unsure = None, False
+    best, unsure, vessel, measured = None, False, None, False
     for region, rep in zip(result.regions, reports):
         lo = np.array([s.start for s in region.native_box]) - reach
         hi = np.array([s.stop for s in region.native_box]) + reach
-        if np.all(point >= lo) and np.all(point <= hi) and rep.disagreement_hu is not None:
+        if not (np.all(point >= lo) and np.all(point <= hi)):
+            continue
+        if rep.disagreement_hu is not None:
             best = rep.disagreement_hu if best is None else max(best, rep.disagreement_hu)
-            unsure |= rep.unsure
-    if best is None:
-        return None, None
-    return unsure, float(best)
+        if rep.vessel_mm is not None:
+            vessel = rep.vessel_mm if vessel is None else min(vessel, rep.vessel_mm)
+        measured |= rep.disagreement_hu is not None or rep.vessel_mm is not None
+        unsure |= rep.unsure
+    if not measured:
+        return None, None, None
+    return unsure, None if best is None else float(best), None if vessel is None else float(vessel)
 
 
 def _strip(p, row: dict, original: np.ndarray, processed: np.ndarray) -> np.ndarray:
@@ -359,6 +369,7 @@ def run(args: argparse.Namespace) -> int:
             "far_changed": g["far_changed"], "far_voxels": g["far_voxels"], "bone_changed": g["bone_changed"],
             "bone_voxels": g["bone_voxels"], "engine_seconds": g["seconds"]}
     conf = confidence(calcified)
+    conf["unsure_vessel_mm"] = _engine_config(model, args.engine).engine.unsure_vessel_mm
     report = Path(args.report_dir)
     report.mkdir(parents=True, exist_ok=True)
     result = {"studies": args.studies, "seed": args.seed, "model": str(model), "engine": args.engine,
@@ -452,7 +463,8 @@ def safety_cases(rows: list[dict]) -> list[dict]:
             out.append({**{k: r.get(k) for k in SAFETY_COLUMNS}, "why": why,
                         **{f"{n}@{w:g}": r.get(f"{n}@{w:g}") for w in WHITE_LEVELS_HU
                            for n in ("original", "processed", "truth")},
-                        "unsure": r.get("unsure"), "disagreement_hu": r.get("disagreement_hu")})
+                        "unsure": r.get("unsure"), "disagreement_hu": r.get("disagreement_hu"),
+                        "vessel_mm": r.get("vessel_mm")})
     return out
 
 
@@ -463,12 +475,14 @@ def safety_cases_report(args: argparse.Namespace) -> int:
     print(f"{args.report}: {len(cases)} lesions behind the safety figures (readings: original / processed / truth "
           "image, at + 100 and + 200 HU)\n")
     print("| study | vessel, lesion | type | kernel | vessel mm | geometric % | arc ° | mg HA/cm³ | motion mm "
-          "| + 100 HU | + 200 HU | flagged unsure (HU) | why |")
+          "| + 100 HU | + 200 HU | flagged unsure (HU, the engine's vessel calibre) | why |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|---|---|---|---|")
     fmt = lambda x: "-" if x is None else f"{x:.0f}"  # noqa: E731
     for c in cases:
         reads = [" / ".join(fmt(c[f"{n}@{w:g}"]) for n in ("original", "processed", "truth")) for w in WHITE_LEVELS_HU]
-        flag = "-" if c["unsure"] is None else f"{'yes' if c['unsure'] else 'no'} ({c['disagreement_hu']:.0f})"
+        calibre = "" if c.get("vessel_mm") is None else f", vessel {c['vessel_mm']:.1f} mm"
+        said = "yes" if c["unsure"] else "no"
+        flag = "-" if c["unsure"] is None else f"{said} ({fmt(c['disagreement_hu'])}{calibre})"
         print(f"| {c['study']} | {c['vessel']}, {c['lesion']} | {c['type']} | {c['kernel']} | {c['diameter_mm']:.1f} "
               f"| {c['geometric']:.0f} | {c['arc_deg']:.0f} | {c['density_mg_cm3']:.0f} | {c['motion_mm']:.1f} "
               f"| {reads[0]} | {reads[1]} | {flag} | {'; '.join(c['why'])} |")
@@ -579,6 +593,12 @@ def _markdown(path: Path, res: dict, args: argparse.Namespace) -> None:
                       f"{c['large_flagged']} were flagged unsure; {c['good_flagged']} of {c['good']} good "
                       f"restorations were flagged too. Of {c.get('made_severe', 0)} calcified lesions under 50 % "
                       f"that read ≥ 70 % only after processing, {c.get('made_severe_flagged', 0)} were flagged."]
+        if c.get("mae_flagged") is not None and c.get("mae_unflagged") is not None:
+            lines[-1] += (f" Mean absolute error of the flagged restorations {c['mae_flagged']:.1f} points, of the "
+                          f"others {c['mae_unflagged']:.1f}.")
+        if c.get("unsure_vessel_mm"):
+            lines[-1] += (" A region is also unsure where the engine's estimate of its vessel's calibre is under "
+                          f"{c['unsure_vessel_mm']:g} mm (`engine.unsure_vessel_mm`).")
     if "floor" in res:
         subtract = TRUE_CALCIUM_SUBTRACTED in res["floor"]
         names = {"original": "original",

@@ -26,6 +26,7 @@ from dicom_node.pipeline.report import (
     DISAGREEMENTS,
     RESTORATION,
     RESTORATION_UNSURE,
+    VESSEL_CALIBRE,
     VOXELS_RESTORED,
     write_report,
 )
@@ -103,7 +104,9 @@ def case(request, source, tmp_path_factory) -> Case:
     levels = sorted(r.disagreement_hu for r in calm.reports)
     assert len(calm.reports) >= 2 and levels[0] < levels[-1], "the case needs regions that disagree differently"
     middle = (levels[0] + levels[-1]) / 2
-    result = Engine(backend, confidence=ConfidenceOptions(unsure_hu=middle, unsure_action=action), method=method,
+    # the calibre rule on but below any vessel: each region's calibre is measured and reported, none flagged by it
+    result = Engine(backend, confidence=ConfidenceOptions(unsure_hu=middle, unsure_action=action,
+                                                          unsure_vessel_mm=0.1), method=method,
                     subtract=SubtractOptions(unsure_hu=middle)).run(volume.copy(), series.spacing)
     assert {r.measure for r in result.reports} == {"flip" if method == "network" else "blur"}
     det = result.detection
@@ -186,6 +189,9 @@ def test_measurements_are_the_engines_own(case):
         assert _measurement(g, DISAGREEMENTS[region.measure]) == pytest.approx(region.disagreement_hu)
         assert _evaluation(g, RESTORATION_UNSURE) == (codes.SCT.Yes if region.unsure else codes.SCT.No)
         assert _evaluation(g, RESTORATION) == ACTIONS[region.action]
+        assert region.vessel_mm is not None and 0.5 < region.vessel_mm < 10.0
+        [calibre] = g.get_measurements(name=VESSEL_CALIBRE)
+        assert calibre.value == pytest.approx(round(region.vessel_mm, 1)) and calibre.unit == codes.UCUM.Millimeter
 
 
 def test_tracking_identifier_gives_the_lesion_position_in_patient_coordinates(case):

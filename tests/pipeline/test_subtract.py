@@ -23,13 +23,17 @@ def _scan(sharp: np.ndarray, blur: ScannerBlur, noise: np.ndarray) -> np.ndarray
     return (np.fft.irfftn(np.fft.rfftn(sharp) * h, s=sharp.shape, axes=(0, 1, 2)) + noise).astype(np.float32)
 
 
+def _polar(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(z mm, radius mm from the box's axis, angle in degrees) of every voxel: a vessel along z through the middle."""
+    z, y, x = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, SPACING)], indexing="ij")
+    cy, cx = (shape[1] - 1) * SPACING[1] / 2, (shape[2] - 1) * SPACING[2] / 2
+    return z, np.hypot(y - cy, x - cx), np.degrees(np.arctan2(y - cy, x - cx)) % 360.0
+
+
 def _vessel(blur: ScannerBlur, arc_deg: float = 180.0, seed: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(acquired, truth image, true calcium): a 3 mm lumen at 400 HU, a 0.8 mm calcium arc at 1,000 HU."""
     shape = (48, 56, 56)
-    z, y, x = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, SPACING)], indexing="ij")
-    cy, cx = (shape[1] - 1) * SPACING[1] / 2, (shape[2] - 1) * SPACING[2] / 2
-    r = np.hypot(y - cy, x - cx)
-    angle = np.degrees(np.arctan2(y - cy, x - cx)) % 360.0
+    z, r, angle = _polar(shape)
     sharp = np.full(shape, 40.0)
     sharp[r < 2.6] = 50.0  # plaque and wall around the lumen
     sharp[r < 1.5] = 400.0
@@ -184,3 +188,63 @@ def test_a_kernel_can_have_its_own_white_level():
     for bad in ((("", 70.0),), (("SOFT", 0.0),), (("SOFT", 70.0), (" soft", 90.0))):
         with pytest.raises(ValueError):
             SubtractOptions(white_by_kernel=bad)
+
+
+def _tube(lumen_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """(acquired, calcium): a straight vessel of ``lumen_mm`` at 400 HU with a 1,000 HU calcium arc, scanned."""
+    shape = (48, 56, 56)
+    z, r, angle = _polar(shape)
+    sharp = np.full(shape, 40.0)
+    a = lumen_mm / 2
+    sharp[r < a + 1.1] = 50.0
+    sharp[r < a] = 400.0
+    calcium = (z > 8.0) & (z < 14.0) & (r >= a) & (r < a + 0.8) & (angle < 150.0)
+    sharp[calcium] = 1000.0
+    noise = ndimage.gaussian_filter(np.random.default_rng(5).normal(0.0, 40.0, shape), 0.7)
+    return _scan(sharp, ScannerBlur(mtf50_lp_cm=4.8, slice_fwhm_mm=0.8), noise), calcium
+
+
+@pytest.mark.parametrize("lumen_mm", [2.0, 3.0, 4.0])
+def test_the_engine_measures_the_vessels_calibre_at_each_region(lumen_mm):
+    """``vessel_calibre_mm`` (the largest ball of lumen in and around a region) finds a straight vessel's
+    diameter within a voxel, though the calcium narrows it and the scanner blurs its edge."""
+    from dicom_node.pipeline.restore import vessel_calibre_mm
+
+    acquired, _ = _tube(lumen_mm)
+    result = Engine(None, method="subtract").run(acquired.copy(), SPACING)
+    assert len(result.regions) == 1
+    calibre = vessel_calibre_mm(acquired, SPACING, result.regions[0].native_box, result.detection.calcium)
+    assert calibre == pytest.approx(lumen_mm, abs=0.5)
+    flat = np.full(acquired.shape, 40.0, np.float32)
+    assert vessel_calibre_mm(flat, SPACING, result.regions[0].native_box, result.detection.calcium) is None
+
+
+@pytest.mark.parametrize("method", ["subtract", "network"])
+def test_a_region_in_a_small_vessel_is_unsure_whatever_its_disagreement(method):
+    """With ``unsure_vessel_mm`` a region in a narrower vessel is unsure, and says why; a wider one is not;
+    0 measures nothing. Both methods apply it, with or without the disagreement pass."""
+    from dicom_node.pipeline.windows import PATCH
+
+    class Same:  # a network that gives back what it is shown: no disagreement between flips
+        name, max_batch = "same", 4
+
+        def run(self, image, mask):
+            assert image.shape[1:] == (1, PATCH, PATCH, PATCH)
+            return image
+
+    backend = Same() if method == "network" else None
+    for lumen_mm, unsure in ((2.0, True), (4.0, False)):
+        acquired, _ = _tube(lumen_mm)
+        for flips in (True, False):
+            engine = Engine(backend, method=method, confidence=ConfidenceOptions(flips=flips, unsure_vessel_mm=2.5))
+            (report,) = engine.run(acquired.copy(), SPACING).reports
+            assert report.vessel_mm == pytest.approx(lumen_mm, abs=0.5)
+            assert (f"vessel {report.vessel_mm:.1f} mm < 2.5" in report.why) is unsure
+            assert report.unsure is bool(report.why) and report.as_dict()["why"] == report.why
+            assert report.action == ("restored, unsure" if report.unsure else "restored")
+    off_rule = ConfidenceOptions(unsure_vessel_mm=0.0)
+    (off,) = Engine(backend, method=method, confidence=off_rule).run(_tube(2.0)[0], SPACING).reports
+    assert off.vessel_mm is None and not any(w.startswith("vessel") for w in off.why)
+    for bad in (-1.0, 11.0):
+        with pytest.raises(ValueError):
+            ConfidenceOptions(unsure_vessel_mm=bad)
