@@ -35,7 +35,7 @@ from dicom_node.pipeline.derived import (
 from dicom_node.pipeline.detect import Detection
 from dicom_node.pipeline.pictures import lesion_pictures, thumbnail
 from dicom_node.pipeline.report import patient_position, write_report
-from dicom_node.pipeline.restore import CONFIDENCE_MEASURES, METHOD_TEXT, Engine, EngineResult
+from dicom_node.pipeline.restore import METHOD_TEXT, Engine, EngineResult
 from dicom_node.pipeline.seg import write_seg
 from dicom_node.pipeline.series import Series, load_hu, read_ct_series
 
@@ -127,16 +127,17 @@ def lesion_table(series: Series, result: EngineResult, pictures: dict[int, str])
     rows = []
     for lesion in result.detection.lesions:
         r = regions.get(lesion.index)
-        rows.append({"lesion": lesion.index, "region": r.region if r else None,
+        # the region's columns as the region report gives them (RegionReport.as_dict); a lesion no region
+        # reached was not restored
+        reg = r.as_dict() if r else {"region": None, "voxels": 0, "disagreement_hu": None, "measure": None,
+                                     "unsure": False, "action": "not restored", "lumen_kept": 0,
+                                     "vessel_mm": None, "why": []}
+        rows.append({"lesion": lesion.index, "region": reg["region"],
                      "position_mm": [round(v, 1) for v in patient_position(series, lesion.centroid)],
                      "volume_mm3": round(lesion.volume_mm3, 2), "peak_hu": round(lesion.peak_hu, 1),
-                     "voxels": r.voxels if r else 0,
-                     "disagreement_hu": None if r is None or r.disagreement_hu is None else round(r.disagreement_hu, 1),
-                     "measure": r.measure if r else None,
-                     "unsure": bool(r and r.unsure), "action": r.action if r else "not restored",
-                     "lumen_kept": r.lumen_kept if r else 0,
-                     "vessel_mm": None if r is None or r.vessel_mm is None else round(r.vessel_mm, 1),
-                     "why": r.why if r else [], "picture": pictures.get(lesion.index)})
+                     **{k: reg[k] for k in ("voxels", "disagreement_hu", "measure", "unsure", "action",
+                                            "lumen_kept", "vessel_mm", "why")},
+                     "picture": pictures.get(lesion.index)})
     return rows
 
 
@@ -180,7 +181,7 @@ def process_series(series: Series, out_dir: Path, cfg: Config, engine: Engine, m
     for r in result.reports:
         if r.unsure:
             log.warning("region %d (lesions %s): restoration unsure (%s); %s", r.region, r.lesions,
-                        "; ".join(r.why) or f"{CONFIDENCE_MEASURES[r.measure]} {r.disagreement_hu:.0f} HU", r.action)
+                        "; ".join(r.why), r.action)
     outcome.excluded = det.excluded
     found = f"above {det.threshold_hu:.0f} HU" + (f" or {cfg.engine.local_contrast_hu:.0f} HU above their vessel's "
                                                   "contrast" if cfg.engine.local_contrast_hu > 0 else "")

@@ -309,13 +309,11 @@ class Engine:
         t3 = time.perf_counter()
         changed = np.zeros(volume.shape, bool)
         reports = []
+        ds = [float(sums / n) if flips and n else None for sums, n in disagree]
         # judged on the acquired volume, before any region is written back
-        judged = [self._judge(volume, spacing, r, detection.calcium,
-                              float(disagree[ri, 0] / disagree[ri, 1]) if flips and disagree[ri, 1] else None,
-                              self.confidence.unsure_hu, "flip") for ri, r in enumerate(regions)]
-        for ri, (grid, r) in enumerate(zip(grids, regions)):
-            d = float(disagree[ri, 0] / disagree[ri, 1]) if flips and disagree[ri, 1] else None
-            vessel, why = judged[ri]
+        judged = [self._judge(volume, spacing, r, detection.calcium, d, self.confidence.unsure_hu, "flip")
+                  for r, d in zip(regions, ds)]
+        for grid, r, d, (vessel, why) in zip(grids, regions, ds, judged):
             unsure = bool(why)
             if unsure and self.confidence.unsure_action == "leave":
                 reports.append(RegionReport(r.index, r.lesions, 0, d, True, "left as acquired (unsure)",

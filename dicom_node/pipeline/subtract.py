@@ -123,7 +123,7 @@ class SubtractOptions:
             raise ValueError(f"unsure_hu must be positive, not {self.unsure_hu}")
         for table in (self.kernels, self.white_by_kernel):
             keys = [kernel_key(name) for name, _ in table]
-            for name, key in zip((name for name, _ in table), keys):
+            for (name, _), key in zip(table, keys):
                 # two spellings of one kernel (B26f, b26f) would leave which value applies to the table's order
                 if not key or keys.count(key) > 1:
                     raise ValueError(f"kernel names must be given and differ, not {name!r}")
