@@ -157,22 +157,26 @@ def lumen_disagreement(first: np.ndarray, second: np.ndarray, level: np.ndarray)
 
 
 CALIBRE_REACH_MM = 4.5  # the vessel's calibre is looked for this far around a region's box (a coronary's widest)
+CALIBRE_TOUCH_MM = 1.5  # lumen this close to a region's calcium is its own vessel's (past the bloom's ring)
 
 
 def vessel_calibre_mm(volume: np.ndarray, spacing: tuple[float, float, float], box: tuple[slice, slice, slice],
                       calcium: np.ndarray) -> float | None:
-    """The calibre of the vessel at a region: the diameter of the largest ball of lumen in and around it (mm).
+    """The calibre of the vessel at a region: the diameter of the largest ball of its lumen in and around it (mm).
 
     How wide a vessel is decides how far a restoration can be trusted: beside calcium a small
     lumen is a voxel or two wide, and an error of one voxel is a large share of its diameter.
     The lumen is what a reader takes for it (``lumen_range`` at the local contrast level, the
     calcium aside), within ``CALIBRE_REACH_MM`` of the region's box, which reaches past the
-    calcium into the vessel on either side. The largest inscribed ball measures the vessel
-    where it is widest, so the narrowing itself does not shrink it; a wider neighbour in the
-    box (a larger vessel, a chamber) can only widen it, and then no flag is raised. None where
-    the box holds no contrast to measure.
+    calcium into the vessel on either side. Only the lumen connected to the region's own calcium
+    counts (within ``CALIBRE_TOUCH_MM`` of it): a wider neighbour within reach (a larger vessel,
+    a chamber) would otherwise lend the small vessel its calibre and hide it. Where no lumen
+    touches the calcium, all the lumen within reach is measured. The largest inscribed ball
+    measures the vessel where it is widest, so the narrowing itself does not shrink it. None
+    where the box holds no contrast to measure.
     """
-    grown = grow_box(box, volume.shape, np.ceil(CALIBRE_REACH_MM / np.asarray(spacing, float)).astype(int))
+    step = np.asarray(spacing, float)
+    grown = grow_box(box, volume.shape, np.ceil(CALIBRE_REACH_MM / step).astype(int))
     sub = volume[grown]
     idx = np.argwhere(np.ones(sub.shape, bool))
     level = lumen_level_at(sub, spacing, idx).reshape(sub.shape)
@@ -180,6 +184,13 @@ def vessel_calibre_mm(volume: np.ndarray, spacing: tuple[float, float, float], b
     lumen = np.isfinite(level) & (sub > edge) & (sub < white) & ~calcium[grown]
     if not lumen.any():
         return None
+    own = np.zeros(volume.shape, bool)
+    own[box] = calcium[box]
+    near = ndimage.distance_transform_edt(~own[grown], sampling=spacing) <= CALIBRE_TOUCH_MM
+    parts, _ = ndimage.label(lumen, structure=np.ones((3, 3, 3), bool))
+    touching = np.unique(parts[near & lumen])
+    if touching.size:
+        lumen = np.isin(parts, touching)
     # outside the box counts as not lumen: a vessel leaving the box is measured inside it (smaller, never larger)
     depth = ndimage.distance_transform_edt(np.pad(lumen, 1), sampling=spacing)
     return 2.0 * float(depth.max())

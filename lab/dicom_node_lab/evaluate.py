@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     th.add_argument("--large", type=float, default=10.0, help="an error over this many points is large")
     sc = sub.add_parser("safety-cases", help="the lesions behind an experiment2v2 report's safety figures")
     sc.add_argument("report", help="experiment2v2.json")
+    rw = sub.add_parser("rewrite", help="write an experiment2v2 report again from its JSON (today's strata, no rerun)")
+    rw.add_argument("report", help="experiment2v2.json")
     cal = sub.add_parser("calibration", help="the world's blooming against the issue's 2D check, XCIST and the gate")
     calibration.add_arguments(cal)
     rs = sub.add_parser("reader-smoothing",
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         return calibration.report(args)
     if args.cmd == "thresholds":
         return experiment2v2.thresholds_report(args)
+    if args.cmd == "rewrite":
+        return experiment2v2.rewrite(args)
     if args.cmd == "safety-cases":
         return experiment2v2.safety_cases_report(args)
     if args.cmd == "experiment2v2":

@@ -219,6 +219,28 @@ def test_the_engine_measures_the_vessels_calibre_at_each_region(lumen_mm):
     assert vessel_calibre_mm(flat, SPACING, result.regions[0].native_box, result.detection.calcium) is None
 
 
+def test_a_wider_neighbour_does_not_lend_a_small_vessel_its_calibre():
+    """Only the lumen connected to the region's own calcium is measured: a 4 mm vessel running 2 mm
+    beside a 2 mm one (within the calibre's reach, but not touching the calcium) must not hide it."""
+    from dicom_node.pipeline.restore import vessel_calibre_mm
+
+    shape = (48, 56, 56)
+    z, r, angle = _polar(shape)
+    y = np.arange(shape[1])[None, :, None] * SPACING[1] - (shape[1] - 1) * SPACING[1] / 2
+    beside = np.hypot(y + 5.0, (np.arange(shape[2])[None, None, :] - (shape[2] - 1) / 2) * SPACING[2])
+    sharp = np.full(shape, 40.0)
+    sharp[(r < 2.1) | (beside < 3.1)] = 50.0
+    sharp[(r < 1.0) | (beside < 2.0)] = 400.0
+    calcium = (z > 8.0) & (z < 14.0) & (r >= 1.0) & (r < 1.8) & (angle < 150.0)
+    sharp[calcium] = 1000.0
+    noise = ndimage.gaussian_filter(np.random.default_rng(5).normal(0.0, 40.0, shape), 0.7)
+    acquired = _scan(sharp, ScannerBlur(mtf50_lp_cm=4.8, slice_fwhm_mm=0.8), noise)
+    result = Engine(None, method="subtract").run(acquired.copy(), SPACING)
+    assert len(result.regions) == 1
+    calibre = vessel_calibre_mm(acquired, SPACING, result.regions[0].native_box, result.detection.calcium)
+    assert calibre == pytest.approx(2.0, abs=0.5)
+
+
 @pytest.mark.parametrize("method", ["subtract", "network"])
 def test_a_region_in_a_small_vessel_is_unsure_whatever_its_disagreement(method):
     """With ``unsure_vessel_mm`` a region in a narrower vessel is unsure, and says why; a wider one is not;
