@@ -359,8 +359,28 @@ def all_strata(rows: list[dict]) -> dict[str, dict[str, dict]]:
         [r for r in calcified if str(r["kernel"]) == HELD_OUT_KERNELS[0]], "motion")
     by["kernel, seen motion only"] = strata(
         [r for r in calcified if r["motion_mm"] <= TRAIN_MOTION_MM[1]], "kernel")
+    if any(r.get("vessel_mm") is not None for r in calcified):
+        by[NODE_SAYS] = strata([dict(r, says=_node_says(r)) for r in calcified], "says")
     by["stratum"] = strata(rows, "stratum")
     return by
+
+
+NODE_SAYS = "what the node reports (its flag and vessel calibre)"
+SMALL_VESSEL_MM = 3.0  # the report's line between small and larger vessels, by the engine's own calibre
+
+
+def _node_says(row: dict) -> str:
+    """What a radiologist is told about a lesion, which is what the figures for them must be split by:
+    the truth's strata (arc, true diameter) are unknown at the reading console; the SEG, the lesion
+    table and the SR say whether a region reached the calcium, whether it was flagged, and the calibre."""
+    if row.get("unsure") is None:
+        return "no region: left as acquired"
+    if row["unsure"]:
+        return "restored, marked unsure"
+    if row.get("vessel_mm") is None:
+        return "restored, calibre not measured"
+    small = row["vessel_mm"] < SMALL_VESSEL_MM
+    return f"restored, vessel {'<' if small else '>='} {SMALL_VESSEL_MM:g} mm"
 
 
 def rewrite(args: argparse.Namespace) -> int:

@@ -56,3 +56,19 @@ def test_a_report_is_written_again_from_its_json(tmp_path):
     assert "**motion, standard kernel only**" in md and "**kernel, seen motion only**" in md
     again = json.loads(path.read_text())
     assert again["lesions"] == ROWS and set(again["strata"]) >= {"kernel, seen motion only", "arc"}
+
+
+def test_lesions_are_also_split_by_what_the_node_tells_the_radiologist():
+    """The flag, the engine's calibre and whether a region reached the calcium are what a reader sees;
+    each lesion lands in exactly one of those rows (and runs without a calibre get no such table)."""
+    rows = [dict(_row(0, "standard", 0.2, 1.0), unsure=None, vessel_mm=None),
+            dict(_row(1, "standard", 0.2, 9.0), unsure=True, vessel_mm=2.1),
+            dict(_row(2, "standard", 0.2, 3.0), unsure=False, vessel_mm=2.7),
+            dict(_row(3, "standard", 0.2, 2.0), unsure=False, vessel_mm=3.4),
+            dict(_row(4, "standard", 0.2, 4.0), unsure=False, vessel_mm=3.0)]
+    says = experiment2v2.all_strata(rows)[experiment2v2.NODE_SAYS]
+    assert {k: t["n"] for k, t in says.items()} == {
+        "no region: left as acquired": 1, "restored, marked unsure": 1, "restored, vessel < 3 mm": 1,
+        "restored, vessel >= 3 mm": 2}
+    assert says["restored, vessel >= 3 mm"]["processed_mae"] == 3.0
+    assert experiment2v2.NODE_SAYS not in experiment2v2.all_strata(ROWS)
