@@ -175,8 +175,7 @@ def vessel_calibre_mm(volume: np.ndarray, spacing: tuple[float, float, float], b
     measures the vessel where it is widest, so the narrowing itself does not shrink it. None
     where the box holds no contrast to measure.
     """
-    step = np.asarray(spacing, float)
-    grown = grow_box(box, volume.shape, np.ceil(CALIBRE_REACH_MM / step).astype(int))
+    grown = grow_box(box, volume.shape, np.ceil(CALIBRE_REACH_MM / np.asarray(spacing, float)).astype(int))
     sub = volume[grown]
     idx = np.argwhere(np.ones(sub.shape, bool))
     level = lumen_level_at(sub, spacing, idx).reshape(sub.shape)
@@ -184,9 +183,10 @@ def vessel_calibre_mm(volume: np.ndarray, spacing: tuple[float, float, float], b
     lumen = np.isfinite(level) & (sub > edge) & (sub < white) & ~calcium[grown]
     if not lumen.any():
         return None
-    own = np.zeros(volume.shape, bool)
-    own[box] = calcium[box]
-    near = ndimage.distance_transform_edt(~own[grown], sampling=spacing) <= CALIBRE_TOUCH_MM
+    own = np.zeros(sub.shape, bool)  # the region's calcium: the calcium in its own box, not a neighbour's
+    inner = tuple(slice(b.start - g.start, b.stop - g.start) for b, g in zip(box, grown))
+    own[inner] = calcium[box]
+    near = ndimage.distance_transform_edt(~own, sampling=spacing) <= CALIBRE_TOUCH_MM
     parts, _ = ndimage.label(lumen, structure=np.ones((3, 3, 3), bool))
     touching = np.unique(parts[near & lumen])
     if touching.size:
