@@ -94,8 +94,8 @@ class ConfidenceOptions:
     lumen_guard_from: float = 0.0  # the guard holds voxels from this far (0 edge .. 1 level) up to the lumen level
     # A region in a vessel narrower than this (mm, the engine's own estimate: vessel_calibre_mm) is unsure
     # whatever its disagreement says; 0 = off. In a small vessel a reading beside calcium hangs on a voxel
-    # or two of lumen. On 120 tuning studies (the network, its flips at 30 HU) 2.5 mm caught 23 of 46
-    # restorations read more than 10 points wrong, against 9 by the flips alone, and flagged 29 of 127 good
+    # or two of lumen. On 120 tuning studies (the network, its flips at 30 HU) 2.5 mm caught 27 of 46
+    # restorations read more than 10 points wrong, against 9 by the flips alone, and flagged 37 of 127 good
     # ones (7 alone): reports/tuning/vessel-calibre.md.
     unsure_vessel_mm: float = 2.5
 

@@ -341,8 +341,14 @@ def strata(rows: list[dict], key: str, white: float = PRIMARY_WHITE) -> dict[str
     return out
 
 
+HELD_OUT_MOTION_LABEL = "held-out > 0.7 mm"
+SEEN_MOTION_LABEL = "seen <= 0.7 mm"
+NODE_SAYS = "what the node reports (its flag and vessel calibre)"
+SMALL_VESSEL_MM = 3.0  # the report's line between small and larger vessels, by the engine's own calibre
+
+
 def _motion(row: dict) -> str:
-    return "held-out > 0.7 mm" if row["motion_mm"] > TRAIN_MOTION_MM[1] else "seen <= 0.7 mm"
+    return HELD_OUT_MOTION_LABEL if row["motion_mm"] > TRAIN_MOTION_MM[1] else SEEN_MOTION_LABEL
 
 
 def all_strata(rows: list[dict]) -> dict[str, dict[str, dict]]:
@@ -358,15 +364,11 @@ def all_strata(rows: list[dict]) -> dict[str, dict[str, dict]]:
     by[f"motion, {HELD_OUT_KERNELS[0]} kernel only"] = strata(
         [r for r in calcified if str(r["kernel"]) == HELD_OUT_KERNELS[0]], "motion")
     by["kernel, seen motion only"] = strata(
-        [r for r in calcified if r["motion_mm"] <= TRAIN_MOTION_MM[1]], "kernel")
+        [r for r in calcified if r["motion"] == SEEN_MOTION_LABEL], "kernel")
     if any(r.get("vessel_mm") is not None for r in calcified):
         by[NODE_SAYS] = strata([dict(r, says=_node_says(r)) for r in calcified], "says")
     by["stratum"] = strata(rows, "stratum")
     return by
-
-
-NODE_SAYS = "what the node reports (its flag and vessel calibre)"
-SMALL_VESSEL_MM = 3.0  # the report's line between small and larger vessels, by the engine's own calibre
 
 
 def _node_says(row: dict) -> str:

@@ -23,10 +23,11 @@ def _scan(sharp: np.ndarray, blur: ScannerBlur, noise: np.ndarray) -> np.ndarray
     return (np.fft.irfftn(np.fft.rfftn(sharp) * h, s=sharp.shape, axes=(0, 1, 2)) + noise).astype(np.float32)
 
 
-def _polar(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(z mm, radius mm from the box's axis, angle in degrees) of every voxel: a vessel along z through the middle."""
+def _polar(shape: tuple[int, int, int], dy_mm: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(z mm, radius mm from an axis, angle in degrees) of every voxel: a vessel along z through the middle,
+    or ``dy_mm`` beside it."""
     z, y, x = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, SPACING)], indexing="ij")
-    cy, cx = (shape[1] - 1) * SPACING[1] / 2, (shape[2] - 1) * SPACING[2] / 2
+    cy, cx = (shape[1] - 1) * SPACING[1] / 2 + dy_mm, (shape[2] - 1) * SPACING[2] / 2
     return z, np.hypot(y - cy, x - cx), np.degrees(np.arctan2(y - cy, x - cx)) % 360.0
 
 
@@ -226,8 +227,7 @@ def test_a_wider_neighbour_does_not_lend_a_small_vessel_its_calibre():
 
     shape = (48, 56, 56)
     z, r, angle = _polar(shape)
-    y = np.arange(shape[1])[None, :, None] * SPACING[1] - (shape[1] - 1) * SPACING[1] / 2
-    beside = np.hypot(y + 5.0, (np.arange(shape[2])[None, None, :] - (shape[2] - 1) / 2) * SPACING[2])
+    _, beside, _ = _polar(shape, dy_mm=-5.0)
     sharp = np.full(shape, 40.0)
     sharp[(r < 2.1) | (beside < 3.1)] = 50.0
     sharp[(r < 1.0) | (beside < 2.0)] = 400.0
