@@ -191,8 +191,13 @@ def _peak_above_lumen(volume: np.ndarray, sl: tuple[slice, slice, slice], part: 
 
 
 def detect(volume: np.ndarray, spacing: tuple[float, float, float], options: DetectOptions | None = None,
-           ) -> Detection:
-    """Calcium mask and lesion list for a HU volume; everything excluded is explained."""
+           level_image: np.ndarray | None = None) -> Detection:
+    """Calcium mask and lesion list for a HU volume; everything excluded is explained.
+
+    ``level_image`` (same shape): the image the vessels' contrast level is measured on, when not
+    ``volume`` itself. The node never passes one; the lab passes the calcium-free truth image to ask
+    how much the calcium's own blur, pulling the measured level up, costs (``--oracle-level``).
+    """
     opts = options or DetectOptions()
     threshold = opts.threshold_hu
     excluded: list[dict] = []
@@ -204,7 +209,10 @@ def detect(volume: np.ndarray, spacing: tuple[float, float, float], options: Det
             threshold = min(opts.threshold_hu, max(opts.adaptive_floor_hu, med + opts.adaptive_sd * sd))
     voxel_mm3 = float(np.prod(spacing))
     bright = volume > threshold
-    level = local_lumen_level(volume, spacing) if opts.local_contrast_hu > 0 or opts.noise_sigmas > 0 else None
+    if level_image is not None and level_image.shape != volume.shape:
+        raise ValueError(f"level_image has shape {level_image.shape}, the volume {volume.shape}")
+    level = (local_lumen_level(volume if level_image is None else level_image, spacing)
+             if opts.local_contrast_hu > 0 or opts.noise_sigmas > 0 else None)
     if opts.local_contrast_hu > 0:
         bright |= _faint_calcium(volume, spacing, bright, opts, level)
     noise_sd = image_noise_sd(volume) if opts.noise_sigmas > 0 else float("nan")

@@ -262,18 +262,22 @@ class Engine:
         return vessel, why
 
     def run(self, volume: np.ndarray, spacing: tuple[float, float, float],
-            progress: Callable[[int, int], None] | None = None, kernel: str = "") -> EngineResult:
+            progress: Callable[[int, int], None] | None = None, kernel: str = "",
+            level_image: np.ndarray | None = None) -> EngineResult:
         """Detect the calcium, then restore ``volume`` in place (float32 HU); say which voxels changed.
-        ``kernel``: the series' reconstruction kernel (ConvolutionKernel), for the subtraction's blur."""
+        ``kernel``: the series' reconstruction kernel (ConvolutionKernel), for the subtraction's blur.
+        ``level_image``: an image to measure the contrast level on in place of ``volume``, in detection and
+        in the subtraction's calcium estimate (a lab oracle: ``detect.detect``); the node never passes one."""
         t0 = time.perf_counter()
-        detection = detect(volume, spacing, self.detect_options)
+        detection = detect(volume, spacing, self.detect_options, level_image)
         seconds = time.perf_counter() - t0
-        result = self.restore(volume, spacing, detection, progress, kernel)
+        result = self.restore(volume, spacing, detection, progress, kernel, level_image)
         result.seconds = {"detect": seconds, **result.seconds}
         return result
 
     def restore(self, volume: np.ndarray, spacing: tuple[float, float, float], detection: Detection,
-                progress: Callable[[int, int], None] | None = None, kernel: str = "") -> EngineResult:
+                progress: Callable[[int, int], None] | None = None, kernel: str = "",
+                level_image: np.ndarray | None = None) -> EngineResult:
         """Remove the given calcium from ``volume`` in place (float32 HU): plan the windows, restore them
         step by step through the backend, resample back. Public for callers that know the calcium rather
         than detect it (the lab's diagnostic runs on the phantom's true calcium)."""
@@ -282,7 +286,8 @@ class Engine:
         t2 = time.perf_counter()
         if self.method == "subtract":
             opts = self.subtract.for_kernel(kernel)
-            result = self._subtract(volume, spacing, detection, regions, progress, {"plan": t2 - t1}, opts)
+            result = self._subtract(volume, spacing, detection, regions, progress, {"plan": t2 - t1}, opts,
+                                    level_image)
             result.assumed_for_kernel = kernel if opts.blur != self.subtract.blur else ""
             return result
         grids = [ndimage.map_coordinates(volume, r.model_coordinates(), order=1, mode="nearest").astype(np.float32)
@@ -346,7 +351,8 @@ class Engine:
 
     def _subtract(self, volume: np.ndarray, spacing: tuple[float, float, float], detection: Detection,
                   regions: list[Region], progress: Callable[[int, int], None] | None,
-                  seconds: dict[str, float], opts: SubtractOptions) -> EngineResult:
+                  seconds: dict[str, float], opts: SubtractOptions, level_image: np.ndarray | None = None
+                  ) -> EngineResult:
         """The physics path (``subtract.py``): each region's calcium estimated and subtracted, region by region.
 
         Every region is computed from the acquired volume (regions do not see each other's
@@ -372,7 +378,8 @@ class Engine:
             box = grow_box(r.native_box, volume.shape, pad)
             origin = np.array([s.start for s in box])
             local_idx = r.native_indices() - origin
-            added = calcium_blur(volume[box], detection.calcium[box], spacing, opts, fallback)
+            levels = None if level_image is None else level_image[box]
+            added = calcium_blur(volume[box], detection.calcium[box], spacing, opts, fallback, levels)
             if opts.reach_hu > 0:  # also wherever the calcium's blur reaches past the footprint
                 local_idx = np.unique(np.concatenate([local_idx, np.argwhere(added > opts.reach_hu)]), axis=0)
             idx = local_idx + origin
@@ -381,7 +388,7 @@ class Engine:
             d = None
             if self.confidence.flips and len(idx):
                 second = calcium_removed(volume[box], detection.calcium[box], spacing,
-                                         replace(opts, blur=opts.second_blur), fallback)[local]
+                                         replace(opts, blur=opts.second_blur), fallback, levels)[local]
                 d = lumen_disagreement(values, second, lumen_level_at(volume[box], spacing, local_idx))
             vessel, why = self._judge(volume, spacing, r, detection.calcium, d, opts.unsure_hu, "blur")
             unsure = bool(why)

@@ -189,27 +189,30 @@ def sharpen(image: np.ndarray, h: np.ndarray, tv_weight: float, iterations: int)
 
 
 def calcium_removed(image: np.ndarray, calcium: np.ndarray, spacing: tuple[float, float, float],
-                    options: SubtractOptions, fallback_level: float) -> np.ndarray:
+                    options: SubtractOptions, fallback_level: float, level_image: np.ndarray | None = None
+                    ) -> np.ndarray:
     """A box of HU without its calcium: ``image`` minus the blurred excess of the sharp calcium.
 
     ``calcium`` (bool, same box) says where the detector found calcium; the sharp image
     decides its extent. Values far from any calcium come back unchanged up to float error.
     """
-    return (image.astype(np.float64) - calcium_blur(image, calcium, spacing, options, fallback_level)) \
+    return (image.astype(np.float64) - calcium_blur(image, calcium, spacing, options, fallback_level, level_image)) \
         .astype(np.float32)
 
 
 def calcium_blur(image: np.ndarray, calcium: np.ndarray, spacing: tuple[float, float, float],
-                 options: SubtractOptions, fallback_level: float) -> np.ndarray:
+                 options: SubtractOptions, fallback_level: float, level_image: np.ndarray | None = None
+                 ) -> np.ndarray:
     """What the calcium adds to a box of HU as the scanner shows it: its sharp excess, blurred (float64).
-    Its reach also says where the subtraction must be written (``SubtractOptions.reach_hu``)."""
+    Its reach also says where the subtraction must be written (``SubtractOptions.reach_hu``).
+    ``level_image``: the box the contrast level is measured on, when not ``image`` (see ``detect.detect``)."""
     y = image.astype(np.float64)
     h = options.blur.transfer(y.shape, spacing)
     u = sharpen(y, h, options.tv_weight, options.iterations)
     near = ndimage.binary_dilation(calcium, iterations=options.near_calcium_voxels) if options.near_calcium_voxels \
         else calcium
     idx = np.argwhere(near)
-    level = lumen_level_at(image.astype(np.float32), spacing, idx)
+    level = lumen_level_at((image if level_image is None else level_image).astype(np.float32), spacing, idx)
     level = np.where(np.isfinite(level), level, fallback_level)
     sharp = tuple(idx[u[tuple(idx.T)] > level + options.white_above_lumen_hu].T)
     excess = np.zeros(y.shape)

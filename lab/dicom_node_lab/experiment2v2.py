@@ -106,10 +106,10 @@ ORACLES = (TRUE_CALCIUM_SUBTRACTED, PERFECT_NETWORK, PERFECT_DETECTION, KNOWN_AN
 RETEST_STREAM = 2  # the new noise draw's stream, beside the study's seed
 
 
-def _one_study(job: tuple[int, int, str, list[str], bool, bool]) -> tuple[list[dict], dict, dict | None]:
+def _one_study(job: tuple[int, int, str, list[str], bool, bool, bool]) -> tuple[list[dict], dict, dict | None]:
     """Generate, process and read one study (in a worker process: one engine per worker)."""
     global _ENGINE
-    seed, i, model, engine_args, keep, oracle = job
+    seed, i, model, engine_args, keep, oracle, oracle_level = job
     if _ENGINE is None:
         _ENGINE = _engine(Path(model), engine_args)
     p = make_study(seed, i)
@@ -119,7 +119,9 @@ def _one_study(job: tuple[int, int, str, list[str], bool, bool]) -> tuple[list[d
     # the kernel as a scanner's header states it: the subtraction assumes its blur when engine.scanner_kernels
     # lists it (the network ignores it)
     kernel = str(p.settings.kernel).upper()
-    result = _ENGINE.run(processed, p.spacing, kernel=kernel)
+    # --oracle-level: the contrast level measured on the calcium-free truth image, where the calcium's blur
+    # cannot pull it up (what an estimate of the lumen level from a reference segment could at best give)
+    result = _ENGINE.run(processed, p.spacing, kernel=kernel, level_image=_stored_hu(p.truth) if oracle_level else None)
     seconds = time.perf_counter() - t0
     processed = np.where(result.changed, _stored_hu(processed), original)
     images = {"original": original, "processed": processed, "truth": p.truth}
@@ -410,7 +412,7 @@ def rewrite(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     model = Path(args.model) if args.model else ENGINES / "dense_unet.onnx"
-    jobs = [(args.seed, i, str(model), args.engine, False, args.oracle) for i in range(args.studies)]
+    jobs = [(args.seed, i, str(model), args.engine, False, args.oracle, args.oracle_level) for i in range(args.studies)]
     rows: list[dict] = []
     goals: list[dict] = []
     t0 = time.perf_counter()
@@ -564,7 +566,7 @@ def _figure(path: Path, worst: list[dict], args: argparse.Namespace) -> None:
     strips = {}
     model = Path(args.model) if args.model else ENGINES / "dense_unet.onnx"
     for i in jobs:
-        _, _, s = _one_study((args.seed, i, str(model), args.engine, True, False))
+        _, _, s = _one_study((args.seed, i, str(model), args.engine, True, False, False))
         for r in jobs[i]:
             strips[id(r)] = s[(r["vessel"], r["lesion"])]
     fig, axes = plt.subplots(len(worst), 1, figsize=(9, 2.1 * len(worst)), squeeze=False)
@@ -717,6 +719,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--report-dir", default="reports")
     ap.add_argument("--no-figure", action="store_true", help="skip the worst lesions' strips (tuning runs)")
+    ap.add_argument("--oracle-level", action="store_true",
+                    help="measure the vessels' contrast level on the calcium-free truth image (detection and the "
+                         "subtraction's calcium estimate): what the calcium pulling the measured level up costs")
     ap.add_argument("--oracle", action="store_true",
                     help="also read a perfect restoration's and a perfect detection's images, the known anatomy "
                          "under a new noise draw and a calcium-free rescan (with the subtraction, also the true "

@@ -17,7 +17,7 @@ from dicom_node_lab import experiment2v2 as e
 
 @pytest.mark.slow
 def test_the_oracles_read_as_the_truth_where_they_restore_and_as_acquired_elsewhere():
-    job = (e.EXP2V2_TUNE_SEED, 0, str(e.ENGINES / "dense_unet.onnx"), [], False, True)
+    job = (e.EXP2V2_TUNE_SEED, 0, str(e.ENGINES / "dense_unet.onnx"), [], False, True, False)
     rows = []
     for i in range(3):
         r, _, _ = e._one_study(job[:1] + (i,) + job[2:])
@@ -59,7 +59,7 @@ def test_the_calcium_excess_is_what_the_scanner_blurs_into_the_image():
 @pytest.mark.slow
 def test_the_subtraction_oracle_subtracts_the_true_calcium_only_where_the_engine_wrote(monkeypatch):
     monkeypatch.setattr(e, "_ENGINE", None)  # one engine per worker process, built for its settings
-    job = (e.EXP2V2_TUNE_SEED, 0, str(e.ENGINES / "dense_unet.onnx"), ['method = "subtract"'], False, True)
+    job = (e.EXP2V2_TUNE_SEED, 0, str(e.ENGINES / "dense_unet.onnx"), ['method = "subtract"'], False, True, False)
     rows = []
     for i in range(6):
         r, _, _ = e._one_study(job[:1] + (i,) + job[2:])
@@ -79,7 +79,7 @@ def test_the_subtraction_oracle_subtracts_the_true_calcium_only_where_the_engine
     assert f[e.TRUE_CALCIUM_SUBTRACTED]["mae"] < f["original"]["mae"], f
     # and the network path has no such oracle
     monkeypatch.setattr(e, "_ENGINE", None)
-    net = e._one_study((e.EXP2V2_TUNE_SEED, 0, job[2], [], False, True))[0]
+    net = e._one_study((e.EXP2V2_TUNE_SEED, 0, job[2], [], False, True, False))[0]
     assert all(name not in r for r in net)
 
 

@@ -21,7 +21,7 @@ def test_processing_invents_no_severe_stenosis_and_leaves_clean_vessels_alone(en
     monkeypatch.setattr(experiment2v2, "_ENGINE", None)  # the harness keeps one engine per process
     rows = []
     engine_job = (experiment2v2.EXP2V2_TUNE_SEED, 0, str(experiment2v2.ENGINES / "dense_unet.onnx"), engine_args,
-                  False, False)
+                  False, False, False)
     for i in range(6):
         r, goal, _ = experiment2v2._one_study(engine_job[:1] + (i,) + engine_job[2:])
         rows += r

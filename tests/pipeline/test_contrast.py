@@ -165,3 +165,31 @@ def test_the_cropped_filter_equals_the_whole_grid_filter() -> None:
     got = grid.copy()
     contrast._smooth(got, sigma)
     assert np.array_equal(got, want) and (want > 0).sum() < got.size // 2
+
+
+def _ringed_vessel(ring_hu: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """A small vessel (2.3 mm lumen at 350 HU) with an optional whole ring of faint calcium around it, 8 mm long:
+    its blur fills the lumen, so the level measured around it sits on the calcium itself."""
+    z, y, x = np.indices(SHAPE)
+    vol = np.full(SHAPE, 40.0, np.float32)
+    r = np.hypot(y - 24, x - 24)
+    vol[r <= 2.5] = 350.0
+    ring = (r > 2.5) & (r <= 4.0) & (np.abs(z - 32) <= 8)
+    if ring_hu is not None:
+        vol[ring] = ring_hu
+    vol = ndimage.gaussian_filter(vol, 0.8)
+    vol += np.random.default_rng(0).normal(0.0, 15.0, SHAPE).astype(np.float32)
+    return vol, ring
+
+
+def test_a_faint_ring_hides_itself_by_raising_its_vessels_level_unless_the_level_is_measured_without_it():
+    """The limit ``--oracle-level`` measures: the node measures the level on the image it is given, calcium and
+    all; given the calcium-free image to measure it on (a lab oracle), the same detection finds the ring."""
+    vol, ring = _ringed_vessel(650.0)
+    clean, _ = _ringed_vessel(None)
+    assert not detect(vol, SPACING).calcium.any()  # the node's own level: the ring passes for lumen
+    assert np.array_equal(detect(vol, SPACING, level_image=vol).calcium, detect(vol, SPACING).calcium)
+    found = detect(vol, SPACING, level_image=clean).calcium
+    assert found.sum() > 0.5 * ring.sum() and not (found & ~ndimage.binary_dilation(ring)).any()
+    with pytest.raises(ValueError, match="level_image"):
+        detect(vol, SPACING, level_image=clean[1:])

@@ -79,6 +79,18 @@ def test_subtraction_brings_a_calcified_vessel_close_to_the_same_vessel_without_
     assert np.abs(out[far] - acquired[far]).max() < 2.0, "what lies beyond the blur's reach stays as acquired"
 
 
+def test_the_level_is_measured_on_the_level_image_when_one_is_given():
+    """``level_image`` (the lab's ``--oracle-level``) replaces only where the contrast level is measured."""
+    acquired, truth, calcium = _vessel(ScannerBlur(mtf50_lp_cm=4.8), 360.0)
+    detected = acquired > 600.0
+    own = calcium_removed(acquired, detected, SPACING, SubtractOptions(), 400.0)
+    assert np.array_equal(calcium_removed(acquired, detected, SPACING, SubtractOptions(), 400.0, acquired), own)
+    assert (acquired - own)[calcium].min() > 100.0
+    # measured on an image 300 HU brighter: the calcium's faint flank no longer stands above the level, and stays
+    brighter = calcium_removed(acquired, detected, SPACING, SubtractOptions(), 400.0, acquired + 300.0)
+    assert (acquired - brighter)[calcium].sum() < 0.995 * (acquired - own)[calcium].sum()
+
+
 def test_no_calcium_means_no_change():
     acquired, _, _ = _vessel(ScannerBlur(), arc_deg=0.0)
     out = calcium_removed(acquired, np.zeros(acquired.shape, bool), SPACING, SubtractOptions(), 400.0)
