@@ -347,6 +347,8 @@ HELD_OUT_MOTION_LABEL = "held-out > 0.7 mm"
 SEEN_MOTION_LABEL = "seen <= 0.7 mm"
 NODE_SAYS = "what the node reports (its flag and vessel calibre)"
 SMALL_VESSEL_MM = 3.0  # the report's line between small and larger vessels, by the engine's own calibre
+TRUTH_SHOWS = "what the truth image shows (the same scanner without calcium)"
+OCCLUDED = 99.5  # a reading at or above this is a total occlusion (the reader found no lumen)
 
 
 def _motion(row: dict) -> str:
@@ -369,8 +371,20 @@ def all_strata(rows: list[dict]) -> dict[str, dict[str, dict]]:
         [r for r in calcified if r["motion"] == SEEN_MOTION_LABEL], "kernel")
     if any(r.get("vessel_mm") is not None for r in calcified):
         by[NODE_SAYS] = strata([dict(r, says=_node_says(r)) for r in calcified], "says")
+    by[TRUTH_SHOWS] = strata([dict(r, shows=_truth_shows(r)) for r in calcified], "shows")
     by["stratum"] = strata(rows, "stratum")
     return by
+
+
+def _truth_shows(row: dict) -> str:
+    """Whether the reference itself shows the lumen. Where a small lumen's partial volume leaves no voxel
+    half-way up to its contrast, the reader finds no lumen in the truth image even without calcium: the
+    reference reads a total occlusion that the geometry does not have (a rescan reads it so too), and a
+    restoration is measured against that."""
+    truth = row.get(f"truth@{PRIMARY_WHITE:g}")
+    if truth is None or truth < OCCLUDED:
+        return "a lumen"
+    return f"no lumen: true stenosis {'<' if row['geometric'] < 70.0 else '>='} 70 %"
 
 
 def _node_says(row: dict) -> str:

@@ -72,3 +72,17 @@ def test_lesions_are_also_split_by_what_the_node_tells_the_radiologist():
         "restored, vessel >= 3 mm": 2}
     assert says["restored, vessel >= 3 mm"]["processed_mae"] == 3.0
     assert experiment2v2.NODE_SAYS not in experiment2v2.all_strata(ROWS)
+
+
+def test_lesions_are_also_split_by_whether_the_truth_image_shows_a_lumen():
+    """A truth image that reads a total occlusion where the geometry has a lumen is a reference of its own kind
+    (partial volume in a small lumen): its lesions get a row, apart from true occlusions and from the rest."""
+    rows = [dict(_row(0, "standard", 0.2, 1.0), geometric=45.0), dict(_row(1, "standard", 0.2, 2.0), geometric=80.0),
+            _row(2, "standard", 0.2, 3.0)]
+    for r in rows[:2]:
+        r["truth@100"], r["processed@100"], r["original@100"] = 100.0, 60.0, 70.0
+    shows = experiment2v2.all_strata(rows)[experiment2v2.TRUTH_SHOWS]
+    assert {k: t["n"] for k, t in shows.items()} == {
+        "no lumen: true stenosis < 70 %": 1, "no lumen: true stenosis >= 70 %": 1, "a lumen": 1}
+    assert shows["no lumen: true stenosis < 70 %"]["processed_mae"] == 40.0
+    assert shows["a lumen"]["processed_mae"] == 3.0
