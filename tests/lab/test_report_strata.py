@@ -54,6 +54,8 @@ def test_a_report_is_written_again_from_its_json(tmp_path):
     md = (tmp_path / "experiment2v2.md").read_text()
     assert "Reproduce: `python tools/evaluate.py experiment2v2 --studies 7 --engine 'method = \"subtract\"'`" in md
     assert "**motion, standard kernel only**" in md and "**kernel, seen motion only**" in md
+    # every row's truth image shows a lumen: the second headline holds all six calcified lesions
+    assert "## Calcified lesions whose truth image shows a lumen, white + 100 HU (6 lesions)" in md
     again = json.loads(path.read_text())
     assert again["lesions"] == ROWS and set(again["strata"]) >= {"kernel, seen motion only", "arc"}
 
