@@ -416,7 +416,7 @@ def rewrite(args: argparse.Namespace) -> int:
     model = Path(res["model"])
     again = argparse.Namespace(studies=res["studies"], seed=res["seed"], engine=res["engine"],
                                model=None if model.name == "dense_unet.onnx" and model.parent.name == "engines"
-                               else res["model"], oracle="floor" in res)
+                               else res["model"], oracle="floor" in res, oracle_level=res.get("oracle_level", False))
     _markdown(path.with_suffix(".md"), res, again)
     print(path.with_suffix(".md").read_text())
     return 0
@@ -451,6 +451,7 @@ def run(args: argparse.Namespace) -> int:
     report = Path(args.report_dir)
     report.mkdir(parents=True, exist_ok=True)
     result = {"studies": args.studies, "seed": args.seed, "model": str(model), "engine": args.engine,
+              "oracle_level": args.oracle_level,
               "summary_calcified": summary, "strata": by, "safety": safe, "goals": goal, "confidence": conf,
               "wall_seconds": wall, "lesions": rows}
     if args.oracle:
@@ -630,6 +631,8 @@ def _markdown(path: Path, res: dict, args: argparse.Namespace) -> None:
     cmd += "".join(f" --engine '{kv}'" for kv in args.engine)
     if args.oracle:
         cmd += " --oracle"
+    if args.oracle_level:
+        cmd += " --oracle-level"
     lines = ["# Experiment 2 v2: calcified stenoses on the calibrated world, before and after calcium removal", "",
              f"Reproduce: `{cmd}` ({res['wall_seconds'] / 60:.0f} min on this machine's 2 cores).", "",
              f"{res['studies']} {'held-out' if args.seed == EXP2V2_SEED else 'tuning'} studies of the world "

@@ -58,6 +58,10 @@ def test_a_report_is_written_again_from_its_json(tmp_path):
     assert "## Calcified lesions whose truth image shows a lumen, white + 100 HU (6 lesions)" in md
     again = json.loads(path.read_text())
     assert again["lesions"] == ROWS and set(again["strata"]) >= {"kernel, seen motion only", "arc"}
+    # a run with the level oracle says so in its command
+    path.write_text(json.dumps(dict(res, oracle_level=True)))
+    assert evaluate.main(["rewrite", str(path)]) == 0
+    assert "--engine 'method = \"subtract\"' --oracle-level`" in (tmp_path / "experiment2v2.md").read_text()
 
 
 def test_lesions_are_also_split_by_what_the_node_tells_the_radiologist():
