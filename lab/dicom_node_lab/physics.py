@@ -178,19 +178,26 @@ def blur(volume: np.ndarray, spacing: tuple[float, float, float], kernel: Kernel
     """The scanner's blur; ``motion``: (weight map, motion vector in mm) per moving region.
 
     Each vessel moves its own way: the volume is blurred once per motion and the results
-    are blended by the smooth weight maps (the rest of the volume stays still).
+    are blended by the smooth weight maps (the rest of the volume stays still). Where the
+    maps of two vessels overlap they are shared out (each divided by their sum where it
+    exceeds 1), so every voxel's weights sum to one: a blend is an average of blurred
+    images, and an average of blurs of a uniform region is that region. Summed as they
+    were, a voxel in two vessels' reach got up to twice the image: 371 of the 480 held-out
+    studies had such places, one lifted a 590 HU lumen to 770 HU beside a calcium-free
+    plaque, and the detector took it for calcium (reports/tuning/motion-overlap.md).
     """
     spectrum = np.fft.fftn(volume)
     still = transfer(volume.shape, spacing, kernel, slice_fwhm_mm)
     if not motion:
         return np.fft.ifftn(spectrum * still).real.astype(np.float32)
-    rest = np.ones(volume.shape, np.float32)
-    out = np.zeros(volume.shape, np.float32)
+    total = np.zeros(volume.shape, np.float32)
+    for weight, _ in motion:
+        total += weight
+    share = 1.0 / np.maximum(total, 1.0)
+    out = np.clip(1.0 - total, 0.0, 1.0) * np.fft.ifftn(spectrum * still).real.astype(np.float32)
     for weight, vec in motion:
         h = transfer(volume.shape, spacing, kernel, slice_fwhm_mm, vec)
-        out += weight * np.fft.ifftn(spectrum * h).real.astype(np.float32)
-        rest -= weight
-    out += np.clip(rest, 0.0, 1.0) * np.fft.ifftn(spectrum * still).real.astype(np.float32)
+        out += weight * share * np.fft.ifftn(spectrum * h).real.astype(np.float32)
     return out
 
 
