@@ -63,6 +63,8 @@ class EngineConfig:
     subtract_second_mtf50_lp_cm: float = SubtractOptions.second_blur.mtf50_lp_cm  # subtract, confidence: 2nd blur
     subtract_unsure_hu: float = SubtractOptions.unsure_hu  # subtract: a region whose two blurs differ more is unsure
     subtract_reach_hu: float = SubtractOptions.reach_hu  # subtract: also write where calcium blur adds more
+    subtract_refit_iterations: int = SubtractOptions.refit_iterations  # subtract: refit the calcium's excess (0: off)
+    subtract_grow_hu: float = SubtractOptions.grow_above_lumen_hu  # subtract: calcium's flank down to this (0: off)
     # subtract: reconstruction kernel (ConvolutionKernel) -> the MTF50 (lp/cm) to assume for its series
     scanner_kernels: dict[str, float] = field(default_factory=dict)
     # subtract: reconstruction kernel -> subtract_white_hu for its series (a kernel not listed keeps that)
@@ -84,7 +86,8 @@ class EngineConfig:
         return SubtractOptions(blur=blur, tv_weight=self.subtract_tv_weight,
                                white_above_lumen_hu=self.subtract_white_hu, second_blur=second,
                                unsure_hu=self.subtract_unsure_hu, kernels=tuple(self.scanner_kernels.items()),
-                               reach_hu=self.subtract_reach_hu,
+                               reach_hu=self.subtract_reach_hu, refit_iterations=self.subtract_refit_iterations,
+                               grow_above_lumen_hu=self.subtract_grow_hu,
                                white_by_kernel=tuple(self.subtract_white_by_kernel.items()))
 
     def confidence_options(self) -> ConfidenceOptions:

@@ -111,12 +111,24 @@ class SubtractOptions:
     # adds more than this many HU. A fixed margin fits one blur; the blur's own reach fits every kernel
     # (a soft kernel spreads calcium further than the margin). 0 = the footprint only.
     reach_hu: float = 0.0
+    # Steps of a refit of the calcium's excess, the anatomy held (0 = none): total variation shrinks a small
+    # bright object's contrast, so the sharpened calcium under-explains its own blur; the excess is refitted,
+    # non-negative and on the calcium's own voxels, to what the acquired box shows.
+    refit_iterations: int = 0
+    # > 0: the sharp calcium also takes its connected flank down to this far above the contrast level
+    # (hysteresis below ``white_above_lumen_hu``): a flank voxel left in the anatomy keeps lumen brightness
+    # where the calcium-free scan shows plaque, and the reader takes it for lumen. 0 = no growth.
+    grow_above_lumen_hu: float = 0.0
 
     def __post_init__(self) -> None:
         if self.tv_weight < 0 or self.iterations < 1:
             raise ValueError("tv_weight must be >= 0 and iterations >= 1")
         if self.pad_mm <= 0 or self.near_calcium_voxels < 0:
             raise ValueError("pad_mm must be positive and near_calcium_voxels >= 0")
+        if self.grow_above_lumen_hu < 0:
+            raise ValueError(f"grow_above_lumen_hu must be >= 0 (0 = no growth), not {self.grow_above_lumen_hu}")
+        if self.refit_iterations < 0:
+            raise ValueError(f"refit_iterations must be >= 0 (0 = no refit), not {self.refit_iterations}")
         if self.reach_hu < 0:
             raise ValueError(f"reach_hu must be >= 0 (0 = footprint only), not {self.reach_hu}")
         if self.unsure_hu <= 0:
@@ -214,8 +226,41 @@ def calcium_blur(image: np.ndarray, calcium: np.ndarray, spacing: tuple[float, f
     idx = np.argwhere(near)
     level = lumen_level_at((image if level_image is None else level_image).astype(np.float32), spacing, idx)
     level = np.where(np.isfinite(level), level, fallback_level)
-    sharp = tuple(idx[u[tuple(idx.T)] > level + options.white_above_lumen_hu].T)
+    values = u[tuple(idx.T)]
+    white = np.zeros(y.shape, bool)
+    white[tuple(idx[values > level + options.white_above_lumen_hu].T)] = True
+    if options.grow_above_lumen_hu > 0 and white.any():
+        # hysteresis: the white calcium extends over its connected flank that still stands above the lumen
+        flank = np.zeros(y.shape, bool)
+        flank[tuple(idx[values > level + options.grow_above_lumen_hu].T)] = True
+        white = ndimage.binary_propagation(white, structure=np.ones((3, 3, 3), bool), mask=flank | white)
+    sharp = np.nonzero(white)
     excess = np.zeros(y.shape)
     excess[sharp] = np.clip(u[sharp] - options.plaque_hu, 0.0, None)
+    if options.refit_iterations and excess.any():
+        excess = refit_excess(y, u - excess, excess, h, options.refit_iterations)
     return through(excess, h)
+
+
+def refit_excess(image: np.ndarray, anatomy: np.ndarray, excess: np.ndarray, h: np.ndarray,
+                 iterations: int) -> np.ndarray:
+    """The calcium's excess refitted to the acquired ``image``: argmin ½‖h∗(anatomy + e) − image‖² over
+    e ≥ 0 that is zero wherever ``excess`` is, from ``excess``, by accelerated projected gradient.
+
+    Why: the sharpening's total variation pulls a small bright object's peak down (its cost grows with
+    the object's contrast), so its excess, blurred back, leaves part of the bloom in the image. Holding
+    the anatomy and the calcium's footprint, only the calcium's amplitude is solved for; it cannot spread.
+    """
+    support = excess > 0
+    step = 1.0 / float(np.max(h)) ** 2
+    base = image - through(anatomy, h)
+    e = excess.copy()
+    z = e.copy()
+    t = 1.0
+    for _ in range(iterations):
+        nxt = np.where(support, np.maximum(z + step * through(base - through(z, h), h), 0.0), 0.0)
+        t_next = 0.5 * (1.0 + np.sqrt(1.0 + 4.0 * t * t))
+        z = nxt + (t - 1.0) / t_next * (nxt - e)
+        e, t = nxt, t_next
+    return e
 

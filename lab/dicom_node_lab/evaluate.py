@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("report", help="experiment2v2.json")
     rw = sub.add_parser("rewrite", help="write an experiment2v2 report again from its JSON (today's strata, no rerun)")
     rw.add_argument("report", help="experiment2v2.json")
+    cmp = sub.add_parser("compare", help="experiment2v2 runs side by side, each paired against the first")
+    cmp.add_argument("reports", nargs="+", help="experiment2v2.json of runs on the same studies (the first: reference)")
     cal = sub.add_parser("calibration", help="the world's blooming against the issue's 2D check, XCIST and the gate")
     calibration.add_arguments(cal)
     rs = sub.add_parser("reader-smoothing",
@@ -77,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         return calibration.report(args)
     if args.cmd == "thresholds":
         return experiment2v2.thresholds_report(args)
+    if args.cmd == "compare":
+        return experiment2v2.compare_report(args)
     if args.cmd == "rewrite":
         return experiment2v2.rewrite(args)
     if args.cmd == "safety-cases":

@@ -92,3 +92,24 @@ def test_lesions_are_also_split_by_whether_the_truth_image_shows_a_lumen():
         "no lumen: true stenosis < 70 %": 1, "no lumen: true stenosis >= 70 %": 1, "a lumen": 1}
     assert shows["no lumen: true stenosis < 70 %"]["processed_mae"] == 40.0
     assert shows["a lumen"]["processed_mae"] == 3.0
+
+
+def test_compare_pairs_the_same_lesions_and_says_which_way_they_moved(tmp_path, capsys):
+    """``evaluate.py compare``: a setting is judged lesion by lesion against the reference run."""
+    other = [dict(r) for r in ROWS]
+    other[0] = _row(0, "standard", 1.0, 0.0)  # 4 points closer
+    other[3] = _row(3, "sharp", 1.1, 10.0)  # 2 points further
+    change = experiment2v2.paired_change(ROWS, other)
+    assert change["n"] == 6  # the calcium-free segment is not paired
+    assert abs(change["mean"] - (-4.0 + 2.0) / 6) < 1e-9
+    assert change["better"] == 1 and change["worse"] == 1
+    assert change["ci"][0] <= change["mean"] <= change["ci"][1]
+    assert experiment2v2.paired_change(ROWS, [])["n"] == 0
+    paths = []
+    for name, rows in (("a", ROWS), ("b", other)):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"lesions": rows}))
+        paths.append(str(path))
+    assert evaluate.main(["compare", *paths]) == 0
+    out = capsys.readouterr().out
+    assert "(reference)" in out and "-0.33 [" in out and "1 better / 1 worse" in out
