@@ -45,6 +45,9 @@ class EngineConfig:
     keep_edge_components: bool = DetectOptions.keep_edge_components  # bright pieces cut by the volume's edge
     noise_sigmas: float = DetectOptions.noise_sigmas  # small components must peak this many noise SDs up; 0 = off
     noise_keep_mm3: float = DetectOptions.noise_keep_mm3  # ... components this large are kept regardless
+    sharp_contrast_hu: float = DetectOptions.sharp_contrast_hu  # also calcium: this far above contrast, sharpened
+    sharp_min_volume_mm3: float = DetectOptions.sharp_min_volume_mm3  # ... components at least this large
+    sharp_mtf50_lp_cm: float = DetectOptions.sharp_mtf50_lp_cm  # ... sharpened under this blur
     margin_mm: float = WindowOptions.margin_mm  # blooming margin restored around the calcium
     core: int = WindowOptions.core  # voxels a window may restore per axis (of 32)
     mask_mode: MaskMode = WindowOptions.mask_mode  # cube: the paper's, hiding each window's whole core
@@ -102,6 +105,9 @@ ENGINE_KEYS: dict[str, tuple[type, str]] = {
     "local_contrast_hu": (DetectOptions, "local_contrast_hu"), "local_extent_hu": (DetectOptions, "local_extent_hu"),
     "metal_hu": (DetectOptions, "metal_hu"), "keep_edge_components": (DetectOptions, "keep_edge_components"),
     "noise_sigmas": (DetectOptions, "noise_sigmas"), "noise_keep_mm3": (DetectOptions, "noise_keep_mm3"),
+    "sharp_contrast_hu": (DetectOptions, "sharp_contrast_hu"),
+    "sharp_min_volume_mm3": (DetectOptions, "sharp_min_volume_mm3"),
+    "sharp_mtf50_lp_cm": (DetectOptions, "sharp_mtf50_lp_cm"),
     "margin_mm": (WindowOptions, "margin_mm"), "core": (WindowOptions, "core"),
     "mask_mode": (WindowOptions, "mask_mode"), "confidence": (ConfidenceOptions, "flips"),
     "unsure_hu": (ConfidenceOptions, "unsure_hu"), "unsure_action": (ConfidenceOptions, "unsure_action"),

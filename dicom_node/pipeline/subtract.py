@@ -145,6 +145,10 @@ class SubtractOptions:
         for _, mtf50 in self.kernels:
             replace(self.blur, mtf50_lp_cm=mtf50)  # checks the MTF50 as any blur's
 
+    def listed_mtf50(self, kernel: str) -> float | None:
+        """The MTF50 the kernel table gives a series' ConvolutionKernel, or None where it lists none."""
+        return _listed(self.kernels, kernel)
+
     def for_kernel(self, kernel: str) -> SubtractOptions:
         """These options with the blur and the white level assumed for ``kernel`` (a series'
         ConvolutionKernel), each where its table lists the kernel.

@@ -309,3 +309,21 @@ def test_the_estimates_refinements_bring_the_vessel_closer_and_touch_nothing_far
     assert rmse[1] < ratio * rmse[0], rmse
     with pytest.raises(ValueError):
         SubtractOptions(**{setting: -1})
+
+
+def test_the_sharpened_image_detection_assumes_the_blur_the_kernel_table_gives_the_series(monkeypatch):
+    """A kernel the site lists (even at the default blur's MTF50) is sharpened under its own MTF50;
+    an unlisted one under the detection's own setting."""
+    from dicom_node.pipeline import detect as detect_module
+    from dicom_node.pipeline import restore
+
+    seen = []
+    monkeypatch.setattr(restore, "detect", lambda volume, spacing, options, level_image=None: (
+        seen.append(options.sharp_mtf50_lp_cm), detect_module.describe(np.zeros(volume.shape, bool), volume,
+                                                                         spacing))[1])
+    engine = Engine(None, detect_module.DetectOptions(sharp_contrast_hu=150.0), method="subtract",
+                    subtract=SubtractOptions(kernels=(("HD", 5.2), ("B26f", 3.9))))
+    volume = np.zeros((8, 8, 8), np.float32)
+    for kernel in ("hd", "B26F", "FC43", ""):
+        engine.run(volume.copy(), SPACING, kernel=kernel)
+    assert seen == [5.2, 3.9, 4.3, 4.3]
