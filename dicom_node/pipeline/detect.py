@@ -57,6 +57,7 @@ class DetectOptions:
     sharp_contrast_hu: float = 0.0
     sharp_min_volume_mm3: float = 5.0
     sharp_mtf50_lp_cm: float = 4.3
+    sharp_max_above_hu: float = 0.0  # > 0: ... only deposits that peak less than this above it as acquired
 
 
 @dataclass
@@ -214,8 +215,13 @@ def _sharp_calcium(volume: np.ndarray, spacing: tuple[float, float, float], brig
     voxel_mm3 = float(np.prod(spacing))
     for i, sl in enumerate(objects, start=1):
         piece = lab[sl] == i
-        if piece.sum() * voxel_mm3 >= opts.sharp_min_volume_mm3:
-            out[box][sl] |= piece
+        if piece.sum() * voxel_mm3 < opts.sharp_min_volume_mm3:
+            continue
+        # a deposit that already looks white is one the reader stops at; removed only in part, it would read as lumen
+        if opts.sharp_max_above_hu > 0 and np.nanmax(np.where(piece, part[sl] - ref[sl], np.nan)) >= \
+                opts.sharp_max_above_hu:
+            continue
+        out[box][sl] |= piece
     return out
 
 
