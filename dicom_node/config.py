@@ -421,6 +421,7 @@ def check(cfg: Config) -> None:
             raise ConfigError(f"{name} must be greater than 0, got {value!r}")
     try:  # the engine's options check their own ranges (a blur's MTF50, a kernel table's names)
         cfg.engine.subtract_options()
+        cfg.engine.detect_options()
     except ValueError as exc:
         raise ConfigError(f"engine: {exc}") from None
     if cfg.intake.max_sequence_depth < 0 or cfg.intake.max_element_mb < 0:

@@ -64,6 +64,13 @@ class DetectOptions:
     sharp_mtf50_lp_cm: float = 4.3
     sharp_max_above_hu: float = 0.0  # > 0: ... only deposits that peak less than this above it as acquired
 
+    def __post_init__(self) -> None:
+        if self.sharp_contrast_hu < 0 or self.sharp_max_above_hu < 0:
+            raise ValueError("sharp_contrast_hu and sharp_max_above_hu must be >= 0 (0 = off)")
+        if self.sharp_min_volume_mm3 <= 0:
+            raise ValueError(f"sharp_min_volume_mm3 must be positive, not {self.sharp_min_volume_mm3}")
+        ScannerBlur(mtf50_lp_cm=self.sharp_mtf50_lp_cm)  # checks it as any blur's MTF50
+
 
 @dataclass
 class Lesion:
