@@ -25,6 +25,7 @@ lumen, reports/tuning/subtract-estimate.md).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +33,7 @@ from scipy import ndimage
 
 from dicom_node.pipeline.contrast import BLOCK, brighter_than_lumen, brightest_level_nearby, local_lumen_level
 from dicom_node.pipeline.morphology import dilate_mm, open_mm, padded_bbox
-from dicom_node.pipeline.subtract import ScannerBlur, sharpen
+from dicom_node.pipeline.subtract import ScannerBlur, SubtractOptions, sharpen
 
 CONNECTIVITY_26 = np.ones((3, 3, 3), bool)
 
@@ -199,31 +200,31 @@ def _faint_calcium(volume: np.ndarray, spacing: tuple[float, float, float], brig
     return out
 
 
-def _sharp_calcium(volume: np.ndarray, spacing: tuple[float, float, float], bright: np.ndarray,
-                   opts: DetectOptions, level: np.ndarray) -> np.ndarray:
-    """Deposits that the scanner's blur has spread into the lumen's own range, found where the blur is undone.
+def _sharp_deposits(volume: np.ndarray, spacing: tuple[float, float, float], avoid: np.ndarray,
+                    opts: DetectOptions, level: np.ndarray) -> Iterator[tuple[np.ndarray, tuple[slice, ...]]]:
+    """Deposits that the scanner's blur has spread into the lumen's own range, found where the blur is undone:
+    each as its voxels (bool) over its slices of the volume.
 
     Calcium of 400-500 mg HA/cm³ stands about 200 HU above a bright lumen; blurred, its peak sinks to within
     the lumen's noise, and neither the threshold nor the faint-calcium test sees it, though left in place it
     reads as lumen (under-call). Sharpened by total-variation deconvolution (the subtraction's), it stands
     clear again. Only components of some volume count (a sharpened image's noise makes small ones), and none
-    that touches calcium already found (its flank is the threshold's and the margin's). Bone and devices
-    still go through :func:`detect`'s rules.
+    within two voxels of ``avoid`` (calcium already found, whose flank is the threshold's and the margin's;
+    what the rules left alone, around which a deconvolution rings).
     """
     box = padded_bbox(volume > opts.local_floor_hu, [8, 8, 8])
-    out = np.zeros(volume.shape, bool)
     if box is None:
-        return out
+        return
     part = volume[box].astype(np.float64)
     h = ScannerBlur(mtf50_lp_cm=opts.sharp_mtf50_lp_cm).transfer(part.shape, spacing)
-    u = sharpen(part, h, 3.0, 60)
+    u = sharpen(part, h, SubtractOptions.tv_weight, SubtractOptions.iterations)
     ref = brightest_level_nearby(level, spacing)
     cells = [np.minimum(np.arange(sl.start, sl.stop) // BLOCK, n - 1) for sl, n in zip(box, ref.shape)]
     ref = ref[np.ix_(*cells)]
     with np.errstate(invalid="ignore"):
         cand = (u - ref > opts.sharp_contrast_hu) & (part > opts.local_floor_hu)  # nan (no contrast) is False
-    cand &= ~ndimage.binary_dilation(bright[box], iterations=2)
-    lab, n, objects = _label(cand)
+    cand &= ~ndimage.binary_dilation(avoid[box], iterations=2)
+    lab, _, objects = _label(cand)
     voxel_mm3 = float(np.prod(spacing))
     for i, sl in enumerate(objects, start=1):
         piece = lab[sl] == i
@@ -233,8 +234,19 @@ def _sharp_calcium(volume: np.ndarray, spacing: tuple[float, float, float], brig
         if opts.sharp_max_above_hu > 0 and np.nanmax(np.where(piece, part[sl] - ref[sl], np.nan)) >= \
                 opts.sharp_max_above_hu:
             continue
-        out[box][sl] |= piece
-    return out
+        yield piece, tuple(slice(s.start + b.start, s.stop + b.start) for s, b in zip(sl, box))
+
+
+def _structure_reason(lesion: Lesion, shape: tuple[int, ...], opts: DetectOptions) -> str:
+    """Why a component is bone, a device or a piece cut by the volume's edge rather than calcium ("" if none)."""
+    if lesion.volume_mm3 >= opts.dense_min_volume_mm3:
+        return "large dense structure (bone cortex or device)"
+    if lesion.peak_hu >= opts.metal_hu:
+        return f"metal (peak {lesion.peak_hu:.0f} HU >= {opts.metal_hu:.0f})"
+    at_edge = any(s.start == 0 or s.stop == n for s, n in zip(lesion.bbox, shape))
+    if at_edge and not opts.keep_edge_components:
+        return "cut by the edge of the scanned volume (cannot be told from bone)"
+    return ""
 
 
 def _peak_above_lumen(volume: np.ndarray, sl: tuple[slice, slice, slice], part: np.ndarray,
@@ -295,10 +307,9 @@ def detect(volume: np.ndarray, spacing: tuple[float, float, float], options: Det
         dense = dilate_mm(dense, spacing, regrow) & bright
     candidates = bright & ~dense
     del bright, opened
-    sharp_on = opts.sharp_contrast_hu > 0 and level is not None
     # what the sharpened-image test must keep away from: bone, and the metal, bone slivers and large
     # structures the rules below leave alone (a deconvolution rings around them); not the noise they drop
-    avoid = dense if sharp_on else None
+    avoid = dense if opts.sharp_contrast_hu > 0 else None
     del dense
     lab, n, objects = _label(candidates)
     lesions: list[Lesion] = []
@@ -308,28 +319,20 @@ def detect(volume: np.ndarray, spacing: tuple[float, float, float], options: Det
         for i, sl in enumerate(objects, start=1):
             part = lab[sl] == i
             lesion = _lesion(len(lesions) + 1, part, sl, volume, voxel_mm3)
-            vol_mm3, peak, centroid = lesion.volume_mm3, lesion.peak_hu, lesion.centroid
+            vol_mm3, centroid = lesion.volume_mm3, lesion.centroid
             if vol_mm3 < opts.min_volume_mm3:
                 lab[sl][part] = 0
                 continue  # noise spike; not worth a line in the report
-            at_edge = any(s.start == 0 or s.stop == n_ax for s, n_ax in zip(sl, volume.shape))
-            if vol_mm3 >= opts.dense_min_volume_mm3:
-                reason = "large dense structure (bone cortex or device)"
-            elif peak >= opts.metal_hu:
-                reason = f"metal (peak {peak:.0f} HU >= {opts.metal_hu:.0f})"
-            elif at_edge and not opts.keep_edge_components:
-                reason = "cut by the edge of the scanned volume (cannot be told from bone)"
-            elif (vol_mm3 < opts.noise_keep_mm3 and np.isfinite(noise_sd)  # noise_sd is nan with the test off
-                  and np.isfinite(above := _peak_above_lumen(volume, sl, part, level))
-                  and above < opts.noise_sigmas * noise_sd):
+            reason = _structure_reason(lesion, volume.shape, opts)
+            if reason and avoid is not None:
+                avoid[sl] |= part
+            if (not reason and vol_mm3 < opts.noise_keep_mm3 and np.isfinite(noise_sd)  # nan with the test off
+                    and np.isfinite(above := _peak_above_lumen(volume, sl, part, level))
+                    and above < opts.noise_sigmas * noise_sd):
                 reason = (f"noise (peak {above:.0f} HU above its lumen, under {opts.noise_sigmas:g} × "
                           f"the image's noise SD of {noise_sd:.0f} HU)")
-            else:
-                reason = ""
             if reason:
                 lab[sl][part] = 0
-                if avoid is not None and not reason.startswith("noise"):
-                    avoid[sl] |= part
                 excluded.append({"reason": reason, "volume_mm3": round(vol_mm3, 1),
                                  "centroid": [round(c, 1) for c in centroid]})
                 continue
@@ -344,22 +347,16 @@ def detect(volume: np.ndarray, spacing: tuple[float, float, float], options: Det
 def _add_sharp_calcium(volume: np.ndarray, spacing: tuple[float, float, float], opts: DetectOptions,
                        level: np.ndarray, avoid: np.ndarray, calcium: np.ndarray, labels: np.ndarray,
                        lesions: list[Lesion], excluded: list[dict]) -> None:
-    """Add the deposits only the sharpened image shows (:func:`_sharp_calcium`) as lesions, in place.
+    """Add the deposits only the sharpened image shows (:func:`_sharp_deposits`) as lesions, in place.
 
     After the other rules, not before: such a deposit is faint, and the noise test (made for the acquired
     image, where a faint deposit and a noise blob look alike) would drop it; the sharpened image's volume
-    test stands in for it. Pieces cut by the volume's edge, or as large as bone, are left as the rules say.
+    test stands in for it. Bone, devices and pieces cut by the volume's edge are left as the rules say.
     """
-    extra = _sharp_calcium(volume, spacing, avoid, opts, level)
-    lab, _, objects = _label(extra)
     voxel_mm3 = float(np.prod(spacing))
-    for i, sl in enumerate(objects, start=1):
-        part = lab[sl] == i
+    for part, sl in _sharp_deposits(volume, spacing, avoid, opts, level):
         lesion = _lesion(len(lesions) + 1, part, sl, volume, voxel_mm3)
-        at_edge = any(s.start == 0 or s.stop == n_ax for s, n_ax in zip(sl, volume.shape))
-        reason = ("large dense structure (bone cortex or device)" if lesion.volume_mm3 >= opts.dense_min_volume_mm3
-                  else "cut by the edge of the scanned volume (cannot be told from bone)"
-                  if at_edge and not opts.keep_edge_components else "")
+        reason = _structure_reason(lesion, volume.shape, opts)
         if reason:
             excluded.append({"reason": f"sharpened: {reason}", "volume_mm3": round(lesion.volume_mm3, 1),
                              "centroid": [round(c, 1) for c in lesion.centroid]})

@@ -22,6 +22,7 @@ The deconvolution's weights are per voxel, so they assume a spacing near the mod
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -193,15 +194,28 @@ def through(volume: np.ndarray, h: np.ndarray) -> np.ndarray:
 def sharpen(image: np.ndarray, h: np.ndarray, tv_weight: float, iterations: int) -> np.ndarray:
     """Total-variation deconvolution: argmin ½‖h∗u − image‖² + w·TV(u), by accelerated gradient (FISTA)."""
     step = 1.0 / (float(np.max(h)) ** 2 + 12.0 * tv_weight / TV_EPSILON_HU)
-    u = image.copy()
-    z = u.copy()
+
+    def descend(z: np.ndarray) -> np.ndarray:
+        return z - step * (through(through(z, h) - image, h) + tv_weight * _tv_gradient(z))
+
+    return _accelerated(image, descend, iterations)
+
+
+def _accelerated(start: np.ndarray, step: Callable[[np.ndarray], np.ndarray], iterations: int) -> np.ndarray:
+    """FISTA's momentum around a (projected) gradient ``step``: ``iterations`` steps from ``start``.
+
+    The sharpening and the calcium's refit are both least-squares fits through the scanner's blur; they
+    differ only in the step, and share the acceleration that makes 30-60 steps enough.
+    """
+    x = start.copy()
+    z = x.copy()
     t = 1.0
     for _ in range(iterations):
-        nxt = z - step * (through(through(z, h) - image, h) + tv_weight * _tv_gradient(z))
+        nxt = step(z)
         t_next = 0.5 * (1.0 + np.sqrt(1.0 + 4.0 * t * t))
-        z = nxt + (t - 1.0) / t_next * (nxt - u)
-        u, t = nxt, t_next
-    return u
+        z = nxt + (t - 1.0) / t_next * (nxt - x)
+        x, t = nxt, t_next
+    return x
 
 
 def calcium_removed(image: np.ndarray, calcium: np.ndarray, spacing: tuple[float, float, float],
@@ -258,13 +272,9 @@ def refit_excess(image: np.ndarray, anatomy: np.ndarray, excess: np.ndarray, h: 
     support = excess > 0
     step = 1.0 / float(np.max(h)) ** 2
     base = image - through(anatomy, h)
-    e = excess.copy()
-    z = e.copy()
-    t = 1.0
-    for _ in range(iterations):
-        nxt = np.where(support, np.maximum(z + step * through(base - through(z, h), h), 0.0), 0.0)
-        t_next = 0.5 * (1.0 + np.sqrt(1.0 + 4.0 * t * t))
-        z = nxt + (t - 1.0) / t_next * (nxt - e)
-        e, t = nxt, t_next
-    return e
+
+    def descend(z: np.ndarray) -> np.ndarray:  # a gradient step, then back onto e >= 0 on the support
+        return np.where(support, np.maximum(z + step * through(base - through(z, h), h), 0.0), 0.0)
+
+    return _accelerated(excess, descend, iterations)
 
