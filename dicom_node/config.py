@@ -16,7 +16,7 @@ from dicom_node.pipeline.detect import DetectOptions
 from dicom_node.pipeline.restore import ConfidenceOptions, Method, UnsureAction
 from dicom_node.pipeline.series import REFUSED_IMAGE_TYPES
 from dicom_node.pipeline.structure import MAX_ELEMENT_MB, MAX_SEQUENCE_DEPTH
-from dicom_node.pipeline.subtract import ScannerBlur, SubtractOptions
+from dicom_node.pipeline.subtract import LearntExcess, ScannerBlur, SubtractOptions
 from dicom_node.pipeline.windows import MaskMode, WindowOptions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +69,9 @@ class EngineConfig:
     subtract_reach_hu: float = SubtractOptions.reach_hu  # subtract: also write where calcium blur adds more
     subtract_refit_iterations: int = SubtractOptions.refit_iterations  # subtract: refit the calcium's excess (0: off)
     subtract_grow_hu: float = SubtractOptions.grow_above_lumen_hu  # subtract: calcium's flank down to this (0: off)
+    # subtract: a learnt calcium estimate (.npz from the lab's calcium_estimate.py) in place of the white-level
+    # rule; "" = the rule. A relative path is taken from the config file's folder, like the model's.
+    subtract_estimate: str = ""
     # subtract: reconstruction kernel (ConvolutionKernel) -> the MTF50 (lp/cm) to assume for its series
     scanner_kernels: dict[str, float] = field(default_factory=dict)
     # subtract: reconstruction kernel -> subtract_white_hu for its series (a kernel not listed keeps that)
@@ -92,7 +95,8 @@ class EngineConfig:
                                unsure_hu=self.subtract_unsure_hu, kernels=tuple(self.scanner_kernels.items()),
                                reach_hu=self.subtract_reach_hu, refit_iterations=self.subtract_refit_iterations,
                                grow_above_lumen_hu=self.subtract_grow_hu,
-                               white_by_kernel=tuple(self.subtract_white_by_kernel.items()))
+                               white_by_kernel=tuple(self.subtract_white_by_kernel.items()),
+                               learnt=LearntExcess.load(self.subtract_estimate) if self.subtract_estimate else None)
 
     def confidence_options(self) -> ConfidenceOptions:
         return ConfidenceOptions(**{opt: getattr(self, key) for key, (kind, opt) in ENGINE_KEYS.items()
@@ -422,8 +426,10 @@ def check(cfg: Config) -> None:
     try:  # the engine's options check their own ranges (a blur's MTF50, a kernel table's names)
         cfg.engine.subtract_options()
         cfg.engine.detect_options()
-    except ValueError as exc:
+    except (ValueError, KeyError) as exc:
         raise ConfigError(f"engine: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"engine.subtract_estimate: cannot read {cfg.engine.subtract_estimate!r}: {exc}") from None
     if cfg.intake.max_sequence_depth < 0 or cfg.intake.max_element_mb < 0:
         raise ConfigError("intake.max_sequence_depth and intake.max_element_mb cannot be negative")
 
@@ -450,6 +456,9 @@ def load(path: str | Path | None = None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: {exc}") from None
     _apply(cfg, data, p.name)
+    estimate = Path(cfg.engine.subtract_estimate)
+    if cfg.engine.subtract_estimate and not estimate.is_absolute():  # before the check, which reads it
+        cfg.engine.subtract_estimate = str((p.parent / estimate).resolve())
     check(cfg)
     model = Path(cfg.engine.model)
     if not model.is_absolute():

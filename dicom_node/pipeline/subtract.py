@@ -22,8 +22,12 @@ The deconvolution's weights are per voxel, so they assume a spacing near the mod
 
 from __future__ import annotations
 
+import hashlib
+import io
+import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -81,6 +85,80 @@ class ScannerBlur:
         return (self.mtf(np.sqrt(fy ** 2 + fx ** 2), sigma) * z).astype(np.float64)
 
 
+FEATURES = ("sharp", "acquired", "sharp_0.5mm", "sharp_max_1mm", "sharp_min_1mm", "acquired_1mm", "rule_excess",
+            "distance_mm", "detected", "level", "mtf50", "acquired_max_1mm", "sharp_detail", "white")
+RULE = FEATURES.index("rule_excess")
+
+
+@dataclass(frozen=True, eq=False)  # compared and hashed as the object: its arrays have no single truth value
+class LearntExcess:
+    """A small per-voxel network that estimates the calcium's excess over plaque from the sharpened image.
+
+    Why: the white-level rule (a voxel is all calcium or none) mistakes the sharpened calcium's flank for
+    lumen on one side and the lumen's share of an edge voxel for calcium on the other; which way it errs
+    depends on the kernel and the deposit. Trained (lab ``calcium_estimate.py``) so that the estimate,
+    blurred, matches what the calcium adds to the acquired image in the region's footprint. Inputs: the
+    ``FEATURES`` of each voxel near the detected calcium; output: its excess in HU (never below 0), as a
+    correction of the rule's (the network's output is added to ``rule_excess``), so an untrained network
+    is the rule.
+    """
+
+    weights: tuple[np.ndarray, ...] = field(repr=False)  # W0, b0, W1, b1, ...: ReLU layers, the last linear
+    mean: np.ndarray = field(repr=False)  # the features' normalisation (training's mean and SD)
+    scale: np.ndarray = field(repr=False)
+    reach_voxels: int = 3  # the estimate's domain: the detected calcium dilated by this many voxels
+    digest: str = ""  # the weights file's SHA-256: what the derived series' UIDs and job records name
+
+    def __post_init__(self) -> None:
+        if len(self.weights) < 2 or len(self.weights) % 2:
+            raise ValueError("weights must be (W, b) pairs")
+        if self.weights[0].shape[0] != len(FEATURES) or self.mean.shape != (len(FEATURES),):
+            raise ValueError(f"the network takes {len(FEATURES)} features, not {self.weights[0].shape[0]}")
+        if self.weights[-2].shape[1] != 1:
+            raise ValueError("the network must give one value per voxel")
+
+    @classmethod
+    def load(cls, path: str | Path) -> LearntExcess:
+        """Read an ``.npz`` written by the lab (``W0, b0, W1, b1, ..., mean, scale, reach_voxels``)."""
+        data = Path(path).read_bytes()
+        try:
+            with np.load(io.BytesIO(data)) as z:
+                layers = sorted(int(k[1:]) for k in z.files if k.startswith("W"))
+                weights = tuple(z[f"{p}{i}"].astype(np.float64) for i in layers for p in ("W", "b"))
+                return cls(weights, z["mean"].astype(np.float64), z["scale"].astype(np.float64),
+                           int(z["reach_voxels"]), hashlib.sha256(data).hexdigest())
+        except (zipfile.BadZipFile, KeyError, EOFError, ValueError) as exc:  # not an .npz, or not the lab's
+            raise ValueError(f"{path} is not a learnt calcium estimate ({exc})") from None
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        x = (features - self.mean) / self.scale
+        for k in range(0, len(self.weights), 2):
+            x = x @ self.weights[k] + self.weights[k + 1]
+            if k + 2 < len(self.weights):
+                x = np.maximum(x, 0.0)
+        return np.clip(features[:, RULE] + x[:, 0], 0.0, None) * 1000.0
+
+
+def excess_features(y: np.ndarray, u: np.ndarray, calcium: np.ndarray, domain: np.ndarray, level: np.ndarray,
+                    spacing: tuple[float, float, float], options: SubtractOptions) -> np.ndarray:
+    """The ``FEATURES`` of each ``domain`` voxel (in ``np.nonzero`` order), HU / 1000 relative to ``level``
+    (the contrast level at those voxels): what the learnt estimate sees."""
+    sp = np.asarray(spacing, float)
+    at = np.nonzero(domain)
+    foot = np.ones((5, 5, 5), bool)
+    rule = np.clip(u - options.plaque_hu, 0.0, None)
+    white = u[at] > level + options.white_above_lumen_hu
+    distance = ndimage.distance_transform_edt(~calcium, sampling=sp)[at] if calcium.any() else np.full(len(at[0]), 9.0)
+    cols = [u[at] - level, y[at] - level, ndimage.gaussian_filter(u, 0.5 / sp)[at] - level,
+            ndimage.maximum_filter(u, footprint=foot)[at] - level,
+            ndimage.minimum_filter(u, footprint=foot)[at] - level,
+            ndimage.gaussian_filter(y, 1.0 / sp)[at] - level, np.where(white, rule[at], 0.0),
+            distance * 1000.0, calcium[at] * 1000.0, level, np.full(len(at[0]), options.blur.mtf50_lp_cm * 100.0),
+            ndimage.maximum_filter(y, footprint=foot)[at] - level, u[at] - ndimage.gaussian_filter(u, 1.0 / sp)[at],
+            white * 1000.0]
+    return np.stack(cols, axis=1) / 1000.0
+
+
 @dataclass(frozen=True)
 class SubtractOptions:
     """How the calcium's contribution is estimated (see the module's docstring)."""
@@ -120,6 +198,9 @@ class SubtractOptions:
     # (hysteresis below ``white_above_lumen_hu``): a flank voxel left in the anatomy keeps lumen brightness
     # where the calcium-free scan shows plaque, and the reader takes it for lumen. 0 = no growth.
     grow_above_lumen_hu: float = 0.0
+    # A learnt estimate of the calcium's excess (``LearntExcess``, trained by the lab on the world's training
+    # settings) in place of the white-level rule; None = the rule.
+    learnt: LearntExcess | None = None
 
     def __post_init__(self) -> None:
         if self.tv_weight < 0 or self.iterations < 1:
@@ -239,6 +320,8 @@ def calcium_blur(image: np.ndarray, calcium: np.ndarray, spacing: tuple[float, f
     y = image.astype(np.float64)
     h = options.blur.transfer(y.shape, spacing)
     u = sharpen(y, h, options.tv_weight, options.iterations)
+    if options.learnt is not None:
+        return through(learnt_excess(y, u, calcium, spacing, options, fallback_level, level_image), h)
     near = ndimage.binary_dilation(calcium, iterations=options.near_calcium_voxels) if options.near_calcium_voxels \
         else calcium
     idx = np.argwhere(near)
@@ -258,6 +341,23 @@ def calcium_blur(image: np.ndarray, calcium: np.ndarray, spacing: tuple[float, f
     if options.refit_iterations and excess.any():
         excess = refit_excess(y, u - excess, excess, h, options.refit_iterations)
     return through(excess, h)
+
+
+def learnt_excess(y: np.ndarray, u: np.ndarray, calcium: np.ndarray, spacing: tuple[float, float, float],
+                  options: SubtractOptions, fallback_level: float, level_image: np.ndarray | None = None
+                  ) -> np.ndarray:
+    """The calcium's excess by ``options.learnt`` on the voxels within its reach of the detected calcium."""
+    model = options.learnt
+    assert model is not None
+    domain = ndimage.binary_dilation(calcium, iterations=model.reach_voxels) if calcium.any() else calcium
+    excess = np.zeros(y.shape)
+    if not domain.any():
+        return excess
+    idx = np.argwhere(domain)
+    level = lumen_level_at((y if level_image is None else level_image).astype(np.float32), spacing, idx)
+    level = np.where(np.isfinite(level), level, fallback_level)
+    excess[np.nonzero(domain)] = model(excess_features(y, u, calcium, domain, level, spacing, options))
+    return excess
 
 
 def refit_excess(image: np.ndarray, anatomy: np.ndarray, excess: np.ndarray, h: np.ndarray,

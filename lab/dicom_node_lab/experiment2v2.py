@@ -65,9 +65,19 @@ def _engine_config(model: Path, engine_args: list[str]):
     from dicom_node import config as node_config
 
     cfg_path = Path(tempfile.mkdtemp(prefix="exp2v2-")) / "engine.toml"
-    extra = "".join(f"{kv}\n" for kv in engine_args)
+    extra = "".join(f"{_from_here(kv)}\n" for kv in engine_args)
     cfg_path.write_text(f'[engine]\nmodel = "{model.resolve()}"\nbackend = "onnxruntime"\nthreads = 1\n{extra}')
     return node_config.load(cfg_path)
+
+
+def _from_here(line: str) -> str:
+    """An ``--engine`` line with a relative ``subtract_estimate`` path made absolute from the working folder
+    (the config is written to a temporary folder, which the node would otherwise take it from)."""
+    key, _, value = line.partition("=")
+    path = value.strip().strip('"')
+    if key.strip() == "subtract_estimate" and path and not Path(path).is_absolute():
+        return f'subtract_estimate = "{Path(path).resolve()}"'
+    return line
 
 
 def _engine(model: Path, engine_args: list[str]):

@@ -1,0 +1,56 @@
+"""The learnt calcium estimate's training (``dicom_node_lab.calcium_estimate``): extract, train, load.
+
+A few real steps on one training and one validation study: the regions carry what the loss needs,
+the written file is what the node loads, and a correction trained from zero moves the estimate away
+from the rule's only as far as the data pulled it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dicom_node.pipeline.subtract import FEATURES, LearntExcess, ScannerBlur, SubtractOptions, calcium_removed
+from dicom_node_lab import calcium_estimate as ce
+from tests.pipeline.test_subtract import SPACING, _vessel
+
+pytestmark = pytest.mark.slow
+
+SUBTRACT = ["--engine", 'method = "subtract"', "--engine", 'confidence = false']
+
+
+def test_extract_train_and_the_node_loads_what_training_wrote(tmp_path):
+    data = tmp_path / "data"
+    for seed in (ce.TRAIN_SEED, ce.VALIDATION_SEED):
+        assert ce.main(["extract", "--out", str(data), "--seed", str(seed), "--studies", "3", "--workers", "1",
+                        *SUBTRACT]) == 0
+    (region, *_) = np.load(data / f"{ce.TRAIN_SEED}-0.npy", allow_pickle=True).tolist()
+    assert region["features"].shape == (len(region["domain"]), len(FEATURES))
+    assert len(region["foot"]) == len(region["target"]) == len(region["acquired"]) == len(region["level"])
+    assert region["target"].max() > 100.0, "the footprint holds the calcium's bloom"
+    out = tmp_path / "estimate.npz"
+    assert ce.main(["train", "--data", str(data), "--out", str(out), "--steps", "30", "--validate-every", "10",
+                    "--minutes", "5"]) == 0
+    log = json.loads(out.with_suffix(".json").read_text())
+    assert [s["step"] for s in log["steps"]] == [10, 20, 30]
+    assert log["best_held_rmse_hu"] <= log["rule_rmse_hu_held"][0] * 1.5
+    learnt = LearntExcess.load(out)
+    acquired, _, calcium = _vessel(ScannerBlur())
+    out_image = calcium_removed(acquired, acquired > 600.0, SPACING, SubtractOptions(learnt=learnt), 400.0)
+    assert np.isfinite(out_image).all() and (acquired - out_image)[calcium].mean() > 100.0
+
+
+def test_an_experiments_relative_estimate_path_is_taken_from_the_working_folder(tmp_path, monkeypatch):
+    """The experiments write the engine's config to a temporary folder; a relative ``subtract_estimate``
+    given on their command line must still name the file beside the user, as the reports' commands do."""
+    from dicom_node_lab.experiment2v2 import _engine_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "engines").mkdir()
+    np.savez(tmp_path / "engines" / "e.npz", W0=np.zeros((len(FEATURES), 2)), b0=np.zeros(2), W1=np.zeros((2, 1)),
+             b1=np.zeros(1), mean=np.zeros(len(FEATURES)), scale=np.ones(len(FEATURES)), reach_voxels=np.array(3))
+    cfg = _engine_config(tmp_path / "m.onnx", ['method = "subtract"', 'subtract_estimate = "engines/e.npz"'])
+    assert cfg.engine.subtract_estimate == str(tmp_path / "engines" / "e.npz")
+    assert cfg.engine.subtract_options().learnt is not None

@@ -1,0 +1,91 @@
+"""The subtraction's learnt calcium estimate (``subtract.LearntExcess``, ``engine.subtract_estimate``).
+
+The network corrects the white-level rule voxel by voxel: an untrained one (its last layer zero)
+must be the rule, a file of the wrong shape must be refused when the config loads, and the
+derived series' identity must name the weights, so output made with other weights never
+replaces this one's silently.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dicom_node.config import ConfigError, load
+from dicom_node.pipeline.subtract import FEATURES, LearntExcess, ScannerBlur, SubtractOptions, calcium_removed
+from tests.pipeline.test_subtract import SPACING, _near, _vessel
+
+
+def _write(path: Path, last: float = 0.0, width: int = 8, features: int = len(FEATURES)) -> Path:
+    rng = np.random.default_rng(0)
+    np.savez(path, W0=rng.normal(0, 0.3, (features, width)), b0=np.zeros(width), W1=np.full((width, 1), last),
+             b1=np.zeros(1), mean=np.zeros(features), scale=np.ones(features), reach_voxels=np.array(3))
+    return path
+
+
+def test_an_untrained_correction_is_the_white_level_rule(tmp_path):
+    acquired, truth, calcium = _vessel(ScannerBlur(mtf50_lp_cm=4.8, edge_enhance=0.4, slice_fwhm_mm=0.8), 180.0)
+    detected = acquired > 600.0
+    rule = calcium_removed(acquired, detected, SPACING, SubtractOptions(), 400.0)
+    learnt = LearntExcess.load(_write(tmp_path / "zero.npz"))
+    same = calcium_removed(acquired, detected, SPACING, SubtractOptions(learnt=learnt), 400.0)
+    near = _near(calcium, 2.0)
+    # the rule looks for calcium 2 voxels from the detected, the learnt estimate 3: a noise voxel may differ
+    assert np.abs(same - rule)[near].mean() < 2.0
+    far = ~_near(calcium, 4.0)
+    assert np.abs(same[far] - acquired[far]).max() < 2.0
+    # a correction that only ever adds calcium takes more out than the rule
+    more = LearntExcess.load(_write(tmp_path / "more.npz", last=0.05))
+    bigger = calcium_removed(acquired, detected, SPACING, SubtractOptions(learnt=more), 400.0)
+    assert (acquired - bigger)[near].sum() > (acquired - same)[near].sum()
+
+
+def test_a_network_of_the_wrong_shape_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="features"):
+        LearntExcess.load(_write(tmp_path / "bad.npz", features=len(FEATURES) - 1))
+    with pytest.raises(ValueError, match="pairs"):
+        LearntExcess((np.zeros((len(FEATURES), 1)),), np.zeros(len(FEATURES)), np.ones(len(FEATURES)))
+
+
+def test_the_config_reads_the_estimate_beside_it_and_refuses_a_missing_one(tmp_path):
+    from dicom_node.pipeline.process import engine_id
+
+    _write(tmp_path / "estimate.npz")
+    f = tmp_path / "c.toml"
+    f.write_text('[engine]\nmethod = "subtract"\nsubtract_estimate = "estimate.npz"\n')
+    cfg = load(f)
+    assert cfg.engine.subtract_estimate == str(tmp_path / "estimate.npz")
+    opts = cfg.engine.subtract_options()
+    assert opts.learnt is not None and len(opts.learnt.digest) == 64
+    assert opts.for_kernel("HD").learnt is opts.learnt
+    f.write_text('[engine]\nmethod = "subtract"\nsubtract_estimate = "nowhere.npz"\n')
+    with pytest.raises(ConfigError, match="subtract_estimate"):
+        load(f)
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    f.write_text('[engine]\nmethod = "subtract"\nsubtract_estimate = "broken.npz"\n')
+    with pytest.raises(ConfigError, match="not a learnt calcium estimate"):
+        load(f)
+    f.write_text('[engine]\nmethod = "subtract"\n')
+    assert engine_id(load(f)) != engine_id(cfg), "the weights are part of what made the output"
+
+
+def test_the_shipped_estimate_takes_the_bloom_out_and_leaves_far_voxels_alone():
+    """``engines/calcium_excess.npz`` (model card: engines/MODEL_CARD.md): under a soft kernel's ring, where
+    the rule leaves the flank at lumen brightness, it comes closer to the calcium-free scan than the rule."""
+    from dicom_node.config import REPO
+
+    learnt = LearntExcess.load(REPO / "engines" / "calcium_excess.npz")
+    scanner = ScannerBlur(mtf50_lp_cm=3.5, edge_enhance=0.4, slice_fwhm_mm=0.8)
+    acquired, truth, calcium = _vessel(scanner, 360.0)
+    detected = acquired > 600.0
+    near, far = _near(calcium, 2.0), ~_near(calcium, 4.0)
+    told = SubtractOptions(blur=ScannerBlur(mtf50_lp_cm=3.5))
+    rmse = {}
+    for name, options in (("rule", told), ("learnt", SubtractOptions(blur=told.blur, learnt=learnt))):
+        out = calcium_removed(acquired, detected, SPACING, options, 400.0)
+        rmse[name] = float(np.sqrt(np.mean((out[near] - truth[near]) ** 2)))
+        assert np.abs(out[far] - acquired[far]).max() < 2.0
+    before = float(np.sqrt(np.mean((acquired[near] - truth[near]) ** 2)))
+    assert rmse["learnt"] < 0.75 * rmse["rule"] and rmse["learnt"] < 0.2 * before, (before, rmse)
