@@ -426,7 +426,7 @@ def check(cfg: Config) -> None:
     try:  # the engine's options check their own ranges (a blur's MTF50, a kernel table's names)
         cfg.engine.subtract_options()
         cfg.engine.detect_options()
-    except (ValueError, KeyError) as exc:
+    except ValueError as exc:
         raise ConfigError(f"engine: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"engine.subtract_estimate: cannot read {cfg.engine.subtract_estimate!r}: {exc}") from None

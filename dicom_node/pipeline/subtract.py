@@ -325,8 +325,7 @@ def calcium_blur(image: np.ndarray, calcium: np.ndarray, spacing: tuple[float, f
     near = ndimage.binary_dilation(calcium, iterations=options.near_calcium_voxels) if options.near_calcium_voxels \
         else calcium
     idx = np.argwhere(near)
-    level = lumen_level_at((image if level_image is None else level_image).astype(np.float32), spacing, idx)
-    level = np.where(np.isfinite(level), level, fallback_level)
+    level = levels_at(image if level_image is None else level_image, spacing, idx, fallback_level)
     values = u[tuple(idx.T)]
     white = np.zeros(y.shape, bool)
     white[tuple(idx[values > level + options.white_above_lumen_hu].T)] = True
@@ -343,20 +342,36 @@ def calcium_blur(image: np.ndarray, calcium: np.ndarray, spacing: tuple[float, f
     return through(excess, h)
 
 
+def levels_at(image: np.ndarray, spacing: tuple[float, float, float], idx: np.ndarray, fallback: float
+              ) -> np.ndarray:
+    """The contrast level at the voxels ``idx`` of ``image`` (``lumen_level_at``), ``fallback`` where none is near."""
+    level = lumen_level_at(image.astype(np.float32), spacing, idx)
+    return np.where(np.isfinite(level), level, fallback)
+
+
+def learnt_inputs(y: np.ndarray, u: np.ndarray, calcium: np.ndarray, spacing: tuple[float, float, float],
+                  options: SubtractOptions, reach_voxels: int, fallback_level: float,
+                  level_image: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """What the learnt estimate sees in a box: its domain (the detected calcium dilated by ``reach_voxels``;
+    bool) and the ``FEATURES`` of the domain's voxels. The node's estimate and the lab's training both take
+    their inputs from here, so the two cannot drift apart."""
+    domain = ndimage.binary_dilation(calcium, iterations=reach_voxels) if calcium.any() else calcium
+    if not domain.any():
+        return domain, np.zeros((0, len(FEATURES)))
+    level = levels_at(y if level_image is None else level_image, spacing, np.argwhere(domain), fallback_level)
+    return domain, excess_features(y, u, calcium, domain, level, spacing, options)
+
+
 def learnt_excess(y: np.ndarray, u: np.ndarray, calcium: np.ndarray, spacing: tuple[float, float, float],
                   options: SubtractOptions, fallback_level: float, level_image: np.ndarray | None = None
                   ) -> np.ndarray:
     """The calcium's excess by ``options.learnt`` on the voxels within its reach of the detected calcium."""
     model = options.learnt
     assert model is not None
-    domain = ndimage.binary_dilation(calcium, iterations=model.reach_voxels) if calcium.any() else calcium
+    domain, features = learnt_inputs(y, u, calcium, spacing, options, model.reach_voxels, fallback_level, level_image)
     excess = np.zeros(y.shape)
-    if not domain.any():
-        return excess
-    idx = np.argwhere(domain)
-    level = lumen_level_at((y if level_image is None else level_image).astype(np.float32), spacing, idx)
-    level = np.where(np.isfinite(level), level, fallback_level)
-    excess[np.nonzero(domain)] = model(excess_features(y, u, calcium, domain, level, spacing, options))
+    if len(features):
+        excess[np.nonzero(domain)] = model(features)
     return excess
 
 

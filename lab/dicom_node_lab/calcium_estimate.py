@@ -23,12 +23,13 @@ import numpy as np
 from tqdm import tqdm
 
 from dicom_node_lab import world
+from dicom_node_lab.experiment2v2 import PRIMARY_WHITE
 from dicom_node_lab.patches import HELD_OUT_KERNELS, TRAIN_MOTION_MM, volume_seed
 from dicom_node_lab.physics import Kernel
+from dicom_node_lab.reader import WALL_HU
 
 TRAIN_SEED = 7070  # volume seeds 7070*1000003 + i: neither the tuning (6060) nor the held-out (5050) range
 VALIDATION_SEED = 7171
-WALL_HU = 50.0  # what the reader takes the vessel wall to be, for the soft lumen decision of the loss
 
 
 def _study(seed: int, i: int):
@@ -47,12 +48,9 @@ def extract_study(engine, seed: int, i: int, reach_voxels: int, jitter: float = 
     """
     from dataclasses import replace
 
-    from scipy import ndimage
-
-    from dicom_node.pipeline.contrast import lumen_level_at
     from dicom_node.pipeline.detect import detect
     from dicom_node.pipeline.morphology import grow_box
-    from dicom_node.pipeline.subtract import excess_features, sharpen
+    from dicom_node.pipeline.subtract import learnt_inputs, levels_at, sharpen
     from dicom_node.pipeline.windows import plan
     from dicom_node_lab.experiment2v2 import _stored_hu
 
@@ -76,20 +74,15 @@ def extract_study(engine, seed: int, i: int, reach_voxels: int, jitter: float = 
         origin = np.array([s.start for s in box])
         y = original[box].astype(np.float64)
         calcium = detection.calcium[box]
-        h = opts.blur.transfer(y.shape, p.spacing)
-        u = sharpen(y, h, opts.tv_weight, opts.iterations)
-        domain = ndimage.binary_dilation(calcium, iterations=reach_voxels) if calcium.any() else calcium
-        if not domain.any():
+        u = sharpen(y, opts.blur.transfer(y.shape, p.spacing), opts.tv_weight, opts.iterations)
+        domain, features = learnt_inputs(y, u, calcium, p.spacing, opts, reach_voxels, fallback)
+        if not len(features):
             continue
-        idx = np.argwhere(domain)
-        level = lumen_level_at(y.astype(np.float32), p.spacing, idx)
-        level = np.where(np.isfinite(level), level, fallback)
         foot = r.native_indices() - origin
-        foot_level = lumen_level_at(y.astype(np.float32), p.spacing, foot)
         out.append(dict(acquired=y[tuple(foot.T)].astype(np.float32),
-                        level=np.where(np.isfinite(foot_level), foot_level, fallback).astype(np.float32),
-                        features=excess_features(y, u, calcium, domain, level, p.spacing, opts).astype(np.float32),
-                        domain=idx.astype(np.int16), shape=np.array(y.shape), foot=foot.astype(np.int16),
+                        level=levels_at(y, p.spacing, foot, fallback).astype(np.float32),
+                        features=features.astype(np.float32), domain=np.argwhere(domain).astype(np.int16),
+                        shape=np.array(y.shape), foot=foot.astype(np.int16),
                         target=(y - truth[box])[tuple(foot.T)].astype(np.float32),
                         mtf50=opts.blur.mtf50_lp_cm, slice_fwhm=opts.blur.slice_fwhm_mm,
                         edge=opts.blur.edge_enhance, spacing=np.array(p.spacing), study=i, kernel=kernel))
@@ -248,7 +241,7 @@ def _lumen(hu, level):
     import torch
 
     low = 0.5 * (level + WALL_HU / 1000.0)
-    return torch.sigmoid((hu - low) / 0.025) * torch.sigmoid((level + 0.1 - hu) / 0.025)
+    return torch.sigmoid((hu - low) / 0.025) * torch.sigmoid((level + PRIMARY_WHITE / 1000.0 - hu) / 0.025)
 
 
 def main(argv: list[str] | None = None) -> int:
