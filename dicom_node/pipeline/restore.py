@@ -261,6 +261,19 @@ class Engine:
                 why.append(f"vessel {vessel:.1f} mm < {self.confidence.unsure_vessel_mm:g}")
         return vessel, why
 
+    def detect_options_for(self, kernel: str) -> DetectOptions:
+        """The detection options for a series reconstructed with ``kernel`` (its ConvolutionKernel).
+
+        The sharpened-image test assumes the blur the site's kernel table gives the series, when the
+        table lists it. Public so that the lab's training extraction detects exactly as the engine does.
+        """
+        options = self.detect_options
+        if options.sharp_contrast_hu > 0:
+            listed = self.subtract.listed_mtf50(kernel)
+            if listed is not None:
+                options = replace(options, sharp_mtf50_lp_cm=listed)
+        return options
+
     def run(self, volume: np.ndarray, spacing: tuple[float, float, float],
             progress: Callable[[int, int], None] | None = None, kernel: str = "",
             level_image: np.ndarray | None = None) -> EngineResult:
@@ -269,13 +282,7 @@ class Engine:
         ``level_image``: an image to measure the contrast level on in place of ``volume``, in detection and
         in the subtraction's calcium estimate (a lab oracle: ``detect.detect``); the node never passes one."""
         t0 = time.perf_counter()
-        options = self.detect_options
-        if options.sharp_contrast_hu > 0:
-            # the sharpened-image test assumes the blur the site's kernel table gives this series, when it lists it
-            listed = self.subtract.listed_mtf50(kernel)
-            if listed is not None:
-                options = replace(options, sharp_mtf50_lp_cm=listed)
-        detection = detect(volume, spacing, options, level_image)
+        detection = detect(volume, spacing, self.detect_options_for(kernel), level_image)
         seconds = time.perf_counter() - t0
         result = self.restore(volume, spacing, detection, progress, kernel, level_image)
         result.seconds = {"detect": seconds, **result.seconds}

@@ -327,3 +327,4 @@ def test_the_sharpened_image_detection_assumes_the_blur_the_kernel_table_gives_t
     for kernel in ("hd", "B26F", "FC43", ""):
         engine.run(volume.copy(), SPACING, kernel=kernel)
     assert seen == [5.2, 3.9, 4.3, 4.3]
+    assert [engine.detect_options_for(k).sharp_mtf50_lp_cm for k in ("hd", "FC43")] == [5.2, 4.3]
