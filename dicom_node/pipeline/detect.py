@@ -26,7 +26,7 @@ lumen, reports/tuning/subtract-estimate.md).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import ndimage
@@ -83,6 +83,9 @@ class Lesion:
     peak_hu: float
     centroid: tuple[float, float, float]
     bbox: tuple[slice, slice, slice]
+    # found only where the blur is undone (``sharp_contrast_hu``): a faint deposit whose removal can take
+    # lumen with it, so the engine marks its region unsure (reports/tuning/learnt-estimate.md, section 3)
+    sharpened: bool = False
 
 
 @dataclass
@@ -355,7 +358,7 @@ def _add_sharp_calcium(volume: np.ndarray, spacing: tuple[float, float, float], 
     """
     voxel_mm3 = float(np.prod(spacing))
     for part, sl in _sharp_deposits(volume, spacing, avoid, opts, level):
-        lesion = _lesion(len(lesions) + 1, part, sl, volume, voxel_mm3)
+        lesion = replace(_lesion(len(lesions) + 1, part, sl, volume, voxel_mm3), sharpened=True)
         reason = _structure_reason(lesion, volume.shape, opts)
         if reason:
             excluded.append({"reason": f"sharpened: {reason}", "volume_mm3": round(lesion.volume_mm3, 1),

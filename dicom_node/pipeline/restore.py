@@ -248,15 +248,21 @@ class Engine:
         self.method = method
         self.subtract = subtract or SubtractOptions()
 
-    def _judge(self, volume: np.ndarray, spacing: tuple[float, float, float], region: Region, calcium: np.ndarray,
+    def _judge(self, volume: np.ndarray, spacing: tuple[float, float, float], region: Region, detection: Detection,
                disagreement: float | None, threshold_hu: float, measure: str) -> tuple[float | None, list[str]]:
-        """The region's vessel calibre (when the calibre rule is on) and why the region is unsure ([] if it is not)."""
+        """The region's vessel calibre (when the calibre rule is on) and why the region is unsure ([] if it is not).
+
+        Calcium found only in the sharpened image always makes its region unsure: held out, such faint deposits
+        were where the subtraction took lumen away and made severe stenoses the flags above missed."""
         why = []
         if disagreement is not None and disagreement > threshold_hu:
             why.append(f"{CONFIDENCE_MEASURES[measure]} {disagreement:.0f} HU > {threshold_hu:g}")
+        sharpened = {lesion.index for lesion in detection.lesions if lesion.sharpened}
+        if sharpened.intersection(region.lesions):
+            why.append("calcium found only in the sharpened image")
         vessel = None
         if self.confidence.unsure_vessel_mm > 0:
-            vessel = vessel_calibre_mm(volume, spacing, region.native_box, calcium)
+            vessel = vessel_calibre_mm(volume, spacing, region.native_box, detection.calcium)
             if vessel is not None and vessel < self.confidence.unsure_vessel_mm:
                 why.append(f"vessel {vessel:.1f} mm < {self.confidence.unsure_vessel_mm:g}")
         return vessel, why
@@ -340,7 +346,7 @@ class Engine:
         reports = []
         ds = [float(sums / n) if flips and n else None for sums, n in disagree]
         # judged on the acquired volume, before any region is written back
-        judged = [self._judge(volume, spacing, r, detection.calcium, d, self.confidence.unsure_hu, "flip")
+        judged = [self._judge(volume, spacing, r, detection, d, self.confidence.unsure_hu, "flip")
                   for r, d in zip(regions, ds)]
         for grid, r, d, (vessel, why) in zip(grids, regions, ds, judged):
             unsure = bool(why)
@@ -403,7 +409,7 @@ class Engine:
                 second = calcium_removed(volume[box], detection.calcium[box], spacing,
                                          replace(opts, blur=opts.second_blur), fallback, levels)[local]
                 d = lumen_disagreement(values, second, lumen_level_at(volume[box], spacing, local_idx))
-            vessel, why = self._judge(volume, spacing, r, detection.calcium, d, opts.unsure_hu, "blur")
+            vessel, why = self._judge(volume, spacing, r, detection, d, opts.unsure_hu, "blur")
             unsure = bool(why)
             if unsure and self.confidence.unsure_action == "leave":
                 reports.append(RegionReport(r.index, r.lesions, 0, d, True, "left as acquired (unsure)",

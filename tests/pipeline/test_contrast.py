@@ -245,3 +245,24 @@ def test_the_sharpened_image_adds_nothing_around_metal_the_rules_leave_alone():
     det = detect(vol, SPACING, DetectOptions(sharp_contrast_hu=150.0))
     assert not det.calcium.any(), det.lesions
     assert [e for e in det.excluded if e["reason"].startswith("metal")]
+
+
+def test_a_region_of_calcium_found_only_in_the_sharpened_image_is_unsure():
+    """Held out, faint deposits only the sharpened image found were where the subtraction took lumen away
+    and made severe stenoses: their regions are marked unsure (and left as acquired when the site says so);
+    a deposit the threshold finds is not marked for it."""
+    from dicom_node.pipeline.restore import ConfidenceOptions, Engine
+
+    reason = "calcium found only in the sharpened image"
+    options = DetectOptions(sharp_contrast_hu=150.0)
+    faint, _ = _scanned_vessel(700.0, 0, noise=80.0)
+    dense, _ = _scanned_vessel(1400.0, 0, noise=80.0)
+    for action in ("mark", "leave"):
+        engine = Engine(None, options, confidence=ConfidenceOptions(unsure_action=action), method="subtract")
+        result = engine.run(faint.copy(), SPACING)
+        assert result.detection.lesions and all(lesion.sharpened for lesion in result.detection.lesions)
+        assert result.reports and all(reason in r.why and r.unsure for r in result.reports)
+        assert result.changed.any() == (action == "mark")
+        result = engine.run(dense.copy(), SPACING)
+        assert result.detection.lesions and not any(lesion.sharpened for lesion in result.detection.lesions)
+        assert result.reports and not any(reason in r.why for r in result.reports)
