@@ -343,7 +343,9 @@ def _prepare(request_path: Path) -> Prepared | None:
         with timed(stages, "load"):
             volume = load_hu(series_list[0])
         with timed(stages, "detect"):
-            detection = detect(volume, series_list[0].spacing, engine.detect_options)
+            # the options the engine's own run gives this series' kernel (the kernel table's blur for the
+            # sharpened-image test): a head start must detect what the job itself would
+            detection = detect(volume, series_list[0].spacing, engine.detect_options_for(series_list[0].kernel))
         if series_state(req.series_dir) != before:  # an instance arrived meanwhile: the job starts over
             return None
         log.info("prepared ahead of the job: %s", ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()),
