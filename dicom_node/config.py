@@ -16,7 +16,7 @@ from dicom_node.pipeline.detect import DetectOptions
 from dicom_node.pipeline.restore import ConfidenceOptions, Method, UnsureAction
 from dicom_node.pipeline.series import REFUSED_IMAGE_TYPES
 from dicom_node.pipeline.structure import MAX_ELEMENT_MB, MAX_SEQUENCE_DEPTH
-from dicom_node.pipeline.subtract import LearntExcess, ScannerBlur, SubtractOptions
+from dicom_node.pipeline.subtract import KeepLumen, LearntExcess, ScannerBlur, SubtractOptions
 from dicom_node.pipeline.windows import MaskMode, WindowOptions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ class EngineConfig:
     mask_mode: MaskMode = WindowOptions.mask_mode  # cube: the paper's, hiding each window's whole core
     confidence: bool = ConfidenceOptions.flips  # a mirrored second pass measures how sure each restoration is
     unsure_hu: float = ConfidenceOptions.unsure_hu  # a region whose two passes differ more than this is unsure
-    unsure_action: UnsureAction = ConfidenceOptions.unsure_action  # mark: restore and say so; leave: as acquired
+    unsure_action: UnsureAction = ConfidenceOptions.unsure_action  # mark / leave as acquired / guard (keep lumen)
     unsure_vessel_mm: float = ConfidenceOptions.unsure_vessel_mm  # a region in a narrower vessel is unsure; 0 = off
     keep_visible_lumen: bool = ConfidenceOptions.keep_visible_lumen  # never darken visible lumen past its edge
     average_flips: bool = ConfidenceOptions.average_flips  # write the mean of the two passes (needs confidence)
@@ -69,6 +69,8 @@ class EngineConfig:
     subtract_reach_hu: float = SubtractOptions.reach_hu  # subtract: also write where calcium blur adds more
     subtract_refit_iterations: int = SubtractOptions.refit_iterations  # subtract: refit the calcium's excess (0: off)
     subtract_grow_hu: float = SubtractOptions.grow_above_lumen_hu  # subtract: calcium's flank down to this (0: off)
+    subtract_keep_lumen: KeepLumen = SubtractOptions.keep_lumen  # subtract: hold visible lumen in no/unsure/all regions
+    subtract_keep_lumen_mm: float = SubtractOptions.keep_lumen_beyond_mm  # ... this far (mm) from the calcium
     # subtract: a learnt calcium estimate (.npz from the lab's calcium_estimate.py) in place of the white-level
     # rule; "" = the rule. A relative path is taken from the config file's folder, like the model's.
     subtract_estimate: str = ""
@@ -95,6 +97,7 @@ class EngineConfig:
                                unsure_hu=self.subtract_unsure_hu, kernels=tuple(self.scanner_kernels.items()),
                                reach_hu=self.subtract_reach_hu, refit_iterations=self.subtract_refit_iterations,
                                grow_above_lumen_hu=self.subtract_grow_hu,
+                               keep_lumen=self.subtract_keep_lumen, keep_lumen_beyond_mm=self.subtract_keep_lumen_mm,
                                white_by_kernel=tuple(self.subtract_white_by_kernel.items()),
                                learnt=LearntExcess.load(self.subtract_estimate) if self.subtract_estimate else None)
 

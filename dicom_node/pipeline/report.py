@@ -54,6 +54,7 @@ RESTORATION = Code("RESTORATION", PRIVATE_SCHEME, "Restoration")
 ACTIONS = {  # RegionReport.action → its coded value
     "restored": Code("RESTORED", PRIVATE_SCHEME, "Restored"),
     "restored, unsure": Code("RESTORED-UNSURE", PRIVATE_SCHEME, "Restored, unsure"),
+    "restored, unsure, lumen kept": Code("RESTORED-KEPT", PRIVATE_SCHEME, "Restored, unsure, visible lumen kept"),
     "left as acquired (unsure)": Code("LEFT-AS-ACQUIRED", PRIVATE_SCHEME, "Left as acquired (unsure)"),
 }
 VOXELS = Code("{voxels}", "UCUM", "voxels")  # a count: UCUM unity with an annotation

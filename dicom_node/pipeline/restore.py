@@ -27,7 +27,11 @@ from dicom_node.pipeline.windows import Region, WindowOptions, plan
 log = logging.getLogger(__name__)
 
 
-UnsureAction = Literal["mark", "leave"]  # an unsure region: restored and marked, or left as acquired
+# An unsure region: restored and marked; left as acquired; or restored and marked with the lumen the acquired
+# image shows held (``keep_visible_lumen``): its white bloom is taken out, its visible lumen never darkened past
+# the edge. On the subtraction that also holds faint calcium and the calcium's flank, which the blur lifts into
+# the lumen's range (SubtractOptions.keep_lumen holds only the lumen beyond the calcium).
+UnsureAction = Literal["mark", "leave", "guard"]
 Method = Literal["network", "subtract"]  # how a region is restored: inpainted by the network, or by physics
 
 
@@ -73,7 +77,10 @@ class ConfidenceOptions:
     With ``flips`` each window is also restored mirrored along all three axes; the mean
     absolute difference between the two restorations over a region's restored voxels is
     its disagreement (HU). Above ``unsure_hu`` the region is unsure: ``mark`` restores it
-    and says so (SEG segment, job lesion table), ``leave`` keeps it as acquired.
+    and says so (SEG segment, job lesion table), ``leave`` keeps it as acquired, ``guard``
+    restores and marks it but holds the lumen the acquired image shows (``keep_visible_lumen``
+    from the edge, whatever ``keep_visible_lumen`` says for sure regions): a doubted restoration
+    may still take white bloom out of the lumen but cannot draw a narrowing the image does not show.
     Flips cost a second pass through the network; with ``average_flips`` that pass is also
     half of what is written (test-time augmentation), so its cost buys accuracy too.
 
@@ -103,8 +110,8 @@ class ConfidenceOptions:
     def __post_init__(self) -> None:
         if self.unsure_hu <= 0:
             raise ValueError(f"unsure_hu must be positive, not {self.unsure_hu}")
-        if self.unsure_action not in ("mark", "leave"):
-            raise ValueError(f"unsure_action must be 'mark' or 'leave', not {self.unsure_action!r}")
+        if self.unsure_action not in get_args(UnsureAction):
+            raise ValueError(f"unsure_action must be 'mark', 'leave' or 'guard', not {self.unsure_action!r}")
         if self.lumen_guard_from < 0:
             raise ValueError(f"lumen_guard_from must be 0 (the edge) or more, not {self.lumen_guard_from}")
         if not 0.0 <= self.unsure_vessel_mm <= 10.0:
@@ -205,7 +212,7 @@ class RegionReport:
     voxels: int  # native voxels restored (0 when left as acquired)
     disagreement_hu: float | None  # None without flips
     unsure: bool
-    action: str  # "restored", "restored, unsure" or "left as acquired (unsure)"
+    action: str  # "restored", "restored, unsure", "restored, unsure, lumen kept" or "left as acquired (unsure)"
     lumen_kept: int = 0  # voxels the visible-lumen guard held at the lumen's edge
     measure: str = "flip"  # what the disagreement compares: a key of CONFIDENCE_MEASURES
     vessel_mm: float | None = None  # the vessel's calibre at the region (vessel_calibre_mm; None: not measured)
@@ -216,6 +223,24 @@ class RegionReport:
                 "disagreement_hu": None if self.disagreement_hu is None else round(self.disagreement_hu, 1),
                 "measure": self.measure, "unsure": self.unsure, "action": self.action, "lumen_kept": self.lumen_kept,
                 "vessel_mm": None if self.vessel_mm is None else round(self.vessel_mm, 1), "why": self.why}
+
+
+def _keep_lumen_beyond(volume: np.ndarray, spacing: tuple[float, float, float], calcium: np.ndarray,
+                       box: tuple[slice, slice, slice], idx: np.ndarray, local: tuple[np.ndarray, ...],
+                       values: np.ndarray, beyond_mm: float) -> tuple[np.ndarray, int]:
+    """The subtraction's values with the visible lumen held (``keep_visible_lumen``) on the voxels further than
+    ``beyond_mm`` from the detected calcium (``SubtractOptions.keep_lumen_beyond_mm``); how many it held."""
+    far = ndimage.distance_transform_edt(~calcium[box], sampling=spacing)[local] > beyond_mm
+    if not far.any():
+        return values, 0
+    values = values.copy()
+    values[far], held = keep_visible_lumen(volume, spacing, idx[far], values[far], box)
+    return values, held
+
+
+def _restored_action(unsure: bool, guard: bool) -> str:
+    """A restored region's action, as the lesion table and the SEG say it."""
+    return "restored, unsure, lumen kept" if guard else "restored, unsure" if unsure else "restored"
 
 
 @dataclass
@@ -357,13 +382,14 @@ class Engine:
             idx = r.native_indices()
             values = ndimage.map_coordinates(grid, r.native_coordinates(idx), order=1, mode="nearest")
             kept = 0
-            if self.confidence.keep_visible_lumen and len(idx):
+            guard = unsure and self.confidence.unsure_action == "guard"
+            if (self.confidence.keep_visible_lumen or guard) and len(idx):
                 values, kept = keep_visible_lumen(volume, spacing, idx, values, r.native_box,
-                                                  self.confidence.lumen_guard_from)
+                                                  0.0 if guard else self.confidence.lumen_guard_from)
             volume[tuple(idx.T)] = values
             changed[tuple(idx.T)] = True
-            reports.append(RegionReport(r.index, r.lesions, len(idx), d, unsure,
-                                        "restored, unsure" if unsure else "restored", kept, vessel_mm=vessel, why=why))
+            reports.append(RegionReport(r.index, r.lesions, len(idx), d, unsure, _restored_action(unsure, guard),
+                                        kept, vessel_mm=vessel, why=why))
         t4 = time.perf_counter()
         return EngineResult(detection=detection, regions=regions, changed=changed, windows=total, batches=batches,
                             seconds={"plan": t2 - t1, "infer": t3 - t2, "resample": t4 - t3}, reports=reports)
@@ -415,10 +441,17 @@ class Engine:
                 reports.append(RegionReport(r.index, r.lesions, 0, d, True, "left as acquired (unsure)",
                                             measure="blur", vessel_mm=vessel, why=why))
             else:
+                kept = 0
+                if opts.keep_lumen == "all" or (opts.keep_lumen == "unsure" and unsure):
+                    values, kept = _keep_lumen_beyond(volume, spacing, detection.calcium, box, idx, local, values,
+                                                      opts.keep_lumen_beyond_mm)
+                guard = unsure and self.confidence.unsure_action == "guard"
+                if guard and len(idx):
+                    values, more = keep_visible_lumen(volume, spacing, idx, values, box)
+                    kept += more
                 written.append((idx, values))
-                reports.append(RegionReport(r.index, r.lesions, len(idx), d, unsure,
-                                            "restored, unsure" if unsure else "restored", measure="blur",
-                                            vessel_mm=vessel, why=why))
+                reports.append(RegionReport(r.index, r.lesions, len(idx), d, unsure, _restored_action(unsure, guard),
+                                            kept, measure="blur", vessel_mm=vessel, why=why))
             if progress:
                 progress(k + 1, len(regions))
         for idx, values in written:

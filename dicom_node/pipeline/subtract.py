@@ -28,6 +28,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 from scipy import ndimage
@@ -159,6 +160,9 @@ def excess_features(y: np.ndarray, u: np.ndarray, calcium: np.ndarray, domain: n
     return np.stack(cols, axis=1) / 1000.0
 
 
+KeepLumen = Literal["off", "unsure", "all"]  # which regions' visible lumen beyond the calcium the subtraction holds
+
+
 @dataclass(frozen=True)
 class SubtractOptions:
     """How the calcium's contribution is estimated (see the module's docstring)."""
@@ -198,6 +202,13 @@ class SubtractOptions:
     # (hysteresis below ``white_above_lumen_hu``): a flank voxel left in the anatomy keeps lumen brightness
     # where the calcium-free scan shows plaque, and the reader takes it for lumen. 0 = no growth.
     grow_above_lumen_hu: float = 0.0
+    # Where (``KeepLumen``: no region, the unsure ones, all) a voxel further than ``keep_lumen_beyond_mm`` from the
+    # detected calcium that the acquired image shows as lumen is never darkened past the lumen's edge
+    # (``restore.keep_visible_lumen``); the calcium and its near flank may still go. Where the estimate overshoots,
+    # its blurred excess takes lumen away beyond the calcium, and a reader sees a narrowing the calcium-free scan
+    # does not show.
+    keep_lumen: KeepLumen = "off"
+    keep_lumen_beyond_mm: float = 0.5
     # A learnt estimate of the calcium's excess (``LearntExcess``, trained by the lab on the world's training
     # settings) in place of the white-level rule; None = the rule.
     learnt: LearntExcess | None = None
@@ -211,6 +222,10 @@ class SubtractOptions:
             raise ValueError(f"grow_above_lumen_hu must be >= 0 (0 = no growth), not {self.grow_above_lumen_hu}")
         if self.refit_iterations < 0:
             raise ValueError(f"refit_iterations must be >= 0 (0 = no refit), not {self.refit_iterations}")
+        if self.keep_lumen not in get_args(KeepLumen):
+            raise ValueError(f"keep_lumen must be one of {', '.join(get_args(KeepLumen))}, not {self.keep_lumen!r}")
+        if self.keep_lumen_beyond_mm < 0:
+            raise ValueError(f"keep_lumen_beyond_mm must be >= 0 mm, not {self.keep_lumen_beyond_mm}")
         if self.reach_hu < 0:
             raise ValueError(f"reach_hu must be >= 0 (0 = footprint only), not {self.reach_hu}")
         if self.unsure_hu <= 0:

@@ -7,6 +7,8 @@ test_process.py.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -165,17 +167,24 @@ class LopsidedBackend(FillBackend):
         return out
 
 
-@pytest.mark.parametrize("action", ["mark", "leave"])
+@pytest.mark.parametrize("action", ["mark", "leave", "guard"])
 def test_an_unsure_region_is_marked_or_left_as_acquired(study, action):
-    """A restoration that disagrees with its mirror image is unsure: restored and marked, or left alone."""
+    """A restoration that disagrees with its mirror image is unsure: restored and marked, or left alone, or
+    restored and marked with its visible lumen held even where the site turned the guard off for sure ones."""
     vol = study.image.copy()
     before = vol.copy()
-    opts = ConfidenceOptions(unsure_hu=50.0, unsure_action=action)
+    opts = ConfidenceOptions(unsure_hu=50.0, unsure_action=action, keep_visible_lumen=False)
     result = Engine(LopsidedBackend(), confidence=opts).run(vol, study.spacing)
     assert result.reports and all(r.unsure and r.disagreement_hu > 50.0 for r in result.reports)
     if action == "leave":
         assert not result.changed.any() and np.array_equal(vol, before), "left exactly as acquired"
         assert all(r.voxels == 0 and r.action == "left as acquired (unsure)" for r in result.reports)
+    elif action == "guard":
+        assert result.changed.any() and all(r.action == "restored, unsure, lumen kept" for r in result.reports)
+        marked = study.image.copy()
+        Engine(LopsidedBackend(), confidence=replace(opts, unsure_action="mark")).run(marked, study.spacing)
+        assert np.all(vol >= marked - 1e-3) and (vol > marked + 1e-3).any()
+        assert any(r.lumen_kept for r in result.reports)
     else:
         assert result.changed.any() and all(r.action == "restored, unsure" for r in result.reports)
     calm = Engine(LopsidedBackend(), confidence=ConfidenceOptions(unsure_hu=1e6)).run(study.image.copy(),

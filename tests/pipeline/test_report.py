@@ -91,7 +91,8 @@ def source(tmp_path_factory) -> tuple[phantom.Phantom, Series, np.ndarray]:
     return p, series, load_hu(series)
 
 
-@pytest.fixture(scope="module", params=[("network", "mark"), ("network", "leave"), ("subtract", "leave")],
+@pytest.fixture(scope="module", params=[("network", "mark"), ("network", "leave"), ("subtract", "leave"),
+                                        ("subtract", "guard")],
                 ids=lambda p: "-".join(p))
 def case(request, source, tmp_path_factory) -> Case:
     """The network (its flip disagreement, from SkewBackend) or the subtraction (its blur disagreement),

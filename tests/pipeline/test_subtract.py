@@ -7,12 +7,15 @@ nothing far from the calcium may move; and the engine runs the path without a ne
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from scipy import ndimage
 
+from dicom_node.pipeline.contrast import lumen_level_at
 from dicom_node.pipeline.morphology import grow_box
-from dicom_node.pipeline.restore import ConfidenceOptions, Engine, lumen_disagreement
+from dicom_node.pipeline.restore import EDGE_MARGIN_HU, ConfidenceOptions, Engine, lumen_disagreement, lumen_range
 from dicom_node.pipeline.subtract import ScannerBlur, SubtractOptions, calcium_removed
 
 SPACING = (0.47, 0.47, 0.47)
@@ -132,6 +135,18 @@ def test_unsure_regions_are_marked_or_left_as_acquired():
                     subtract=tiny).run(left, SPACING)
     assert all(r.unsure and r.voxels == 0 and r.action == "left as acquired (unsure)" for r in result.reports)
     assert np.array_equal(left, acquired) and not result.changed.any()
+    guarded = acquired.copy()
+    result = Engine(None, confidence=ConfidenceOptions(unsure_action="guard"), method="subtract",
+                    subtract=tiny).run(guarded, SPACING)
+    assert all(r.unsure and r.voxels and r.action == "restored, unsure, lumen kept" for r in result.reports)
+    assert sum(r.lumen_kept for r in result.reports) > 0, "the subtraction darkens some visible lumen here"
+    assert np.all(guarded >= marked - 1e-3), "the guard only holds voxels up"
+    held = guarded > marked + 1e-3
+    level = lumen_level_at(acquired, SPACING, np.argwhere(held))
+    edge, white = lumen_range(level)
+    seen = acquired[held]
+    assert np.all((seen >= edge) & (seen <= white)), "only what the acquired image shows as lumen is held"
+    assert np.all(guarded[held] >= np.minimum(seen, edge + EDGE_MARGIN_HU) - 1e-3)
     plain = acquired.copy()
     result = Engine(None, confidence=ConfidenceOptions(flips=False), method="subtract").run(plain, SPACING)
     assert all(r.disagreement_hu is None and not r.unsure for r in result.reports)
@@ -328,3 +343,37 @@ def test_the_sharpened_image_detection_assumes_the_blur_the_kernel_table_gives_t
         engine.run(volume.copy(), SPACING, kernel=kernel)
     assert seen == [5.2, 3.9, 4.3, 4.3]
     assert [engine.detect_options_for(k).sharp_mtf50_lp_cm for k in ("hd", "FC43")] == [5.2, 4.3]
+
+
+def test_kept_lumen_beyond_the_calcium_is_never_darkened_past_its_edge():
+    """An estimate that overshoots (a soft kernel's blur assumed for a sharp scan) takes lumen away beyond the
+    calcium; with ``keep_lumen_beyond_mm`` the voxels that far from the detected calcium that the acquired image
+    shows as lumen are held at the edge, closer to the image without calcium, while the calcium itself and its
+    near flank are still taken out as before."""
+    acquired, truth, _ = _vessel(ScannerBlur(mtf50_lp_cm=6.3, edge_enhance=0.5), 360.0)
+    over = SubtractOptions(blur=ScannerBlur(mtf50_lp_cm=3.5))
+    plain = acquired.copy()
+    Engine(None, confidence=ConfidenceOptions(flips=False), method="subtract", subtract=over).run(plain, SPACING)
+    kept = acquired.copy()
+    result = Engine(None, confidence=ConfidenceOptions(flips=False), method="subtract",
+                    subtract=replace(over, keep_lumen="all")).run(kept, SPACING)
+    near = _near(result.detection.calcium, 0.5)
+    held = kept > plain + 1e-3
+    assert held.sum() > 50 and sum(r.lumen_kept for r in result.reports) == held.sum()
+    assert not (held & near).any() and np.array_equal(kept[near], plain[near]), "the near flank is the estimate's"
+    assert np.all(kept >= plain - 1e-3)
+    level = lumen_level_at(acquired, SPACING, np.argwhere(held))
+    edge, white = lumen_range(level)
+    assert np.all((acquired[held] >= edge - 5.0) & (acquired[held] <= white + 5.0)), "only visible lumen is held"
+    assert np.mean(np.abs(kept[held] - truth[held])) < 0.7 * np.mean(np.abs(plain[held] - truth[held]))
+    # "unsure": only the regions the engine doubts (here, with a threshold under every disagreement, all of them)
+    for unsure_hu, expected in ((1e-6, kept), (1e6, plain)):
+        only = acquired.copy()
+        doubting = replace(over, keep_lumen="unsure", unsure_hu=unsure_hu, second_blur=ScannerBlur(6.3))
+        Engine(None, method="subtract", subtract=doubting,
+               confidence=ConfidenceOptions(unsure_vessel_mm=0.0)).run(only, SPACING)
+        assert np.array_equal(only, expected)
+    with pytest.raises(ValueError):
+        SubtractOptions(keep_lumen_beyond_mm=-1.0)
+    with pytest.raises(ValueError):
+        SubtractOptions(keep_lumen="everywhere")
