@@ -80,7 +80,8 @@ class ConfidenceOptions:
     and says so (SEG segment, job lesion table), ``leave`` keeps it as acquired, ``guard``
     restores and marks it but holds the lumen the acquired image shows (``keep_visible_lumen``
     from the edge, whatever ``keep_visible_lumen`` says for sure regions): a doubted restoration
-    may still take white bloom out of the lumen but cannot draw a narrowing the image does not show.
+    may still take white bloom out of the lumen but not darken what the image shows as lumen
+    (on the subtraction it also holds faint calcium there: reports/tuning/learnt-estimate.md §4).
     Flips cost a second pass through the network; with ``average_flips`` that pass is also
     half of what is written (test-time augmentation), so its cost buys accuracy too.
 
