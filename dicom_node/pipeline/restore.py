@@ -443,13 +443,12 @@ class Engine:
                                             measure="blur", vessel_mm=vessel, why=why))
             else:
                 kept = 0
-                if opts.keep_lumen == "all" or (opts.keep_lumen == "unsure" and unsure):
+                guard = unsure and self.confidence.unsure_action == "guard"
+                if guard and len(idx):  # all the visible lumen: a superset of what keep_lumen holds
+                    values, kept = keep_visible_lumen(volume, spacing, idx, values, box)
+                elif opts.keep_lumen == "all" or (opts.keep_lumen == "unsure" and unsure):
                     values, kept = _keep_lumen_beyond(volume, spacing, detection.calcium, box, idx, local, values,
                                                       opts.keep_lumen_beyond_mm)
-                guard = unsure and self.confidence.unsure_action == "guard"
-                if guard and len(idx):
-                    values, more = keep_visible_lumen(volume, spacing, idx, values, box)
-                    kept += more
                 written.append((idx, values))
                 reports.append(RegionReport(r.index, r.lesions, len(idx), d, unsure, _restored_action(unsure, guard),
                                             kept, measure="blur", vessel_mm=vessel, why=why))
