@@ -24,8 +24,7 @@ from tqdm import tqdm
 
 from dicom_node_lab import world
 from dicom_node_lab.experiment2v2 import PRIMARY_WHITE
-from dicom_node_lab.patches import HELD_OUT_KERNELS, TRAIN_MOTION_MM, volume_seed
-from dicom_node_lab.physics import Kernel
+from dicom_node_lab.patches import TRAIN_MOTION_MM, trained_kernels, volume_seed
 from dicom_node_lab.reader import WALL_HU
 
 TRAIN_SEED = 7070  # volume seeds 7070*1000003 + i: neither the tuning (6060) nor the held-out (5050) range
@@ -35,7 +34,7 @@ VALIDATION_SEED = 7171
 def _study(seed: int, i: int):
     from dicom_node_lab.experiment2v2 import EXP2V2_SHAPE
 
-    trained = [k for k in Kernel if k not in HELD_OUT_KERNELS]
+    trained = trained_kernels()
     return world.generate(EXP2V2_SHAPE, seed=volume_seed(seed, i), kernel=trained[i % len(trained)],
                           motion_mm=TRAIN_MOTION_MM)
 
@@ -84,6 +83,7 @@ def extract_study(engine, seed: int, i: int, reach_voxels: int, jitter: float = 
                         features=features.astype(np.float32), domain=np.argwhere(domain).astype(np.int16),
                         shape=np.array(y.shape), foot=foot.astype(np.int16),
                         target=(y - truth[box])[tuple(foot.T)].astype(np.float32),
+                        excess=p.calcium_excess[box][domain].astype(np.float32),
                         mtf50=opts.blur.mtf50_lp_cm, slice_fwhm=opts.blur.slice_fwhm_mm,
                         edge=opts.blur.edge_enhance, spacing=np.array(p.spacing), study=i, kernel=kernel))
     return out
@@ -158,7 +158,9 @@ def train(args: argparse.Namespace) -> int:
         level = torch.tensor(r["level"] / 1000.0, dtype=torch.float32)
         target = torch.tensor(r["target"] / 1000.0, dtype=torch.float32)
         truth_lumen = _lumen(acquired - target, level)
-        return x, rule, h, shape, flat_dom, flat_foot, target, acquired, level, truth_lumen
+        # the phantom's own sharp calcium on the domain (regions extracted before it was kept: none)
+        excess = torch.tensor(r["excess"] / 1000.0, dtype=torch.float32) if "excess" in r else None
+        return x, rule, h, shape, flat_dom, flat_foot, target, acquired, level, truth_lumen, excess
 
     train_set = [prepare(r) for r in regions]
     held_set = [prepare(r) for r in held]
@@ -172,25 +174,28 @@ def train(args: argparse.Namespace) -> int:
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
 
     def loss_of(item, model=net):
-        """(squared error summed over the footprint, lumen-decision error summed, voxels)"""
-        x, rule, h, shape, flat_dom, flat_foot, target, acquired, level, truth_lumen = item
+        """(squared error summed over the footprint, lumen-decision error summed, voxels, squared error of the
+        calcium itself per domain voxel)"""
+        x, rule, h, shape, flat_dom, flat_foot, target, acquired, level, truth_lumen, excess = item
         e = torch.clamp(rule + (model(x)[:, 0] if model is not None else 0.0), min=0.0)
+        own = ((e - excess) ** 2).mean() if excess is not None else torch.zeros(())
         vol = torch.zeros(int(np.prod(shape)))
         vol = vol.index_add(0, flat_dom, e).reshape(shape)
         blurred = torch.fft.irfftn(torch.fft.rfftn(vol) * h, s=shape).reshape(-1)[flat_foot]
         lumen = _lumen(acquired - blurred, level)
         # lumen taken away (an invented narrowing) weighs more than calcium's bloom left in the lumen
         weight = 1.0 + args.closing_weight * (truth_lumen > lumen)
-        return ((blurred - target) ** 2).sum(), (weight * (lumen - truth_lumen) ** 2).sum(), len(target)
+        return ((blurred - target) ** 2).sum(), (weight * (lumen - truth_lumen) ** 2).sum(), len(target), own
 
     def evaluate(items, model=net):
-        """(RMSE in HU in the footprint, share of footprint voxels on the wrong side of the reader's edges)"""
+        """(RMSE in HU in the footprint, share of footprint voxels on the wrong side of the reader's edges,
+        RMSE in HU of the calcium itself on the domain, regions averaged)"""
         with torch.no_grad():
-            s = w = n = 0.0
+            s = w = n = own = 0.0
             for item in items:
-                a, b, c = loss_of(item, model)
-                s, w, n = s + float(a), w + float(b), n + c
-        return float(np.sqrt(s / n) * 1000.0), float(w / n)
+                a, b, c, o = loss_of(item, model)
+                s, w, n, own = s + float(a), w + float(b), n + c, own + float(o)
+        return float(np.sqrt(s / n) * 1000.0), float(w / n), float(np.sqrt(own / max(len(items), 1)) * 1000.0)
 
     log = {"rule_rmse_hu_train": evaluate(train_set, None), "rule_rmse_hu_held": evaluate(held_set, None),
            "regions": len(train_set), "held_regions": len(held_set), "steps": []}
@@ -202,16 +207,16 @@ def train(args: argparse.Namespace) -> int:
 
     while not spent():
         for k in rng.permutation(len(train_set)):
-            a, b, c = loss_of(train_set[k])
+            a, b, c, own = loss_of(train_set[k])
             opt.zero_grad()
-            ((a + args.lumen_weight * b) / c).backward()
+            ((a + args.lumen_weight * b) / c + args.excess_weight * own).backward()
             opt.step()
             step += 1
             if step % args.validate_every == 0:
-                rmse, wrong = evaluate(held_set)
-                score = (rmse / 1000.0) ** 2 + args.lumen_weight * wrong
+                rmse, wrong, own = evaluate(held_set)
+                score = (rmse / 1000.0) ** 2 + args.lumen_weight * wrong + args.excess_weight * (own / 1000.0) ** 2
                 log["steps"].append({"step": step, "seconds": round(time.time() - t0), "held_rmse_hu": rmse,
-                                     "held_wrong_side": wrong, "score": score})
+                                     "held_wrong_side": wrong, "held_calcium_rmse_hu": own, "score": score})
                 print(log["steps"][-1], flush=True)
                 if best is None or score < best:
                     best, best_state = score, [p.detach().clone() for p in net.parameters()]
@@ -220,7 +225,7 @@ def train(args: argparse.Namespace) -> int:
     if best_state is not None:
         for p, b in zip(net.parameters(), best_state):
             p.data.copy_(b)
-    log["best_held_rmse_hu"], log["best_held_wrong_side"] = evaluate(held_set)
+    log["best_held_rmse_hu"], log["best_held_wrong_side"], log["best_held_calcium_rmse_hu"] = evaluate(held_set)
     arrays = {"mean": mean, "scale": scale, "reach_voxels": np.array(args.reach_voxels)}
     linears = [m for m in net if isinstance(m, torch.nn.Linear)]
     for k, m in enumerate(linears):
@@ -232,6 +237,49 @@ def train(args: argparse.Namespace) -> int:
     Path(args.out).with_suffix(".json").write_text(json.dumps(log, indent=1))
     print(f"validation, footprint: RMSE {log['best_held_rmse_hu']:.1f} HU, wrong side of the reader's edges "
           f"{log['best_held_wrong_side']:.4f} (rule {log['rule_rmse_hu_held']}); wrote {args.out}")
+    return 0
+
+
+def merge(args: argparse.Namespace) -> int:
+    """Several trained estimates as one: the mean of their corrections, written as one wider network.
+
+    Why: networks trained from different seeds err differently, and their mean errs less than each; the
+    node reads the merged file as any other (``LearntExcess``), with no code for ensembles. Member k's
+    hidden units are block k of each layer (block-diagonal weights between blocks), and the last layer
+    averages the blocks. The members must share their features' normalisation and reach (one extraction).
+    """
+    members = []
+    for path in args.members:
+        with np.load(path) as z:
+            layers = sorted(int(k[1:]) for k in z.files if k.startswith("W"))
+            members.append(([(z[f"W{i}"].astype(np.float64), z[f"b{i}"].astype(np.float64)) for i in layers],
+                            z["mean"], z["scale"], int(z["reach_voxels"])))
+    first = members[0]
+    for layers, mean, scale, reach in members[1:]:
+        if len(layers) != len(first[0]) or reach != first[3] or not (np.allclose(mean, first[1])
+                                                                      and np.allclose(scale, first[2])):
+            raise SystemExit("members differ in depth, reach or normalisation: train them on one extraction")
+    arrays = {"mean": first[1], "scale": first[2], "reach_voxels": np.array(first[3])}
+    n = len(members)
+    for i in range(len(first[0])):
+        ws = [m[0][i][0] for m in members]
+        bs = [m[0][i][1] for m in members]
+        if i == 0:
+            w = np.concatenate(ws, axis=1)  # every member sees the same features
+        else:
+            w = np.zeros((sum(x.shape[0] for x in ws), sum(x.shape[1] for x in ws)))
+            r = c = 0
+            for x in ws:
+                w[r:r + x.shape[0], c:c + x.shape[1]] = x
+                r, c = r + x.shape[0], c + x.shape[1]
+        b = np.concatenate(bs)
+        if i == len(first[0]) - 1:  # the output: the members' mean
+            w = w.sum(axis=1, keepdims=True) / n
+            b = np.array([b.sum() / n])
+        arrays[f"W{i}"], arrays[f"b{i}"] = w.astype(np.float32), b.astype(np.float32)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    np.savez(args.out, **arrays)
+    print(f"{n} members merged into {args.out}")
     return 0
 
 
@@ -269,7 +317,13 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--validate-every", type=int, default=500)
     t.add_argument("--lumen-weight", type=float, default=0.1)
     t.add_argument("--closing-weight", type=float, default=2.0, help="extra weight of lumen the estimate takes away")
+    t.add_argument("--excess-weight", type=float, default=0.0,
+                   help="weight of the estimate's squared error against the phantom's own calcium on its domain")
     t.set_defaults(func=train)
+    m = sub.add_parser("merge", help="several trained estimates as one (the mean of their corrections)")
+    m.add_argument("members", nargs="+", help=".npz files train wrote from one extraction")
+    m.add_argument("--out", required=True)
+    m.set_defaults(func=merge)
     args = ap.parse_args(argv)
     return args.func(args)
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from dicom_node_lab import physics, world
 from dicom_node_lab.experiment1 import ENGINES
 from dicom_node_lab.experiment2 import goal_metrics
-from dicom_node_lab.patches import HELD_OUT_KERNELS, TRAIN_MOTION_MM, volume_seed
+from dicom_node_lab.patches import HELD_OUT_KERNELS, TRAIN_MOTION_MM, trained_kernels, volume_seed
 from dicom_node_lab.physics import Kernel
 from dicom_node_lab.reader import WHITE_LEVELS_HU
 from dicom_node_lab.readings import read_study
@@ -43,7 +43,7 @@ PRIMARY_WHITE = WHITE_LEVELS_HU[0]
 
 def study_setting(i: int) -> tuple[Kernel, tuple[float, float]]:
     """Study i's kernel and motion range: half on the held-out kernel, a third with held-out motion."""
-    trained = [k for k in Kernel if k not in HELD_OUT_KERNELS]
+    trained = trained_kernels()
     kernel = Kernel(HELD_OUT_KERNELS[0]) if i % 2 == 0 else trained[(i // 2) % len(trained)]
     motion = HELD_OUT_MOTION_MM if i % 3 == 0 else TRAIN_MOTION_MM
     return kernel, motion

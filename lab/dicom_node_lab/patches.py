@@ -55,12 +55,19 @@ HELD_OUT_KERNELS = ("standard",)
 TRAIN_MOTION_MM = (0.0, 0.7)
 
 
+def trained_kernels() -> list:
+    """The kernels training sees (``physics.Kernel`` order, ``HELD_OUT_KERNELS`` out): one list for the network's
+    world, Experiment 2 v2's studies and the calcium estimate's extraction."""
+    from dicom_node_lab.physics import Kernel
+
+    return [k for k in Kernel if k not in HELD_OUT_KERNELS]
+
+
 def training_world_options():
     """The calibrated world for training volumes: one vessel, one lesion near the middle, held-out settings out."""
     from dicom_node_lab import world
-    from dicom_node_lab.physics import Kernel
 
-    return world.WorldOptions(kernels=tuple(k for k in Kernel if k not in HELD_OUT_KERNELS),
+    return world.WorldOptions(kernels=tuple(trained_kernels()),
                               motion_mm=TRAIN_MOTION_MM, n_vessels=(1, 1), lesions_per_vessel=(1, 1),
                               lesion_margin_mm=3.0, reference_gap_mm=0.5)
 

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from dicom_node.pipeline.subtract import FEATURES, LearntExcess, ScannerBlur, SubtractOptions, calcium_removed
+from dicom_node.pipeline.subtract import FEATURES, RULE, LearntExcess, ScannerBlur, SubtractOptions, calcium_removed
 from dicom_node_lab import calcium_estimate as ce
 from tests.pipeline.test_subtract import SPACING, _vessel
 
@@ -30,11 +30,14 @@ def test_extract_train_and_the_node_loads_what_training_wrote(tmp_path):
     assert region["features"].shape == (len(region["domain"]), len(FEATURES))
     assert len(region["foot"]) == len(region["target"]) == len(region["acquired"]) == len(region["level"])
     assert region["target"].max() > 100.0, "the footprint holds the calcium's bloom"
+    assert region["excess"].shape == (len(region["domain"]),) and region["excess"].max() > 100.0, \
+        "the phantom's own calcium on the estimate's domain"
     out = tmp_path / "estimate.npz"
     assert ce.main(["train", "--data", str(data), "--out", str(out), "--steps", "30", "--validate-every", "10",
-                    "--minutes", "5"]) == 0
+                    "--minutes", "5", "--excess-weight", "0.1"]) == 0
     log = json.loads(out.with_suffix(".json").read_text())
     assert [s["step"] for s in log["steps"]] == [10, 20, 30]
+    assert all(s["held_calcium_rmse_hu"] > 0 for s in log["steps"])
     assert log["best_held_rmse_hu"] <= log["rule_rmse_hu_held"][0] * 1.5
     learnt = LearntExcess.load(out)
     acquired, _, calcium = _vessel(ScannerBlur())
@@ -54,3 +57,39 @@ def test_an_experiments_relative_estimate_path_is_taken_from_the_working_folder(
     cfg = _engine_config(tmp_path / "m.onnx", ['method = "subtract"', 'subtract_estimate = "engines/e.npz"'])
     assert cfg.engine.subtract_estimate == str(tmp_path / "engines" / "e.npz")
     assert cfg.engine.subtract_options().learnt is not None
+
+
+def _random_estimate(path, rng, width=5):
+    n = len(FEATURES)
+    np.savez(path, W0=rng.normal(size=(n, width)), b0=rng.normal(size=width), W1=rng.normal(size=(width, width)),
+             b1=rng.normal(size=width), W2=rng.normal(size=(width, 1)) * 0.01, b2=rng.normal(size=1) * 0.01,
+             mean=np.linspace(0.0, 1.0, n), scale=np.full(n, 2.0), reach_voxels=np.array(3))
+
+
+@pytest.mark.parametrize("members", [2, 3])
+def test_merged_estimates_give_the_mean_of_their_members(tmp_path, members):
+    """One wider network that the node loads as any other, whose excess is the members' mean correction."""
+    rng = np.random.default_rng(members)
+    paths = [tmp_path / f"m{k}.npz" for k in range(members)]
+    for p in paths:
+        _random_estimate(p, rng)
+    out = tmp_path / "merged.npz"
+    assert ce.main(["merge", *map(str, paths), "--out", str(out)]) == 0
+    merged = LearntExcess.load(out)
+    features = rng.normal(size=(500, len(FEATURES)))
+    features[:, RULE] = 1.0  # far above any correction: the clip at 0 does not act, so the mean must be exact
+    mean = np.mean([LearntExcess.load(p)(features) for p in paths], axis=0)
+    assert np.allclose(merged(features), mean, atol=1e-3)
+    assert merged.weights[0].shape == (len(FEATURES), 5 * members)
+
+
+def test_estimates_from_different_extractions_are_not_merged(tmp_path):
+    rng = np.random.default_rng(0)
+    _random_estimate(tmp_path / "a.npz", rng)
+    _random_estimate(tmp_path / "b.npz", rng)
+    with np.load(tmp_path / "b.npz") as z:
+        other = dict(z)
+    other["mean"] = other["mean"] + 0.5
+    np.savez(tmp_path / "b.npz", **other)
+    with pytest.raises(SystemExit, match="normalisation"):
+        ce.main(["merge", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--out", str(tmp_path / "m.npz")])
