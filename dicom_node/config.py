@@ -7,6 +7,7 @@ fall back to a default.
 
 from __future__ import annotations
 
+import functools
 import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -99,11 +100,28 @@ class EngineConfig:
                                grow_above_lumen_hu=self.subtract_grow_hu,
                                keep_lumen=self.subtract_keep_lumen, keep_lumen_beyond_mm=self.subtract_keep_lumen_mm,
                                white_by_kernel=tuple(self.subtract_white_by_kernel.items()),
-                               learnt=LearntExcess.load(self.subtract_estimate) if self.subtract_estimate else None)
+                               learnt=_learnt_estimate(self.subtract_estimate) if self.subtract_estimate else None)
 
     def confidence_options(self) -> ConfidenceOptions:
         return ConfidenceOptions(**{opt: getattr(self, key) for key, (kind, opt) in ENGINE_KEYS.items()
                                     if kind is ConfidenceOptions})
+
+
+
+def _learnt_estimate(path: str) -> LearntExcess:
+    """The learnt estimate at ``path``, read once per version of the file.
+
+    Why: ``subtract_options()`` is asked for by the config check, the engine's build and each job's engine id;
+    reading and hashing the file each time costs little but is needless. Keyed by size and modification time,
+    so a file replaced in place (a site installing new weights) is read again, with its new digest.
+    """
+    st = Path(path).stat()  # a missing file raises here, as the load would
+    return _learnt_version(path, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _learnt_version(path: str, size: int, mtime_ns: int) -> LearntExcess:
+    return LearntExcess.load(path)
 
 
 # [engine] keys that are detection or window options: key -> (options class, field). The one place that

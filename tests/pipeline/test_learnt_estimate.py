@@ -71,6 +71,24 @@ def test_the_config_reads_the_estimate_beside_it_and_refuses_a_missing_one(tmp_p
     assert engine_id(load(f)) != engine_id(cfg), "the weights are part of what made the output"
 
 
+def test_the_estimate_is_read_once_and_again_when_the_file_is_replaced(tmp_path):
+    """The config check, the engine's build and every job's engine id ask for the subtraction's options: one
+    read per version of the file, and a site's new weights (same path) are what the next job names."""
+    import os
+
+    path = _write(tmp_path / "estimate.npz")
+    f = tmp_path / "c.toml"
+    f.write_text('[engine]\nmethod = "subtract"\nsubtract_estimate = "estimate.npz"\n')
+    cfg = load(f)
+    first = cfg.engine.subtract_options().learnt
+    assert cfg.engine.subtract_options().learnt is first, "an unchanged file is not read again"
+    _write(path, last=0.05)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # a later version, even on a coarse clock
+    second = cfg.engine.subtract_options().learnt
+    assert second is not first and second.digest != first.digest
+
+
 def test_the_shipped_estimate_takes_the_bloom_out_and_leaves_far_voxels_alone():
     """``engines/calcium_excess.npz`` (model card: engines/MODEL_CARD.md): under a soft kernel's ring, where
     the rule leaves the flank at lumen brightness, it comes closer to the calcium-free scan than the rule."""
