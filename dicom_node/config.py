@@ -107,7 +107,6 @@ class EngineConfig:
                                     if kind is ConfidenceOptions})
 
 
-
 def _learnt_estimate(path: str) -> LearntExcess:
     """The learnt estimate at ``path``, read once per version of the file.
 

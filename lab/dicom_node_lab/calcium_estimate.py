@@ -248,32 +248,24 @@ def merge(args: argparse.Namespace) -> int:
     hidden units are block k of each layer (block-diagonal weights between blocks), and the last layer
     averages the blocks. The members must share their features' normalisation and reach (one extraction).
     """
-    members = []
-    for path in args.members:
-        with np.load(path) as z:
-            layers = sorted(int(k[1:]) for k in z.files if k.startswith("W"))
-            members.append(([(z[f"W{i}"].astype(np.float64), z[f"b{i}"].astype(np.float64)) for i in layers],
-                            z["mean"], z["scale"], int(z["reach_voxels"])))
+    from scipy.linalg import block_diag
+
+    from dicom_node.pipeline.subtract import LearntExcess
+
+    members = [LearntExcess.load(path) for path in args.members]  # the node's own reading and checks of each
     first = members[0]
-    for layers, mean, scale, reach in members[1:]:
-        if len(layers) != len(first[0]) or reach != first[3] or not (np.allclose(mean, first[1])
-                                                                      and np.allclose(scale, first[2])):
+    for m in members[1:]:
+        if len(m.weights) != len(first.weights) or m.reach_voxels != first.reach_voxels \
+                or not (np.allclose(m.mean, first.mean) and np.allclose(m.scale, first.scale)):
             raise SystemExit("members differ in depth, reach or normalisation: train them on one extraction")
-    arrays = {"mean": first[1], "scale": first[2], "reach_voxels": np.array(first[3])}
+    arrays = {"mean": first.mean, "scale": first.scale, "reach_voxels": np.array(first.reach_voxels)}
     n = len(members)
-    for i in range(len(first[0])):
-        ws = [m[0][i][0] for m in members]
-        bs = [m[0][i][1] for m in members]
-        if i == 0:
-            w = np.concatenate(ws, axis=1)  # every member sees the same features
-        else:
-            w = np.zeros((sum(x.shape[0] for x in ws), sum(x.shape[1] for x in ws)))
-            r = c = 0
-            for x in ws:
-                w[r:r + x.shape[0], c:c + x.shape[1]] = x
-                r, c = r + x.shape[0], c + x.shape[1]
-        b = np.concatenate(bs)
-        if i == len(first[0]) - 1:  # the output: the members' mean
+    for i in range(len(first.weights) // 2):
+        ws = [m.weights[2 * i] for m in members]
+        b = np.concatenate([m.weights[2 * i + 1] for m in members])
+        # every member sees the same features; past the first layer each member's units see only its own
+        w = np.concatenate(ws, axis=1) if i == 0 else block_diag(*ws)
+        if 2 * i + 2 == len(first.weights):  # the output: the members' mean
             w = w.sum(axis=1, keepdims=True) / n
             b = np.array([b.sum() / n])
         arrays[f"W{i}"], arrays[f"b{i}"] = w.astype(np.float32), b.astype(np.float32)
