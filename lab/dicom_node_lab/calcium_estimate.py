@@ -39,17 +39,20 @@ def _study(seed: int, i: int):
                           motion_mm=TRAIN_MOTION_MM)
 
 
-def extract_study(engine, seed: int, i: int, reach_voxels: int, jitter: float = 0.0) -> list[dict]:
+def extract_study(engine, seed: int, i: int, reach_voxels: int, jitter: float = 0.0, level_away_mm: float = 0.0
+                  ) -> list[dict]:
     """Every planned region of one study: features on the estimate's domain, footprint, target.
 
     ``jitter`` > 0: half the regions assume a blur whose MTF50 is off the kernel table's by up to this
     fraction, either way, as a site's table will be: the estimate learns to read the image, not the label.
+    ``level_away_mm``: how the contrast level is measured (``subtract.reference_levels``); the trained file
+    records it, and the node measures it so.
     """
     from dataclasses import replace
 
     from dicom_node.pipeline.detect import detect
     from dicom_node.pipeline.morphology import grow_box
-    from dicom_node.pipeline.subtract import learnt_inputs, levels_at, sharpen
+    from dicom_node.pipeline.subtract import learnt_inputs, reference_levels, sharpen
     from dicom_node.pipeline.windows import plan
     from dicom_node_lab.experiment2v2 import _stored_hu
 
@@ -74,12 +77,14 @@ def extract_study(engine, seed: int, i: int, reach_voxels: int, jitter: float = 
         y = original[box].astype(np.float64)
         calcium = detection.calcium[box]
         u = sharpen(y, opts.blur.transfer(y.shape, p.spacing), opts.tv_weight, opts.iterations)
-        domain, features = learnt_inputs(y, u, calcium, p.spacing, opts, reach_voxels, fallback)
+        domain, features = learnt_inputs(y, u, calcium, p.spacing, opts, reach_voxels, fallback,
+                                         level_away_mm=level_away_mm)
         if not len(features):
             continue
         foot = r.native_indices() - origin
         out.append(dict(acquired=y[tuple(foot.T)].astype(np.float32),
-                        level=levels_at(y, p.spacing, foot, fallback).astype(np.float32),
+                        level=reference_levels(y, calcium, p.spacing, foot, level_away_mm, fallback
+                                               ).astype(np.float32), level_away_mm=level_away_mm,
                         features=features.astype(np.float32), domain=np.argwhere(domain).astype(np.int16),
                         shape=np.array(y.shape), foot=foot.astype(np.int16),
                         target=(y - truth[box])[tuple(foot.T)].astype(np.float32),
@@ -94,13 +99,13 @@ _ENGINE = None
 
 def _extract_job(job):
     global _ENGINE
-    seed, i, engine_args, reach, jitter, folder = job
+    seed, i, engine_args, reach, jitter, away, folder = job
     if _ENGINE is None:
         from dicom_node.config import DEFAULT_MODEL
         from dicom_node_lab.experiment2v2 import _engine
 
         _ENGINE = _engine(DEFAULT_MODEL, engine_args)  # the subtraction runs no network; the config wants one
-    regions = extract_study(_ENGINE, seed, i, reach, jitter)
+    regions = extract_study(_ENGINE, seed, i, reach, jitter, away)
     np.save(Path(folder) / f"{seed}-{i}.npy", np.array(regions, dtype=object), allow_pickle=True)
     return len(regions)
 
@@ -111,7 +116,7 @@ def extract(args: argparse.Namespace) -> int:
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     jobs = [(args.seed, i, args.engine, args.reach_voxels, args.jitter if args.seed != VALIDATION_SEED else 0.0,
-             str(folder)) for i in range(args.studies)
+             args.level_away_mm, str(folder)) for i in range(args.studies)
             if not (folder / f"{args.seed}-{i}.npy").exists()]
     with ProcessPoolExecutor(args.workers) as pool:
         n = sum(tqdm(pool.map(_extract_job, jobs), total=len(jobs), desc="studies"))
@@ -140,6 +145,10 @@ def train(args: argparse.Namespace) -> int:
     if not regions or not held:
         raise SystemExit(f"{folder}: no {'training' if not regions else 'validation'} regions; run extract with "
                          f"--seed {TRAIN_SEED if not regions else VALIDATION_SEED} first")
+    aways = {float(r.get("level_away_mm", 0.0)) for r in regions + held}
+    if len(aways) != 1:
+        raise SystemExit(f"{folder}: regions extracted with different --level-away-mm ({sorted(aways)}): "
+                         "one per folder")
     allf = np.concatenate([r["features"] for r in regions])
     mean, scale = allf.mean(0), allf.std(0) + 1e-3
 
@@ -226,7 +235,8 @@ def train(args: argparse.Namespace) -> int:
         for p, b in zip(net.parameters(), best_state):
             p.data.copy_(b)
     log["best_held_rmse_hu"], log["best_held_wrong_side"], log["best_held_calcium_rmse_hu"] = evaluate(held_set)
-    arrays = {"mean": mean, "scale": scale, "reach_voxels": np.array(args.reach_voxels)}
+    arrays = {"mean": mean, "scale": scale, "reach_voxels": np.array(args.reach_voxels),
+              "level_away_mm": np.array(aways.pop())}
     linears = [m for m in net if isinstance(m, torch.nn.Linear)]
     for k, m in enumerate(linears):
         arrays[f"W{k}"] = m.weight.detach().numpy().T.astype(np.float32)
@@ -256,9 +266,12 @@ def merge(args: argparse.Namespace) -> int:
     first = members[0]
     for m in members[1:]:
         if len(m.weights) != len(first.weights) or m.reach_voxels != first.reach_voxels \
+                or m.level_away_mm != first.level_away_mm \
                 or not (np.allclose(m.mean, first.mean) and np.allclose(m.scale, first.scale)):
-            raise SystemExit("members differ in depth, reach or normalisation: train them on one extraction")
-    arrays = {"mean": first.mean, "scale": first.scale, "reach_voxels": np.array(first.reach_voxels)}
+            raise SystemExit("members differ in depth, reach, level measure or normalisation: "
+                             "train them on one extraction")
+    arrays = {"mean": first.mean, "scale": first.scale, "reach_voxels": np.array(first.reach_voxels),
+              "level_away_mm": np.array(first.level_away_mm)}
     n = len(members)
     for i in range(len(first.weights) // 2):
         ws = [m.weights[2 * i] for m in members]
@@ -295,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--reach-voxels", type=int, default=3)
     e.add_argument("--engine", action="append", default=[])
     e.add_argument("--jitter", type=float, default=0.15, help="training regions' MTF50 off the table by up to this")
+    e.add_argument("--level-away-mm", type=float, default=0.0,
+                   help="measure the contrast level this far from the detected calcium (subtract.reference_levels); "
+                        "0: around each voxel")
     e.set_defaults(func=extract)
     t = sub.add_parser("train", help="fit the correction network on extracted regions")
     t.add_argument("--data", default="runs/calcium-estimate")

@@ -25,10 +25,11 @@ def test_extract_train_and_the_node_loads_what_training_wrote(tmp_path):
     data = tmp_path / "data"
     for seed in (ce.TRAIN_SEED, ce.VALIDATION_SEED):
         assert ce.main(["extract", "--out", str(data), "--seed", str(seed), "--studies", "3", "--workers", "1",
-                        *SUBTRACT]) == 0
+                        "--level-away-mm", "2", *SUBTRACT]) == 0
     (region, *_) = np.load(data / f"{ce.TRAIN_SEED}-0.npy", allow_pickle=True).tolist()
     assert region["features"].shape == (len(region["domain"]), len(FEATURES))
     assert len(region["foot"]) == len(region["target"]) == len(region["acquired"]) == len(region["level"])
+    assert region["level_away_mm"] == 2.0
     assert region["target"].max() > 100.0, "the footprint holds the calcium's bloom"
     assert region["excess"].shape == (len(region["domain"]),) and region["excess"].max() > 100.0, \
         "the phantom's own calcium on the estimate's domain"
@@ -40,6 +41,7 @@ def test_extract_train_and_the_node_loads_what_training_wrote(tmp_path):
     assert all(s["held_calcium_rmse_hu"] > 0 for s in log["steps"])
     assert log["best_held_rmse_hu"] <= log["rule_rmse_hu_held"][0] * 1.5
     learnt = LearntExcess.load(out)
+    assert learnt.level_away_mm == 2.0, "the node measures the level as training did"
     acquired, _, calcium = _vessel(ScannerBlur())
     out_image = calcium_removed(acquired, acquired > 600.0, SPACING, SubtractOptions(learnt=learnt), 400.0)
     assert np.isfinite(out_image).all() and (acquired - out_image)[calcium].mean() > 100.0
@@ -59,11 +61,12 @@ def test_an_experiments_relative_estimate_path_is_taken_from_the_working_folder(
     assert cfg.engine.subtract_options().learnt is not None
 
 
-def _random_estimate(path, rng, width=5):
+def _random_estimate(path, rng, width=5, level_away_mm=0.0):
     n = len(FEATURES)
     np.savez(path, W0=rng.normal(size=(n, width)), b0=rng.normal(size=width), W1=rng.normal(size=(width, width)),
              b1=rng.normal(size=width), W2=rng.normal(size=(width, 1)) * 0.01, b2=rng.normal(size=1) * 0.01,
-             mean=np.linspace(0.0, 1.0, n), scale=np.full(n, 2.0), reach_voxels=np.array(3))
+             mean=np.linspace(0.0, 1.0, n), scale=np.full(n, 2.0), reach_voxels=np.array(3),
+             level_away_mm=np.array(level_away_mm))
 
 
 @pytest.mark.parametrize("members", [2, 3])
@@ -93,3 +96,14 @@ def test_estimates_from_different_extractions_are_not_merged(tmp_path):
     np.savez(tmp_path / "b.npz", **other)
     with pytest.raises(SystemExit, match="normalisation"):
         ce.main(["merge", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--out", str(tmp_path / "m.npz")])
+    _random_estimate(tmp_path / "c.npz", np.random.default_rng(0), level_away_mm=2.0)
+    with pytest.raises(SystemExit, match="level"):
+        ce.main(["merge", str(tmp_path / "a.npz"), str(tmp_path / "c.npz"), "--out", str(tmp_path / "m.npz")])
+
+
+def test_merged_estimates_keep_how_their_levels_were_measured(tmp_path):
+    rng = np.random.default_rng(5)
+    for k in range(2):
+        _random_estimate(tmp_path / f"m{k}.npz", rng, level_away_mm=2.0)
+    assert ce.main(["merge", str(tmp_path / "m0.npz"), str(tmp_path / "m1.npz"), "--out", str(tmp_path / "m.npz")]) == 0
+    assert LearntExcess.load(tmp_path / "m.npz").level_away_mm == 2.0
