@@ -133,12 +133,15 @@ def test_the_estimate_is_read_once_and_again_when_the_file_is_replaced(tmp_path)
     assert second is not first and second.digest != first.digest
 
 
-def test_the_shipped_estimate_takes_the_bloom_out_and_leaves_far_voxels_alone():
-    """``engines/calcium_excess.npz`` (model card: engines/MODEL_CARD.md): under a soft kernel's ring, where
-    the rule leaves the flank at lumen brightness, it comes closer to the calcium-free scan than the rule."""
+@pytest.mark.parametrize("name, away", [("calcium_excess.npz", 0.0), ("calcium_excess_ref.npz", 2.0)])
+def test_the_shipped_estimate_takes_the_bloom_out_and_leaves_far_voxels_alone(name, away):
+    """``engines/calcium_excess*.npz`` (model card: engines/MODEL_CARD.md): under a soft kernel's ring, where
+    the rule leaves the flank at lumen brightness, each comes closer to the calcium-free scan than the rule;
+    the second measures its levels 2 mm from the calcium, as it was trained."""
     from dicom_node.config import REPO
 
-    learnt = LearntExcess.load(REPO / "engines" / "calcium_excess.npz")
+    learnt = LearntExcess.load(REPO / "engines" / name)
+    assert learnt.level_away_mm == away
     scanner = ScannerBlur(mtf50_lp_cm=3.5, edge_enhance=0.4, slice_fwhm_mm=0.8)
     acquired, truth, calcium = _vessel(scanner, 360.0)
     detected = acquired > 600.0
