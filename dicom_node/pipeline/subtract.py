@@ -387,10 +387,10 @@ def reference_levels(image: np.ndarray, calcium: np.ndarray, spacing: tuple[floa
     contrast there, and dense calcium blooms into its own lumen: a 260 HU lumen inside a full ring of
     calcium was measured at 600-640 HU, so everything the estimate compares with the level (is this voxel
     white? lumen?) was off by 400 HU, and the ring's residue was left at lumen brightness (held-out
-    5050-43: true 58 %, read 11 %). At the calcified lesions of 20 tuning studies the level so measured
-    stood 133 HU above the true lumen on average. A reader measures the lumen in a calcium-free reference
-    segment; this is that segment as far as a box without a centreline can give it: the vessel's contrast
-    beyond the calcium's bloom. ``away_mm`` <= 0: ``levels_at``.
+    5050-43: true 58 %, read 11 %). At the calcified lesions of 20 tuning studies the local level stood
+    133 HU above the true lumen on average, this one (2 mm away) 3 HU below it. A reader measures the
+    lumen in a calcium-free reference segment; this is that segment as far as a box without a centreline
+    can give it: the vessel's contrast beyond the calcium's bloom. ``away_mm`` <= 0: ``levels_at``.
     """
     base = levels_at(image, spacing, idx, fallback)
     if away_mm <= 0 or not calcium.any() or not len(idx):

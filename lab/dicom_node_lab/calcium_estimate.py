@@ -149,6 +149,7 @@ def train(args: argparse.Namespace) -> int:
     if len(aways) != 1:
         raise SystemExit(f"{folder}: regions extracted with different --level-away-mm ({sorted(aways)}): "
                          "one per folder")
+    (level_away_mm,) = aways
     allf = np.concatenate([r["features"] for r in regions])
     mean, scale = allf.mean(0), allf.std(0) + 1e-3
 
@@ -236,7 +237,7 @@ def train(args: argparse.Namespace) -> int:
             p.data.copy_(b)
     log["best_held_rmse_hu"], log["best_held_wrong_side"], log["best_held_calcium_rmse_hu"] = evaluate(held_set)
     arrays = {"mean": mean, "scale": scale, "reach_voxels": np.array(args.reach_voxels),
-              "level_away_mm": np.array(aways.pop())}
+              "level_away_mm": np.array(level_away_mm)}
     linears = [m for m in net if isinstance(m, torch.nn.Linear)]
     for k, m in enumerate(linears):
         arrays[f"W{k}"] = m.weight.detach().numpy().T.astype(np.float32)
