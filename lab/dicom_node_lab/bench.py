@@ -9,6 +9,7 @@
   python tools/bench.py durable-write      # ms per 512 KiB instance made durable, by method
   python tools/bench.py send               # the node's C-STORE sender vs storescu into Orthanc
   python tools/bench.py hosts              # job store SQLite vs PostgreSQL; 1 vs 2 receivers; 12 studies, 2 workers
+  python tools/bench.py detect             # the sharpened-image test: one box vs tiles, 128×512×512
 
 process: times `dicom-node process` end to end on a 512×512×256 phantom CTA (written
 once as DICOM into --cache), then each stage on its own: read (decode + modality LUT),
@@ -46,6 +47,13 @@ send: 256 slices into Orthanc (TCP_NODELAY=1, durable) over one association, alt
 storescu, the node's sender as shipped (send.send_dimse), and the same sender with pynetdicom's
 defaults (each file decoded and encoded again; the DUL reactor's 1 ms idle sleep). Orthanc's
 study is deleted between runs. Reports seconds per run and the medians' ratios.
+
+detect: detection with the sharpened-image test (`sharp_contrast_hu = 150`, recommended with the
+subtraction) on the benchmark phantom (128 slices by default), with the image sharpened in one box
+around everything above 400 HU (`detect.SHARP_TILE` set past the volume: how it was done before)
+and tile by tile (`detect.sharpening_boxes`), alternating, each in a fresh process; and once without
+the test. Reports seconds and peak resident memory of each, the ratio, and whether the calcium found
+is the same voxel for voxel.
 
 durable-write: what one durable 512 KiB write costs on the --cache disk: a new file with
 fsync (what the spool does, with the rename), a new file with fdatasync, and a write into
@@ -617,6 +625,67 @@ def bench_load(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+DETECT_MODES = {"one box": 10**9, "tiles": None, "without the test": None}
+
+
+def _detect_once(path: str, spacing: tuple[float, float, float], mode: str, out: str) -> dict[str, float]:
+    """One detection of the cached volume in this (fresh) process: seconds, peak RSS; the calcium to ``out``."""
+    import resource
+
+    import numpy as np
+
+    from dicom_node.pipeline import detect as detect_module
+
+    volume = np.load(path)
+    if DETECT_MODES[mode] is not None:
+        detect_module.SHARP_TILE = DETECT_MODES[mode]
+    options = detect_module.DetectOptions(sharp_contrast_hu=0.0 if mode == "without the test" else 150.0)
+    t0 = time.perf_counter()
+    found = detect_module.detect(volume, spacing, options)
+    seconds = time.perf_counter() - t0
+    np.save(out, found.calcium)
+    return {"seconds": seconds, "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "lesions": len(found.lesions), "calcium_voxels": int(found.calcium.sum())}
+
+
+def bench_detect(args: argparse.Namespace) -> int:
+    import multiprocessing
+
+    import numpy as np
+
+    shape = tuple(args.shape)
+    cache = Path(args.cache) / f"volume-{shape[0]}x{shape[1]}x{shape[2]}-seed{BENCH_SEED}"
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / "hu.npy"
+    if not (cache / "spacing.json").exists():
+        print(f"rendering a {shape[2]}×{shape[1]}×{shape[0]} phantom CTA (once; cached in {cache}) ...", flush=True)
+        opts = phantom.PhantomOptions(n_vessels=(4, 4), plaques_per_vessel=(2, 3), calcified_probability=0.8,
+                                      branch_probability=0.5, lesion_margin_mm=8.0)
+        p = phantom.generate(shape, seed=BENCH_SEED, options=opts)
+        np.save(path, p.image.astype(np.float32))
+        (cache / "spacing.json").write_text(json.dumps([float(s) for s in p.spacing]))
+    spacing = tuple(json.loads((cache / "spacing.json").read_text()))
+    ctx = multiprocessing.get_context("spawn")
+    runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in DETECT_MODES}
+    order = [m for _ in range(args.repeats) for m in ("one box", "tiles")] + ["without the test"]
+    for mode in order:
+        with ctx.Pool(1) as pool:  # a fresh process each: its own peak memory
+            runs[mode].append(pool.apply(_detect_once, (str(path), spacing, mode, str(cache / f"{mode}.npy"))))
+        print(mode, json.dumps({k: round(v, 2) for k, v in runs[mode][-1].items()}), flush=True)
+    same = np.array_equal(np.load(cache / "one box.npy"), np.load(cache / "tiles.npy"))
+
+    def median(mode: str, key: str) -> float:
+        return float(np.median([r[key] for r in runs[mode]]))
+
+    report = {"shape_zyx": shape, "repeats": args.repeats,
+              **{mode: {"seconds": round(median(mode, "seconds"), 1), "peak_gib": round(median(mode, "peak_gib"), 2)}
+                 for mode in DETECT_MODES},
+              "one box / tiles": round(median("one box", "seconds") / median("tiles", "seconds"), 1),
+              "same calcium": same, "lesions": runs["tiles"][0]["lesions"]}
+    print(json.dumps(report, indent=2))
+    return 0 if same else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -656,6 +725,10 @@ def main(argv: list[str] | None = None) -> int:
     dw = sub.add_parser("durable-write", help="ms per durable 512 KiB write, by method, on the --cache disk")
     dw.add_argument("--writes", type=int, default=200)
     dw.add_argument("--cache", default="runs/bench")
+    de = sub.add_parser("detect", help="the sharpened-image test: one box vs tiles (seconds, peak memory)")
+    de.add_argument("--shape", type=int, nargs=3, default=[128, 512, 512], metavar=("Z", "Y", "X"))
+    de.add_argument("--cache", default="runs/bench")
+    de.add_argument("--repeats", type=int, default=1)
     from dicom_node_lab import bench_hosts
 
     hosts = sub.add_parser("hosts", help="several hosts: job store overhead, 1 vs 2 receivers, studies end to end "
@@ -664,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     modes = {"process": bench_process, "ingest": bench_ingest, "latency": bench_latency, "memory": bench_memory,
              "load": bench_load, "durable-write": bench_durable_write, "send": bench_send,
-             "hosts": bench_hosts.bench_hosts}
+             "hosts": bench_hosts.bench_hosts, "detect": bench_detect}
     return modes[args.cmd](args)
 
 

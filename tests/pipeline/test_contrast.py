@@ -266,3 +266,49 @@ def test_a_region_of_calcium_found_only_in_the_sharpened_image_is_unsure():
         result = engine.run(dense.copy(), SPACING)
         assert result.detection.lesions and not any(lesion.sharpened for lesion in result.detection.lesions)
         assert result.reports and not any(reason in r.why for r in result.reports)
+
+
+def test_sharpening_boxes_cover_what_the_test_looks_at_once_each_with_its_margin():
+    """Tiles (or the one box) must give every voxel above the floor its ``pad`` of image, and no voxel twice."""
+    from dicom_node.pipeline.detect import sharpening_boxes
+
+    rng = np.random.default_rng(3)
+    mask = np.zeros((70, 150, 150), bool)
+    mask[tuple(rng.integers(0, n, 40) for n in mask.shape)] = True
+    mask[5:60, 10:14, 10:14] = True
+    boxes = sharpening_boxes(mask, pad=8, tile=32)
+    assert len(boxes) > 1  # scattered: tiles are cheaper than the box around all of it
+    seen = np.zeros(mask.shape, int)
+    for box, kept in boxes:
+        seen[kept] += 1
+        for b, k, n in zip(box, kept, mask.shape):
+            assert b.start == max(k.start - 8, 0) and b.stop == min(k.stop + 8, n)
+    assert (seen[mask] == 1).all() and seen.max() == 1
+    # one compact structure: the one box is cheaper
+    compact = np.zeros(mask.shape, bool)
+    compact[20:40, 60:90, 60:90] = True
+    [(box, kept)] = sharpening_boxes(compact, pad=8, tile=32)
+    assert box == (slice(12, 48), slice(52, 98), slice(52, 98))
+    assert kept == (slice(20, 40), slice(60, 90), slice(60, 90))
+    assert sharpening_boxes(np.zeros((5, 5, 5), bool)) == []
+
+
+def test_the_sharpened_image_finds_the_same_deposits_tile_by_tile_as_in_one_box(monkeypatch):
+    """Two vessels in opposite corners of a wide volume: the one box around both would be mostly empty, so
+    the test sharpens a tile at a time; it must find what the one box finds, voxel for voxel."""
+    from dicom_node.pipeline import detect as detect_module
+
+    a, deposit_a = _scanned_vessel(700.0, 0, noise=80.0)
+    b, deposit_b = _scanned_vessel(700.0, 1, noise=80.0)
+    vol = np.full((48, 56 + 100, 56 + 100), 40.0, np.float32)
+    vol[:, :56, :56], vol[:, 100:, 100:] = a, b
+    options = DetectOptions(sharp_contrast_hu=150.0)
+    assert len(detect_module.sharpening_boxes(vol > options.local_floor_hu)) > 1
+    tiled = detect(vol, SPACING, options)
+    monkeypatch.setattr(detect_module, "SHARP_TILE", 10**6)  # tiles as large as the volume: the one box
+    assert len(detect_module.sharpening_boxes(vol > options.local_floor_hu)) == 1
+    one = detect(vol, SPACING, options)
+    assert len(tiled.lesions) == 2 and all(lesion.sharpened for lesion in tiled.lesions)
+    assert np.array_equal(tiled.calcium, one.calcium)
+    assert tiled.calcium[:, :56, :56].sum() >= 50 and tiled.calcium[:, 100:, 100:].sum() >= 50
+    assert not (tiled.calcium[:, :56, :56] & ~ndimage.binary_dilation(deposit_a, iterations=2)).any()
