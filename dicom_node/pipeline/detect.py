@@ -26,13 +26,14 @@ lumen, reports/tuning/subtract-estimate.md).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import ndimage
 
 from dicom_node.pipeline.contrast import BLOCK, brighter_than_lumen, brightest_level_nearby, local_lumen_level
-from dicom_node.pipeline.morphology import dilate_mm, grow_box, open_mm, padded_bbox
+from dicom_node.pipeline.morphology import THREADS, dilate_mm, grow_box, open_mm, padded_bbox
 from dicom_node.pipeline.subtract import ScannerBlur, SubtractOptions, sharpen
 
 CONNECTIVITY_26 = np.ones((3, 3, 3), bool)
@@ -275,13 +276,22 @@ def _sharp_deposits(volume: np.ndarray, spacing: tuple[float, float, float], avo
     ref = brightest_level_nearby(level, spacing)
     blur = ScannerBlur(mtf50_lp_cm=opts.sharp_mtf50_lp_cm)
     cand = np.zeros(tuple(s.stop - s.start for s in area), bool)
-    for box, kept in boxes:
+
+    def sharpened(box: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray]:
         part = volume[box].astype(np.float64)
-        u = sharpen(part, blur.transfer(part.shape, spacing), SubtractOptions.tv_weight, SubtractOptions.iterations)
-        inner = tuple(slice(k.start - b.start, k.stop - b.start) for k, b in zip(kept, box))
-        with np.errstate(invalid="ignore"):  # nan (no contrast) is False
-            hit = (u[inner] - _levels_over(ref, kept) > opts.sharp_contrast_hu) & (part[inner] > opts.local_floor_hu)
-        cand[tuple(slice(k.start - a.start, k.stop - a.start) for k, a in zip(kept, area))] |= hit
+        return part, sharpen(part, blur.transfer(part.shape, spacing), SubtractOptions.tv_weight,
+                             SubtractOptions.iterations)
+
+    # the boxes are independent and numpy's FFT releases the GIL: side by side on two cores (4 tiles of 80^3:
+    # 11.7 s one after the other, 6.0 s in two threads, the same values)
+    with ThreadPoolExecutor(max_workers=THREADS) as pool:
+        results = pool.map(sharpened, [box for box, _ in boxes])
+        for (box, kept), (part, u) in zip(boxes, results):
+            inner = tuple(slice(k.start - b.start, k.stop - b.start) for k, b in zip(kept, box))
+            with np.errstate(invalid="ignore"):  # nan (no contrast) is False
+                hit = (u[inner] - _levels_over(ref, kept) > opts.sharp_contrast_hu) & \
+                    (part[inner] > opts.local_floor_hu)
+            cand[tuple(slice(k.start - a.start, k.stop - a.start) for k, a in zip(kept, area))] |= hit
     cand &= ~ndimage.binary_dilation(avoid[area], iterations=2)
     lab, _, objects = _label(cand)
     voxel_mm3 = float(np.prod(spacing))
