@@ -78,15 +78,20 @@ from dicom_node_lab.phantom_dicom import write_phantom_series
 BENCH_SEED = 4711
 
 
+def bench_phantom(shape: tuple[int, int, int]) -> phantom.Phantom:
+    """The benchmark study's phantom: one seed and one set of settings for every benchmark that renders it."""
+    opts = phantom.PhantomOptions(n_vessels=(4, 4), plaques_per_vessel=(2, 3), calcified_probability=0.8,
+                                  branch_probability=0.5, lesion_margin_mm=8.0)
+    return phantom.generate(shape, seed=BENCH_SEED, options=opts)
+
+
 def bench_series(cache: Path, shape: tuple[int, int, int]) -> Path:
     """The benchmark study as DICOM, rendered once and reused."""
     folder = cache / f"cta-{shape[0]}x{shape[1]}x{shape[2]}-seed{BENCH_SEED}"
     if (folder / "done").exists():
         return folder
     print(f"rendering a {shape[2]}×{shape[1]}×{shape[0]} phantom CTA (once; cached in {folder}) ...", flush=True)
-    opts = phantom.PhantomOptions(n_vessels=(4, 4), plaques_per_vessel=(2, 3), calcified_probability=0.8,
-                                  branch_probability=0.5, lesion_margin_mm=8.0)
-    p = phantom.generate(shape, seed=BENCH_SEED, options=opts)
+    p = bench_phantom(shape)
     write_phantom_series(p, folder / "series", patient_id="BENCH-0001", patient_name="Bench^Phantom")
     (folder / "lesions.json").write_text(json.dumps([les.kind for les in p.lesions if les.calcified]))
     (folder / "done").write_text("ok")
@@ -659,9 +664,7 @@ def bench_detect(args: argparse.Namespace) -> int:
     path = cache / "hu.npy"
     if not (cache / "spacing.json").exists():
         print(f"rendering a {shape[2]}×{shape[1]}×{shape[0]} phantom CTA (once; cached in {cache}) ...", flush=True)
-        opts = phantom.PhantomOptions(n_vessels=(4, 4), plaques_per_vessel=(2, 3), calcified_probability=0.8,
-                                      branch_probability=0.5, lesion_margin_mm=8.0)
-        p = phantom.generate(shape, seed=BENCH_SEED, options=opts)
+        p = bench_phantom(shape)
         np.save(path, p.image.astype(np.float32))
         (cache / "spacing.json").write_text(json.dumps([float(s) for s in p.spacing]))
     spacing = tuple(json.loads((cache / "spacing.json").read_text()))
