@@ -60,13 +60,14 @@ def _source_headers(series: Series, uids: dict[str, str], slices: Iterable[int] 
 
 
 def _confidence_text(reports: list) -> str:
-    """Each region's disagreement (the method's measure), for a segment's description (LO: 64 characters)."""
+    """Each region's disagreement (the method's measure), for a segment's description (LO: 64 characters;
+    cut with "...": the SEG's text is ASCII, and a "…" was written as "?")."""
     measured = [r for r in reports if r.disagreement_hu is not None]
     if not measured:
         return ""
     parts = [f"{r.region}={r.disagreement_hu:.0f}{'!' if r.unsure else ''}" for r in measured]
     text = f"{CONFIDENCE_MEASURES[measured[0].measure]} HU by region: " + " ".join(parts)
-    return text if len(text) <= 64 else text[:63] + "…"
+    return text if len(text) <= 64 else text[:61] + "..."
 
 
 def write_seg(series: Series, calcium: np.ndarray, restored: np.ndarray, out_dir: Path, model_id: str,

@@ -93,7 +93,7 @@ RULE = FEATURES.index("rule_excess")
 
 @dataclass(frozen=True, eq=False)  # compared and hashed as the object: its arrays have no single truth value
 class LearntExcess:
-    """A small per-voxel network that estimates the calcium's excess over plaque from the sharpened image.
+    """A small network that estimates the calcium's excess over plaque from the sharpened image.
 
     Why: the white-level rule (a voxel is all calcium or none) mistakes the sharpened calcium's flank for
     lumen on one side and the lumen's share of an edge voxel for calcium on the other; which way it errs
@@ -102,6 +102,13 @@ class LearntExcess:
     ``FEATURES`` of each voxel near the detected calcium; output: its excess in HU (never below 0), as a
     correction of the rule's (the network's output is added to ``rule_excess``), so an untrained network
     is the rule.
+
+    Per voxel (``convolutions`` empty) it sees one voxel's features. With ``convolutions`` (3x3x3, each one
+    voxel further) it also sees its neighbours': how wide the lumen is around a ring, how far the ring goes
+    round, which a single voxel's features cannot tell and where the per-voxel estimate errs most (dense
+    calcium in 2-3 mm vessels). The convolutions run on the hidden layers' output, on the domain grown by
+    one voxel per convolution (zero outside it), and the last layer reads the hidden and the convolved units
+    side by side.
     """
 
     weights: tuple[np.ndarray, ...] = field(repr=False)  # W0, b0, W1, b1, ...: ReLU layers, the last linear
@@ -113,9 +120,12 @@ class LearntExcess:
     # measures it; above 0, from the contrast further than this many mm from the detected calcium. Part of the
     # file (like ``reach_voxels``): an estimate sees its features only as it was trained on them.
     level_away_mm: float = 0.0
+    # K0, k0, K1, k1, ...: 3x3x3 convolutions after the hidden layers, K of shape (27, in, out) in
+    # ``itertools.product(range(3), repeat=3)`` order of (dz, dy, dx), each followed by ReLU
+    convolutions: tuple[np.ndarray, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
-        if len(self.weights) < 2 or len(self.weights) % 2:
+        if len(self.weights) < 2 or len(self.weights) % 2 or len(self.convolutions) % 2:
             raise ValueError("weights must be (W, b) pairs")
         if self.weights[0].shape[0] != len(FEATURES) or self.mean.shape != (len(FEATURES),):
             raise ValueError(f"the network takes {len(FEATURES)} features, not {self.weights[0].shape[0]}")
@@ -123,29 +133,72 @@ class LearntExcess:
             raise ValueError("the network must give one value per voxel")
         if not 0.0 <= self.level_away_mm <= 10.0:
             raise ValueError(f"level_away_mm must lie in 0..10 mm, not {self.level_away_mm}")
+        hidden = self.weights[-4].shape[1] if len(self.weights) > 2 else len(FEATURES)
+        width = hidden
+        for k in range(0, len(self.convolutions), 2):
+            kernel, bias = self.convolutions[k], self.convolutions[k + 1]
+            if kernel.shape[:2] != (27, width) or bias.shape != kernel.shape[2:]:
+                raise ValueError(f"convolution {k // 2} must map {width} units with 27 taps, not {kernel.shape}")
+            width = kernel.shape[2]
+        if self.convolutions and self.weights[-2].shape[0] != hidden + width:
+            raise ValueError(f"the last layer must read {hidden} hidden and {width} convolved units")
+
+    @property
+    def context_voxels(self) -> int:
+        """How far beyond its domain the estimate looks: one voxel per convolution."""
+        return len(self.convolutions) // 2
 
     @classmethod
     def load(cls, path: str | Path) -> LearntExcess:
-        """Read an ``.npz`` written by the lab (``W0, b0, W1, b1, ..., mean, scale, reach_voxels``, and
-        ``level_away_mm`` where its levels were measured away from the calcium)."""
+        """Read an ``.npz`` written by the lab (``W0, b0, W1, b1, ..., mean, scale, reach_voxels``,
+        ``level_away_mm`` where its levels were measured away from the calcium, ``K0, k0, ...`` where it
+        convolves)."""
         data = Path(path).read_bytes()
         try:
             with np.load(io.BytesIO(data)) as z:
                 layers = sorted(int(k[1:]) for k in z.files if k.startswith("W"))
                 weights = tuple(z[f"{p}{i}"].astype(np.float64) for i in layers for p in ("W", "b"))
+                convs = sorted(int(k[1:]) for k in z.files if k.startswith("K"))
+                convolutions = tuple(z[f"{p}{i}"].astype(np.float64) for i in convs for p in ("K", "k"))
                 away = float(z["level_away_mm"]) if "level_away_mm" in z.files else 0.0
                 return cls(weights, z["mean"].astype(np.float64), z["scale"].astype(np.float64),
-                           int(z["reach_voxels"]), hashlib.sha256(data).hexdigest(), away)
+                           int(z["reach_voxels"]), hashlib.sha256(data).hexdigest(), away, convolutions)
         except (zipfile.BadZipFile, KeyError, EOFError, ValueError) as exc:  # not an .npz, or not the lab's
             raise ValueError(f"{path} is not a learnt calcium estimate ({exc})") from None
 
-    def __call__(self, features: np.ndarray) -> np.ndarray:
+    def __call__(self, features: np.ndarray, voxels: np.ndarray | None = None) -> np.ndarray:
+        """The excess (HU) of each row of ``features``; ``voxels`` (rows' [z, y, x], needed where the network
+        convolves) place them on a grid."""
         x = (features - self.mean) / self.scale
-        for k in range(0, len(self.weights), 2):
-            x = x @ self.weights[k] + self.weights[k + 1]
-            if k + 2 < len(self.weights):
-                x = np.maximum(x, 0.0)
+        for k in range(0, len(self.weights) - 2, 2):
+            x = np.maximum(x @ self.weights[k] + self.weights[k + 1], 0.0)
+        if self.convolutions:
+            if voxels is None:
+                raise ValueError("a convolving estimate needs its voxels' positions")
+            x = np.concatenate([x, _convolved(x, voxels, self.convolutions)], axis=1)
+        x = x @ self.weights[-2] + self.weights[-1]
         return np.clip(features[:, RULE] + x[:, 0], 0.0, None) * 1000.0
+
+
+def _convolved(units: np.ndarray, voxels: np.ndarray, convolutions: tuple[np.ndarray, ...]) -> np.ndarray:
+    """``units`` (one row per voxel of ``voxels``) through the 3x3x3 convolutions (ReLU after each), on
+    those voxels' bounding box with zero elsewhere, read back at ``voxels``."""
+    low = voxels.min(axis=0)
+    at = tuple((voxels - low).T)
+    shape = tuple(int(n) for n in voxels.max(axis=0) - low + 1)
+    inside = np.zeros(shape, bool)
+    inside[at] = True
+    grid = np.zeros((*shape, units.shape[1]))
+    grid[at] = units
+    offsets = [(dz, dy, dx) for dz in range(3) for dy in range(3) for dx in range(3)]
+    for k in range(0, len(convolutions), 2):
+        kernel, bias = convolutions[k], convolutions[k + 1]
+        padded = np.pad(grid, ((1, 1), (1, 1), (1, 1), (0, 0)))
+        out = np.broadcast_to(bias, (*shape, len(bias))).copy()
+        for tap, (dz, dy, dx) in enumerate(offsets):
+            out += padded[dz:dz + shape[0], dy:dy + shape[1], dx:dx + shape[2]] @ kernel[tap]
+        grid = np.where(inside[..., None], np.maximum(out, 0.0), 0.0)
+    return grid[at]
 
 
 def excess_features(y: np.ndarray, u: np.ndarray, calcium: np.ndarray, domain: np.ndarray, level: np.ndarray,
@@ -410,13 +463,14 @@ def reference_levels(image: np.ndarray, calcium: np.ndarray, spacing: tuple[floa
 
 def learnt_inputs(y: np.ndarray, u: np.ndarray, calcium: np.ndarray, spacing: tuple[float, float, float],
                   options: SubtractOptions, reach_voxels: int, fallback_level: float,
-                  level_image: np.ndarray | None = None, level_away_mm: float = 0.0
+                  level_image: np.ndarray | None = None, level_away_mm: float = 0.0, context_voxels: int = 0
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """What the learnt estimate sees in a box: its domain (the detected calcium dilated by ``reach_voxels``;
-    bool) and the ``FEATURES`` of the domain's voxels, relative to the contrast level measured as
-    ``level_away_mm`` says (``reference_levels``). The node's estimate and the lab's training both take
-    their inputs from here, so the two cannot drift apart."""
-    domain = ndimage.binary_dilation(calcium, iterations=reach_voxels) if calcium.any() else calcium
+    """What the learnt estimate sees in a box: its domain (the detected calcium dilated by ``reach_voxels``
+    + ``context_voxels``; bool) and the ``FEATURES`` of the domain's voxels, relative to the contrast level
+    measured as ``level_away_mm`` says (``reference_levels``). The node's estimate and the lab's training
+    both take their inputs from here, so the two cannot drift apart."""
+    grow = reach_voxels + context_voxels
+    domain = ndimage.binary_dilation(calcium, iterations=grow) if calcium.any() and grow else calcium.copy()
     if not domain.any():
         return domain, np.zeros((0, len(FEATURES)))
     level = reference_levels(y if level_image is None else level_image, calcium, spacing, np.argwhere(domain),
@@ -424,17 +478,28 @@ def learnt_inputs(y: np.ndarray, u: np.ndarray, calcium: np.ndarray, spacing: tu
     return domain, excess_features(y, u, calcium, domain, level, spacing, options)
 
 
+def within_reach(calcium: np.ndarray, reach_voxels: int) -> np.ndarray:
+    """Where the learnt estimate may put calcium: the detected calcium dilated by ``reach_voxels``."""
+    return ndimage.binary_dilation(calcium, iterations=reach_voxels) if calcium.any() and reach_voxels \
+        else calcium.copy()
+
+
 def learnt_excess(y: np.ndarray, u: np.ndarray, calcium: np.ndarray, spacing: tuple[float, float, float],
                   options: SubtractOptions, fallback_level: float, level_image: np.ndarray | None = None
                   ) -> np.ndarray:
-    """The calcium's excess by ``options.learnt`` on the voxels within its reach of the detected calcium."""
+    """The calcium's excess by ``options.learnt`` on the voxels within its reach of the detected calcium
+    (a convolving estimate reads its features further out, and writes only within reach)."""
     model = options.learnt
     assert model is not None
     domain, features = learnt_inputs(y, u, calcium, spacing, options, model.reach_voxels, fallback_level, level_image,
-                                     model.level_away_mm)
+                                     model.level_away_mm, model.context_voxels)
     excess = np.zeros(y.shape)
     if len(features):
-        excess[np.nonzero(domain)] = model(features)
+        at = np.nonzero(domain)
+        values = model(features, np.stack(at, axis=1))
+        if model.context_voxels:
+            values = np.where(within_reach(calcium, model.reach_voxels)[at], values, 0.0)
+        excess[at] = values
     return excess
 
 

@@ -474,9 +474,9 @@ def bench_memory(args: argparse.Namespace) -> int:
     out = Path(args.cache) / "out" / "memory"
     shutil.rmtree(out, ignore_errors=True)
     if args.isolated:
-        return _memory_isolated(folder, out, args.slices)
+        return _memory_isolated(folder, out, args.slices, args.config)
     cmd = [sys.executable, "-m", "dicom_node.cli", "process", str(folder / "series"), str(out), "--quiet",
-           "--backend", "onnxruntime"]
+           "--backend", "onnxruntime"] + (["--config", args.config] if args.config else [])
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
@@ -493,9 +493,9 @@ def bench_memory(args: argparse.Namespace) -> int:
     return 0
 
 
-def _memory_isolated(folder: Path, out: Path, slices: int) -> int:
+def _memory_isolated(folder: Path, out: Path, slices: int, config: str | None = None) -> int:
     """The same series as one node job: a child process under the node's default jobs.memory_mb and
-    jobs.timeout_seconds, watched as the worker watches it (does the default limit fit this series?)."""
+    jobs.timeout_seconds (or ``config``'s), watched as the worker watches it (does the limit fit this series?)."""
     import dataclasses
     import threading
 
@@ -503,7 +503,7 @@ def _memory_isolated(folder: Path, out: Path, slices: int) -> int:
     from dicom_node.config import Config
     from dicom_node.node.isolate import ChildDiedError, ChildRequest, run_child
 
-    cfg = Config()
+    cfg = load(config) if config else Config()
     out.mkdir(parents=True, exist_ok=True)
     request = ChildRequest(0, "bench", str(folder / "series"), str(out), "onnxruntime", model_id(cfg.engine.model),
                            dataclasses.asdict(cfg))
@@ -715,6 +715,7 @@ def main(argv: list[str] | None = None) -> int:
     mem.add_argument("--slices", type=int, default=600)
     mem.add_argument("--cache", default="runs/bench")
     mem.add_argument("--isolated", action="store_true", help="as a node job: a child under the default limits")
+    mem.add_argument("--config", default=None, help="a node config.toml (default: the embedded defaults)")
     ld = sub.add_parser("load", help="4 concurrent senders × 3 studies of 256 slices, through to Orthanc")
     ld.add_argument("--senders", type=int, default=4)
     ld.add_argument("--studies", type=int, default=3, help="studies per sender")

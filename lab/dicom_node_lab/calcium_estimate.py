@@ -39,20 +39,21 @@ def _study(seed: int, i: int):
                           motion_mm=TRAIN_MOTION_MM)
 
 
-def extract_study(engine, seed: int, i: int, reach_voxels: int, jitter: float = 0.0, level_away_mm: float = 0.0
-                  ) -> list[dict]:
+def extract_study(engine, seed: int, i: int, reach_voxels: int, jitter: float = 0.0, level_away_mm: float = 0.0,
+                  context_voxels: int = 0) -> list[dict]:
     """Every planned region of one study: features on the estimate's domain, footprint, target.
 
     ``jitter`` > 0: half the regions assume a blur whose MTF50 is off the kernel table's by up to this
     fraction, either way, as a site's table will be: the estimate learns to read the image, not the label.
     ``level_away_mm``: how the contrast level is measured (``subtract.reference_levels``); the trained file
-    records it, and the node measures it so.
+    records it, and the node measures it so. ``context_voxels``: features this many voxels beyond the
+    estimate's reach too, for an estimate that convolves (``inside`` marks the voxels within reach).
     """
     from dataclasses import replace
 
     from dicom_node.pipeline.detect import detect
     from dicom_node.pipeline.morphology import grow_box
-    from dicom_node.pipeline.subtract import learnt_inputs, reference_levels, sharpen
+    from dicom_node.pipeline.subtract import learnt_inputs, reference_levels, sharpen, within_reach
     from dicom_node.pipeline.windows import plan
     from dicom_node_lab.experiment2v2 import _stored_hu
 
@@ -78,7 +79,7 @@ def extract_study(engine, seed: int, i: int, reach_voxels: int, jitter: float = 
         calcium = detection.calcium[box]
         u = sharpen(y, opts.blur.transfer(y.shape, p.spacing), opts.tv_weight, opts.iterations)
         domain, features = learnt_inputs(y, u, calcium, p.spacing, opts, reach_voxels, fallback,
-                                         level_away_mm=level_away_mm)
+                                         level_away_mm=level_away_mm, context_voxels=context_voxels)
         if not len(features):
             continue
         foot = r.native_indices() - origin
@@ -86,6 +87,7 @@ def extract_study(engine, seed: int, i: int, reach_voxels: int, jitter: float = 
                         level=reference_levels(y, calcium, p.spacing, foot, level_away_mm, fallback
                                                ).astype(np.float32), level_away_mm=level_away_mm,
                         features=features.astype(np.float32), domain=np.argwhere(domain).astype(np.int16),
+                        inside=within_reach(calcium, reach_voxels)[domain], context_voxels=context_voxels,
                         shape=np.array(y.shape), foot=foot.astype(np.int16),
                         target=(y - truth[box])[tuple(foot.T)].astype(np.float32),
                         excess=p.calcium_excess[box][domain].astype(np.float32),
@@ -99,13 +101,13 @@ _ENGINE = None
 
 def _extract_job(job):
     global _ENGINE
-    seed, i, engine_args, reach, jitter, away, folder = job
+    seed, i, engine_args, reach, jitter, away, context, folder = job
     if _ENGINE is None:
         from dicom_node.config import DEFAULT_MODEL
         from dicom_node_lab.experiment2v2 import _engine
 
         _ENGINE = _engine(DEFAULT_MODEL, engine_args)  # the subtraction runs no network; the config wants one
-    regions = extract_study(_ENGINE, seed, i, reach, jitter, away)
+    regions = extract_study(_ENGINE, seed, i, reach, jitter, away, context)
     np.save(Path(folder) / f"{seed}-{i}.npy", np.array(regions, dtype=object), allow_pickle=True)
     return len(regions)
 
@@ -115,8 +117,11 @@ def extract(args: argparse.Namespace) -> int:
 
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
+    studies = range(args.studies)
+    if args.studies_from:  # a replay: exactly the studies a (time-limited) run trained on
+        studies = json.loads(Path(args.studies_from).read_text())["training_studies"]
     jobs = [(args.seed, i, args.engine, args.reach_voxels, args.jitter if args.seed != VALIDATION_SEED else 0.0,
-             args.level_away_mm, str(folder)) for i in range(args.studies)
+             args.level_away_mm, args.context_voxels, str(folder)) for i in studies
             if not (folder / f"{args.seed}-{i}.npy").exists()]
     with ProcessPoolExecutor(args.workers) as pool:
         n = sum(tqdm(pool.map(_extract_job, jobs), total=len(jobs), desc="studies"))
@@ -139,6 +144,7 @@ def train(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     folder = Path(args.data)
     regions = _load(folder, TRAIN_SEED)
     held = _load(folder, VALIDATION_SEED)
@@ -150,46 +156,56 @@ def train(args: argparse.Namespace) -> int:
         raise SystemExit(f"{folder}: regions extracted with different --level-away-mm ({sorted(aways)}): "
                          "one per folder")
     (level_away_mm,) = aways
+    contexts = {int(r.get("context_voxels", 0)) for r in regions + held}
+    if contexts != {args.convolutions}:
+        raise SystemExit(f"{folder}: regions extracted with --context-voxels {sorted(contexts)}; an estimate with "
+                         f"{args.convolutions} convolutions needs --context-voxels {args.convolutions}")
     allf = np.concatenate([r["features"] for r in regions])
     mean, scale = allf.mean(0), allf.std(0) + 1e-3
 
     def prepare(r):
+        def tensor(a, dtype=torch.float32):
+            return torch.tensor(a, dtype=dtype, device=device)
+
         blur = ScannerBlur(mtf50_lp_cm=float(r["mtf50"]), edge_enhance=float(r["edge"]),
                            slice_fwhm_mm=float(r["slice_fwhm"]))
         shape = tuple(int(x) for x in r["shape"])
-        h = torch.tensor(blur.transfer(shape, tuple(r["spacing"])), dtype=torch.float32)
-        dom = torch.tensor(r["domain"].astype(np.int64))
+        h = tensor(blur.transfer(shape, tuple(r["spacing"])))
+        grid = None
+        if args.convolutions:  # the domain's bounding box, where the convolutions run
+            at = r["domain"].astype(np.int64)
+            at = at - at.min(axis=0)
+            box = tuple(int(n) for n in at.max(axis=0) + 1)
+            grid = (box, tensor((at[:, 0] * box[1] + at[:, 1]) * box[2] + at[:, 2], torch.int64))
+        inside = tensor(r["inside"]) if "inside" in r else None
+        dom = tensor(r["domain"].astype(np.int64), torch.int64)
         flat_dom = (dom[:, 0] * shape[1] + dom[:, 1]) * shape[2] + dom[:, 2]
-        foot = torch.tensor(r["foot"].astype(np.int64))
+        foot = tensor(r["foot"].astype(np.int64), torch.int64)
         flat_foot = (foot[:, 0] * shape[1] + foot[:, 1]) * shape[2] + foot[:, 2]
-        x = torch.tensor((r["features"] - mean) / scale, dtype=torch.float32)
-        rule = torch.tensor(r["features"][:, RULE], dtype=torch.float32)
-        acquired = torch.tensor(r["acquired"] / 1000.0, dtype=torch.float32)
-        level = torch.tensor(r["level"] / 1000.0, dtype=torch.float32)
-        target = torch.tensor(r["target"] / 1000.0, dtype=torch.float32)
+        x = tensor((r["features"] - mean) / scale)
+        rule = tensor(r["features"][:, RULE])
+        acquired = tensor(r["acquired"] / 1000.0)
+        level = tensor(r["level"] / 1000.0)
+        target = tensor(r["target"] / 1000.0)
         truth_lumen = _lumen(acquired - target, level)
         # the phantom's own sharp calcium on the domain (regions extracted before it was kept: none)
-        excess = torch.tensor(r["excess"] / 1000.0, dtype=torch.float32) if "excess" in r else None
-        return x, rule, h, shape, flat_dom, flat_foot, target, acquired, level, truth_lumen, excess
+        excess = tensor(r["excess"] / 1000.0) if "excess" in r else None
+        return x, rule, h, shape, flat_dom, flat_foot, target, acquired, level, truth_lumen, excess, grid, inside
 
-    train_set = [prepare(r) for r in regions]
+    train_set = [prepare(r) for r in tqdm(regions, desc="training regions")]
     held_set = [prepare(r) for r in held]
-    sizes = [len(FEATURES)] + [args.width] * args.layers + [1]
-    layers = []
-    for a, b in zip(sizes[:-1], sizes[1:]):
-        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
-    net = torch.nn.Sequential(*layers[:-1])
-    torch.nn.init.zeros_(net[-1].weight)
-    torch.nn.init.zeros_(net[-1].bias)
+    net = _estimate(len(FEATURES), args.width, args.layers, args.convolutions, args.convolution_width).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
 
     def loss_of(item, model=net):
         """(squared error summed over the footprint, lumen-decision error summed, voxels, squared error of the
         calcium itself per domain voxel)"""
-        x, rule, h, shape, flat_dom, flat_foot, target, acquired, level, truth_lumen, excess = item
-        e = torch.clamp(rule + (model(x)[:, 0] if model is not None else 0.0), min=0.0)
-        own = ((e - excess) ** 2).mean() if excess is not None else torch.zeros(())
-        vol = torch.zeros(int(np.prod(shape)))
+        x, rule, h, shape, flat_dom, flat_foot, target, acquired, level, truth_lumen, excess, grid, inside = item
+        e = torch.clamp(rule + (model(x, grid)[:, 0] if model is not None else 0.0), min=0.0)
+        if inside is not None:  # features read beyond the reach; calcium is put only within it
+            e = e * inside
+        own = ((e - excess) ** 2).mean() if excess is not None else torch.zeros((), device=device)
+        vol = torch.zeros(int(np.prod(shape)), device=device)
         vol = vol.index_add(0, flat_dom, e).reshape(shape)
         blurred = torch.fft.irfftn(torch.fft.rfftn(vol) * h, s=shape).reshape(-1)[flat_foot]
         lumen = _lumen(acquired - blurred, level)
@@ -208,8 +224,10 @@ def train(args: argparse.Namespace) -> int:
         return float(np.sqrt(s / n) * 1000.0), float(w / n), float(np.sqrt(own / max(len(items), 1)) * 1000.0)
 
     log = {"rule_rmse_hu_train": evaluate(train_set, None), "rule_rmse_hu_held": evaluate(held_set, None),
-           "regions": len(train_set), "held_regions": len(held_set), "steps": []}
-    print(json.dumps({k: v for k, v in log.items() if k != "steps"}))
+           "regions": len(train_set), "held_regions": len(held_set), "steps": [],
+           # which studies (of --seed 7070) it saw: a replay of a time-limited extraction extracts these
+           "training_studies": sorted({int(r["study"]) for r in regions})}
+    print(json.dumps({k: v for k, v in log.items() if k not in ("steps", "training_studies")}))
     t0, step = time.time(), 0
     best, best_state = None, None
     def spent() -> bool:  # whichever budget is reached first: wall time (a session's), steps (a replay's)
@@ -237,11 +255,7 @@ def train(args: argparse.Namespace) -> int:
             p.data.copy_(b)
     log["best_held_rmse_hu"], log["best_held_wrong_side"], log["best_held_calcium_rmse_hu"] = evaluate(held_set)
     arrays = {"mean": mean, "scale": scale, "reach_voxels": np.array(args.reach_voxels),
-              "level_away_mm": np.array(level_away_mm)}
-    linears = [m for m in net if isinstance(m, torch.nn.Linear)]
-    for k, m in enumerate(linears):
-        arrays[f"W{k}"] = m.weight.detach().numpy().T.astype(np.float32)
-        arrays[f"b{k}"] = m.bias.detach().numpy().astype(np.float32)
+              "level_away_mm": np.array(level_away_mm), **net.arrays()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     np.savez(args.out, **arrays)
     log["settings"] = {k: v for k, v in vars(args).items() if k != "func"}
@@ -249,6 +263,57 @@ def train(args: argparse.Namespace) -> int:
     print(f"validation, footprint: RMSE {log['best_held_rmse_hu']:.1f} HU, wrong side of the reader's edges "
           f"{log['best_held_wrong_side']:.4f} (rule {log['rule_rmse_hu_held']}); wrote {args.out}")
     return 0
+
+
+def _estimate_class():
+    """The torch twin of ``subtract.LearntExcess`` (defined on first use: torch is the lab's, imported late)."""
+    import torch
+
+    class Estimate(torch.nn.Module):
+        """Hidden per-voxel layers, then (``convolutions`` > 0) 3x3x3 convolutions on the domain's bounding box
+        with zero outside the domain, then one linear unit reading the hidden and convolved units: the node's
+        ``LearntExcess.__call__`` step for step; ``arrays`` writes the weights in its file's layout."""
+
+        def __init__(self, features: int, width: int, layers: int, convolutions: int, convolution_width: int):
+            super().__init__()
+            sizes = [features] + [width] * layers
+            self.hidden = torch.nn.ModuleList(torch.nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+            widths = [sizes[-1]] + [convolution_width] * convolutions
+            self.convs = torch.nn.ModuleList(torch.nn.Conv3d(a, b, 3, padding=1)
+                                             for a, b in zip(widths[:-1], widths[1:]))
+            self.head = torch.nn.Linear(sizes[-1] + (convolution_width if convolutions else 0), 1)
+            torch.nn.init.zeros_(self.head.weight)  # untrained, the estimate is the rule
+            torch.nn.init.zeros_(self.head.bias)
+
+        def forward(self, x, grid=None):
+            for layer in self.hidden:
+                x = torch.relu(layer(x))
+            if self.convs:
+                box, flat = grid
+                n = int(np.prod(box))
+                g = torch.zeros(x.shape[1], n, device=x.device).index_copy(1, flat, x.T).reshape(1, -1, *box)
+                inside = torch.zeros(n, device=x.device).index_fill(0, flat, 1.0).reshape(1, 1, *box)
+                for conv in self.convs:
+                    g = torch.relu(conv(g)) * inside
+                x = torch.cat([x, g.reshape(g.shape[1], n)[:, flat].T], dim=1)
+            return self.head(x)
+
+        def arrays(self) -> dict[str, np.ndarray]:
+            out = {}
+            for k, m in enumerate([*self.hidden, self.head]):
+                out[f"W{k}"] = m.weight.detach().cpu().numpy().T.astype(np.float32)
+                out[f"b{k}"] = m.bias.detach().cpu().numpy().astype(np.float32)
+            for k, m in enumerate(self.convs):  # (out, in, dz, dy, dx) -> (27 taps in (dz, dy, dx) order, in, out)
+                w = m.weight.detach().cpu().permute(2, 3, 4, 1, 0).reshape(27, m.in_channels, m.out_channels)
+                out[f"K{k}"] = w.numpy().astype(np.float32)
+                out[f"k{k}"] = m.bias.detach().cpu().numpy().astype(np.float32)
+            return out
+
+    return Estimate
+
+
+def _estimate(*args):
+    return _estimate_class()(*args)
 
 
 def merge(args: argparse.Namespace) -> int:
@@ -264,6 +329,8 @@ def merge(args: argparse.Namespace) -> int:
     from dicom_node.pipeline.subtract import LearntExcess
 
     members = [LearntExcess.load(path) for path in args.members]  # the node's own reading and checks of each
+    if any(m.convolutions for m in members):
+        raise SystemExit("convolving estimates cannot be merged into one network: train one")
     first = members[0]
     for m in members[1:]:
         if len(m.weights) != len(first.weights) or m.reach_voxels != first.reach_voxels \
@@ -306,9 +373,12 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--seed", type=int, default=TRAIN_SEED)
     e.add_argument("--studies", type=int, default=200)
     e.add_argument("--workers", type=int, default=2)
+    e.add_argument("--studies-from", help="a train log (.json): extract exactly the studies it trained on")
     e.add_argument("--reach-voxels", type=int, default=3)
     e.add_argument("--engine", action="append", default=[])
     e.add_argument("--jitter", type=float, default=0.15, help="training regions' MTF50 off the table by up to this")
+    e.add_argument("--context-voxels", type=int, default=0,
+                   help="features this far beyond the reach too (for an estimate with as many convolutions)")
     e.add_argument("--level-away-mm", type=float, default=0.0,
                    help="measure the contrast level this far from the detected calcium (subtract.reference_levels); "
                         "0: around each voxel")
@@ -322,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--width", type=int, default=32)
     t.add_argument("--layers", type=int, default=2)
     t.add_argument("--seed", type=int, default=1)
+    t.add_argument("--convolutions", type=int, default=0, help="3x3x3 convolutions after the hidden layers")
+    t.add_argument("--convolution-width", type=int, default=16)
+    t.add_argument("--device", default="auto", help="torch device (auto: cuda where there is one)")
     t.add_argument("--reach-voxels", type=int, default=3)
     t.add_argument("--validate-every", type=int, default=500)
     t.add_argument("--lumen-weight", type=float, default=0.1)

@@ -21,12 +21,17 @@ pytestmark = pytest.mark.slow
 SUBTRACT = ["--engine", 'method = "subtract"', "--engine", 'confidence = false']
 
 
+def _extract_both(data, studies: int, *options: str) -> dict:
+    """Training and validation regions of a few studies; the first training region."""
+    for seed in (ce.TRAIN_SEED, ce.VALIDATION_SEED):
+        assert ce.main(["extract", "--out", str(data), "--seed", str(seed), "--studies", str(studies),
+                        "--workers", "1", *options, *SUBTRACT]) == 0
+    return np.load(data / f"{ce.TRAIN_SEED}-0.npy", allow_pickle=True).tolist()[0]
+
+
 def test_extract_train_and_the_node_loads_what_training_wrote(tmp_path):
     data = tmp_path / "data"
-    for seed in (ce.TRAIN_SEED, ce.VALIDATION_SEED):
-        assert ce.main(["extract", "--out", str(data), "--seed", str(seed), "--studies", "3", "--workers", "1",
-                        "--level-away-mm", "2", *SUBTRACT]) == 0
-    (region, *_) = np.load(data / f"{ce.TRAIN_SEED}-0.npy", allow_pickle=True).tolist()
+    region = _extract_both(data, 3, "--level-away-mm", "2")
     assert region["features"].shape == (len(region["domain"]), len(FEATURES))
     assert len(region["foot"]) == len(region["target"]) == len(region["acquired"]) == len(region["level"])
     assert region["level_away_mm"] == 2.0
@@ -107,3 +112,55 @@ def test_merged_estimates_keep_how_their_levels_were_measured(tmp_path):
         _random_estimate(tmp_path / f"m{k}.npz", rng, level_away_mm=2.0)
     assert ce.main(["merge", str(tmp_path / "m0.npz"), str(tmp_path / "m1.npz"), "--out", str(tmp_path / "m.npz")]) == 0
     assert LearntExcess.load(tmp_path / "m.npz").level_away_mm == 2.0
+
+
+def test_the_torch_twin_of_a_convolving_estimate_is_what_the_node_computes(tmp_path):
+    """Training runs the torch model, the node its numpy reading of the written file: the two must agree
+    voxel for voxel (tap order, layout of the kernels, zero outside the domain), or the node would apply an
+    estimate nobody trained."""
+    import torch
+
+    torch.manual_seed(0)
+    net = ce._estimate(len(FEATURES), 8, 1, 2, 5)
+    torch.nn.init.normal_(net.head.weight)
+    rng = np.random.default_rng(0)
+    voxels = np.argwhere(rng.random((6, 7, 8)) < 0.5)
+    features = rng.normal(size=(len(voxels), len(FEATURES)))
+    n = len(FEATURES)
+    np.savez(tmp_path / "t.npz", mean=np.zeros(n), scale=np.ones(n), reach_voxels=np.array(3), **net.arrays())
+    node = LearntExcess.load(tmp_path / "t.npz")
+    at = voxels - voxels.min(axis=0)
+    box = tuple(int(k) for k in at.max(axis=0) + 1)
+    flat = torch.tensor((at[:, 0] * box[1] + at[:, 1]) * box[2] + at[:, 2])
+    with torch.no_grad():
+        twin = net(torch.tensor(features, dtype=torch.float32), (box, flat))[:, 0].numpy()
+    expected = np.clip(features[:, RULE] + twin, 0.0, None) * 1000.0
+    assert np.abs(node(features, voxels) - expected).max() < 0.01 * np.abs(expected).max()
+    assert np.abs(expected).max() > 100.0, "a test of zeros would prove nothing"
+    # shifted as a whole, the voxels give the same: only their neighbourhood matters
+    assert np.allclose(node(features, voxels + 7), node(features, voxels))
+
+
+def test_a_convolving_estimate_trains_on_features_beyond_its_reach(tmp_path):
+    data = tmp_path / "data"
+    region = _extract_both(data, 2, "--context-voxels", "1")
+    assert region["inside"].shape == (len(region["domain"]),) and 0 < region["inside"].sum() < len(region["inside"])
+    with pytest.raises(SystemExit, match="context-voxels"):  # 2 convolutions need 2 voxels of context
+        ce.main(["train", "--data", str(data), "--out", str(tmp_path / "x.npz"), "--steps", "2", "--convolutions", "2"])
+    out = tmp_path / "conv.npz"
+    assert ce.main(["train", "--data", str(data), "--out", str(out), "--steps", "20", "--validate-every", "10",
+                    "--convolutions", "1", "--convolution-width", "4", "--device", "cpu"]) == 0
+    learnt = LearntExcess.load(out)
+    assert learnt.context_voxels == 1
+    # the log names the studies trained on, and a replay extracts exactly those
+    log = out.with_suffix(".json")
+    assert json.loads(log.read_text())["training_studies"] == [0, 1]
+    again = tmp_path / "again"
+    assert ce.main(["extract", "--out", str(again), "--studies-from", str(log), "--studies", "9", "--workers", "1",
+                    "--context-voxels", "1", *SUBTRACT]) == 0
+    assert sorted(f.name for f in again.glob("*.npy")) == [f"{ce.TRAIN_SEED}-0.npy", f"{ce.TRAIN_SEED}-1.npy"]
+    acquired, _, _ = _vessel(ScannerBlur())
+    out_image = calcium_removed(acquired, acquired > 600.0, SPACING, SubtractOptions(learnt=learnt), 400.0)
+    assert np.isfinite(out_image).all()
+    with pytest.raises(SystemExit, match="convolving"):
+        ce.main(["merge", str(out), str(out), "--out", str(tmp_path / "m.npz")])

@@ -49,6 +49,59 @@ def test_a_network_of_the_wrong_shape_is_refused(tmp_path):
         LearntExcess((np.zeros((len(FEATURES), 1)),), np.zeros(len(FEATURES)), np.ones(len(FEATURES)))
 
 
+def _write_convolving(path: Path, last: float = 0.0, width: int = 6, convolved: int = 4, layers: int = 2,
+                      **extra) -> Path:
+    rng = np.random.default_rng(1)
+    n = len(FEATURES)
+    convs = {}
+    inner = width
+    for k in range(layers):
+        convs[f"K{k}"], convs[f"k{k}"] = rng.normal(0, 0.3, (27, inner, convolved)), np.zeros(convolved)
+        inner = convolved
+    np.savez(path, W0=rng.normal(0, 0.3, (n, width)), b0=np.zeros(width),
+             W1=np.full((width + convolved, 1), last), b1=np.zeros(1), mean=np.zeros(n), scale=np.ones(n),
+             reach_voxels=np.array(3), **convs, **extra)
+    return path
+
+
+def test_a_convolving_estimate_reads_its_neighbours_and_writes_only_within_reach(tmp_path):
+    """The convolving estimate's features reach one voxel further per convolution; it must still put calcium
+    only within ``reach_voxels`` of the detected calcium (the domain the blur-back and the footprint expect),
+    and untrained it is the rule, like the per-voxel one."""
+    from dicom_node.pipeline.subtract import learnt_excess, sharpen, within_reach
+
+    conv = LearntExcess.load(_write_convolving(tmp_path / "c.npz", last=0.05))
+    assert conv.context_voxels == 2
+    acquired, _, _ = _vessel(ScannerBlur(mtf50_lp_cm=4.8, edge_enhance=0.4, slice_fwhm_mm=0.8), 180.0)
+    detected = acquired > 600.0
+    options = SubtractOptions(learnt=conv)
+    u = sharpen(acquired, options.blur.transfer(acquired.shape, SPACING), options.tv_weight, options.iterations)
+    excess = learnt_excess(acquired, u, detected, SPACING, options, 400.0)
+    reach = within_reach(detected, 3)
+    assert excess[reach].max() > 0.0 and not excess[~reach].any()
+    zero = LearntExcess.load(_write_convolving(tmp_path / "z.npz"))
+    per_voxel = LearntExcess.load(_write(tmp_path / "zero.npz"))
+    rule = learnt_excess(acquired, u, detected, SPACING, SubtractOptions(learnt=per_voxel), 400.0)
+    assert np.allclose(learnt_excess(acquired, u, detected, SPACING, SubtractOptions(learnt=zero), 400.0), rule)
+    with pytest.raises(ValueError, match="positions"):
+        conv(np.zeros((3, len(FEATURES))))
+
+
+def test_a_convolving_network_of_the_wrong_shape_is_refused(tmp_path):
+    path = _write_convolving(tmp_path / "c.npz")
+    with np.load(path) as z:
+        arrays = dict(z)
+    LearntExcess.load(path)
+    bad = dict(arrays, K1=arrays["K1"][:, :3])  # the second convolution reads 3 units, the first gives 4
+    np.savez(tmp_path / "bad.npz", **bad)
+    with pytest.raises(ValueError, match="convolution 1"):
+        LearntExcess.load(tmp_path / "bad.npz")
+    head = dict(arrays, W1=arrays["W1"][:-1])  # the last layer misses a convolved unit
+    np.savez(tmp_path / "head.npz", **head)
+    with pytest.raises(ValueError, match="last layer"):
+        LearntExcess.load(tmp_path / "head.npz")
+
+
 def test_the_file_says_how_its_levels_were_measured(tmp_path):
     """An estimate sees its features as it was trained on them: the level's measure travels in the file, and a
     file from before it was recorded is one measured around each voxel."""

@@ -269,3 +269,15 @@ def test_morphology_in_slabs_and_threads_equals_one_whole_volume_transform(monke
     padded = np.pad(mask, 6, constant_values=True)  # outside the volume counts as foreground
     want = (ndimage.distance_transform_edt(padded, sampling=sp) > 1.0 + 1e-6)[6:-6, 6:-6, 6:-6]
     assert np.array_equal(morphology.erode_mm(mask, sp, 1.0), want) and want.any()
+
+
+def test_a_long_confidence_description_is_cut_in_ascii():
+    """Many regions overrun the segment description's 64 characters; it is cut with "...", which every
+    character set holds (a "…" was written as "?" in the SEG)."""
+    from dicom_node.pipeline.restore import RegionReport
+    from dicom_node.pipeline.seg import _confidence_text
+
+    reports = [RegionReport(k, [k], 10, 105.0 + k, k % 2 == 0, "restored", measure="blur") for k in range(1, 13)]
+    text = _confidence_text(reports)
+    assert len(text) == 64 and text.endswith("...") and text.isascii()
+    assert _confidence_text(reports[:2]) == "blur disagreement HU by region: 1=106 2=107!"
