@@ -469,8 +469,7 @@ def learnt_inputs(y: np.ndarray, u: np.ndarray, calcium: np.ndarray, spacing: tu
     + ``context_voxels``; bool) and the ``FEATURES`` of the domain's voxels, relative to the contrast level
     measured as ``level_away_mm`` says (``reference_levels``). The node's estimate and the lab's training
     both take their inputs from here, so the two cannot drift apart."""
-    grow = reach_voxels + context_voxels
-    domain = ndimage.binary_dilation(calcium, iterations=grow) if calcium.any() and grow else calcium.copy()
+    domain = within_reach(calcium, reach_voxels + context_voxels)
     if not domain.any():
         return domain, np.zeros((0, len(FEATURES)))
     level = reference_levels(y if level_image is None else level_image, calcium, spacing, np.argwhere(domain),
