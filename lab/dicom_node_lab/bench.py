@@ -500,10 +500,9 @@ def _memory_isolated(folder: Path, out: Path, slices: int, config: str | None = 
     import threading
 
     from dicom_node.backends.select import model_id
-    from dicom_node.config import Config
     from dicom_node.node.isolate import ChildDiedError, ChildRequest, run_child
 
-    cfg = load(config) if config else Config()
+    cfg = load(config)  # the embedded defaults where no file is given
     out.mkdir(parents=True, exist_ok=True)
     request = ChildRequest(0, "bench", str(folder / "series"), str(out), "onnxruntime", model_id(cfg.engine.model),
                            dataclasses.asdict(cfg))

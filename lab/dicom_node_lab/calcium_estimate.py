@@ -176,12 +176,10 @@ def train(args: argparse.Namespace) -> int:
             at = r["domain"].astype(np.int64)
             at = at - at.min(axis=0)
             box = tuple(int(n) for n in at.max(axis=0) + 1)
-            grid = (box, tensor((at[:, 0] * box[1] + at[:, 1]) * box[2] + at[:, 2], torch.int64))
+            grid = (box, tensor(np.ravel_multi_index(tuple(at.T), box), torch.int64))
         inside = tensor(r["inside"]) if "inside" in r else None
-        dom = tensor(r["domain"].astype(np.int64), torch.int64)
-        flat_dom = (dom[:, 0] * shape[1] + dom[:, 1]) * shape[2] + dom[:, 2]
-        foot = tensor(r["foot"].astype(np.int64), torch.int64)
-        flat_foot = (foot[:, 0] * shape[1] + foot[:, 1]) * shape[2] + foot[:, 2]
+        flat_dom = tensor(np.ravel_multi_index(tuple(r["domain"].astype(np.int64).T), shape), torch.int64)
+        flat_foot = tensor(np.ravel_multi_index(tuple(r["foot"].astype(np.int64).T), shape), torch.int64)
         x = tensor((r["features"] - mean) / scale)
         rule = tensor(r["features"][:, RULE])
         acquired = tensor(r["acquired"] / 1000.0)
