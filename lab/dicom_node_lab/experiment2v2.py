@@ -158,6 +158,7 @@ def _one_study(job: tuple[int, int, str, list[str], bool, bool, bool]) -> tuple[
     for r in rows:
         r["index"] = i
         r["unsure"], r["disagreement_hu"], r["vessel_mm"] = _lesion_confidence(p, r, result)
+        r["why"] = _lesion_why(p, r, result)
         r["measure"] = result.reports[0].measure if result.reports else None
     goal = goal_metrics(p, original, processed)
     goal["seconds"] = seconds
@@ -173,6 +174,27 @@ def _rescanned(p) -> np.ndarray:
     return _stored_hu(p.truth - p.noise + fresh)
 
 
+def _lesion_regions(p, row: dict, result) -> list:
+    """The engine's region reports for the regions that reach this lesion (see ``_lesion_confidence``)."""
+    v = p.vessels[row["vessel"]]
+    les = v.lesions_w[row["lesion"]]
+    point = v.points_mm[int(round(les.s_mm / world.STEP_MM))] / np.asarray(p.spacing)
+    reach = les.half_length_mm / min(p.spacing)
+    out = []
+    for region, rep in zip(result.regions, getattr(result, "reports", [])):
+        lo = np.array([s.start for s in region.native_box]) - reach
+        hi = np.array([s.stop for s in region.native_box]) + reach
+        if np.all(point >= lo) and np.all(point <= hi):
+            out.append(rep)
+    return out
+
+
+def _lesion_why(p, row: dict, result) -> list[str]:
+    """What made the regions that reach this lesion unsure, and what the engine did with them (the report's
+    ``why`` column, for reading a run's safety cases)."""
+    return sorted({f"{rep.action}: {w}" for rep in _lesion_regions(p, row, result) for w in rep.why})
+
+
 def _lesion_confidence(p, row: dict, result) -> tuple[bool | None, float | None, float | None]:
     """The engine's confidence for the regions that reach this lesion (None: no region did, or none measured).
 
@@ -181,17 +203,8 @@ def _lesion_confidence(p, row: dict, result) -> tuple[bool | None, float | None,
     the smallest vessel calibre the engine estimated). The engine decides unsure (each method has
     its own measure and threshold, and the calibre rule when it is on).
     """
-    reports = getattr(result, "reports", [])
-    v = p.vessels[row["vessel"]]
-    les = v.lesions_w[row["lesion"]]
-    point = v.points_mm[int(round(les.s_mm / world.STEP_MM))] / np.asarray(p.spacing)
-    reach = les.half_length_mm / min(p.spacing)
     best, unsure, vessel, measured = None, False, None, False
-    for region, rep in zip(result.regions, reports):
-        lo = np.array([s.start for s in region.native_box]) - reach
-        hi = np.array([s.stop for s in region.native_box]) + reach
-        if not (np.all(point >= lo) and np.all(point <= hi)):
-            continue
+    for rep in _lesion_regions(p, row, result):
         if rep.disagreement_hu is not None:
             best = rep.disagreement_hu if best is None else max(best, rep.disagreement_hu)
         if rep.vessel_mm is not None:
@@ -609,7 +622,7 @@ def safety_cases(rows: list[dict]) -> list[dict]:
                         **{f"{n}@{w:g}": r.get(f"{n}@{w:g}") for w in WHITE_LEVELS_HU
                            for n in ("original", "processed", "truth")},
                         "unsure": r.get("unsure"), "disagreement_hu": r.get("disagreement_hu"),
-                        "vessel_mm": r.get("vessel_mm")})
+                        "vessel_mm": r.get("vessel_mm"), "engine_why": r.get("why") or []})
     return out
 
 
@@ -628,6 +641,8 @@ def safety_cases_report(args: argparse.Namespace) -> int:
         calibre = "" if c.get("vessel_mm") is None else f", vessel {c['vessel_mm']:.1f} mm"
         said = "yes" if c["unsure"] else "no"
         flag = "-" if c["unsure"] is None else f"{said} ({fmt(c['disagreement_hu'])}{calibre})"
+        if c.get("engine_why"):  # what the engine said made it unsure, and did (reports since the eleventh session)
+            flag += ": " + "; ".join(c["engine_why"])
         print(f"| {c['study']} | {c['vessel']}, {c['lesion']} | {c['type']} | {c['kernel']} | {c['diameter_mm']:.1f} "
               f"| {c['geometric']:.0f} | {c['arc_deg']:.0f} | {c['density_mg_cm3']:.0f} | {c['motion_mm']:.1f} "
               f"| {reads[0]} | {reads[1]} | {flag} | {'; '.join(c['why'])} |")

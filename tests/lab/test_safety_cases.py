@@ -41,3 +41,12 @@ def test_safety_cases_name_the_lesions_the_figures_count():
         listed = [c for c in cases if f"severe made at + {w:g}" in c["why"]]
         assert figures["invented_severe_by_processing"] == len(listed)
         assert figures["no_calcium_over_1"] == sum(f"no calcium, moved at + {w:g}" in c["why"] for c in cases)
+
+
+def test_safety_cases_carry_what_the_engine_said():
+    """A run records, per lesion, why the engine called its region unsure and what it did; the listing keeps it
+    beside the reading (reports before the eleventh session have no such field: an empty list)."""
+    said = ["restored, unsure: calcium found only in the sharpened image"]
+    rows = [dict(ROWS[0], unsure=True, why=said), ROWS[3]]
+    cases = experiment2v2.safety_cases(rows)
+    assert [c["engine_why"] for c in cases] == [said, []]
