@@ -79,6 +79,8 @@ class EngineConfig:
     scanner_kernels: dict[str, float] = field(default_factory=dict)
     # subtract: reconstruction kernel -> subtract_white_hu for its series (a kernel not listed keeps that)
     subtract_white_by_kernel: dict[str, float] = field(default_factory=dict)
+    # subtract: reconstruction kernel -> the edge enhancement (mid-frequency lift, 0-2) to assume for its series
+    scanner_edge_enhance: dict[str, float] = field(default_factory=dict)
     max_pixel_mm: float = 0.8  # refuse series coarser than this in-plane
     max_slice_mm: float = 1.25  # refuse series with slices further apart than this
 
@@ -100,6 +102,7 @@ class EngineConfig:
                                grow_above_lumen_hu=self.subtract_grow_hu,
                                keep_lumen=self.subtract_keep_lumen, keep_lumen_beyond_mm=self.subtract_keep_lumen_mm,
                                white_by_kernel=tuple(self.subtract_white_by_kernel.items()),
+                               enhance_by_kernel=tuple(self.scanner_edge_enhance.items()),
                                learnt=_learnt_estimate(self.subtract_estimate) if self.subtract_estimate else None)
 
     def confidence_options(self) -> ConfidenceOptions:

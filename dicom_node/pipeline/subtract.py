@@ -250,6 +250,10 @@ class SubtractOptions:
     # under a soft kernel the deconvolution recovers less of the calcium's flank, which a threshold of
     # 100 HU leaves in the lumen's range, where the reader takes it for lumen (under-call).
     white_by_kernel: tuple[tuple[str, float], ...] = ()
+    # ... and the mid-frequency lift (``ScannerBlur.edge_enhance``) to assume for a kernel: sharp cardiac kernels
+    # lift more than soft ones, and the lift draws the dark rim beside calcium that the estimate must not take
+    # for calcium's blur. A kernel not listed keeps ``blur.edge_enhance`` (reports/tuning/learnt-estimate.md §13).
+    enhance_by_kernel: tuple[tuple[str, float], ...] = ()
     # Where the subtraction is written: the region's footprint (calcium + engine.margin_mm, as the network
     # restores it) and, when this is above 0, every voxel of the box where the calcium's estimated blur
     # adds more than this many HU. A fixed margin fits one blur; the blur's own reach fits every kernel
@@ -291,7 +295,7 @@ class SubtractOptions:
             raise ValueError(f"reach_hu must be >= 0 (0 = footprint only), not {self.reach_hu}")
         if self.unsure_hu <= 0:
             raise ValueError(f"unsure_hu must be positive, not {self.unsure_hu}")
-        for table in (self.kernels, self.white_by_kernel):
+        for table in (self.kernels, self.white_by_kernel, self.enhance_by_kernel):
             keys = [kernel_key(name) for name, _ in table]
             for (name, _), key in zip(table, keys):
                 # two spellings of one kernel (B26f, b26f) would leave which value applies to the table's order
@@ -302,13 +306,15 @@ class SubtractOptions:
                 raise ValueError(f"a kernel's white level must be a positive HU, not {name!r} = {white}")
         for _, mtf50 in self.kernels:
             replace(self.blur, mtf50_lp_cm=mtf50)  # checks the MTF50 as any blur's
+        for _, enhance in self.enhance_by_kernel:
+            replace(self.blur, edge_enhance=enhance)  # checks the lift as any blur's
 
     def listed_mtf50(self, kernel: str) -> float | None:
         """The MTF50 the kernel table gives a series' ConvolutionKernel, or None where it lists none."""
         return _listed(self.kernels, kernel)
 
     def for_kernel(self, kernel: str) -> SubtractOptions:
-        """These options with the blur and the white level assumed for ``kernel`` (a series'
+        """These options with the blur (MTF50, edge lift) and the white level assumed for ``kernel`` (a series'
         ConvolutionKernel), each where its table lists the kernel.
 
         A header may hold several values (``FC43\\AIDR 3D``): the whole value matches, or its first part.
@@ -323,6 +329,10 @@ class SubtractOptions:
             scale = mtf50 / self.blur.mtf50_lp_cm
             second = replace(self.second_blur, mtf50_lp_cm=max(1.0, self.second_blur.mtf50_lp_cm * scale))
             out = replace(out, blur=replace(self.blur, mtf50_lp_cm=mtf50), second_blur=second)
+        enhance = _listed(self.enhance_by_kernel, kernel)
+        if enhance is not None:  # both blurs: the confidence pass differs from the first in softness only
+            out = replace(out, blur=replace(out.blur, edge_enhance=enhance),
+                          second_blur=replace(out.second_blur, edge_enhance=enhance))
         return out
 
 

@@ -91,6 +91,16 @@ def test_a_kernel_table_loads_and_is_checked(tmp_path: Path) -> None:
         f.write_text(f"[engine.scanner_kernels]\n{text}\n")
         with pytest.raises(ConfigError, match=message):
             load(f)
+    # [engine.scanner_edge_enhance]: each kernel's edge lift, beside its MTF50; checked as any blur's
+    f.write_text('[engine]\nmethod = "subtract"\n[engine.scanner_kernels]\nSHARP = 6.3\n'
+                 '[engine.scanner_edge_enhance]\nSHARP = 0.8\nSOFT = 0\n')
+    opts = load(f).engine.subtract_options()
+    assert (opts.for_kernel("sharp").blur.edge_enhance, opts.for_kernel("sharp").blur.mtf50_lp_cm) == (0.8, 6.3)
+    assert opts.for_kernel("SOFT").blur.edge_enhance == 0.0 and opts.for_kernel("B30f") is opts
+    for text, message in [("SHARP = 3.0", "edge_enhance must lie in 0..2"), ('SHARP = "high"', "must be float")]:
+        f.write_text(f"[engine.scanner_edge_enhance]\n{text}\n")
+        with pytest.raises(ConfigError, match=message):
+            load(f)
     # the sharpened-image detection's settings are checked the same way
     for text, message in [("sharp_min_volume_mm3 = 0.0", "must be positive"), ("sharp_contrast_hu = -1.0", ">= 0"),
                           ("sharp_mtf50_lp_cm = 40.0", "not a CT kernel")]:

@@ -218,6 +218,24 @@ def test_a_kernel_can_have_its_own_white_level():
             SubtractOptions(white_by_kernel=bad)
 
 
+def test_a_kernel_can_have_its_own_edge_enhancement():
+    """``enhance_by_kernel`` sets the assumed blur's mid-frequency lift for a listed kernel's series, in both
+    blurs (the confidence pass differs from the first in softness only), beside the MTF50 table; a kernel not
+    listed keeps the default lift; lifts outside what a blur accepts and repeated names are refused."""
+    opts = SubtractOptions(kernels=(("SHARP", 6.3),), enhance_by_kernel=(("sharp", 0.8), ("SOFT", 0.0)))
+    sharp = opts.for_kernel("SHARP")
+    assert sharp.blur.mtf50_lp_cm == 6.3 and sharp.blur.edge_enhance == 0.8
+    assert sharp.second_blur.edge_enhance == 0.8 and sharp.second_blur.mtf50_lp_cm < sharp.blur.mtf50_lp_cm
+    soft = opts.for_kernel("SOFT\\AIDR 3D")
+    assert soft.blur.edge_enhance == 0.0 and soft.blur.mtf50_lp_cm == opts.blur.mtf50_lp_cm
+    assert opts.for_kernel("HD").blur == opts.blur
+    lifted = ScannerBlur(mtf50_lp_cm=6.3, edge_enhance=0.8)
+    assert lifted.core_sigma_mm() != replace(lifted, edge_enhance=0.5).core_sigma_mm(), "MTF50 held, core moves"
+    for bad in ((("SHARP", 2.5),), (("SHARP", -0.1),), (("SHARP", 0.8), (" sharp", 0.7))):
+        with pytest.raises(ValueError):
+            SubtractOptions(enhance_by_kernel=bad)
+
+
 def _tube(lumen_mm: float) -> tuple[np.ndarray, np.ndarray]:
     """(acquired, calcium): a straight vessel of ``lumen_mm`` at 400 HU with a 1,000 HU calcium arc, scanned."""
     shape = (48, 56, 56)
