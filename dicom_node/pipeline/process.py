@@ -191,9 +191,10 @@ def process_series(series: Series, out_dir: Path, cfg: Config, engine: Engine, m
                    f"margin, by {text.restored_by}, research use; read with the original series.")
     if result.assumed_mtf50_lp_cm is not None:  # the one assumption the subtraction's result hangs on
         outcome.settings["assumed_mtf50_lp_cm"] = result.assumed_mtf50_lp_cm
+        outcome.settings["assumed_edge_enhance"] = result.assumed_edge_enhance
         chosen = result.assumed_for_kernel
-        description += (f" Scanner blur assumed: MTF50 {result.assumed_mtf50_lp_cm:g} lp/cm "
-                        f"({'for kernel ' + chosen if chosen else 'the default'}).")
+        description += (f" Scanner blur assumed: MTF50 {result.assumed_mtf50_lp_cm:g} lp/cm, edge lift "
+                        f"{result.assumed_edge_enhance:g} ({'for kernel ' + chosen if chosen else 'the default'}).")
     uids = source_uids(series, model_id)
     target = out_dir / uids["series"]
     outcome.derived_series_uid = uids["series"]

@@ -255,6 +255,7 @@ class EngineResult:
     reports: list[RegionReport] = field(default_factory=list)  # one per region, in region order
     assumed_mtf50_lp_cm: float | None = None  # the subtraction's: the scanner blur it assumed for this series
     assumed_for_kernel: str = ""  # ... and the series' kernel when the kernel table chose it ("" for the default)
+    assumed_edge_enhance: float | None = None  # the subtraction's: the assumed blur's edge lift (ScannerBlur)
 
 
 class Engine:
@@ -459,4 +460,4 @@ class Engine:
             changed[tuple(idx.T)] = True
         return EngineResult(detection=detection, regions=regions, changed=changed, windows=0, batches=0,
                             seconds={**seconds, "subtract": time.perf_counter() - t0}, reports=reports,
-                            assumed_mtf50_lp_cm=opts.blur.mtf50_lp_cm)
+                            assumed_mtf50_lp_cm=opts.blur.mtf50_lp_cm, assumed_edge_enhance=opts.blur.edge_enhance)

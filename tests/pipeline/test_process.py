@@ -140,23 +140,25 @@ def test_subtract_method_says_so_and_gets_its_own_uids(processed, tmp_path):
     assert algo.AlgorithmName == "dicom-node blur-subtraction calcium removal"
     assert seg.ContentDescription == "Calcium removed and region restored by blur subtraction"
     assert seg.SegmentSequence[1].SegmentDescription.startswith("blur disagreement HU by region: ")
-    assert "Scanner blur assumed: MTF50 5.2 lp/cm (the default)." in ct.DerivationDescription
+    assert "Scanner blur assumed: MTF50 5.2 lp/cm, edge lift 0.5 (the default)." in ct.DerivationDescription
     for f in (cts[len(cts) // 2], seg_path):
         assert _dciodvfy_errors(f) == [], f.name
 
 
 def test_subtract_assumes_the_blur_of_the_kernel_the_header_names(processed, tmp_path):
-    """A series whose ConvolutionKernel the site's table lists gets that kernel's blur, and says so."""
+    """A series whose ConvolutionKernel the site's tables list gets that kernel's blur (MTF50, edge lift), and
+    says so."""
     _, root, _, src = processed
     for f in src:
         ds = pydicom.dcmread(f)
         ds.ConvolutionKernel = "SOFT"
         ds.save_as(tmp_path / "in" / f.name if (tmp_path / "in").is_dir() else _mkdir(tmp_path / "in") / f.name)
     cfg = tmp_path / "config.toml"
-    cfg.write_text('[engine]\nmethod = "subtract"\n[engine.scanner_kernels]\nsoft = 3.5\n')
+    cfg.write_text('[engine]\nmethod = "subtract"\n[engine.scanner_kernels]\nsoft = 3.5\n'
+                   '[engine.scanner_edge_enhance]\nsoft = 0.0\n')
     assert main(["process", str(tmp_path / "in"), str(tmp_path / "out"), "--quiet", "--config", str(cfg)]) == 0
     ct = pydicom.dcmread(sorted((tmp_path / "out").rglob("CT_*.dcm"))[0])
-    assert "Scanner blur assumed: MTF50 3.5 lp/cm (for kernel SOFT)." in ct.DerivationDescription
+    assert "Scanner blur assumed: MTF50 3.5 lp/cm, edge lift 0 (for kernel SOFT)." in ct.DerivationDescription
     assert ct.ConvolutionKernel == "SOFT", "the source's kernel is kept"
 
 
