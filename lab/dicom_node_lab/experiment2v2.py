@@ -157,8 +157,9 @@ def _one_study(job: tuple[int, int, str, list[str], bool, bool, bool]) -> tuple[
     rows = read_study(p, images, study=f"{seed}-{i}")
     for r in rows:
         r["index"] = i
-        r["unsure"], r["disagreement_hu"], r["vessel_mm"] = _lesion_confidence(p, r, result)
-        r["why"] = _lesion_why(p, r, result)
+        reached = _lesion_regions(p, r, result)
+        r["unsure"], r["disagreement_hu"], r["vessel_mm"] = _lesion_confidence(reached)
+        r["why"] = _lesion_why(reached)
         r["measure"] = result.reports[0].measure if result.reports else None
     goal = goal_metrics(p, original, processed)
     goal["seconds"] = seconds
@@ -175,7 +176,8 @@ def _rescanned(p) -> np.ndarray:
 
 
 def _lesion_regions(p, row: dict, result) -> list:
-    """The engine's region reports for the regions that reach this lesion (see ``_lesion_confidence``)."""
+    """The engine's reports for the regions that reach this lesion: a region reaches it when its box, widened by
+    the lesion's half length, holds the lesion's centre."""
     v = p.vessels[row["vessel"]]
     les = v.lesions_w[row["lesion"]]
     point = v.points_mm[int(round(les.s_mm / world.STEP_MM))] / np.asarray(p.spacing)
@@ -189,22 +191,20 @@ def _lesion_regions(p, row: dict, result) -> list:
     return out
 
 
-def _lesion_why(p, row: dict, result) -> list[str]:
-    """What made the regions that reach this lesion unsure, and what the engine did with them (the report's
-    ``why`` column, for reading a run's safety cases)."""
-    return sorted({f"{rep.action}: {w}" for rep in _lesion_regions(p, row, result) for w in rep.why})
+def _lesion_why(reached: list) -> list[str]:
+    """What made the regions that reach a lesion (``_lesion_regions``) unsure, and what the engine did with them
+    (the report's ``why`` column, for reading a run's safety cases)."""
+    return sorted({f"{rep.action}: {w}" for rep in reached for w in rep.why})
 
 
-def _lesion_confidence(p, row: dict, result) -> tuple[bool | None, float | None, float | None]:
-    """The engine's confidence for the regions that reach this lesion (None: no region did, or none measured).
-
-    A region reaches the lesion when its box, widened by the lesion's half length, holds
-    the lesion's centre. Returns (unsure as the engine decided it, the largest disagreement,
+def _lesion_confidence(reached: list) -> tuple[bool | None, float | None, float | None]:
+    """The engine's confidence for the regions that reach a lesion (``_lesion_regions``; None: no region did, or
+    none measured). Returns (unsure as the engine decided it, the largest disagreement,
     the smallest vessel calibre the engine estimated). The engine decides unsure (each method has
     its own measure and threshold, and the calibre rule when it is on).
     """
     best, unsure, vessel, measured = None, False, None, False
-    for rep in _lesion_regions(p, row, result):
+    for rep in reached:
         if rep.disagreement_hu is not None:
             best = rep.disagreement_hu if best is None else max(best, rep.disagreement_hu)
         if rep.vessel_mm is not None:
