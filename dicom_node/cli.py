@@ -255,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="build a TensorRT plan for this GPU (tools/build_engine.py; --help for its options)")
     be.add_argument("args", nargs=argparse.REMAINDER)
     be.set_defaults(func=cmd_build_engine)
+    sub.add_parser("measure-kernel", add_help=False,
+                   help="measure a reconstruction kernel's MTF50 and edge lift from a phantom scan, for the "
+                        "[engine.scanner_kernels] and [engine.scanner_edge_enhance] tables (--help for its options)")
     sv = sub.add_parser("serve", help="run the DICOM node (C-STORE and STOW-RS in, C-STORE/STOW-RS out)")
     sv.add_argument("--config", help="config.toml (default: embedded defaults)")
     sv.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"))
@@ -286,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         from dicom_node.backends import build
 
         return build.main(argv[1:])
+    if argv[:1] == ["measure-kernel"]:
+        from dicom_node import kernel_measure
+
+        return kernel_measure.main(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 
