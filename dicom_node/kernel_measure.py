@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dicom_node.pipeline.series import SeriesError, load_hu, read_ct_series
-from dicom_node.pipeline.subtract import ScannerBlur
+from dicom_node.pipeline.series import Series, SeriesError, load_hu, read_ct_series
+from dicom_node.pipeline.subtract import ScannerBlur, kernel_key
 
 SECTORS = 72  # 5 degrees each: a wall touching the insert costs only the sectors it touches
 EDGE_HALF_WIDTH_MM = 5.0  # the profile is taken this far either side of the edge
@@ -121,6 +121,10 @@ class KernelMeasurement:
         return out
 
     def render(self) -> str:
+        return self.summary() + "\n\nFor config.toml:\n" + self.toml()
+
+    def summary(self) -> str:
+        """What was measured and from what, in a few lines (the warnings last)."""
         c = self.circle
         a, b = self.halves
         lines = [
@@ -134,7 +138,7 @@ class KernelMeasurement:
             f"{b.edge_enhance:.2f}",
         ]
         lines += [f"  warning: {w}" for w in self.warnings]
-        return "\n".join(lines) + "\n\nFor config.toml:\n" + self.toml()
+        return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -496,18 +500,16 @@ def measure_volume(volume: np.ndarray, spacing: tuple[float, float, float], kern
                              series_uid=series_uid, warnings=tuple(warnings), profile=(pr, pv, fitted))
 
 
-def measure_series(inputs: Iterable[str | Path], series_uid: str | None = None,
-                   circle: Circle | None = None, aperture_mm: float = 0.0) -> KernelMeasurement:
-    """Measure the kernel of a phantom series on disk (DICOM files or folders), read as the node reads CT."""
+def _series(inputs: Iterable[str | Path], series_uid: str | None) -> list[Series]:
     found, notes = read_ct_series(inputs, include_derived=True)
     if series_uid:
         found = [s for s in found if s.uid == series_uid]
     if not found:
         raise MeasureError("no CT series found" + (f" ({notes[0]})" if notes else ""))
-    if len(found) > 1:
-        listed = ", ".join(f"{s.uid} ({s.kernel or 'no kernel'})" for s in found)
-        raise MeasureError(f"{len(found)} series found: choose one with --series ({listed})")
-    series = found[0]
+    return found
+
+
+def _measure(series: Series, circle: Circle | None, aperture_mm: float) -> KernelMeasurement:
     try:
         volume = load_hu(series)
     except SeriesError as exc:
@@ -517,17 +519,75 @@ def measure_series(inputs: Iterable[str | Path], series_uid: str | None = None,
                           aperture_mm=aperture_mm)
 
 
+def measure_series(inputs: Iterable[str | Path], series_uid: str | None = None,
+                   circle: Circle | None = None, aperture_mm: float = 0.0) -> KernelMeasurement:
+    """Measure the kernel of one phantom series on disk (DICOM files or folders), read as the node reads CT."""
+    found = _series(inputs, series_uid)
+    if len(found) > 1:
+        listed = ", ".join(f"{s.uid} ({s.kernel or 'no kernel'})" for s in found)
+        raise MeasureError(f"{len(found)} series found: choose one with --series ({listed})")
+    return _measure(found[0], circle, aperture_mm)
+
+
+def measure_study(inputs: Iterable[str | Path], series_uid: str | None = None, circle: Circle | None = None,
+                  ) -> tuple[list[KernelMeasurement], list[str]]:
+    """Measure every CT series under the inputs: a site scans the phantom once and reconstructs it with each
+    of its kernels. Returns the measurements and a line for each series that could not be measured."""
+    measured, problems = [], []
+    for series in _series(inputs, series_uid):
+        try:
+            measured.append(_measure(series, circle, 0.0))
+        except MeasureError as exc:
+            problems.append(f"series {series.uid} ({series.kernel or 'no kernel'}): {exc}")
+    return measured, problems
+
+
+def kernel_tables(measured: Iterable[KernelMeasurement]) -> str:
+    """The config lines for all measured kernels; several series of one kernel are averaged, and say so."""
+    groups: dict[str, list[KernelMeasurement]] = {}
+    unnamed = 0
+    for m in measured:
+        if not m.kernel:
+            unnamed += 1  # nothing to match a series by: the default blur (scanner_mtf50_lp_cm) applies
+            continue
+        groups.setdefault(kernel_key(m.kernel), []).append(m)
+    mtf, lift = ["[engine.scanner_kernels]"], ["[engine.scanner_edge_enhance]"]
+    def line(name: str, values: list[float]) -> str:
+        each = f"  # mean of {len(values)} series: " + ", ".join(f"{v:.2f}" for v in values) if len(values) > 1 else ""
+        return f"{name} = {float(np.mean(values)):.2f}{each}"
+
+    for ms in groups.values():
+        name = json.dumps(ms[0].kernel)  # a TOML basic string is a JSON string
+        mtf.append(line(name, [m.mtf50_lp_cm for m in ms]))
+        lift.append(line(name, [m.edge_enhance for m in ms]))
+    out = "\n".join(mtf) + "\n\n" + "\n".join(lift) + "\n"
+    if unnamed:
+        out += (f"# {unnamed} series state no ConvolutionKernel: a table cannot name them; they get "
+                "scanner_mtf50_lp_cm\n")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="dicom-node measure-kernel", description=__doc__.split("\n\n")[0])
-    ap.add_argument("input", nargs="+", help="the phantom series: DICOM files or folders")
-    ap.add_argument("--series", help="SeriesInstanceUID, where the input holds several")
+    ap.add_argument("input", nargs="+",
+                    help="the phantom scan: DICOM files or folders, one series per kernel (each is measured)")
+    ap.add_argument("--series", help="measure only this SeriesInstanceUID")
     ap.add_argument("--circle", type=Circle.parse, help="X,Y,R in mm (from pixel [0,0]): the edge to use")
     ap.add_argument("--json", action="store_true", help="machine-readable output")
     args = ap.parse_args(argv)
     try:
-        m = measure_series(args.input, args.series, args.circle)
+        measured, problems = measure_study(args.input, args.series, args.circle)
     except MeasureError as exc:
         print(f"measure-kernel: {exc}")
         return 2
-    print(json.dumps(m.as_dict(), indent=1) if args.json else m.render())
-    return 0
+    tables = kernel_tables(measured) if measured else ""
+    if args.json:
+        print(json.dumps({"series": [m.as_dict() for m in measured], "problems": problems, "toml": tables}, indent=1))
+    else:
+        for m in measured:
+            print(m.summary() + "\n")
+        for line in problems:
+            print(f"measure-kernel: {line}")
+        if measured:
+            print(("\n" if problems else "") + "For config.toml:\n" + tables, end="")
+    return 0 if measured else 2

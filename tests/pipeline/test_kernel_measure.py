@@ -134,7 +134,9 @@ def test_a_real_scanners_phantom_series_is_measured(capsys):
     out = capsys.readouterr().out
     assert "Kernel FC12: MTF50" in out and '[engine.scanner_kernels]\n"FC12" = ' in out
     assert cli.main(["measure-kernel", str(TOSHIBA), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["kernel"] == "FC12"
+    out = json.loads(capsys.readouterr().out)
+    assert [m["kernel"] for m in out["series"]] == ["FC12"] and not out["problems"]
+    assert tomllib.loads(out["toml"])["engine"]["scanner_kernels"]["FC12"] == round(m.mtf50_lp_cm, 2)
 
 
 def test_the_cli_says_why_it_cannot_measure(tmp_path: Path, capsys):
