@@ -45,7 +45,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return doctor.main(args.model or cfg.engine.model, cfg.engine.backend, as_json=args.json)
+    return doctor.main(args.model or cfg.engine.model, cfg.engine.backend, as_json=args.json, engine=cfg.engine)
 
 
 def cmd_process(args: argparse.Namespace) -> int:

@@ -15,6 +15,8 @@ from typing import Any
 
 from dicom_node import __version__
 from dicom_node.backends import plan as plans
+from dicom_node.config import EngineConfig
+from dicom_node.pipeline.subtract import kernel_key
 
 PACKAGES: dict[str, tuple[str, ...]] = {  # shown name -> distribution names to try
     "pydicom": ("pydicom",),
@@ -45,7 +47,48 @@ def _model(path: Path) -> dict[str, Any]:
     return out
 
 
-def report(model: str | Path, configured: str = "auto", env: plans.Environment | None = None) -> dict[str, Any]:
+def engine_report(engine: EngineConfig) -> dict[str, Any]:
+    """The restoration the node runs and, for the subtraction, the blur it assumes for each listed kernel.
+
+    Why: the subtraction's result hangs on the kernel tables, which a site fills by hand (or from
+    ``dicom-node measure-kernel``); a kernel listed in one table and not the other, or tables under the
+    network, silently do less than the site thinks.
+    """
+    out: dict[str, Any] = {"method": engine.method, "kernels": [], "notes": []}
+    if engine.method != "subtract":
+        if engine.scanner_kernels or engine.scanner_edge_enhance or engine.subtract_white_by_kernel:
+            out["notes"].append('the kernel tables apply to method = "subtract" only; this node runs the network')
+        return out
+    options = engine.subtract_options()
+    out["estimate"] = engine.subtract_estimate or "rule"
+
+    def assumed(o: Any) -> dict[str, float]:
+        return {"mtf50_lp_cm": o.blur.mtf50_lp_cm, "edge_enhance": o.blur.edge_enhance,
+                "white_above_lumen_hu": o.white_above_lumen_hu}
+
+    names: dict[str, str] = {}
+    for table in (engine.scanner_kernels, engine.scanner_edge_enhance, engine.subtract_white_by_kernel):
+        for name in table:
+            names.setdefault(kernel_key(name), name)
+    listed_mtf = {kernel_key(n) for n in engine.scanner_kernels}
+    listed_lift = {kernel_key(n) for n in engine.scanner_edge_enhance}
+    for key, name in names.items():
+        out["kernels"].append({"kernel": name, **assumed(options.for_kernel(name))})
+        if key not in listed_mtf:
+            out["notes"].append(f"{name}: no MTF50 in [engine.scanner_kernels]; the default "
+                                f"{options.blur.mtf50_lp_cm:g} lp/cm is assumed")
+        if key not in listed_lift:
+            out["notes"].append(f"{name}: no edge lift in [engine.scanner_edge_enhance]; the default "
+                                f"{options.blur.edge_enhance:g} is assumed")
+    out["default"] = assumed(options)
+    if not names:
+        out["notes"].append("no kernel tables: every series gets the default blur; measure the site's kernels "
+                            "with dicom-node measure-kernel (README: Measuring the site's kernels)")
+    return out
+
+
+def report(model: str | Path, configured: str = "auto", env: plans.Environment | None = None,
+           engine: EngineConfig | None = None) -> dict[str, Any]:
     """Everything doctor knows, as plain data (``--json`` prints it as is)."""
     env = env or plans.probe()
     model = Path(model)
@@ -80,6 +123,8 @@ def report(model: str | Path, configured: str = "auto", env: plans.Environment |
                          "reason": choice.error or choice.reason, "plan": str(choice.plan) if choice.plan else None}
     else:
         info["auto"] = {"backend": None, "reason": f"model not found: {model}", "plan": None}
+    if engine is not None:
+        info["engine"] = engine_report(engine)
     return info
 
 
@@ -120,10 +165,28 @@ def render(info: dict[str, Any]) -> str:
     if "configured" in info:
         c = info["configured"]
         lines.append(f"configured:   {info['configured_backend']} -> {c['backend'] or 'ERROR'} ({c['reason']})")
+    if "engine" in info:
+        lines += _render_engine(info["engine"])
     return "\n".join(lines)
 
 
-def main(model: str | Path, configured: str = "auto", as_json: bool = False) -> int:
-    info = report(model, configured)
+def _render_engine(e: dict[str, Any]) -> list[str]:
+    def blur(a: dict[str, float]) -> str:
+        return (f"MTF50 {a['mtf50_lp_cm']:g} lp/cm, edge lift {a['edge_enhance']:g}, "
+                f"white {a['white_above_lumen_hu']:g} HU above the contrast")
+
+    if e["method"] != "subtract":
+        lines = [f"engine:       {e['method']}"]
+    else:
+        lines = [f"engine:       subtract ({'white-level rule' if e['estimate'] == 'rule' else e['estimate']})"]
+        lines += [f"  kernel {k['kernel']}: {blur(k)}" for k in e["kernels"]]
+        lines.append(f"  {'any other kernel' if e['kernels'] else 'every kernel'}: {blur(e['default'])}")
+    lines += [f"  note: {n}" for n in e["notes"]]
+    return lines
+
+
+def main(model: str | Path, configured: str = "auto", as_json: bool = False, engine: EngineConfig | None = None
+         ) -> int:
+    info = report(model, configured, engine=engine)
     print(json.dumps(info, indent=2) if as_json else render(info))
     return 0

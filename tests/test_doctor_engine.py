@@ -1,0 +1,45 @@
+"""``dicom-node doctor`` shows the restoration the node runs and the blur the subtraction assumes per kernel.
+
+The subtraction's result hangs on the kernel tables, which a site fills by hand or from ``measure-kernel``; doctor
+is where a half-filled table (a lift without an MTF50) or tables the network ignores become visible.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dicom_node import cli, config, doctor
+
+
+def test_the_subtractions_tables_are_resolved_per_kernel_and_gaps_named():
+    cfg = config.from_dict({"engine": {"method": "subtract", "scanner_kernels": {"SOFT": 3.41, "SHARP": 5.92},
+                                       "scanner_edge_enhance": {"sharp": 0.7, "B46f": 0.8},
+                                       "subtract_white_by_kernel": {"SOFT": 70.0}}})
+    e = doctor.engine_report(cfg.engine)
+    by = {k["kernel"]: k for k in e["kernels"]}
+    assert set(by) == {"SOFT", "SHARP", "B46f"}  # one entry per kernel, whatever its spelling in each table
+    soft = by["SOFT"]
+    assert (soft["mtf50_lp_cm"], soft["edge_enhance"], soft["white_above_lumen_hu"]) == (3.41, 0.5, 70.0)
+    assert (by["SHARP"]["mtf50_lp_cm"], by["SHARP"]["edge_enhance"]) == (5.92, 0.7)
+    assert (by["B46f"]["mtf50_lp_cm"], by["B46f"]["edge_enhance"]) == (5.2, 0.8)
+    assert e["default"]["mtf50_lp_cm"] == 5.2
+    assert any(n.startswith("B46f: no MTF50") for n in e["notes"])
+    assert any(n.startswith("SOFT: no edge lift") for n in e["notes"])
+    assert not any(n.startswith("SHARP") for n in e["notes"])
+    text = "\n".join(doctor._render_engine(e))
+    assert "kernel SHARP: MTF50 5.92 lp/cm, edge lift 0.7" in text and "any other kernel: MTF50 5.2" in text
+
+
+def test_no_tables_under_the_subtraction_point_to_measure_kernel_and_tables_under_the_network_are_named():
+    e = doctor.engine_report(config.from_dict({"engine": {"method": "subtract"}}).engine)
+    assert e["kernels"] == [] and "measure-kernel" in e["notes"][0]
+    e = doctor.engine_report(config.from_dict({"engine": {"scanner_kernels": {"B26f": 4.3}}}).engine)
+    assert e["method"] == "network" and 'apply to method = "subtract" only' in e["notes"][0]
+
+
+def test_doctor_prints_the_engine_from_the_config(tmp_path: Path, capsys):
+    path = tmp_path / "config.toml"
+    path.write_text('[engine]\nmethod = "subtract"\n[engine.scanner_kernels]\nFC12 = 2.87\n')
+    assert cli.main(["doctor", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "engine:       subtract (white-level rule)" in out and "kernel FC12: MTF50 2.87 lp/cm" in out
