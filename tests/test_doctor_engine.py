@@ -43,3 +43,20 @@ def test_doctor_prints_the_engine_from_the_config(tmp_path: Path, capsys):
     assert cli.main(["doctor", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert "engine:       subtract (white-level rule)" in out and "kernel FC12: MTF50 2.87 lp/cm" in out
+
+
+def test_the_readmes_recommended_subtraction_loads_and_every_kernel_is_complete():
+    """The README's config block for the recommended subtraction is a working config (docs that cannot rot)."""
+    import re
+    import tomllib
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Measuring the site's kernels", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```toml\n(.*?)```", section, re.S).group(1)
+    values = tomllib.loads(block)
+    values["engine"]["subtract_estimate"] = str(Path(__file__).resolve().parents[1] / "engines"
+                                                / Path(values["engine"]["subtract_estimate"]).name)
+    cfg = config.from_dict(values)
+    e = doctor.engine_report(cfg.engine)
+    assert e["method"] == "subtract" and e["estimate"].endswith("calcium_excess_ref.npz")
+    assert cfg.engine.sharp_contrast_hu == 150.0 and e["kernels"] and not e["notes"]
