@@ -192,6 +192,15 @@ def process_series(series: Series, out_dir: Path, cfg: Config, engine: Engine, m
     if result.assumed_mtf50_lp_cm is not None:  # the one assumption the subtraction's result hangs on
         outcome.settings["assumed_mtf50_lp_cm"] = result.assumed_mtf50_lp_cm
         outcome.settings["assumed_edge_enhance"] = result.assumed_edge_enhance
+        tables = engine.subtract
+        if (tables.kernels or tables.enhance_by_kernel) and not tables.lists(series.kernel):
+            # A site that measured its kernels meets one it did not (a new protocol, another scanner): the
+            # default blur may be far from this kernel's, and the administrator should hear of it.
+            outcome.settings["kernel_listed"] = False
+            log.warning("kernel %s is not in the site's kernel tables ([engine.scanner_kernels], "
+                        "[engine.scanner_edge_enhance]): the default blur is assumed (MTF50 %g lp/cm, edge lift %g); "
+                        "measure it with dicom-node measure-kernel", repr(series.kernel) if series.kernel
+                        else "(not stated)", result.assumed_mtf50_lp_cm, result.assumed_edge_enhance)
         chosen = result.assumed_for_kernel
         description += (f" Scanner blur assumed: MTF50 {result.assumed_mtf50_lp_cm:g} lp/cm, edge lift "
                         f"{result.assumed_edge_enhance:g} ({'for kernel ' + chosen if chosen else 'the default'}).")

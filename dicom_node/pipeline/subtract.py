@@ -309,6 +309,10 @@ class SubtractOptions:
         for _, enhance in self.enhance_by_kernel:
             replace(self.blur, edge_enhance=enhance)  # checks the lift as any blur's
 
+    def lists(self, kernel: str) -> bool:
+        """Whether any of the kernel tables names the series' ConvolutionKernel (an unlisted one gets the defaults)."""
+        return any(_listed(t, kernel) is not None for t in (self.kernels, self.white_by_kernel, self.enhance_by_kernel))
+
     def listed_mtf50(self, kernel: str) -> float | None:
         """The MTF50 the kernel table gives a series' ConvolutionKernel, or None where it lists none."""
         return _listed(self.kernels, kernel)

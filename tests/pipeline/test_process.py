@@ -145,7 +145,7 @@ def test_subtract_method_says_so_and_gets_its_own_uids(processed, tmp_path):
         assert _dciodvfy_errors(f) == [], f.name
 
 
-def test_subtract_assumes_the_blur_of_the_kernel_the_header_names(processed, tmp_path):
+def test_subtract_assumes_the_blur_of_the_kernel_the_header_names(processed, tmp_path, caplog):
     """A series whose ConvolutionKernel the site's tables list gets that kernel's blur (MTF50, edge lift), and
     says so."""
     _, root, _, src = processed
@@ -156,10 +156,25 @@ def test_subtract_assumes_the_blur_of_the_kernel_the_header_names(processed, tmp
     cfg = tmp_path / "config.toml"
     cfg.write_text('[engine]\nmethod = "subtract"\n[engine.scanner_kernels]\nsoft = 3.5\n'
                    '[engine.scanner_edge_enhance]\nsoft = 0.0\n')
-    assert main(["process", str(tmp_path / "in"), str(tmp_path / "out"), "--quiet", "--config", str(cfg)]) == 0
+    with caplog.at_level("WARNING"):
+        assert main(["process", str(tmp_path / "in"), str(tmp_path / "out"), "--quiet", "--config", str(cfg)]) == 0
+    assert not any("not in the site's kernel tables" in r.getMessage() for r in caplog.records)
     ct = pydicom.dcmread(sorted((tmp_path / "out").rglob("CT_*.dcm"))[0])
     assert "Scanner blur assumed: MTF50 3.5 lp/cm, edge lift 0 (for kernel SOFT)." in ct.DerivationDescription
     assert ct.ConvolutionKernel == "SOFT", "the source's kernel is kept"
+
+
+def test_a_kernel_the_sites_tables_do_not_list_is_logged(processed, tmp_path, caplog):
+    """With kernel tables, a series of another kernel (here: none stated) gets the default blur, and the log says so."""
+    _, root, _, src = processed
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[engine]\nmethod = "subtract"\n[engine.scanner_kernels]\nSHARP = 6.3\n')
+    with caplog.at_level("WARNING"):
+        assert main(["process", *map(str, src), str(tmp_path / "out"), "--quiet", "--config", str(cfg)]) == 0
+    said = [r.getMessage() for r in caplog.records if "not in the site's kernel tables" in r.getMessage()]
+    assert len(said) == 1 and "kernel (not stated)" in said[0] and "MTF50 5.2 lp/cm" in said[0]
+    ct = pydicom.dcmread(sorted((tmp_path / "out").rglob("CT_*.dcm"))[0])
+    assert "(the default)." in ct.DerivationDescription
 
 
 def _mkdir(path):
