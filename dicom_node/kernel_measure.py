@@ -501,7 +501,10 @@ def measure_volume(volume: np.ndarray, spacing: tuple[float, float, float], kern
 
 
 def _series(inputs: Iterable[str | Path], series_uid: str | None) -> list[Series]:
-    found, notes = read_ct_series(inputs, include_derived=True)
+    try:
+        found, notes = read_ct_series(inputs, include_derived=True)
+    except OSError as exc:  # a path that is not there, or cannot be read
+        raise MeasureError(str(exc)) from exc
     if series_uid:
         found = [s for s in found if s.uid == series_uid]
     if not found:

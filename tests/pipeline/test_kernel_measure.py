@@ -142,3 +142,5 @@ def test_a_real_scanners_phantom_series_is_measured(capsys):
 def test_the_cli_says_why_it_cannot_measure(tmp_path: Path, capsys):
     assert cli.main(["measure-kernel", str(tmp_path)]) == 2
     assert "measure-kernel: no CT series found" in capsys.readouterr().out
+    assert cli.main(["measure-kernel", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere: no such file or folder" in capsys.readouterr().out
