@@ -440,8 +440,8 @@ def measure_volume(volume: np.ndarray, spacing: tuple[float, float, float], kern
         sel = good[sector] & (np.abs(r - circle.radius_mm) < half_width_mm)
         if (vol[z][sel] <= PADDING_HU).any():
             continue  # the reconstruction circle cuts the edge in this slice
-        level_in = np.median(vol[z][sel & (r < circle.radius_mm - min(2.5, 0.6 * circle.radius_mm))]) \
-            if (sel & (r < circle.radius_mm - min(2.5, 0.6 * circle.radius_mm))).any() else inside
+        deep = sel & (r < circle.radius_mm - min(2.5, 0.6 * circle.radius_mm))  # inside, clear of the edge
+        level_in = float(np.median(vol[z][deep])) if deep.any() else inside
         if abs(level_in - inside) > 0.1 * abs(inside - outside):
             continue  # the insert ends or changes in this slice
         per_slice.append((z, r[sel], vol[z][sel].astype(np.float64), sector[sel]))
