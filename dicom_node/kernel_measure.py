@@ -108,20 +108,11 @@ class KernelMeasurement:
     def contrast_hu(self) -> float:
         return self.inside_hu - self.outside_hu
 
-    def toml(self) -> str:
-        """The config.toml lines this measurement gives (the tables go at the end of [engine])."""
-        name = json.dumps(self.kernel or "KERNEL")  # a TOML basic string is a JSON string
-        return (f"[engine.scanner_kernels]\n{name} = {self.mtf50_lp_cm:.2f}\n\n"
-                f"[engine.scanner_edge_enhance]\n{name} = {self.edge_enhance:.2f}\n")
-
     def as_dict(self) -> dict:
         out = asdict(self)
         out.pop("profile")
         out["contrast_hu"] = self.contrast_hu
         return out
-
-    def render(self) -> str:
-        return self.summary() + "\n\nFor config.toml:\n" + self.toml()
 
     def summary(self) -> str:
         """What was measured and from what, in a few lines (the warnings last)."""
@@ -192,6 +183,12 @@ def fit_edge(r_mm: np.ndarray, values: np.ndarray, radius_mm: float, counts: np.
     Several starts (soft and sharp, lifted and not): the lift and the core's width trade against each
     other near the edge, and a single start can stop in the wrong valley.
     """
+    return _fit_edge(r_mm, values, radius_mm, counts, aperture_mm)[0]
+
+
+def _fit_edge(r_mm: np.ndarray, values: np.ndarray, radius_mm: float, counts: np.ndarray | None,
+              aperture_mm: float) -> tuple[EdgeFit, np.ndarray]:
+    """``fit_edge``, and the fitted model's HU at ``r_mm`` (the profile plot's curve)."""
     from scipy.optimize import least_squares
     from scipy.special import j0 as bessel_j0
 
@@ -218,8 +215,9 @@ def fit_edge(r_mm: np.ndarray, values: np.ndarray, radius_mm: float, counts: np.
             best = res
     coef, resid = levels(best.x)
     rms = float(np.sqrt(np.sum(resid ** 2) / np.sum(w ** 2)))
-    return EdgeFit(mtf50_lp_cm=float(best.x[0]), edge_enhance=float(best.x[1]), radius_mm=float(best.x[2]),
-                   inside_hu=float(coef[0] + coef[1]), outside_hu=float(coef[0]), rms_hu=rms)
+    return (EdgeFit(mtf50_lp_cm=float(best.x[0]), edge_enhance=float(best.x[1]), radius_mm=float(best.x[2]),
+                    inside_hu=float(coef[0] + coef[1]), outside_hu=float(coef[0]), rms_hu=rms),
+            resid / w + v)
 
 
 # ----------------------------------------------------------------------------------------- finding an edge
@@ -448,18 +446,14 @@ def measure_volume(volume: np.ndarray, spacing: tuple[float, float, float], kern
     if not per_slice:
         raise MeasureError("no slice shows the edge the slab shows (is the insert parallel to z?)")
 
-    def fit(parts: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[EdgeFit, int]:
+    def fit(parts: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[EdgeFit, int, tuple[np.ndarray, ...]]:
         rs, vs = zip(*parts)
         r_all, v_all = np.concatenate(rs), np.concatenate(vs)
         pr, pv, n = _profile(r_all, v_all, circle.radius_mm, half_width_mm)
-        return fit_edge(pr, pv, circle.radius_mm, n, aperture_mm), len(r_all)
+        edge, fitted = _fit_edge(pr, pv, circle.radius_mm, n, aperture_mm)
+        return edge, len(r_all), (pr, pv, fitted)
 
-    whole, samples = fit((r, v) for _, r, v, _ in per_slice)
-    pr, pv, _ = _profile(np.concatenate([p[1] for p in per_slice]), np.concatenate([p[2] for p in per_slice]),
-                         circle.radius_mm, half_width_mm)
-    model = disc_profile(pr, whole.radius_mm, ScannerBlur(whole.mtf50_lp_cm, whole.edge_enhance),
-                         aperture=aperture_mtf(_frequencies(float(pr.max()), whole.radius_mm), aperture_mm))
-    fitted = whole.outside_hu + (whole.inside_hu - whole.outside_hu) * model
+    whole, samples, profile = fit((r, v) for _, r, v, _ in per_slice)
     # Repeatability: the upper and lower halves of the slices (alternate slices share their noise through the
     # slice profile and would agree too well), or with few slices the two halves of the circle.
     if len(per_slice) >= 4:
@@ -497,7 +491,7 @@ def measure_volume(volume: np.ndarray, spacing: tuple[float, float, float], kern
                              circle=Circle(circle.x_mm, circle.y_mm, whole.radius_mm), inside_hu=whole.inside_hu,
                              outside_hu=whole.outside_hu, rms_hu=whole.rms_hu, slices=len(per_slice),
                              sectors=int(good.sum()), samples=samples, halves=halves, pixel_mm=max(pixel),
-                             series_uid=series_uid, warnings=tuple(warnings), profile=(pr, pv, fitted))
+                             series_uid=series_uid, warnings=tuple(warnings), profile=profile)
 
 
 def _series(inputs: Iterable[str | Path], series_uid: str | None) -> list[Series]:

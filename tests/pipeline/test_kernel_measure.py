@@ -16,7 +16,15 @@ import numpy as np
 import pytest
 
 from dicom_node import cli, config
-from dicom_node.kernel_measure import Circle, MeasureError, disc_profile, find_circles, measure_series, measure_volume
+from dicom_node.kernel_measure import (
+    Circle,
+    MeasureError,
+    disc_profile,
+    find_circles,
+    kernel_tables,
+    measure_series,
+    measure_volume,
+)
 from dicom_node.pipeline.subtract import ScannerBlur
 
 from ..conftest import REPO, SHARED_DATA
@@ -67,7 +75,7 @@ def test_a_known_blur_is_measured_back_through_noise(mtf50, lift):
     assert m.inside_hu - m.outside_hu == pytest.approx(1000.0, rel=0.02)
     assert m.sectors == 72 and m.slices == 6 and not m.warnings
     # what a site pastes into config.toml is a valid kernel table for the subtraction
-    tables = tomllib.loads("[engine]\n" + m.toml())["engine"]
+    tables = tomllib.loads("[engine]\n" + kernel_tables([m]))["engine"]
     assert tables == {"scanner_kernels": {"B46f": round(m.mtf50_lp_cm, 2)},
                       "scanner_edge_enhance": {"B46f": round(m.edge_enhance, 2)}}
     cfg = config.from_dict({"engine": tables})
