@@ -8,22 +8,19 @@ with the measured tables as with the world's own (reports/tuning/kernel-measure.
 The phantom: a water cylinder (radius 40 mm) in air, with three rods along z: bone-equivalent (1,000 HU,
 10 mm), hydroxyapatite 800 mg/cm3 (5 mm) and iodinated blood (400 HU, 5 mm). It is drawn with area
 fractions (4 x 4 sub-pixels), blurred by the kernel's MTF and a slice profile, and given the kernel's
-noise texture at its mid-range SD, as the world draws a study.
-
-    python -m dicom_node_lab.kernel_phantom --out runs/kernel-phantom --repeats 3
+noise texture at its mid-range SD, as the world draws a study. The measurements themselves are
+``kernel_report``'s (``python -m dicom_node_lab.kernel_report --out reports/kernel-measure``).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 from pydicom.uid import generate_uid
 
-from dicom_node.kernel_measure import Circle, measure_series
+from dicom_node.kernel_measure import Circle
 from dicom_node_lab import physics
 from dicom_node_lab.phantom_dicom import ct_series
 from dicom_node_lab.physics import Kernel
@@ -83,34 +80,3 @@ def write(kernel: Kernel, folder: Path, seed: int = 0) -> Path:
         ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
     return folder
 
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, required=True, help="folder for the series and results.json")
-    ap.add_argument("--repeats", type=int, default=3, help="noise realisations per kernel")
-    ap.add_argument("--aperture", action="store_true",
-                    help="count the world's area-share drawing (a pixel aperture) as not the kernel's")
-    ap.add_argument("--edges", default="auto,0,1,2,-1",
-                    help="which edges: auto (the tool's own choice) and rod indices (-1 the cylinder)")
-    args = ap.parse_args(argv)
-    rows = []
-    for kernel in (Kernel.SOFT, Kernel.STANDARD, Kernel.HD, Kernel.SHARP):
-        model = physics.KERNELS[kernel]
-        for rep in range(args.repeats):
-            folder = write(kernel, args.out / f"{kernel.name}-{rep}", seed=1000 + rep)
-            for edge in args.edges.split(","):
-                circle = None if edge == "auto" else rod_circle(int(edge))
-                m = measure_series([folder], circle=circle, aperture_mm=SPACING[1] if args.aperture else 0.0)
-                rows.append({"kernel": kernel.name, "repeat": rep, "edge": edge, "nominal_mtf50": model.mtf50_lp_cm,
-                             "nominal_lift": model.enhance, "mtf50": m.mtf50_lp_cm, "lift": m.edge_enhance,
-                             "radius_mm": m.circle.radius_mm, "contrast_hu": m.contrast_hu, "rms_hu": m.rms_hu,
-                             "warnings": list(m.warnings)})
-                print(f"{kernel.name:8s} rep {rep} edge {edge:>4s}: MTF50 {m.mtf50_lp_cm:.2f} "
-                      f"(nominal {model.mtf50_lp_cm}), lift {m.edge_enhance:.2f} (nominal {model.enhance}), "
-                      f"radius {m.circle.radius_mm:.2f}, contrast {m.contrast_hu:.0f}", flush=True)
-    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
