@@ -222,7 +222,9 @@ def _label_points(ins: Insert, dx: np.ndarray, dy: np.ndarray) -> tuple[np.ndarr
             ang = np.degrees(np.arctan2(dy, dx))
             in_arc = np.ones(r.shape, bool) if ins.A_deg >= 360 else np.abs(_wrap_deg(ang)) <= ins.A_deg / 2
             ca = (r <= R) & (r >= R - ins.d_mm) & in_arc
-            lab[ca] = _CA
+            # HA 0: the calcium-free twin of the phantom (``--densities 0``), the deposit's place filled with
+            # wall tissue, as plaque: what the same scanner shows without the calcium (the truth image)
+            lab[ca] = _CA if ins.ha_mg_cc else _WALL
             ha[ca] = ins.ha_mg_cc
     elif ins.kind == "rod":
         inside = r <= ins.radius_mm
