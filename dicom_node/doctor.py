@@ -55,9 +55,11 @@ def engine_report(engine: EngineConfig) -> dict[str, Any]:
     network, silently do less than the site thinks.
     """
     out: dict[str, Any] = {"method": engine.method, "kernels": [], "notes": []}
-    if engine.method != "subtract":
+    auto = engine.method == "auto"
+    if engine.method == "network":
         if engine.scanner_kernels or engine.scanner_edge_enhance or engine.subtract_white_by_kernel:
-            out["notes"].append('the kernel tables apply to method = "subtract" only; this node runs the network')
+            out["notes"].append('the kernel tables apply to method = "subtract" or "auto" only; '
+                                'this node runs the network')
         return out
     options = engine.subtract_options()
     out["estimate"] = engine.subtract_estimate or "rule"
@@ -73,15 +75,24 @@ def engine_report(engine: EngineConfig) -> dict[str, Any]:
     listed_mtf = {kernel_key(n) for n in engine.scanner_kernels}
     listed_lift = {kernel_key(n) for n in engine.scanner_edge_enhance}
     for key, name in names.items():
-        out["kernels"].append({"kernel": name, **assumed(options.for_kernel(name))})
-        if key not in listed_mtf:
+        chosen = {"method": "subtract" if key in listed_mtf else "network"} if auto else {}
+        out["kernels"].append({"kernel": name, **chosen, **assumed(options.for_kernel(name))})
+        if auto and key not in listed_mtf:
+            out["notes"].append(f"{name}: not in [engine.scanner_kernels]: method auto runs the network for it")
+        elif key not in listed_mtf:
             out["notes"].append(f"{name}: no MTF50 in [engine.scanner_kernels]; the default "
                                 f"{options.blur.mtf50_lp_cm:g} lp/cm is assumed")
         if key not in listed_lift:
             out["notes"].append(f"{name}: no edge lift in [engine.scanner_edge_enhance]; the default "
                                 f"{options.blur.edge_enhance:g} is assumed")
     out["default"] = assumed(options)
-    if not names:
+    if auto:
+        out["notes"].append("method auto: the subtraction for the kernels [engine.scanner_kernels] lists, the "
+                            "network for every other series")
+    if not names and auto:
+        out["notes"].append("no kernel tables: method auto runs the network for every series; measure the site's "
+                            "kernels with dicom-node measure-kernel (README: Measuring the site's kernels)")
+    elif not names:
         out["notes"].append("no kernel tables: every series gets the default blur; measure the site's kernels "
                             "with dicom-node measure-kernel (README: Measuring the site's kernels)")
     return out
@@ -175,8 +186,14 @@ def _render_engine(e: dict[str, Any]) -> list[str]:
         return (f"MTF50 {a['mtf50_lp_cm']:g} lp/cm, edge lift {a['edge_enhance']:g}, "
                 f"white {a['white_above_lumen_hu']:g} HU above the contrast")
 
-    if e["method"] != "subtract":
+    if e["method"] == "network":
         lines = [f"engine:       {e['method']}"]
+    elif e["method"] == "auto":  # per kernel: the subtraction where its MTF50 is listed, the network elsewhere
+        estimate = "the white-level rule" if e["estimate"] == "rule" else e["estimate"]
+        lines = [f"engine:       auto (subtract with {estimate} where the kernel is measured, network elsewhere)"]
+        lines += [f"  kernel {k['kernel']}: " + (f"subtract, {blur(k)}" if k["method"] == "subtract" else "network")
+                  for k in e["kernels"]]
+        lines.append(f"  {'any other kernel' if e['kernels'] else 'every kernel'}: network")
     else:
         lines = [f"engine:       subtract ({'white-level rule' if e['estimate'] == 'rule' else e['estimate']})"]
         lines += [f"  kernel {k['kernel']}: {blur(k)}" for k in e["kernels"]]

@@ -34,7 +34,22 @@ def test_no_tables_under_the_subtraction_point_to_measure_kernel_and_tables_unde
     e = doctor.engine_report(config.from_dict({"engine": {"method": "subtract"}}).engine)
     assert e["kernels"] == [] and "measure-kernel" in e["notes"][0]
     e = doctor.engine_report(config.from_dict({"engine": {"scanner_kernels": {"B26f": 4.3}}}).engine)
-    assert e["method"] == "network" and 'apply to method = "subtract" only' in e["notes"][0]
+    assert e["method"] == "network" and 'apply to method = "subtract" or "auto" only' in e["notes"][0]
+
+
+def test_auto_is_shown_per_kernel_the_subtraction_where_measured_and_the_network_elsewhere():
+    cfg = config.from_dict({"engine": {"method": "auto", "scanner_kernels": {"B26f": 4.14},
+                                       "scanner_edge_enhance": {"B26f": 0.29, "FC12": 0.0}}})
+    e = doctor.engine_report(cfg.engine)
+    by = {k["kernel"]: k for k in e["kernels"]}
+    assert by["B26f"]["method"] == "subtract" and by["FC12"]["method"] == "network"
+    assert any(n.startswith("FC12: not in [engine.scanner_kernels]: method auto runs the network") for n in e["notes"])
+    text = "\n".join(doctor._render_engine(e))
+    assert "engine:       auto (subtract with the white-level rule where the kernel is measured" in text
+    assert "kernel B26f: subtract, MTF50 4.14 lp/cm, edge lift 0.29" in text and "kernel FC12: network" in text
+    assert "any other kernel: network" in text
+    e = doctor.engine_report(config.from_dict({"engine": {"method": "auto"}}).engine)
+    assert any("method auto runs the network for every series" in n for n in e["notes"])
 
 
 def test_doctor_prints_the_engine_from_the_config(tmp_path: Path, capsys):
@@ -58,5 +73,7 @@ def test_the_readmes_recommended_subtraction_loads_and_every_kernel_is_complete(
                                                 / Path(values["engine"]["subtract_estimate"]).name)
     cfg = config.from_dict(values)
     e = doctor.engine_report(cfg.engine)
-    assert e["method"] == "subtract" and e["estimate"].endswith("calcium_excess_ref.npz")
-    assert cfg.engine.sharp_contrast_hu == 150.0 and e["kernels"] and not e["notes"]
+    assert e["method"] == "auto" and e["estimate"].endswith("calcium_excess_ref.npz")
+    assert cfg.engine.sharp_contrast_hu == 150.0 and e["kernels"]
+    assert all(k["method"] == "subtract" for k in e["kernels"]), "every kernel of the block is measured"
+    assert not [n for n in e["notes"] if not n.startswith("method auto: the subtraction for the kernels")]

@@ -93,15 +93,22 @@ def build_engine(cfg: Config, backend: Backend) -> Engine:
                   cfg.engine.method, cfg.engine.subtract_options())
 
 
-def engine_id(cfg: Config) -> str:
+def engine_id(cfg: Config, kernel: str | None = None) -> str:
     """What made the output, for its UIDs, equipment and job records: the model file, or the subtraction.
 
     Derived UIDs hang on this, so the same series processed by another method (or other
     subtraction settings) gets other UIDs, never a silent replacement of the first result.
+    Under ``method = "auto"`` a series' output is made by what auto chooses for its ``kernel``
+    (``Engine.method_for``); without a kernel, the node's id names both (job records, fingerprints).
     """
-    if cfg.engine.method == "network":
-        return model_file_id(cfg.engine.model)
-    return "subtract-" + hashlib.sha256(repr(cfg.engine.subtract_options()).encode()).hexdigest()[:10]
+    method = cfg.engine.method
+    subtract = "subtract-" + hashlib.sha256(repr(cfg.engine.subtract_options()).encode()).hexdigest()[:10]
+    if method == "auto":
+        if kernel is None:
+            both = f"{model_file_id(cfg.engine.model)}+{subtract}"
+            return "auto-" + hashlib.sha256(both.encode()).hexdigest()[:10]
+        method = "subtract" if cfg.engine.subtract_options().listed_mtf50(kernel) is not None else "network"
+    return model_file_id(cfg.engine.model) if method == "network" else subtract
 
 
 def run_settings(cfg: Config, model_id: str) -> dict[str, Any]:
@@ -157,6 +164,8 @@ def process_series(series: Series, out_dir: Path, cfg: Config, engine: Engine, m
     sent anywhere) and a thumbnail of the first (``thumb.png``). ``ahead``: the series' HU volume
     and its detection, already done (a warm child's preparation, see node/isolate.py); the volume
     is restored in place."""
+    if cfg.engine.method == "auto":  # this series' output is the chosen method's, and named so
+        model_id = engine_id(cfg, series.kernel)
     outcome = SeriesOutcome(uid=series.uid, description=series.description, status="failed", slices=len(series.files),
                             settings=run_settings(cfg, model_id))
     t0 = time.perf_counter()
@@ -185,7 +194,13 @@ def process_series(series: Series, out_dir: Path, cfg: Config, engine: Engine, m
     outcome.excluded = det.excluded
     found = f"above {det.threshold_hu:.0f} HU" + (f" or {cfg.engine.local_contrast_hu:.0f} HU above their vessel's "
                                                   "contrast" if cfg.engine.local_contrast_hu > 0 else "")
-    text = METHOD_TEXT[cfg.engine.method]  # as engine_id, the SEG and the run's settings say it
+    text = METHOD_TEXT[result.method]  # as engine_id, the SEG and the run's settings say it
+    if cfg.engine.method == "auto":
+        outcome.settings["method_used"] = result.method
+        listed = result.method == "subtract"
+        log.info("method auto: kernel %s %s [engine.scanner_kernels]: %s",
+                 repr(series.kernel) if series.kernel else "(not stated)", "is in" if listed else "is not in",
+                 "the subtraction" if listed else "the network")
     description = (f"Calcium removed by {text.words} (dicom-node, {model_id}): {outcome.lesions} "
                    f"calcified lesions {found} replaced, with a {cfg.engine.margin_mm} mm blooming "
                    f"margin, by {text.restored_by}, research use; read with the original series.")
@@ -279,7 +294,7 @@ def _seg_and_report(series: Series, result: EngineResult, cfg: Config, target: P
                 unsure |= det.labels == lesion
     with timed(stages, "seg"):
         seg_path = write_seg(series, det.calcium, result.changed, target, model_id, uids, params, seg_number,
-                             unsure=unsure, reports=result.reports, method=cfg.engine.method)
+                             unsure=unsure, reports=result.reports, method=result.method)
     out = [seg_path]
     if cfg.output.write_report and det.lesions:
         with timed(stages, "report"):

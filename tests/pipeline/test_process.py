@@ -177,6 +177,44 @@ def test_a_kernel_the_sites_tables_do_not_list_is_logged(processed, tmp_path, ca
     assert "(the default)." in ct.DerivationDescription
 
 
+def test_auto_subtracts_a_measured_kernel_and_runs_the_network_for_any_other(processed, tmp_path, caplog):
+    """engine.method = "auto": a series whose kernel [engine.scanner_kernels] lists is restored by the subtraction
+    (and its outputs say so, with the subtraction's UIDs); the same series under an unlisted kernel by the network,
+    exactly as method = "network" restores it (same UIDs, same pixels)."""
+    _, root, _, src = processed
+    for f in src:
+        ds = pydicom.dcmread(f)
+        ds.ConvolutionKernel = "SOFT"
+        ds.save_as(_mkdir(tmp_path / "soft") / f.name)
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[engine]\nmethod = "auto"\n[engine.scanner_kernels]\nsoft = 3.5\n')
+    subtract_cfg = tmp_path / "subtract.toml"
+    subtract_cfg.write_text('[engine]\nmethod = "subtract"\n[engine.scanner_kernels]\nsoft = 3.5\n')
+    with caplog.at_level("INFO"):
+        assert main(["process", str(tmp_path / "soft"), str(tmp_path / "auto-soft"), "--quiet", "--config",
+                     str(cfg)]) == 0
+        assert main(["process", *map(str, src), str(tmp_path / "auto-none"), "--quiet", "--config", str(cfg)]) == 0
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("method auto")]
+    assert said == ["method auto: kernel 'SOFT' is in [engine.scanner_kernels]: the subtraction",
+                    "method auto: kernel (not stated) is not in [engine.scanner_kernels]: the network"]
+    assert main(["process", str(tmp_path / "soft"), str(tmp_path / "subtract"), "--quiet", "--config",
+                 str(subtract_cfg)]) == 0
+    soft = sorted((tmp_path / "auto-soft").rglob("CT_*.dcm"))
+    assert [f.name for f in soft] == [f.name for f in sorted((tmp_path / "subtract").rglob("CT_*.dcm"))]
+    ct = pydicom.dcmread(soft[0])
+    assert "subtracting its estimated blur" in ct.DerivationDescription
+    assert "for kernel SOFT" in ct.DerivationDescription
+    seg = pydicom.dcmread(next((tmp_path / "auto-soft").rglob("SEG_*.dcm")))
+    assert seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmName == \
+        "dicom-node blur-subtraction calcium removal"
+    net = sorted((tmp_path / "auto-none").rglob("CT_*.dcm"))
+    first = sorted((root / "out").rglob("CT_*.dcm"))
+    assert [f.name for f in net] == [f.name for f in first], "the network's series keep the network's UIDs"
+    a, b = pydicom.dcmread(net[len(net) // 2]), pydicom.dcmread(first[len(first) // 2])
+    assert "3D inpainting" in a.DerivationDescription
+    assert np.array_equal(a.pixel_array, b.pixel_array)
+
+
 def _mkdir(path):
     path.mkdir(parents=True, exist_ok=True)
     return path

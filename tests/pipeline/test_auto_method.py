@@ -1,0 +1,87 @@
+"""engine.method = "auto": the subtraction for the kernels a site measured, the network for the rest."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dicom_node.config import Config, EngineConfig
+from dicom_node.pipeline.detect import DetectOptions
+from dicom_node.pipeline.process import engine_id
+from dicom_node.pipeline.restore import Engine
+from dicom_node.pipeline.subtract import SubtractOptions
+
+TABLES = SubtractOptions(kernels=(("B26f", 4.3),), enhance_by_kernel=(("B26f", 0.3), ("FC12", 0.0)))
+
+
+class _NoBackend:
+    """A stand-in the network path must never reach in these tests."""
+
+
+def _engine(method: str) -> Engine:
+    return Engine(_NoBackend(), DetectOptions(sharp_contrast_hu=150.0), method=method, subtract=TABLES)
+
+
+def test_auto_chooses_by_the_mtf50_table_only():
+    auto = _engine("auto")
+    assert auto.method_for("B26f") == "subtract"
+    assert auto.method_for("b26F\\I26") == "subtract"  # the header's first value, any case
+    assert auto.method_for("FC12") == "network", "a lift alone is not a measured blur"
+    assert auto.method_for("") == "network"
+    assert _engine("network").method_for("B26f") == "network"
+    assert _engine("subtract").method_for("FC12") == "subtract"
+
+
+def test_auto_runs_the_sharpened_image_test_for_the_subtractions_series_only():
+    auto = _engine("auto")
+    assert auto.detect_options_for("B26f").sharp_contrast_hu == 150.0
+    assert auto.detect_options_for("B26f").sharp_mtf50_lp_cm == 4.3
+    assert auto.detect_options_for("FC12").sharp_contrast_hu == 0.0
+    # a site that chose the network or the subtraction outright keeps its setting for every kernel
+    assert _engine("network").detect_options_for("FC12").sharp_contrast_hu == 150.0
+    assert _engine("subtract").detect_options_for("FC12").sharp_contrast_hu == 150.0
+
+
+def test_auto_needs_the_network():
+    with pytest.raises(ValueError, match="auto method needs a backend"):
+        Engine(None, method="auto")
+
+
+def test_a_series_under_auto_is_named_by_what_restored_it(tmp_path):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"model")
+    tables = {"scanner_kernels": {"B26f": 4.3}}
+    auto = Config(engine=EngineConfig(model=str(model), method="auto", **tables))
+    network = Config(engine=EngineConfig(model=str(model), method="network", **tables))
+    subtract = Config(engine=EngineConfig(model=str(model), method="subtract", **tables))
+    assert engine_id(auto, "B26f") == engine_id(subtract) != engine_id(network)
+    assert engine_id(auto, "FC12") == engine_id(network)
+    node = engine_id(auto)
+    assert node.startswith("auto-") and node not in (engine_id(network), engine_id(subtract))
+
+
+def test_an_unlisted_kernel_is_restored_by_the_network_path(monkeypatch):
+    """Under auto, a series of an unlisted kernel goes through the network's windows (the backend is asked),
+    a listed one through the subtraction (it is not)."""
+    from dicom_node_lab import phantom
+
+    p = phantom.generate((32, 64, 64), seed=3, options=phantom.PhantomOptions(n_vessels=(1, 1),
+                                                                              calcified_probability=1.0))
+    calls = []
+
+    class Identity:
+        name = "identity"
+        max_batch = 8
+
+        def run(self, image, mask):
+            calls.append(len(image))
+            return image
+
+    engine = Engine(Identity(), method="auto", subtract=TABLES)
+    volume = p.image.astype(np.float32)
+    listed = engine.run(volume.copy(), p.spacing, kernel="B26f")
+    assert listed.method == "subtract" and not calls
+    if not listed.detection.lesions:
+        pytest.skip("the phantom drew no calcium to restore")
+    other = engine.run(volume.copy(), p.spacing, kernel="FC12")
+    assert other.method == "network" and calls
