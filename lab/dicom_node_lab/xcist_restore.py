@@ -60,11 +60,14 @@ def _table(values: dict[str, float]) -> str:
 
 
 RECOMMENDED = ('method = "subtract"', 'subtract_estimate = "engines/calcium_excess_ref.npz"', "sharp_contrast_hu = 150")
+MEASURED = (f"scanner_kernels = {_table(MEASURED_MTF50)}", f"scanner_edge_enhance = {_table(MEASURED_LIFT)}")
 CONFIGURATIONS = (
     Configuration("network (default)", ()),
-    Configuration("subtraction, site-measured tables", RECOMMENDED + (
-        f"scanner_kernels = {_table(MEASURED_MTF50)}", f"scanner_edge_enhance = {_table(MEASURED_LIFT)}")),
+    Configuration("subtraction, site-measured tables", RECOMMENDED + MEASURED),
     Configuration("subtraction, no tables", RECOMMENDED),
+    # the same without the learnt estimate: the white-level rule, which nothing was trained for
+    Configuration("subtraction (rule), site-measured tables", ('method = "subtract"', "sharp_contrast_hu = 150")
+                  + MEASURED),
 )
 
 
@@ -186,7 +189,8 @@ def _markdown(result: dict) -> str:
              "by the same reader (the truth image); the geometric truth beside it. Subtraction tables: what "
              "`dicom-node measure-kernel` reads from XCIST's own rods (MTF50 4.33 / 6.27 lp/cm, lift 0.30 / 0.79, "
              "the HA800 rod its automatic pick; `reports/kernel-measure/`); no tables: the default blur "
-             "(5.2 lp/cm, lift 0.5) for both kernels. Severe read: the truth image reads under 50 %, the image "
+             "(5.2 lp/cm, lift 0.5) for both kernels; (rule): the white-level rule in place of the learnt estimate. "
+             "Severe read: the truth image reads under 50 %, the image "
              "70 % or more; made by processing: ... where the acquired image read under 70 % (flagged: the engine "
              "marked the region unsure).", ""]
     for w in WHITE_LEVELS_HU:
