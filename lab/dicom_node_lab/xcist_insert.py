@@ -137,8 +137,9 @@ class Insert:
     grid_col: int | None = None
 
 
-def layout(ha_mg_cc: float) -> list[Insert]:
-    """All inserts of the phantom whose vessels carry ``ha_mg_cc`` calcium."""
+def layout(ha_mg_cc: float, lumen_radius_mm: float = LUMEN_RADIUS_MM) -> list[Insert]:
+    """All inserts of the phantom whose vessels (and reference vessel) have lumens of ``lumen_radius_mm`` and carry
+    ``ha_mg_cc`` calcium."""
     out: list[Insert] = []
     for i, s in enumerate(S_VALUES):
         for j, a in enumerate(A_VALUES):
@@ -151,8 +152,8 @@ def layout(ha_mg_cc: float) -> list[Insert]:
                     material=f"lumen=iodinated water, calcium=HA {ha_mg_cc:g} mg/cc in water, wall={WALL_MATERIAL}",
                     S=s,
                     A_deg=a,
-                    d_mm=s * LUMEN_RADIUS_MM,
-                    R_mm=LUMEN_RADIUS_MM,
+                    d_mm=s * lumen_radius_mm,
+                    R_mm=lumen_radius_mm,
                     wall_mm=WALL_MM,
                     ha_mg_cc=ha_mg_cc,
                     grid_row=i,
@@ -169,7 +170,7 @@ def layout(ha_mg_cc: float) -> list[Insert]:
             S=0.0,
             A_deg=0.0,
             d_mm=0.0,
-            R_mm=LUMEN_RADIUS_MM,
+            R_mm=lumen_radius_mm,
             wall_mm=WALL_MM,
         )
     )
@@ -279,7 +280,8 @@ def _xcist_offsets(x0: float, y0: float, shape: tuple[int, int], vox: float) -> 
     return (cols + 1) / 2 - xc / vox, (rows + 1) / 2 + yc / vox
 
 
-def build_phantom(workdir: Path, ha_mg_cc: float, vox: float = 0.1, ss: int = 10) -> dict:
+def build_phantom(workdir: Path, ha_mg_cc: float, vox: float = 0.1, ss: int = 10,
+                  lumen_radius_mm: float = LUMEN_RADIUS_MM) -> dict:
     """Write the XCIST voxelised phantom (json + raw maps) for one HA density; return its description."""
     workdir.mkdir(parents=True, exist_ok=True)
     ha_file = write_ha_material(workdir)
@@ -298,7 +300,7 @@ def build_phantom(workdir: Path, ha_mg_cc: float, vox: float = 0.1, ss: int = 10
 
     frac = {k: np.zeros((n, n), np.float32) for k in (_LUMEN, _WALL, _CA, _WIRE)}
     ha_g = np.zeros((n, n), np.float32)
-    inserts = layout(ha_mg_cc)
+    inserts = layout(ha_mg_cc, lumen_radius_mm)
     for ins in inserts:
         ext = (ins.R_mm + ins.wall_mm) if ins.kind in ("vessel", "reference_vessel") else ins.radius_mm
         ix = np.flatnonzero(np.abs(c - ins.x_mm) <= ext + vox)
@@ -650,7 +652,8 @@ def _tag(ha: float, kvp: int, kernel: str, pixel_mm: float) -> str:
     return f"ha{ha:g}_{kvp}kv_{kernel}_{pixel_mm:g}mm".replace(".", "p")
 
 
-def run(out: Path, work: Path, densities, kvps, views: int, voxel: float) -> dict:
+def run(out: Path, work: Path, densities, kvps, views: int, voxel: float,
+        lumen_radius_mm: float = LUMEN_RADIUS_MM) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     meta: dict = {
@@ -668,7 +671,7 @@ def run(out: Path, work: Path, densities, kvps, views: int, voxel: float) -> dic
             "wire on a 0.01 mm grid with 4x4 sub-samples",
             "grid": "rows = S (y = -12, 0, +12 mm for S = 0.25, 0.50, 0.70), columns = A (x = -12, 0, +12 mm for "
             "A = 90, 180, 360 deg)",
-            "lumen_radius_mm": LUMEN_RADIUS_MM,
+            "lumen_radius_mm": lumen_radius_mm,
             "wall_mm": WALL_MM,
             "calcium_shell": "R - d <= r <= R within |angle| <= A/2 around +x; lumen elsewhere inside R",
             "iodine_mg_per_ml": IODINE_MG_ML,
@@ -692,7 +695,7 @@ def run(out: Path, work: Path, densities, kvps, views: int, voxel: float) -> dic
             "coarse": {"pixel_mm": COARSE_PIXEL_MM, "matrix": COARSE_MATRIX, "fov_mm": COARSE_PIXEL_MM * COARSE_MATRIX},
             "fine": {"pixel_mm": FINE_PIXEL_MM, "matrix": FINE_MATRIX, "fov_mm": FINE_PIXEL_MM * FINE_MATRIX},
         },
-        "insert_centres_mm": {i.name: [i.x_mm, i.y_mm] for i in layout(densities[0])},
+        "insert_centres_mm": {i.name: [i.x_mm, i.y_mm] for i in layout(densities[0], lumen_radius_mm)},
         "notes": NOTES,
         "phantoms": {},
         "runs": {},
@@ -701,7 +704,7 @@ def run(out: Path, work: Path, densities, kvps, views: int, voxel: float) -> dic
     t_all = time.time()
     for ha in densities:
         t0 = time.time()
-        ph = build_phantom(work / f"ha{ha:g}", ha, vox=voxel)
+        ph = build_phantom(work / f"ha{ha:g}", ha, vox=voxel, lumen_radius_mm=lumen_radius_mm)
         inserts = ph.pop("inserts")
         ph["build_s"] = round(time.time() - t0, 1)
         ph.pop("json")
@@ -797,7 +800,7 @@ def readme(meta: dict) -> str:
         "## Phantom",
         "",
         f"- {meta['phantom']['cylinder']}, voxel {meta['phantom']['voxel_mm']} mm; {meta['phantom']['grid']}.",
-        f"- Lumen R = {LUMEN_RADIUS_MM} mm: {meta['phantom']['lumen_material']}; wall {WALL_MM} mm "
+        f"- Lumen R = {meta['phantom']['lumen_radius_mm']} mm: {meta['phantom']['lumen_material']}; wall {WALL_MM} mm "
         f"{meta['phantom']['wall_material']}.",
         f"- HA: {meta['phantom']['ha_material']['mixture']}; {meta['phantom']['ha_material']['file']}.",
         f"- Wire: {meta['phantom']['wire']}; rods 5 mm (iodinated blood, HA low/high, wall tissue).",
@@ -859,6 +862,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kvps", type=int, nargs="+", default=[120, 100])
     ap.add_argument("--views", type=int, default=1000)
     ap.add_argument("--voxel", type=float, default=0.1)
+    ap.add_argument("--lumen-radius", type=float, default=LUMEN_RADIUS_MM,
+                    help="the vessels' lumen radius (mm; the calcium's depth is a share of it)")
     args = ap.parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")
     try:
@@ -868,9 +873,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.work is None:
         with tempfile.TemporaryDirectory(prefix="xcist_insert_") as tmp:
-            run(args.out, Path(tmp), args.densities, args.kvps, args.views, args.voxel)
+            run(args.out, Path(tmp), args.densities, args.kvps, args.views, args.voxel, args.lumen_radius)
     else:
-        run(args.out, args.work, args.densities, args.kvps, args.views, args.voxel)
+        run(args.out, args.work, args.densities, args.kvps, args.views, args.voxel, args.lumen_radius)
     return 0
 
 

@@ -17,6 +17,11 @@ vessel, insert, reference) of the slice cropped around the vessel, given a slice
 noiseless; the truth stack gets the same draw, as the world's truth image keeps the acquired image's noise).
 The engine sees the stack as the node would (stored-value rounding; the kernel's name as a header states it).
 Limits: one vessel orientation (along z), no motion, a straight insert, 36 lesions per noise draw.
+
+Two vessel sizes: the calibration's 3 mm phantom (``reports/calibration/xcist`` and its twin ``xcist-free``,
+120 and 100 kVp) and a 2 mm one, where a restoration's error of one voxel is a large share of the lumen
+(``reports/calibration/xcist-2mm``: ``xcist_insert --lumen-radius 1.0 --densities 800 400 0 --kvps 120``, twin
+and all in one folder; ``--xcist`` and ``--free`` both name it).
 """
 
 from __future__ import annotations
@@ -87,48 +92,50 @@ def _stacked(image: np.ndarray, px: float, x0: float, y0: float, centre: list[fl
     return ndimage.gaussian_filter1d(vol, SLICE_FWHM_MM * physics.FWHM_TO_SIGMA / px, axis=0, mode="nearest")
 
 
-def _geometric(s: float, a: float, white: float) -> float:
-    ins, ref = Insert(s, a, 1000.0), Insert(0.0, 0.0, 0.0)
+def _geometric(s: float, a: float, white: float, radius_mm: float) -> float:
+    ins, ref = Insert(s, a, 1000.0, radius_mm=radius_mm), Insert(0.0, 0.0, 0.0, radius_mm=radius_mm)
     return read_stack(stack(ins.slice(0.02, calcium=False), ref.slice(0.02), REF_SLICES, LESION_SLICES), 0.02,
                       white, REF_SLICES, LESION_SLICES)
 
 
 def calcium_contrast_hu(image: np.ndarray, px: float, x0: float, y0: float, centre: list[float], s: float, a: float,
-                        lumen_hu: float) -> float:
+                        lumen_hu: float, radius_mm: float) -> float:
     """How far the deposit's brightest pixel stands above the lumen in the noiseless acquired slice: Experiment 2
     v2's headline stratum is calcium that looks white (more than 100 HU above the lumen)."""
     crop = _centred_crop(image, px, x0, y0, tuple(centre), CROP_MM)
-    ins = Insert(s, a, 1000.0)
+    ins = Insert(s, a, 1000.0, radius_mm=radius_mm)
     where = ins.slice(px, CROP_MM, calcium=True) != ins.slice(px, CROP_MM, calcium=False)
     return float(crop[where].max() - lumen_hu)
 
 
 def rows(draws: int, seed: int, model: Path, kvps: tuple[int, ...] = (120, 100),
          kernels: tuple[str, ...] = tuple(KERNELS), densities: tuple[float, ...] = (400.0, 800.0),
-         stenoses: tuple[float, ...] = STENOSES, arcs: tuple[float, ...] = ARCS_DEG) -> list[dict]:
+         stenoses: tuple[float, ...] = STENOSES, arcs: tuple[float, ...] = ARCS_DEG, xcist_dir: Path = XCIST_DIR,
+         free_dir: Path = FREE_DIR) -> list[dict]:
     """One row per insert, scan and noise draw: the readings of the acquired, each configuration's processed and
     the calcium-free scan's stacks, at both white levels."""
     from dicom_node_lab.experiment2v2 import _engine, _stored_hu
 
-    meta = json.loads((XCIST_DIR / "meta.json").read_text())
+    meta = json.loads((xcist_dir / "meta.json").read_text())
     centres = meta["insert_centres_mm"]
+    radius = float(meta["phantom"]["lumen_radius_mm"])
     engines = {c.name: _engine(model, list(c.engine)) for c in CONFIGURATIONS}
-    geometric = {(s, a, w): _geometric(s, a, w) for s in STENOSES for a in ARCS_DEG for w in WHITE_LEVELS_HU}
+    geometric = {(s, a, w): _geometric(s, a, w, radius) for s in STENOSES for a in ARCS_DEG for w in WHITE_LEVELS_HU}
     out = []
     rng = np.random.default_rng(seed)
     for kvp in kvps:
         for kernel in kernels:
             world_kernel, header = KERNELS[kernel]
-            free, px, x0, y0 = _scan(FREE_DIR, 0, kvp, kernel)
+            free, px, x0, y0 = _scan(free_dir, 0, kvp, kernel)
             lo, hi = physics.KERNELS[world_kernel].noise_sd
             for ha in densities:
-                image, px2, x02, y02 = _scan(XCIST_DIR, ha, kvp, kernel)
+                image, px2, x02, y02 = _scan(xcist_dir, ha, kvp, kernel)
                 lumen = meta["runs"][f"ha{ha:g}_{kvp}kv"]["recon"][f"{kernel}_{px:g}mm"]["rods"]["rod_iodinated_blood"]
                 assert (px2, x02, y02) == (px, x0, y0), "the calcium-free scan must share the calcified one's grid"
                 for s in stenoses:
                     for a in arcs:
                         centre = centres[f"vessel_S{s:.2f}_A{a:.0f}"]
-                        contrast = calcium_contrast_hu(image, px, x0, y0, centre, s, a, lumen["mean"])
+                        contrast = calcium_contrast_hu(image, px, x0, y0, centre, s, a, lumen["mean"], radius)
                         acquired = _stacked(image, px, x0, y0, centre, centres["reference_vessel"])
                         truth = _stacked(free, px, x0, y0, centre, centres["reference_vessel"])
                         spacing = (px, px, px)
@@ -146,7 +153,8 @@ def rows(draws: int, seed: int, model: Path, kvps: tuple[int, ...] = (120, 100),
                                                 "lesions": len(res.detection.lesions),
                                                 "unsure": any(r.unsure for r in res.reports),
                                                 "why": sorted({w for r in res.reports for w in r.why})}
-                            row = {"kvp": kvp, "kernel": kernel, "ha_mg_cc": ha, "S": s, "arc_deg": a, "draw": d,
+                            row = {"vessel_mm": 2 * radius, "kvp": kvp, "kernel": kernel, "ha_mg_cc": ha, "S": s,
+                                   "arc_deg": a, "draw": d,
                                    "noise_sd": round(sd, 1), "calcium_contrast_hu": round(contrast, 1),
                                    "looks_white": contrast > WHITE_LEVELS_HU[0], "engines": seen}
                             for w in WHITE_LEVELS_HU:
@@ -179,12 +187,12 @@ def _markdown(result: dict) -> str:
     names = ["original"] + [c.name for c in CONFIGURATIONS]
     lines = ["# The engines on XCIST's calcified vessel inserts", "",
              f"Reproduce: `{result['command']}` ({result['minutes']:.0f} min on this machine's 2 cores). "
-             "Inputs: `reports/calibration/xcist/` (calcified) and `reports/calibration/xcist-free/` (the same "
-             "phantom without calcium: `python -m dicom_node_lab.xcist_insert --densities 0 --kvps 120 100 --out "
-             "reports/calibration/xcist-free`). Method and limits: the module's docstring "
-             "(`lab/dicom_node_lab/xcist_restore.py`).", "",
-             f"{result['n']} readings: 9 inserts (3 mm vessel; calcium 25/50/70 % deep over 90/180/360°) × 400 and "
-             f"800 mg HA/cm³ × 120 and 100 kVp × XCIST's standard and bone kernels × {result['draws']} noise draws "
+             f"Inputs: `{result['xcist']}/` (calcified) and `{result['free']}/` (the same phantom without calcium, "
+             "`python -m dicom_node_lab.xcist_insert --densities 0 ...`: see its README). Method and limits: the "
+             "module's docstring (`lab/dicom_node_lab/xcist_restore.py`).", "",
+             f"{result['n']} readings: 9 inserts ({result['vessel_mm']:g} mm vessel; calcium 25/50/70 % deep over "
+             f"90/180/360°) × 400 and 800 mg HA/cm³ × {' and '.join(str(k) for k in result['kvps'])} kVp × XCIST's "
+             f"standard and bone kernels × {result['draws']} noise draws "
              "(the world's FBP texture and SD range for the matching kernel). Against the calcium-free scan read "
              "by the same reader (the truth image); the geometric truth beside it. Subtraction tables: what "
              "`dicom-node measure-kernel` reads from XCIST's own rods (MTF50 4.33 / 6.27 lp/cm, lift 0.30 / 0.79, "
@@ -222,9 +230,15 @@ def report(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     saved = args.out / "xcist-restore.json"
     before = json.loads(saved.read_text()) if args.rewrite else None
-    rs = before["rows"] if before else rows(args.draws, args.seed, args.model)
+    rs = before["rows"] if before else rows(args.draws, args.seed, args.model, tuple(args.kvps),
+                                            xcist_dir=args.xcist, free_dir=args.free)
     names = ["original"] + [c.name for c in CONFIGURATIONS]
-    result = {"command": f"python -m dicom_node_lab.xcist_restore --draws {args.draws} --out {args.out}",
+    where = "" if (args.xcist, args.free) == (XCIST_DIR, FREE_DIR) else f" --xcist {args.xcist} --free {args.free}"
+    kvps = "" if tuple(args.kvps) == (120, 100) else " --kvps " + " ".join(map(str, args.kvps))
+    meta = json.loads((args.xcist / "meta.json").read_text())
+    result = {"command": f"python -m dicom_node_lab.xcist_restore --draws {args.draws}{where}{kvps} --out {args.out}",
+              "xcist": str(args.xcist), "free": str(args.free), "kvps": list(args.kvps),
+              "vessel_mm": 2 * float(meta["phantom"]["lumen_radius_mm"]),
               "draws": args.draws, "n": len(rs), "rows": rs,
               "configurations": {c.name: list(c.engine) for c in CONFIGURATIONS},
               "summary": {}, "summary_geometry": {}, "strata": {}}
@@ -256,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draws", type=int, default=3, help="noise draws per insert and scan")
     ap.add_argument("--seed", type=int, default=8080)
     ap.add_argument("--model", type=Path, default=Path("engines/dense_unet.onnx"))
+    ap.add_argument("--xcist", type=Path, default=XCIST_DIR, help="the calcified scans (xcist_insert --out)")
+    ap.add_argument("--free", type=Path, default=FREE_DIR, help="their calcium-free twin (--densities 0)")
+    ap.add_argument("--kvps", type=int, nargs="+", default=[120, 100])
     ap.add_argument("--rewrite", action="store_true", help="summarise the rows --out holds again, scan nothing")
     return report(ap.parse_args(argv))
 

@@ -61,3 +61,19 @@ def test_the_summary_counts_severe_stenoses_made_and_flagged():
     s = xr.summary(rows, "a", 100.0)
     assert s["made_severe"] == 3 and s["made_by_processing"] == 2 and s["made_by_processing_flagged"] == 1
     assert s["bias"] == pytest.approx((45 + 42 + 42 + 30) / 4)
+
+
+def test_the_2mm_phantom_has_its_own_lumen_and_its_twin_in_one_folder():
+    """reports/calibration/xcist-2mm: lumens of 1.0 mm radius, the calcified and calcium-free scans side by side;
+    its reference vessel is narrower than the 3 mm phantom's (partial volume lowers its centre)."""
+    folder = Path("reports/calibration/xcist-2mm")
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["phantom"]["lumen_radius_mm"] == 1.0
+    assert {"ha800_120kv_standard_0p47mm.npz", "ha0_120kv_standard_0p47mm.npz"} <= set(meta["files"])
+    image, px, x0, y0 = xr._scan(folder, 0, 120, "standard")
+    centre = meta["insert_centres_mm"]["reference_vessel"]
+    small = _centred_crop(image, px, x0, y0, tuple(centre), 6.0)
+    assert 300 < small.max() < _crop(xr.FREE_DIR, 0, "reference_vessel").max()
+    calcified = xr._scan(folder, 800, 120, "standard")[0]
+    ring = _centred_crop(calcified, px, x0, y0, tuple(meta["insert_centres_mm"]["vessel_S0.70_A360"]), 6.0)
+    assert ring.max() > 700
