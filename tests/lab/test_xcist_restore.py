@@ -58,9 +58,16 @@ def test_the_summary_counts_severe_stenoses_made_and_flagged():
             {"truth@100": 30.0, "original@100": 50.0, "a@100": 72.0, "engines": {"a": {"unsure": False}}},
             {"truth@100": 30.0, "original@100": 100.0, "a@100": 72.0, "engines": {"a": {"unsure": True}}},
             {"truth@100": 60.0, "original@100": 50.0, "a@100": 90.0, "engines": {"a": {"unsure": False}}}]
+    for k, r in enumerate(rows):  # two inserts, two noise draws each
+        r.update(kvp=120, kernel="standard", ha_mg_cc=800.0, S=0.5, arc_deg=90.0 * (1 + k // 2))
     s = xr.summary(rows, "a", 100.0)
     assert s["made_severe"] == 3 and s["made_by_processing"] == 2 and s["made_by_processing_flagged"] == 1
     assert s["bias"] == pytest.approx((45 + 42 + 42 + 30) / 4)
+    lo, hi = s["mae_ci"]
+    assert 30 <= lo <= s["mae"] <= hi <= 43.5  # the two inserts' means: 43.5 and 36
+    d = xr.paired(rows, "original", "a", 100.0)
+    assert d["delta"] == pytest.approx(((45 - 30) + (42 - 20) + (42 - 70) + (30 - 10)) / 4)
+    assert d["ci"][0] <= d["delta"] <= d["ci"][1]
 
 
 def test_the_2mm_phantom_has_its_own_lumen_and_its_twin_in_one_folder():
