@@ -16,7 +16,7 @@ vessel, insert, reference) of the slice cropped around the vessel, given a slice
 ``SLICE_FWHM_MM``) and a noise draw with the world's FBP texture for the matching kernel (XCIST's images are
 noiseless; the truth stack gets the same draw, as the world's truth image keeps the acquired image's noise).
 The engine sees the stack as the node would (stored-value rounding; the kernel's name as a header states it).
-Limits: one vessel orientation (along z), no motion, a straight insert, 36 lesions per noise draw.
+Limits: one vessel orientation (along z), no motion, a straight insert, 9 lesion geometries per vessel size.
 
 Two vessel sizes: the calibration's 3 mm phantom (``reports/calibration/xcist`` and its twin ``xcist-free``,
 120 and 100 kVp) and a 2 mm one, where a restoration's error of one voxel is a large share of the lumen
@@ -54,10 +54,11 @@ MEASURED_LIFT = {"XSTANDARD": 0.30, "XBONE": 0.79}
 
 @dataclass(frozen=True)
 class Configuration:
-    """One way of processing: a name, and the ``--engine`` lines of Experiment 2 v2 (None: left as acquired)."""
+    """One way of processing: a name, and its ``[engine]`` lines as Experiment 2 v2's ``--engine`` takes them
+    (none: the node's defaults, the network)."""
 
     name: str
-    engine: tuple[str, ...] | None
+    engine: tuple[str, ...]
 
 
 def _table(values: dict[str, float]) -> str:
