@@ -35,7 +35,7 @@ from dicom_node.pipeline.derived import (
 from dicom_node.pipeline.detect import Detection
 from dicom_node.pipeline.pictures import lesion_pictures, thumbnail
 from dicom_node.pipeline.report import patient_position, write_report
-from dicom_node.pipeline.restore import METHOD_TEXT, Engine, EngineResult
+from dicom_node.pipeline.restore import METHOD_TEXT, Engine, EngineResult, auto_choice
 from dicom_node.pipeline.seg import write_seg
 from dicom_node.pipeline.series import Series, load_hu, read_ct_series
 
@@ -101,13 +101,13 @@ def engine_id(cfg: Config, kernel: str | None = None) -> str:
     Under ``method = "auto"`` a series' output is made by what auto chooses for its ``kernel``
     (``Engine.method_for``); without a kernel, the node's id names both (job records, fingerprints).
     """
-    method = cfg.engine.method
-    subtract = "subtract-" + hashlib.sha256(repr(cfg.engine.subtract_options()).encode()).hexdigest()[:10]
+    method, options = cfg.engine.method, cfg.engine.subtract_options()
+    subtract = "subtract-" + hashlib.sha256(repr(options).encode()).hexdigest()[:10]
     if method == "auto":
         if kernel is None:
             both = f"{model_file_id(cfg.engine.model)}+{subtract}"
             return "auto-" + hashlib.sha256(both.encode()).hexdigest()[:10]
-        method = "subtract" if cfg.engine.subtract_options().listed_mtf50(kernel) is not None else "network"
+        method = auto_choice(options, kernel)
     return model_file_id(cfg.engine.model) if method == "network" else subtract
 
 

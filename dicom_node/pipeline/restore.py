@@ -40,6 +40,13 @@ Method = Literal["network", "subtract", "auto"]  # how a region is restored: inp
 SeriesMethod = Literal["network", "subtract"]  # what auto chose for one series
 
 
+def auto_choice(subtract: SubtractOptions, kernel: str) -> SeriesMethod:
+    """What ``auto`` restores a series of ``kernel`` with: the subtraction where ``subtract``'s MTF50 table lists
+    the kernel (a blur the site measured, not assumed), the network elsewhere. The one rule the engine and the
+    derived series' name (``process.engine_id``) share."""
+    return "subtract" if subtract.listed_mtf50(kernel) is not None else "network"
+
+
 @dataclass(frozen=True)
 class MethodText:
     """How the outputs name a method (derived series, SEG, contributing equipment): one place per method."""
@@ -303,9 +310,7 @@ class Engine:
     def method_for(self, kernel: str) -> SeriesMethod:
         """How a series reconstructed with ``kernel`` (its ConvolutionKernel) is restored: ``auto`` subtracts where
         the site's MTF50 table lists the kernel (a blur measured, not assumed) and runs the network elsewhere."""
-        if self.method == "auto":
-            return "subtract" if self.subtract.listed_mtf50(kernel) is not None else "network"
-        return self.method
+        return auto_choice(self.subtract, kernel) if self.method == "auto" else self.method
 
     def detect_options_for(self, kernel: str) -> DetectOptions:
         """The detection options for a series reconstructed with ``kernel`` (its ConvolutionKernel).
