@@ -101,14 +101,17 @@ def engine_id(cfg: Config, kernel: str | None = None) -> str:
     Under ``method = "auto"`` a series' output is made by what auto chooses for its ``kernel``
     (``Engine.method_for``); without a kernel, the node's id names both (job records, fingerprints).
     """
-    method, options = cfg.engine.method, cfg.engine.subtract_options()
-    subtract = "subtract-" + hashlib.sha256(repr(options).encode()).hexdigest()[:10]
-    if method == "auto":
-        if kernel is None:
-            both = f"{model_file_id(cfg.engine.model)}+{subtract}"
-            return "auto-" + hashlib.sha256(both.encode()).hexdigest()[:10]
+    method, options = cfg.engine.method, None
+    if method == "auto" and kernel is not None:
+        options = cfg.engine.subtract_options()
         method = auto_choice(options, kernel)
-    return model_file_id(cfg.engine.model) if method == "network" else subtract
+    if method == "network":  # the model file alone: no subtraction settings to build
+        return model_file_id(cfg.engine.model)
+    options = cfg.engine.subtract_options() if options is None else options
+    subtract = "subtract-" + hashlib.sha256(repr(options).encode()).hexdigest()[:10]
+    if method == "subtract":
+        return subtract
+    return "auto-" + hashlib.sha256(f"{model_file_id(cfg.engine.model)}+{subtract}".encode()).hexdigest()[:10]
 
 
 def run_settings(cfg: Config, model_id: str) -> dict[str, Any]:

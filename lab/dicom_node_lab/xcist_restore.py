@@ -121,7 +121,7 @@ def rows(draws: int, seed: int, model: Path, kvps: tuple[int, ...] = (120, 100),
     centres = meta["insert_centres_mm"]
     radius = float(meta["phantom"]["lumen_radius_mm"])
     engines = {c.name: _engine(model, list(c.engine)) for c in CONFIGURATIONS}
-    geometric = {(s, a, w): _geometric(s, a, w, radius) for s in STENOSES for a in ARCS_DEG for w in WHITE_LEVELS_HU}
+    geometric = {(s, a, w): _geometric(s, a, w, radius) for s in stenoses for a in arcs for w in WHITE_LEVELS_HU}
     out = []
     rng = np.random.default_rng(seed)
     for kvp in kvps:
