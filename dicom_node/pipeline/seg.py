@@ -60,13 +60,19 @@ def _source_headers(series: Series, uids: dict[str, str], slices: Iterable[int] 
 
 
 def _confidence_text(reports: list) -> str:
-    """Each region's disagreement (the method's measure), for a segment's description (LO: 64 characters;
-    cut with "...": the SEG's text is ASCII, and a "…" was written as "?")."""
+    """Each region's disagreement (the method's measure), or, where no second pass measured one (the
+    subtraction's default), its vessel's calibre (mm), for a segment's description; ``!`` marks the unsure
+    (LO: 64 characters; cut with "...": the SEG's text is ASCII, and a "…" was written as "?")."""
     measured = [r for r in reports if r.disagreement_hu is not None]
-    if not measured:
-        return ""
-    parts = [f"{r.region}={r.disagreement_hu:.0f}{'!' if r.unsure else ''}" for r in measured]
-    text = f"{CONFIDENCE_MEASURES[measured[0].measure]} HU by region: " + " ".join(parts)
+    if measured:
+        parts = [f"{r.region}={r.disagreement_hu:.0f}{'!' if r.unsure else ''}" for r in measured]
+        text = f"{CONFIDENCE_MEASURES[measured[0].measure]} HU by region: " + " ".join(parts)
+    else:
+        calibred = [r for r in reports if r.vessel_mm is not None]
+        if not calibred:
+            return ""
+        parts = [f"{r.region}={r.vessel_mm:.1f}{'!' if r.unsure else ''}" for r in calibred]
+        text = "vessel calibre mm by region: " + " ".join(parts)
     return text if len(text) <= 64 else text[:61] + "..."
 
 

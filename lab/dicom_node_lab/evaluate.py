@@ -61,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     th.add_argument("report", help="experiment2v2.json of a run with engine.confidence on")
     th.add_argument("--at", type=float, nargs="+", required=True, metavar="HU", help="thresholds to try")
     th.add_argument("--large", type=float, default=10.0, help="an error over this many points is large")
+    fg = sub.add_parser("flag-grid", help="issue 16's goals on the restorations called sure, under other unsure flags")
+    fg.add_argument("report", help="experiment2v2.json of a run that measured the disagreement and the calibre")
+    fg.add_argument("--disagreement", type=float, nargs="+", default=[float("inf")], metavar="HU",
+                    help="disagreement thresholds to try (inf: not used)")
+    fg.add_argument("--vessel", type=float, nargs="+", required=True, metavar="MM",
+                    help="calibre thresholds to try (0: not used)")
     sc = sub.add_parser("safety-cases", help="the lesions behind an experiment2v2 report's safety figures")
     sc.add_argument("report", help="experiment2v2.json")
     rw = sub.add_parser("rewrite", help="write an experiment2v2 report again from its JSON (today's strata, no rerun)")
@@ -79,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         return calibration.report(args)
     if args.cmd == "thresholds":
         return experiment2v2.thresholds_report(args)
+    if args.cmd == "flag-grid":
+        return experiment2v2.flag_grid_report(args)
     if args.cmd == "compare":
         return experiment2v2.compare_report(args)
     if args.cmd == "rewrite":

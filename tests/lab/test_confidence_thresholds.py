@@ -41,3 +41,60 @@ def test_thresholds_match_the_engine_flag_and_move_as_expected():
 def test_thresholds_with_no_disagreements_say_so():
     (c,) = experiment2v2.at_thresholds([_row(None, 30.0, 30.0)], [90.0])
     assert c["n"] == 0 and c["flagged"] == 0 and c["mae_flagged"] is None
+
+
+def test_other_reasons_stay_flagged_and_the_ranking_says_how_well_the_measure_orders_errors():
+    """A lesion flagged for its vessel's calibre stays flagged at any threshold (``inf``: the flag without the
+    disagreement); the ranking is 1 when every large error out-disagrees every good restoration, 0.5 at chance."""
+    small = dict(_row(20.0, 62.0, 30.0), why=["vessel 2.1 mm < 2.5"])  # large error, low disagreement, small vessel
+    rows = [*ROWS[:2], small, *ROWS[3:]]
+    (off,) = experiment2v2.at_thresholds(rows, [float("inf")])
+    assert (off["flagged"], off["large_flagged"], off["good_flagged"]) == (1, 1, 0)
+    (at90,) = experiment2v2.at_thresholds(rows, [90.0])
+    assert (at90["flagged"], at90["large_flagged"]) == (4, 3)
+    ordered = [_row(200.0, 80.0, 40.0), _row(150.0, 60.0, 30.0), _row(10.0, 30.0, 30.0), _row(5.0, 31.0, 30.0)]
+    assert experiment2v2.ranking_auc(ordered) == 1.0
+    reversed_ = [_row(5.0, 80.0, 40.0), _row(10.0, 60.0, 30.0), _row(150.0, 30.0, 30.0), _row(200.0, 31.0, 30.0)]
+    assert experiment2v2.ranking_auc(reversed_) == 0.0
+    tied = [_row(50.0, 80.0, 40.0), _row(50.0, 30.0, 30.0)]
+    assert experiment2v2.ranking_auc(tied) == 0.5
+    assert experiment2v2.ranking_auc([_row(50.0, 30.0, 30.0)]) is None, "no large error: nothing to rank"
+
+
+def _lesion(processed, truth, unsure, vessel=3.5, disagreement=50.0, original=None, geometric=None, why=()):
+    return {"stratum": "calcified", "processed@100": processed, "truth@100": truth,
+            "original@100": processed if original is None else original,
+            "geometric": truth if geometric is None else geometric, "unsure": unsure, "vessel_mm": vessel,
+            "disagreement_hu": disagreement, "why": list(why)}
+
+
+def test_goals_where_the_node_is_sure_are_counted_on_the_restorations_it_called_sure():
+    """``sure_goals`` groups calcified lesions by the engine's flag: a set of exact sure restorations meets every
+    goal, a severe stenosis made by processing among them fails it, and the lesions no region reached stand apart."""
+    exact = [_lesion(t, t, False) for t in (10.0, 30.0, 55.0, 60.0, 75.0, 80.0, 20.0, 90.0)]
+    wrong = [_lesion(80.0, 30.0, True, original=60.0, geometric=30.0)]  # made severe, flagged
+    unreached = [_lesion(40.0, 60.0, None)]
+    goals = experiment2v2.sure_goals(exact + wrong + unreached)
+    assert goals["sure"]["n"] == 8 and goals["sure"]["meets"] and goals["sure"]["mae"] == 0.0
+    assert abs(goals["sure"]["share"] - 8 / 9) < 1e-9
+    assert goals["unsure"]["n"] == 1 and goals["unsure"]["made"] == 1 and not goals["unsure"]["meets"]
+    assert goals["no region"]["n"] == 1 and goals["all"]["n"] == 10
+    unflagged = experiment2v2.sure_goals(exact + [dict(wrong[0], unsure=False)])
+    assert unflagged["sure"]["made"] == 1 and not unflagged["sure"]["meets"], "one made severe fails the goals"
+
+
+def test_the_flag_grid_recomputes_the_flag_from_the_recorded_calibre_disagreement_and_reasons():
+    """A lesion is unsure under a grid flag where its calibre is under the threshold, its disagreement over it,
+    or its calcium was found only in the sharpened image (always); ``inf`` and 0 turn the first two off."""
+    rows = [_lesion(50.0, 50.0, False, vessel=3.5, disagreement=20.0),
+            _lesion(80.0, 30.0, True, vessel=2.6, disagreement=20.0, original=60.0, geometric=30.0),
+            _lesion(45.0, 40.0, True, vessel=3.5, disagreement=120.0),
+            _lesion(42.0, 40.0, True, vessel=3.5, disagreement=20.0, why=["restored, unsure: calcium found only "
+                                                                        "in the sharpened image"])]
+    grid = {(g["disagreement"], g["vessel_mm"]): g for g in
+            experiment2v2.flag_grid(rows, [float("inf"), 90.0], [0.0, 2.75])}
+    assert grid[(float("inf"), 0.0)]["sure"]["n"] == 3 and grid[(float("inf"), 0.0)]["sure"]["made"] == 1
+    assert grid[(float("inf"), 2.75)]["sure"]["n"] == 2, "the 2.6 mm vessel is flagged"
+    assert grid[(float("inf"), 2.75)]["sure"]["made"] == 0
+    assert grid[(90.0, 2.75)]["sure"]["n"] == 1 and grid[(90.0, 0.0)]["sure"]["n"] == 2
+    assert grid[(90.0, 2.75)]["unsure"]["n"] == 3

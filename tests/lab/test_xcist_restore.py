@@ -68,6 +68,12 @@ def test_the_summary_counts_severe_stenoses_made_and_flagged():
     d = xr.paired(rows, "original", "a", 100.0)
     assert d["delta"] == pytest.approx(((45 - 30) + (42 - 20) + (42 - 70) + (30 - 10)) / 4)
     assert d["ci"][0] <= d["delta"] <= d["ci"][1]
+    for k, r in enumerate(rows):
+        r["engines"]["a"]["lesions"] = 0 if k == 3 else 1  # the fourth: no calcium found, left as acquired
+    f = xr.by_flag(rows, "a", 100.0)  # sure: row 2 (made by processing); unsure: rows 1 and 3; none: row 4
+    assert (f["sure"]["n"], f["sure"]["made_by_processing"], f["unsure"]["n"]) == (1, 1, 2)
+    assert f["no calcium found"]["n"] == 1 and f["no calcium found"]["mae"] == pytest.approx(30)
+    assert f["sure"]["mae"] == pytest.approx(42) and f["unsure"]["mae"] == pytest.approx((45 + 42) / 2)
 
 
 def test_the_2mm_phantom_has_its_own_lumen_and_its_twin_in_one_folder():

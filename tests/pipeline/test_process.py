@@ -139,7 +139,8 @@ def test_subtract_method_says_so_and_gets_its_own_uids(processed, tmp_path):
     algo = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
     assert algo.AlgorithmName == "dicom-node blur-subtraction calcium removal"
     assert seg.ContentDescription == "Calcium removed and region restored by blur subtraction"
-    assert seg.SegmentSequence[1].SegmentDescription.startswith("blur disagreement HU by region: ")
+    # no blur disagreement by default (engine.subtract_unsure_hu = 0): the regions' calibres, "!" marking the unsure
+    assert seg.SegmentSequence[1].SegmentDescription.startswith("vessel calibre mm by region: ")
     assert "Scanner blur assumed: MTF50 5.2 lp/cm, edge lift 0.5 (the default)." in ct.DerivationDescription
     for f in (cts[len(cts) // 2], seg_path):
         assert _dciodvfy_errors(f) == [], f.name
@@ -336,3 +337,15 @@ def test_a_long_confidence_description_is_cut_in_ascii():
     text = _confidence_text(reports)
     assert len(text) == 64 and text.endswith("...") and text.isascii()
     assert _confidence_text(reports[:2]) == "blur disagreement HU by region: 1=106 2=107!"
+
+
+def test_without_a_second_pass_the_description_gives_each_regions_calibre():
+    """The subtraction measures no disagreement by default (``engine.subtract_unsure_hu = 0``): segment 2's
+    description then gives each region's vessel calibre, ``!`` marking the unsure; with neither, nothing."""
+    from dicom_node.pipeline.restore import RegionReport
+    from dicom_node.pipeline.seg import _confidence_text
+
+    reports = [RegionReport(1, [1], 10, None, False, "restored", measure="blur", vessel_mm=3.42),
+               RegionReport(2, [2], 10, None, True, "restored, unsure", measure="blur", vessel_mm=2.3)]
+    assert _confidence_text(reports) == "vessel calibre mm by region: 1=3.4 2=2.3!"
+    assert _confidence_text([RegionReport(1, [1], 10, None, False, "restored")]) == ""

@@ -106,8 +106,11 @@ def test_engine_runs_the_physics_path_without_a_network_and_writes_only_the_foot
     result = Engine(None, method="subtract").run(volume, SPACING)
     assert result.detection.calcium.any() and result.regions
     assert result.windows == 0 and "subtract" in result.seconds
-    assert all(r.action in ("restored", "restored, unsure") and r.measure == "blur" and r.disagreement_hu is not None
-               for r in result.reports), "confidence (on by default) measures the blur disagreement"
+    assert all(r.action in ("restored", "restored, unsure") and r.disagreement_hu is None and r.vessel_mm is not None
+               for r in result.reports), "by default no blur disagreement (subtract_unsure_hu 0), the calibre measured"
+    measured = Engine(None, method="subtract", subtract=SubtractOptions(unsure_hu=90.0)).run(acquired.copy(), SPACING)
+    assert all(r.measure == "blur" and r.disagreement_hu is not None for r in measured.reports)
+    assert np.array_equal(measured.changed, result.changed), "the second pass only measures"
     assert np.array_equal(volume[~result.changed], acquired[~result.changed])
     near = _near(calcium, 2.0) & result.changed
     assert np.abs(volume[near] - truth[near]).mean() < 0.5 * np.abs(acquired[near] - truth[near]).mean()
