@@ -47,6 +47,30 @@ def _model(path: Path) -> dict[str, Any]:
     return out
 
 
+def unsure_rules(engine: EngineConfig) -> dict[str, Any]:
+    """What makes a restoration unsure, per method the node may run, and what is then done with it.
+
+    Why: the flag decides which lesions a radiologist may read on the derived series and which on the
+    original (reports/tuning/confidence-coverage.md); an administrator should see it without reading the
+    config's comments.
+    """
+    methods = ("network", "subtract") if engine.method == "auto" else (engine.method,)
+    rules: dict[str, list[str]] = {}
+    for method in methods:
+        why = []
+        if method == "network" and engine.confidence:
+            why.append(f"flip disagreement over {engine.unsure_hu:g} HU")
+        if method == "subtract" and engine.confidence and engine.subtract_unsure_hu > 0:
+            why.append(f"blur disagreement over {engine.subtract_unsure_hu:g} HU")
+        if engine.unsure_vessel_mm > 0:
+            why.append(f"vessel under {engine.unsure_vessel_mm:g} mm")
+        # the sharpened-image test runs for every series, but under auto for the subtraction's only
+        if engine.sharp_contrast_hu > 0 and not (engine.method == "auto" and method == "network"):
+            why.append("calcium found only in the sharpened image")
+        rules[method] = why
+    return {"action": engine.unsure_action, "rules": rules}
+
+
 def engine_report(engine: EngineConfig) -> dict[str, Any]:
     """The restoration the node runs and, for the subtraction, the blur it assumes for each listed kernel.
 
@@ -54,7 +78,7 @@ def engine_report(engine: EngineConfig) -> dict[str, Any]:
     ``dicom-node measure-kernel``); a kernel listed in one table and not the other, or tables under the
     network, silently do less than the site thinks.
     """
-    out: dict[str, Any] = {"method": engine.method, "kernels": [], "notes": []}
+    out: dict[str, Any] = {"method": engine.method, "kernels": [], "notes": [], "unsure": unsure_rules(engine)}
     auto = engine.method == "auto"
     if engine.method == "network":
         if engine.scanner_kernels or engine.scanner_edge_enhance or engine.subtract_white_by_kernel:
@@ -198,6 +222,10 @@ def _render_engine(e: dict[str, Any]) -> list[str]:
         lines = [f"engine:       subtract ({'white-level rule' if e['estimate'] == 'rule' else e['estimate']})"]
         lines += [f"  kernel {k['kernel']}: {blur(k)}" for k in e["kernels"]]
         lines.append(f"  {'any other kernel' if e['kernels'] else 'every kernel'}: {blur(e['default'])}")
+    actions = {"mark": "restored and marked", "leave": "left as acquired", "guard": "restored, visible lumen kept"}
+    for method, why in e["unsure"]["rules"].items():
+        said = ", ".join(why) if why else "never (no rule on)"
+        lines.append(f"  unsure ({method}): {said}; then {actions[e['unsure']['action']]}")
     lines += [f"  note: {n}" for n in e["notes"]]
     return lines
 

@@ -77,3 +77,23 @@ def test_the_readmes_recommended_subtraction_loads_and_every_kernel_is_complete(
     assert cfg.engine.sharp_contrast_hu == 150.0 and e["kernels"]
     assert all(k["method"] == "subtract" for k in e["kernels"]), "every kernel of the block is measured"
     assert not [n for n in e["notes"] if not n.startswith("method auto: the subtraction for the kernels")]
+
+
+def test_doctor_says_what_makes_a_restoration_unsure_for_each_method_it_runs():
+    """The flag decides which lesions may be read on the derived series: doctor names its rules per method (under
+    auto both; the sharpened-image reason only where that test runs) and what is done with an unsure one."""
+    e = doctor.engine_report(config.from_dict({"engine": {"method": "auto", "sharp_contrast_hu": 150.0}}).engine)
+    rules = e["unsure"]["rules"]
+    assert rules["network"] == ["flip disagreement over 30 HU", "vessel under 2.75 mm"]
+    assert rules["subtract"] == ["vessel under 2.75 mm", "calcium found only in the sharpened image"]
+    text = "\n".join(doctor._render_engine(e))
+    assert "unsure (subtract): vessel under 2.75 mm, calcium found only in the sharpened image; then restored and " \
+           "marked" in text
+    e = doctor.engine_report(config.from_dict({"engine": {"method": "subtract", "subtract_unsure_hu": 90.0,
+                                                          "unsure_vessel_mm": 0.0, "unsure_action": "leave"}}).engine)
+    assert e["unsure"] == {"action": "leave", "rules": {"subtract": ["blur disagreement over 90 HU"]}}
+    text = "\n".join(doctor._render_engine(e))
+    assert "unsure (subtract): blur disagreement over 90 HU; then left as acquired" in text
+    e = doctor.engine_report(config.from_dict({"engine": {"confidence": False, "unsure_vessel_mm": 0.0}}).engine)
+    assert e["unsure"]["rules"] == {"network": []}
+    assert "unsure (network): never (no rule on)" in "\n".join(doctor._render_engine(e))
