@@ -65,14 +65,13 @@ def _confidence_text(reports: list) -> str:
     (LO: 64 characters; cut with "...": the SEG's text is ASCII, and a "…" was written as "?")."""
     measured = [r for r in reports if r.disagreement_hu is not None]
     if measured:
-        parts = [f"{r.region}={r.disagreement_hu:.0f}{'!' if r.unsure else ''}" for r in measured]
-        text = f"{CONFIDENCE_MEASURES[measured[0].measure]} HU by region: " + " ".join(parts)
+        label, values = f"{CONFIDENCE_MEASURES[measured[0].measure]} HU", [(r, f"{r.disagreement_hu:.0f}")
+                                                                           for r in measured]
     else:
-        calibred = [r for r in reports if r.vessel_mm is not None]
-        if not calibred:
-            return ""
-        parts = [f"{r.region}={r.vessel_mm:.1f}{'!' if r.unsure else ''}" for r in calibred]
-        text = "vessel calibre mm by region: " + " ".join(parts)
+        label, values = "vessel calibre mm", [(r, f"{r.vessel_mm:.1f}") for r in reports if r.vessel_mm is not None]
+    if not values:
+        return ""
+    text = f"{label} by region: " + " ".join(f"{r.region}={v}{'!' if r.unsure else ''}" for r, v in values)
     return text if len(text) <= 64 else text[:61] + "..."
 
 
