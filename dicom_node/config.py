@@ -72,6 +72,7 @@ class EngineConfig:
     subtract_grow_hu: float = SubtractOptions.grow_above_lumen_hu  # subtract: calcium's flank down to this (0: off)
     subtract_keep_lumen: KeepLumen = SubtractOptions.keep_lumen  # subtract: hold visible lumen in no/unsure/all regions
     subtract_keep_lumen_mm: float = SubtractOptions.keep_lumen_beyond_mm  # ... this far (mm) from the calcium
+    subtract_anatomy_hu: float = SubtractOptions.anatomy_above_level_hu  # subtract, rule: split sharpening (0: off)
     # subtract: a learnt calcium estimate (.npz from the lab's calcium_estimate.py) in place of the white-level
     # rule; "" = the rule. A relative path is taken from the config file's folder, like the model's.
     subtract_estimate: str = ""
@@ -101,6 +102,7 @@ class EngineConfig:
                                reach_hu=self.subtract_reach_hu, refit_iterations=self.subtract_refit_iterations,
                                grow_above_lumen_hu=self.subtract_grow_hu,
                                keep_lumen=self.subtract_keep_lumen, keep_lumen_beyond_mm=self.subtract_keep_lumen_mm,
+                               anatomy_above_level_hu=self.subtract_anatomy_hu,
                                white_by_kernel=tuple(self.subtract_white_by_kernel.items()),
                                enhance_by_kernel=tuple(self.scanner_edge_enhance.items()),
                                learnt=_learnt_estimate(self.subtract_estimate) if self.subtract_estimate else None)

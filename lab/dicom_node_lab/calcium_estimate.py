@@ -47,13 +47,15 @@ def extract_study(engine, seed: int, i: int, reach_voxels: int, jitter: float = 
     fraction, either way, as a site's table will be: the estimate learns to read the image, not the label.
     ``level_away_mm``: how the contrast level is measured (``subtract.reference_levels``); the trained file
     records it, and the node measures it so. ``context_voxels``: features this many voxels beyond the
-    estimate's reach too, for an estimate that convolves (``inside`` marks the voxels within reach).
+    estimate's reach too, for an estimate that convolves (``inside`` marks the voxels within reach). The engine's
+    ``subtract_anatomy_hu`` decides how the regions are sharpened (``subtract.sharpened``); the trained file
+    records it as ``anatomy_above_level_hu``, and the node sharpens so for it.
     """
     from dataclasses import replace
 
     from dicom_node.pipeline.detect import detect
     from dicom_node.pipeline.morphology import grow_box
-    from dicom_node.pipeline.subtract import learnt_inputs, reference_levels, sharpen, within_reach
+    from dicom_node.pipeline.subtract import learnt_inputs, reference_levels, sharpened, within_reach
     from dicom_node.pipeline.windows import plan
     from dicom_node_lab.experiment2v2 import _stored_hu
 
@@ -77,7 +79,7 @@ def extract_study(engine, seed: int, i: int, reach_voxels: int, jitter: float = 
         origin = np.array([s.start for s in box])
         y = original[box].astype(np.float64)
         calcium = detection.calcium[box]
-        u = sharpen(y, opts.blur.transfer(y.shape, p.spacing), opts.tv_weight, opts.iterations)
+        u = sharpened(y, opts.blur.transfer(y.shape, p.spacing), calcium, p.spacing, opts, fallback)
         domain, features = learnt_inputs(y, u, calcium, p.spacing, opts, reach_voxels, fallback,
                                          level_away_mm=level_away_mm, context_voxels=context_voxels)
         if not len(features):
@@ -92,7 +94,8 @@ def extract_study(engine, seed: int, i: int, reach_voxels: int, jitter: float = 
                         target=(y - truth[box])[tuple(foot.T)].astype(np.float32),
                         excess=p.calcium_excess[box][domain].astype(np.float32),
                         mtf50=opts.blur.mtf50_lp_cm, slice_fwhm=opts.blur.slice_fwhm_mm,
-                        edge=opts.blur.edge_enhance, spacing=np.array(p.spacing), study=i, kernel=kernel))
+                        edge=opts.blur.edge_enhance, spacing=np.array(p.spacing), study=i, kernel=kernel,
+                        anatomy_hu=opts.anatomy_above_level_hu))
     return out
 
 
@@ -156,6 +159,11 @@ def train(args: argparse.Namespace) -> int:
         raise SystemExit(f"{folder}: regions extracted with different --level-away-mm ({sorted(aways)}): "
                          "one per folder")
     (level_away_mm,) = aways
+    ceilings = {float(r.get("anatomy_hu", 0.0)) for r in regions + held}
+    if len(ceilings) != 1:
+        raise SystemExit(f"{folder}: regions sharpened with different anatomy ceilings ({sorted(ceilings)}): "
+                         "one per folder")
+    (anatomy_hu,) = ceilings
     contexts = {int(r.get("context_voxels", 0)) for r in regions + held}
     if contexts != {args.convolutions}:
         raise SystemExit(f"{folder}: regions extracted with --context-voxels {sorted(contexts)}; an estimate with "
@@ -253,7 +261,8 @@ def train(args: argparse.Namespace) -> int:
             p.data.copy_(b)
     log["best_held_rmse_hu"], log["best_held_wrong_side"], log["best_held_calcium_rmse_hu"] = evaluate(held_set)
     arrays = {"mean": mean, "scale": scale, "reach_voxels": np.array(args.reach_voxels),
-              "level_away_mm": np.array(level_away_mm), **net.arrays()}
+              "level_away_mm": np.array(level_away_mm), "anatomy_above_level_hu": np.array(anatomy_hu),
+              **net.arrays()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     np.savez(args.out, **arrays)
     log["settings"] = {k: v for k, v in vars(args).items() if k != "func"}
@@ -332,12 +341,13 @@ def merge(args: argparse.Namespace) -> int:
     first = members[0]
     for m in members[1:]:
         if len(m.weights) != len(first.weights) or m.reach_voxels != first.reach_voxels \
-                or m.level_away_mm != first.level_away_mm \
+                or m.level_away_mm != first.level_away_mm or m.anatomy_above_level_hu != first.anatomy_above_level_hu \
                 or not (np.allclose(m.mean, first.mean) and np.allclose(m.scale, first.scale)):
             raise SystemExit("members differ in depth, reach, level measure or normalisation: "
                              "train them on one extraction")
     arrays = {"mean": first.mean, "scale": first.scale, "reach_voxels": np.array(first.reach_voxels),
-              "level_away_mm": np.array(first.level_away_mm)}
+              "level_away_mm": np.array(first.level_away_mm),
+              "anatomy_above_level_hu": np.array(first.anatomy_above_level_hu)}
     n = len(members)
     for i in range(len(first.weights) // 2):
         ws = [m.weights[2 * i] for m in members]

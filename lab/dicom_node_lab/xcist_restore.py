@@ -112,15 +112,16 @@ def calcium_contrast_hu(image: np.ndarray, px: float, x0: float, y0: float, cent
 def rows(draws: int, seed: int, model: Path, kvps: tuple[int, ...] = (120, 100),
          kernels: tuple[str, ...] = tuple(KERNELS), densities: tuple[float, ...] = (400.0, 800.0),
          stenoses: tuple[float, ...] = STENOSES, arcs: tuple[float, ...] = ARCS_DEG, xcist_dir: Path = XCIST_DIR,
-         free_dir: Path = FREE_DIR) -> list[dict]:
+         free_dir: Path = FREE_DIR, configurations: tuple[Configuration, ...] = CONFIGURATIONS) -> list[dict]:
     """One row per insert, scan and noise draw: the readings of the acquired, each configuration's processed and
-    the calcium-free scan's stacks, at both white levels."""
+    the calcium-free scan's stacks, at both white levels. The noise draws do not depend on the configurations:
+    a configuration added to a run reads the same noisy stacks as the others."""
     from dicom_node_lab.experiment2v2 import _engine, _stored_hu
 
     meta = json.loads((xcist_dir / "meta.json").read_text())
     centres = meta["insert_centres_mm"]
     radius = float(meta["phantom"]["lumen_radius_mm"])
-    engines = {c.name: _engine(model, list(c.engine)) for c in CONFIGURATIONS}
+    engines = {c.name: _engine(model, list(c.engine)) for c in configurations}
     geometric = {(s, a, w): _geometric(s, a, w, radius) for s in stenoses for a in arcs for w in WHITE_LEVELS_HU}
     out = []
     rng = np.random.default_rng(seed)
@@ -145,7 +146,7 @@ def rows(draws: int, seed: int, model: Path, kvps: tuple[int, ...] = (120, 100),
                             n = physics.noise(acquired.shape, spacing, world_kernel, SLICE_FWHM_MM, sd, rng)
                             images = {"original": _stored_hu(acquired + n), "truth": _stored_hu(truth + n)}
                             seen = {}
-                            for c in CONFIGURATIONS:
+                            for c in configurations:
                                 vol = images["original"].copy()
                                 t0 = time.perf_counter()
                                 res = engines[c.name].run(vol, spacing, kernel=header)
@@ -243,7 +244,7 @@ SELECTIONS = {"calcium that looks white (> lumen + 100 HU as acquired)": lambda 
 
 
 def _markdown(result: dict) -> str:
-    names = ["original"] + [c.name for c in CONFIGURATIONS]
+    names = ["original"] + list(result["configurations"])
     lines = ["# The engines on XCIST's calcified vessel inserts", "",
              f"Reproduce: `{result['command']}` ({result['minutes']:.0f} min on this machine's 2 cores). "
              f"Inputs: `{result['xcist']}/` (calcified) and `{result['free']}/` (the same phantom without calcium, "
@@ -307,17 +308,24 @@ def report(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     saved = args.out / "xcist-restore.json"
     before = json.loads(saved.read_text()) if args.rewrite else None
+    configurations, pairs = CONFIGURATIONS, PAIRS
+    if args.compare_estimate:  # the recommended subtraction with another learnt estimate, beside the shipped one's
+        other = Configuration(f"subtraction, site-measured tables, {args.compare_estimate.name}",
+                              tuple(f'subtract_estimate = "{args.compare_estimate}"' if "subtract_estimate" in line
+                                    else line for line in RECOMMENDED) + MEASURED)
+        configurations, pairs = configurations + (other,), pairs + ((CONFIGURATIONS[1].name, other.name),)
     rs = before["rows"] if before else rows(args.draws, args.seed, args.model, tuple(args.kvps),
-                                            xcist_dir=args.xcist, free_dir=args.free)
-    names = ["original"] + [c.name for c in CONFIGURATIONS]
+                                            xcist_dir=args.xcist, free_dir=args.free, configurations=configurations)
+    names = ["original"] + [c.name for c in configurations]
     where = "" if (args.xcist, args.free) == (XCIST_DIR, FREE_DIR) else f" --xcist {args.xcist} --free {args.free}"
     kvps = "" if tuple(args.kvps) == (120, 100) else " --kvps " + " ".join(map(str, args.kvps))
+    kvps += f" --compare-estimate {args.compare_estimate}" if args.compare_estimate else ""
     meta = json.loads((args.xcist / "meta.json").read_text())
     result = {"command": f"python -m dicom_node_lab.xcist_restore --draws {args.draws}{where}{kvps} --out {args.out}",
               "xcist": str(args.xcist), "free": str(args.free), "kvps": list(args.kvps),
               "vessel_mm": 2 * float(meta["phantom"]["lumen_radius_mm"]),
               "draws": args.draws, "n": len(rs), "rows": rs,
-              "configurations": {c.name: list(c.engine) for c in CONFIGURATIONS},
+              "configurations": {c.name: list(c.engine) for c in configurations},
               "summary": {}, "summary_geometry": {}, "strata": {}}
     for w in WHITE_LEVELS_HU:
         key = f"{w:g}"
@@ -326,10 +334,10 @@ def report(args: argparse.Namespace) -> int:
         result["summary_geometry"][key] = {sel: {n: summary([r for r in rs if keep(r)], n, w, "geometric")
                                                  for n in names} for sel, keep in SELECTIONS.items()}
         result.setdefault("paired", {})[key] = {
-            sel: {f"{b} vs {a}": paired([r for r in rs if keep(r)], a, b, w) for a, b in PAIRS}
+            sel: {f"{b} vs {a}": paired([r for r in rs if keep(r)], a, b, w) for a, b in pairs}
             for sel, keep in SELECTIONS.items()}
         white = [r for r in rs if r["looks_white"]]
-        result.setdefault("by_flag", {})[key] = {c.name: by_flag(white, c.name, w) for c in CONFIGURATIONS}
+        result.setdefault("by_flag", {})[key] = {c.name: by_flag(white, c.name, w) for c in configurations}
         table = {}
         for k in KERNELS:
             for ha in (400.0, 800.0):
@@ -356,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--free", type=Path, default=FREE_DIR, help="their calcium-free twin (--densities 0)")
     ap.add_argument("--kvps", type=int, nargs="+", default=[120, 100])
     ap.add_argument("--rewrite", action="store_true", help="summarise the rows --out holds again, scan nothing")
+    ap.add_argument("--compare-estimate", type=Path,
+                    help="also run the recommended subtraction with this learnt estimate (.npz) for the shipped one")
     return report(ap.parse_args(argv))
 
 

@@ -31,10 +31,11 @@ def _extract_both(data, studies: int, *options: str) -> dict:
 
 def test_extract_train_and_the_node_loads_what_training_wrote(tmp_path):
     data = tmp_path / "data"
-    region = _extract_both(data, 3, "--level-away-mm", "2")
+    # sharpened by the split (engine.subtract_anatomy_hu): the file must say so, as it says how levels were measured
+    region = _extract_both(data, 3, "--level-away-mm", "2", "--engine", "subtract_anatomy_hu = 100")
     assert region["features"].shape == (len(region["domain"]), len(FEATURES))
     assert len(region["foot"]) == len(region["target"]) == len(region["acquired"]) == len(region["level"])
-    assert region["level_away_mm"] == 2.0
+    assert region["level_away_mm"] == 2.0 and region["anatomy_hu"] == 100.0
     assert region["target"].max() > 100.0, "the footprint holds the calcium's bloom"
     assert region["excess"].shape == (len(region["domain"]),) and region["excess"].max() > 100.0, \
         "the phantom's own calcium on the estimate's domain"
@@ -47,6 +48,7 @@ def test_extract_train_and_the_node_loads_what_training_wrote(tmp_path):
     assert log["best_held_rmse_hu"] <= log["rule_rmse_hu_held"][0] * 1.5
     learnt = LearntExcess.load(out)
     assert learnt.level_away_mm == 2.0, "the node measures the level as training did"
+    assert learnt.anatomy_above_level_hu == 100.0, "and sharpens as training did"
     acquired, _, calcium = _vessel(ScannerBlur())
     out_image = calcium_removed(acquired, acquired > 600.0, SPACING, SubtractOptions(learnt=learnt), 400.0)
     assert np.isfinite(out_image).all() and (acquired - out_image)[calcium].mean() > 100.0

@@ -90,3 +90,20 @@ def test_the_2mm_phantom_has_its_own_lumen_and_its_twin_in_one_folder():
     calcified = xr._scan(folder, 800, 120, "standard")[0]
     ring = _centred_crop(calcified, px, x0, y0, tuple(meta["insert_centres_mm"]["vessel_S0.70_A360"]), 6.0)
     assert ring.max() > 700
+
+
+def test_a_compared_estimate_reads_the_same_noisy_stacks_as_the_others():
+    """``--compare-estimate`` adds a configuration to a run; the noise draws must not depend on which
+    configurations run, or the paired comparison would compare different scans. The 50 % full ring of 800 mg
+    HA (the split sharpening's case, reports/tuning/split-sharpening.md): one draw, two configuration sets."""
+    model = ROOT / "engines" / "dense_unet.onnx"
+    shipped = xr.CONFIGURATIONS[1]
+    split = xr.Configuration("split", tuple(
+        'subtract_estimate = "engines/calcium_excess_split.npz"' if "subtract_estimate" in line else line
+        for line in shipped.engine))
+    args = dict(kvps=(120,), kernels=("standard",), densities=(800.0,), stenoses=(0.5,), arcs=(360.0,))
+    alone = xr.rows(1, 3, model, configurations=(shipped,), **args)[0]
+    both = xr.rows(1, 3, model, configurations=(shipped, split), **args)[0]
+    for key in ("original@100", "truth@100", f"{shipped.name}@100", "noise_sd"):
+        assert alone[key] == both[key], key
+    assert "split@100" in both and "split@100" not in alone

@@ -111,6 +111,31 @@ def test_the_file_says_how_its_levels_were_measured(tmp_path):
         LearntExcess.load(_write(tmp_path / "far.npz", level_away_mm=np.array(-1.0)))
 
 
+def test_the_file_says_how_its_inputs_were_sharpened(tmp_path):
+    """An estimate trained on split-sharpened features is fed split-sharpened ones whatever the options say, and
+    one from before the split is fed the plain sharpening even where the options ask for the split (the rule's
+    setting): the file decides, as it does for the level's measure."""
+    from dicom_node.pipeline.subtract import sharpen, sharpened
+    from tests.pipeline.test_subtract import _ring_around_small_lumen
+
+    acquired, _, detected = _ring_around_small_lumen(ScannerBlur(mtf50_lp_cm=4.6, edge_enhance=0.35))
+    blur = ScannerBlur(mtf50_lp_cm=4.33, edge_enhance=0.3)
+    h = blur.transfer(acquired.shape, SPACING)
+    plain = sharpen(acquired, h, SubtractOptions.tv_weight, SubtractOptions.iterations)
+    old = LearntExcess.load(_write(tmp_path / "old.npz"))
+    split = LearntExcess.load(_write(tmp_path / "split.npz", anatomy_above_level_hu=np.array(100.0)))
+    assert old.anatomy_above_level_hu == 0.0 and split.anatomy_above_level_hu == 100.0
+    as_old = sharpened(acquired, h, detected, SPACING,
+                       SubtractOptions(blur=blur, learnt=old, anatomy_above_level_hu=100.0), 400.0)
+    assert np.array_equal(as_old, plain)
+    as_split = sharpened(acquired, h, detected, SPACING, SubtractOptions(blur=blur, learnt=split), 400.0)
+    rule_split = sharpened(acquired, h, detected, SPACING, SubtractOptions(blur=blur, anatomy_above_level_hu=100.0),
+                           400.0)
+    assert np.array_equal(as_split, rule_split) and not np.allclose(as_split, plain)
+    with pytest.raises(ValueError, match="anatomy_above_level_hu"):
+        LearntExcess.load(_write(tmp_path / "bad.npz", anatomy_above_level_hu=np.array(-5.0)))
+
+
 def test_a_ringed_lumens_level_is_measured_beyond_the_rings_bloom():
     """A 260 HU lumen in a whole ring of dense calcium: the level around each voxel is measured on the ring's
     bloom, hundreds of HU too high (held-out 5050-43 read 600-640 HU for a 260 HU lumen); measured on the
@@ -186,15 +211,17 @@ def test_the_estimate_is_read_once_and_again_when_the_file_is_replaced(tmp_path)
     assert second is not first and second.digest != first.digest
 
 
-@pytest.mark.parametrize("name, away", [("calcium_excess.npz", 0.0), ("calcium_excess_ref.npz", 2.0)])
-def test_the_shipped_estimate_takes_the_bloom_out_and_leaves_far_voxels_alone(name, away):
+@pytest.mark.parametrize("name, away, ceiling", [("calcium_excess.npz", 0.0, 0.0), ("calcium_excess_ref.npz", 2.0, 0.0),
+                                                 ("calcium_excess_split.npz", 2.0, 100.0)])
+def test_the_shipped_estimate_takes_the_bloom_out_and_leaves_far_voxels_alone(name, away, ceiling):
     """``engines/calcium_excess*.npz`` (model card: engines/MODEL_CARD.md): under a soft kernel's ring, where
     the rule leaves the flank at lumen brightness, each comes closer to the calcium-free scan than the rule;
-    the second measures its levels 2 mm from the calcium, as it was trained."""
+    the second and third measure their levels 2 mm from the calcium, the third sharpens by the split, each as
+    it was trained."""
     from dicom_node.config import REPO
 
     learnt = LearntExcess.load(REPO / "engines" / name)
-    assert learnt.level_away_mm == away
+    assert learnt.level_away_mm == away and learnt.anatomy_above_level_hu == ceiling
     scanner = ScannerBlur(mtf50_lp_cm=3.5, edge_enhance=0.4, slice_fwhm_mm=0.8)
     acquired, truth, calcium = _vessel(scanner, 360.0)
     detected = acquired > 600.0
