@@ -71,6 +71,15 @@ def unsure_rules(engine: EngineConfig) -> dict[str, Any]:
     return {"action": engine.unsure_action, "rules": rules}
 
 
+def _sharpening(engine: EngineConfig, options: Any) -> dict[str, Any]:
+    """How the subtraction sharpens before it estimates the calcium, and who decided: a learnt estimate's own file
+    (it is fed what it was trained on) or ``engine.subtract_anatomy_hu`` (the rule's)."""
+    learnt = options.learnt
+    ceiling = learnt.anatomy_above_level_hu if learnt is not None else options.anatomy_above_level_hu
+    return {"method": "split" if ceiling > 0 else "plain", "anatomy_above_level_hu": ceiling,
+            "set_by": "the estimate's file" if learnt is not None else "engine.subtract_anatomy_hu"}
+
+
 def engine_report(engine: EngineConfig) -> dict[str, Any]:
     """The restoration the node runs and, for the subtraction, the blur it assumes for each listed kernel.
 
@@ -87,6 +96,12 @@ def engine_report(engine: EngineConfig) -> dict[str, Any]:
         return out
     options = engine.subtract_options()
     out["estimate"] = engine.subtract_estimate or "rule"
+    out["sharpening"] = _sharpening(engine, options)
+    if options.learnt is not None and engine.subtract_anatomy_hu > 0 \
+            and engine.subtract_anatomy_hu != options.learnt.anatomy_above_level_hu:
+        out["notes"].append(f"engine.subtract_anatomy_hu = {engine.subtract_anatomy_hu:g} applies to the white-level "
+                            "rule only: the learnt estimate sharpens as it was trained (its file says "
+                            f"{options.learnt.anatomy_above_level_hu:g})")
 
     def assumed(o: Any) -> dict[str, float]:
         return {"mtf50_lp_cm": o.blur.mtf50_lp_cm, "edge_enhance": o.blur.edge_enhance,
@@ -222,6 +237,11 @@ def _render_engine(e: dict[str, Any]) -> list[str]:
         lines = [f"engine:       subtract ({'white-level rule' if e['estimate'] == 'rule' else e['estimate']})"]
         lines += [f"  kernel {k['kernel']}: {blur(k)}" for k in e["kernels"]]
         lines.append(f"  {'any other kernel' if e['kernels'] else 'every kernel'}: {blur(e['default'])}")
+    sharp = e.get("sharpening")
+    if sharp:
+        how = (f"split, anatomy at most {sharp['anatomy_above_level_hu']:g} HU above the contrast"
+               if sharp["method"] == "split" else "plain total variation")
+        lines.append(f"  sharpening: {how} (set by {sharp['set_by']})")
     actions = {"mark": "restored and marked", "leave": "left as acquired", "guard": "restored, visible lumen kept"}
     for method, why in e["unsure"]["rules"].items():
         said = ", ".join(why) if why else "never (no rule on)"

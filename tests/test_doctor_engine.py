@@ -97,3 +97,24 @@ def test_doctor_says_what_makes_a_restoration_unsure_for_each_method_it_runs():
     e = doctor.engine_report(config.from_dict({"engine": {"confidence": False, "unsure_vessel_mm": 0.0}}).engine)
     assert e["unsure"]["rules"] == {"network": []}
     assert "unsure (network): never (no rule on)" in "\n".join(doctor._render_engine(e))
+
+
+def test_doctor_says_how_the_subtraction_sharpens_and_who_decided():
+    """A learnt estimate is fed what it was trained on, whatever engine.subtract_anatomy_hu says; doctor names the
+    sharpening and who set it, and says so when the config asks for something the estimate's file overrides."""
+    from dicom_node.config import REPO
+
+    rule = doctor.engine_report(config.from_dict({"engine": {"method": "subtract", "subtract_anatomy_hu": 100.0}})
+                                .engine)
+    assert rule["sharpening"] == {"method": "split", "anatomy_above_level_hu": 100.0,
+                                  "set_by": "engine.subtract_anatomy_hu"}
+    assert "  sharpening: split, anatomy at most 100 HU above the contrast (set by engine.subtract_anatomy_hu)" \
+        in doctor._render_engine(rule)
+    split = str(REPO / "engines" / "calcium_excess_split.npz")
+    e = doctor.engine_report(config.from_dict({"engine": {"method": "subtract", "subtract_estimate": split}}).engine)
+    assert e["sharpening"]["method"] == "split" and e["sharpening"]["set_by"] == "the estimate's file"
+    ref = str(REPO / "engines" / "calcium_excess_ref.npz")
+    e = doctor.engine_report(config.from_dict({"engine": {"method": "subtract", "subtract_estimate": ref,
+                                                          "subtract_anatomy_hu": 100.0}}).engine)
+    assert e["sharpening"]["method"] == "plain"
+    assert any("applies to the white-level rule only" in n for n in e["notes"])
