@@ -71,13 +71,12 @@ def unsure_rules(engine: EngineConfig) -> dict[str, Any]:
     return {"action": engine.unsure_action, "rules": rules}
 
 
-def _sharpening(engine: EngineConfig, options: Any) -> dict[str, Any]:
+def _sharpening(options: Any) -> dict[str, Any]:
     """How the subtraction sharpens before it estimates the calcium, and who decided: a learnt estimate's own file
     (it is fed what it was trained on) or ``engine.subtract_anatomy_hu`` (the rule's)."""
-    learnt = options.learnt
-    ceiling = learnt.anatomy_above_level_hu if learnt is not None else options.anatomy_above_level_hu
+    ceiling = options.sharpening_ceiling_hu
     return {"method": "split" if ceiling > 0 else "plain", "anatomy_above_level_hu": ceiling,
-            "set_by": "the estimate's file" if learnt is not None else "engine.subtract_anatomy_hu"}
+            "set_by": "the estimate's file" if options.learnt is not None else "engine.subtract_anatomy_hu"}
 
 
 def engine_report(engine: EngineConfig) -> dict[str, Any]:
@@ -96,7 +95,7 @@ def engine_report(engine: EngineConfig) -> dict[str, Any]:
         return out
     options = engine.subtract_options()
     out["estimate"] = engine.subtract_estimate or "rule"
-    out["sharpening"] = _sharpening(engine, options)
+    out["sharpening"] = _sharpening(options)
     if options.learnt is not None and engine.subtract_anatomy_hu > 0 \
             and engine.subtract_anatomy_hu != options.learnt.anatomy_above_level_hu:
         out["notes"].append(f"engine.subtract_anatomy_hu = {engine.subtract_anatomy_hu:g} applies to the white-level "

@@ -328,6 +328,12 @@ class SubtractOptions:
         for _, enhance in self.enhance_by_kernel:
             replace(self.blur, edge_enhance=enhance)  # checks the lift as any blur's
 
+    @property
+    def sharpening_ceiling_hu(self) -> float:
+        """The split sharpening's ceiling this subtraction runs with (0: the plain sharpening): a learnt estimate's
+        own (it is fed what it was trained on), else ``anatomy_above_level_hu`` (the rule's)."""
+        return self.anatomy_above_level_hu if self.learnt is None else self.learnt.anatomy_above_level_hu
+
     def lists(self, kernel: str) -> bool:
         """Whether any of the kernel tables names the series' ConvolutionKernel (an unlisted one gets the defaults)."""
         return any(_listed(t, kernel) is not None for t in (self.kernels, self.white_by_kernel, self.enhance_by_kernel))
@@ -406,7 +412,7 @@ def sharpened(y: np.ndarray, h: np.ndarray, calcium: np.ndarray, spacing: tuple[
     ``anatomy_above_level_hu`` above 0, the anatomy-and-calcium split (``split_sharpen``); the node's estimate
     and the lab's training both sharpen here. A learnt estimate is fed what it was trained on: its own file's
     ceiling decides (``LearntExcess.anatomy_above_level_hu``), not the options'."""
-    ceiling_hu = options.anatomy_above_level_hu if options.learnt is None else options.learnt.anatomy_above_level_hu
+    ceiling_hu = options.sharpening_ceiling_hu
     if ceiling_hu <= 0 or not calcium.any():
         return sharpen(y, h, options.tv_weight, options.iterations)
     every = np.argwhere(np.ones(y.shape, bool))
@@ -428,18 +434,16 @@ def split_sharpen(image: np.ndarray, h: np.ndarray, support: np.ndarray, ceiling
     where the detector found it, leave far fewer such answers. By accelerated projected gradient (FISTA).
     """
     step = 1.0 / (2.0 * float(np.max(h)) ** 2 + 12.0 * tv_weight / TV_EPSILON_HU)
-    a = np.clip(image, ANATOMY_FLOOR_HU, ceiling)
-    c = np.where(support, np.maximum(image - a, 0.0), 0.0)
-    za, zc, t = a.copy(), c.copy(), 1.0
-    for _ in range(iterations):
-        misfit = through(through(za + zc, h) - image, h)
-        na = np.clip(za - step * (misfit + tv_weight * _tv_gradient(za)), ANATOMY_FLOOR_HU, ceiling)
-        nc = np.where(support, np.maximum(zc - step * misfit, 0.0), 0.0)
-        t_next = 0.5 * (1.0 + np.sqrt(1.0 + 4.0 * t * t))
-        za = na + (t - 1.0) / t_next * (na - a)
-        zc = nc + (t - 1.0) / t_next * (nc - c)
-        a, c, t = na, nc, t_next
-    return a + c
+    anatomy = np.clip(image, ANATOMY_FLOOR_HU, ceiling)
+    start = np.stack([anatomy, np.where(support, np.maximum(image - anatomy, 0.0), 0.0)])
+
+    def descend(z: np.ndarray) -> np.ndarray:  # z = [anatomy, calcium]: a gradient step, then onto the bounds
+        misfit = through(through(z[0] + z[1], h) - image, h)
+        return np.stack([np.clip(z[0] - step * (misfit + tv_weight * _tv_gradient(z[0])), ANATOMY_FLOOR_HU, ceiling),
+                         np.where(support, np.maximum(z[1] - step * misfit, 0.0), 0.0)])
+
+    split = _accelerated(start, descend, iterations)
+    return split[0] + split[1]
 
 
 def _accelerated(start: np.ndarray, step: Callable[[np.ndarray], np.ndarray], iterations: int) -> np.ndarray:

@@ -77,6 +77,14 @@ CONFIGURATIONS = (
 )
 
 
+def compared(estimate: Path) -> Configuration:
+    """The recommended subtraction with another learnt estimate in place of the shipped one (``--compare-estimate``),
+    named by the estimate's file."""
+    engine = tuple(f'subtract_estimate = "{estimate}"' if line.startswith("subtract_estimate") else line
+                   for line in RECOMMENDED + MEASURED)
+    return Configuration(f"subtraction, site-measured tables, {estimate.name}", engine)
+
+
 def _scan(folder: Path, ha: float, kvp: int, kernel: str) -> tuple[np.ndarray, float, float, float]:
     meta = json.loads((folder / "meta.json").read_text())
     name = f"ha{ha:g}_{kvp}kv_{kernel}_{PIXEL_TAG}.npz"
@@ -309,19 +317,18 @@ def report(args: argparse.Namespace) -> int:
     saved = args.out / "xcist-restore.json"
     before = json.loads(saved.read_text()) if args.rewrite else None
     configurations, pairs = CONFIGURATIONS, PAIRS
-    if args.compare_estimate:  # the recommended subtraction with another learnt estimate, beside the shipped one's
-        other = Configuration(f"subtraction, site-measured tables, {args.compare_estimate.name}",
-                              tuple(f'subtract_estimate = "{args.compare_estimate}"' if "subtract_estimate" in line
-                                    else line for line in RECOMMENDED) + MEASURED)
+    if args.compare_estimate:  # beside the shipped estimate's subtraction, paired with it
+        other = compared(args.compare_estimate)
         configurations, pairs = configurations + (other,), pairs + ((CONFIGURATIONS[1].name, other.name),)
     rs = before["rows"] if before else rows(args.draws, args.seed, args.model, tuple(args.kvps),
                                             xcist_dir=args.xcist, free_dir=args.free, configurations=configurations)
     names = ["original"] + [c.name for c in configurations]
     where = "" if (args.xcist, args.free) == (XCIST_DIR, FREE_DIR) else f" --xcist {args.xcist} --free {args.free}"
     kvps = "" if tuple(args.kvps) == (120, 100) else " --kvps " + " ".join(map(str, args.kvps))
-    kvps += f" --compare-estimate {args.compare_estimate}" if args.compare_estimate else ""
+    compare = f" --compare-estimate {args.compare_estimate}" if args.compare_estimate else ""
     meta = json.loads((args.xcist / "meta.json").read_text())
-    result = {"command": f"python -m dicom_node_lab.xcist_restore --draws {args.draws}{where}{kvps} --out {args.out}",
+    command = f"python -m dicom_node_lab.xcist_restore --draws {args.draws}{where}{kvps}{compare} --out {args.out}"
+    result = {"command": command,
               "xcist": str(args.xcist), "free": str(args.free), "kvps": list(args.kvps),
               "vessel_mm": 2 * float(meta["phantom"]["lumen_radius_mm"]),
               "draws": args.draws, "n": len(rs), "rows": rs,

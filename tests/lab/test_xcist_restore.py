@@ -98,12 +98,13 @@ def test_a_compared_estimate_reads_the_same_noisy_stacks_as_the_others():
     HA (the split sharpening's case, reports/tuning/split-sharpening.md): one draw, two configuration sets."""
     model = ROOT / "engines" / "dense_unet.onnx"
     shipped = xr.CONFIGURATIONS[1]
-    split = xr.Configuration("split", tuple(
-        'subtract_estimate = "engines/calcium_excess_split.npz"' if "subtract_estimate" in line else line
-        for line in shipped.engine))
+    split = xr.compared(Path("engines/calcium_excess_split.npz"))
+    assert split.name == "subtraction, site-measured tables, calcium_excess_split.npz"
+    assert [line for line in split.engine if "subtract_estimate" not in line] == \
+        [line for line in shipped.engine if "subtract_estimate" not in line], "only the estimate differs"
     args = dict(kvps=(120,), kernels=("standard",), densities=(800.0,), stenoses=(0.5,), arcs=(360.0,))
     alone = xr.rows(1, 3, model, configurations=(shipped,), **args)[0]
     both = xr.rows(1, 3, model, configurations=(shipped, split), **args)[0]
     for key in ("original@100", "truth@100", f"{shipped.name}@100", "noise_sd"):
         assert alone[key] == both[key], key
-    assert "split@100" in both and "split@100" not in alone
+    assert f"{split.name}@100" in both and f"{split.name}@100" not in alone
