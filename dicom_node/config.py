@@ -17,7 +17,7 @@ from dicom_node.pipeline.detect import DetectOptions
 from dicom_node.pipeline.restore import ConfidenceOptions, Method, UnsureAction
 from dicom_node.pipeline.series import REFUSED_IMAGE_TYPES
 from dicom_node.pipeline.structure import MAX_ELEMENT_MB, MAX_SEQUENCE_DEPTH
-from dicom_node.pipeline.subtract import KeepLumen, LearntExcess, ScannerBlur, SubtractOptions
+from dicom_node.pipeline.subtract import EstimateCombine, KeepLumen, LearntExcess, ScannerBlur, SubtractOptions
 from dicom_node.pipeline.windows import MaskMode, WindowOptions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,6 +76,11 @@ class EngineConfig:
     # subtract: a learnt calcium estimate (.npz from the lab's calcium_estimate.py) in place of the white-level
     # rule; "" = the rule. A relative path is taken from the config file's folder, like the model's.
     subtract_estimate: str = ""
+    # subtract: further learnt estimates run on every region beside subtract_estimate (relative paths as its),
+    # their disagreement the confidence measure (with confidence and subtract_unsure_hu above 0) ...
+    subtract_companions: list[str] = field(default_factory=list)
+    # ... and which restoration is written: "first" (subtract_estimate's), "mean", or "wider" (the most lumen)
+    subtract_combine: EstimateCombine = SubtractOptions.combine
     # subtract: reconstruction kernel (ConvolutionKernel) -> the MTF50 (lp/cm) to assume for its series
     scanner_kernels: dict[str, float] = field(default_factory=dict)
     # subtract: reconstruction kernel -> subtract_white_hu for its series (a kernel not listed keeps that)
@@ -105,7 +110,9 @@ class EngineConfig:
                                anatomy_above_level_hu=self.subtract_anatomy_hu,
                                white_by_kernel=tuple(self.subtract_white_by_kernel.items()),
                                enhance_by_kernel=tuple(self.scanner_edge_enhance.items()),
-                               learnt=_learnt_estimate(self.subtract_estimate) if self.subtract_estimate else None)
+                               learnt=_learnt_estimate(self.subtract_estimate) if self.subtract_estimate else None,
+                               companions=tuple(_learnt_estimate(p) for p in self.subtract_companions),
+                               combine=self.subtract_combine)
 
     def confidence_options(self) -> ConfidenceOptions:
         return ConfidenceOptions(**{opt: getattr(self, key) for key, (kind, opt) in ENGINE_KEYS.items()
@@ -454,7 +461,8 @@ def check(cfg: Config) -> None:
     except ValueError as exc:
         raise ConfigError(f"engine: {exc}") from None
     except OSError as exc:
-        raise ConfigError(f"engine.subtract_estimate: cannot read {cfg.engine.subtract_estimate!r}: {exc}") from None
+        raise ConfigError(f"engine.subtract_estimate / subtract_companions: cannot read {exc.filename!r}: "
+                          f"{exc.strerror or exc}") from None
     if cfg.intake.max_sequence_depth < 0 or cfg.intake.max_element_mb < 0:
         raise ConfigError("intake.max_sequence_depth and intake.max_element_mb cannot be negative")
 
@@ -484,6 +492,8 @@ def load(path: str | Path | None = None) -> Config:
     estimate = Path(cfg.engine.subtract_estimate)
     if cfg.engine.subtract_estimate and not estimate.is_absolute():  # before the check, which reads it
         cfg.engine.subtract_estimate = str((p.parent / estimate).resolve())
+    cfg.engine.subtract_companions = [c if Path(c).is_absolute() else str((p.parent / c).resolve())
+                                      for c in cfg.engine.subtract_companions]
     check(cfg)
     model = Path(cfg.engine.model)
     if not model.is_absolute():

@@ -61,7 +61,8 @@ def unsure_rules(engine: EngineConfig) -> dict[str, Any]:
         if method == "network" and engine.confidence:
             why.append(f"flip disagreement over {engine.unsure_hu:g} HU")
         if method == "subtract" and engine.confidence and engine.subtract_unsure_hu > 0:
-            why.append(f"blur disagreement over {engine.subtract_unsure_hu:g} HU")
+            measure = "estimate" if engine.subtract_companions else "blur"
+            why.append(f"{measure} disagreement over {engine.subtract_unsure_hu:g} HU")
         if engine.unsure_vessel_mm > 0:
             why.append(f"vessel under {engine.unsure_vessel_mm:g} mm")
         # the sharpened-image test runs for every series, but under auto for the subtraction's only
@@ -96,6 +97,10 @@ def engine_report(engine: EngineConfig) -> dict[str, Any]:
     options = engine.subtract_options()
     out["estimate"] = engine.subtract_estimate or "rule"
     out["sharpening"] = _sharpening(options)
+    if options.companions:  # every region restored once per estimate: which is written, and how each sharpens
+        out["companions"] = [{"estimate": path, "sharpening": _sharpening(o)}
+                             for path, o in zip(engine.subtract_companions, options.estimates()[1:])]
+        out["combine"] = options.combine
     if options.learnt is not None and engine.subtract_anatomy_hu > 0 \
             and engine.subtract_anatomy_hu != options.learnt.anatomy_above_level_hu:
         out["notes"].append(f"engine.subtract_anatomy_hu = {engine.subtract_anatomy_hu:g} applies to the white-level "
@@ -241,6 +246,12 @@ def _render_engine(e: dict[str, Any]) -> list[str]:
         how = (f"split, anatomy at most {sharp['anatomy_above_level_hu']:g} HU above the contrast"
                if sharp["method"] == "split" else "plain total variation")
         lines.append(f"  sharpening: {how} (set by {sharp['set_by']})")
+    written = {"first": "the first estimate's (the others measure the disagreement)", "mean": "the mean of all",
+               "wider": "the one a reader sees the most lumen in"}
+    for c in e.get("companions", []):
+        lines.append(f"  also estimated by {c['estimate']} ({c['sharpening']['method']} sharpening)")
+    if e.get("companions"):
+        lines.append(f"  restoration written: {written[e['combine']]}")
     actions = {"mark": "restored and marked", "leave": "left as acquired", "guard": "restored, visible lumen kept"}
     for method, why in e["unsure"]["rules"].items():
         said = ", ".join(why) if why else "never (no rule on)"

@@ -118,3 +118,22 @@ def test_doctor_says_how_the_subtraction_sharpens_and_who_decided():
                                                           "subtract_anatomy_hu": 100.0}}).engine)
     assert e["sharpening"]["method"] == "plain"
     assert any("applies to the white-level rule only" in n for n in e["notes"])
+
+
+def test_doctor_names_the_estimates_beside_the_first_and_which_restoration_is_written():
+    """With ``engine.subtract_companions`` every region is restored once per estimate: doctor lists them, how each
+    sharpens, which restoration is written and that their disagreement (not a softer blur's) makes a region unsure."""
+    from dicom_node.config import REPO
+
+    ref, split = (str(REPO / "engines" / f"calcium_excess_{n}.npz") for n in ("ref", "split"))
+    e = doctor.engine_report(config.from_dict({"engine": {
+        "method": "subtract", "subtract_estimate": ref, "subtract_companions": [split], "subtract_combine": "mean",
+        "confidence": True, "subtract_unsure_hu": 40.0}}).engine)
+    assert e["companions"] == [{"estimate": split, "sharpening": {"method": "split", "anatomy_above_level_hu": 100.0,
+                                                                  "set_by": "the estimate's file"}}]
+    lines = doctor._render_engine(e)
+    assert f"  also estimated by {split} (split sharpening)" in lines
+    assert "  restoration written: the mean of all" in lines
+    assert "estimate disagreement over 40 HU" in e["unsure"]["rules"]["subtract"]
+    alone = doctor.engine_report(config.from_dict({"engine": {"method": "subtract", "subtract_estimate": ref}}).engine)
+    assert "companions" not in alone and not any("also estimated" in line for line in doctor._render_engine(alone))

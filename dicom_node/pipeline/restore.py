@@ -21,7 +21,7 @@ from dicom_node.backends import Backend
 from dicom_node.pipeline.contrast import lumen_level_at
 from dicom_node.pipeline.detect import Detection, DetectOptions, detect
 from dicom_node.pipeline.morphology import grow_box
-from dicom_node.pipeline.subtract import SubtractOptions, calcium_blur, calcium_removed
+from dicom_node.pipeline.subtract import EstimateCombine, SubtractOptions, calcium_blur, calcium_removed
 from dicom_node.pipeline.windows import Region, WindowOptions, plan
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,9 @@ METHOD_TEXT: dict[str, MethodText] = {
 # How the outputs name each confidence measure (SEG segment description, report, logs): the network's
 # compares a window's restoration with its mirrored one, the subtraction's compares the region's
 # subtraction under the assumed blur with one under a softer blur (SubtractOptions.second_blur).
-CONFIDENCE_MEASURES: dict[str, str] = {"flip": "flip disagreement", "blur": "blur disagreement"}
+# With several learnt estimates (SubtractOptions.companions) it compares the restorations under each instead.
+CONFIDENCE_MEASURES: dict[str, str] = {"flip": "flip disagreement", "blur": "blur disagreement",
+                                       "estimates": "estimate disagreement"}
 
 
 # A reader puts the lumen's edge half-way between the contrast and the wall, and calls white what
@@ -176,6 +178,28 @@ def lumen_disagreement(first: np.ndarray, second: np.ndarray, level: np.ndarray)
     edge, white = lumen_range(level)
     seen = ok & (((first >= edge) & (first <= white)) | ((second >= edge) & (second <= white)))
     return float(np.mean(np.abs(first - second)[seen])) if seen.any() else 0.0
+
+
+def lumen_voxels(values: np.ndarray, level: np.ndarray) -> int:
+    """How many voxels of a restoration a reader takes for lumen (``lumen_range`` at the local contrast level)."""
+    edge, white = lumen_range(level)
+    return int(np.count_nonzero(np.isfinite(level) & (values >= edge) & (values <= white)))
+
+
+def combined(tries: list[np.ndarray], level: np.ndarray | None, how: EstimateCombine) -> np.ndarray:
+    """One region's restorations under several learnt estimates made one, as ``how`` says (``EstimateCombine``):
+    the first's, their voxel-wise mean, or the one a reader sees the most lumen in (ties: the earlier).
+
+    Why "wider" exists: where two plausible estimates disagree, the one that takes less lumen away cannot invent
+    a stenosis the other would not; the reader's lumen, not the HU, decides, since calcium left white also
+    stops a reader's ray."""
+    if how == "first" or len(tries) == 1:
+        return tries[0]
+    if how == "mean":
+        return np.mean(tries, axis=0).astype(np.float32)
+    assert level is not None
+    counts = [lumen_voxels(t, level) for t in tries]
+    return tries[int(np.argmax(counts))]
 
 
 CALIBRE_REACH_MM = 4.5  # the vessel's calibre is looked for this far around a region's box (a coronary's widest)
@@ -453,22 +477,30 @@ class Engine:
             origin = np.array([s.start for s in box])
             local_idx = r.native_indices() - origin
             levels = None if level_image is None else level_image[box]
-            added = calcium_blur(volume[box], detection.calcium[box], spacing, opts, fallback, levels)
+            added = [calcium_blur(volume[box], detection.calcium[box], spacing, o, fallback, levels)
+                     for o in opts.estimates()]
             if opts.reach_hu > 0:  # also wherever the calcium's blur reaches past the footprint
-                local_idx = np.unique(np.concatenate([local_idx, np.argwhere(added > opts.reach_hu)]), axis=0)
+                local_idx = np.unique(np.concatenate([local_idx, *(np.argwhere(a > opts.reach_hu) for a in added)]),
+                                      axis=0)
             idx = local_idx + origin
             local = tuple(local_idx.T)
-            values = (volume[box][local] - added[local]).astype(np.float32)
+            tries = [(volume[box][local] - a[local]).astype(np.float32) for a in added]
+            level = lumen_level_at(volume[box], spacing, local_idx) if len(tries) > 1 or opts.unsure_hu > 0 else None
+            values = combined(tries, level, opts.combine) if len(tries) > 1 else tries[0]
             d = None
+            measure = "estimates" if len(tries) > 1 else "blur"
             if self.confidence.flips and opts.unsure_hu > 0 and len(idx):
-                second = calcium_removed(volume[box], detection.calcium[box], spacing,
-                                         replace(opts, blur=opts.second_blur), fallback, levels)[local]
-                d = lumen_disagreement(values, second, lumen_level_at(volume[box], spacing, local_idx))
-            vessel, why = self._judge(volume, spacing, r, detection, d, opts.unsure_hu, "blur")
+                if len(tries) > 1:  # the estimates' own disagreement: no further pass
+                    d = max(lumen_disagreement(tries[0], other, level) for other in tries[1:])
+                else:
+                    second = calcium_removed(volume[box], detection.calcium[box], spacing,
+                                             replace(opts, blur=opts.second_blur), fallback, levels)[local]
+                    d = lumen_disagreement(values, second, level)
+            vessel, why = self._judge(volume, spacing, r, detection, d, opts.unsure_hu, measure)
             unsure = bool(why)
             if unsure and self.confidence.unsure_action == "leave":
                 reports.append(RegionReport(r.index, r.lesions, 0, d, True, "left as acquired (unsure)",
-                                            measure="blur", vessel_mm=vessel, why=why))
+                                            measure=measure, vessel_mm=vessel, why=why))
             else:
                 kept = 0
                 guard = unsure and self.confidence.unsure_action == "guard"
@@ -479,7 +511,7 @@ class Engine:
                                                       opts.keep_lumen_beyond_mm)
                 written.append((idx, values))
                 reports.append(RegionReport(r.index, r.lesions, len(idx), d, unsure, _restored_action(unsure, guard),
-                                            kept, measure="blur", vessel_mm=vessel, why=why))
+                                            kept, measure=measure, vessel_mm=vessel, why=why))
             if progress:
                 progress(k + 1, len(regions))
         for idx, values in written:

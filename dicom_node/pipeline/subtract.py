@@ -229,6 +229,10 @@ def excess_features(y: np.ndarray, u: np.ndarray, calcium: np.ndarray, domain: n
 
 
 KeepLumen = Literal["off", "unsure", "all"]  # which regions' visible lumen beyond the calcium the subtraction holds
+# How a region's restorations under several learnt estimates (``SubtractOptions.companions``) become the one
+# written: the first estimate's (the others only measure the disagreement), their mean, or the one that leaves
+# the reader the most lumen (the most voxels in the lumen's range: the least calcium taken as lumen).
+EstimateCombine = Literal["first", "mean", "wider"]
 
 
 @dataclass(frozen=True)
@@ -293,8 +297,21 @@ class SubtractOptions:
     # deconvolution can resolve; unbounded, it drew the lumen of a 50 % ring of XCIST's as -228 HU between
     # calcium-bright voxels, whose excess, blurred back, took the lumen away (read occluded, truth 63 %).
     anatomy_above_level_hu: float = 0.0
+    # Further learnt estimates, each run on every region beside ``learnt`` (each sharpening as its own file says),
+    # and how their restorations are combined (``EstimateCombine``). Why: two estimates trained on the same world
+    # but sharpening differently (plain; anatomy-and-calcium split) err on different lesions (on 120 tuning studies
+    # their readings differ by more than 5 points at 36 of 197 calcified lesions, and where they do the error is
+    # large more often). Measured, off: held out their mean reads 0.22 points closer but makes 2 more severe
+    # stenoses, the wider 0.11 closer with as many, and their HU disagreement ranks errors no better than chance
+    # (reports/tuning/estimate-ensemble.md). () = the one estimate.
+    companions: tuple[LearntExcess, ...] = ()
+    combine: EstimateCombine = "first"
 
     def __post_init__(self) -> None:
+        if self.companions and self.learnt is None:
+            raise ValueError("further estimates (companions) need a first learnt estimate beside them")
+        if self.combine not in get_args(EstimateCombine):
+            raise ValueError(f"combine must be one of {', '.join(get_args(EstimateCombine))}, not {self.combine!r}")
         if self.tv_weight < 0 or self.iterations < 1:
             raise ValueError("tv_weight must be >= 0 and iterations >= 1")
         if self.pad_mm <= 0 or self.near_calcium_voxels < 0:
@@ -333,6 +350,10 @@ class SubtractOptions:
         """The split sharpening's ceiling this subtraction runs with (0: the plain sharpening): a learnt estimate's
         own (it is fed what it was trained on), else ``anatomy_above_level_hu`` (the rule's)."""
         return self.anatomy_above_level_hu if self.learnt is None else self.learnt.anatomy_above_level_hu
+
+    def estimates(self) -> list[SubtractOptions]:
+        """These options once per learnt estimate (the first, then each companion), each subtracting on its own."""
+        return [self] + [replace(self, learnt=c, companions=()) for c in self.companions]
 
     def lists(self, kernel: str) -> bool:
         """Whether any of the kernel tables names the series' ConvolutionKernel (an unlisted one gets the defaults)."""

@@ -19,6 +19,7 @@ import argparse
 import json
 import tempfile
 import time
+import tomllib
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -72,13 +73,16 @@ def _engine_config(model: Path, engine_args: list[str]):
 
 
 def _from_here(line: str) -> str:
-    """An ``--engine`` line with a relative ``subtract_estimate`` path made absolute from the working folder
-    (the config is written to a temporary folder, which the node would otherwise take it from)."""
+    """An ``--engine`` line with relative ``subtract_estimate`` / ``subtract_companions`` paths made absolute
+    from the working folder (the config is written to a temporary folder, which the node would otherwise take
+    them from)."""
     key, _, value = line.partition("=")
-    path = value.strip().strip('"')
-    if key.strip() == "subtract_estimate" and path and not Path(path).is_absolute():
-        return f'subtract_estimate = "{Path(path).resolve()}"'
-    return line
+    key = key.strip()
+    if key not in ("subtract_estimate", "subtract_companions"):
+        return line
+    paths = tomllib.loads(f"v = {value.strip()}")["v"]
+    absolute = [str(Path(p).resolve()) if p else p for p in (paths if isinstance(paths, list) else [paths])]
+    return f"{key} = {json.dumps(absolute if isinstance(paths, list) else absolute[0])}"
 
 
 def _engine(model: Path, engine_args: list[str]):

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,12 +79,20 @@ CONFIGURATIONS = (
 )
 
 
-def compared(estimate: Path) -> Configuration:
-    """The recommended subtraction with another learnt estimate in place of the shipped one (``--compare-estimate``),
-    named by the estimate's file."""
-    engine = tuple(f'subtract_estimate = "{estimate}"' if line.startswith("subtract_estimate") else line
-                   for line in RECOMMENDED + MEASURED)
-    return Configuration(f"subtraction, site-measured tables, {estimate.name}", engine)
+def compared(estimate: Path | None = None, extra: tuple[str, ...] = ()) -> Configuration:
+    """The recommended subtraction with another learnt estimate in place of the shipped one (``--compare-estimate``)
+    and further engine lines (``--compare-engine``: a key already set is replaced), named by what differs."""
+    keys = {line.partition("=")[0].strip() for line in extra}
+    engine = tuple(f'subtract_estimate = "{estimate}"' if estimate and line.startswith("subtract_estimate") else line
+                   for line in RECOMMENDED + MEASURED if line.partition("=")[0].strip() not in keys) + tuple(extra)
+    differs = ([estimate.name] if estimate else []) + [_short(line) for line in extra]
+    return Configuration("subtraction, site-measured tables, " + ", ".join(differs), engine)
+
+
+def _short(line: str) -> str:
+    """An engine line as a configuration's name shows it: file paths by their names."""
+    key, _, value = line.partition("=")
+    return f"{key.strip()} = " + re.sub(r'"[^"]*/([^"/]+)"', r'"\1"', value.strip())
 
 
 def _scan(folder: Path, ha: float, kvp: int, kernel: str) -> tuple[np.ndarray, float, float, float]:
@@ -317,15 +327,16 @@ def report(args: argparse.Namespace) -> int:
     saved = args.out / "xcist-restore.json"
     before = json.loads(saved.read_text()) if args.rewrite else None
     configurations, pairs = CONFIGURATIONS, PAIRS
-    if args.compare_estimate:  # beside the shipped estimate's subtraction, paired with it
-        other = compared(args.compare_estimate)
+    if args.compare_estimate or args.compare_engine:  # beside the shipped estimate's subtraction, paired with it
+        other = compared(args.compare_estimate, tuple(args.compare_engine))
         configurations, pairs = configurations + (other,), pairs + ((CONFIGURATIONS[1].name, other.name),)
     rs = before["rows"] if before else rows(args.draws, args.seed, args.model, tuple(args.kvps),
                                             xcist_dir=args.xcist, free_dir=args.free, configurations=configurations)
     names = ["original"] + [c.name for c in configurations]
     where = "" if (args.xcist, args.free) == (XCIST_DIR, FREE_DIR) else f" --xcist {args.xcist} --free {args.free}"
     kvps = "" if tuple(args.kvps) == (120, 100) else " --kvps " + " ".join(map(str, args.kvps))
-    compare = f" --compare-estimate {args.compare_estimate}" if args.compare_estimate else ""
+    compare = (f" --compare-estimate {args.compare_estimate}" if args.compare_estimate else "") \
+        + "".join(f" --compare-engine {shlex.quote(line)}" for line in args.compare_engine)
     meta = json.loads((args.xcist / "meta.json").read_text())
     command = f"python -m dicom_node_lab.xcist_restore --draws {args.draws}{where}{kvps}{compare} --out {args.out}"
     result = {"command": command,
@@ -373,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rewrite", action="store_true", help="summarise the rows --out holds again, scan nothing")
     ap.add_argument("--compare-estimate", type=Path,
                     help="also run the recommended subtraction with this learnt estimate (.npz) for the shipped one")
+    ap.add_argument("--compare-engine", action="append", default=[], metavar="LINE",
+                    help="... and with this engine line (TOML, repeatable; replaces the recommended line of its key)")
     return report(ap.parse_args(argv))
 
 

@@ -108,3 +108,15 @@ def test_a_compared_estimate_reads_the_same_noisy_stacks_as_the_others():
     for key in ("original@100", "truth@100", f"{shipped.name}@100", "noise_sd"):
         assert alone[key] == both[key], key
     assert f"{split.name}@100" in both and f"{split.name}@100" not in alone
+
+
+def test_a_compared_configuration_adds_engine_lines_and_replaces_those_of_its_keys():
+    """``--compare-engine``: the recommended subtraction with further lines (an ensemble of estimates, say); a line
+    whose key the recommended configuration sets replaces it, and the name says what differs, paths by file name."""
+    ensemble = xr.compared(None, ('subtract_companions = ["engines/calcium_excess_split.npz"]',
+                                  'subtract_combine = "mean"', "sharp_contrast_hu = 100"))
+    assert ensemble.name == ('subtraction, site-measured tables, subtract_companions = ["calcium_excess_split.npz"], '
+                             'subtract_combine = "mean", sharp_contrast_hu = 100')
+    assert [line for line in ensemble.engine if line.startswith("sharp_contrast_hu")] == ["sharp_contrast_hu = 100"]
+    shipped = set(xr.CONFIGURATIONS[1].engine) - {"sharp_contrast_hu = 150"}
+    assert shipped < set(ensemble.engine) and len(ensemble.engine) == len(xr.CONFIGURATIONS[1].engine) + 2

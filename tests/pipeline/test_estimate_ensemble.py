@@ -1,0 +1,108 @@
+"""Several learnt calcium estimates on one region (``SubtractOptions.companions``, ``engine.subtract_companions``).
+
+Two estimates that sharpen differently err on different lesions: their restorations' disagreement is a confidence
+measure, and the one written may be the first's, their mean, or the one that leaves the reader the most lumen.
+A companion identical to the first must change nothing and disagree by nothing; one that takes more calcium out
+must disagree, be outvoted by "wider" and be halved by "mean".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dicom_node.config import ConfigError, load
+from dicom_node.pipeline.restore import CONFIDENCE_MEASURES, ConfidenceOptions, Engine, combined, lumen_voxels
+from dicom_node.pipeline.subtract import LearntExcess, ScannerBlur, SubtractOptions
+from tests.pipeline.test_learnt_estimate import _write
+from tests.pipeline.test_subtract import SPACING, _vessel
+
+
+def test_combining_takes_the_first_the_mean_or_the_one_with_most_lumen():
+    level = np.full(6, 400.0)  # the reader's lumen: from half-way to the wall (225 HU) to the white level (500)
+    narrow = np.array([400, 400, 100, 100, 100, 900], np.float32)  # 2 voxels of lumen
+    wide = np.array([400, 400, 400, 400, 100, 50], np.float32)  # 4
+    assert lumen_voxels(narrow, level) == 2 and lumen_voxels(wide, level) == 4
+    assert combined([narrow, wide], level, "first") is narrow
+    assert combined([narrow, wide], level, "wider") is wide
+    assert combined([wide, narrow], level, "wider") is wide
+    assert np.array_equal(combined([narrow, wide], level, "mean"), (narrow + wide) / 2)
+    # white calcium left standing is no lumen: a try that takes less out does not win by leaving calcium
+    white = np.array([400, 400, 900, 900, 900, 900], np.float32)
+    assert combined([narrow, white], level, "wider") is narrow
+    unknown = np.full(6, np.nan)  # no level: no voxel is lumen, the first is kept
+    assert combined([narrow, wide], unknown, "wider") is narrow
+
+
+def test_companions_need_a_first_estimate_and_a_known_combination(tmp_path):
+    learnt = LearntExcess.load(_write(tmp_path / "a.npz"))
+    with pytest.raises(ValueError, match="first learnt estimate"):
+        SubtractOptions(companions=(learnt,))
+    with pytest.raises(ValueError, match="combine"):
+        SubtractOptions(learnt=learnt, combine="median")  # type: ignore[arg-type]
+    opts = SubtractOptions(learnt=learnt, companions=(learnt, learnt), combine="mean")
+    runs = opts.estimates()
+    assert len(runs) == 3 and runs[0] is opts and all(not o.companions for o in runs[1:])
+    assert opts.for_kernel("HD").companions == opts.companions
+
+
+def _run(volume: np.ndarray, opts: SubtractOptions):
+    return Engine(None, method="subtract", subtract=opts,
+                  confidence=ConfidenceOptions(unsure_vessel_mm=0.0, unsure_action="mark")).run(volume, SPACING)
+
+
+def test_the_engine_runs_every_estimate_and_measures_their_disagreement(tmp_path):
+    acquired, _, _ = _vessel(ScannerBlur(mtf50_lp_cm=5.0), 200.0)
+    first = LearntExcess.load(_write(tmp_path / "first.npz"))
+    more = LearntExcess.load(_write(tmp_path / "more.npz", last=0.05))  # takes more calcium out
+    alone = acquired.copy()
+    single = _run(alone, SubtractOptions(learnt=first, unsure_hu=1e6))
+    assert single.reports and single.changed.any()
+    assert all(r.measure == "blur" for r in single.reports)
+
+    twin = acquired.copy()
+    same = _run(twin, SubtractOptions(learnt=first, companions=(first,), unsure_hu=1e6))
+    assert np.array_equal(twin, alone), "an identical companion changes nothing"
+    assert all(r.measure == "estimates" and r.disagreement_hu == 0.0 for r in same.reports)
+
+    outs = {}
+    for how in ("first", "mean", "wider"):
+        out = acquired.copy()
+        result = _run(out, SubtractOptions(learnt=first, companions=(more,), combine=how, unsure_hu=30.0))
+        outs[how] = out
+        assert all(r.measure == "estimates" and r.disagreement_hu > 30.0 for r in result.reports)
+        assert all(r.unsure and any(CONFIDENCE_MEASURES["estimates"] in w for w in r.why) for r in result.reports)
+    assert np.array_equal(outs["first"], alone), "'first' writes the first estimate's restoration"
+    changed = single.changed
+    taken = {how: float((acquired - out)[changed].sum()) for how, out in outs.items()}
+    over = acquired.copy()
+    _run(over, SubtractOptions(learnt=more))
+    taken["more"] = float((acquired - over)[changed].sum())
+    assert taken["first"] < taken["mean"] < taken["more"]
+    assert taken["mean"] == pytest.approx((taken["first"] + taken["more"]) / 2, rel=1e-3)
+    assert taken["wider"] == taken["first"], "the estimate that takes less lumen away is written"
+
+
+def test_the_config_reads_companions_beside_it(tmp_path):
+    from dicom_node.pipeline.process import engine_id
+
+    _write(tmp_path / "first.npz")
+    _write(tmp_path / "second.npz", last=0.05)
+    f = tmp_path / "c.toml"
+    base = '[engine]\nmethod = "subtract"\nsubtract_estimate = "first.npz"\n'
+    f.write_text(base + 'subtract_companions = ["second.npz"]\nsubtract_combine = "wider"\n')
+    cfg = load(f)
+    assert cfg.engine.subtract_companions == [str(tmp_path / "second.npz")]
+    opts = cfg.engine.subtract_options()
+    assert opts.combine == "wider" and len(opts.companions) == 1 and opts.companions[0].digest != opts.learnt.digest
+    f.write_text(base)
+    assert engine_id(load(f)) != engine_id(cfg), "the companions are part of what made the output"
+    f.write_text(base + 'subtract_companions = ["nowhere.npz"]\n')
+    with pytest.raises(ConfigError, match="nowhere.npz"):
+        load(f)
+    f.write_text('[engine]\nmethod = "subtract"\nsubtract_companions = ["second.npz"]\n')
+    with pytest.raises(ConfigError, match="first learnt estimate"):
+        load(f)
+    f.write_text(base + 'subtract_combine = "median"\n')
+    with pytest.raises(ConfigError, match="subtract_combine"):
+        load(f)
