@@ -81,6 +81,8 @@ class EngineConfig:
     subtract_companions: list[str] = field(default_factory=list)
     # ... and which restoration is written: "first" (subtract_estimate's), "mean", or "wider" (the most lumen)
     subtract_combine: EstimateCombine = SubtractOptions.combine
+    # ... with "enclosed": the share of directions (0-1) above which the calcium encloses the lumen
+    subtract_enclosed_share: float = SubtractOptions.enclosed_above
     # subtract: reconstruction kernel (ConvolutionKernel) -> the MTF50 (lp/cm) to assume for its series
     scanner_kernels: dict[str, float] = field(default_factory=dict)
     # subtract: reconstruction kernel -> subtract_white_hu for its series (a kernel not listed keeps that)
@@ -112,7 +114,7 @@ class EngineConfig:
                                enhance_by_kernel=tuple(self.scanner_edge_enhance.items()),
                                learnt=_learnt_estimate(self.subtract_estimate) if self.subtract_estimate else None,
                                companions=tuple(_learnt_estimate(p) for p in self.subtract_companions),
-                               combine=self.subtract_combine)
+                               combine=self.subtract_combine, enclosed_above=self.subtract_enclosed_share)
 
     def confidence_options(self) -> ConfidenceOptions:
         return ConfidenceOptions(**{opt: getattr(self, key) for key, (kind, opt) in ENGINE_KEYS.items()

@@ -247,7 +247,8 @@ def _render_engine(e: dict[str, Any]) -> list[str]:
                if sharp["method"] == "split" else "plain total variation")
         lines.append(f"  sharpening: {how} (set by {sharp['set_by']})")
     written = {"first": "the first estimate's (the others measure the disagreement)", "mean": "the mean of all",
-               "wider": "the one a reader sees the most lumen in"}
+               "wider": "the one a reader sees the most lumen in",
+               "enclosed": "the second estimate's where the calcium encloses the lumen, else the first's"}
     for c in e.get("companions", []):
         lines.append(f"  also estimated by {c['estimate']} ({c['sharpening']['method']} sharpening)")
     if e.get("companions"):

@@ -135,5 +135,10 @@ def test_doctor_names_the_estimates_beside_the_first_and_which_restoration_is_wr
     assert f"  also estimated by {split} (split sharpening)" in lines
     assert "  restoration written: the mean of all" in lines
     assert "estimate disagreement over 40 HU" in e["unsure"]["rules"]["subtract"]
+    enclosed = doctor.engine_report(config.from_dict({"engine": {
+        "method": "subtract", "subtract_estimate": ref, "subtract_companions": [split],
+        "subtract_combine": "enclosed"}}).engine)
+    assert "  restoration written: the second estimate's where the calcium encloses the lumen, else the first's" \
+        in doctor._render_engine(enclosed)
     alone = doctor.engine_report(config.from_dict({"engine": {"method": "subtract", "subtract_estimate": ref}}).engine)
     assert "companions" not in alone and not any("also estimated" in line for line in doctor._render_engine(alone))

@@ -230,9 +230,11 @@ def excess_features(y: np.ndarray, u: np.ndarray, calcium: np.ndarray, domain: n
 
 KeepLumen = Literal["off", "unsure", "all"]  # which regions' visible lumen beyond the calcium the subtraction holds
 # How a region's restorations under several learnt estimates (``SubtractOptions.companions``) become the one
-# written: the first estimate's (the others only measure the disagreement), their mean, or the one that leaves
-# the reader the most lumen (the most voxels in the lumen's range: the least calcium taken as lumen).
-EstimateCombine = Literal["first", "mean", "wider"]
+# written: the first estimate's (the others only measure the disagreement), their mean, the one that leaves
+# the reader the most lumen (the most voxels in the lumen's range: the least calcium taken as lumen), or the
+# first companion's where the detected calcium encloses the lumen (``restore.calcium_enclosure`` above
+# ``SubtractOptions.enclosed_above``) and the first's elsewhere.
+EstimateCombine = Literal["first", "mean", "wider", "enclosed"]
 
 
 @dataclass(frozen=True)
@@ -306,10 +308,16 @@ class SubtractOptions:
     # (reports/tuning/estimate-ensemble.md). () = the one estimate.
     companions: tuple[LearntExcess, ...] = ()
     combine: EstimateCombine = "first"
+    # With combine = "enclosed": the enclosure (0-1) above which a region takes the first companion's restoration.
+    # The split estimate reads rings better and small arcs worse; 0.7 was chosen on the tuning studies (the
+    # enclosure's median is 0.38 / 0.54 / 0.73 for arcs < 90° / 90-180° / > 180°; reports/tuning/estimate-ensemble.md).
+    enclosed_above: float = 0.7
 
     def __post_init__(self) -> None:
         if self.companions and self.learnt is None:
             raise ValueError("further estimates (companions) need a first learnt estimate beside them")
+        if not 0.0 <= self.enclosed_above <= 1.0:
+            raise ValueError(f"enclosed_above is a share of directions, 0..1, not {self.enclosed_above}")
         if self.combine not in get_args(EstimateCombine):
             raise ValueError(f"combine must be one of {', '.join(get_args(EstimateCombine))}, not {self.combine!r}")
         if self.tv_weight < 0 or self.iterations < 1:

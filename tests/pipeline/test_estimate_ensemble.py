@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 
 from dicom_node.config import ConfigError, load
-from dicom_node.pipeline.restore import CONFIDENCE_MEASURES, ConfidenceOptions, Engine, combined, lumen_voxels
+from dicom_node.pipeline.restore import (
+    CONFIDENCE_MEASURES,
+    ConfidenceOptions,
+    Engine,
+    _shifted,
+    calcium_enclosure,
+    combined,
+    lumen_voxels,
+)
 from dicom_node.pipeline.subtract import LearntExcess, ScannerBlur, SubtractOptions
 from tests.pipeline.test_learnt_estimate import _write
 from tests.pipeline.test_subtract import SPACING, _vessel
@@ -106,3 +114,48 @@ def test_the_config_reads_companions_beside_it(tmp_path):
     f.write_text(base + 'subtract_combine = "median"\n')
     with pytest.raises(ConfigError, match="subtract_combine"):
         load(f)
+
+
+def _shell(arc_deg: float) -> np.ndarray:
+    """A 0.75 mm thick calcium shell round a 1.5 mm lumen, ``arc_deg`` of the circle, 4 mm long."""
+    z, y, x = np.mgrid[:20, :30, :30]
+    r = np.hypot(y - 15, x - 15) * SPACING[1]
+    angle = np.degrees(np.arctan2(y - 15, x - 15)) % 360
+    return (r > 0.75) & (r < 1.5) & (z > 5) & (z < 14) & (angle < arc_deg)
+
+
+def test_enclosure_grows_with_the_arc_and_a_ring_is_nearly_closed():
+    whole = (slice(0, 20), slice(0, 30), slice(0, 30))
+    values = [calcium_enclosure(_shell(a), SPACING, whole) for a in (60, 90, 180, 270, 360)]
+    assert all(a < b for a, b in zip(values, values[1:])), values
+    assert values[1] < 0.6 < values[2] < 0.75 < values[3] and values[-1] > 0.85, values
+    assert calcium_enclosure(np.zeros((10, 10, 10), bool), SPACING, whole) == 0.0
+    # only the region's box (grown by 2 mm) counts: a ring elsewhere in the volume does not enclose this region
+    two = np.zeros((20, 30, 80), bool)
+    two[:, :, :30] = _shell(60)
+    two[:, :, 50:] = _shell(360)
+    assert calcium_enclosure(two, SPACING, (slice(5, 14), slice(8, 23), slice(8, 23))) == pytest.approx(values[0])
+
+
+def test_a_shift_moves_the_mask_and_drops_what_leaves_the_box():
+    mask = np.zeros((4, 5, 6), bool)
+    mask[1, 2, 3] = mask[3, 4, 5] = True
+    out = _shifted(mask, [1, -2, 2])
+    assert out.sum() == 1 and out[2, 0, 5], "the voxel at the corner leaves the box"
+
+
+def test_enclosed_takes_the_companions_restoration_only_where_the_calcium_encloses_the_lumen(tmp_path):
+    first = LearntExcess.load(_write(tmp_path / "first.npz"))
+    more = LearntExcess.load(_write(tmp_path / "more.npz", last=0.05))
+    for arc, expect in ((100.0, "first"), (360.0, "more")):
+        acquired, _, _ = _vessel(ScannerBlur(mtf50_lp_cm=5.0), arc)
+        out = {}
+        for name, opts in (("first", SubtractOptions(learnt=first)), ("more", SubtractOptions(learnt=more)),
+                           ("enclosed", SubtractOptions(learnt=first, companions=(more,), combine="enclosed"))):
+            out[name] = acquired.copy()
+            result = _run(out[name], opts)
+            assert result.reports
+        assert not np.array_equal(out["first"], out["more"])
+        assert np.array_equal(out["enclosed"], out[expect]), arc
+    with pytest.raises(ValueError, match="enclosed_above"):
+        SubtractOptions(learnt=first, companions=(more,), combine="enclosed", enclosed_above=1.5)
