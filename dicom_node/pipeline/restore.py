@@ -538,7 +538,7 @@ class Engine:
             level = lumen_level_at(volume[box], spacing, local_idx) if len(tries) > 1 or opts.unsure_hu > 0 else None
             enclosed = opts.combine == "enclosed" and len(tries) > 1 \
                 and calcium_enclosure(detection.calcium, spacing, r.native_box) > opts.enclosed_above
-            values = combined(tries, level, opts.combine, enclosed) if len(tries) > 1 else tries[0]
+            values = combined(tries, level, opts.combine, enclosed)
             d = None
             measure = "estimates" if len(tries) > 1 else "blur"
             if self.confidence.flips and opts.unsure_hu > 0 and len(idx):

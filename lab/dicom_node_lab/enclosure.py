@@ -31,7 +31,6 @@ def _one(job: tuple[int, int, list[str]]) -> list[dict]:
     from dicom_node.pipeline.restore import calcium_enclosure
     from dicom_node.pipeline.windows import plan
     from dicom_node_lab import experiment2v2 as e2
-    from dicom_node_lab.world import STEP_MM
 
     global _ENGINE
     seed, i, engine_args = job
@@ -45,12 +44,8 @@ def _one(job: tuple[int, int, list[str]]) -> list[dict]:
     measured = [(r.native_box, calcium_enclosure(detection.calcium, p.spacing, r.native_box)) for r in regions]
     rows = []
     for vi, v in enumerate(p.vessels):
-        for li, les in enumerate(v.lesions_w):
-            point = v.points_mm[int(round(les.s_mm / STEP_MM))] / np.asarray(p.spacing)
-            reach = les.half_length_mm / min(p.spacing)
-            values = [e for b, e in measured
-                      if np.all(point >= np.array([s.start for s in b]) - reach)
-                      and np.all(point <= np.array([s.stop for s in b]) + reach)]
+        for li in range(len(v.lesions_w)):
+            values = [e for b, e in measured if e2.reaches(p, vi, li, b)]
             rows.append({"study": f"{seed}-{i}", "vessel": vi, "lesion": li,
                          "enclosure": max(values) if values else None})
     return rows

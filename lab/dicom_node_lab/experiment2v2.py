@@ -180,20 +180,22 @@ def _rescanned(p) -> np.ndarray:
     return _stored_hu(p.truth - p.noise + fresh)
 
 
-def _lesion_regions(p, row: dict, result) -> list:
-    """The engine's reports for the regions that reach this lesion: a region reaches it when its box, widened by
-    the lesion's half length, holds the lesion's centre."""
-    v = p.vessels[row["vessel"]]
-    les = v.lesions_w[row["lesion"]]
+def reaches(p, vessel: int, lesion: int, box: tuple[slice, slice, slice]) -> bool:
+    """Whether a region's ``box`` reaches a lesion: the box, widened by the lesion's half length, holds the
+    lesion's centre. One rule for every lab tool that matches the engine's regions to the world's lesions."""
+    v = p.vessels[vessel]
+    les = v.lesions_w[lesion]
     point = v.points_mm[int(round(les.s_mm / world.STEP_MM))] / np.asarray(p.spacing)
     reach = les.half_length_mm / min(p.spacing)
-    out = []
-    for region, rep in zip(result.regions, getattr(result, "reports", [])):
-        lo = np.array([s.start for s in region.native_box]) - reach
-        hi = np.array([s.stop for s in region.native_box]) + reach
-        if np.all(point >= lo) and np.all(point <= hi):
-            out.append(rep)
-    return out
+    lo = np.array([s.start for s in box]) - reach
+    hi = np.array([s.stop for s in box]) + reach
+    return bool(np.all(point >= lo) and np.all(point <= hi))
+
+
+def _lesion_regions(p, row: dict, result) -> list:
+    """The engine's reports for the regions that reach this lesion (``reaches``)."""
+    return [rep for region, rep in zip(result.regions, getattr(result, "reports", []))
+            if reaches(p, row["vessel"], row["lesion"], region.native_box)]
 
 
 def _lesion_why(reached: list) -> list[str]:
