@@ -69,11 +69,15 @@ def test_the_readmes_recommended_subtraction_loads_and_every_kernel_is_complete(
     section = readme.split("## Measuring the site's kernels", 1)[1].split("\n## ", 1)[0]
     block = re.search(r"```toml\n(.*?)```", section, re.S).group(1)
     values = tomllib.loads(block)
-    values["engine"]["subtract_estimate"] = str(Path(__file__).resolve().parents[1] / "engines"
-                                                / Path(values["engine"]["subtract_estimate"]).name)
+    engines = Path(__file__).resolve().parents[1] / "engines"  # the block's paths are an installation's
+    values["engine"]["subtract_estimate"] = str(engines / Path(values["engine"]["subtract_estimate"]).name)
+    values["engine"]["subtract_companions"] = [str(engines / Path(f).name)
+                                               for f in values["engine"]["subtract_companions"]]
     cfg = config.from_dict(values)
     e = doctor.engine_report(cfg.engine)
     assert e["method"] == "auto" and e["estimate"].endswith("calcium_excess_ref.npz")
+    assert cfg.engine.subtract_combine == "enclosed" and cfg.engine.subtract_enclosed_share == 0.7
+    assert [Path(f).name for f in cfg.engine.subtract_companions] == ["calcium_excess_split.npz"]
     assert cfg.engine.sharp_contrast_hu == 150.0 and e["kernels"]
     assert all(k["method"] == "subtract" for k in e["kernels"]), "every kernel of the block is measured"
     assert not [n for n in e["notes"] if not n.startswith("method auto: the subtraction for the kernels")]

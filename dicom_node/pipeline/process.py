@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -70,11 +71,16 @@ class SeriesOutcome:
         extra = f"; left alone: {', '.join(e['reason'] for e in self.excluded)}" if self.excluded else ""
         return (f"done: {self.description or '(no description)'} [{self.uid}]: {self.slices} slices, "
                 f"{self.lesions} lesions, {self.windows} windows, {self.voxels_changed} voxels changed, "
-                f"{self.seconds:.1f} s, {len(self.outputs)} files{extra}{self._unsure()}")
+                f"{self.seconds:.1f} s, {len(self.outputs)} files{extra}{self._unsure()}{self._estimates()}")
 
     def _unsure(self) -> str:
         unsure = [r for r in self.regions if r.get("unsure")]
         return f"; {len(unsure)} unsure ({unsure[0]['action']})" if unsure else ""
+
+    def _estimates(self) -> str:
+        """How many regions each learnt estimate restored, where several ran (subtract_companions)."""
+        named = Counter(r["estimate"] for r in self.regions if r.get("estimate"))
+        return "; regions by estimate: " + ", ".join(f"{k} {n}" for k, n in sorted(named.items())) if named else ""
 
 
 @contextmanager
@@ -141,12 +147,12 @@ def lesion_table(series: Series, result: EngineResult, pictures: dict[int, str])
         # reached was not restored
         reg = r.as_dict() if r else {"region": None, "voxels": 0, "disagreement_hu": None, "measure": None,
                                      "unsure": False, "action": "not restored", "lumen_kept": 0,
-                                     "vessel_mm": None, "why": []}
+                                     "vessel_mm": None, "why": [], "estimate": "", "enclosure": None}
         rows.append({"lesion": lesion.index, "region": reg["region"],
                      "position_mm": [round(v, 1) for v in patient_position(series, lesion.centroid)],
                      "volume_mm3": round(lesion.volume_mm3, 2), "peak_hu": round(lesion.peak_hu, 1),
                      **{k: reg[k] for k in ("voxels", "disagreement_hu", "measure", "unsure", "action",
-                                            "lumen_kept", "vessel_mm", "why")},
+                                            "lumen_kept", "vessel_mm", "why", "estimate", "enclosure")},
                      "picture": pictures.get(lesion.index)})
     return rows
 
@@ -221,7 +227,8 @@ def process_series(series: Series, out_dir: Path, cfg: Config, engine: Engine, m
                         else "(not stated)", result.assumed_mtf50_lp_cm, result.assumed_edge_enhance)
         chosen = result.assumed_for_kernel
         description += (f" Scanner blur assumed: MTF50 {result.assumed_mtf50_lp_cm:g} lp/cm, edge lift "
-                        f"{result.assumed_edge_enhance:g} ({'for kernel ' + chosen if chosen else 'the default'}).")
+                        f"{result.assumed_edge_enhance:g} ({'for kernel ' + chosen if chosen else 'the default'}). "
+                        + engine.subtract.estimate_text())
     uids = source_uids(series, model_id)
     target = out_dir / uids["series"]
     outcome.derived_series_uid = uids["series"]

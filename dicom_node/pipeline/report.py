@@ -51,6 +51,17 @@ DISAGREEMENTS = {"flip": FLIP_DISAGREEMENT, "blur": BLUR_DISAGREEMENT}  # Region
 RESTORATION_UNSURE = Code("UNSURE", PRIVATE_SCHEME, "Restoration unsure")
 VESSEL_CALIBRE = Code("VESSEL-CALIBRE", PRIVATE_SCHEME, "Vessel calibre at the restoration")
 RESTORATION = Code("RESTORATION", PRIVATE_SCHEME, "Restoration")
+# With several learnt calcium estimates (engine.subtract_companions): which one's restoration the region got, and,
+# under subtract_combine = "enclosed", how far its calcium encloses the lumen (0-1: restore.calcium_enclosure)
+ESTIMATE_WRITTEN = Code("CA-ESTIMATE", PRIVATE_SCHEME, "Calcium estimate written")
+CALCIUM_ENCLOSURE = Code("CA-ENCLOSURE", PRIVATE_SCHEME, "Calcium enclosure of the lumen")
+
+
+def estimate_code(index: int | None, name: str) -> Code:
+    """The coded value of ``ESTIMATE_WRITTEN``: the first estimate, the k-th companion, or the mean of them all;
+    the meaning names the file (LO: 64 characters)."""
+    value = "MEAN-ESTIMATES" if index is None else "FIRST-ESTIMATE" if index == 0 else f"COMPANION-{index}"
+    return Code(value, PRIVATE_SCHEME, f"Learnt calcium estimate {name}"[:64])
 ACTIONS = {  # RegionReport.action → its coded value
     "restored": Code("RESTORED", PRIVATE_SCHEME, "Restored"),
     "restored, unsure": Code("RESTORED-UNSURE", PRIVATE_SCHEME, "Restored, unsure"),
@@ -130,6 +141,12 @@ def _group(lesion: Lesion, region: RegionReport | None, series: Series, headers:
         if region.disagreement_hu is not None or region.vessel_mm is not None:
             evaluations.append(hd.sr.QualitativeEvaluation(RESTORATION_UNSURE,
                                                            codes.SCT.Yes if region.unsure else codes.SCT.No))
+        if region.enclosure is not None:
+            measurements.append(hd.sr.Measurement(name=CALCIUM_ENCLOSURE, value=round(float(region.enclosure), 2),
+                                                  unit=codes.UCUM.NoUnits))
+        if region.estimate:
+            evaluations.append(hd.sr.QualitativeEvaluation(ESTIMATE_WRITTEN,
+                                                           estimate_code(region.estimate_index, region.estimate)))
         action = ACTIONS.get(region.action)
         if action is not None:
             evaluations.append(hd.sr.QualitativeEvaluation(RESTORATION, action))

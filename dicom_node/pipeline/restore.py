@@ -232,24 +232,32 @@ def _shifted(mask: np.ndarray, by: list[int]) -> np.ndarray:
     return out
 
 
-def combined(tries: list[np.ndarray], level: np.ndarray | None, how: EstimateCombine,
-             enclosed: bool = False) -> np.ndarray:
-    """One region's restorations under several learnt estimates made one, as ``how`` says (``EstimateCombine``):
-    the first's, their voxel-wise mean, the one a reader sees the most lumen in (ties: the earlier), or, under
-    "enclosed", the first companion's where the region's calcium encloses its lumen (``enclosed``).
+def chosen(tries: list[np.ndarray], level: np.ndarray | None, how: EstimateCombine,
+           enclosed: bool = False) -> int | None:
+    """Which of one region's restorations under several learnt estimates is written, as ``how`` says
+    (``EstimateCombine``): the first's (0), the one a reader sees the most lumen in (ties: the earlier), or, under
+    "enclosed", the first companion's (1) where the region's calcium encloses its lumen (``enclosed``); None for
+    "mean", which writes them all averaged.
 
     Why "wider" exists: where two plausible estimates disagree, the one that takes less lumen away cannot invent
     a stenosis the other would not; the reader's lumen, not the HU, decides, since calcium left white also
     stops a reader's ray."""
     if how == "first" or len(tries) == 1:
-        return tries[0]
+        return 0
     if how == "mean":
-        return np.mean(tries, axis=0).astype(np.float32)
+        return None
     if how == "enclosed":
-        return tries[1] if enclosed else tries[0]
+        return 1 if enclosed else 0
     assert level is not None
-    counts = [lumen_voxels(t, level) for t in tries]
-    return tries[int(np.argmax(counts))]
+    return int(np.argmax([lumen_voxels(t, level) for t in tries]))
+
+
+def combined(tries: list[np.ndarray], level: np.ndarray | None, how: EstimateCombine,
+             enclosed: bool = False) -> np.ndarray:
+    """One region's restorations under several learnt estimates made one (``chosen``: one of them, or their
+    voxel-wise mean)."""
+    which = chosen(tries, level, how, enclosed)
+    return np.mean(tries, axis=0).astype(np.float32) if which is None else tries[which]
 
 
 CALIBRE_REACH_MM = 4.5  # the vessel's calibre is looked for this far around a region's box (a coronary's widest)
@@ -306,12 +314,20 @@ class RegionReport:
     measure: str = "flip"  # what the disagreement compares: a key of CONFIDENCE_MEASURES
     vessel_mm: float | None = None  # the vessel's calibre at the region (vessel_calibre_mm; None: not measured)
     why: list[str] = field(default_factory=list)  # what made it unsure, in words
+    # With several learnt estimates (the subtraction's companions), which one's restoration was written, so a reader
+    # and an audit can tell regions restored differently apart: its file's name ("mean of a + b" under "mean"),
+    # and its place (0 the first, k the k-th companion; None for the mean). "" / None: one estimate, the rule or
+    # the network.
+    estimate: str = ""
+    estimate_index: int | None = None
+    enclosure: float | None = None  # calcium_enclosure, where subtract_combine = "enclosed" measured it
 
     def as_dict(self) -> dict:
         return {"region": self.region, "lesions": self.lesions, "voxels": self.voxels,
                 "disagreement_hu": None if self.disagreement_hu is None else round(self.disagreement_hu, 1),
                 "measure": self.measure, "unsure": self.unsure, "action": self.action, "lumen_kept": self.lumen_kept,
-                "vessel_mm": None if self.vessel_mm is None else round(self.vessel_mm, 1), "why": self.why}
+                "vessel_mm": None if self.vessel_mm is None else round(self.vessel_mm, 1), "why": self.why,
+                "estimate": self.estimate, "enclosure": None if self.enclosure is None else round(self.enclosure, 2)}
 
 
 def _keep_lumen_beyond(volume: np.ndarray, spacing: tuple[float, float, float], calcium: np.ndarray,
@@ -325,6 +341,14 @@ def _keep_lumen_beyond(volume: np.ndarray, spacing: tuple[float, float, float], 
     values = values.copy()
     values[far], held = keep_visible_lumen(volume, spacing, idx[far], values[far], box)
     return values, held
+
+
+def _estimate_name(opts: SubtractOptions, which: int | None) -> str:
+    """The learnt estimate whose restoration a region got (``RegionReport.estimate``): "" with one estimate or none."""
+    names = [o.learnt.name if o.learnt is not None else "" for o in opts.estimates()]
+    if len(names) < 2:
+        return ""
+    return "mean of " + " + ".join(names) if which is None else names[which]
 
 
 def _restored_action(unsure: bool, guard: bool) -> str:
@@ -536,9 +560,12 @@ class Engine:
             local = tuple(local_idx.T)
             tries = [(volume[box][local] - a[local]).astype(np.float32) for a in added]
             level = lumen_level_at(volume[box], spacing, local_idx) if len(tries) > 1 or opts.unsure_hu > 0 else None
-            enclosed = opts.combine == "enclosed" and len(tries) > 1 \
-                and calcium_enclosure(detection.calcium, spacing, r.native_box) > opts.enclosed_above
-            values = combined(tries, level, opts.combine, enclosed)
+            enclosure = calcium_enclosure(detection.calcium, spacing, r.native_box) \
+                if opts.combine == "enclosed" and len(tries) > 1 else None
+            which = chosen(tries, level, opts.combine, enclosure is not None and enclosure > opts.enclosed_above)
+            values = np.mean(tries, axis=0).astype(np.float32) if which is None else tries[which]
+            named = {"estimate": _estimate_name(opts, which), "estimate_index": which if len(tries) > 1 else None,
+                     "enclosure": enclosure}
             d = None
             measure = "estimates" if len(tries) > 1 else "blur"
             if self.confidence.flips and opts.unsure_hu > 0 and len(idx):
@@ -552,7 +579,7 @@ class Engine:
             unsure = bool(why)
             if unsure and self.confidence.unsure_action == "leave":
                 reports.append(RegionReport(r.index, r.lesions, 0, d, True, "left as acquired (unsure)",
-                                            measure=measure, vessel_mm=vessel, why=why))
+                                            measure=measure, vessel_mm=vessel, why=why, enclosure=enclosure))
             else:
                 kept = 0
                 guard = unsure and self.confidence.unsure_action == "guard"
@@ -563,7 +590,7 @@ class Engine:
                                                       opts.keep_lumen_beyond_mm)
                 written.append((idx, values))
                 reports.append(RegionReport(r.index, r.lesions, len(idx), d, unsure, _restored_action(unsure, guard),
-                                            kept, measure=measure, vessel_mm=vessel, why=why))
+                                            kept, measure=measure, vessel_mm=vessel, why=why, **named))
             if progress:
                 progress(k + 1, len(regions))
         for idx, values in written:

@@ -127,6 +127,9 @@ class LearntExcess:
     # split with this ceiling above the contrast level (``SubtractOptions.anatomy_above_level_hu``). Part of the
     # file, for the same reason as ``level_away_mm``; the node sharpens for the estimate as the file says.
     anatomy_above_level_hu: float = 0.0
+    # The file's name without its suffix (e.g. "calcium_excess_split"): how the lesion table, the job page and the
+    # SR say which estimate restored a region when several run (``SubtractOptions.companions``)
+    name: str = ""
 
     def __post_init__(self) -> None:
         if len(self.weights) < 2 or len(self.weights) % 2 or len(self.convolutions) % 2:
@@ -169,7 +172,8 @@ class LearntExcess:
                 away = float(z["level_away_mm"]) if "level_away_mm" in z.files else 0.0
                 ceiling = float(z["anatomy_above_level_hu"]) if "anatomy_above_level_hu" in z.files else 0.0
                 return cls(weights, z["mean"].astype(np.float64), z["scale"].astype(np.float64),
-                           int(z["reach_voxels"]), hashlib.sha256(data).hexdigest(), away, convolutions, ceiling)
+                           int(z["reach_voxels"]), hashlib.sha256(data).hexdigest(), away, convolutions, ceiling,
+                           Path(path).stem)
         except (zipfile.BadZipFile, KeyError, EOFError, ValueError) as exc:  # not an .npz, or not the lab's
             raise ValueError(f"{path} is not a learnt calcium estimate ({exc})") from None
 
@@ -305,7 +309,8 @@ class SubtractOptions:
     # their readings differ by more than 5 points at 36 of 197 calcified lesions, and where they do the error is
     # large more often). Measured, off: held out their mean reads 0.22 points closer but makes 2 more severe
     # stenoses, the wider 0.11 closer with as many, and their HU disagreement ranks errors no better than chance
-    # (reports/tuning/estimate-ensemble.md). () = the one estimate.
+    # (reports/tuning/estimate-ensemble.md). () = the one estimate. "enclosed" (the split's restoration where the
+    # calcium encloses the lumen) is part of the README's recommended subtraction since the seventeenth session.
     companions: tuple[LearntExcess, ...] = ()
     combine: EstimateCombine = "first"
     # With combine = "enclosed": the enclosure (0-1) above which a region takes the first companion's restoration.
@@ -359,6 +364,23 @@ class SubtractOptions:
         own (it is fed what it was trained on), else ``anatomy_above_level_hu`` (the rule's)."""
         return self.anatomy_above_level_hu if self.learnt is None else self.learnt.anatomy_above_level_hu
 
+    def estimate_text(self) -> str:
+        """What estimated the calcium, in a sentence for the derived series' DerivationDescription: a reader of the
+        series (and an audit) can tell the rule from a learnt estimate, and which estimate wrote which regions."""
+        if self.learnt is None:
+            return "Calcium estimated by the white-level rule."
+        first, others = self.learnt.name or "a learnt estimate", [c.name or "another" for c in self.companions]
+        if not others or self.combine == "first":
+            return f"Calcium estimated by the learnt estimate {first}."
+        if self.combine == "enclosed":
+            return (f"Calcium estimated by the learnt estimate {first}, and by {others[0]} where the detected calcium "
+                    f"encloses the lumen (enclosure above {self.enclosed_above:g}).")
+        listed = ", ".join([first, *others])
+        if self.combine == "mean":
+            return f"Calcium removed as the mean of the restorations under the learnt estimates {listed}."
+        return (f"Calcium removed, region by region, as the restoration under whichever of the learnt estimates "
+                f"{listed} leaves the most lumen.")
+
     def estimates(self) -> list[SubtractOptions]:
         """These options once per learnt estimate (the first, then each companion), each subtracting on its own."""
         return [self] + [replace(self, learnt=c, companions=()) for c in self.companions]
@@ -405,10 +427,39 @@ def kernel_key(name: str) -> str:
     return name.strip().casefold()
 
 def _tv_gradient(u: np.ndarray) -> np.ndarray:
-    """Gradient of the smoothed total variation (negative divergence of the normalised gradient)."""
-    g = [np.diff(u, axis=a, append=np.take(u, [-1], axis=a)) for a in range(3)]
-    norm = np.sqrt(g[0] ** 2 + g[1] ** 2 + g[2] ** 2 + TV_EPSILON_HU ** 2)
-    return -sum(p - np.roll(p, 1, axis=a) for a, p in enumerate(x / norm for x in g))
+    """Gradient of the smoothed total variation (negative divergence of the normalised gradient).
+
+    Forward differences (0 at each axis' last voxel), normalised by the smoothed gradient's length, then their
+    backward differences (the first voxel keeps its own: the wrapped neighbour is a last voxel, 0). Written on
+    preallocated arrays rather than ``np.diff``/``np.roll`` copies: the sharpening calls it 60 times a box, and
+    the detection's sharpened-image test sharpens every tile of a CTA's bright voxels. The same arithmetic in
+    the same order, bit for bit (tests/pipeline/test_subtract.py keeps the plain form to compare).
+    """
+    g = []
+    for a in range(3):
+        d = np.zeros_like(u)
+        head, tail = _axis_slices(a)
+        np.subtract(u[tail], u[head], out=d[head])
+        g.append(d)
+    norm = g[0] * g[0]
+    norm += g[1] * g[1]
+    norm += g[2] * g[2]
+    norm += TV_EPSILON_HU ** 2
+    np.sqrt(norm, out=norm)
+    out = None
+    for a, d in enumerate(g):
+        d /= norm
+        head, tail = _axis_slices(a)
+        d[tail] -= d[head].copy()
+        out = d if out is None else np.add(out, d, out=out)
+    return np.negative(out, out=out)
+
+
+def _axis_slices(axis: int) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """All but the last voxel along ``axis``, and all but the first (for differences along it)."""
+    head, tail = [slice(None)] * 3, [slice(None)] * 3
+    head[axis], tail[axis] = slice(None, -1), slice(1, None)
+    return tuple(head), tuple(tail)
 
 
 def through(volume: np.ndarray, h: np.ndarray) -> np.ndarray:
@@ -416,12 +467,32 @@ def through(volume: np.ndarray, h: np.ndarray) -> np.ndarray:
     return np.fft.irfftn(np.fft.rfftn(volume) * h, s=volume.shape, axes=(0, 1, 2))
 
 
+def _misfit_gradient(image: np.ndarray, h: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """The least-squares term's gradient, hᵀ(h∗z − image), as one FFT pair per call: the image's part is
+    transformed once, and h is real, so h∗h∗z is z's spectrum times h² (half the FFTs of blurring twice; the
+    same values to about 1e-11 HU)."""
+    squared = h * h
+    seen = np.fft.rfftn(image) * h
+
+    def gradient(z: np.ndarray) -> np.ndarray:
+        spectrum = np.fft.rfftn(z)
+        spectrum *= squared
+        spectrum -= seen
+        return np.fft.irfftn(spectrum, s=z.shape, axes=(0, 1, 2))
+
+    return gradient
+
+
 def sharpen(image: np.ndarray, h: np.ndarray, tv_weight: float, iterations: int) -> np.ndarray:
     """Total-variation deconvolution: argmin ½‖h∗u − image‖² + w·TV(u), by accelerated gradient (FISTA)."""
     step = 1.0 / (float(np.max(h)) ** 2 + 12.0 * tv_weight / TV_EPSILON_HU)
+    misfit = _misfit_gradient(image, h)
 
     def descend(z: np.ndarray) -> np.ndarray:
-        return z - step * (through(through(z, h) - image, h) + tv_weight * _tv_gradient(z))
+        change = misfit(z)
+        change += tv_weight * _tv_gradient(z)
+        change *= step
+        return z - change
 
     return _accelerated(image, descend, iterations)
 
@@ -466,8 +537,10 @@ def split_sharpen(image: np.ndarray, h: np.ndarray, support: np.ndarray, ceiling
     anatomy = np.clip(image, ANATOMY_FLOOR_HU, ceiling)
     start = np.stack([anatomy, np.where(support, np.maximum(image - anatomy, 0.0), 0.0)])
 
+    gradient = _misfit_gradient(image, h)
+
     def descend(z: np.ndarray) -> np.ndarray:  # z = [anatomy, calcium]: a gradient step, then onto the bounds
-        misfit = through(through(z[0] + z[1], h) - image, h)
+        misfit = gradient(z[0] + z[1])
         return np.stack([np.clip(z[0] - step * (misfit + tv_weight * _tv_gradient(z[0])), ANATOMY_FLOOR_HU, ceiling),
                          np.where(support, np.maximum(z[1] - step * misfit, 0.0), 0.0)])
 

@@ -67,7 +67,11 @@ def _table(values: dict[str, float]) -> str:
     return "{ " + ", ".join(f"{k} = {v:g}" for k, v in values.items()) + " }"
 
 
-RECOMMENDED = ('method = "subtract"', 'subtract_estimate = "engines/calcium_excess_ref.npz"', "sharp_contrast_hu = 150")
+# The README's recommended subtraction (since the seventeenth session with the split estimate written where the
+# calcium encloses the lumen: reports/tuning/estimate-ensemble.md), less the site's tables
+RECOMMENDED = ('method = "subtract"', 'subtract_estimate = "engines/calcium_excess_ref.npz"',
+               'subtract_companions = ["engines/calcium_excess_split.npz"]', 'subtract_combine = "enclosed"',
+               "sharp_contrast_hu = 150")
 MEASURED = (f"scanner_kernels = {_table(MEASURED_MTF50)}", f"scanner_edge_enhance = {_table(MEASURED_LIFT)}")
 CONFIGURATIONS = (
     Configuration("network (default)", ()),
@@ -278,7 +282,9 @@ def _markdown(result: dict) -> str:
              "(5.2 lp/cm, lift 0.5) for both kernels; (rule): the white-level rule in place of the learnt estimate. "
              "Severe read: the truth image reads under 50 %, the image "
              "70 % or more; made by processing: ... where the acquired image read under 70 % (flagged: the engine "
-             "marked the region unsure).", ""]
+             "marked the region unsure).", "", "Configurations, as their `[engine]` lines:", ""]
+    lines += [f"- {name}: " + ("; ".join(f"`{line}`" for line in engine) or "the node's defaults")
+              for name, engine in result.get("configurations", {}).items()] + [""]
     for w in WHITE_LEVELS_HU:
         for sel, summ in result["summary"][f"{w:g}"].items():
             geo = result["summary_geometry"][f"{w:g}"][sel]

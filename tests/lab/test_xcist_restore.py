@@ -113,10 +113,14 @@ def test_a_compared_estimate_reads_the_same_noisy_stacks_as_the_others():
 def test_a_compared_configuration_adds_engine_lines_and_replaces_those_of_its_keys():
     """``--compare-engine``: the recommended subtraction with further lines (an ensemble of estimates, say); a line
     whose key the recommended configuration sets replaces it, and the name says what differs, paths by file name."""
-    ensemble = xr.compared(None, ('subtract_companions = ["engines/calcium_excess_split.npz"]',
-                                  'subtract_combine = "mean"', "sharp_contrast_hu = 100"))
-    assert ensemble.name == ('subtraction, site-measured tables, subtract_companions = ["calcium_excess_split.npz"], '
-                             'subtract_combine = "mean", sharp_contrast_hu = 100')
-    assert [line for line in ensemble.engine if line.startswith("sharp_contrast_hu")] == ["sharp_contrast_hu = 100"]
-    shipped = set(xr.CONFIGURATIONS[1].engine) - {"sharp_contrast_hu = 150"}
-    assert shipped < set(ensemble.engine) and len(ensemble.engine) == len(xr.CONFIGURATIONS[1].engine) + 2
+    ensemble = xr.compared(None, ('subtract_companions = ["engines/other.npz"]', "subtract_enclosed_share = 0.6",
+                                  'subtract_combine = "mean"'))
+    assert ensemble.name == ('subtraction, site-measured tables, subtract_companions = ["other.npz"], '
+                             'subtract_enclosed_share = 0.6, subtract_combine = "mean"')
+    assert [line for line in ensemble.engine if line.startswith("subtract_combine")] == ['subtract_combine = "mean"']
+    recommended = xr.CONFIGURATIONS[1].engine
+    kept = set(recommended) - {'subtract_companions = ["engines/calcium_excess_split.npz"]',
+                               'subtract_combine = "enclosed"'}
+    assert kept < set(ensemble.engine) and len(ensemble.engine) == len(recommended) + 1
+    first_only = " ".join(xr.compared(None, ("subtract_companions = []", 'subtract_combine = "first"')).engine)
+    assert "subtract_estimate" in first_only and "calcium_excess_split" not in first_only

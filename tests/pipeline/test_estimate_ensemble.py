@@ -52,6 +52,9 @@ def test_companions_need_a_first_estimate_and_a_known_combination(tmp_path):
     runs = opts.estimates()
     assert len(runs) == 3 and runs[0] is opts and all(not o.companions for o in runs[1:])
     assert opts.for_kernel("HD").companions == opts.companions
+    assert opts.estimate_text() == "Calcium removed as the mean of the restorations under the learnt estimates a, a, a."
+    assert SubtractOptions(learnt=learnt).estimate_text() == "Calcium estimated by the learnt estimate a."
+    assert SubtractOptions().estimate_text() == "Calcium estimated by the white-level rule."
 
 
 def _run(volume: np.ndarray, opts: SubtractOptions):
@@ -73,14 +76,17 @@ def test_the_engine_runs_every_estimate_and_measures_their_disagreement(tmp_path
     assert np.array_equal(twin, alone), "an identical companion changes nothing"
     assert all(r.measure == "estimates" and r.disagreement_hu == 0.0 for r in same.reports)
 
-    outs = {}
+    outs, named = {}, {}
     for how in ("first", "mean", "wider"):
         out = acquired.copy()
         result = _run(out, SubtractOptions(learnt=first, companions=(more,), combine=how, unsure_hu=30.0))
         outs[how] = out
+        named[how] = {(r.estimate, r.estimate_index, r.enclosure) for r in result.reports}
         assert all(r.measure == "estimates" and r.disagreement_hu > 30.0 for r in result.reports)
         assert all(r.unsure and any(CONFIDENCE_MEASURES["estimates"] in w for w in r.why) for r in result.reports)
     assert np.array_equal(outs["first"], alone), "'first' writes the first estimate's restoration"
+    assert named == {"first": {("first", 0, None)}, "mean": {("mean of first + more", None, None)},
+                     "wider": {("first", 0, None)}}, "each region says which estimate's restoration it got"
     changed = single.changed
     taken = {how: float((acquired - out)[changed].sum()) for how, out in outs.items()}
     over = acquired.copy()
@@ -155,7 +161,15 @@ def test_enclosed_takes_the_companions_restoration_only_where_the_calcium_enclos
             out[name] = acquired.copy()
             result = _run(out[name], opts)
             assert result.reports
+            if name != "enclosed":  # one estimate: nothing to tell apart
+                assert all(r.estimate == "" and r.enclosure is None and r.estimate_index is None
+                           for r in result.reports)
         assert not np.array_equal(out["first"], out["more"])
         assert np.array_equal(out["enclosed"], out[expect]), arc
+        # the report says which estimate restored the region, and how enclosed its calcium was
+        assert all(r.estimate == expect and r.estimate_index == (expect == "more") for r in result.reports)
+        assert all((r.enclosure > 0.7) is (expect == "more") for r in result.reports)
+        row = result.reports[0].as_dict()
+        assert row["estimate"] == expect and row["enclosure"] == round(result.reports[0].enclosure, 2)
     with pytest.raises(ValueError, match="enclosed_above"):
         SubtractOptions(learnt=first, companions=(more,), combine="enclosed", enclosed_above=1.5)

@@ -142,6 +142,7 @@ def test_subtract_method_says_so_and_gets_its_own_uids(processed, tmp_path):
     # no blur disagreement by default (engine.subtract_unsure_hu = 0): the regions' calibres, "!" marking the unsure
     assert seg.SegmentSequence[1].SegmentDescription.startswith("vessel calibre mm by region: ")
     assert "Scanner blur assumed: MTF50 5.2 lp/cm, edge lift 0.5 (the default)." in ct.DerivationDescription
+    assert ct.DerivationDescription.endswith("Calcium estimated by the white-level rule.")
     for f in (cts[len(cts) // 2], seg_path):
         assert _dciodvfy_errors(f) == [], f.name
 
@@ -214,6 +215,42 @@ def test_auto_subtracts_a_measured_kernel_and_runs_the_network_for_any_other(pro
     a, b = pydicom.dcmread(net[len(net) // 2]), pydicom.dcmread(first[len(first) // 2])
     assert "3D inpainting" in a.DerivationDescription
     assert np.array_equal(a.pixel_array, b.pixel_array)
+
+
+def test_each_lesion_says_which_learnt_estimate_restored_its_region(processed, tmp_path, capsys):
+    """engine.subtract_companions with subtract_combine = "enclosed": every lesion row carries the estimate whose
+    restoration its region got and the enclosure that decided it, and the series' line counts regions by estimate.
+    A threshold of 0 sends every region with any enclosing calcium to the companion, 1 none."""
+    from dicom_node.config import load
+    from dicom_node.pipeline.process import build_engine, engine_id, process_series
+    from dicom_node.pipeline.series import read_ct_series
+    from tests.pipeline.test_learnt_estimate import _write
+
+    _, _, _, src = processed
+    _write(tmp_path / "plain.npz")
+    _write(tmp_path / "split.npz", last=0.05)
+    [series], _ = read_ct_series(src)
+    rows = {}
+    for share in (0.0, 1.0):
+        f = tmp_path / f"c{share:g}.toml"
+        f.write_text('[engine]\nmethod = "subtract"\nsubtract_estimate = "plain.npz"\n'
+                     f'subtract_companions = ["split.npz"]\nsubtract_combine = "enclosed"\n'
+                     f"subtract_enclosed_share = {share}\n")
+        cfg = load(f)
+        outcome = process_series(series, tmp_path / f"out{share:g}", cfg, build_engine(cfg, None), engine_id(cfg))
+        assert outcome.status == "done" and outcome.lesion_table, outcome.reason
+        rows[share] = outcome.lesion_table
+        restored = [r for r in outcome.regions if r["voxels"]]
+        named = "split" if share == 0.0 else "plain"
+        assert restored and all(r["estimate"] == named and 0.0 < r["enclosure"] < 1.0 for r in restored)
+        assert f"regions by estimate: {named} {len(restored)}" in outcome.summary()
+        ct = pydicom.dcmread(next(p for p in outcome.outputs if p.name.startswith("CT_")))
+        assert ct.DerivationDescription.endswith(
+            f"Calcium estimated by the learnt estimate plain, and by split where the detected calcium encloses the "
+            f"lumen (enclosure above {share:g}).")
+    for a, b in zip(rows[0.0], rows[1.0]):
+        if a["voxels"]:
+            assert (a["estimate"], b["estimate"]) == ("split", "plain") and a["enclosure"] == b["enclosure"]
 
 
 def _mkdir(path):

@@ -10,7 +10,7 @@ between them makes some lesions unsure and others not, which is what the report 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import highdicom as hd
@@ -23,7 +23,9 @@ from dicom_node.pipeline.derived import source_uids
 from dicom_node.pipeline.detect import Detection, detect
 from dicom_node.pipeline.report import (
     ACTIONS,
+    CALCIUM_ENCLOSURE,
     DISAGREEMENTS,
+    ESTIMATE_WRITTEN,
     RESTORATION,
     RESTORATION_UNSURE,
     VESSEL_CALIBRE,
@@ -268,3 +270,27 @@ def test_without_lesions_the_report_is_still_valid_and_says_calcification_is_abs
     [absent] = items["C0034375"].ContentSequence
     assert absent.ConceptNameCodeSequence[0].CodeValue == CALCIFICATION.value
     assert absent.ConceptCodeSequence[0].CodeValue == codes.SCT.Absent.value
+
+
+def test_the_estimate_each_region_got_and_its_enclosure_are_reported(case, tmp_path):
+    """With several learnt estimates (engine.subtract_companions) each lesion's group says which one's restoration
+    its region got and, under "enclosed", how far its calcium encloses the lumen; one estimate or the network: no
+    such entry. Validated with dciodvfy."""
+    assert not any(_evaluation(g, ESTIMATE_WRITTEN) or _measurement(g, CALCIUM_ENCLOSURE) for g in _groups(case.sr))
+    picks = [(1, "calcium_excess_split", 0.83), (0, "calcium_excess_ref", 0.41), (None, "mean of a + b", None)]
+    reports = [replace(r, estimate=name, estimate_index=index, enclosure=enclosure)
+               for r, (index, name, enclosure) in zip(case.result.reports, picks * len(case.result.reports))]
+    sr = write_report(case.series, case.result.detection, reports, pydicom.dcmread(case.seg), tmp_path, MODEL,
+                      case.uids, 1002)
+    assert _dciodvfy_errors(sr) == []
+    region_of = {i: r for r in reports for i in r.lesions}
+    seen = set()
+    for g in _groups(sr):
+        region = region_of[_lesion_number(g)]
+        code = _evaluation(g, ESTIMATE_WRITTEN)
+        assert code.meaning == f"Learnt calcium estimate {region.estimate}"
+        seen.add(code.value)
+        assert code.value == {1: "COMPANION-1", 0: "FIRST-ESTIMATE", None: "MEAN-ESTIMATES"}[region.estimate_index]
+        enclosure = _measurement(g, CALCIUM_ENCLOSURE)
+        assert enclosure == (None if region.enclosure is None else pytest.approx(region.enclosure))
+    assert len(seen) >= 2
