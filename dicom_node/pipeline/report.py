@@ -60,7 +60,9 @@ CALCIUM_ENCLOSURE = Code("CA-ENCLOSURE", PRIVATE_SCHEME, "Calcium enclosure of t
 def estimate_code(index: int | None, name: str) -> Code:
     """The coded value of ``ESTIMATE_WRITTEN``: the first estimate, the k-th companion, or the mean of them all;
     the meaning names the file (LO: 64 characters)."""
-    value = "MEAN-ESTIMATES" if index is None else "FIRST-ESTIMATE" if index == 0 else f"COMPANION-{index}"
+    if index is None:
+        return Code("MEAN-ESTIMATES", PRIVATE_SCHEME, f"Learnt calcium estimates, {name}"[:64])
+    value = "FIRST-ESTIMATE" if index == 0 else f"COMPANION-{index}"
     return Code(value, PRIVATE_SCHEME, f"Learnt calcium estimate {name}"[:64])
 ACTIONS = {  # RegionReport.action → its coded value
     "restored": Code("RESTORED", PRIVATE_SCHEME, "Restored"),

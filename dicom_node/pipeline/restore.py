@@ -252,11 +252,9 @@ def chosen(tries: list[np.ndarray], level: np.ndarray | None, how: EstimateCombi
     return int(np.argmax([lumen_voxels(t, level) for t in tries]))
 
 
-def combined(tries: list[np.ndarray], level: np.ndarray | None, how: EstimateCombine,
-             enclosed: bool = False) -> np.ndarray:
-    """One region's restorations under several learnt estimates made one (``chosen``: one of them, or their
-    voxel-wise mean)."""
-    which = chosen(tries, level, how, enclosed)
+def restoration_written(tries: list[np.ndarray], which: int | None) -> np.ndarray:
+    """The restoration a region gets from its tries under several estimates: the one ``chosen`` picked, or, where it
+    picked none ("mean"), their voxel-wise mean."""
     return np.mean(tries, axis=0).astype(np.float32) if which is None else tries[which]
 
 
@@ -563,7 +561,7 @@ class Engine:
             enclosure = calcium_enclosure(detection.calcium, spacing, r.native_box) \
                 if opts.combine == "enclosed" and len(tries) > 1 else None
             which = chosen(tries, level, opts.combine, enclosure is not None and enclosure > opts.enclosed_above)
-            values = np.mean(tries, axis=0).astype(np.float32) if which is None else tries[which]
+            values = restoration_written(tries, which)
             named = {"estimate": _estimate_name(opts, which), "estimate_index": which if len(tries) > 1 else None,
                      "enclosure": enclosure}
             d = None

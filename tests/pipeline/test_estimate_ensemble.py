@@ -18,8 +18,9 @@ from dicom_node.pipeline.restore import (
     Engine,
     _shifted,
     calcium_enclosure,
-    combined,
+    chosen,
     lumen_voxels,
+    restoration_written,
 )
 from dicom_node.pipeline.subtract import LearntExcess, ScannerBlur, SubtractOptions
 from tests.pipeline.test_learnt_estimate import _write
@@ -31,10 +32,16 @@ def test_combining_takes_the_first_the_mean_or_the_one_with_most_lumen():
     narrow = np.array([400, 400, 100, 100, 100, 900], np.float32)  # 2 voxels of lumen
     wide = np.array([400, 400, 400, 400, 100, 50], np.float32)  # 4
     assert lumen_voxels(narrow, level) == 2 and lumen_voxels(wide, level) == 4
+    def combined(tries, level, how, enclosed=False):
+        return restoration_written(tries, chosen(tries, level, how, enclosed))
+
     assert combined([narrow, wide], level, "first") is narrow
     assert combined([narrow, wide], level, "wider") is wide
     assert combined([wide, narrow], level, "wider") is wide
     assert np.array_equal(combined([narrow, wide], level, "mean"), (narrow + wide) / 2)
+    assert chosen([narrow, wide], level, "mean") is None
+    assert chosen([narrow, wide], level, "enclosed", True) == 1 and chosen([narrow, wide], level, "enclosed") == 0
+    assert chosen([narrow], level, "enclosed", True) == 0, "one try: nothing to choose"
     # white calcium left standing is no lumen: a try that takes less out does not win by leaving calcium
     white = np.array([400, 400, 900, 900, 900, 900], np.float32)
     assert combined([narrow, white], level, "wider") is narrow

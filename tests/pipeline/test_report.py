@@ -288,7 +288,8 @@ def test_the_estimate_each_region_got_and_its_enclosure_are_reported(case, tmp_p
     for g in _groups(sr):
         region = region_of[_lesion_number(g)]
         code = _evaluation(g, ESTIMATE_WRITTEN)
-        assert code.meaning == f"Learnt calcium estimate {region.estimate}"
+        plural = "s," if region.estimate_index is None else ""
+        assert code.meaning == f"Learnt calcium estimate{plural} {region.estimate}"
         seen.add(code.value)
         assert code.value == {1: "COMPANION-1", 0: "FIRST-ESTIMATE", None: "MEAN-ESTIMATES"}[region.estimate_index]
         enclosure = _measurement(g, CALCIUM_ENCLOSURE)
