@@ -55,15 +55,6 @@ RESTORATION = Code("RESTORATION", PRIVATE_SCHEME, "Restoration")
 # under subtract_combine = "enclosed", how far its calcium encloses the lumen (0-1: restore.calcium_enclosure)
 ESTIMATE_WRITTEN = Code("CA-ESTIMATE", PRIVATE_SCHEME, "Calcium estimate written")
 CALCIUM_ENCLOSURE = Code("CA-ENCLOSURE", PRIVATE_SCHEME, "Calcium enclosure of the lumen")
-
-
-def estimate_code(index: int | None, name: str) -> Code:
-    """The coded value of ``ESTIMATE_WRITTEN``: the first estimate, the k-th companion, or the mean of them all;
-    the meaning names the file (LO: 64 characters)."""
-    if index is None:
-        return Code("MEAN-ESTIMATES", PRIVATE_SCHEME, f"Learnt calcium estimates, {name}"[:64])
-    value = "FIRST-ESTIMATE" if index == 0 else f"COMPANION-{index}"
-    return Code(value, PRIVATE_SCHEME, f"Learnt calcium estimate {name}"[:64])
 ACTIONS = {  # RegionReport.action → its coded value
     "restored": Code("RESTORED", PRIVATE_SCHEME, "Restored"),
     "restored, unsure": Code("RESTORED-UNSURE", PRIVATE_SCHEME, "Restored, unsure"),
@@ -73,6 +64,15 @@ ACTIONS = {  # RegionReport.action → its coded value
 VOXELS = Code("{voxels}", "UCUM", "voxels")  # a count: UCUM unity with an annotation
 CALCIUM_SEGMENT = 1  # seg.write_seg: "Calcium removed"
 UNSURE_SEGMENT = 3  # seg.write_seg: only when some restoration was unsure
+
+
+def estimate_code(index: int | None, name: str) -> Code:
+    """The coded value of ``ESTIMATE_WRITTEN``: the first estimate, the k-th companion, or the mean of them all;
+    the meaning names the file (LO: 64 characters)."""
+    if index is None:
+        return Code("MEAN-ESTIMATES", PRIVATE_SCHEME, f"Learnt calcium estimates, {name}"[:64])
+    value = "FIRST-ESTIMATE" if index == 0 else f"COMPANION-{index}"
+    return Code(value, PRIVATE_SCHEME, f"Learnt calcium estimate {name}"[:64])
 
 
 def patient_position(series: Series, centroid: tuple[float, float, float]) -> tuple[float, float, float]:

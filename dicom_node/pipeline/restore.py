@@ -343,9 +343,9 @@ def _keep_lumen_beyond(volume: np.ndarray, spacing: tuple[float, float, float], 
 
 def _estimate_name(opts: SubtractOptions, which: int | None) -> str:
     """The learnt estimate whose restoration a region got (``RegionReport.estimate``): "" with one estimate or none."""
-    names = [o.learnt.name if o.learnt is not None else "" for o in opts.estimates()]
-    if len(names) < 2:
+    if not opts.companions:
         return ""
+    names = [e.name for e in (opts.learnt, *opts.companions)]  # companions need a first estimate
     return "mean of " + " + ".join(names) if which is None else names[which]
 
 
@@ -557,7 +557,10 @@ class Engine:
             idx = local_idx + origin
             local = tuple(local_idx.T)
             tries = [(volume[box][local] - a[local]).astype(np.float32) for a in added]
-            level = lumen_level_at(volume[box], spacing, local_idx) if len(tries) > 1 or opts.unsure_hu > 0 else None
+            measured = bool(self.confidence.flips and opts.unsure_hu > 0 and len(idx))  # a disagreement to measure
+            # the reader's lumen level: for "wider" and a disagreement only (not for "first", "mean" or "enclosed")
+            level = lumen_level_at(volume[box], spacing, local_idx) \
+                if measured or (opts.combine == "wider" and len(tries) > 1) else None
             enclosure = calcium_enclosure(detection.calcium, spacing, r.native_box) \
                 if opts.combine == "enclosed" and len(tries) > 1 else None
             which = chosen(tries, level, opts.combine, enclosure is not None and enclosure > opts.enclosed_above)
@@ -566,7 +569,7 @@ class Engine:
                      "enclosure": enclosure}
             d = None
             measure = "estimates" if len(tries) > 1 else "blur"
-            if self.confidence.flips and opts.unsure_hu > 0 and len(idx):
+            if measured:
                 if len(tries) > 1:  # the estimates' own disagreement: no further pass
                     d = max(lumen_disagreement(tries[0], other, level) for other in tries[1:])
                 else:
