@@ -98,3 +98,22 @@ def test_the_flag_grid_recomputes_the_flag_from_the_recorded_calibre_disagreemen
     assert grid[(float("inf"), 2.75)]["sure"]["made"] == 0
     assert grid[(90.0, 2.75)]["sure"]["n"] == 1 and grid[(90.0, 0.0)]["sure"]["n"] == 2
     assert grid[(90.0, 2.75)]["unsure"]["n"] == 3
+
+
+def test_the_floor_is_split_by_what_the_node_reports():
+    """``floor_by_flag`` gives each group (sure, unsure, no region, all calcified) its own mean error per image, so a
+    group's distance to the floor of its voxels is read from its own lesions, not the mix; an image a run did not
+    read is left out, and lesions outside the calcified stratum or without a truth reading are not counted."""
+    def with_oracles(lesion, known, rescan):
+        return dict(lesion, **{"known_anatomy@100": known, "retest@100": rescan})
+    rows = [with_oracles(_lesion(34.0, 30.0, False), 31.0, 32.0),  # sure: 4 off, floor 1, rescan 2
+            with_oracles(_lesion(40.0, 30.0, True), 36.0, 33.0),  # unsure: 10 off, floor 6, rescan 3
+            with_oracles(_lesion(50.0, 70.0, None), 50.0, 69.0),  # no region: the floor is the acquired reading
+            with_oracles(_lesion(90.0, None, False), 90.0, 90.0),  # no truth reading: not counted
+            dict(with_oracles(_lesion(99.0, 0.0, False), 99.0, 99.0), stratum="soft")]  # not calcified
+    by = experiment2v2.floor_by_flag(rows)
+    assert by["sure"] == {"n": 1.0, "processed": 4.0, "known_anatomy": 1.0, "retest": 2.0}
+    assert by["unsure"] == {"n": 1.0, "processed": 10.0, "known_anatomy": 6.0, "retest": 3.0}
+    assert by["no region"]["processed"] == by["no region"]["known_anatomy"] == 20.0
+    assert by["all"]["n"] == 3.0 and abs(by["all"]["processed"] - 34.0 / 3) < 1e-9
+    assert "perfect_network" not in by["all"], "an oracle the run did not read has no column"
