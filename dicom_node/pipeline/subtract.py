@@ -703,10 +703,10 @@ def refit_excess(image: np.ndarray, anatomy: np.ndarray, excess: np.ndarray, h: 
     """
     support = excess > 0
     step = 1.0 / float(np.max(h)) ** 2
-    base = image - through(anatomy, h)
+    misfit = _misfit_gradient(image - through(anatomy, h), h)
 
     def descend(z: np.ndarray) -> np.ndarray:  # a gradient step, then back onto e >= 0 on the support
-        return np.where(support, np.maximum(z + step * through(base - through(z, h), h), 0.0), 0.0)
+        return np.where(support, np.maximum(z - step * misfit(z), 0.0), 0.0)
 
     return _accelerated(excess, descend, iterations)
 

@@ -312,11 +312,8 @@ def floor_by_flag(rows: list[dict], white: float = PRIMARY_WHITE) -> dict[str, d
     """
     w = f"{white:g}"
     calcified = [r for r in rows if r.get("stratum") == CALCIFIED and r.get(f"truth@{w}") is not None]
-    groups = {"sure": [r for r in calcified if r.get("unsure") is False],
-              "unsure": [r for r in calcified if r.get("unsure") is True],
-              "no region": [r for r in calcified if r.get("unsure") is None], "all": calcified}
     out = {}
-    for name, members in groups.items():
+    for name, members in flag_groups(calcified, lambda r: bool(r["unsure"])).items():
         cells: dict[str, float] = {"n": float(len(members))}
         for image in ("processed", *ORACLES):
             errors = [abs(r[f"{image}@{w}"] - r[f"truth@{w}"]) for r in members if r.get(f"{image}@{w}") is not None]
@@ -616,21 +613,33 @@ def meets_goals(a: dict, made: int) -> bool:
             and a["sens50"] >= GOALS["sens50"] and a["spec50"] >= GOALS["spec50"] and made <= GOALS["made"])
 
 
+# The groups a radiologist is told apart (the flag, the SEG), as the reports' tables name them
+FLAG_GROUPS = {"sure": "called sure", "unsure": "flagged unsure", "no region": "no region (left as acquired)",
+               "all": "all calcified"}
+
+
+def flag_groups(rows: list[dict], unsure: Callable[[dict], bool | None]) -> dict[str, list[dict]]:
+    """``rows`` split as ``FLAG_GROUPS`` names them: reached by a region and not ``unsure``, reached and ``unsure``,
+    reached by none (no recorded flag), and all of them."""
+    reached = [r for r in rows if r.get("unsure") is not None]
+    return {"sure": [r for r in reached if not unsure(r)], "unsure": [r for r in reached if unsure(r)],
+            "no region": [r for r in rows if r.get("unsure") is None], "all": rows}
+
+
 def _flag_set(rows: list[dict], unsure: Callable[[dict], bool | None], white: float) -> dict:
     """The goals' figures for the calcified lesions the node calls sure, unsure and reaches with no region."""
     w = f"{white:g}"
     out = {}
-    reached = [r for r in rows if r.get("unsure") is not None]
-    groups = (("sure", [r for r in reached if not unsure(r)]), ("unsure", [r for r in reached if unsure(r)]),
-              ("no region", [r for r in rows if r.get("unsure") is None]), ("all", rows))
-    for name, members in groups:
+    groups = flag_groups(rows, unsure)
+    reached = len(groups["sure"]) + len(groups["unsure"])
+    for name, members in groups.items():
         ok = [r for r in members if r[f"processed@{w}"] is not None and r[f"truth@{w}"] is not None]
         if not ok:
             out[name] = {"n": 0}
             continue
         a = agreement(_values(ok, f"processed@{w}"), _values(ok, f"truth@{w}"))
         made = sum(r[f"original@{w}"] is not None and _made_by_processing(r, w) for r in ok)
-        out[name] = {"n": len(ok), "share": len(ok) / max(len(reached), 1), "mae": a["mae"], "mae_ci": a["mae_ci"],
+        out[name] = {"n": len(ok), "share": len(ok) / max(reached, 1), "mae": a["mae"], "mae_ci": a["mae_ci"],
                      "bias": a["bias"], "cadrads_exact": a["cadrads_exact"], "kappa": a["kappa"], "sens50": a["sens50"],
                      "spec50": a["spec50"], "made": int(made), "meets": meets_goals(a, made)}
     return out
@@ -936,9 +945,7 @@ def _markdown(path: Path, res: dict, args: argparse.Namespace) -> None:
                   "κ ≥ 0.8, sensitivity / specificity for ≥ 50 % ≥ 95 / 90 %, no severe stenosis made by processing.",
                   "", "| restorations | n (share) | MAE [95 %] | bias | CAD-RADS exact | κ | sens / spec ≥ 50 | "
                   "severe made | meets the goals |", "|---|---:|---|---:|---:|---:|---:|---:|---|"]
-        names = {"sure": "called sure", "unsure": "flagged unsure", "no region": "no region (left as acquired)",
-                 "all": "all calcified"}
-        for key, name in names.items():
+        for key, name in FLAG_GROUPS.items():
             lines.append(f"| {name} | " + _goal_cells(goals[key], share=key in ("sure", "unsure")))
     if "floor" in res:
         subtract = TRUE_CALCIUM_SUBTRACTED in res["floor"]
@@ -974,14 +981,12 @@ def _markdown(path: Path, res: dict, args: argparse.Namespace) -> None:
                  KNOWN_ANATOMY: "known anatomy, new noise", KNOWN_ANATOMY_ALL_CALCIUM: "... + every deposit",
                  RETEST: "rescan"}
         shown = [k for k in short if k in by_flag["all"]]
-        groups = {"sure": "called sure", "unsure": "flagged unsure", "no region": "no region (left as acquired)",
-                  "all": "all calcified"}
         lines += ["", "By what the node reports (mean absolute error against the truth image, the same images as "
                   "above): how far each group's restoration stands above the floor of its own voxels (known "
                   "anatomy, new noise) and above a rescan.", "",
                   "| restorations | n | " + " | ".join(short[k] for k in shown) + " |",
                   "|---|---:|" + "---:|" * len(shown)]
-        for key, label in groups.items():
+        for key, label in FLAG_GROUPS.items():
             cells = by_flag[key]
             if cells["n"]:
                 lines.append(f"| {label} | {cells['n']:.0f} | "
