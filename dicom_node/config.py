@@ -50,6 +50,7 @@ class EngineConfig:
     sharp_min_volume_mm3: float = DetectOptions.sharp_min_volume_mm3  # ... components at least this large
     sharp_mtf50_lp_cm: float = DetectOptions.sharp_mtf50_lp_cm  # ... sharpened under this blur
     sharp_max_above_hu: float = DetectOptions.sharp_max_above_hu  # ... and not already this bright as acquired
+    sharp_min_excess_mm3: float = DetectOptions.sharp_min_excess_mm3  # ... or smaller, this much excess in noise SDs
     margin_mm: float = WindowOptions.margin_mm  # blooming margin restored around the calcium
     core: int = WindowOptions.core  # voxels a window may restore per axis (of 32)
     mask_mode: MaskMode = WindowOptions.mask_mode  # cube: the paper's, hiding each window's whole core
@@ -148,6 +149,7 @@ ENGINE_KEYS: dict[str, tuple[type, str]] = {
     "sharp_min_volume_mm3": (DetectOptions, "sharp_min_volume_mm3"),
     "sharp_mtf50_lp_cm": (DetectOptions, "sharp_mtf50_lp_cm"),
     "sharp_max_above_hu": (DetectOptions, "sharp_max_above_hu"),
+    "sharp_min_excess_mm3": (DetectOptions, "sharp_min_excess_mm3"),
     "margin_mm": (WindowOptions, "margin_mm"), "core": (WindowOptions, "core"),
     "mask_mode": (WindowOptions, "mask_mode"), "confidence": (ConfidenceOptions, "flips"),
     "unsure_hu": (ConfidenceOptions, "unsure_hu"), "unsure_action": (ConfidenceOptions, "unsure_action"),

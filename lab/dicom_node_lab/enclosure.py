@@ -23,24 +23,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-_ENGINE = None
-
 
 def _one(job: tuple[int, int, list[str]]) -> list[dict]:
-    from dicom_node.pipeline.detect import detect
     from dicom_node.pipeline.restore import calcium_enclosure
     from dicom_node.pipeline.windows import plan
     from dicom_node_lab import experiment2v2 as e2
 
-    global _ENGINE
     seed, i, engine_args = job
-    if _ENGINE is None:
-        _ENGINE = e2._engine(Path("engines/dense_unet.onnx"), engine_args)
-    p = e2.make_study(seed, i)
-    volume = e2._stored_hu(p.image)
-    kernel = str(p.settings.kernel).upper()
-    detection = detect(volume, p.spacing, _ENGINE.detect_options_for(kernel))
-    regions = plan(detection, p.spacing, _ENGINE.window_options)
+    p, _, engine, detection = e2.detected_study(seed, i, engine_args)
+    regions = plan(detection, p.spacing, engine.window_options)
     measured = [(r.native_box, calcium_enclosure(detection.calcium, p.spacing, r.native_box)) for r in regions]
     rows = []
     for vi, v in enumerate(p.vessels):

@@ -95,6 +95,22 @@ def _engine(model: Path, engine_args: list[str]):
 
 
 _ENGINE = None
+_DETECTING: dict[tuple[str, ...], object] = {}
+
+
+def detected_study(seed: int, i: int, engine_args: list[str]):
+    """Study ``i`` as stored, the engine these ``--engine`` lines build (one per worker process and set of lines),
+    and what it detects there: ``(phantom, volume, engine, detection)``. Why: the lab's per-study tools (the
+    enclosure, the sharpened-image pieces) must see exactly the calcium the engine of a run would find."""
+    from dicom_node.pipeline.detect import detect
+
+    key = tuple(engine_args)
+    if key not in _DETECTING:
+        _DETECTING[key] = _engine(ENGINES / "dense_unet.onnx", list(engine_args))
+    engine = _DETECTING[key]
+    p = make_study(seed, i)
+    volume = _stored_hu(p.image)
+    return p, volume, engine, detect(volume, p.spacing, engine.detect_options_for(str(p.settings.kernel).upper()))
 
 
 # --oracle: what a perfect network would leave. The truth image written into exactly the voxels the

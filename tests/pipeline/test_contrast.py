@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -195,9 +197,11 @@ def test_a_faint_ring_hides_itself_by_raising_its_vessels_level_unless_the_level
         detect(vol, SPACING, level_image=clean[1:])
 
 
-def _scanned_vessel(deposit_hu: float | None, seed: int, noise: float) -> tuple[np.ndarray, np.ndarray]:
-    """A 3 mm lumen at 400 HU with a 0.8 mm half-ring of ``deposit_hu`` in its wall (none: no deposit),
-    through a soft cardiac kernel (MTF50 4.3 lp/cm, the blur the sharpened-image test assumes by default)."""
+def _scanned_vessel(deposit_hu: float | None, seed: int, noise: float, length_mm: float = 8.0,
+                    pool: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """A 3 mm lumen at 400 HU with a 0.8 mm half-ring of ``deposit_hu``, ``length_mm`` long, in its wall (none: no
+    deposit), through a soft cardiac kernel (MTF50 4.3 lp/cm, the blur the sharpened-image test assumes by default).
+    ``pool``: a 400 HU block in one corner, contrast enough for the image's noise to be measured."""
     from dicom_node.pipeline.subtract import ScannerBlur
 
     shape = (48, 56, 56)
@@ -207,7 +211,9 @@ def _scanned_vessel(deposit_hu: float | None, seed: int, noise: float) -> tuple[
     sharp = np.full(shape, 40.0)
     sharp[r < 2.6] = 50.0
     sharp[r < 1.5] = 400.0
-    deposit = (z > 7.0) & (z < 15.0) & (r >= 1.5) & (r < 2.3) & (angle < 180.0)
+    if pool:
+        sharp[:, :12, :12] = 400.0
+    deposit = (np.abs(z - 11.0) < length_mm / 2) & (r >= 1.5) & (r < 2.3) & (angle < 180.0)
     if deposit_hu is not None:
         sharp[deposit] = deposit_hu
     h = ScannerBlur(mtf50_lp_cm=4.3, edge_enhance=0.4, slice_fwhm_mm=0.8).transfer(shape, SPACING)
@@ -232,6 +238,26 @@ def test_calcium_blurred_into_the_lumens_range_is_found_in_the_sharpened_image(s
     assert detect(vol, SPACING, DetectOptions(sharp_contrast_hu=150.0, sharp_max_above_hu=300.0)).calcium.sum() >= 50
     clean, _ = _scanned_vessel(None, seed, noise=130.0)  # and a noisier lumen without calcium gives nothing
     assert not detect(clean, SPACING, DetectOptions(sharp_contrast_hu=150.0)).calcium.any()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_piece_of_calcium_too_small_for_the_volume_test_counts_by_its_excess_over_the_noise(seed):
+    """A thin deposit is found piece by piece; a 1.5 mm piece (about 2 mm³ sharpened) stays under the volume
+    test's 5 mm³, and ``sharp_min_excess_mm3`` keeps it by how far it stands above the threshold in noise SDs,
+    while a calcium-free lumen with more noise gives nothing. Without a measurable noise the option stays off."""
+    excess = DetectOptions(sharp_contrast_hu=150.0, sharp_min_excess_mm3=6.0)
+    vol, deposit = _scanned_vessel(750.0, seed, noise=80.0, length_mm=1.5, pool=True)
+    assert not detect(vol, SPACING, DetectOptions(sharp_contrast_hu=150.0)).calcium.any()
+    found = detect(vol, SPACING, excess)
+    assert found.calcium.sum() >= 20 and all(lesion.sharpened for lesion in found.lesions)
+    assert not (found.calcium & ~ndimage.binary_dilation(deposit, iterations=2)).any()
+    clean, _ = _scanned_vessel(None, seed, noise=130.0, length_mm=1.5, pool=True)
+    assert not detect(clean, SPACING, excess).calcium.any()
+    no_pool, _ = _scanned_vessel(750.0, seed, noise=80.0, length_mm=1.5)  # too little contrast to measure noise
+    assert not detect(no_pool, SPACING, excess).calcium.any()
+    # the option measures the noise; that must not switch on the noise test a site turned off
+    quiet = detect(vol, SPACING, replace(excess, noise_sigmas=0.0))
+    assert not [e for e in quiet.excluded if e["reason"].startswith("noise")]
 
 
 def test_the_sharpened_image_adds_nothing_around_metal_the_rules_leave_alone():

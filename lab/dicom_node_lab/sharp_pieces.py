@@ -1,0 +1,113 @@
+"""The pieces the sharpened-image test drops for their size, and whether they are calcium.
+
+Why: held out, a perfect restoration of the voxels the engine writes still reads 3.6 points from the truth image,
+and 0.2 around every true deposit: much of what is left is calcium the detection reaches only in part. A thin,
+faint deposit is found piece by piece in the sharpened image, and ``engine.sharp_min_volume_mm3`` (5) drops the
+pieces, so a long lesion goes on unrestored past them and reads as lumen (tuning study 6060-29: the first 3 mm of
+an 11 mm deposit restored, the rest left, read 71 % against the truth image's 79 %). Lowering the volume test
+reaches them but takes the sharpened noise's blobs too (2.5 mm³ moved two calcium-free readings on the tuning
+studies). This lists, per study, every piece the test would add at a smaller volume: its volume, how far it stands
+above the test's threshold summed over its voxels and divided by the image's noise SD (what
+``engine.sharp_min_excess_mm3`` compares), and whether it touches the phantom's own calcium. The summary counts,
+per kernel, the calcium pieces and the others each threshold would keep.
+
+``python -m dicom_node_lab.sharp_pieces --studies 120 --seed 6060 --out runs/sharp-pieces.json`` (5 min).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+# the recommended detection (README "Measuring the site's kernels"); the estimate does not change what is found
+RECOMMENDED_DETECTION = ['method = "subtract"', 'sharp_contrast_hu = 150',
+                         'scanner_kernels = { SOFT = 3.41, STANDARD = 4.14, HD = 4.94, SHARP = 5.92 }',
+                         'scanner_edge_enhance = { SOFT = 0.05, STANDARD = 0.29, HD = 0.45, SHARP = 0.70 }']
+SMALLEST_MM3 = 0.3  # pieces of two voxels or fewer are not listed
+TOUCH_MM = 0.5  # a piece within this of the phantom's calcium mask counts as calcium
+
+
+def pieces(volume: np.ndarray, spacing: tuple[float, float, float], options, calcium: np.ndarray,
+           true_calcium: np.ndarray) -> list[dict]:
+    """The sharpened-image test's candidate pieces as ``detect`` forms them (above ``sharp_contrast_hu`` in the
+    sharpened image and ``local_floor_hu`` as acquired, two voxels from ``calcium``, the detection's own) that are
+    under ``sharp_min_volume_mm3``: volume, excess in noise SDs (mm³), peak above the level, and calcium or not."""
+    from scipy import ndimage
+
+    from dicom_node.pipeline import detect as d
+    from dicom_node.pipeline.contrast import brightest_level_nearby, local_lumen_level
+    from dicom_node.pipeline.subtract import ScannerBlur, SubtractOptions, sharpen
+
+    level = brightest_level_nearby(local_lumen_level(volume, spacing), spacing)
+    whole = tuple(slice(0, n) for n in volume.shape)
+    u = sharpen(volume.astype(np.float64), ScannerBlur(mtf50_lp_cm=options.sharp_mtf50_lp_cm).transfer(
+        volume.shape, spacing), SubtractOptions.tv_weight, SubtractOptions.iterations)
+    with np.errstate(invalid="ignore"):
+        above = np.nan_to_num(u - d._levels_over(level, whole) - options.sharp_contrast_hu, nan=-1.0)
+    hit = (above > 0) & (volume > options.local_floor_hu) & ~ndimage.binary_dilation(calcium, iterations=2)
+    lab, n = ndimage.label(hit, structure=np.ones((3, 3, 3)))
+    if not n:
+        return []
+    voxel_mm3 = float(np.prod(spacing))
+    noise = d.image_noise_sd(volume)
+    near = ndimage.distance_transform_edt(~true_calcium, sampling=spacing) <= TOUCH_MM
+    index = np.arange(1, n + 1)
+    size = ndimage.sum_labels(np.ones(lab.shape, np.float32), lab, index) * voxel_mm3
+    mass = ndimage.sum_labels(np.where(hit, above, 0.0), lab, index) * voxel_mm3
+    peak = ndimage.maximum(np.where(hit, above, 0.0), lab, index) + options.sharp_contrast_hu
+    touches = ndimage.maximum(near.astype(np.uint8), lab, index)
+    return [{"mm3": float(s), "excess_noise_mm3": float(m / noise) if np.isfinite(noise) and noise > 0 else None,
+             "peak_above_level_hu": float(pk), "calcium": bool(t), "noise_sd": float(noise)}
+            for s, m, pk, t in zip(size, mass, peak, touches) if SMALLEST_MM3 <= s < options.sharp_min_volume_mm3]
+
+
+def _one(job: tuple[int, int, list[str]]) -> list[dict]:
+    from dicom_node_lab import experiment2v2 as e2
+
+    seed, i, engine_args = job
+    p, volume, engine, found = e2.detected_study(seed, i, engine_args)
+    kernel = str(p.settings.kernel).upper()
+    return [{"study": f"{seed}-{i}", "kernel": kernel.lower(), **row}
+            for row in pieces(volume, p.spacing, engine.detect_options_for(kernel), found.calcium, p.calcium_mask)]
+
+
+def summary(rows: list[dict], thresholds: tuple[float, ...] = (4.0, 6.0, 8.0, 10.0)) -> dict:
+    """Per kernel and overall: the calcium pieces and the others each excess threshold keeps."""
+    out = {}
+    for kernel in sorted({r["kernel"] for r in rows}) + ["all"]:
+        members = [r for r in rows if (kernel == "all" or r["kernel"] == kernel) and r["excess_noise_mm3"] is not None]
+        out[kernel] = {"calcium": sum(r["calcium"] for r in members), "other": sum(not r["calcium"] for r in members),
+                       "kept": {f"{t:g}": {"calcium": sum(r["calcium"] and r["excess_noise_mm3"] >= t for r in members),
+                                           "other": sum(not r["calcium"] and r["excess_noise_mm3"] >= t
+                                                        for r in members)} for t in thresholds}}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--studies", type=int, default=120)
+    ap.add_argument("--seed", type=int, default=6060)
+    ap.add_argument("--engine", action="append", default=[], help="[engine] lines in place of the recommended ones")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", default="runs/sharp-pieces.json")
+    args = ap.parse_args(argv)
+    engine = args.engine or RECOMMENDED_DETECTION
+    rows: list[dict] = []
+    with ProcessPoolExecutor(args.workers) as pool:
+        for r in tqdm(pool.map(_one, [(args.seed, i, engine) for i in range(args.studies)]), total=args.studies,
+                      desc="studies"):
+            rows += r
+    result = {"studies": args.studies, "seed": args.seed, "engine": engine, "summary": summary(rows), "pieces": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result["summary"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

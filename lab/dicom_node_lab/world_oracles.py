@@ -1,0 +1,71 @@
+"""Experiment 2 v2 with one thing the node cannot know made perfect, to measure what it costs.
+
+Why: ``experiment2v2 --oracle`` replaces images (the truth in the voxels the engine writes, the true calcium
+subtracted); these replace the inputs of the whole pipeline instead, and the run reads every lesion as usual:
+
+- ``no-beam-hardening``: each study drawn as usual, then acquired without the darkening the world puts beside dense
+  calcium (the same noise draw; ``world.generate`` draws the darkening's amplitude and then leaves it out). Asks
+  whether the subtraction, which models no beam hardening, loses to it.
+- ``true-calcium``: the engine's detection replaced by the phantom's own calcium mask (each 26-connected piece a
+  lesion); planning, the calcium estimate and the writing run as usual. Asks how much finding the calcium whole
+  would give with the estimate as it is.
+
+``python -m dicom_node_lab.world_oracles ORACLE experiment2v2 --studies 120 --seed 6060 ...`` takes the arguments
+of ``tools/evaluate.py``. Process workers are forked, so they inherit the change.
+"""
+
+from __future__ import annotations
+
+import sys
+
+ORACLES = ("no-beam-hardening", "true-calcium")
+_HELD: dict = {}
+
+
+def without_beam_hardening() -> None:
+    """Studies acquired without beam hardening, everything else (the noise draw included) as drawn."""
+    from dicom_node_lab import physics, world
+
+    def acquisition(**fields):
+        fields["beam_hardening_hu"] = 0.0
+        return physics.Acquisition(**fields)
+
+    world.Acquisition = acquisition
+
+
+def with_true_calcium() -> None:
+    """The engine detects the study's own calcium mask (``Phantom.calcium_mask``)."""
+    from dicom_node.pipeline import detect, restore
+    from dicom_node_lab import experiment2v2
+
+    made = experiment2v2.make_study
+
+    def make_study(seed: int, i: int):
+        p = made(seed, i)
+        _HELD["mask"] = p.calcium_mask
+        return p
+
+    def true_detection(volume, spacing, options=None, level_image=None):
+        mask = _HELD.get("mask")
+        if mask is None or mask.shape != volume.shape:
+            raise RuntimeError("true-calcium oracle: no phantom mask for this volume")
+        return detect.describe(mask.copy(), volume, spacing)
+
+    experiment2v2.make_study = make_study
+    restore.detect = true_detection
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ORACLES:
+        print(f"usage: python -m dicom_node_lab.world_oracles {{{','.join(ORACLES)}}} EVALUATE-ARGS...",
+              file=sys.stderr)
+        return 2
+    {"no-beam-hardening": without_beam_hardening, "true-calcium": with_true_calcium}[argv[0]]()
+    from dicom_node_lab import evaluate
+
+    return evaluate.main(argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,39 @@
+"""The whole-pipeline oracles (``dicom_node_lab.world_oracles``): each must change only what it says."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from dicom_node.pipeline import restore
+from dicom_node_lab import experiment2v2, physics, world, world_oracles
+
+
+def test_without_beam_hardening_keeps_the_study_but_its_darkening(monkeypatch):
+    monkeypatch.setattr(world, "Acquisition", world.Acquisition)  # restored after the test
+    i = next(i for i in range(8) if experiment2v2.make_study(6060, i).settings.beam_hardening_hu)
+    darkened = experiment2v2.make_study(6060, i)
+    world_oracles.without_beam_hardening()
+    plain = experiment2v2.make_study(6060, i)
+    assert plain.settings.beam_hardening_hu == 0.0 and darkened.settings.noise_sd == plain.settings.noise_sd
+    assert np.array_equal(darkened.truth, plain.truth)  # the same anatomy and noise draw
+    lighter = plain.image - darkened.image
+    near = ndimage.distance_transform_edt(~plain.calcium_mask, sampling=plain.spacing) <= 3.0
+    assert lighter[near].sum() > 0 and lighter.max() > 5.0  # the darkening is gone, beside the calcium only
+    assert np.abs(lighter[~near]).max() < 1.0
+    assert isinstance(world.Acquisition(kernel=physics.Kernel.SOFT, slice_fwhm_mm=0.7, kvp=100, noise_sd=10.0,
+                                        beam_hardening_hu=40.0, noise_seed=1), physics.Acquisition)
+
+
+def test_true_calcium_detects_the_phantoms_own_mask(monkeypatch):
+    monkeypatch.setattr(experiment2v2, "make_study", experiment2v2.make_study)
+    monkeypatch.setattr(restore, "detect", restore.detect)
+    world_oracles.with_true_calcium()
+    p = experiment2v2.make_study(6060, 1)
+    found = restore.detect(experiment2v2._stored_hu(p.image), p.spacing)
+    assert np.array_equal(found.calcium, p.calcium_mask) and len(found.lesions) >= 1
+
+
+def test_an_unknown_oracle_is_refused(capsys):
+    assert world_oracles.main(["perfect-everything", "experiment2v2"]) == 2
+    assert "usage" in capsys.readouterr().err
