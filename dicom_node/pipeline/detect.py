@@ -262,26 +262,34 @@ def _relative(box: tuple[slice, ...], within: tuple[slice, ...]) -> tuple[slice,
     return tuple(slice(b.start - w.start, b.stop - w.start) for b, w in zip(box, within))
 
 
-def _sharp_deposits(volume: np.ndarray, spacing: tuple[float, float, float], avoid: np.ndarray,
-                    opts: DetectOptions, level: np.ndarray, noise_sd: float = float("nan")
-                    ) -> Iterator[tuple[np.ndarray, tuple[slice, ...]]]:
-    """Deposits that the scanner's blur has spread into the lumen's own range, found where the blur is undone:
-    each as its voxels (bool) over its slices of the volume.
+@dataclass(frozen=True)
+class SharpPiece:
+    """One connected candidate of the sharpened-image test, measured, before the tests that keep or drop it.
 
-    Calcium of 400-500 mg HA/cm³ stands about 200 HU above a bright lumen; blurred, its peak sinks to within
-    the lumen's noise, and neither the threshold nor the faint-calcium test sees it, though left in place it
-    reads as lumen (under-call). Sharpened by total-variation deconvolution (the subtraction's), it stands
-    clear again. Only components of some volume count (a sharpened image's noise makes small ones), and none
-    within two voxels of ``avoid`` (calcium already found, whose flank is the threshold's and the margin's;
-    what the rules left alone, around which a deconvolution rings). The image is sharpened box by box
-    (``sharpening_boxes``), over all that stands above ``local_floor_hu``.
+    Why its own type: the lab counts what each test would keep (``dicom_node_lab.sharp_pieces``), and must
+    see the pieces ``detect`` sees, measured as ``detect`` measures them, rather than a second copy of the
+    sharpening that drifts from this one.
+    """
 
-    A smaller component counts too with ``sharp_min_excess_mm3``, when how far it stands above the test's
-    threshold, summed over its voxels and measured in the image's noise SD (``noise_sd``), is that large. Why:
-    a thin deposit is found piece by piece, and the pieces the volume test drops (1-5 mm³) are where a long
-    lesion goes on unrestored and reads as lumen; the sharpened noise makes pieces as large, but fainter. Of
-    the pieces under 5 mm³ on the 120 tuning studies, 26 of the 138 touching the phantom's calcium and 2 of
-    the 2,583 elsewhere reach 10 mm³ (reports/tuning/sharpened-excess.md).
+    voxels: np.ndarray  # bool, over ``where``
+    where: tuple[slice, ...]  # its slices of the volume
+    volume_mm3: float
+    # how far it stands above the test's threshold in the sharpened image, summed over its voxels (HU mm³) and
+    # divided by the image's noise SD: what sharp_min_excess_mm3 compares (nan where no noise was measured)
+    excess_noise_mm3: float
+    sharpened_peak_hu: float  # the sharpened image's peak above the vessel's contrast level
+    acquired_peak_hu: float  # the acquired image's peak above it (what sharp_max_above_hu compares)
+
+
+def sharp_candidates(volume: np.ndarray, spacing: tuple[float, float, float], avoid: np.ndarray,
+                     opts: DetectOptions, level: np.ndarray, noise_sd: float = float("nan")
+                     ) -> Iterator[SharpPiece]:
+    """Every connected piece that stands ``sharp_contrast_hu`` above its vessel's contrast in the sharpened
+    image (and above ``local_floor_hu`` as acquired), none within two voxels of ``avoid``, measured.
+
+    The image is sharpened by total-variation deconvolution (the subtraction's) box by box
+    (``sharpening_boxes``), over all that stands above ``local_floor_hu``; ``level`` is the contrast level
+    map (``contrast.local_lumen_level``), each voxel compared with the brightest level nearby.
     """
     above = volume > opts.local_floor_hu
     boxes = sharpening_boxes(above)
@@ -293,8 +301,7 @@ def _sharp_deposits(volume: np.ndarray, spacing: tuple[float, float, float], avo
     ref = brightest_level_nearby(level, spacing)
     blur = ScannerBlur(mtf50_lp_cm=opts.sharp_mtf50_lp_cm)
     cand = np.zeros(tuple(s.stop - s.start for s in area), bool)
-    # how far each candidate voxel stands above the test's threshold (for sharp_min_excess_mm3)
-    excess = np.zeros(cand.shape, np.float32) if opts.sharp_min_excess_mm3 > 0 else None
+    excess = np.zeros(cand.shape, np.float32)  # how far each candidate voxel stands above the test's threshold
 
     def sharpened(box: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray]:
         part = volume[box].astype(np.float64)
@@ -311,24 +318,52 @@ def _sharp_deposits(volume: np.ndarray, spacing: tuple[float, float, float], avo
                 above = u[inner] - _levels_over(ref, kept) - opts.sharp_contrast_hu
                 hit = (above > 0) & (part[inner] > opts.local_floor_hu)
             cand[_relative(kept, area)] |= hit
-            if excess is not None:
-                held = excess[_relative(kept, area)]
-                np.maximum(held, np.where(hit, above, 0.0), out=held)
+            held = excess[_relative(kept, area)]
+            np.maximum(held, np.where(hit, above, 0.0), out=held)
     cand &= ~ndimage.binary_dilation(avoid[area], iterations=2)
     lab, _, objects = _label(cand)
     voxel_mm3 = float(np.prod(spacing))
+    measured = np.isfinite(noise_sd) and noise_sd > 0
     for i, sl in enumerate(objects, start=1):
         piece = lab[sl] == i
-        if piece.sum() * voxel_mm3 < opts.sharp_min_volume_mm3 and (
-                excess is None or not np.isfinite(noise_sd) or noise_sd <= 0
-                or float(excess[sl][piece].sum()) * voxel_mm3 / noise_sd < opts.sharp_min_excess_mm3):
-            continue
         where = tuple(slice(s.start + a.start, s.stop + a.start) for s, a in zip(sl, area))
-        # a deposit that already looks white is one the reader stops at; removed only in part, it would read as lumen
-        if opts.sharp_max_above_hu > 0 and np.nanmax(np.where(
-                piece, volume[where].astype(np.float64) - _levels_over(ref, where), np.nan)) >= opts.sharp_max_above_hu:
+        over = excess[sl][piece]
+        levels = _levels_over(ref, where)[piece]  # finite: a voxel without a level is never a candidate
+        yield SharpPiece(voxels=piece, where=where, volume_mm3=float(piece.sum()) * voxel_mm3,
+                         excess_noise_mm3=float(over.sum()) * voxel_mm3 / noise_sd if measured else float("nan"),
+                         sharpened_peak_hu=float(over.max()) + opts.sharp_contrast_hu,
+                         acquired_peak_hu=float(np.max(volume[where][piece].astype(np.float64) - levels)))
+
+
+def _sharp_deposits(volume: np.ndarray, spacing: tuple[float, float, float], avoid: np.ndarray,
+                    opts: DetectOptions, level: np.ndarray, noise_sd: float = float("nan")
+                    ) -> Iterator[tuple[np.ndarray, tuple[slice, ...]]]:
+    """Deposits that the scanner's blur has spread into the lumen's own range, found where the blur is undone:
+    each as its voxels (bool) over its slices of the volume.
+
+    Calcium of 400-500 mg HA/cm³ stands about 200 HU above a bright lumen; blurred, its peak sinks to within
+    the lumen's noise, and neither the threshold nor the faint-calcium test sees it, though left in place it
+    reads as lumen (under-call). Sharpened by total-variation deconvolution (the subtraction's), it stands
+    clear again (:func:`sharp_candidates`). Only components of some volume count (a sharpened image's noise
+    makes small ones), and none within two voxels of ``avoid`` (calcium already found, whose flank is the
+    threshold's and the margin's; what the rules left alone, around which a deconvolution rings).
+
+    A smaller component counts too with ``sharp_min_excess_mm3``, when how far it stands above the test's
+    threshold, summed over its voxels and measured in the image's noise SD (``noise_sd``), is that large. Why:
+    a thin deposit is found piece by piece, and the pieces the volume test drops (1-5 mm³) are where a long
+    lesion goes on unrestored and reads as lumen; the sharpened noise makes pieces as large, but fainter. Of
+    the pieces under 5 mm³ on the 120 tuning studies, 26 of the 138 touching the phantom's calcium and 2 of
+    the 2,583 elsewhere reach 10 mm³ (reports/tuning/sharpened-excess.md).
+    """
+    for piece in sharp_candidates(volume, spacing, avoid, opts, level, noise_sd):
+        # nan (no noise measured) keeps nothing by its excess
+        if piece.volume_mm3 < opts.sharp_min_volume_mm3 and not (
+                opts.sharp_min_excess_mm3 > 0 and piece.excess_noise_mm3 >= opts.sharp_min_excess_mm3):
             continue
-        yield piece, where
+        # a deposit that already looks white is one the reader stops at; removed only in part, it would read as lumen
+        if opts.sharp_max_above_hu > 0 and piece.acquired_peak_hu >= opts.sharp_max_above_hu:
+            continue
+        yield piece.voxels, piece.where
 
 
 def _structure_reason(lesion: Lesion, shape: tuple[int, ...], opts: DetectOptions) -> str:

@@ -34,36 +34,24 @@ TOUCH_MM = 0.5  # a piece within this of the phantom's calcium mask counts as ca
 
 def pieces(volume: np.ndarray, spacing: tuple[float, float, float], options, calcium: np.ndarray,
            true_calcium: np.ndarray) -> list[dict]:
-    """The sharpened-image test's candidate pieces as ``detect`` forms them (above ``sharp_contrast_hu`` in the
-    sharpened image and ``local_floor_hu`` as acquired, two voxels from ``calcium``, the detection's own) that are
-    under ``sharp_min_volume_mm3``: volume, excess in noise SDs (mm³), peak above the level, and calcium or not."""
+    """The sharpened-image test's candidate pieces under ``sharp_min_volume_mm3``, as ``detect`` forms and
+    measures them (``detect.sharp_candidates``, kept two voxels from ``calcium``, the detection's own): volume,
+    excess in noise SDs (mm³), the sharpened peak above the level, and calcium (within ``TOUCH_MM`` of
+    ``true_calcium``) or not."""
     from scipy import ndimage
 
     from dicom_node.pipeline import detect as d
-    from dicom_node.pipeline.contrast import brightest_level_nearby, local_lumen_level
-    from dicom_node.pipeline.subtract import ScannerBlur, SubtractOptions, sharpen
+    from dicom_node.pipeline.contrast import local_lumen_level
 
-    level = brightest_level_nearby(local_lumen_level(volume, spacing), spacing)
-    whole = tuple(slice(0, n) for n in volume.shape)
-    u = sharpen(volume.astype(np.float64), ScannerBlur(mtf50_lp_cm=options.sharp_mtf50_lp_cm).transfer(
-        volume.shape, spacing), SubtractOptions.tv_weight, SubtractOptions.iterations)
-    with np.errstate(invalid="ignore"):
-        above = np.nan_to_num(u - d._levels_over(level, whole) - options.sharp_contrast_hu, nan=-1.0)
-    hit = (above > 0) & (volume > options.local_floor_hu) & ~ndimage.binary_dilation(calcium, iterations=2)
-    lab, n = ndimage.label(hit, structure=np.ones((3, 3, 3)))
-    if not n:
-        return []
-    voxel_mm3 = float(np.prod(spacing))
     noise = d.image_noise_sd(volume)
     near = ndimage.distance_transform_edt(~true_calcium, sampling=spacing) <= TOUCH_MM
-    index = np.arange(1, n + 1)
-    size = ndimage.sum_labels(np.ones(lab.shape, np.float32), lab, index) * voxel_mm3
-    mass = ndimage.sum_labels(np.where(hit, above, 0.0), lab, index) * voxel_mm3
-    peak = ndimage.maximum(np.where(hit, above, 0.0), lab, index) + options.sharp_contrast_hu
-    touches = ndimage.maximum(near.astype(np.uint8), lab, index)
-    return [{"mm3": float(s), "excess_noise_mm3": float(m / noise) if np.isfinite(noise) and noise > 0 else None,
-             "peak_above_level_hu": float(pk), "calcium": bool(t), "noise_sd": float(noise)}
-            for s, m, pk, t in zip(size, mass, peak, touches) if SMALLEST_MM3 <= s < options.sharp_min_volume_mm3]
+    return [{"mm3": piece.volume_mm3,
+             "excess_noise_mm3": piece.excess_noise_mm3 if np.isfinite(piece.excess_noise_mm3) else None,
+             "peak_above_level_hu": piece.sharpened_peak_hu, "calcium": bool(near[piece.where][piece.voxels].any()),
+             "noise_sd": float(noise)}
+            for piece in d.sharp_candidates(volume, spacing, calcium, options, local_lumen_level(volume, spacing),
+                                            noise)
+            if SMALLEST_MM3 <= piece.volume_mm3 < options.sharp_min_volume_mm3]
 
 
 def _one(job: tuple[int, int, list[str]]) -> list[dict]:

@@ -10,7 +10,7 @@ from scipy import ndimage
 
 from dicom_node.pipeline import contrast
 from dicom_node.pipeline.contrast import local_lumen_level
-from dicom_node.pipeline.detect import DetectOptions, detect
+from dicom_node.pipeline.detect import DetectOptions, detect, image_noise_sd, sharp_candidates
 from dicom_node_lab import experiment2, phantom  # Experiment 2's phantom settings
 
 SPACING = (0.47, 0.47, 0.47)
@@ -258,6 +258,28 @@ def test_a_piece_of_calcium_too_small_for_the_volume_test_counts_by_its_excess_o
     # the option measures the noise; that must not switch on the noise test a site turned off
     quiet = detect(vol, SPACING, replace(excess, noise_sigmas=0.0))
     assert not [e for e in quiet.excluded if e["reason"].startswith("noise")]
+
+
+def test_the_sharpened_image_candidates_carry_the_measures_detect_keeps_them_by():
+    """``sharp_candidates`` is what both ``detect`` and the lab's count of pieces read: the small piece it
+    lists must be kept exactly when its own excess reaches ``sharp_min_excess_mm3``, and its peaks must be
+    those of the sharpened and the acquired image above the vessel's level."""
+    opts = DetectOptions(sharp_contrast_hu=150.0)
+    vol, deposit = _scanned_vessel(750.0, 0, noise=80.0, length_mm=1.5, pool=True)
+    none = np.zeros(vol.shape, bool)
+    found = [p for p in sharp_candidates(vol, SPACING, none, opts, local_lumen_level(vol, SPACING), image_noise_sd(vol))
+             if (p.voxels & ndimage.binary_dilation(deposit, iterations=2)[p.where]).any()]
+    assert len(found) == 1
+    piece = found[0]
+    assert 0 < piece.volume_mm3 < opts.sharp_min_volume_mm3 and piece.voxels.sum() * np.prod(SPACING) == pytest.approx(
+        piece.volume_mm3)
+    assert piece.sharpened_peak_hu > opts.sharp_contrast_hu and piece.acquired_peak_hu < piece.sharpened_peak_hu
+    assert detect(vol, SPACING, replace(opts, sharp_min_excess_mm3=piece.excess_noise_mm3 * 0.99)).calcium.any()
+    assert not detect(vol, SPACING, replace(opts, sharp_min_excess_mm3=piece.excess_noise_mm3 * 1.01)).calcium.any()
+    # the acquired peak is what sharp_max_above_hu compares
+    kept = replace(opts, sharp_min_volume_mm3=piece.volume_mm3 * 0.9)
+    assert detect(vol, SPACING, replace(kept, sharp_max_above_hu=piece.acquired_peak_hu + 1.0)).calcium.any()
+    assert not detect(vol, SPACING, replace(kept, sharp_max_above_hu=piece.acquired_peak_hu - 1.0)).calcium.any()
 
 
 def test_the_sharpened_image_adds_nothing_around_metal_the_rules_leave_alone():
