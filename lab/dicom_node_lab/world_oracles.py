@@ -33,9 +33,20 @@ def without_beam_hardening() -> None:
     world.Acquisition = acquisition
 
 
+def true_detection(mask, volume, spacing, options=None):
+    """The detection record of the phantom's own calcium mask, with the threshold the engine's options name (the
+    subtraction's level where no contrast is near derives from it; ``describe`` alone leaves it undefined)."""
+    from dataclasses import replace
+
+    from dicom_node.pipeline import detect
+
+    threshold = (options or detect.DetectOptions()).threshold_hu
+    return replace(detect.describe(mask.copy(), volume, spacing), threshold_hu=float(threshold))
+
+
 def with_true_calcium() -> None:
     """The engine detects the study's own calcium mask (``Phantom.calcium_mask``)."""
-    from dicom_node.pipeline import detect, restore
+    from dicom_node.pipeline import restore
     from dicom_node_lab import experiment2v2
 
     made = experiment2v2.make_study
@@ -45,14 +56,14 @@ def with_true_calcium() -> None:
         _HELD["mask"] = p.calcium_mask
         return p
 
-    def true_detection(volume, spacing, options=None, level_image=None):
+    def held_mask_detection(volume, spacing, options=None, level_image=None):
         mask = _HELD.get("mask")
         if mask is None or mask.shape != volume.shape:
             raise RuntimeError("true-calcium oracle: no phantom mask for this volume")
-        return detect.describe(mask.copy(), volume, spacing)
+        return true_detection(mask, volume, spacing, options)
 
     experiment2v2.make_study = make_study
-    restore.detect = true_detection
+    restore.detect = held_mask_detection
 
 
 def main(argv: list[str] | None = None) -> int:

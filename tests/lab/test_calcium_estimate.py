@@ -54,6 +54,20 @@ def test_extract_train_and_the_node_loads_what_training_wrote(tmp_path):
     assert np.isfinite(out_image).all() and (acquired - out_image)[calcium].mean() > 100.0
 
 
+def test_regions_planned_on_the_phantoms_own_calcium_hold_all_of_it():
+    """``extract --true-calcium`` (the estimate a perfect detection would need): the regions are planned on the
+    phantom's calcium mask, so their domains hold at least the calcium the engine's detection reaches, with
+    finite features (the level where no contrast is near comes from the options' threshold)."""
+    from dicom_node.config import DEFAULT_MODEL
+    from dicom_node_lab.experiment2v2 import _engine
+
+    engine = _engine(DEFAULT_MODEL, SUBTRACT[1::2])
+    found = ce.extract_study(engine, ce.TRAIN_SEED, 0, 3, level_away_mm=2.0)
+    true = ce.extract_study(engine, ce.TRAIN_SEED, 0, 3, level_away_mm=2.0, true_calcium=True)
+    assert true and all(np.isfinite(r["features"]).all() and np.isfinite(r["level"]).all() for r in true)
+    assert sum(float(r["excess"].sum()) for r in true) >= sum(float(r["excess"].sum()) for r in found) > 0
+
+
 def test_an_experiments_relative_estimate_path_is_taken_from_the_working_folder(tmp_path, monkeypatch):
     """The experiments write the engine's config to a temporary folder; a relative ``subtract_estimate``
     given on their command line must still name the file beside the user, as the reports' commands do."""

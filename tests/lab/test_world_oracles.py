@@ -6,6 +6,7 @@ import numpy as np
 from scipy import ndimage
 
 from dicom_node.pipeline import restore
+from dicom_node.pipeline.detect import DetectOptions
 from dicom_node_lab import experiment2v2, physics, world, world_oracles
 
 
@@ -32,6 +33,8 @@ def test_true_calcium_detects_the_phantoms_own_mask(monkeypatch):
     p = experiment2v2.make_study(6060, 1)
     found = restore.detect(experiment2v2._stored_hu(p.image), p.spacing)
     assert np.array_equal(found.calcium, p.calcium_mask) and len(found.lesions) >= 1
+    # the subtraction's level where no contrast is near derives from the threshold: it must be the options' own
+    assert found.threshold_hu == DetectOptions().threshold_hu
 
 
 def test_an_unknown_oracle_is_refused(capsys):
