@@ -37,6 +37,36 @@ def test_true_calcium_detects_the_phantoms_own_mask(monkeypatch):
     assert found.threshold_hu == DetectOptions().threshold_hu
 
 
+def test_found_whole_completes_the_deposits_the_detection_reaches_and_no_other():
+    true = np.zeros((20, 20, 20), bool)
+    true[2:5, 2:12, 5] = True  # a long deposit, detected only at its start
+    true[10:13, 15, 2:6] = True  # a deposit the detection misses
+    detected = np.zeros_like(true)
+    detected[2:5, 2:4, 5:7] = True  # its start, with a voxel of bloom beside it
+    detected[17, 17, 17] = True  # a component near no deposit (noise, kept as found)
+    whole = world_oracles.found_whole(detected, true)
+    assert whole[2:5, 2:12, 5].all() and not whole[2:5, 2:4, 6].any(), "the reached deposit whole, its bloom gone"
+    assert not whole[10:13, 15, 2:6].any(), "a deposit the detection missed stays missed"
+    assert whole[17, 17, 17] and whole.sum() == 30 + 1
+
+
+def test_found_whole_detects_the_engines_calcium_made_whole(monkeypatch):
+    monkeypatch.setattr(experiment2v2, "make_study", experiment2v2.make_study)
+    monkeypatch.setattr(restore, "detect", restore.detect)
+    engine_detect = restore.detect
+    world_oracles.with_found_whole()
+    for i in range(8):  # a study where the engine's default detection reaches the phantom's calcium
+        p = experiment2v2.make_study(6060, i)
+        image = experiment2v2._stored_hu(p.image)
+        found = engine_detect(image, p.spacing)
+        if (found.calcium & p.calcium_mask).any():
+            break
+    whole = restore.detect(image, p.spacing)
+    assert np.array_equal(whole.calcium, world_oracles.found_whole(found.calcium, p.calcium_mask))
+    assert (whole.calcium & p.calcium_mask).sum() >= (found.calcium & p.calcium_mask).sum() > 0
+    assert whole.threshold_hu == found.threshold_hu
+
+
 def test_an_unknown_oracle_is_refused(capsys):
     assert world_oracles.main(["perfect-everything", "experiment2v2"]) == 2
     assert "usage" in capsys.readouterr().err
