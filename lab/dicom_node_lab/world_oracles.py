@@ -51,8 +51,10 @@ def true_detection(mask, volume, spacing, options=None):
     return replace(detect.describe(mask.copy(), volume, spacing), threshold_hu=float(threshold))
 
 
-def with_true_calcium() -> None:
-    """The engine detects the study's own calcium mask (``Phantom.calcium_mask``)."""
+def _detect_with_phantom_mask(oracle: str, detection) -> None:
+    """Patch the engine's detection with ``detection(mask, volume, spacing, options, level_image)``, ``mask`` the
+    calcium mask of the study being processed (held as ``experiment2v2.make_study`` draws it; one study at a time
+    per worker process)."""
     from dicom_node.pipeline import restore
     from dicom_node_lab import experiment2v2
 
@@ -66,11 +68,17 @@ def with_true_calcium() -> None:
     def held_mask_detection(volume, spacing, options=None, level_image=None):
         mask = _HELD.get("mask")
         if mask is None or mask.shape != volume.shape:
-            raise RuntimeError("true-calcium oracle: no phantom mask for this volume")
-        return true_detection(mask, volume, spacing, options)
+            raise RuntimeError(f"{oracle} oracle: no phantom mask for this volume")
+        return detection(mask, volume, spacing, options, level_image)
 
     experiment2v2.make_study = make_study
     restore.detect = held_mask_detection
+
+
+def with_true_calcium() -> None:
+    """The engine detects the study's own calcium mask (``Phantom.calcium_mask``)."""
+    _detect_with_phantom_mask("true-calcium",
+                              lambda mask, volume, spacing, options, _: true_detection(mask, volume, spacing, options))
 
 
 def found_whole(detected: np.ndarray, true_mask: np.ndarray) -> np.ndarray:
@@ -91,26 +99,15 @@ def with_found_whole() -> None:
     from dataclasses import replace
 
     from dicom_node.pipeline import detect, restore
-    from dicom_node_lab import experiment2v2
 
-    made = experiment2v2.make_study
     engine_detect = restore.detect
 
-    def make_study(seed: int, i: int):
-        p = made(seed, i)
-        _HELD["mask"] = p.calcium_mask
-        return p
-
-    def whole_detection(volume, spacing, options=None, level_image=None):
-        mask = _HELD.get("mask")
-        if mask is None or mask.shape != volume.shape:
-            raise RuntimeError("found-whole oracle: no phantom mask for this volume")
+    def whole_detection(mask, volume, spacing, options, level_image):
         found = engine_detect(volume, spacing, options, level_image)
         return replace(detect.describe(found_whole(found.calcium, mask), volume, spacing),
                        threshold_hu=found.threshold_hu)
 
-    experiment2v2.make_study = make_study
-    restore.detect = whole_detection
+    _detect_with_phantom_mask("found-whole", whole_detection)
 
 
 def main(argv: list[str] | None = None) -> int:
