@@ -366,14 +366,19 @@ def _sharp_deposits(volume: np.ndarray, spacing: tuple[float, float, float], avo
         yield piece.voxels, piece.where
 
 
+def cut_by_edge(box: tuple[slice, ...], shape: tuple[int, ...]) -> bool:
+    """Whether a component's slices reach the scanned volume's edge, where it cannot be told from the sliver of
+    a structure lying outside (and where the sharpened image rings: a box's FFT wraps there)."""
+    return any(s.start == 0 or s.stop == n for s, n in zip(box, shape))
+
+
 def _structure_reason(lesion: Lesion, shape: tuple[int, ...], opts: DetectOptions) -> str:
     """Why a component is bone, a device or a piece cut by the volume's edge rather than calcium ("" if none)."""
     if lesion.volume_mm3 >= opts.dense_min_volume_mm3:
         return "large dense structure (bone cortex or device)"
     if lesion.peak_hu >= opts.metal_hu:
         return f"metal (peak {lesion.peak_hu:.0f} HU >= {opts.metal_hu:.0f})"
-    at_edge = any(s.start == 0 or s.stop == n for s, n in zip(lesion.bbox, shape))
-    if at_edge and not opts.keep_edge_components:
+    if cut_by_edge(lesion.bbox, shape) and not opts.keep_edge_components:
         return "cut by the edge of the scanned volume (cannot be told from bone)"
     return ""
 

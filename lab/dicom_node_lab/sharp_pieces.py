@@ -35,9 +35,9 @@ TOUCH_MM = 0.5  # a piece within this of the phantom's calcium mask counts as ca
 def pieces(volume: np.ndarray, spacing: tuple[float, float, float], options, calcium: np.ndarray,
            true_calcium: np.ndarray) -> list[dict]:
     """The sharpened-image test's candidate pieces under ``sharp_min_volume_mm3``, as ``detect`` forms and
-    measures them (``detect.sharp_candidates``, kept two voxels from ``calcium``, the detection's own): volume,
-    excess in noise SDs (mm³), the sharpened peak above the level, and calcium (within ``TOUCH_MM`` of
-    ``true_calcium``) or not."""
+    measures them (``detect.sharp_candidates``, kept two voxels from ``calcium``, the detection's own; none cut
+    by the volume's edge, which detect leaves alone): volume, excess in noise SDs (mm³), the sharpened peak above
+    the level, and calcium (within ``TOUCH_MM`` of ``true_calcium``) or not."""
     from scipy import ndimage
 
     from dicom_node.pipeline import detect as d
@@ -51,7 +51,9 @@ def pieces(volume: np.ndarray, spacing: tuple[float, float, float], options, cal
              "noise_sd": float(noise)}
             for piece in d.sharp_candidates(volume, spacing, calcium, options, local_lumen_level(volume, spacing),
                                             noise)
-            if SMALLEST_MM3 <= piece.volume_mm3 < options.sharp_min_volume_mm3]
+            if SMALLEST_MM3 <= piece.volume_mm3 < options.sharp_min_volume_mm3
+            # detect leaves a piece cut by the volume's edge alone (where the sharpened tiles ring): not counted
+            and (options.keep_edge_components or not d.cut_by_edge(piece.where, volume.shape))]
 
 
 def _one(job: tuple[int, int, list[str]]) -> list[dict]:
