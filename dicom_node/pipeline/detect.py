@@ -352,8 +352,8 @@ def _sharp_deposits(volume: np.ndarray, spacing: tuple[float, float, float], avo
     threshold, summed over its voxels and measured in the image's noise SD (``noise_sd``), is that large. Why:
     a thin deposit is found piece by piece, and the pieces the volume test drops (1-5 mm³) are where a long
     lesion goes on unrestored and reads as lumen; the sharpened noise makes pieces as large, but fainter. Of
-    the pieces under 5 mm³ on the 120 tuning studies, 26 of the 138 touching the phantom's calcium and 2 of
-    the 2,583 elsewhere reach 10 mm³ (reports/tuning/sharpened-excess.md).
+    the pieces under 5 mm³ on the 120 tuning studies, 26 of the 138 touching the phantom's calcium and none of
+    the 2,517 elsewhere (not cut by the volume's edge) reach 10 mm³ (reports/tuning/sharpened-excess.md).
     """
     for piece in sharp_candidates(volume, spacing, avoid, opts, level, noise_sd):
         # nan (no noise measured) keeps nothing by its excess
