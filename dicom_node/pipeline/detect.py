@@ -133,13 +133,21 @@ def _lesion(index: int, part: np.ndarray, sl: tuple[slice, slice, slice], volume
                   centroid=tuple(float(c + s.start) for c, s in zip(ndimage.center_of_mass(part), sl)), bbox=sl)
 
 
-def describe(calcium: np.ndarray, volume: np.ndarray, spacing: tuple[float, float, float]) -> Detection:
+def describe(calcium: np.ndarray, volume: np.ndarray, spacing: tuple[float, float, float], *,
+             threshold_hu: float) -> Detection:
     """The detection record of a calcium mask as it is (each 26-connected component a lesion), for callers
-    that know the calcium rather than detect it; :func:`detect` is the product's way to find it."""
+    that know the calcium rather than detect it; :func:`detect` is the product's way to find it.
+
+    ``threshold_hu`` is required because the subtraction derives its level where no contrast is near from it:
+    left undefined (nan) it silently removed nothing there, which once made an oracle read 7.23 for 4.42
+    (reports/tuning/estimate-detection.md).
+    """
+    if not np.isfinite(threshold_hu):
+        raise ValueError(f"threshold_hu must be finite, not {threshold_hu}")
     lab, _, objects = _label(calcium)
     voxel_mm3 = float(np.prod(spacing))
     lesions = [_lesion(i, lab[sl] == i, sl, volume, voxel_mm3) for i, sl in enumerate(objects, start=1)]
-    return Detection(calcium=calcium.astype(bool), lesions=lesions, threshold_hu=float("nan"), labels=lab)
+    return Detection(calcium=calcium.astype(bool), lesions=lesions, threshold_hu=float(threshold_hu), labels=lab)
 
 
 def lumen_statistics(volume: np.ndarray) -> tuple[float, float]:
@@ -282,10 +290,14 @@ class SharpPiece:
 
 
 def sharp_candidates(volume: np.ndarray, spacing: tuple[float, float, float], avoid: np.ndarray,
-                     opts: DetectOptions, level: np.ndarray, noise_sd: float = float("nan")
-                     ) -> Iterator[SharpPiece]:
+                     opts: DetectOptions, level: np.ndarray, noise_sd: float = float("nan"),
+                     measure: bool = True) -> Iterator[SharpPiece]:
     """Every connected piece that stands ``sharp_contrast_hu`` above its vessel's contrast in the sharpened
     image (and above ``local_floor_hu`` as acquired), none within two voxels of ``avoid``, measured.
+
+    ``measure=False`` leaves each piece's excess and peaks nan and skips the float map they are read from (4
+    bytes a voxel over the candidate area, about 130 MB on a 128 x 512 x 512 CTA): the node's defaults use
+    none of them, so a study pays for them only when an option that reads them is on.
 
     The image is sharpened by total-variation deconvolution (the subtraction's) box by box
     (``sharpening_boxes``), over all that stands above ``local_floor_hu``; ``level`` is the contrast level
@@ -301,7 +313,8 @@ def sharp_candidates(volume: np.ndarray, spacing: tuple[float, float, float], av
     ref = brightest_level_nearby(level, spacing)
     blur = ScannerBlur(mtf50_lp_cm=opts.sharp_mtf50_lp_cm)
     cand = np.zeros(tuple(s.stop - s.start for s in area), bool)
-    excess = np.zeros(cand.shape, np.float32)  # how far each candidate voxel stands above the test's threshold
+    # how far each candidate voxel stands above the test's threshold (only when the pieces are measured)
+    excess = np.zeros(cand.shape, np.float32) if measure else None
 
     def sharpened(box: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray]:
         part = volume[box].astype(np.float64)
@@ -318,19 +331,26 @@ def sharp_candidates(volume: np.ndarray, spacing: tuple[float, float, float], av
                 above = u[inner] - _levels_over(ref, kept) - opts.sharp_contrast_hu
                 hit = (above > 0) & (part[inner] > opts.local_floor_hu)
             cand[_relative(kept, area)] |= hit
-            held = excess[_relative(kept, area)]
-            np.maximum(held, np.where(hit, above, 0.0), out=held)
+            if excess is not None:
+                held = excess[_relative(kept, area)]
+                np.maximum(held, np.where(hit, above, 0.0), out=held)
     cand &= ~ndimage.binary_dilation(avoid[area], iterations=2)
     lab, _, objects = _label(cand)
     voxel_mm3 = float(np.prod(spacing))
-    measured = np.isfinite(noise_sd) and noise_sd > 0
+    noise_known = np.isfinite(noise_sd) and noise_sd > 0
+    nan = float("nan")
     for i, sl in enumerate(objects, start=1):
         piece = lab[sl] == i
         where = tuple(slice(s.start + a.start, s.stop + a.start) for s, a in zip(sl, area))
+        volume_mm3 = float(piece.sum()) * voxel_mm3
+        if excess is None:
+            yield SharpPiece(voxels=piece, where=where, volume_mm3=volume_mm3, excess_noise_mm3=nan,
+                             sharpened_peak_hu=nan, acquired_peak_hu=nan)
+            continue
         over = excess[sl][piece]
         levels = _levels_over(ref, where)[piece]  # finite: a voxel without a level is never a candidate
-        yield SharpPiece(voxels=piece, where=where, volume_mm3=float(piece.sum()) * voxel_mm3,
-                         excess_noise_mm3=float(over.sum()) * voxel_mm3 / noise_sd if measured else float("nan"),
+        yield SharpPiece(voxels=piece, where=where, volume_mm3=volume_mm3,
+                         excess_noise_mm3=float(over.sum()) * voxel_mm3 / noise_sd if noise_known else nan,
                          sharpened_peak_hu=float(over.max()) + opts.sharp_contrast_hu,
                          acquired_peak_hu=float(np.max(volume[where][piece].astype(np.float64) - levels)))
 
@@ -355,7 +375,8 @@ def _sharp_deposits(volume: np.ndarray, spacing: tuple[float, float, float], avo
     the pieces under 5 mm³ on the 120 tuning studies, 26 of the 138 touching the phantom's calcium and none of
     the 2,517 elsewhere (not cut by the volume's edge) reach 10 mm³ (reports/tuning/sharpened-excess.md).
     """
-    for piece in sharp_candidates(volume, spacing, avoid, opts, level, noise_sd):
+    measure = opts.sharp_min_excess_mm3 > 0 or opts.sharp_max_above_hu > 0
+    for piece in sharp_candidates(volume, spacing, avoid, opts, level, noise_sd, measure=measure):
         # nan (no noise measured) keeps nothing by its excess
         if piece.volume_mm3 < opts.sharp_min_volume_mm3 and not (
                 opts.sharp_min_excess_mm3 > 0 and piece.excess_noise_mm3 >= opts.sharp_min_excess_mm3):

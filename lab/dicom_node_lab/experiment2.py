@@ -128,10 +128,10 @@ def visible_calcium(p: phantom.Phantom, image: np.ndarray) -> np.ndarray:
 def _given_calcium(mode: str, p: phantom.Phantom, image: np.ndarray, engine: Engine) -> Detection | None:
     """The calcium a diagnostic run is given in place of detection (None: the engine detects its own)."""
     if mode == TRUE_CALCIUM:
-        return describe(p.calcium_mask, image, p.spacing)
+        return describe(p.calcium_mask, image, p.spacing, threshold_hu=engine.detect_options.threshold_hu)
     if mode == VISIBLE_CALCIUM:
-        found = detect(image, p.spacing, engine.detect_options).calcium
-        return describe(found | visible_calcium(p, image), image, p.spacing)
+        found = detect(image, p.spacing, engine.detect_options)
+        return describe(found.calcium | visible_calcium(p, image), image, p.spacing, threshold_hu=found.threshold_hu)
     return None
 
 

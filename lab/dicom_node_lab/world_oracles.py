@@ -42,13 +42,11 @@ def without_beam_hardening() -> None:
 
 def true_detection(mask, volume, spacing, options=None):
     """The detection record of the phantom's own calcium mask, with the threshold the engine's options name (the
-    subtraction's level where no contrast is near derives from it; ``describe`` alone leaves it undefined)."""
-    from dataclasses import replace
-
+    subtraction's level where no contrast is near derives from it)."""
     from dicom_node.pipeline import detect
 
     threshold = (options or detect.DetectOptions()).threshold_hu
-    return replace(detect.describe(mask.copy(), volume, spacing), threshold_hu=float(threshold))
+    return detect.describe(mask.copy(), volume, spacing, threshold_hu=threshold)
 
 
 def _detect_with_phantom_mask(oracle: str, detection) -> None:
@@ -96,16 +94,13 @@ def found_whole(detected: np.ndarray, true_mask: np.ndarray) -> np.ndarray:
 
 def with_found_whole() -> None:
     """The engine's detection with the deposits it reaches made whole (:func:`found_whole`)."""
-    from dataclasses import replace
-
     from dicom_node.pipeline import detect, restore
 
     engine_detect = restore.detect
 
     def whole_detection(mask, volume, spacing, options, level_image):
         found = engine_detect(volume, spacing, options, level_image)
-        return replace(detect.describe(found_whole(found.calcium, mask), volume, spacing),
-                       threshold_hu=found.threshold_hu)
+        return detect.describe(found_whole(found.calcium, mask), volume, spacing, threshold_hu=found.threshold_hu)
 
     _detect_with_phantom_mask("found-whole", whole_detection)
 

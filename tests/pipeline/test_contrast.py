@@ -280,6 +280,13 @@ def test_the_sharpened_image_candidates_carry_the_measures_detect_keeps_them_by(
     kept = replace(opts, sharp_min_volume_mm3=piece.volume_mm3 * 0.9)
     assert detect(vol, SPACING, replace(kept, sharp_max_above_hu=piece.acquired_peak_hu + 1.0)).calcium.any()
     assert not detect(vol, SPACING, replace(kept, sharp_max_above_hu=piece.acquired_peak_hu - 1.0)).calcium.any()
+    # unmeasured (the node's defaults read no measure), the same pieces, their measures nan
+    bare = [p for p in sharp_candidates(vol, SPACING, none, opts, local_lumen_level(vol, SPACING), image_noise_sd(vol),
+                                        measure=False)]
+    every = list(sharp_candidates(vol, SPACING, none, opts, local_lumen_level(vol, SPACING), image_noise_sd(vol)))
+    assert [p.where for p in bare] == [p.where for p in every] and len(bare) >= 1
+    assert all(np.array_equal(a.voxels, b.voxels) and a.volume_mm3 == b.volume_mm3 for a, b in zip(bare, every))
+    assert all(np.isnan([p.excess_noise_mm3, p.sharpened_peak_hu, p.acquired_peak_hu]).all() for p in bare)
 
 
 def test_the_sharpened_image_adds_nothing_around_metal_the_rules_leave_alone():

@@ -214,11 +214,20 @@ def test_cube_mode_hides_the_whole_core_but_writes_only_the_footprint(study):
     assert np.array_equal(vol[~result.changed], before[~result.changed])
 
 
+def test_a_described_mask_carries_the_threshold_it_is_given_and_refuses_none(study):
+    """The subtraction's level where no contrast is near derives from the detection's threshold: a described
+    mask must carry a defined one (nan once made an oracle remove nothing there)."""
+    given = describe(study.calcium_mask, study.image, study.spacing, threshold_hu=151.0)
+    assert given.threshold_hu == 151.0
+    with pytest.raises(ValueError, match="threshold_hu"):
+        describe(study.calcium_mask, study.image, study.spacing, threshold_hu=float("nan"))
+
+
 def test_a_given_calcium_mask_is_restored_instead_of_the_detected_one(study):
     """Experiment 2's true-calcium run: the engine restores exactly the calcium it is given."""
     vol = study.image.copy()
     before = vol.copy()
-    given = describe(study.calcium_mask, vol, study.spacing)
+    given = describe(study.calcium_mask, vol, study.spacing, threshold_hu=130.0)
     assert len(given.lesions) == int(given.labels.max()) >= 2
     assert np.array_equal(given.labels > 0, study.calcium_mask)
     result = Engine(FillBackend()).restore(vol, study.spacing, given)

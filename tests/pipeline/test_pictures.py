@@ -155,7 +155,7 @@ def test_without_contrast_the_view_falls_back_to_z(tmp_path):
     calcium = np.zeros(volume.shape, bool)
     calcium[18:22, 18:22, 18:22] = True
     volume[calcium] = CALCIUM_HU
-    detection = describe(calcium, volume, SPACING)
+    detection = describe(calcium, volume, SPACING, threshold_hu=130.0)
     restored = np.where(calcium, PLAQUE_HU, volume).astype(np.float32)
     plane = view_plane(restored, detection.lesions[0], SPACING, labels=detection.labels)
     assert not plane.estimated
@@ -172,7 +172,7 @@ def test_one_picture_per_lesion_largest_first_capped(tmp_path):
     calcium |= edge
     original[edge] = CALCIUM_HU
     changed |= edge
-    detection = describe(calcium, original, SPACING)
+    detection = describe(calcium, original, SPACING, threshold_hu=130.0)
     assert len(detection.lesions) == 4
     by_size = sorted(detection.lesions, key=lambda le: (-le.voxels, le.index))
 

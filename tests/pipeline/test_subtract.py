@@ -365,7 +365,7 @@ def test_the_sharpened_image_detection_assumes_the_blur_the_kernel_table_gives_t
     seen = []
     monkeypatch.setattr(restore, "detect", lambda volume, spacing, options, level_image=None: (
         seen.append(options.sharp_mtf50_lp_cm), detect_module.describe(np.zeros(volume.shape, bool), volume,
-                                                                         spacing))[1])
+                                                                         spacing, threshold_hu=130.0))[1])
     engine = Engine(None, detect_module.DetectOptions(sharp_contrast_hu=150.0), method="subtract",
                     subtract=SubtractOptions(kernels=(("HD", 5.2), ("B26f", 3.9))))
     volume = np.zeros((8, 8, 8), np.float32)
