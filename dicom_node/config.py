@@ -51,6 +51,8 @@ class EngineConfig:
     sharp_mtf50_lp_cm: float = DetectOptions.sharp_mtf50_lp_cm  # ... sharpened under this blur
     sharp_max_above_hu: float = DetectOptions.sharp_max_above_hu  # ... and not already this bright as acquired
     sharp_min_excess_mm3: float = DetectOptions.sharp_min_excess_mm3  # ... or smaller, this much excess in noise SDs
+    grow_sharp_hu: float = DetectOptions.grow_sharp_hu  # found deposits grow where this far above contrast, sharpened
+    grow_mm: float = DetectOptions.grow_mm  # ... up to this far from where they were found
     margin_mm: float = WindowOptions.margin_mm  # blooming margin restored around the calcium
     core: int = WindowOptions.core  # voxels a window may restore per axis (of 32)
     mask_mode: MaskMode = WindowOptions.mask_mode  # cube: the paper's, hiding each window's whole core
@@ -150,6 +152,7 @@ ENGINE_KEYS: dict[str, tuple[type, str]] = {
     "sharp_mtf50_lp_cm": (DetectOptions, "sharp_mtf50_lp_cm"),
     "sharp_max_above_hu": (DetectOptions, "sharp_max_above_hu"),
     "sharp_min_excess_mm3": (DetectOptions, "sharp_min_excess_mm3"),
+    "grow_sharp_hu": (DetectOptions, "grow_sharp_hu"), "grow_mm": (DetectOptions, "grow_mm"),
     "margin_mm": (WindowOptions, "margin_mm"), "core": (WindowOptions, "core"),
     "mask_mode": (WindowOptions, "mask_mode"), "confidence": (ConfidenceOptions, "flips"),
     "unsure_hu": (ConfidenceOptions, "unsure_hu"), "unsure_action": (ConfidenceOptions, "unsure_action"),

@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     rw = sub.add_parser("rewrite", help="write an experiment2v2 report again from its JSON (today's strata, no rerun)")
     rw.add_argument("report", help="experiment2v2.json")
     cmp = sub.add_parser("compare", help="experiment2v2 runs side by side, each paired against the first")
-    cmp.add_argument("reports", nargs="+", help="experiment2v2.json of runs on the same studies (the first: reference)")
+    cmp.add_argument("reports", nargs="+", help="runs on the same studies, each its --report-dir or its "
+                     "experiment2v2.json (the first: reference)")
     cal = sub.add_parser("calibration", help="the world's blooming against the issue's 2D check, XCIST and the gate")
     calibration.add_arguments(cal)
     rs = sub.add_parser("reader-smoothing",

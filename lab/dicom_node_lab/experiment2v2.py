@@ -738,7 +738,12 @@ def paired_change(base: list[dict], other: list[dict], white: float = PRIMARY_WH
 
 def compare_report(args: argparse.Namespace) -> int:
     """``evaluate.py compare``: several runs' headline figures side by side, each paired against the first."""
-    runs = [(name, json.loads(Path(name).read_text())["lesions"]) for name in args.reports]
+    runs = []
+    for name in args.reports:
+        path = Path(name) / "experiment2v2.json" if Path(name).is_dir() else Path(name)  # a run's --report-dir
+        if not path.is_file():
+            raise SystemExit(f"compare: {name}: no experiment2v2.json there (a run's --report-dir or its json)")
+        runs.append((name, json.loads(path.read_text())["lesions"]))
     kernels = sorted({r["kernel"] for _, rows in runs for r in rows if r["stratum"] == CALCIFIED})
     w = f"{PRIMARY_WHITE:g}"
     print(f"Calcified lesions against the truth image at lumen + {w} HU; kernels: MAE (bias); paired: change in "

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from dicom_node_lab import evaluate, experiment2v2
 
 
@@ -113,3 +115,11 @@ def test_compare_pairs_the_same_lesions_and_says_which_way_they_moved(tmp_path, 
     assert evaluate.main(["compare", *paths]) == 0
     out = capsys.readouterr().out
     assert "(reference)" in out and "-0.33 [" in out and "1 better / 1 worse" in out
+    # a run's --report-dir names it too; a folder without a run is refused by name
+    run = tmp_path / "run-b"
+    run.mkdir()
+    (run / "experiment2v2.json").write_text(json.dumps({"lesions": other}))
+    assert evaluate.main(["compare", paths[0], str(run)]) == 0
+    assert "1 better / 1 worse" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no experiment2v2.json"):
+        evaluate.main(["compare", paths[0], str(tmp_path / "nothing")])

@@ -289,6 +289,31 @@ def test_the_sharpened_image_candidates_carry_the_measures_detect_keeps_them_by(
     assert all(np.isnan([p.excess_noise_mm3, p.sharpened_peak_hu, p.acquired_peak_hu]).all() for p in bare)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_a_deposit_found_by_its_core_grows_whole_where_the_blur_is_undone(seed):
+    """A 1100 HU half-ring beside a 400 HU lumen: the threshold finds its blurred core (under half its voxels);
+    grown where the sharpened image shows it above the vessel's contrast (``grow_sharp_hu``) it is found whole,
+    no further than one voxel past it, none of it in the lumen, none further than ``grow_mm`` from the core;
+    the lesion records follow the grown mask."""
+    vol, deposit = _scanned_vessel(1100.0, seed, noise=40.0, pool=True)
+    core = detect(vol, SPACING).calcium
+    assert 0 < (core & deposit).sum() < 0.5 * deposit.sum()
+    grown = detect(vol, SPACING, DetectOptions(grow_sharp_hu=100.0, grow_mm=1.0))
+    assert (grown.calcium & deposit).sum() >= 0.95 * deposit.sum()
+    assert not (grown.calcium & ~ndimage.binary_dilation(deposit)).any()
+    z, y, x = np.meshgrid(*[np.arange(n) * s for n, s in zip(vol.shape, SPACING)], indexing="ij")
+    c = (vol.shape[1] - 1) * SPACING[1] / 2
+    assert not (grown.calcium & (np.hypot(y - c, x - c) < 1.2)).any()
+    assert ndimage.distance_transform_edt(~core, sampling=SPACING)[grown.calcium].max() <= 1.0
+    assert np.array_equal(grown.labels > 0, grown.calcium)
+    assert sum(le.voxels for le in grown.lesions) == int(grown.calcium.sum())
+    for le in grown.lesions:
+        assert (grown.labels[le.bbox] == le.index).sum() == le.voxels
+    # a vessel without calcium: nothing to grow from, nothing found
+    clean, _ = _scanned_vessel(None, seed, noise=40.0, pool=True)
+    assert not detect(clean, SPACING, DetectOptions(grow_sharp_hu=100.0)).calcium.any()
+
+
 def test_the_sharpened_image_adds_nothing_around_metal_the_rules_leave_alone():
     """A deconvolution rings around a metal wire beside the vessel (peaking past metal_hu); left alone by the
     metal rule, its ring must not come back as calcium (it did, 181 voxels, before the rule's components
