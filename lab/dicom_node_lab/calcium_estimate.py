@@ -26,6 +26,7 @@ from dicom_node_lab import world
 from dicom_node_lab.experiment2v2 import PRIMARY_WHITE
 from dicom_node_lab.patches import TRAIN_MOTION_MM, trained_kernels, volume_seed
 from dicom_node_lab.reader import WALL_HU
+from dicom_node_lab.world_oracles import GIVEN_CALCIUM
 
 TRAIN_SEED = 7070  # volume seeds 7070*1000003 + i: neither the tuning (6060) nor the held-out (5050) range
 VALIDATION_SEED = 7171
@@ -40,7 +41,7 @@ def _study(seed: int, i: int):
 
 
 def extract_study(engine, seed: int, i: int, reach_voxels: int, jitter: float = 0.0, level_away_mm: float = 0.0,
-                  context_voxels: int = 0, true_calcium: bool = False) -> list[dict]:
+                  context_voxels: int = 0, given_calcium: str = "") -> list[dict]:
     """Every planned region of one study: features on the estimate's domain, footprint, target.
 
     ``jitter`` > 0: half the regions assume a blur whose MTF50 is off the kernel table's by up to this
@@ -49,9 +50,10 @@ def extract_study(engine, seed: int, i: int, reach_voxels: int, jitter: float = 
     records it, and the node measures it so. ``context_voxels``: features this many voxels beyond the
     estimate's reach too, for an estimate that convolves (``inside`` marks the voxels within reach). The engine's
     ``subtract_anatomy_hu`` decides how the regions are sharpened (``subtract.sharpened``); the trained file
-    records it as ``anatomy_above_level_hu``, and the node sharpens so for it. ``true_calcium``: the regions of
-    the phantom's own calcium mask in place of the engine's detection (``world_oracles.true_detection``), for an
-    estimate that serves a perfect detection (the ``true-calcium`` oracle of ``world_oracles``).
+    records it as ``anatomy_above_level_hu``, and the node sharpens so for it. ``given_calcium``: the regions of
+    an oracle's calcium (``world_oracles.given_detection``: ``true-calcium``, the phantom's own mask;
+    ``found-whole``, ``found-union``) in place of the engine's detection, for an estimate that serves that oracle's
+    whole-pipeline run ("": the engine's detection).
     """
     from dataclasses import replace
 
@@ -60,14 +62,14 @@ def extract_study(engine, seed: int, i: int, reach_voxels: int, jitter: float = 
     from dicom_node.pipeline.subtract import learnt_inputs, reference_levels, sharpened, within_reach
     from dicom_node.pipeline.windows import plan
     from dicom_node_lab.experiment2v2 import _stored_hu
-    from dicom_node_lab.world_oracles import true_detection
+    from dicom_node_lab.world_oracles import given_detection
 
     p = _study(seed, i)
     original, truth = _stored_hu(p.image), _stored_hu(p.truth)
     kernel = str(p.settings.kernel).upper()
     opts = engine.subtract.for_kernel(kernel)
     options = engine.detect_options_for(kernel)
-    detection = (true_detection(p.calcium_mask, original, p.spacing, options) if true_calcium
+    detection = (given_detection(given_calcium, p.calcium_mask, original, p.spacing, options) if given_calcium
                  else detect(original, p.spacing, options))
     regions = plan(detection, p.spacing, engine.window_options)
     pad = np.ceil(opts.pad_mm / np.asarray(p.spacing, float)).astype(int)
@@ -109,13 +111,13 @@ _ENGINE = None
 
 def _extract_job(job):
     global _ENGINE
-    seed, i, engine_args, reach, jitter, away, context, true_calcium, folder = job
+    seed, i, engine_args, reach, jitter, away, context, given_calcium, folder = job
     if _ENGINE is None:
         from dicom_node.config import DEFAULT_MODEL
         from dicom_node_lab.experiment2v2 import _engine
 
         _ENGINE = _engine(DEFAULT_MODEL, engine_args)  # the subtraction runs no network; the config wants one
-    regions = extract_study(_ENGINE, seed, i, reach, jitter, away, context, true_calcium)
+    regions = extract_study(_ENGINE, seed, i, reach, jitter, away, context, given_calcium)
     np.save(Path(folder) / f"{seed}-{i}.npy", np.array(regions, dtype=object), allow_pickle=True)
     return len(regions)
 
@@ -129,7 +131,7 @@ def extract(args: argparse.Namespace) -> int:
     if args.studies_from:  # a replay: exactly the studies a (time-limited) run trained on
         studies = json.loads(Path(args.studies_from).read_text())["training_studies"]
     jobs = [(args.seed, i, args.engine, args.reach_voxels, args.jitter if args.seed != VALIDATION_SEED else 0.0,
-             args.level_away_mm, args.context_voxels, args.true_calcium, str(folder)) for i in studies
+             args.level_away_mm, args.context_voxels, args.given_calcium, str(folder)) for i in studies
             if not (folder / f"{args.seed}-{i}.npy").exists()]
     with ProcessPoolExecutor(args.workers) as pool:
         n = sum(tqdm(pool.map(_extract_job, jobs), total=len(jobs), desc="studies"))
@@ -395,9 +397,11 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--level-away-mm", type=float, default=0.0,
                    help="measure the contrast level this far from the detected calcium (subtract.reference_levels); "
                         "0: around each voxel")
-    e.add_argument("--true-calcium", action="store_true",
-                   help="plan the regions on the phantom's own calcium mask, not the engine's detection (an oracle: "
-                        "the estimate a perfect detection would need; world_oracles true-calcium)")
+    e.add_argument("--given-calcium", choices=GIVEN_CALCIUM, default="",
+                   help="plan the regions on an oracle's calcium, not the engine's detection (the estimate that "
+                        "oracle's whole-pipeline run needs; world_oracles)")
+    e.add_argument("--true-calcium", dest="given_calcium", action="store_const", const="true-calcium",
+                   help="the same as --given-calcium true-calcium")
     e.set_defaults(func=extract)
     t = sub.add_parser("train", help="fit the correction network on extracted regions")
     t.add_argument("--data", default="runs/calcium-estimate")

@@ -13,6 +13,12 @@ subtracted); these replace the inputs of the whole pipeline instead, and the run
   the whole deposits it touches (components touching none kept as found). Asks how much of ``true-calcium``'s gain
   is the shape of the deposits the detection reaches rather than the deposits it misses: the first is a matter of
   growing what is found, which takes no new noise for calcium.
+- ``found-union``: the engine's detection with the whole deposits it touches added, its own voxels all kept (those
+  outside the phantom's calcium too). Against ``found-whole``, asks whether the gain is what the detection misses
+  of a deposit or what it takes beyond it.
+
+``calcium_estimate extract --given-calcium ORACLE`` extracts an estimate on the same calcium (an estimate must be
+extracted on the detection it serves: the whole-deposit estimate on the engine's own detection reads 10.01).
 
 ``python -m dicom_node_lab.world_oracles ORACLE experiment2v2 --studies 120 --seed 6060 ...`` takes the arguments
 of ``tools/evaluate.py``. Process workers are forked, so they inherit the change.
@@ -25,7 +31,8 @@ import sys
 import numpy as np
 from scipy import ndimage
 
-ORACLES = ("no-beam-hardening", "true-calcium", "found-whole")
+ORACLES = ("no-beam-hardening", "true-calcium", "found-whole", "found-union")
+GIVEN_CALCIUM = ("true-calcium", "found-whole", "found-union")  # the oracles that replace the detection
 _HELD: dict = {}
 
 
@@ -73,36 +80,51 @@ def _detect_with_phantom_mask(oracle: str, detection) -> None:
     restore.detect = held_mask_detection
 
 
-def with_true_calcium() -> None:
-    """The engine detects the study's own calcium mask (``Phantom.calcium_mask``)."""
-    _detect_with_phantom_mask("true-calcium",
-                              lambda mask, volume, spacing, options, _: true_detection(mask, volume, spacing, options))
+def _touched_deposits(detected: np.ndarray, true_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The true deposits (26-connected labels) and the labels of those within one voxel of ``detected``."""
+    deposits, _ = ndimage.label(true_mask, structure=np.ones((3, 3, 3)))
+    reach = ndimage.binary_dilation(detected, structure=np.ones((3, 3, 3)))
+    touched = np.unique(deposits[reach & (deposits > 0)])
+    return deposits, touched[touched > 0]
+
+
+def found_union(detected: np.ndarray, true_mask: np.ndarray) -> np.ndarray:
+    """``detected`` with every true deposit within one voxel of it added whole (nothing of it taken away)."""
+    deposits, touched = _touched_deposits(detected, true_mask)
+    return detected | np.isin(deposits, touched)
 
 
 def found_whole(detected: np.ndarray, true_mask: np.ndarray) -> np.ndarray:
     """``detected`` with each component that touches ``true_mask`` (26-connected, within one voxel) replaced by the
     whole true deposits it touches; components touching no true deposit are kept as they are."""
-    deposits, _ = ndimage.label(true_mask, structure=np.ones((3, 3, 3)))
+    deposits, touched = _touched_deposits(detected, true_mask)
     found, _ = ndimage.label(detected, structure=np.ones((3, 3, 3)))
-    reach = ndimage.binary_dilation(detected, structure=np.ones((3, 3, 3)))
-    touched = np.unique(deposits[reach & (deposits > 0)])
     # detected components with a true deposit within one voxel
     near = ndimage.binary_dilation(deposits > 0, structure=np.ones((3, 3, 3)))
     replaced = np.unique(found[near & (found > 0)])
-    return np.isin(deposits, touched[touched > 0]) | (detected & ~np.isin(found, replaced[replaced > 0]))
+    return np.isin(deposits, touched) | (detected & ~np.isin(found, replaced[replaced > 0]))
 
 
-def with_found_whole() -> None:
-    """The engine's detection with the deposits it reaches made whole (:func:`found_whole`)."""
-    from dicom_node.pipeline import detect, restore
+def given_detection(oracle: str, mask: np.ndarray, volume: np.ndarray, spacing, options=None, level_image=None):
+    """The detection record an oracle of ``GIVEN_CALCIUM`` puts in place of the engine's, ``mask`` the phantom's
+    calcium: what the whole-pipeline run restores and ``calcium_estimate extract --given-calcium`` extracts on."""
+    from dicom_node.pipeline import detect
 
-    engine_detect = restore.detect
+    if oracle == "true-calcium":
+        return true_detection(mask, volume, spacing, options)
+    if oracle not in GIVEN_CALCIUM:
+        raise ValueError(f"not an oracle that gives the calcium: {oracle!r} (one of {', '.join(GIVEN_CALCIUM)})")
+    found = detect.detect(volume, spacing, options, level_image)
+    shape = found_whole if oracle == "found-whole" else found_union
+    return detect.describe(shape(found.calcium, mask), volume, spacing, threshold_hu=found.threshold_hu)
 
-    def whole_detection(mask, volume, spacing, options, level_image):
-        found = engine_detect(volume, spacing, options, level_image)
-        return detect.describe(found_whole(found.calcium, mask), volume, spacing, threshold_hu=found.threshold_hu)
 
-    _detect_with_phantom_mask("found-whole", whole_detection)
+def with_given_calcium(oracle: str) -> None:
+    """The engine's detection replaced by :func:`given_detection`'s for ``oracle`` (one of ``GIVEN_CALCIUM``)."""
+    if oracle not in GIVEN_CALCIUM:
+        raise ValueError(f"not an oracle that gives the calcium: {oracle!r}")
+    _detect_with_phantom_mask(oracle, lambda mask, volume, spacing, options, level_image: given_detection(
+        oracle, mask, volume, spacing, options, level_image))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: python -m dicom_node_lab.world_oracles {{{','.join(ORACLES)}}} EVALUATE-ARGS...",
               file=sys.stderr)
         return 2
-    {"no-beam-hardening": without_beam_hardening, "true-calcium": with_true_calcium,
-     "found-whole": with_found_whole}[argv[0]]()
+    if argv[0] in GIVEN_CALCIUM:
+        with_given_calcium(argv[0])
+    else:
+        without_beam_hardening()
     from dicom_node_lab import evaluate
 
     return evaluate.main(argv[1:])

@@ -63,7 +63,7 @@ def test_regions_planned_on_the_phantoms_own_calcium_hold_all_of_it():
 
     engine = _engine(DEFAULT_MODEL, SUBTRACT[1::2])
     found = ce.extract_study(engine, ce.TRAIN_SEED, 0, 3, level_away_mm=2.0)
-    true = ce.extract_study(engine, ce.TRAIN_SEED, 0, 3, level_away_mm=2.0, true_calcium=True)
+    true = ce.extract_study(engine, ce.TRAIN_SEED, 0, 3, level_away_mm=2.0, given_calcium="true-calcium")
     assert true and all(np.isfinite(r["features"]).all() and np.isfinite(r["level"]).all() for r in true)
     assert sum(float(r["excess"].sum()) for r in true) >= sum(float(r["excess"].sum()) for r in found) > 0
 

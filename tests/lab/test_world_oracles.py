@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from scipy import ndimage
 
 from dicom_node.pipeline import restore
@@ -29,7 +30,7 @@ def test_without_beam_hardening_keeps_the_study_but_its_darkening(monkeypatch):
 def test_true_calcium_detects_the_phantoms_own_mask(monkeypatch):
     monkeypatch.setattr(experiment2v2, "make_study", experiment2v2.make_study)
     monkeypatch.setattr(restore, "detect", restore.detect)
-    world_oracles.with_true_calcium()
+    world_oracles.with_given_calcium("true-calcium")
     p = experiment2v2.make_study(6060, 1)
     found = restore.detect(experiment2v2._stored_hu(p.image), p.spacing)
     assert np.array_equal(found.calcium, p.calcium_mask) and len(found.lesions) >= 1
@@ -50,11 +51,30 @@ def test_found_whole_completes_the_deposits_the_detection_reaches_and_no_other()
     assert whole[17, 17, 17] and whole.sum() == 30 + 1
 
 
+def test_found_union_adds_the_reached_deposits_and_takes_nothing_away():
+    true = np.zeros((20, 20, 20), bool)
+    true[2:5, 2:12, 5] = True
+    true[10:13, 15, 2:6] = True
+    detected = np.zeros_like(true)
+    detected[2:5, 2:4, 5:7] = True
+    detected[17, 17, 17] = True
+    union = world_oracles.found_union(detected, true)
+    assert union[2:5, 2:12, 5].all() and union[2:5, 2:4, 6].all(), "the reached deposit whole, the bloom kept"
+    assert not union[10:13, 15, 2:6].any() and union[17, 17, 17]
+    assert union.sum() == 30 + 6 + 1 and not (detected & ~union).any()
+
+
+def test_an_oracle_that_gives_no_calcium_is_refused_as_a_detection():
+    with pytest.raises(ValueError, match="not an oracle that gives the calcium"):
+        world_oracles.given_detection("no-beam-hardening", np.zeros((4, 4, 4), bool), np.zeros((4, 4, 4)),
+                                      (1.0, 1.0, 1.0))
+
+
 def test_found_whole_detects_the_engines_calcium_made_whole(monkeypatch):
     monkeypatch.setattr(experiment2v2, "make_study", experiment2v2.make_study)
     monkeypatch.setattr(restore, "detect", restore.detect)
     engine_detect = restore.detect
-    world_oracles.with_found_whole()
+    world_oracles.with_given_calcium("found-whole")
     for i in range(8):  # a study where the engine's default detection reaches the phantom's calcium
         p = experiment2v2.make_study(6060, i)
         image = experiment2v2._stored_hu(p.image)
