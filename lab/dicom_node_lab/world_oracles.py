@@ -16,6 +16,8 @@ subtracted); these replace the inputs of the whole pipeline instead, and the run
 - ``found-union``: the engine's detection with the whole deposits it touches added, its own voxels all kept (those
   outside the phantom's calcium too). Against ``found-whole``, asks whether the gain is what the detection misses
   of a deposit or what it takes beyond it.
+- ``found-trimmed``: the engine's detection with what it takes beyond the true deposits it touches taken away,
+  nothing added: the other half of ``found-whole``.
 
 ``calcium_estimate extract --given-calcium ORACLE`` extracts an estimate on the same calcium (an estimate must be
 extracted on the detection it serves: the whole-deposit estimate on the engine's own detection reads 10.01).
@@ -31,8 +33,9 @@ import sys
 import numpy as np
 from scipy import ndimage
 
-ORACLES = ("no-beam-hardening", "true-calcium", "found-whole", "found-union")
-GIVEN_CALCIUM = ("true-calcium", "found-whole", "found-union")  # the oracles that replace the detection
+ORACLES = ("no-beam-hardening", "true-calcium", "found-whole", "found-union", "found-trimmed")
+# the oracles that replace the detection
+GIVEN_CALCIUM = ("true-calcium", "found-whole", "found-union", "found-trimmed")
 _HELD: dict = {}
 
 
@@ -94,6 +97,16 @@ def found_union(detected: np.ndarray, true_mask: np.ndarray) -> np.ndarray:
     return detected | np.isin(deposits, touched)
 
 
+def found_trimmed(detected: np.ndarray, true_mask: np.ndarray) -> np.ndarray:
+    """``detected`` without its voxels outside ``true_mask`` in each component that touches it (within one voxel);
+    components touching no true deposit are kept as they are, and nothing is added."""
+    deposits, _ = _touched_deposits(detected, true_mask)
+    found, _ = ndimage.label(detected, structure=np.ones((3, 3, 3)))
+    near = ndimage.binary_dilation(deposits > 0, structure=np.ones((3, 3, 3)))
+    replaced = np.unique(found[near & (found > 0)])
+    return detected & (true_mask | ~np.isin(found, replaced[replaced > 0]))
+
+
 def found_whole(detected: np.ndarray, true_mask: np.ndarray) -> np.ndarray:
     """``detected`` with each component that touches ``true_mask`` (26-connected, within one voxel) replaced by the
     whole true deposits it touches; components touching no true deposit are kept as they are."""
@@ -115,7 +128,7 @@ def given_detection(oracle: str, mask: np.ndarray, volume: np.ndarray, spacing, 
     if oracle not in GIVEN_CALCIUM:
         raise ValueError(f"not an oracle that gives the calcium: {oracle!r} (one of {', '.join(GIVEN_CALCIUM)})")
     found = detect.detect(volume, spacing, options, level_image)
-    shape = found_whole if oracle == "found-whole" else found_union
+    shape = {"found-whole": found_whole, "found-union": found_union, "found-trimmed": found_trimmed}[oracle]
     return detect.describe(shape(found.calcium, mask), volume, spacing, threshold_hu=found.threshold_hu)
 
 

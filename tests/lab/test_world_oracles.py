@@ -51,7 +51,7 @@ def test_found_whole_completes_the_deposits_the_detection_reaches_and_no_other()
     assert whole[17, 17, 17] and whole.sum() == 30 + 1
 
 
-def test_found_union_adds_the_reached_deposits_and_takes_nothing_away():
+def test_found_union_and_trimmed_are_the_two_halves_of_found_whole():
     true = np.zeros((20, 20, 20), bool)
     true[2:5, 2:12, 5] = True
     true[10:13, 15, 2:6] = True
@@ -62,6 +62,9 @@ def test_found_union_adds_the_reached_deposits_and_takes_nothing_away():
     assert union[2:5, 2:12, 5].all() and union[2:5, 2:4, 6].all(), "the reached deposit whole, the bloom kept"
     assert not union[10:13, 15, 2:6].any() and union[17, 17, 17]
     assert union.sum() == 30 + 6 + 1 and not (detected & ~union).any()
+    trimmed = world_oracles.found_trimmed(detected, true)
+    assert trimmed[2:5, 2:4, 5].all() and not trimmed[2:5, 2:4, 6].any(), "the found part kept, its bloom gone"
+    assert not trimmed[2:5, 4:12, 5].any() and trimmed[17, 17, 17] and trimmed.sum() == 6 + 1
 
 
 def test_an_oracle_that_gives_no_calcium_is_refused_as_a_detection():
