@@ -42,6 +42,16 @@ def test_auto_runs_the_sharpened_image_test_for_the_subtractions_series_only():
     assert _engine("subtract").detect_options_for("FC12").sharp_contrast_hu == 150.0
 
 
+def test_the_growth_in_the_sharpened_image_follows_the_kernel_table_and_auto_as_the_test_does():
+    """``grow_sharp_hu`` sharpens as the sharpened-image test does: under the site's table for a listed kernel
+    (even with the test itself off), and not at all for a series ``auto`` gives the network."""
+    tables = SubtractOptions(kernels=(("B26f", 3.6),))
+    grow = Engine(_NoBackend(), DetectOptions(grow_sharp_hu=50.0), method="auto", subtract=tables)
+    listed = grow.detect_options_for("B26f")
+    assert listed.grow_sharp_hu == 50.0 and listed.sharp_mtf50_lp_cm == 3.6
+    assert grow.detect_options_for("FC12").grow_sharp_hu == 0.0
+
+
 def test_auto_needs_the_network():
     with pytest.raises(ValueError, match="auto method needs a backend"):
         Engine(None, method="auto")
