@@ -16,13 +16,7 @@ per kernel, the calcium pieces and the others each threshold would keep.
 
 from __future__ import annotations
 
-import argparse
-import json
-from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
-
 import numpy as np
-from tqdm import tqdm
 
 # the recommended detection (README "Measuring the site's kernels"); the estimate does not change what is found
 RECOMMENDED_DETECTION = ['method = "subtract"', 'sharp_contrast_hu = 150',
@@ -79,24 +73,10 @@ def summary(rows: list[dict], thresholds: tuple[float, ...] = (4.0, 6.0, 8.0, 10
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--studies", type=int, default=120)
-    ap.add_argument("--seed", type=int, default=6060)
-    ap.add_argument("--engine", action="append", default=[], help="[engine] lines in place of the recommended ones")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--out", default="runs/sharp-pieces.json")
-    args = ap.parse_args(argv)
-    engine = args.engine or RECOMMENDED_DETECTION
-    rows: list[dict] = []
-    with ProcessPoolExecutor(args.workers) as pool:
-        for r in tqdm(pool.map(_one, [(args.seed, i, engine) for i in range(args.studies)]), total=args.studies,
-                      desc="studies"):
-            rows += r
-    result = {"studies": args.studies, "seed": args.seed, "engine": engine, "summary": summary(rows), "pieces": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps(result["summary"], indent=1))
-    return 0
+    from dicom_node_lab import per_study
+
+    return per_study.run(argv, __doc__.split("\n\n")[0], _one, summary, studies=120, out="runs/sharp-pieces.json",
+                         rows_key="pieces", flatten=True)
 
 
 if __name__ == "__main__":
