@@ -97,27 +97,29 @@ def found_union(detected: np.ndarray, true_mask: np.ndarray) -> np.ndarray:
     return detected | np.isin(deposits, touched)
 
 
+def _touching_components(detected: np.ndarray, true_mask: np.ndarray) -> np.ndarray:
+    """The components of ``detected`` (26-connected) with a voxel of ``true_mask`` within one voxel, whole."""
+    found, _ = ndimage.label(detected, structure=np.ones((3, 3, 3)))
+    near = ndimage.binary_dilation(true_mask, structure=np.ones((3, 3, 3)))
+    touching = np.unique(found[near & (found > 0)])
+    return np.isin(found, touching[touching > 0])
+
+
 def found_trimmed(detected: np.ndarray, true_mask: np.ndarray) -> np.ndarray:
     """``detected`` without its voxels outside ``true_mask`` in each component that touches it (within one voxel);
     components touching no true deposit are kept as they are, and nothing is added."""
-    deposits, _ = _touched_deposits(detected, true_mask)
-    found, _ = ndimage.label(detected, structure=np.ones((3, 3, 3)))
-    near = ndimage.binary_dilation(deposits > 0, structure=np.ones((3, 3, 3)))
-    replaced = np.unique(found[near & (found > 0)])
-    return detected & (true_mask | ~np.isin(found, replaced[replaced > 0]))
+    return detected & (true_mask | ~_touching_components(detected, true_mask))
 
 
 def found_whole(detected: np.ndarray, true_mask: np.ndarray) -> np.ndarray:
     """``detected`` with each component that touches ``true_mask`` (26-connected, within one voxel) replaced by the
     whole true deposits it touches; components touching no true deposit are kept as they are."""
     deposits, touched = _touched_deposits(detected, true_mask)
-    found, _ = ndimage.label(detected, structure=np.ones((3, 3, 3)))
-    # detected components with a true deposit within one voxel
-    near = ndimage.binary_dilation(deposits > 0, structure=np.ones((3, 3, 3)))
-    replaced = np.unique(found[near & (found > 0)])
-    return np.isin(deposits, touched) | (detected & ~np.isin(found, replaced[replaced > 0]))
+    return np.isin(deposits, touched) | (detected & ~_touching_components(detected, true_mask))
 
 
+# how each oracle that starts from the engine's detection shapes it with the phantom's calcium
+_SHAPES = {"found-whole": found_whole, "found-union": found_union, "found-trimmed": found_trimmed}
 def given_detection(oracle: str, mask: np.ndarray, volume: np.ndarray, spacing, options=None, level_image=None):
     """The detection record an oracle of ``GIVEN_CALCIUM`` puts in place of the engine's, ``mask`` the phantom's
     calcium: what the whole-pipeline run restores and ``calcium_estimate extract --given-calcium`` extracts on."""
@@ -128,8 +130,7 @@ def given_detection(oracle: str, mask: np.ndarray, volume: np.ndarray, spacing, 
     if oracle not in GIVEN_CALCIUM:
         raise ValueError(f"not an oracle that gives the calcium: {oracle!r} (one of {', '.join(GIVEN_CALCIUM)})")
     found = detect.detect(volume, spacing, options, level_image)
-    shape = {"found-whole": found_whole, "found-union": found_union, "found-trimmed": found_trimmed}[oracle]
-    return detect.describe(shape(found.calcium, mask), volume, spacing, threshold_hu=found.threshold_hu)
+    return detect.describe(_SHAPES[oracle](found.calcium, mask), volume, spacing, threshold_hu=found.threshold_hu)
 
 
 def with_given_calcium(oracle: str) -> None:
