@@ -53,6 +53,8 @@ class EngineConfig:
     sharp_min_excess_mm3: float = DetectOptions.sharp_min_excess_mm3  # ... or smaller, this much excess in noise SDs
     grow_sharp_hu: float = DetectOptions.grow_sharp_hu  # found deposits grow where this far above contrast, sharpened
     grow_mm: float = DetectOptions.grow_mm  # ... up to this far from where they were found
+    trim_sharp_hu: float = DetectOptions.trim_sharp_hu  # found deposits lose lumen-side voxels this near contrast
+    trim_mm: float = DetectOptions.trim_mm  # ... at most this deep from the lumen
     margin_mm: float = WindowOptions.margin_mm  # blooming margin restored around the calcium
     core: int = WindowOptions.core  # voxels a window may restore per axis (of 32)
     mask_mode: MaskMode = WindowOptions.mask_mode  # cube: the paper's, hiding each window's whole core
@@ -153,6 +155,7 @@ ENGINE_KEYS: dict[str, tuple[type, str]] = {
     "sharp_max_above_hu": (DetectOptions, "sharp_max_above_hu"),
     "sharp_min_excess_mm3": (DetectOptions, "sharp_min_excess_mm3"),
     "grow_sharp_hu": (DetectOptions, "grow_sharp_hu"), "grow_mm": (DetectOptions, "grow_mm"),
+    "trim_sharp_hu": (DetectOptions, "trim_sharp_hu"), "trim_mm": (DetectOptions, "trim_mm"),
     "margin_mm": (WindowOptions, "margin_mm"), "core": (WindowOptions, "core"),
     "mask_mode": (WindowOptions, "mask_mode"), "confidence": (ConfidenceOptions, "flips"),
     "unsure_hu": (ConfidenceOptions, "unsure_hu"), "unsure_action": (ConfidenceOptions, "unsure_action"),

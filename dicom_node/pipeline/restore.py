@@ -413,18 +413,17 @@ class Engine:
     def detect_options_for(self, kernel: str) -> DetectOptions:
         """The detection options for a series reconstructed with ``kernel`` (its ConvolutionKernel).
 
-        The sharpened-image test (and the growth in the sharpened image, ``grow_sharp_hu``) assumes the blur
-        the site's kernel table gives the series, when the table lists it. Under ``auto`` it belongs to the
-        subtraction, whose learnt estimate removes what it finds whole: a series ``auto`` gives the network is
-        not sharpened (the network was never judged with it, and a guessed blur turns a sharp kernel's noise
-        into calcium: on 120 tuning studies without tables it closed a calcium-free segment). Public so that
-        the lab's training extraction detects exactly as the engine does.
+        The sharpened-image test (and the growth and trim in the sharpened image, ``grow_sharp_hu`` and
+        ``trim_sharp_hu``) assumes the blur the site's kernel table gives the series, when the table lists it.
+        Under ``auto`` it belongs to the subtraction, whose learnt estimate removes what it finds whole: a series
+        ``auto`` gives the network is not sharpened (the network was never judged with it, and a guessed blur
+        turns a sharp kernel's noise into calcium: on 120 tuning studies without tables it closed a calcium-free
+        segment). Public so that the lab's training extraction detects exactly as the engine does.
         """
         options = self.detect_options
-        sharpens = options.sharp_contrast_hu > 0 or options.grow_sharp_hu > 0  # the growth sharpens as the test does
-        if sharpens and self.method == "auto" and self.method_for(kernel) == "network":
-            return replace(options, sharp_contrast_hu=0.0, grow_sharp_hu=0.0)
-        if sharpens:
+        if options.sharpens and self.method == "auto" and self.method_for(kernel) == "network":
+            return replace(options, sharp_contrast_hu=0.0, grow_sharp_hu=0.0, trim_sharp_hu=0.0)
+        if options.sharpens:
             listed = self.subtract.listed_mtf50(kernel)
             if listed is not None:
                 options = replace(options, sharp_mtf50_lp_cm=listed)

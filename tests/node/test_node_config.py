@@ -104,7 +104,8 @@ def test_a_kernel_table_loads_and_is_checked(tmp_path: Path) -> None:
     # the sharpened-image detection's settings are checked the same way
     for text, message in [("sharp_min_volume_mm3 = 0.0", "must be positive"), ("sharp_contrast_hu = -1.0", ">= 0"),
                           ("sharp_mtf50_lp_cm = 40.0", "not a CT kernel"), ("sharp_min_excess_mm3 = -1.0", ">= 0"),
-                          ("grow_sharp_hu = -5.0", ">= 0"), ("grow_mm = 0.0", "must be positive")]:
+                          ("grow_sharp_hu = -5.0", ">= 0"), ("grow_mm = 0.0", "must be positive"),
+                          ("trim_sharp_hu = -5.0", ">= 0"), ("trim_mm = -1.0", "must be positive")]:
         f.write_text(f"[engine]\n{text}\n")
         with pytest.raises(ConfigError, match=message):
             load(f)

@@ -42,14 +42,16 @@ def test_auto_runs_the_sharpened_image_test_for_the_subtractions_series_only():
     assert _engine("subtract").detect_options_for("FC12").sharp_contrast_hu == 150.0
 
 
-def test_the_growth_in_the_sharpened_image_follows_the_kernel_table_and_auto_as_the_test_does():
-    """``grow_sharp_hu`` sharpens as the sharpened-image test does: under the site's table for a listed kernel
-    (even with the test itself off), and not at all for a series ``auto`` gives the network."""
+@pytest.mark.parametrize("option", ["grow_sharp_hu", "trim_sharp_hu"])
+def test_the_growth_and_trim_in_the_sharpened_image_follow_the_kernel_table_and_auto_as_the_test_does(option):
+    """``grow_sharp_hu`` and ``trim_sharp_hu`` sharpen as the sharpened-image test does: under the site's table
+    for a listed kernel (even with the test itself off), and not at all for a series ``auto`` gives the network."""
     tables = SubtractOptions(kernels=(("B26f", 3.6),))
-    grow = Engine(_NoBackend(), DetectOptions(grow_sharp_hu=50.0), method="auto", subtract=tables)
-    listed = grow.detect_options_for("B26f")
-    assert listed.grow_sharp_hu == 50.0 and listed.sharp_mtf50_lp_cm == 3.6
-    assert grow.detect_options_for("FC12").grow_sharp_hu == 0.0
+    engine = Engine(_NoBackend(), DetectOptions(**{option: 50.0}), method="auto", subtract=tables)
+    listed = engine.detect_options_for("B26f")
+    assert getattr(listed, option) == 50.0 and listed.sharp_mtf50_lp_cm == 3.6
+    assert getattr(engine.detect_options_for("FC12"), option) == 0.0
+    assert not engine.detect_options_for("FC12").sharpens
 
 
 def test_auto_needs_the_network():

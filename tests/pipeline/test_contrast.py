@@ -314,6 +314,50 @@ def test_a_deposit_found_by_its_core_grows_whole_where_the_blur_is_undone(seed):
     assert not detect(clean, SPACING, DetectOptions(grow_sharp_hu=100.0)).calcium.any()
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_a_dense_deposit_gives_back_the_lumen_its_blur_lifted_where_the_blur_is_undone(seed):
+    """A 1600 HU half-ring beside a 400 HU lumen blooms inward: the rules take about a hundred lumen voxels with
+    it. Trimmed where the sharpened image shows the lumen's level (``trim_sharp_hu``), at least a third of them
+    go back and none of the deposit found; the lesion record follows the trimmed mask."""
+    vol, deposit = _scanned_vessel(1600.0, seed, noise=40.0, pool=True)
+    z, y, x = np.meshgrid(*[np.arange(n) * s for n, s in zip(vol.shape, SPACING)], indexing="ij")
+    c = (vol.shape[1] - 1) * SPACING[1] / 2
+    lumen = np.hypot(y - c, x - c) < 1.5
+    found = detect(vol, SPACING)
+    trimmed = detect(vol, SPACING, DetectOptions(trim_sharp_hu=100.0))
+    assert (found.calcium & lumen).sum() > 50
+    assert (trimmed.calcium & lumen).sum() <= 2 / 3 * (found.calcium & lumen).sum()
+    assert (trimmed.calcium & deposit).sum() == (found.calcium & deposit).sum()
+    assert not (trimmed.calcium & ~found.calcium).any()
+    assert np.array_equal(trimmed.labels > 0, trimmed.calcium)
+    assert [le.voxels for le in trimmed.lesions] == [int(trimmed.calcium.sum())]
+    # deeper, it gives back more, never the deposit
+    deeper = detect(vol, SPACING, DetectOptions(trim_sharp_hu=200.0, trim_mm=1.5))
+    assert (deeper.calcium & lumen).sum() < (trimmed.calcium & lumen).sum()
+    assert (deeper.calcium & deposit).sum() == (found.calcium & deposit).sum()
+
+
+def test_a_deposit_the_sharpened_image_shows_at_its_lumens_level_is_trimmed_whole_and_reported():
+    """A bright blob that is lumen, not calcium (a 700 HU patch of contrast inside a 650 HU vessel, the threshold
+    just below it): the sharpened image shows it at the level of the lumen around it, so the trim gives it back
+    whole and says so; the lesions left are renumbered from 1."""
+    shape = (40, 40, 40)
+    vol = np.full(shape, 40.0, np.float32)
+    z, y, x = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, SPACING)], indexing="ij")
+    c = (shape[1] - 1) * SPACING[1] / 2
+    r = np.hypot(y - c, x - c)
+    vol[r < 3.0] = 680.0
+    vol[(r < 1.0) & (np.abs(z - 9.0) < 1.5)] = 720.0  # lumen a little brighter, past the threshold
+    vol[(r >= 3.0) & (r < 4.0) & (np.abs(z - 5.0) < 1.5) & (x < c)] = 1500.0  # a true deposit, found first
+    opts = DetectOptions(threshold_hu=700.0, local_contrast_hu=0.0, noise_sigmas=0.0)
+    found = detect(vol, SPACING, opts)
+    assert len(found.lesions) == 2
+    trimmed = detect(vol, SPACING, replace(opts, trim_sharp_hu=100.0, trim_mm=2.0))
+    assert [le.index for le in trimmed.lesions] == [1] and trimmed.lesions[0].peak_hu == 1500.0
+    assert not trimmed.calcium[(r < 1.0)].any() and np.array_equal(trimmed.labels > 0, trimmed.calcium)
+    assert any(e["reason"].startswith("trimmed whole") for e in trimmed.excluded)
+
+
 def test_the_sharpened_image_adds_nothing_around_metal_the_rules_leave_alone():
     """A deconvolution rings around a metal wire beside the vessel (peaking past metal_hu); left alone by the
     metal rule, its ring must not come back as calcium (it did, 181 voxels, before the rule's components
