@@ -87,6 +87,11 @@ class DetectOptions:
         """Whether any rule looks at the sharpened image (and so needs the kernel's blur and the level)."""
         return self.sharp_contrast_hu > 0 or self.grow_sharp_hu > 0 or self.trim_sharp_hu > 0
 
+    def without_sharpening(self) -> DetectOptions:
+        """These options with every rule that looks at the sharpened image off (kept beside :attr:`sharpens`, so
+        that a rule added to one is added to both)."""
+        return replace(self, sharp_contrast_hu=0.0, grow_sharp_hu=0.0, trim_sharp_hu=0.0)
+
     def __post_init__(self) -> None:
         if (self.sharp_contrast_hu < 0 or self.sharp_max_above_hu < 0 or self.sharp_min_excess_mm3 < 0
                 or self.grow_sharp_hu < 0 or self.trim_sharp_hu < 0):
@@ -596,9 +601,16 @@ def _grow_in_sharpened(volume: np.ndarray, spacing: tuple[float, float, float], 
             continue
         calcium[box] |= new
         labels[box][new] = lesion.index
-        held = padded_bbox(grown, [0, 0, 0])
-        whole = tuple(slice(b.start + h.start, b.start + h.stop) for b, h in zip(box, held))
-        lesions[k] = replace(_lesion(lesion.index, grown[held], whole, volume, voxel_mm3), sharpened=lesion.sharpened)
+        lesions[k] = _reshaped(lesion, lesion.index, grown, box, volume, voxel_mm3)
+
+
+def _reshaped(lesion: Lesion, index: int, mask: np.ndarray, box: tuple[slice, ...], volume: np.ndarray,
+              voxel_mm3: float) -> Lesion:
+    """``lesion``'s record after the growth or the trim changed its voxels to ``mask`` (bool over ``volume[box]``),
+    numbered ``index``; whether it was found only where the blur is undone stays as it was."""
+    held = padded_bbox(mask, [0, 0, 0])
+    whole = tuple(slice(b.start + h.start, b.start + h.stop) for b, h in zip(box, held))
+    return replace(_lesion(index, mask[held], whole, volume, voxel_mm3), sharpened=lesion.sharpened)
 
 
 def _trim_in_sharpened(volume: np.ndarray, spacing: tuple[float, float, float], opts: DetectOptions,
@@ -667,8 +679,6 @@ def _trim_in_sharpened(volume: np.ndarray, spacing: tuple[float, float, float], 
             calcium[box][gone] = False
             labels[box][gone] = 0
             labels[box][left] = index
-            held = padded_bbox(left, [0, 0, 0])
-            whole = tuple(slice(b.start + h.start, b.start + h.stop) for b, h in zip(box, held))
-            lesion = replace(_lesion(index, left[held], whole, volume, voxel_mm3), sharpened=lesion.sharpened)
+            lesion = _reshaped(lesion, index, left, box, volume, voxel_mm3)
         kept_lesions.append(lesion)
     return kept_lesions

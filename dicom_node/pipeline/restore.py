@@ -422,7 +422,7 @@ class Engine:
         """
         options = self.detect_options
         if options.sharpens and self.method == "auto" and self.method_for(kernel) == "network":
-            return replace(options, sharp_contrast_hu=0.0, grow_sharp_hu=0.0, trim_sharp_hu=0.0)
+            return options.without_sharpening()
         if options.sharpens:
             listed = self.subtract.listed_mtf50(kernel)
             if listed is not None:
