@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from dicom_node.pipeline.detect import DetectOptions
+from dicom_node.pipeline.detect_learnt import LearntCalcium
 from dicom_node.pipeline.restore import ConfidenceOptions, Method, UnsureAction
 from dicom_node.pipeline.series import REFUSED_IMAGE_TYPES
 from dicom_node.pipeline.structure import MAX_ELEMENT_MB, MAX_SEQUENCE_DEPTH
@@ -55,6 +56,11 @@ class EngineConfig:
     grow_mm: float = DetectOptions.grow_mm  # ... up to this far from where they were found
     trim_sharp_hu: float = DetectOptions.trim_sharp_hu  # found deposits lose lumen-side voxels this near contrast
     trim_mm: float = DetectOptions.trim_mm  # ... at most this deep from the lumen
+    # A learnt calcium detector (.npz from the lab's calcium_detector.py) that decides, after the rules, the voxels
+    # near and above the contrast level in the sharpened image; "" = the rules alone. Relative: from the config file.
+    detect_learnt: str = ""
+    detect_learnt_probability: float = DetectOptions.learnt_probability  # ... calcium above this; 0 = the file's
+    detect_learnt_min_volume_mm3: float = DetectOptions.learnt_min_volume_mm3  # ... new deposits at least this
     margin_mm: float = WindowOptions.margin_mm  # blooming margin restored around the calcium
     core: int = WindowOptions.core  # voxels a window may restore per axis (of 32)
     mask_mode: MaskMode = WindowOptions.mask_mode  # cube: the paper's, hiding each window's whole core
@@ -99,7 +105,8 @@ class EngineConfig:
 
     def detect_options(self) -> DetectOptions:
         return DetectOptions(**{opt: getattr(self, key) for key, (kind, opt) in ENGINE_KEYS.items()
-                                if kind is DetectOptions})
+                                if kind is DetectOptions},
+                             learnt=_learnt_detector(self.detect_learnt) if self.detect_learnt else None)
 
     def window_options(self) -> WindowOptions:
         return WindowOptions(**{opt: getattr(self, key) for key, (kind, opt) in ENGINE_KEYS.items()
@@ -142,6 +149,17 @@ def _learnt_version(path: str, size: int, mtime_ns: int) -> LearntExcess:
     return LearntExcess.load(path)
 
 
+def _learnt_detector(path: str) -> LearntCalcium:
+    """The learnt calcium detector at ``path``, read once per version of the file (as ``_learnt_estimate``)."""
+    st = Path(path).stat()
+    return _detector_version(path, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _detector_version(path: str, size: int, mtime_ns: int) -> LearntCalcium:
+    return LearntCalcium.load(path)
+
+
 # [engine] keys that are detection or window options: key -> (options class, field). The one place that
 # maps the operator's names (kept stable for config files and documented commands) onto the pipeline's.
 ENGINE_KEYS: dict[str, tuple[type, str]] = {
@@ -156,6 +174,8 @@ ENGINE_KEYS: dict[str, tuple[type, str]] = {
     "sharp_min_excess_mm3": (DetectOptions, "sharp_min_excess_mm3"),
     "grow_sharp_hu": (DetectOptions, "grow_sharp_hu"), "grow_mm": (DetectOptions, "grow_mm"),
     "trim_sharp_hu": (DetectOptions, "trim_sharp_hu"), "trim_mm": (DetectOptions, "trim_mm"),
+    "detect_learnt_probability": (DetectOptions, "learnt_probability"),
+    "detect_learnt_min_volume_mm3": (DetectOptions, "learnt_min_volume_mm3"),
     "margin_mm": (WindowOptions, "margin_mm"), "core": (WindowOptions, "core"),
     "mask_mode": (WindowOptions, "mask_mode"), "confidence": (ConfidenceOptions, "flips"),
     "unsure_hu": (ConfidenceOptions, "unsure_hu"), "unsure_action": (ConfidenceOptions, "unsure_action"),
@@ -471,8 +491,8 @@ def check(cfg: Config) -> None:
     except ValueError as exc:
         raise ConfigError(f"engine: {exc}") from None
     except OSError as exc:
-        raise ConfigError(f"engine.subtract_estimate / subtract_companions: cannot read {exc.filename!r}: "
-                          f"{exc.strerror or exc}") from None
+        raise ConfigError(f"engine.subtract_estimate / subtract_companions / detect_learnt: cannot read "
+                          f"{exc.filename!r}: {exc.strerror or exc}") from None
     if cfg.intake.max_sequence_depth < 0 or cfg.intake.max_element_mb < 0:
         raise ConfigError("intake.max_sequence_depth and intake.max_element_mb cannot be negative")
 
@@ -502,6 +522,8 @@ def load(path: str | Path | None = None) -> Config:
     estimate = Path(cfg.engine.subtract_estimate)
     if cfg.engine.subtract_estimate and not estimate.is_absolute():  # before the check, which reads it
         cfg.engine.subtract_estimate = str((p.parent / estimate).resolve())
+    if cfg.engine.detect_learnt and not Path(cfg.engine.detect_learnt).is_absolute():
+        cfg.engine.detect_learnt = str((p.parent / cfg.engine.detect_learnt).resolve())
     cfg.engine.subtract_companions = [c if Path(c).is_absolute() else str((p.parent / c).resolve())
                                       for c in cfg.engine.subtract_companions]
     check(cfg)

@@ -23,7 +23,9 @@ found such deposits, but the subtraction removed them only in part and some then
 lumen, reports/tuning/subtract-estimate.md). Two more, off, reshape what the rules found where the blur is undone:
 a growth into the deposit's flanks (``grow_sharp_hu``) and a trim of the lumen its bloom lifted past the rules
 (``trim_sharp_hu``); neither read closer on the tuning studies (reports/tuning/grown-detection.md,
-reports/tuning/trimmed-detection.md).
+reports/tuning/trimmed-detection.md). A learnt classifier (``learnt``, ``detect_learnt``), off, decides last the
+voxels near and above the contrast level in the sharpened image and those next to what the rules found, and its
+verdict replaces theirs there (reports/tuning/learnt-detection.md).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import numpy as np
 from scipy import ndimage
 
 from dicom_node.pipeline.contrast import BLOCK, brighter_than_lumen, brightest_level_nearby, local_lumen_level
+from dicom_node.pipeline.detect_learnt import CONTEXT_VOXELS, LearntCalcium, candidate_features
 from dicom_node.pipeline.morphology import THREADS, dilate_mm, grow_box, open_mm, padded_bbox
 from dicom_node.pipeline.subtract import ScannerBlur, SubtractOptions, sharpen
 
@@ -81,16 +84,28 @@ class DetectOptions:
     # voxels, at most trim_mm deep. 0 = off. Needs the contrast level; after the growth when both are on.
     trim_sharp_hu: float = 0.0
     trim_mm: float = 1.0
+    # A learnt classifier (``detect_learnt.LearntCalcium``) that decides, after every rule, each voxel the
+    # sharpened image shows near the contrast level or above it, or that lies next to what the rules found
+    # (``detect_learnt``'s pool): its verdict replaces the rules' there. None = the rules alone.
+    learnt: LearntCalcium | None = None
+    learnt_probability: float = 0.0  # the probability above which a voxel is calcium; 0 = the file's own
+    learnt_min_volume_mm3: float = 2.0  # a component the rules did not touch must be at least this large
 
     @property
     def sharpens(self) -> bool:
         """Whether any rule looks at the sharpened image (and so needs the kernel's blur and the level)."""
-        return self.sharp_contrast_hu > 0 or self.grow_sharp_hu > 0 or self.trim_sharp_hu > 0
+        return self.sharp_contrast_hu > 0 or self.grow_sharp_hu > 0 or self.trim_sharp_hu > 0 or self.learnt is not None
 
     def without_sharpening(self) -> DetectOptions:
         """These options with every rule that looks at the sharpened image off (kept beside :attr:`sharpens`, so
         that a rule added to one is added to both)."""
-        return replace(self, sharp_contrast_hu=0.0, grow_sharp_hu=0.0, trim_sharp_hu=0.0)
+        return replace(self, sharp_contrast_hu=0.0, grow_sharp_hu=0.0, trim_sharp_hu=0.0, learnt=None)
+
+    def probability(self) -> float:
+        """The learnt classifier's probability threshold in force (the option's, else the file's)."""
+        if self.learnt is None:
+            return float("nan")
+        return self.learnt_probability if self.learnt_probability > 0 else self.learnt.threshold
 
     def __post_init__(self) -> None:
         if (self.sharp_contrast_hu < 0 or self.sharp_max_above_hu < 0 or self.sharp_min_excess_mm3 < 0
@@ -99,6 +114,10 @@ class DetectOptions:
                              "trim_sharp_hu must be >= 0 (0 = off)")
         if self.grow_mm <= 0 or self.trim_mm <= 0:
             raise ValueError(f"grow_mm and trim_mm must be positive, not {self.grow_mm} and {self.trim_mm}")
+        if not 0.0 <= self.learnt_probability < 1.0:
+            raise ValueError(f"learnt_probability must lie in 0..1 (0 = the file's own), not {self.learnt_probability}")
+        if self.learnt_min_volume_mm3 < 0:
+            raise ValueError(f"learnt_min_volume_mm3 must be >= 0, not {self.learnt_min_volume_mm3}")
         if self.sharp_min_volume_mm3 <= 0:
             raise ValueError(f"sharp_min_volume_mm3 must be positive, not {self.sharp_min_volume_mm3}")
         ScannerBlur(mtf50_lp_cm=self.sharp_mtf50_lp_cm)  # checks it as any blur's MTF50
@@ -245,6 +264,7 @@ def _faint_calcium(volume: np.ndarray, spacing: tuple[float, float, float], brig
 # The sharpened-image test sharpens the acquired image with this many voxels around every voxel it looks at
 # (beyond the blur's reach), in tiles of SHARP_TILE voxels a side where that is cheaper than one box.
 SHARP_PAD = 8
+assert SHARP_PAD >= CONTEXT_VOXELS, "a learnt classifier's features must see their whole neighbourhood in a box"
 SHARP_TILE = 64
 
 
@@ -298,6 +318,15 @@ def _sharpened_parts(volume: np.ndarray, spacing: tuple[float, float, float], ma
     over every voxel of ``mask``, box by box (:func:`sharpening_boxes`): ``(kept, acquired, sharpened)`` with
     ``kept`` the slices of the volume the two float64 arrays cover; together the kept boxes hold all of ``mask``.
     """
+    for box, kept, part, u in _sharpened_boxes(volume, spacing, mask, mtf50_lp_cm):
+        inner = _relative(kept, box)
+        yield kept, part[inner], u[inner]
+
+
+def _sharpened_boxes(volume: np.ndarray, spacing: tuple[float, float, float], mask: np.ndarray, mtf50_lp_cm: float
+                     ) -> Iterator[tuple[tuple[slice, ...], tuple[slice, ...], np.ndarray, np.ndarray]]:
+    """As :func:`_sharpened_parts`, with each whole box: ``(box, kept, acquired, sharpened)``, the two arrays over
+    ``box``, which holds ``kept`` with ``SHARP_PAD`` voxels of image around it (what a neighbourhood reads)."""
     boxes = sharpening_boxes(mask)
     if not boxes:
         return
@@ -312,8 +341,7 @@ def _sharpened_parts(volume: np.ndarray, spacing: tuple[float, float, float], ma
     # 11.7 s one after the other, 6.0 s in two threads, the same values); one box needs no pool
     with ThreadPoolExecutor(max_workers=min(THREADS, len(boxes))) as pool:
         for (box, kept), (part, u) in zip(boxes, pool.map(sharpened, [box for box, _ in boxes])):
-            inner = _relative(kept, box)
-            yield kept, part[inner], u[inner]
+            yield box, kept, part, u
 
 
 def _relative(box: tuple[slice, ...], within: tuple[slice, ...]) -> tuple[slice, ...]:
@@ -478,7 +506,8 @@ def detect(volume: np.ndarray, spacing: tuple[float, float, float], options: Det
              if opts.local_contrast_hu > 0 or opts.noise_sigmas > 0 or opts.sharpens else None)
     if opts.local_contrast_hu > 0:
         bright |= _faint_calcium(volume, spacing, bright, opts, level)
-    noise_sd = image_noise_sd(volume) if opts.noise_sigmas > 0 or opts.sharp_min_excess_mm3 > 0 else float("nan")
+    noise_sd = (image_noise_sd(volume) if opts.noise_sigmas > 0 or opts.sharp_min_excess_mm3 > 0
+                or opts.learnt is not None else float("nan"))
     # Large dense structures: what survives an opening wider than any coronary calcium.
     # Bone cut by the field of view stays bone: the opening treats the volume as continuing.
     opened = open_mm(bright, spacing, opts.dense_opening_mm)
@@ -538,6 +567,9 @@ def detect(volume: np.ndarray, spacing: tuple[float, float, float], options: Det
         _grow_in_sharpened(volume, spacing, opts, level, avoid, calcium, labels, lesions)
     if opts.trim_sharp_hu > 0 and lesions:
         lesions = _trim_in_sharpened(volume, spacing, opts, level, calcium, labels, lesions, excluded)
+    if opts.learnt is not None:
+        calcium, labels, lesions = _learnt_calcium(volume, spacing, opts, level, avoid, calcium, labels, lesions,
+                                                   excluded, noise_sd)
     return Detection(calcium=calcium, lesions=lesions, threshold_hu=threshold, excluded=excluded, labels=labels)
 
 
@@ -682,3 +714,73 @@ def _trim_in_sharpened(volume: np.ndarray, spacing: tuple[float, float, float], 
             lesion = _reshaped(lesion, index, left, box, volume, voxel_mm3)
         kept_lesions.append(lesion)
     return kept_lesions
+
+
+def learnt_pools(volume: np.ndarray, spacing: tuple[float, float, float], opts: DetectOptions, level: np.ndarray,
+                 found: np.ndarray, noise_sd: float
+                 ) -> Iterator[tuple[tuple[slice, ...], np.ndarray, np.ndarray]]:
+    """What the learnt classifier decides, box by box: ``(kept, pool, rows)``, ``pool`` bool over ``kept`` (a
+    part of the volume) and ``rows`` its voxels' ``detect_learnt.FEATURES`` (``np.flatnonzero`` order).
+
+    The image is sharpened as the sharpened-image test sharpens it, over all above ``local_floor_hu`` (the test's
+    floor); ``found`` is what the rules found. Public so that the lab's extraction sees exactly the node's pools.
+    """
+    level_near = brightest_level_nearby(level, spacing)
+    for box, kept, part, u in _sharpened_boxes(volume, spacing, volume > opts.local_floor_hu, opts.sharp_mtf50_lp_cm):
+        pool, rows = candidate_features(part, u, _levels_over(level_near, box), found[box], spacing, noise_sd,
+                                        opts.sharp_mtf50_lp_cm, opts.local_floor_hu)
+        inner = _relative(kept, box)
+        held = pool[inner]
+        # rows of the kept voxels only, in their flat order within ``kept``
+        order = np.flatnonzero(pool)
+        keep = np.zeros(pool.shape, bool)
+        keep[inner] = True
+        yield kept, held, rows[keep.reshape(-1)[order]]
+
+
+def _learnt_calcium(volume: np.ndarray, spacing: tuple[float, float, float], opts: DetectOptions, level: np.ndarray,
+                    avoid: np.ndarray | None, calcium: np.ndarray, labels: np.ndarray, lesions: list[Lesion],
+                    excluded: list[dict], noise_sd: float) -> tuple[np.ndarray, np.ndarray, list[Lesion]]:
+    """The calcium after the learnt classifier decided its pool (``learnt_pools``): ``(calcium, labels, lesions)``.
+
+    Within the pool its verdict replaces the rules'; outside it the rules' calcium stands. Bone, devices and
+    what the rules left alone (``avoid``) stay out. A component the rules did not touch must be
+    ``learnt_min_volume_mm3`` large (the classifier's odd voxel in a bright lumen is noise, not a deposit); it is
+    recorded as found only in the sharpened image, as the sharpened-image test's deposits are (the engine marks
+    its restoration unsure). Lesions are numbered afresh, in raster order.
+    """
+    assert opts.learnt is not None
+    threshold = opts.probability()
+    chosen = calcium.copy()
+    for kept, pool, rows in learnt_pools(volume, spacing, opts, level, calcium, noise_sd):
+        if not len(rows):
+            continue
+        verdict = np.zeros(pool.shape, bool)
+        verdict[pool] = opts.learnt(rows) > threshold
+        held = chosen[kept]
+        held[pool] = verdict[pool]
+    if avoid is not None:
+        chosen &= ~avoid
+    plain = {lesion.index for lesion in lesions if not lesion.sharpened}  # the rules' lesions found as acquired
+    lab, _, objects = _label(chosen)
+    voxel_mm3 = float(np.prod(spacing))
+    out: list[Lesion] = []
+    for i, sl in enumerate(objects, start=1):
+        part = lab[sl] == i
+        touched = set(np.unique(labels[sl][part]).tolist()) - {0}
+        lesion = _lesion(len(out) + 1, part, sl, volume, voxel_mm3)
+        reason = "" if lesion.volume_mm3 >= opts.min_volume_mm3 else "tiny"
+        if not reason and not touched and lesion.volume_mm3 < opts.learnt_min_volume_mm3:
+            reason = "tiny"
+        if not reason:
+            reason = _structure_reason(lesion, volume.shape, opts)
+            if reason:
+                excluded.append({"reason": f"learnt: {reason}", "volume_mm3": round(lesion.volume_mm3, 1),
+                                 "centroid": [round(c, 1) for c in lesion.centroid]})
+        if reason:
+            chosen[sl][part] = False
+            lab[sl][part] = 0
+            continue
+        out.append(replace(lesion, sharpened=not (touched & plain)))
+        lab[sl][part] = lesion.index
+    return chosen, lab, out

@@ -107,6 +107,16 @@ def engine_id(cfg: Config, kernel: str | None = None) -> str:
     Under ``method = "auto"`` a series' output is made by what auto chooses for its ``kernel``
     (``Engine.method_for``); without a kernel, the node's id names both (job records, fingerprints).
     """
+    detector = cfg.engine.detect_options()
+    if detector.learnt is None:
+        return _engine_id(cfg, kernel)
+    # a learnt detector decides which voxels are restored: its file and settings name the output too
+    named = f"{detector.learnt.digest}+{detector.probability()}+{detector.learnt_min_volume_mm3}"
+    return f"{_engine_id(cfg, kernel)}-detect-{hashlib.sha256(named.encode()).hexdigest()[:8]}"
+
+
+def _engine_id(cfg: Config, kernel: str | None) -> str:
+    """:func:`engine_id` without the learnt detector."""
     method, options = cfg.engine.method, None
     if method == "auto" and kernel is not None:
         options = cfg.engine.subtract_options()
