@@ -131,3 +131,24 @@ def test_the_config_reads_the_detector_beside_it_and_names_it_in_the_engine_id(t
     f.write_text('[engine]\ndetect_learnt = "detector.npz"\ndetect_learnt_probability = 1.5\n')
     with pytest.raises(ConfigError, match="learnt_probability"):
         load(f)
+
+
+def test_the_detector_reuses_what_the_sharpened_image_test_sharpened(tmp_path, monkeypatch):
+    """The learnt detector looks at all the sharpened-image test looked at: the boxes are sharpened once, and the
+    calcium is the same voxel for voxel as when they are sharpened again (a memo with no room)."""
+    from dicom_node.pipeline import detect as d
+
+    vol, _ = _scanned_vessel(700.0, 0, noise=30.0, pool=True)
+    opts = replace(DetectOptions(sharp_contrast_hu=150.0), learnt=LearntCalcium.load(_write(tmp_path / "d.npz")))
+    calls = []
+    real = d.sharpen
+    monkeypatch.setattr(d, "sharpen", lambda *a, **k: calls.append(1) or real(*a, **k))
+    once = detect(vol, SPACING, opts)
+    n_once = len(calls)
+    monkeypatch.setattr(d, "SHARP_MEMO_MB", 0)
+    monkeypatch.setattr(d.Sharpenings.__init__, "__defaults__", (0,))
+    calls.clear()
+    twice = detect(vol, SPACING, opts)
+    assert len(calls) == 2 * n_once > 0
+    assert once.calcium.any() and np.array_equal(once.calcium, twice.calcium)
+    assert np.array_equal(once.labels, twice.labels)
