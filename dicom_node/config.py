@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -140,24 +141,22 @@ def _learnt_estimate(path: str) -> LearntExcess:
     reading and hashing the file each time costs little but is needless. Keyed by size and modification time,
     so a file replaced in place (a site installing new weights) is read again, with its new digest.
     """
-    st = Path(path).stat()  # a missing file raises here, as the load would
-    return _learnt_version(path, st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=8)
-def _learnt_version(path: str, size: int, mtime_ns: int) -> LearntExcess:
-    return LearntExcess.load(path)
+    return _read_once(LearntExcess.load, path)
 
 
 def _learnt_detector(path: str) -> LearntCalcium:
     """The learnt calcium detector at ``path``, read once per version of the file (as ``_learnt_estimate``)."""
-    st = Path(path).stat()
-    return _detector_version(path, st.st_size, st.st_mtime_ns)
+    return _read_once(LearntCalcium.load, path)
 
 
-@functools.lru_cache(maxsize=4)
-def _detector_version(path: str, size: int, mtime_ns: int) -> LearntCalcium:
-    return LearntCalcium.load(path)
+def _read_once(loader: Callable[[str], Any], path: str) -> Any:
+    st = Path(path).stat()  # a missing file raises here, as the load would
+    return _file_version(loader, path, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_version(loader: Callable[[str], Any], path: str, size: int, mtime_ns: int) -> Any:
+    return loader(path)
 
 
 # [engine] keys that are detection or window options: key -> (options class, field). The one place that

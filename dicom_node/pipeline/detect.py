@@ -774,12 +774,9 @@ def learnt_pools(volume: np.ndarray, spacing: tuple[float, float, float], opts: 
         pool, rows = candidate_features(part, u, _levels_over(level_near, box), found[box], spacing, noise_sd,
                                         opts.sharp_mtf50_lp_cm, opts.local_floor_hu)
         inner = _relative(kept, box)
-        held = pool[inner]
-        # rows of the kept voxels only, in their flat order within ``kept``
-        order = np.flatnonzero(pool)
         keep = np.zeros(pool.shape, bool)
         keep[inner] = True
-        yield kept, held, rows[keep.reshape(-1)[order]]
+        yield kept, pool[inner], rows[keep[pool]]  # the kept voxels' rows, in their flat order within ``kept``
 
 
 def _learnt_calcium(volume: np.ndarray, spacing: tuple[float, float, float], opts: DetectOptions, level: np.ndarray,
