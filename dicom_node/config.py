@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from dicom_node.pipeline.detect import DetectOptions
+from dicom_node.pipeline.detect import DetectOptions, LearntMode
 from dicom_node.pipeline.detect_learnt import LearntCalcium
 from dicom_node.pipeline.restore import ConfidenceOptions, Method, UnsureAction
 from dicom_node.pipeline.series import REFUSED_IMAGE_TYPES
@@ -62,6 +62,7 @@ class EngineConfig:
     detect_learnt: str = ""
     detect_learnt_probability: float = DetectOptions.learnt_probability  # ... calcium above this; 0 = the file's
     detect_learnt_min_volume_mm3: float = DetectOptions.learnt_min_volume_mm3  # ... new deposits at least this
+    detect_learnt_mode: LearntMode = DetectOptions.learnt_mode  # ... decide its whole pool, or only trim the rules'
     margin_mm: float = WindowOptions.margin_mm  # blooming margin restored around the calcium
     core: int = WindowOptions.core  # voxels a window may restore per axis (of 32)
     mask_mode: MaskMode = WindowOptions.mask_mode  # cube: the paper's, hiding each window's whole core
@@ -175,6 +176,7 @@ ENGINE_KEYS: dict[str, tuple[type, str]] = {
     "trim_sharp_hu": (DetectOptions, "trim_sharp_hu"), "trim_mm": (DetectOptions, "trim_mm"),
     "detect_learnt_probability": (DetectOptions, "learnt_probability"),
     "detect_learnt_min_volume_mm3": (DetectOptions, "learnt_min_volume_mm3"),
+    "detect_learnt_mode": (DetectOptions, "learnt_mode"),
     "margin_mm": (WindowOptions, "margin_mm"), "core": (WindowOptions, "core"),
     "mask_mode": (WindowOptions, "mask_mode"), "confidence": (ConfidenceOptions, "flips"),
     "unsure_hu": (ConfidenceOptions, "unsure_hu"), "unsure_action": (ConfidenceOptions, "unsure_action"),

@@ -96,6 +96,10 @@ def engine_report(engine: EngineConfig) -> dict[str, Any]:
         return out
     options = engine.subtract_options()
     out["estimate"] = engine.subtract_estimate or "rule"
+    detector = engine.detect_options()
+    if detector.learnt is not None:  # it decides which voxels are restored: say which file, how and how sure
+        out["detector"] = {"file": engine.detect_learnt, "mode": detector.learnt_mode,
+                           "probability": detector.probability()}
     out["sharpening"] = _sharpening(options)
     if options.companions:  # every region restored once per estimate: which is written, and how each sharpens
         out["companions"] = [{"estimate": path, "sharpening": _sharpening(o)}
@@ -246,6 +250,12 @@ def _render_engine(e: dict[str, Any]) -> list[str]:
         how = (f"split, anatomy at most {sharp['anatomy_above_level_hu']:g} HU above the contrast"
                if sharp["method"] == "split" else "plain total variation")
         lines.append(f"  sharpening: {how} (set by {sharp['set_by']})")
+    found = e.get("detector")
+    if found:
+        how = {"trim": "gives back the rules' calcium it calls lumen", "decide": "decides the voxels near the rules' "
+               "calcium and the contrast level"}[found["mode"]]
+        lines.append(f"  calcium detection: {found['file']} {how} (probability > {found['probability']:g}; "
+                     f"{'subtracted series only' if e['method'] == 'auto' else 'every series'})")
     written = {"first": "the first estimate's (the others measure the disagreement)", "mean": "the mean of all",
                "wider": "the one a reader sees the most lumen in",
                "enclosed": "the second estimate's where the calcium encloses the lumen, else the first's"}

@@ -146,3 +146,23 @@ def test_doctor_names_the_estimates_beside_the_first_and_which_restoration_is_wr
         in doctor._render_engine(enclosed)
     alone = doctor.engine_report(config.from_dict({"engine": {"method": "subtract", "subtract_estimate": ref}}).engine)
     assert "companions" not in alone and not any("also estimated" in line for line in doctor._render_engine(alone))
+
+
+def test_doctor_names_the_learnt_detector_and_what_it_may_do():
+    """A learnt detector decides which voxels are restored: doctor says which file, whether it only trims the rules'
+    calcium or decides its whole pool, at which probability, and (under auto) that it runs for subtracted series."""
+    from dicom_node.config import REPO
+
+    detector = str(REPO / "engines" / "calcium_detect.npz")
+    e = doctor.engine_report(config.from_dict({"engine": {
+        "method": "auto", "sharp_contrast_hu": 150.0, "detect_learnt": detector, "detect_learnt_mode": "trim",
+        "detect_learnt_probability": 0.3}}).engine)
+    assert e["detector"] == {"file": detector, "mode": "trim", "probability": 0.3}
+    assert (f"  calcium detection: {detector} gives back the rules' calcium it calls lumen (probability > 0.3; "
+            "subtracted series only)") in doctor._render_engine(e)
+    decide = doctor.engine_report(config.from_dict({"engine": {"method": "subtract",
+                                                               "detect_learnt": detector}}).engine)
+    assert decide["detector"]["mode"] == "decide" and decide["detector"]["probability"] == 0.5
+    assert any("decides the voxels" in line and "every series" in line for line in doctor._render_engine(decide))
+    plain = doctor.engine_report(config.from_dict({"engine": {"method": "subtract"}}).engine)
+    assert "detector" not in plain and not any("calcium detection" in x for x in doctor._render_engine(plain))

@@ -33,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import Literal, get_args
 
 import numpy as np
 from scipy import ndimage
@@ -46,6 +47,13 @@ CONNECTIVITY_26 = np.ones((3, 3, 3), bool)
 
 
 DEFAULT_THRESHOLD_HU = 700.0  # calcium by the classic rule; the lab's training masks use the same
+
+# What a learnt detector may do with the rules' calcium: "decide" each voxel of its pool (find a deposit's missed
+# flank, give back lumen), or only "trim" (give back what the rules took that it calls lumen, never add). Why the
+# second: on validation voxels the classifier separates the rules' extra voxels from their calcium far better than
+# it finds what they missed, and in the oracles the extras made the severe stenoses
+# (reports/tuning/learnt-detection.md, section 6).
+LearntMode = Literal["decide", "trim"]
 
 
 @dataclass
@@ -90,6 +98,9 @@ class DetectOptions:
     learnt: LearntCalcium | None = None
     learnt_probability: float = 0.0  # the probability above which a voxel is calcium; 0 = the file's own
     learnt_min_volume_mm3: float = 2.0  # a component the rules did not touch must be at least this large
+    # "decide": the verdict replaces the rules' over the whole pool (adds and takes away); "trim": it may only take
+    # voxels out of what the rules found (the lumen their bloom lifted), never add any
+    learnt_mode: LearntMode = "decide"
 
     @property
     def sharpens(self) -> bool:
@@ -118,6 +129,8 @@ class DetectOptions:
             raise ValueError(f"learnt_probability must lie in 0..1 (0 = the file's own), not {self.learnt_probability}")
         if self.learnt_min_volume_mm3 < 0:
             raise ValueError(f"learnt_min_volume_mm3 must be >= 0, not {self.learnt_min_volume_mm3}")
+        if self.learnt_mode not in get_args(LearntMode):
+            raise ValueError(f"learnt_mode must be one of {get_args(LearntMode)}, not {self.learnt_mode!r}")
         if self.sharp_min_volume_mm3 <= 0:
             raise ValueError(f"sharp_min_volume_mm3 must be positive, not {self.sharp_min_volume_mm3}")
         ScannerBlur(mtf50_lp_cm=self.sharp_mtf50_lp_cm)  # checks it as any blur's MTF50
@@ -785,7 +798,8 @@ def _learnt_calcium(volume: np.ndarray, spacing: tuple[float, float, float], opt
                     ) -> tuple[np.ndarray, np.ndarray, list[Lesion]]:
     """The calcium after the learnt classifier decided its pool (``learnt_pools``): ``(calcium, labels, lesions)``.
 
-    Within the pool its verdict replaces the rules'; outside it the rules' calcium stands. Bone, devices and
+    Within the pool its verdict replaces the rules' (``learnt_mode = "trim"``: only on the rules' own voxels, which
+    it may give back but never add to); outside it the rules' calcium stands. Bone, devices and
     what the rules left alone (``avoid``) stay out. A component the rules did not touch must be
     ``learnt_min_volume_mm3`` large (the classifier's odd voxel in a bright lumen is noise, not a deposit); it is
     recorded as found only in the sharpened image, as the sharpened-image test's deposits are (the engine marks
@@ -795,11 +809,16 @@ def _learnt_calcium(volume: np.ndarray, spacing: tuple[float, float, float], opt
     threshold = opts.probability()
     chosen = calcium.copy()
     for kept, pool, rows in learnt_pools(volume, spacing, opts, level, calcium, noise_sd, memo):
+        held = chosen[kept]  # a view: assigning into it decides the volume's voxels
+        if opts.learnt_mode == "trim":  # only the rules' own voxels are asked, and may only be given back
+            asked = held[pool]
+            pool = pool.copy()
+            pool[pool] = asked
+            rows = rows[asked]
         if not len(rows):
             continue
         verdict = np.zeros(pool.shape, bool)
         verdict[pool] = opts.learnt(rows) > threshold
-        held = chosen[kept]
         held[pool] = verdict[pool]
     if avoid is not None:
         chosen &= ~avoid

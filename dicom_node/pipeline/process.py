@@ -112,6 +112,8 @@ def engine_id(cfg: Config, kernel: str | None = None) -> str:
         return _engine_id(cfg, kernel)
     # a learnt detector decides which voxels are restored: its file and settings name the output too
     named = f"{detector.learnt.digest}+{detector.probability()}+{detector.learnt_min_volume_mm3}"
+    if detector.learnt_mode != "decide":  # the first files named "decide" without saying so: their ids stand
+        named += f"+{detector.learnt_mode}"
     return f"{_engine_id(cfg, kernel)}-detect-{hashlib.sha256(named.encode()).hexdigest()[:8]}"
 
 

@@ -104,6 +104,29 @@ def test_within_its_pool_the_detectors_verdict_replaces_the_rules(tmp_path):
     assert kept.lesions and not kept.lesions[0].sharpened, "touching the rules' lesion: found as acquired"
 
 
+def test_a_trimming_detector_gives_back_the_rules_voxels_and_never_adds_one(tmp_path):
+    """``learnt_mode = "trim"``: the detector is asked only about the voxels the rules found. One that calls
+    everything calcium leaves the rules' calcium exactly as it was (deciding, it would take its whole pool); one
+    that calls nothing calcium gives all of it back; on a faint half-ring the rules miss, it finds nothing."""
+    vol, _ = _scanned_vessel(1500.0, 0, noise=20.0, pool=True)
+    rules = detect(vol, SPACING, DetectOptions())
+    always = LearntCalcium.load(_write(tmp_path / "yes.npz", weight=0.0, bias=30.0))
+    trim = replace(DetectOptions(), learnt=always, learnt_mode="trim")
+    assert np.array_equal(detect(vol, SPACING, trim).calcium, rules.calcium)
+    decided = detect(vol, SPACING, replace(trim, learnt_mode="decide")).calcium
+    assert decided.sum() > rules.calcium.sum() and (decided & rules.calcium).sum() == rules.calcium.sum()
+    never = LearntCalcium.load(_write(tmp_path / "no.npz", weight=0.0, bias=-30.0))
+    assert not detect(vol, SPACING, replace(trim, learnt=never)).calcium.any()
+    # between the two: the sharpened image's line takes back part of what the threshold found, adds nothing
+    middle = detect(vol, SPACING, replace(trim, learnt=LearntCalcium.load(_write(tmp_path / "d.npz", bias=-80.0))))
+    assert 0 < middle.calcium.sum() < rules.calcium.sum() and not (middle.calcium & ~rules.calcium).any()
+    faint, _ = _scanned_vessel(700.0, 0, noise=30.0, pool=True)
+    finder = replace(trim, learnt=LearntCalcium.load(_write(tmp_path / "f.npz")))
+    assert not detect(faint, SPACING, finder).calcium.any()
+    with pytest.raises(ValueError, match="learnt_mode"):
+        replace(trim, learnt_mode="add")
+
+
 def test_the_config_reads_the_detector_beside_it_and_names_it_in_the_engine_id(tmp_path):
     from dicom_node.pipeline.process import engine_id
 
@@ -121,6 +144,12 @@ def test_the_config_reads_the_detector_beside_it_and_names_it_in_the_engine_id(t
     f.write_text('[engine]\nmethod = "subtract"\ndetect_learnt = "detector.npz"\ndetect_learnt_probability = 0.8\n')
     assert load(f).engine.detect_options().probability() == 0.8
     assert engine_id(load(f)) != engine_id(cfg), "the probability changes what is restored"
+    f.write_text('[engine]\nmethod = "subtract"\ndetect_learnt = "detector.npz"\ndetect_learnt_mode = "trim"\n')
+    assert load(f).engine.detect_options().learnt_mode == "trim"
+    assert engine_id(load(f)) != engine_id(cfg), "trimming restores other voxels than deciding"
+    f.write_text('[engine]\ndetect_learnt = "detector.npz"\ndetect_learnt_mode = "add"\n')
+    with pytest.raises(ConfigError, match="detect_learnt_mode"):
+        load(f)
     f.write_text('[engine]\ndetect_learnt = "nowhere.npz"\n')
     with pytest.raises(ConfigError, match="detect_learnt"):
         load(f)
