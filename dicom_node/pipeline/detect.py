@@ -25,7 +25,8 @@ a growth into the deposit's flanks (``grow_sharp_hu``) and a trim of the lumen i
 (``trim_sharp_hu``); neither read closer on the tuning studies (reports/tuning/grown-detection.md,
 reports/tuning/trimmed-detection.md). A learnt classifier (``learnt``, ``detect_learnt``), off, decides last the
 voxels near and above the contrast level in the sharpened image and those next to what the rules found, and its
-verdict replaces theirs there (reports/tuning/learnt-detection.md).
+verdict replaces theirs there; or (``learnt_mode = "trim"``) it only gives back the rules' voxels it calls lumen
+(reports/tuning/learnt-detection.md).
 """
 
 from __future__ import annotations
