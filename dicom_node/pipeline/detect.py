@@ -774,23 +774,29 @@ def _trim_in_sharpened(volume: np.ndarray, spacing: tuple[float, float, float], 
 
 
 def learnt_pools(volume: np.ndarray, spacing: tuple[float, float, float], opts: DetectOptions, level: np.ndarray,
-                 found: np.ndarray, noise_sd: float, memo: Sharpenings | None = None
+                 found: np.ndarray, noise_sd: float, memo: Sharpenings | None = None, only_found: bool = False
                  ) -> Iterator[tuple[tuple[slice, ...], np.ndarray, np.ndarray]]:
     """What the learnt classifier decides, box by box: ``(kept, pool, rows)``, ``pool`` bool over ``kept`` (a
     part of the volume) and ``rows`` its voxels' ``detect_learnt.FEATURES`` (``np.flatnonzero`` order).
 
     The image is sharpened as the sharpened-image test sharpens it, over all above ``local_floor_hu`` (the test's
-    floor); ``found`` is what the rules found. Public so that the lab's extraction sees exactly the node's pools.
+    floor); ``found`` is what the rules found. ``only_found`` (``learnt_mode = "trim"``): the pool cut to ``found``,
+    and a box with none of it skipped before its features are computed. Public so that the lab's extraction sees
+    exactly the node's pools.
     """
     level_near = brightest_level_nearby(level, spacing)
     above = volume > opts.local_floor_hu  # what the sharpened-image test sharpens: its boxes come from ``memo``
     for box, kept, part, u in _sharpened_boxes(volume, spacing, above, opts.sharp_mtf50_lp_cm, memo):
+        if only_found and not found[kept].any():
+            continue
         pool, rows = candidate_features(part, u, _levels_over(level_near, box), found[box], spacing, noise_sd,
                                         opts.sharp_mtf50_lp_cm, opts.local_floor_hu)
         inner = _relative(kept, box)
         keep = np.zeros(pool.shape, bool)
         keep[inner] = True
-        yield kept, pool[inner], rows[keep[pool]]  # the kept voxels' rows, in their flat order within ``kept``
+        if only_found:
+            keep &= found[box]
+        yield kept, (pool & keep)[inner], rows[keep[pool]]  # the kept voxels' rows, in their flat order in ``kept``
 
 
 def _learnt_calcium(volume: np.ndarray, spacing: tuple[float, float, float], opts: DetectOptions, level: np.ndarray,
@@ -809,17 +815,14 @@ def _learnt_calcium(volume: np.ndarray, spacing: tuple[float, float, float], opt
     assert opts.learnt is not None
     threshold = opts.probability()
     chosen = calcium.copy()
-    for kept, pool, rows in learnt_pools(volume, spacing, opts, level, calcium, noise_sd, memo):
-        held = chosen[kept]  # a view: assigning into it decides the volume's voxels
-        if opts.learnt_mode == "trim":  # only the rules' own voxels are asked, and may only be given back
-            asked = held[pool]
-            pool = pool.copy()
-            pool[pool] = asked
-            rows = rows[asked]
+    # trimming, only the rules' own voxels are asked: the verdict can then only give them back
+    for kept, pool, rows in learnt_pools(volume, spacing, opts, level, calcium, noise_sd, memo,
+                                         only_found=opts.learnt_mode == "trim"):
         if not len(rows):
             continue
         verdict = np.zeros(pool.shape, bool)
         verdict[pool] = opts.learnt(rows) > threshold
+        held = chosen[kept]
         held[pool] = verdict[pool]
     if avoid is not None:
         chosen &= ~avoid
