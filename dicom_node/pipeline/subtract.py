@@ -89,6 +89,12 @@ class ScannerBlur:
 FEATURES = ("sharp", "acquired", "sharp_0.5mm", "sharp_max_1mm", "sharp_min_1mm", "acquired_1mm", "rule_excess",
             "distance_mm", "detected", "level", "mtf50", "acquired_max_1mm", "sharp_detail", "white")
 RULE = FEATURES.index("rule_excess")
+# A feature of the whole box rather than of a voxel, after ``FEATURES`` where an estimate's file takes it: the
+# calibre of the vessel at the calcium (``restore.vessel_calibre_mm`` on the box; NaN where there is no contrast to
+# measure, which the estimate reads as the training mean). Why: every severe stenosis the subtraction made held out
+# lies in a vessel under 2.8 mm, where a voxel of lumen taken is a quarter of the diameter, and a voxel's own
+# neighbourhood (2 voxels) cannot say how wide the vessel is.
+VESSEL_FEATURE = "vessel_mm"
 
 
 @dataclass(frozen=True, eq=False)  # compared and hashed as the object: its arrays have no single truth value
@@ -134,15 +140,17 @@ class LearntExcess:
     def __post_init__(self) -> None:
         if len(self.weights) < 2 or len(self.weights) % 2 or len(self.convolutions) % 2:
             raise ValueError("weights must be (W, b) pairs")
-        if self.weights[0].shape[0] != len(FEATURES) or self.mean.shape != (len(FEATURES),):
-            raise ValueError(f"the network takes {len(FEATURES)} features, not {self.weights[0].shape[0]}")
+        takes = self.weights[0].shape[0]
+        if takes not in (len(FEATURES), len(FEATURES) + 1) or self.mean.shape != (takes,):
+            raise ValueError(f"the network takes {len(FEATURES)} features (or {len(FEATURES) + 1}, with "
+                             f"{VESSEL_FEATURE}), not {takes}")
         if self.weights[-2].shape[1] != 1:
             raise ValueError("the network must give one value per voxel")
         if not 0.0 <= self.level_away_mm <= 10.0:
             raise ValueError(f"level_away_mm must lie in 0..10 mm, not {self.level_away_mm}")
         if not 0.0 <= self.anatomy_above_level_hu <= 1000.0:
             raise ValueError(f"anatomy_above_level_hu must lie in 0..1000 HU, not {self.anatomy_above_level_hu}")
-        hidden = self.weights[-4].shape[1] if len(self.weights) > 2 else len(FEATURES)
+        hidden = self.weights[-4].shape[1] if len(self.weights) > 2 else takes
         width = hidden
         for k in range(0, len(self.convolutions), 2):
             kernel, bias = self.convolutions[k], self.convolutions[k + 1]
@@ -151,6 +159,11 @@ class LearntExcess:
             width = kernel.shape[2]
         if self.convolutions and self.weights[-2].shape[0] != hidden + width:
             raise ValueError(f"the last layer must read {hidden} hidden and {width} convolved units")
+
+    @property
+    def vessel_feature(self) -> bool:
+        """Whether it reads the vessel's calibre (``VESSEL_FEATURE``) after the voxel's ``FEATURES``."""
+        return self.weights[0].shape[0] == len(FEATURES) + 1
 
     @property
     def context_voxels(self) -> int:
@@ -181,6 +194,8 @@ class LearntExcess:
         """The excess (HU) of each row of ``features``; ``voxels`` (rows' [z, y, x], needed where the network
         convolves) place them on a grid."""
         x = (features - self.mean) / self.scale
+        if self.vessel_feature:  # a calibre not measured reads as the training mean
+            x[:, -1] = np.nan_to_num(x[:, -1], nan=0.0)
         for k in range(0, len(self.weights) - 2, 2):
             x = np.maximum(x @ self.weights[k] + self.weights[k + 1], 0.0)
         if self.convolutions:
@@ -653,18 +668,26 @@ def reference_levels(image: np.ndarray, calcium: np.ndarray, spacing: tuple[floa
 
 def learnt_inputs(y: np.ndarray, u: np.ndarray, calcium: np.ndarray, spacing: tuple[float, float, float],
                   options: SubtractOptions, reach_voxels: int, fallback_level: float,
-                  level_image: np.ndarray | None = None, level_away_mm: float = 0.0, context_voxels: int = 0
-                  ) -> tuple[np.ndarray, np.ndarray]:
+                  level_image: np.ndarray | None = None, level_away_mm: float = 0.0, context_voxels: int = 0,
+                  vessel_feature: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """What the learnt estimate sees in a box: its domain (the detected calcium dilated by ``reach_voxels``
     + ``context_voxels``; bool) and the ``FEATURES`` of the domain's voxels, relative to the contrast level
     measured as ``level_away_mm`` says (``reference_levels``). The node's estimate and the lab's training
-    both take their inputs from here, so the two cannot drift apart."""
+    both take their inputs from here, so the two cannot drift apart. ``vessel_feature``: the box's vessel calibre
+    (``VESSEL_FEATURE``) as a last column."""
     domain = within_reach(calcium, reach_voxels + context_voxels)
     if not domain.any():
-        return domain, np.zeros((0, len(FEATURES)))
+        return domain, np.zeros((0, len(FEATURES) + vessel_feature))
     level = reference_levels(y if level_image is None else level_image, calcium, spacing, np.argwhere(domain),
                              level_away_mm, fallback_level)
-    return domain, excess_features(y, u, calcium, domain, level, spacing, options)
+    features = excess_features(y, u, calcium, domain, level, spacing, options)
+    if vessel_feature:
+        from dicom_node.pipeline.restore import vessel_calibre_mm  # restore builds on this module
+
+        calibre = vessel_calibre_mm(y.astype(np.float32), spacing, tuple(slice(0, n) for n in y.shape), calcium)
+        column = np.full((len(features), 1), np.nan if calibre is None else calibre)
+        features = np.concatenate([features, column], axis=1)
+    return domain, features
 
 
 def within_reach(calcium: np.ndarray, reach_voxels: int) -> np.ndarray:
@@ -681,7 +704,7 @@ def learnt_excess(y: np.ndarray, u: np.ndarray, calcium: np.ndarray, spacing: tu
     model = options.learnt
     assert model is not None
     domain, features = learnt_inputs(y, u, calcium, spacing, options, model.reach_voxels, fallback_level, level_image,
-                                     model.level_away_mm, model.context_voxels)
+                                     model.level_away_mm, model.context_voxels, model.vessel_feature)
     excess = np.zeros(y.shape)
     if len(features):
         at = np.nonzero(domain)

@@ -41,7 +41,7 @@ def _study(seed: int, i: int):
 
 
 def extract_study(engine, seed: int, i: int, reach_voxels: int, jitter: float = 0.0, level_away_mm: float = 0.0,
-                  context_voxels: int = 0, given_calcium: str = "") -> list[dict]:
+                  context_voxels: int = 0, given_calcium: str = "", vessel_feature: bool = False) -> list[dict]:
     """Every planned region of one study: features on the estimate's domain, footprint, target.
 
     ``jitter`` > 0: half the regions assume a blur whose MTF50 is off the kernel table's by up to this
@@ -53,7 +53,8 @@ def extract_study(engine, seed: int, i: int, reach_voxels: int, jitter: float = 
     records it as ``anatomy_above_level_hu``, and the node sharpens so for it. ``given_calcium``: the regions of
     an oracle's calcium (``world_oracles.given_detection``: ``true-calcium``, the phantom's own mask;
     ``found-whole``, ``found-union``) in place of the engine's detection, for an estimate that serves that oracle's
-    whole-pipeline run ("": the engine's detection).
+    whole-pipeline run ("": the engine's detection). ``vessel_feature``: the box's vessel calibre as a last
+    feature (``subtract.VESSEL_FEATURE``); the trained file's width records it.
     """
     from dataclasses import replace
 
@@ -88,7 +89,8 @@ def extract_study(engine, seed: int, i: int, reach_voxels: int, jitter: float = 
         calcium = detection.calcium[box]
         u = sharpened(y, opts.blur.transfer(y.shape, p.spacing), calcium, p.spacing, opts, fallback)
         domain, features = learnt_inputs(y, u, calcium, p.spacing, opts, reach_voxels, fallback,
-                                         level_away_mm=level_away_mm, context_voxels=context_voxels)
+                                         level_away_mm=level_away_mm, context_voxels=context_voxels,
+                                         vessel_feature=vessel_feature)
         if not len(features):
             continue
         foot = r.native_indices() - origin
@@ -111,13 +113,13 @@ _ENGINE = None
 
 def _extract_job(job):
     global _ENGINE
-    seed, i, engine_args, reach, jitter, away, context, given_calcium, folder = job
+    seed, i, engine_args, reach, jitter, away, context, given_calcium, vessel, folder = job
     if _ENGINE is None:
         from dicom_node.config import DEFAULT_MODEL
         from dicom_node_lab.experiment2v2 import _engine
 
         _ENGINE = _engine(DEFAULT_MODEL, engine_args)  # the subtraction runs no network; the config wants one
-    regions = extract_study(_ENGINE, seed, i, reach, jitter, away, context, given_calcium)
+    regions = extract_study(_ENGINE, seed, i, reach, jitter, away, context, given_calcium, vessel)
     np.save(Path(folder) / f"{seed}-{i}.npy", np.array(regions, dtype=object), allow_pickle=True)
     return len(regions)
 
@@ -131,7 +133,8 @@ def extract(args: argparse.Namespace) -> int:
     if args.studies_from:  # a replay: exactly the studies a (time-limited) run trained on
         studies = json.loads(Path(args.studies_from).read_text())["training_studies"]
     jobs = [(args.seed, i, args.engine, args.reach_voxels, args.jitter if args.seed != VALIDATION_SEED else 0.0,
-             args.level_away_mm, args.context_voxels, args.given_calcium, str(folder)) for i in studies
+             args.level_away_mm, args.context_voxels, args.given_calcium, args.vessel_feature, str(folder))
+            for i in studies
             if not (folder / f"{args.seed}-{i}.npy").exists()]
     with ProcessPoolExecutor(args.workers) as pool:
         n = sum(tqdm(pool.map(_extract_job, jobs), total=len(jobs), desc="studies"))
@@ -150,7 +153,7 @@ def train(args: argparse.Namespace) -> int:
     """Fit the correction network; writes ``args.out`` (``.npz``, read by ``LearntExcess.load``) and a JSON log."""
     import torch
 
-    from dicom_node.pipeline.subtract import FEATURES, RULE, ScannerBlur
+    from dicom_node.pipeline.subtract import RULE, ScannerBlur
 
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -175,8 +178,12 @@ def train(args: argparse.Namespace) -> int:
     if contexts != {args.convolutions}:
         raise SystemExit(f"{folder}: regions extracted with --context-voxels {sorted(contexts)}; an estimate with "
                          f"{args.convolutions} convolutions needs --context-voxels {args.convolutions}")
+    widths = {r["features"].shape[1] for r in regions + held}
+    if len(widths) != 1:
+        raise SystemExit(f"{folder}: regions extracted with and without --vessel-feature: one per folder")
+    (n_features,) = widths
     allf = np.concatenate([r["features"] for r in regions])
-    mean, scale = allf.mean(0), allf.std(0) + 1e-3
+    mean, scale = np.nanmean(allf, 0), np.nanstd(allf, 0) + 1e-3  # a calibre not measured is NaN
 
     def prepare(r):
         def tensor(a, dtype=torch.float32):
@@ -195,7 +202,7 @@ def train(args: argparse.Namespace) -> int:
         inside = tensor(r["inside"]) if "inside" in r else None
         flat_dom = tensor(np.ravel_multi_index(tuple(r["domain"].astype(np.int64).T), shape), torch.int64)
         flat_foot = tensor(np.ravel_multi_index(tuple(r["foot"].astype(np.int64).T), shape), torch.int64)
-        x = tensor((r["features"] - mean) / scale)
+        x = tensor(np.nan_to_num((r["features"] - mean) / scale, nan=0.0))  # as LearntExcess reads it
         rule = tensor(r["features"][:, RULE])
         acquired = tensor(r["acquired"] / 1000.0)
         level = tensor(r["level"] / 1000.0)
@@ -207,7 +214,7 @@ def train(args: argparse.Namespace) -> int:
 
     train_set = [prepare(r) for r in tqdm(regions, desc="training regions")]
     held_set = [prepare(r) for r in held]
-    net = _estimate(len(FEATURES), args.width, args.layers, args.convolutions, args.convolution_width).to(device)
+    net = _estimate(n_features, args.width, args.layers, args.convolutions, args.convolution_width).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
 
     def loss_of(item, model=net):
@@ -392,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--reach-voxels", type=int, default=3)
     e.add_argument("--engine", action="append", default=[])
     e.add_argument("--jitter", type=float, default=0.15, help="training regions' MTF50 off the table by up to this")
+    e.add_argument("--vessel-feature", action="store_true",
+                   help="the vessel's calibre at each region as a feature (subtract.VESSEL_FEATURE)")
     e.add_argument("--context-voxels", type=int, default=0,
                    help="features this far beyond the reach too (for an estimate with as many convolutions)")
     e.add_argument("--level-away-mm", type=float, default=0.0,

@@ -180,3 +180,23 @@ def test_a_convolving_estimate_trains_on_features_beyond_its_reach(tmp_path):
     assert np.isfinite(out_image).all()
     with pytest.raises(SystemExit, match="convolving"):
         ce.main(["merge", str(out), str(out), "--out", str(tmp_path / "m.npz")])
+
+
+def test_extract_and_train_with_the_vessels_calibre(tmp_path):
+    """``extract --vessel-feature``: each region carries its box's vessel calibre as a last feature (one value per
+    region), training builds the network one input wider, and the node's file says it reads the calibre."""
+    data = tmp_path / "data"
+    region = _extract_both(data, 2, "--level-away-mm", "2", "--vessel-feature")
+    assert region["features"].shape == (len(region["domain"]), len(FEATURES) + 1)
+    calibre = region["features"][:, -1]
+    assert np.all(calibre == calibre[0]) and 1.0 < calibre[0] < 6.0
+    out = tmp_path / "estimate.npz"
+    assert ce.main(["train", "--data", str(data), "--out", str(out), "--steps", "10", "--validate-every", "5",
+                    "--minutes", "5"]) == 0
+    learnt = LearntExcess.load(out)
+    assert learnt.vessel_feature and learnt.mean.shape == (len(FEATURES) + 1,)
+    # a folder mixing regions with and without the calibre is refused rather than trained on
+    narrow = dict(region, features=region["features"][:, :-1])
+    np.save(data / f"{ce.TRAIN_SEED}-99.npy", np.array([narrow], dtype=object), allow_pickle=True)
+    with pytest.raises(SystemExit, match="vessel-feature"):
+        ce.main(["train", "--data", str(data), "--out", str(out), "--steps", "5", "--minutes", "5"])

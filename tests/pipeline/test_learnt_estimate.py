@@ -234,3 +234,45 @@ def test_the_shipped_estimate_takes_the_bloom_out_and_leaves_far_voxels_alone(na
         assert np.abs(out[far] - acquired[far]).max() < 2.0
     before = float(np.sqrt(np.mean((acquired[near] - truth[near]) ** 2)))
     assert rmse["learnt"] < 0.75 * rmse["rule"] and rmse["learnt"] < 0.2 * before, (before, rmse)
+
+
+def test_an_estimate_that_reads_the_vessels_calibre(tmp_path):
+    """A file one input wider than ``FEATURES`` reads the box's vessel calibre (``VESSEL_FEATURE``) last: the
+    node measures it as ``restore.vessel_calibre_mm`` measures a region, the voxel features stay as they were,
+    and a calibre that cannot be measured reads as the training mean (its normalised value 0)."""
+    from dicom_node.pipeline.restore import vessel_calibre_mm
+    from dicom_node.pipeline.subtract import learnt_inputs, sharpen
+
+    acquired, _, _ = _vessel(ScannerBlur(mtf50_lp_cm=4.8, edge_enhance=0.4, slice_fwhm_mm=0.8), 180.0)
+    detected = acquired > 600.0
+    options = SubtractOptions()
+    u = sharpen(acquired.astype(np.float64), options.blur.transfer(acquired.shape, SPACING), options.tv_weight,
+                options.iterations)
+    y = acquired.astype(np.float64)
+    plain = learnt_inputs(y, u, detected, SPACING, options, 3, 400.0)[1]
+    domain, wide = learnt_inputs(y, u, detected, SPACING, options, 3, 400.0, vessel_feature=True)
+    assert wide.shape == (len(plain), len(FEATURES) + 1)
+    assert np.array_equal(wide[:, :-1], plain)
+    calibre = vessel_calibre_mm(acquired, SPACING, tuple(slice(0, n) for n in acquired.shape), detected)
+    assert 2.0 < calibre < 4.0 and np.all(wide[:, -1] == calibre), "the 3 mm lumen, measured once for the box"
+
+    n = len(FEATURES) + 1
+    w0 = np.zeros((n, 2))
+    w0[-1] = [1.0, -1.0]  # only the calibre moves this network
+    mean = np.zeros(n)
+    mean[-1] = 3.0
+    path = tmp_path / "vessel.npz"
+    np.savez(path, W0=w0, b0=np.zeros(2), W1=np.array([[0.1], [0.1]]), b1=np.zeros(1), mean=mean, scale=np.ones(n),
+             reach_voxels=np.array(3))
+    learnt = LearntExcess.load(path)
+    assert learnt.vessel_feature and not LearntExcess.load(_write(tmp_path / "plain.npz")).vessel_feature
+    at = wide[:3].copy()
+    unknown, known, wider = at.copy(), at.copy(), at.copy()
+    unknown[:, -1], known[:, -1], wider[:, -1] = np.nan, 3.0, 4.0
+    assert np.array_equal(learnt(unknown), learnt(known)), "no calibre: the training mean"
+    assert np.all(learnt(wider) > learnt(known))
+    restored = calcium_removed(acquired, detected, SPACING, SubtractOptions(learnt=learnt), 400.0)
+    rule_like = calcium_removed(acquired, detected, SPACING,
+                                SubtractOptions(learnt=LearntExcess.load(_write(tmp_path / "zero.npz"))), 400.0)
+    assert np.isfinite(restored).all() and not np.array_equal(restored, rule_like), \
+        "the node reads the calibre it measures (3 mm here, not the mean)"
