@@ -32,6 +32,9 @@ TRAIN_SEED = 7070  # volume seeds 7070*1000003 + i: neither the tuning (6060) no
 VALIDATION_SEED = 7171
 
 
+CALIBRE_WEIGHT_MM = 3.0  # the calibre whose regions weigh 1 before normalising (--calibre-weight)
+
+
 def _study(seed: int, i: int):
     from dicom_node_lab.experiment2v2 import EXP2V2_SHAPE
 
@@ -153,7 +156,7 @@ def train(args: argparse.Namespace) -> int:
     """Fit the correction network; writes ``args.out`` (``.npz``, read by ``LearntExcess.load``) and a JSON log."""
     import torch
 
-    from dicom_node.pipeline.subtract import RULE, ScannerBlur
+    from dicom_node.pipeline.subtract import FEATURES, RULE, ScannerBlur
 
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -212,6 +215,24 @@ def train(args: argparse.Namespace) -> int:
         excess = tensor(r["excess"] / 1000.0) if "excess" in r else None
         return x, rule, h, shape, flat_dom, flat_foot, target, acquired, level, truth_lumen, excess, grid, inside
 
+    def raw_calibre_weights(items: list[dict]) -> np.ndarray:
+        """Each region's weight in the loss before normalising: (``CALIBRE_WEIGHT_MM`` / its vessel's calibre) **
+        ``--calibre-weight`` (NaN where no calibre was measured). Why: a voxel on the wrong side of the reader's
+        edge moves a stenosis reading by its share of the vessel's diameter, so the same voxel error costs a
+        2 mm vessel twice what it costs a 4 mm one, and every severe stenosis made held out lay in a vessel under
+        2.8 mm."""
+        calibre = np.array([float(r["features"][0, -1]) for r in items])
+        return (CALIBRE_WEIGHT_MM / np.clip(calibre, 1.0, None)) ** args.calibre_weight
+
+    if args.calibre_weight and n_features != len(FEATURES) + 1:
+        raise SystemExit("--calibre-weight reads the regions' calibre: extract with --vessel-feature")
+    if args.calibre_weight:  # mean 1 over the training regions; 1 where no calibre was measured
+        norm = float(np.nanmean(raw_calibre_weights(regions)))
+        region_weight = np.nan_to_num(raw_calibre_weights(regions) / norm, nan=1.0)
+        held_weight = np.nan_to_num(raw_calibre_weights(held) / norm, nan=1.0)
+    else:
+        region_weight, held_weight = np.ones(len(regions)), np.ones(len(held))
+
     train_set = [prepare(r) for r in tqdm(regions, desc="training regions")]
     held_set = [prepare(r) for r in held]
     net = _estimate(n_features, args.width, args.layers, args.convolutions, args.convolution_width).to(device)
@@ -233,14 +254,16 @@ def train(args: argparse.Namespace) -> int:
         weight = 1.0 + args.closing_weight * (truth_lumen > lumen)
         return ((blurred - target) ** 2).sum(), (weight * (lumen - truth_lumen) ** 2).sum(), len(target), own
 
-    def evaluate(items, model=net):
+    def evaluate(items, model=net, weights=None):
         """(RMSE in HU in the footprint, share of footprint voxels on the wrong side of the reader's edges,
-        RMSE in HU of the calcium itself on the domain, regions averaged)"""
+        RMSE in HU of the calcium itself on the domain, regions averaged); each region's voxels counted
+        ``weights`` times (``--calibre-weight``; None: once)"""
         with torch.no_grad():
             s = w = n = own = 0.0
-            for item in items:
+            for k, item in enumerate(items):
                 a, b, c, o = loss_of(item, model)
-                s, w, n, own = s + float(a), w + float(b), n + c, own + float(o)
+                r = 1.0 if weights is None else float(weights[k])
+                s, w, n, own = s + r * float(a), w + r * float(b), n + r * c, own + float(o)
         return float(np.sqrt(s / n) * 1000.0), float(w / n), float(np.sqrt(own / max(len(items), 1)) * 1000.0)
 
     log = {"rule_rmse_hu_train": evaluate(train_set, None), "rule_rmse_hu_held": evaluate(held_set, None),
@@ -257,11 +280,11 @@ def train(args: argparse.Namespace) -> int:
         for k in rng.permutation(len(train_set)):
             a, b, c, own = loss_of(train_set[k])
             opt.zero_grad()
-            ((a + args.lumen_weight * b) / c + args.excess_weight * own).backward()
+            (region_weight[k] * (a + args.lumen_weight * b) / c + args.excess_weight * own).backward()
             opt.step()
             step += 1
             if step % args.validate_every == 0:
-                rmse, wrong, own = evaluate(held_set)
+                rmse, wrong, own = evaluate(held_set, weights=held_weight)
                 score = (rmse / 1000.0) ** 2 + args.lumen_weight * wrong + args.excess_weight * (own / 1000.0) ** 2
                 log["steps"].append({"step": step, "seconds": round(time.time() - t0), "held_rmse_hu": rmse,
                                      "held_wrong_side": wrong, "held_calcium_rmse_hu": own, "score": score})
@@ -274,6 +297,8 @@ def train(args: argparse.Namespace) -> int:
         for p, b in zip(net.parameters(), best_state):
             p.data.copy_(b)
     log["best_held_rmse_hu"], log["best_held_wrong_side"], log["best_held_calcium_rmse_hu"] = evaluate(held_set)
+    if args.calibre_weight:  # the figures the best step was chosen on
+        log["best_held_weighted"] = evaluate(held_set, weights=held_weight)
     arrays = {"mean": mean, "scale": scale, "reach_voxels": np.array(args.reach_voxels),
               "level_away_mm": np.array(level_away_mm), "anatomy_above_level_hu": np.array(anatomy_hu),
               **net.arrays()}
@@ -428,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--validate-every", type=int, default=500)
     t.add_argument("--lumen-weight", type=float, default=0.1)
     t.add_argument("--closing-weight", type=float, default=2.0, help="extra weight of lumen the estimate takes away")
+    t.add_argument("--calibre-weight", type=float, default=0.0,
+                   help="each region's loss times (3 mm / its vessel's calibre) to this power (--vessel-feature data)")
     t.add_argument("--excess-weight", type=float, default=0.0,
                    help="weight of the estimate's squared error against the phantom's own calcium on its domain")
     t.set_defaults(func=train)

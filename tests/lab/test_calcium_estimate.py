@@ -195,8 +195,19 @@ def test_extract_and_train_with_the_vessels_calibre(tmp_path):
                     "--minutes", "5"]) == 0
     learnt = LearntExcess.load(out)
     assert learnt.vessel_feature and learnt.mean.shape == (len(FEATURES) + 1,)
+    # the loss weighted by the calibre: the best step is chosen on the weighted validation figures, logged beside
+    weighted = tmp_path / "weighted.npz"
+    assert ce.main(["train", "--data", str(data), "--out", str(weighted), "--steps", "10", "--validate-every", "5",
+                    "--minutes", "5", "--calibre-weight", "2"]) == 0
+    log = json.loads(weighted.with_suffix(".json").read_text())
+    assert len(log["best_held_weighted"]) == 3 and log["settings"]["calibre_weight"] == 2.0
     # a folder mixing regions with and without the calibre is refused rather than trained on
     narrow = dict(region, features=region["features"][:, :-1])
     np.save(data / f"{ce.TRAIN_SEED}-99.npy", np.array([narrow], dtype=object), allow_pickle=True)
     with pytest.raises(SystemExit, match="vessel-feature"):
         ce.main(["train", "--data", str(data), "--out", str(out), "--steps", "5", "--minutes", "5"])
+    plain = tmp_path / "plain"
+    _extract_both(plain, 2, "--level-away-mm", "2")
+    with pytest.raises(SystemExit, match="vessel-feature"):  # weights by a calibre the regions do not carry
+        ce.main(["train", "--data", str(plain), "--out", str(out), "--steps", "5", "--minutes", "5",
+                 "--calibre-weight", "2"])
