@@ -224,11 +224,12 @@ def train(args: argparse.Namespace) -> int:
         calibre = np.array([float(r["features"][0, -1]) for r in items])
         return (CALIBRE_WEIGHT_MM / np.clip(calibre, 1.0, None)) ** args.calibre_weight
 
-    if args.calibre_weight and n_features != len(FEATURES) + 1:
-        raise SystemExit("--calibre-weight reads the regions' calibre: extract with --vessel-feature")
     if args.calibre_weight:  # mean 1 over the training regions; 1 where no calibre was measured
-        norm = float(np.nanmean(raw_calibre_weights(regions)))
-        region_weight = np.nan_to_num(raw_calibre_weights(regions) / norm, nan=1.0)
+        if n_features != len(FEATURES) + 1:
+            raise SystemExit("--calibre-weight reads the regions' calibre: extract with --vessel-feature")
+        raw = raw_calibre_weights(regions)
+        norm = float(np.nanmean(raw))
+        region_weight = np.nan_to_num(raw / norm, nan=1.0)
         held_weight = np.nan_to_num(raw_calibre_weights(held) / norm, nan=1.0)
     else:
         region_weight, held_weight = np.ones(len(regions)), np.ones(len(held))
