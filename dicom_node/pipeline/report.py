@@ -137,7 +137,7 @@ def _group(lesion: Lesion, region: RegionReport | None, series: Series, headers:
             measurements.append(hd.sr.Measurement(name=DISAGREEMENTS[region.measure],
                                                   value=float(region.disagreement_hu),
                                                   unit=codes.UCUM.HounsfieldUnit, derivation=codes.SCT.Mean))
-        if region.vessel_mm is not None:  # its own vessel's widest lumen (restore.vessel_calibre_mm)
+        if region.vessel_mm is not None:  # its own vessel's widest lumen (vessel.vessel_calibre_mm)
             measurements.append(hd.sr.Measurement(name=VESSEL_CALIBRE, value=round(float(region.vessel_mm), 1),
                                                   unit=codes.UCUM.Millimeter, derivation=codes.SCT.Maximum))
         if region.disagreement_hu is not None or region.vessel_mm is not None:

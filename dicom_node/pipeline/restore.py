@@ -23,6 +23,7 @@ from dicom_node.pipeline.contrast import lumen_level_at
 from dicom_node.pipeline.detect import Detection, DetectOptions, detect
 from dicom_node.pipeline.morphology import grow_box
 from dicom_node.pipeline.subtract import EstimateCombine, SubtractOptions, calcium_blur, calcium_removed
+from dicom_node.pipeline.vessel import lumen_range, vessel_calibre_mm
 from dicom_node.pipeline.windows import Region, WindowOptions, plan
 
 log = logging.getLogger(__name__)
@@ -76,10 +77,6 @@ CONFIDENCE_MEASURES: dict[str, str] = {"flip": "flip disagreement", "blur": "blu
                                        "estimates": "estimate disagreement"}
 
 
-# A reader puts the lumen's edge half-way between the contrast and the wall, and calls white what
-# stands this far above the contrast (the reader model's levels, lab/dicom_node_lab/reader.py).
-WALL_HU = 50.0
-WHITE_ABOVE_LUMEN_HU = 100.0
 EDGE_MARGIN_HU = 20.0  # a kept lumen voxel stays this far above the edge, so no reader's rounding drops it
 
 
@@ -134,12 +131,6 @@ class ConfidenceOptions:
             raise ValueError(f"lumen_guard_from must be 0 (the edge) or more, not {self.lumen_guard_from}")
         if not 0.0 <= self.unsure_vessel_mm <= 10.0:
             raise ValueError(f"unsure_vessel_mm must lie in 0..10 mm (0 = off), not {self.unsure_vessel_mm}")
-
-
-def lumen_range(level: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """What a reader takes for lumen at a local contrast ``level``: from the edge, half-way down to the
-    wall, up to the white level (``WHITE_ABOVE_LUMEN_HU`` above the contrast)."""
-    return 0.5 * (level + WALL_HU), level + WHITE_ABOVE_LUMEN_HU
 
 
 def keep_visible_lumen(volume: np.ndarray, spacing: tuple[float, float, float], idx: np.ndarray,
@@ -256,46 +247,6 @@ def restoration_written(tries: list[np.ndarray], which: int | None) -> np.ndarra
     """The restoration a region gets from its tries under several estimates: the one ``chosen`` picked, or, where it
     picked none ("mean"), their voxel-wise mean."""
     return np.mean(tries, axis=0).astype(np.float32) if which is None else tries[which]
-
-
-CALIBRE_REACH_MM = 4.5  # the vessel's calibre is looked for this far around a region's box (a coronary's widest)
-CALIBRE_TOUCH_MM = 1.5  # lumen this close to a region's calcium is its own vessel's (past the bloom's ring)
-
-
-def vessel_calibre_mm(volume: np.ndarray, spacing: tuple[float, float, float], box: tuple[slice, slice, slice],
-                      calcium: np.ndarray) -> float | None:
-    """The calibre of the vessel at a region: the diameter of the largest ball of its lumen in and around it (mm).
-
-    How wide a vessel is decides how far a restoration can be trusted: beside calcium a small
-    lumen is a voxel or two wide, and an error of one voxel is a large share of its diameter.
-    The lumen is what a reader takes for it (``lumen_range`` at the local contrast level, the
-    calcium aside), within ``CALIBRE_REACH_MM`` of the region's box, which reaches past the
-    calcium into the vessel on either side. Only the lumen connected to the region's own calcium
-    counts (within ``CALIBRE_TOUCH_MM`` of it): a wider neighbour within reach (a larger vessel,
-    a chamber) would otherwise lend the small vessel its calibre and hide it. Where no lumen
-    touches the calcium, all the lumen within reach is measured. The largest inscribed ball
-    measures the vessel where it is widest, so the narrowing itself does not shrink it. None
-    where the box holds no contrast to measure.
-    """
-    grown = grow_box(box, volume.shape, np.ceil(CALIBRE_REACH_MM / np.asarray(spacing, float)).astype(int))
-    sub = volume[grown]
-    idx = np.argwhere(np.ones(sub.shape, bool))
-    level = lumen_level_at(sub, spacing, idx).reshape(sub.shape)
-    edge, white = lumen_range(level)
-    lumen = np.isfinite(level) & (sub > edge) & (sub < white) & ~calcium[grown]
-    if not lumen.any():
-        return None
-    own = np.zeros(sub.shape, bool)  # the region's calcium: the calcium in its own box, not a neighbour's
-    inner = tuple(slice(b.start - g.start, b.stop - g.start) for b, g in zip(box, grown))
-    own[inner] = calcium[box]
-    near = ndimage.distance_transform_edt(~own, sampling=spacing) <= CALIBRE_TOUCH_MM
-    parts, _ = ndimage.label(lumen, structure=np.ones((3, 3, 3), bool))
-    touching = np.unique(parts[near & lumen])
-    if touching.size:
-        lumen = np.isin(parts, touching)
-    # outside the box counts as not lumen: a vessel leaving the box is measured inside it (smaller, never larger)
-    depth = ndimage.distance_transform_edt(np.pad(lumen, 1), sampling=spacing)
-    return 2.0 * float(depth.max())
 
 
 @dataclass

@@ -34,6 +34,7 @@ import numpy as np
 from scipy import ndimage
 
 from dicom_node.pipeline.contrast import BLOCK, brightest_level_nearby, local_lumen_level, lumen_level_at
+from dicom_node.pipeline.vessel import vessel_calibre_mm
 
 FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
 TV_EPSILON_HU = 20.0  # smooths total variation below this step between neighbours (noise-sized)
@@ -90,7 +91,7 @@ FEATURES = ("sharp", "acquired", "sharp_0.5mm", "sharp_max_1mm", "sharp_min_1mm"
             "distance_mm", "detected", "level", "mtf50", "acquired_max_1mm", "sharp_detail", "white")
 RULE = FEATURES.index("rule_excess")
 # A feature of the whole box rather than of a voxel, after ``FEATURES`` where an estimate's file takes it: the
-# calibre of the vessel at the calcium (``restore.vessel_calibre_mm`` on the box; NaN where there is no contrast to
+# calibre of the vessel at the calcium (``vessel.vessel_calibre_mm`` on the box; NaN where there is no contrast to
 # measure, which the estimate reads as the training mean). Why: every severe stenosis the subtraction made held out
 # lies in a vessel under 2.8 mm, where a voxel of lumen taken is a quarter of the diameter, and a voxel's own
 # neighbourhood (2 voxels) cannot say how wide the vessel is.
@@ -682,8 +683,6 @@ def learnt_inputs(y: np.ndarray, u: np.ndarray, calcium: np.ndarray, spacing: tu
                              level_away_mm, fallback_level)
     features = excess_features(y, u, calcium, domain, level, spacing, options)
     if vessel_feature:
-        from dicom_node.pipeline.restore import vessel_calibre_mm  # restore builds on this module
-
         calibre = vessel_calibre_mm(y.astype(np.float32), spacing, tuple(slice(0, n) for n in y.shape), calcium)
         column = np.full((len(features), 1), np.nan if calibre is None else calibre)
         features = np.concatenate([features, column], axis=1)

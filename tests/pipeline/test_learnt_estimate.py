@@ -238,10 +238,10 @@ def test_the_shipped_estimate_takes_the_bloom_out_and_leaves_far_voxels_alone(na
 
 def test_an_estimate_that_reads_the_vessels_calibre(tmp_path):
     """A file one input wider than ``FEATURES`` reads the box's vessel calibre (``VESSEL_FEATURE``) last: the
-    node measures it as ``restore.vessel_calibre_mm`` measures a region, the voxel features stay as they were,
+    node measures it as ``vessel.vessel_calibre_mm`` measures a region, the voxel features stay as they were,
     and a calibre that cannot be measured reads as the training mean (its normalised value 0)."""
-    from dicom_node.pipeline.restore import vessel_calibre_mm
     from dicom_node.pipeline.subtract import learnt_inputs, sharpen
+    from dicom_node.pipeline.vessel import vessel_calibre_mm
 
     acquired, _, _ = _vessel(ScannerBlur(mtf50_lp_cm=4.8, edge_enhance=0.4, slice_fwhm_mm=0.8), 180.0)
     detected = acquired > 600.0

@@ -15,7 +15,7 @@ from scipy import ndimage
 
 from dicom_node.pipeline.contrast import lumen_level_at
 from dicom_node.pipeline.morphology import grow_box
-from dicom_node.pipeline.restore import EDGE_MARGIN_HU, ConfidenceOptions, Engine, lumen_disagreement, lumen_range
+from dicom_node.pipeline.restore import EDGE_MARGIN_HU, ConfidenceOptions, Engine, lumen_disagreement
 from dicom_node.pipeline.subtract import (
     ANATOMY_FLOOR_HU,
     ScannerBlur,
@@ -26,6 +26,7 @@ from dicom_node.pipeline.subtract import (
     split_sharpen,
     through,
 )
+from dicom_node.pipeline.vessel import lumen_range
 
 SPACING = (0.47, 0.47, 0.47)
 
@@ -266,7 +267,7 @@ def _tube(lumen_mm: float) -> tuple[np.ndarray, np.ndarray]:
 def test_the_engine_measures_the_vessels_calibre_at_each_region(lumen_mm):
     """``vessel_calibre_mm`` (the largest ball of lumen in and around a region) finds a straight vessel's
     diameter within a voxel, though the calcium narrows it and the scanner blurs its edge."""
-    from dicom_node.pipeline.restore import vessel_calibre_mm
+    from dicom_node.pipeline.vessel import vessel_calibre_mm
 
     acquired, _ = _tube(lumen_mm)
     result = Engine(None, method="subtract").run(acquired.copy(), SPACING)
@@ -280,7 +281,7 @@ def test_the_engine_measures_the_vessels_calibre_at_each_region(lumen_mm):
 def test_a_wider_neighbour_does_not_lend_a_small_vessel_its_calibre():
     """Only the lumen connected to the region's own calcium is measured: a 4 mm vessel running 2 mm
     beside a 2 mm one (within the calibre's reach, but not touching the calcium) must not hide it."""
-    from dicom_node.pipeline.restore import vessel_calibre_mm
+    from dicom_node.pipeline.vessel import vessel_calibre_mm
 
     shape = (48, 56, 56)
     z, r, angle = _polar(shape)
