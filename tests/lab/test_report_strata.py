@@ -64,6 +64,12 @@ def test_a_report_is_written_again_from_its_json(tmp_path):
     path.write_text(json.dumps(dict(res, oracle_level=True)))
     assert evaluate.main(["rewrite", str(path)]) == 0
     assert "--engine 'method = \"subtract\"' --oracle-level`" in (tmp_path / "experiment2v2.md").read_text()
+    assert "7 held-out studies of the world" in md
+    # the second held-out range names itself, and its command its seed
+    path.write_text(json.dumps(dict(res, seed=experiment2v2.EXP2V2_FRESH_SEED)))
+    assert evaluate.main(["rewrite", str(path)]) == 0
+    md = (tmp_path / "experiment2v2.md").read_text()
+    assert f"--seed {experiment2v2.EXP2V2_FRESH_SEED}" in md and "7 fresh held-out studies of the world" in md
 
 
 def test_lesions_are_also_split_by_what_the_node_tells_the_radiologist():
