@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from dicom_node.pipeline.detect import DetectOptions, LearntMode
+from dicom_node.pipeline.detect import DetectOptions, LearntMode, SharpLevel
 from dicom_node.pipeline.detect_learnt import LearntCalcium
 from dicom_node.pipeline.restore import ConfidenceOptions, Method, UnsureAction
 from dicom_node.pipeline.series import REFUSED_IMAGE_TYPES
@@ -53,6 +53,7 @@ class EngineConfig:
     sharp_mtf50_lp_cm: float = DetectOptions.sharp_mtf50_lp_cm  # ... sharpened under this blur
     sharp_max_above_hu: float = DetectOptions.sharp_max_above_hu  # ... and not already this bright as acquired
     sharp_min_excess_mm3: float = DetectOptions.sharp_min_excess_mm3  # ... or smaller, this much excess in noise SDs
+    sharp_level: SharpLevel = DetectOptions.sharp_level  # ... compared with the acquired or the sharpened level
     grow_sharp_hu: float = DetectOptions.grow_sharp_hu  # found deposits grow where this far above contrast, sharpened
     grow_mm: float = DetectOptions.grow_mm  # ... up to this far from where they were found
     trim_sharp_hu: float = DetectOptions.trim_sharp_hu  # found deposits lose lumen-side voxels this near contrast
@@ -172,6 +173,7 @@ ENGINE_KEYS: dict[str, tuple[type, str]] = {
     "sharp_mtf50_lp_cm": (DetectOptions, "sharp_mtf50_lp_cm"),
     "sharp_max_above_hu": (DetectOptions, "sharp_max_above_hu"),
     "sharp_min_excess_mm3": (DetectOptions, "sharp_min_excess_mm3"),
+    "sharp_level": (DetectOptions, "sharp_level"),
     "grow_sharp_hu": (DetectOptions, "grow_sharp_hu"), "grow_mm": (DetectOptions, "grow_mm"),
     "trim_sharp_hu": (DetectOptions, "trim_sharp_hu"), "trim_mm": (DetectOptions, "trim_mm"),
     "detect_learnt_probability": (DetectOptions, "learnt_probability"),

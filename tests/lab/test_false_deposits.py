@@ -22,3 +22,7 @@ def test_a_small_vessels_sharpened_core_is_listed_as_a_deposit_without_calcium()
         assert r["sharpened_median_hu"] < r["sharpened_level_hu"] + 150.0  # like with like: it would not pass
         assert r["acquired_level_hu"] < r["vessel_lumen_hu"] - 100.0  # the acquired level sits under the lumen
     assert all(r["calcium"] for r in rows if r["rules_find_it"])
+    # compared with the sharpened lumen's own level (engine.sharp_level = "sharpened") only the real deposits are left
+    level = false_deposits.RECOMMENDED_DETECTION + ['sharp_level = "sharpened"']
+    rows = false_deposits.deposits(5151, 403, level)
+    assert rows and all(r["calcium"] for r in rows)

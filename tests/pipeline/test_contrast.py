@@ -238,6 +238,13 @@ def test_calcium_blurred_into_the_lumens_range_is_found_in_the_sharpened_image(s
     assert detect(vol, SPACING, DetectOptions(sharp_contrast_hu=150.0, sharp_max_above_hu=300.0)).calcium.sum() >= 50
     clean, _ = _scanned_vessel(None, seed, noise=130.0)  # and a noisier lumen without calcium gives nothing
     assert not detect(clean, SPACING, DetectOptions(sharp_contrast_hu=150.0)).calcium.any()
+    # compared with the sharpened lumen's own level, the half-ring still stands clear: the lumen beside it
+    # sharpens back to its level (engine.sharp_level; what it is for: tests/lab/test_false_deposits.py)
+    own = detect(vol, SPACING, DetectOptions(sharp_contrast_hu=150.0, sharp_level="sharpened")).calcium
+    assert own.sum() >= 0.8 * found.sum() and not (own & ~ndimage.binary_dilation(deposit, iterations=2)).any()
+    assert not detect(clean, SPACING, DetectOptions(sharp_contrast_hu=150.0, sharp_level="sharpened")).calcium.any()
+    with pytest.raises(ValueError, match="sharp_level"):
+        DetectOptions(sharp_level="both")
 
 
 @pytest.mark.parametrize("seed", range(3))
