@@ -41,7 +41,6 @@ from scipy import ndimage
 
 from dicom_node.pipeline.contrast import (
     BLOCK,
-    MIN_WEIGHT,
     NOISE_BAND_HU,
     SIGMA_MM,
     brighter_than_lumen,
@@ -65,11 +64,11 @@ DEFAULT_THRESHOLD_HU = 700.0  # calcium by the classic rule; the lab's training 
 LearntMode = Literal["decide", "trim"]
 
 # What the sharpened-image test compares a sharpened voxel with: the contrast level of the "acquired" image around it
-# (as every other rule), or of the "sharpened" image itself. Why the second: partial volume holds a small vessel's
-# acquired level under its true lumen (a 2.2 mm vessel under the soft kernel: 437 HU for a 579 HU lumen), the
-# sharpening gives the lumen's core back, and the core then stands the test's 150 HU above the acquired level with
-# no calcium there: on the second held-out set a calcium-free soft plaque read 30 -> 100 % so
-# (reports/fresh-heldout.md). Measured on the sharpened image the level is that core's (611 HU there).
+# (as every other rule), or also the "sharpened" lumen's own level (``_sharpened_lumen_level``; the higher counts).
+# Why the second: partial volume holds a small vessel's acquired level under its true lumen (a 2.2 mm vessel under
+# the soft kernel: 437 HU for a 579 HU lumen), the sharpening gives the lumen's core back, and the core then stands
+# the test's 150 HU above the acquired level with no calcium there: on the second held-out set a calcium-free soft
+# plaque read 30 -> 100 % so (reports/fresh-heldout.md). The sharpened lumen's level there is the core's own.
 SharpLevel = Literal["acquired", "sharpened"]
 
 
@@ -425,8 +424,9 @@ def _sharpened_with_levels(volume: np.ndarray, spacing: tuple[float, float, floa
                            opts: DetectOptions, reference: np.ndarray, memo: Sharpenings | None = None
                            ) -> Iterator[tuple[tuple[slice, ...], np.ndarray, np.ndarray, np.ndarray]]:
     """As :func:`_sharpened_parts`, with the contrast level each kept voxel is compared with (``opts.sharp_level``):
-    ``reference`` (the acquired image's brightest level nearby, coarse) at those voxels, or the same measure made on
-    each whole sharpened box (so a kept voxel's neighbourhood is the box's, ``SHARP_PAD`` voxels of it)."""
+    ``reference`` (the acquired image's brightest level nearby, coarse) at those voxels, and with ``"sharpened"``
+    the higher of that and the sharpened lumen's level, measured on each whole box (a kept voxel's neighbourhood
+    is the box's, ``SHARP_PAD`` voxels of it)."""
     for box, kept, part, u in _sharpened_boxes(volume, spacing, mask, opts.sharp_mtf50_lp_cm, memo):
         inner = _relative(kept, box)
         levels = _levels_over(reference, kept)
@@ -436,6 +436,7 @@ def _sharpened_with_levels(volume: np.ndarray, spacing: tuple[float, float, floa
 
 
 SHARP_LEVEL_TRIMS = 2  # times the sharpened lumen's level is measured again without what stands above it
+SHARP_LEVEL_MIN_WEIGHT = 0.25  # the Gaussian-weighted share of lumen-band voxels around a voxel its level needs
 
 
 def _sharpened_lumen_level(part: np.ndarray, u: np.ndarray, reference: np.ndarray,
@@ -443,7 +444,7 @@ def _sharpened_lumen_level(part: np.ndarray, u: np.ndarray, reference: np.ndarra
     """The lumen's level in the sharpened box ``u``: its values averaged (Gaussian, ``contrast.SIGMA_MM``) over the
     voxels the acquired box ``part`` shows in the lumen's band (within ``contrast.NOISE_BAND_HU`` of ``reference``,
     the acquired level at each voxel), measured again ``SHARP_LEVEL_TRIMS`` times without the voxels that stand
-    ``NOISE_BAND_HU`` above it; nan where too few are near (``contrast.MIN_WEIGHT``).
+    ``NOISE_BAND_HU`` above it; nan where too few are near (``SHARP_LEVEL_MIN_WEIGHT``).
 
     Why the acquired image picks the voxels: measured on the sharpened image alone, a faint deposit next to the
     lumen is averaged into its own level and no longer stands above it (a 700 HU half-ring beside a 400 HU lumen
@@ -459,7 +460,7 @@ def _sharpened_lumen_level(part: np.ndarray, u: np.ndarray, reference: np.ndarra
         weight = ndimage.gaussian_filter(band.astype(np.float64), sigma)
         total = ndimage.gaussian_filter(np.where(band, u, 0.0), sigma)
         with np.errstate(invalid="ignore", divide="ignore"):
-            level = np.where(weight >= MIN_WEIGHT * 0.5, total / weight, np.nan)
+            level = np.where(weight >= SHARP_LEVEL_MIN_WEIGHT, total / weight, np.nan)
         with np.errstate(invalid="ignore"):
             band &= ~(u > level + NOISE_BAND_HU)  # what stands above the level is not the lumen's: measured again
     return level
