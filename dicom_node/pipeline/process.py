@@ -33,7 +33,7 @@ from dicom_node.pipeline.derived import (
     write_derived_series,
     write_multiframe,
 )
-from dicom_node.pipeline.detect import Detection
+from dicom_node.pipeline.detect import Detection, DetectOptions
 from dicom_node.pipeline.pictures import lesion_pictures, thumbnail
 from dicom_node.pipeline.report import patient_position, write_report
 from dicom_node.pipeline.restore import METHOD_TEXT, Engine, EngineResult, auto_choice
@@ -103,18 +103,24 @@ def engine_id(cfg: Config, kernel: str | None = None) -> str:
     """What made the output, for its UIDs, equipment and job records: the model file, or the subtraction.
 
     Derived UIDs hang on this, so the same series processed by another method (or other
-    subtraction settings) gets other UIDs, never a silent replacement of the first result.
+    subtraction or detection settings) gets other UIDs, never a silent replacement of the first result.
     Under ``method = "auto"`` a series' output is made by what auto chooses for its ``kernel``
     (``Engine.method_for``); without a kernel, the node's id names both (job records, fingerprints).
     """
     detector = cfg.engine.detect_options()
+    made = _engine_id(cfg, kernel)
+    # the detection's rules decide which voxels are restored too: settings other than the defaults name the
+    # output (the defaults add nothing, so the ids of outputs made with them stand)
+    rules = dataclasses.replace(detector, learnt=None)
+    if rules != DetectOptions():
+        made += f"-rules-{hashlib.sha256(repr(rules).encode()).hexdigest()[:8]}"
     if detector.learnt is None:
-        return _engine_id(cfg, kernel)
+        return made
     # a learnt detector decides which voxels are restored: its file and settings name the output too
     named = f"{detector.learnt.digest}+{detector.probability()}+{detector.learnt_min_volume_mm3}"
     if detector.learnt_mode != "decide":  # the first files named "decide" without saying so: their ids stand
         named += f"+{detector.learnt_mode}"
-    return f"{_engine_id(cfg, kernel)}-detect-{hashlib.sha256(named.encode()).hexdigest()[:8]}"
+    return f"{made}-detect-{hashlib.sha256(named.encode()).hexdigest()[:8]}"
 
 
 def _engine_id(cfg: Config, kernel: str | None) -> str:
