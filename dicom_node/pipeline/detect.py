@@ -429,9 +429,11 @@ def _sharpened_with_levels(volume: np.ndarray, spacing: tuple[float, float, floa
     is the box's, ``SHARP_PAD`` voxels of it)."""
     for box, kept, part, u in _sharpened_boxes(volume, spacing, mask, opts.sharp_mtf50_lp_cm, memo):
         inner = _relative(kept, box)
-        levels = _levels_over(reference, kept)
-        if opts.sharp_level == "sharpened":
-            levels = np.fmax(levels, _sharpened_lumen_level(part, u, _levels_over(reference, box), spacing)[inner])
+        if opts.sharp_level == "sharpened":  # the acquired level over the whole box, where the lumen's band is read
+            around = _levels_over(reference, box)
+            levels = np.fmax(around, _sharpened_lumen_level(part, u, around, spacing))[inner]
+        else:
+            levels = _levels_over(reference, kept)
         yield kept, part[inner], u[inner], levels
 
 
