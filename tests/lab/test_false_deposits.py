@@ -21,6 +21,8 @@ def test_a_small_vessels_sharpened_core_is_listed_as_a_deposit_without_calcium()
         assert r["sharpened_median_hu"] > r["acquired_level_hu"] + 150.0  # what the test compares: passed
         assert r["sharpened_median_hu"] < r["sharpened_level_hu"] + 150.0  # like with like: it would not pass
         assert r["acquired_level_hu"] < r["vessel_lumen_hu"] - 100.0  # the acquired level sits under the lumen
+        # the option's level stands higher: fewer of its voxels pass (the rest fall apart under the volume test)
+        assert r["sharp_level_option_hu"] >= r["acquired_level_hu"] and r["passes_option"] < r["passes_acquired"]
     assert all(r["calcium"] for r in rows if r["rules_find_it"])
     # compared with the sharpened lumen's own level (engine.sharp_level = "sharpened") only the real deposits are left
     level = false_deposits.RECOMMENDED_DETECTION + ['sharp_level = "sharpened"']
