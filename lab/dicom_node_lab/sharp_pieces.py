@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
-# the recommended detection (README "Measuring the site's kernels"); the estimate does not change what is found
+# the recommended detection (README "Measuring the site's kernels") as the reports made with this tool used it,
+# before the twenty-seventh session added sharp_level = "sharpened" (pass it with --engine); the estimate does not
+# change what is found
 RECOMMENDED_DETECTION = ['method = "subtract"', 'sharp_contrast_hu = 150',
                          'scanner_kernels = { SOFT = 3.41, STANDARD = 4.14, HD = 4.94, SHARP = 5.92 }',
                          'scanner_edge_enhance = { SOFT = 0.05, STANDARD = 0.29, HD = 0.45, SHARP = 0.70 }']

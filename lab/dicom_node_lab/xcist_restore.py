@@ -68,7 +68,9 @@ def _table(values: dict[str, float]) -> str:
 
 
 # The README's recommended subtraction (since the seventeenth session with the split estimate written where the
-# calcium encloses the lumen: reports/tuning/estimate-ensemble.md), less the site's tables
+# calcium encloses the lumen: reports/tuning/estimate-ensemble.md), less the site's tables, as the committed reports
+# ran it: the twenty-seventh session's sharp_level = "sharpened" is compared beside it
+# (reports/xcist-restore-sharp-level/)
 RECOMMENDED = ('method = "subtract"', 'subtract_estimate = "engines/calcium_excess_ref.npz"',
                'subtract_companions = ["engines/calcium_excess_split.npz"]', 'subtract_combine = "enclosed"',
                "sharp_contrast_hu = 150")
