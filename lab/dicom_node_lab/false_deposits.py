@@ -39,7 +39,7 @@ def deposits(seed: int, study: int, engine_args: list[str] | None = None) -> lis
 
     from scipy import ndimage
 
-    from dicom_node.pipeline.contrast import brightest_level_nearby, local_lumen_level
+    from dicom_node.pipeline.contrast import BLOCK, brightest_level_nearby, local_lumen_level
     from dicom_node.pipeline.detect import Sharpenings, _sharpened_with_levels, detect
     from dicom_node_lab.experiment2v2 import detected_study
 
@@ -56,7 +56,8 @@ def deposits(seed: int, study: int, engine_args: list[str] | None = None) -> lis
         for kept, _, u, at in _sharpened_with_levels(volume, spacing, above, replace(options, sharp_level=level),
                                                      reference, memo):
             sharp[kept], levels[level][kept] = u, at
-    # the first measure tried and rejected: the acquired image's estimator run on the sharpened image
+    # the first measure tried and rejected: the acquired image's estimator run on the sharpened image (as
+    # contrast.lumen_level_at reads it; its coarse cells cover the volume, as ceil(n / BLOCK) of them)
     own = brightest_level_nearby(local_lumen_level(sharp, spacing), spacing)
     near_calcium = ndimage.binary_dilation(p.calcium_mask, iterations=TOUCH_VOXELS)
     labels, n = ndimage.label(found.calcium, structure=np.ones((3, 3, 3), bool))
@@ -72,7 +73,7 @@ def deposits(seed: int, study: int, engine_args: list[str] | None = None) -> lis
             "calcium": bool(near_calcium[inside].any()), "rules_find_it": bool(rules[inside].any()),
             "sharpened_median_hu": float(np.median(sharp[inside])), "sharpened_peak_hu": float(sharp[inside].max()),
             "acquired_level_hu": float(np.nanmedian(levels["acquired"][inside])),
-            "sharpened_level_hu": float(np.nanmedian(_levels_at(own, voxels))),
+            "sharpened_level_hu": float(np.nanmedian(own[tuple((voxels // BLOCK).T)])),
             "sharp_level_option_hu": float(np.nanmedian(levels["sharpened"][inside])),
             # the share of its voxels that stand the test's margin above each level (nan, no level: they do not)
             "passes_acquired": _share_over(sharp[inside], levels["acquired"][inside], options.sharp_contrast_hu),
@@ -86,14 +87,6 @@ def deposits(seed: int, study: int, engine_args: list[str] | None = None) -> lis
 def _share_over(values: np.ndarray, level: np.ndarray, margin_hu: float) -> float:
     with np.errstate(invalid="ignore"):
         return float(np.mean(values - level > margin_hu))
-
-
-def _levels_at(level: np.ndarray, voxels: np.ndarray) -> np.ndarray:
-    """A coarse level map (``contrast.BLOCK`` cells) read at voxel indices."""
-    from dicom_node.pipeline.contrast import BLOCK
-
-    cells = np.minimum(voxels // BLOCK, np.asarray(level.shape) - 1)
-    return level[tuple(cells.T)]
 
 
 def main(argv: list[str] | None = None) -> int:
