@@ -71,6 +71,10 @@ LearntMode = Literal["decide", "trim"]
 # plaque read 30 -> 100 % so (reports/fresh-heldout.md). The sharpened lumen's level there is the core's own.
 SharpLevel = Literal["acquired", "sharpened"]
 
+# The settings only the rules that look at the sharpened image read (``DetectOptions.without_sharpening``).
+_SHARPENING_ONLY = ("sharp_min_volume_mm3", "sharp_mtf50_lp_cm", "sharp_max_above_hu", "sharp_min_excess_mm3",
+                    "sharp_level", "grow_mm", "trim_mm", "learnt_probability", "learnt_min_volume_mm3", "learnt_mode")
+
 
 @dataclass
 class DetectOptions:
@@ -126,8 +130,11 @@ class DetectOptions:
 
     def without_sharpening(self) -> DetectOptions:
         """These options with every rule that looks at the sharpened image off (kept beside :attr:`sharpens`, so
-        that a rule added to one is added to both)."""
-        return replace(self, sharp_contrast_hu=0.0, grow_sharp_hu=0.0, trim_sharp_hu=0.0, learnt=None)
+        that a rule added to one is added to both), and the settings only those rules read back at their
+        defaults: options that detect alike compare equal, so what names an output (``process.engine_id``) does
+        not change with a setting that changed no voxel."""
+        return replace(self, sharp_contrast_hu=0.0, grow_sharp_hu=0.0, trim_sharp_hu=0.0, learnt=None,
+                       **{name: getattr(DetectOptions, name) for name in _SHARPENING_ONLY})
 
     def probability(self) -> float:
         """The learnt classifier's probability threshold in force (the option's, else the file's)."""

@@ -108,6 +108,11 @@ def engine_id(cfg: Config, kernel: str | None = None) -> str:
     (``Engine.method_for``); without a kernel, the node's id names both (job records, fingerprints).
     """
     detector = cfg.engine.detect_options()
+    if (cfg.engine.method == "auto" and kernel is not None
+            and auto_choice(cfg.engine.subtract_options(), kernel) == "network"):
+        # what the series' detection runs (``Engine.detect_options_for``): a series auto gives the network is not
+        # sharpened, so settings of the sharpened image alone change none of its voxels and must not rename it
+        detector = detector.without_sharpening()
     made = _engine_id(cfg, kernel)
     # the detection's rules decide which voxels are restored too: settings other than the defaults name the
     # output (the defaults add nothing, so the ids of outputs made with them stand)

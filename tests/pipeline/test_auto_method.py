@@ -72,6 +72,27 @@ def test_a_series_under_auto_is_named_by_what_restored_it(tmp_path):
     assert node.startswith("auto-") and node not in (engine_id(network), engine_id(subtract))
 
 
+def test_settings_of_the_sharpened_image_do_not_rename_a_series_auto_gives_the_network(tmp_path):
+    """Under auto a series of an unlisted kernel is detected without the sharpened image
+    (``Engine.detect_options_for``): its voxels are the network's own, so its UIDs must be too, whatever the site
+    set for the sharpened image; a listed kernel's output is named by those settings, and a rule both paths run
+    (the threshold) names both."""
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"model")
+    tables = {"scanner_kernels": {"B26f": 4.3}}
+    sharp = {"sharp_contrast_hu": 150.0, "sharp_level": "sharpened", "sharp_min_volume_mm3": 2.5}
+    network = Config(engine=EngineConfig(model=str(model), method="network", **tables))
+    auto = Config(engine=EngineConfig(model=str(model), method="auto", **tables, **sharp))
+    subtract = Config(engine=EngineConfig(model=str(model), method="subtract", **tables, **sharp))
+    assert engine_id(auto, "FC12") == engine_id(network)
+    assert engine_id(auto, "B26f") == engine_id(subtract) != engine_id(
+        Config(engine=EngineConfig(model=str(model), method="subtract", **tables)))
+    engine = Engine(_NoBackend(), auto.engine.detect_options(), method="auto", subtract=auto.engine.subtract_options())
+    assert engine.detect_options_for("FC12") == network.engine.detect_options(), "named as it detects"
+    both = Config(engine=EngineConfig(model=str(model), method="auto", threshold_hu=650.0, **tables, **sharp))
+    assert engine_id(both, "FC12") != engine_id(network)
+
+
 def test_an_unlisted_kernel_is_restored_by_the_network_path(monkeypatch):
     """Under auto, a series of an unlisted kernel goes through the network's windows (the backend is asked),
     a listed one through the subtraction (it is not)."""
