@@ -292,6 +292,11 @@ def _keep_lumen_beyond(volume: np.ndarray, spacing: tuple[float, float, float], 
     return values, held
 
 
+def _holds_sharpened(detection: Detection, region: Region) -> bool:
+    """Whether ``region`` holds calcium only the sharpened image found (``Lesion.sharpened``)."""
+    return any(lesion.sharpened for lesion in detection.lesions if lesion.index in region.lesions)
+
+
 def _estimate_name(opts: SubtractOptions, which: int | None) -> str:
     """The learnt estimate whose restoration a region got (``RegionReport.estimate``): "" with one estimate or none."""
     if not opts.companions:
@@ -346,8 +351,7 @@ class Engine:
         why = []
         if disagreement is not None and disagreement > threshold_hu:
             why.append(f"{CONFIDENCE_MEASURES[measure]} {disagreement:.0f} HU > {threshold_hu:g}")
-        sharpened = {lesion.index for lesion in detection.lesions if lesion.sharpened}
-        if sharpened.intersection(region.lesions):
+        if _holds_sharpened(detection, region):
             why.append("calcium found only in the sharpened image")
         vessel = None
         if self.confidence.unsure_vessel_mm > 0:
@@ -537,7 +541,8 @@ class Engine:
                 guard = unsure and self.confidence.unsure_action == "guard"
                 if guard and len(idx):  # all the visible lumen: a superset of what keep_lumen holds
                     values, kept = keep_visible_lumen(volume, spacing, idx, values, box)
-                elif opts.keep_lumen == "all" or (opts.keep_lumen == "unsure" and unsure):
+                elif opts.keep_lumen == "all" or (opts.keep_lumen == "unsure" and unsure) or (
+                        opts.keep_lumen == "sharpened" and _holds_sharpened(detection, r)):
                     values, kept = _keep_lumen_beyond(volume, spacing, detection.calcium, box, idx, local, values,
                                                       opts.keep_lumen_beyond_mm)
                 written.append((idx, values))

@@ -248,7 +248,12 @@ def excess_features(y: np.ndarray, u: np.ndarray, calcium: np.ndarray, domain: n
     return np.stack(cols, axis=1) / 1000.0
 
 
-KeepLumen = Literal["off", "unsure", "all"]  # which regions' visible lumen beyond the calcium the subtraction holds
+# Which regions' visible lumen beyond the calcium the subtraction holds: none, the unsure ones, every one, or
+# those holding calcium only the sharpened image found ("sharpened"). Why the last: such a deposit is faint, so the
+# acquired image shows its lumen with little bloom, and where the estimate takes the whole deposit in a small vessel
+# it takes a voxel of that lumen too (held out, three lesions of about 50 % read 70-74 % so; the twenty-eighth
+# session's reports/tuning/sharpened-excess.md section 7).
+KeepLumen = Literal["off", "unsure", "all", "sharpened"]
 # How a region's restorations under several learnt estimates (``SubtractOptions.companions``) become the one
 # written: the first estimate's (the others only measure the disagreement), their mean, the one that leaves
 # the reader the most lumen (the most voxels in the lumen's range: the least calcium taken as lumen), or the
@@ -302,11 +307,11 @@ class SubtractOptions:
     # (hysteresis below ``white_above_lumen_hu``): a flank voxel left in the anatomy keeps lumen brightness
     # where the calcium-free scan shows plaque, and the reader takes it for lumen. 0 = no growth.
     grow_above_lumen_hu: float = 0.0
-    # Where (``KeepLumen``: no region, the unsure ones, all) a voxel further than ``keep_lumen_beyond_mm`` from the
-    # detected calcium that the acquired image shows as lumen is never darkened past the lumen's edge
-    # (``restore.keep_visible_lumen``); the calcium and its near flank may still go. Where the estimate overshoots,
-    # its blurred excess takes lumen away beyond the calcium, and a reader sees a narrowing the calcium-free scan
-    # does not show.
+    # Where (``KeepLumen``: no region, the unsure ones, all, those with sharpened-only calcium) a voxel further
+    # than ``keep_lumen_beyond_mm`` from the detected calcium that the acquired image shows as lumen is never
+    # darkened past the lumen's edge (``restore.keep_visible_lumen``); the calcium and its near flank may still go.
+    # Where the estimate overshoots, its blurred excess takes lumen away beyond the calcium, and a reader sees a
+    # narrowing the calcium-free scan does not show.
     keep_lumen: KeepLumen = "off"
     keep_lumen_beyond_mm: float = 0.5
     # A learnt estimate of the calcium's excess (``LearntExcess``, trained by the lab on the world's training

@@ -14,6 +14,7 @@ import pytest
 from scipy import ndimage
 
 from dicom_node.pipeline.contrast import lumen_level_at
+from dicom_node.pipeline.detect import DetectOptions, detect
 from dicom_node.pipeline.morphology import grow_box
 from dicom_node.pipeline.restore import EDGE_MARGIN_HU, ConfidenceOptions, Engine, lumen_disagreement
 from dicom_node.pipeline.subtract import (
@@ -403,6 +404,15 @@ def test_kept_lumen_beyond_the_calcium_is_never_darkened_past_its_edge():
         doubting = replace(over, keep_lumen="unsure", unsure_hu=unsure_hu, second_blur=ScannerBlur(6.3))
         Engine(None, method="subtract", subtract=doubting,
                confidence=ConfidenceOptions(unsure_vessel_mm=0.0)).run(only, SPACING)
+        assert np.array_equal(only, expected)
+    # "sharpened": only the regions holding calcium the sharpened image alone found (the lesions' own mark)
+    found = detect(acquired.copy(), SPACING, DetectOptions())
+    assert found.lesions and not any(lesion.sharpened for lesion in found.lesions)
+    marked = replace(found, lesions=[replace(lesion, sharpened=True) for lesion in found.lesions])
+    for detection, expected in ((marked, kept), (found, plain)):
+        only = acquired.copy()
+        Engine(None, confidence=ConfidenceOptions(flips=False), method="subtract",
+               subtract=replace(over, keep_lumen="sharpened")).restore(only, SPACING, detection)
         assert np.array_equal(only, expected)
     with pytest.raises(ValueError):
         SubtractOptions(keep_lumen_beyond_mm=-1.0)
