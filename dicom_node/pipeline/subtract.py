@@ -251,8 +251,9 @@ def excess_features(y: np.ndarray, u: np.ndarray, calcium: np.ndarray, domain: n
 # Which regions' visible lumen beyond the calcium the subtraction holds: none, the unsure ones, every one, or
 # those holding calcium only the sharpened image found ("sharpened"). Why the last: such a deposit is faint, so the
 # acquired image shows its lumen with little bloom, and where the estimate takes the whole deposit in a small vessel
-# it takes a voxel of that lumen too (held out, three lesions of about 50 % read 70-74 % so; the twenty-eighth
-# session's reports/tuning/sharpened-excess.md section 7).
+# it takes a voxel of that lumen too (held out, three lesions of about 50 % read 70-74 % so). Measured, it gives the
+# under-call back (a faint deposit's own voxels lie in the lumen's range as acquired): off everywhere recommended
+# (reports/tuning/sharpened-excess.md section 7).
 KeepLumen = Literal["off", "unsure", "all", "sharpened"]
 # How a region's restorations under several learnt estimates (``SubtractOptions.companions``) become the one
 # written: the first estimate's (the others only measure the disagreement), their mean, the one that leaves
