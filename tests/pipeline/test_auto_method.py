@@ -118,3 +118,20 @@ def test_an_unlisted_kernel_is_restored_by_the_network_path(monkeypatch):
         pytest.skip("the phantom drew no calcium to restore")
     other = engine.run(volume.copy(), p.spacing, kernel="FC12")
     assert other.method == "network" and calls
+
+
+def test_every_setting_of_the_sharpened_image_is_reset_where_nothing_is_sharpened():
+    """``without_sharpening`` names what an unsharpened detection runs (``engine_id``): a setting added for the
+    sharpened-image rules (named ``sharp_*``, ``grow_*``, ``trim_*``, ``learnt*``) must be switched off or put back
+    to its default there, or network outputs under auto are renamed by a setting that changed none of their voxels."""
+    import dataclasses
+
+    from dicom_node.pipeline.detect import _SHARPENING_ONLY
+
+    switches = {"sharp_contrast_hu", "grow_sharp_hu", "trim_sharp_hu", "learnt"}
+    named = {f.name for f in dataclasses.fields(DetectOptions)
+             if f.name.startswith(("sharp_", "grow_", "trim_", "learnt"))}
+    assert named == switches | set(_SHARPENING_ONLY)
+    changed = DetectOptions(sharp_contrast_hu=150.0, sharp_level="sharpened", sharp_min_volume_mm3=2.5, grow_mm=2.0,
+                            trim_mm=2.0, learnt_mode="trim", learnt_probability=0.3)
+    assert changed.without_sharpening() == DetectOptions()
