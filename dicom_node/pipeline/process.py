@@ -39,6 +39,7 @@ from dicom_node.pipeline.report import patient_position, write_report
 from dicom_node.pipeline.restore import METHOD_TEXT, Engine, EngineResult, auto_choice
 from dicom_node.pipeline.seg import write_seg
 from dicom_node.pipeline.series import Series, load_hu, read_ct_series
+from dicom_node.pipeline.subtract import SubtractOptions
 
 log = logging.getLogger(__name__)
 PICTURE_PIXEL_MM = 0.1  # 200 px panels for a 20 mm view: big enough to judge a lumen on the job page
@@ -107,13 +108,16 @@ def engine_id(cfg: Config, kernel: str | None = None) -> str:
     Under ``method = "auto"`` a series' output is made by what auto chooses for its ``kernel``
     (``Engine.method_for``); without a kernel, the node's id names both (job records, fingerprints).
     """
+    method, options = cfg.engine.method, None
+    if method == "auto" and kernel is not None:  # what auto chooses for this series (``Engine.method_for``)
+        options = cfg.engine.subtract_options()
+        method = auto_choice(options, kernel)
     detector = cfg.engine.detect_options()
-    if (cfg.engine.method == "auto" and kernel is not None
-            and auto_choice(cfg.engine.subtract_options(), kernel) == "network"):
+    if cfg.engine.method == "auto" and method == "network":
         # what the series' detection runs (``Engine.detect_options_for``): a series auto gives the network is not
         # sharpened, so settings of the sharpened image alone change none of its voxels and must not rename it
         detector = detector.without_sharpening()
-    made = _engine_id(cfg, kernel)
+    made = _engine_id(cfg, method, options)
     # the detection's rules decide which voxels are restored too: settings other than the defaults name the
     # output (the defaults add nothing, so the ids of outputs made with them stand)
     rules = dataclasses.replace(detector, learnt=None)
@@ -128,12 +132,9 @@ def engine_id(cfg: Config, kernel: str | None = None) -> str:
     return f"{made}-detect-{hashlib.sha256(named.encode()).hexdigest()[:8]}"
 
 
-def _engine_id(cfg: Config, kernel: str | None) -> str:
-    """:func:`engine_id` without the learnt detector."""
-    method, options = cfg.engine.method, None
-    if method == "auto" and kernel is not None:
-        options = cfg.engine.subtract_options()
-        method = auto_choice(options, kernel)
+def _engine_id(cfg: Config, method: str, options: SubtractOptions | None) -> str:
+    """:func:`engine_id` without the detection: what restored the series (``method``, auto's choice for it where
+    it has a kernel) and the subtraction's options where they were built for that choice."""
     if method == "network":  # the model file alone: no subtraction settings to build
         return model_file_id(cfg.engine.model)
     options = cfg.engine.subtract_options() if options is None else options
