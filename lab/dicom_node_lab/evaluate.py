@@ -74,6 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     cmp = sub.add_parser("compare", help="experiment2v2 runs side by side, each paired against the first")
     cmp.add_argument("reports", nargs="+", help="runs on the same studies, each its --report-dir or its "
                      "experiment2v2.json (the first: reference)")
+    sp = sub.add_parser("splice", help="one run's readings with another's (or the original's) where the node "
+                        "reported something: what a region-level option would give, before building it")
+    sp.add_argument("base", help="experiment2v2.json (or its --report-dir) whose lesions and report are kept")
+    sp.add_argument("--from", dest="source", help="a run on the same studies whose processed readings are taken "
+                    "(default: the original's, i.e. left as acquired)")
+    sp.add_argument("--where", choices=experiment2v2.SPLICE_WHERE, required=True,
+                    help="which lesions, by what base's engine reported for the regions reaching them")
+    sp.add_argument("--vessel-mm", type=float, default=2.75, help="small-vessel: calibre under this")
+    sp.add_argument("--out", required=True, help="where the spliced experiment2v2.json goes (for compare)")
     cal = sub.add_parser("calibration", help="the world's blooming against the issue's 2D check, XCIST and the gate")
     calibration.add_arguments(cal)
     rs = sub.add_parser("reader-smoothing",
@@ -88,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         return experiment2v2.thresholds_report(args)
     if args.cmd == "flag-grid":
         return experiment2v2.flag_grid_report(args)
+    if args.cmd == "splice":
+        return experiment2v2.splice_report(args)
     if args.cmd == "compare":
         return experiment2v2.compare_report(args)
     if args.cmd == "rewrite":

@@ -780,6 +780,69 @@ def compare_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# What ``splice`` can pick a lesion by: what the node reported for the regions that reach it.
+SPLICE_WHERE = ("unsure", "sharpened-only", "small-vessel")
+SHARPENED_ONLY = "calcium found only in the sharpened image"  # restore.Engine._judge's reason
+
+
+def spliced_where(r: dict, where: str, vessel_mm: float) -> bool:
+    """Whether ``splice`` takes lesion row ``r``'s processed readings from elsewhere: ``"unsure"`` (a region that
+    reaches it was flagged), ``"sharpened-only"`` (one holds calcium only the sharpened image found),
+    ``"small-vessel"`` (the smallest calibre the engine measured there is under ``vessel_mm``)."""
+    if where == "unsure":
+        return bool(r.get("unsure"))
+    if where == "sharpened-only":
+        return any(w.endswith(SHARPENED_ONLY) for w in r.get("why") or [])
+    if where == "small-vessel":
+        return r.get("vessel_mm") is not None and r["vessel_mm"] < vessel_mm
+    raise ValueError(f"splice: where must be one of {', '.join(SPLICE_WHERE)}, not {where!r}")
+
+
+def splice(base: list[dict], other: list[dict] | None, where: str, vessel_mm: float = 2.75) -> list[dict]:
+    """``base``'s lesion rows, with the processed readings of ``other`` (a run on the same studies; None: the
+    original's, i.e. left as acquired) at the lesions ``spliced_where`` picks from ``base``'s own report.
+
+    Why: whether a region should be restored another way (another estimate, the rule, not at all) where the
+    node reports something about it is a question of readings the two runs already hold; asking it of the
+    engine means building the option first. The answer is an approximation of that option: a lesion is spliced
+    whole, where the engine would choose region by region (a region can reach two lesions, a lesion two
+    regions), so an option a splice favours must still be built and run before it is adopted.
+    """
+    by_key = {_lesion_key(r): r for r in other} if other is not None else None
+    out = []
+    for r in base:
+        row = dict(r)
+        if spliced_where(r, where, vessel_mm):
+            src = r if by_key is None else by_key.get(_lesion_key(r))
+            if src is None:
+                raise ValueError(f"splice: lesion {_lesion_key(r)} is not in the other run (not the same studies?)")
+            for w in WHITE_LEVELS_HU:
+                row[f"processed@{w:g}"] = src[f"{'original' if by_key is None else 'processed'}@{w:g}"]
+            row["spliced"] = True
+        out.append(row)
+    return out
+
+
+def splice_report(args: argparse.Namespace) -> int:
+    """``evaluate.py splice``: writes the spliced rows as an experiment2v2.json that ``compare`` reads."""
+    def rows(name: str) -> list[dict]:
+        path = Path(name) / "experiment2v2.json" if Path(name).is_dir() else Path(name)
+        if not path.is_file():
+            raise SystemExit(f"splice: {name}: no experiment2v2.json there (a run's --report-dir or its json)")
+        return json.loads(path.read_text())["lesions"]
+
+    spliced = splice(rows(args.base), rows(args.source) if args.source else None, args.where, args.vessel_mm)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"spliced": {"base": args.base, "from": args.source or "original", "where": args.where,
+                                           "vessel_mm": args.vessel_mm},
+                               "lesions": spliced}, indent=0))
+    n = sum(1 for r in spliced if r.get("spliced"))
+    print(f"{n} of {len(spliced)} lesions took {'the other run' if args.source else 'the original'}'s readings "
+          f"({args.where}); wrote {out}")
+    return 0
+
+
 SAFETY_COLUMNS = ("study", "vessel", "lesion", "type", "kernel", "diameter_mm", "geometric", "arc_deg",
                   "density_mg_cm3", "motion_mm")
 

@@ -132,3 +132,34 @@ def test_compare_pairs_the_same_lesions_and_says_which_way_they_moved(tmp_path, 
     assert "1 better / 1 worse" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no experiment2v2.json"):
         evaluate.main(["compare", paths[0], str(tmp_path / "nothing")])
+
+
+def test_splice_takes_the_other_readings_only_where_the_node_reported_what_was_asked(tmp_path, capsys):
+    """``evaluate.py splice``: a region-level option asked of two runs' readings. Only the lesions the base run's
+    report picks change; without ``--from`` they read as acquired; a lesion the other run lacks is refused."""
+    base = [dict(r) for r in ROWS]
+    base[0].update(unsure=True, why=["restored, unsure: calcium found only in the sharpened image"], vessel_mm=2.1)
+    base[1].update(unsure=True, why=["restored, unsure: vessel 2.5 mm < 2.75"], vessel_mm=2.5)
+    base[2].update(vessel_mm=3.4)
+    other = [dict(r, **{"processed@100": 40.0, "processed@200": 41.0}) for r in ROWS]  # the truth: 40
+    sharp = experiment2v2.splice(base, other, "sharpened-only")
+    assert [r["processed@100"] for r in sharp[:3]] == [40.0, 42.0, 42.0] and sharp[0]["spliced"]
+    assert sharp[0]["processed@200"] == 41.0 and sharp[0]["original@100"] == base[0]["original@100"]
+    assert [r.get("spliced", False) for r in experiment2v2.splice(base, other, "unsure")][:3] == [True, True, False]
+    small = experiment2v2.splice(base, other, "small-vessel", vessel_mm=2.3)
+    assert [r.get("spliced", False) for r in small][:3] == [True, False, False]
+    acquired = experiment2v2.splice(base, None, "unsure")
+    assert acquired[1]["processed@100"] == base[1]["original@100"] == 52.0
+    assert base[1]["processed@100"] == 42.0  # the base rows themselves are not changed
+    with pytest.raises(ValueError, match="not in the other run"):
+        experiment2v2.splice(base, other[1:], "unsure")
+    with pytest.raises(ValueError, match="where must be one of"):
+        experiment2v2.splice(base, other, "everywhere")
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"lesions": base}))
+    b.write_text(json.dumps({"lesions": other}))
+    out = tmp_path / "s" / "experiment2v2.json"
+    assert evaluate.main(["splice", str(a), "--from", str(b), "--where", "unsure", "--out", str(out)]) == 0
+    assert "2 of 7 lesions took the other run's readings" in capsys.readouterr().out
+    assert evaluate.main(["compare", str(a), str(out.parent)]) == 0
+    assert "2 better / 0 worse" in capsys.readouterr().out
