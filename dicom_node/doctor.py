@@ -16,6 +16,7 @@ from typing import Any
 from dicom_node import __version__
 from dicom_node.backends import plan as plans
 from dicom_node.config import EngineConfig
+from dicom_node.pipeline.restore import SHARPENED_ONLY_REASON
 from dicom_node.pipeline.subtract import kernel_key
 
 PACKAGES: dict[str, tuple[str, ...]] = {  # shown name -> distribution names to try
@@ -67,7 +68,7 @@ def unsure_rules(engine: EngineConfig) -> dict[str, Any]:
             why.append(f"vessel under {engine.unsure_vessel_mm:g} mm")
         # the sharpened-image test runs for every series, but under auto for the subtraction's only
         if engine.sharp_contrast_hu > 0 and not (engine.method == "auto" and method == "network"):
-            why.append("calcium found only in the sharpened image")
+            why.append(SHARPENED_ONLY_REASON)
         rules[method] = why
     return {"action": engine.unsure_action, "rules": rules}
 

@@ -75,6 +75,9 @@ METHOD_TEXT: dict[str, MethodText] = {
 # With several learnt estimates (SubtractOptions.companions) it compares the restorations under each instead.
 CONFIDENCE_MEASURES: dict[str, str] = {"flip": "flip disagreement", "blur": "blur disagreement",
                                        "estimates": "estimate disagreement"}
+# The reason a region holding calcium only the sharpened image found is unsure (``Engine._judge``), as the SEG,
+# the lesion table and ``dicom-node doctor`` say it; one string, so that what reads it (the lab's splice) cannot drift.
+SHARPENED_ONLY_REASON = "calcium found only in the sharpened image"
 
 
 EDGE_MARGIN_HU = 20.0  # a kept lumen voxel stays this far above the edge, so no reader's rounding drops it
@@ -352,7 +355,7 @@ class Engine:
         if disagreement is not None and disagreement > threshold_hu:
             why.append(f"{CONFIDENCE_MEASURES[measure]} {disagreement:.0f} HU > {threshold_hu:g}")
         if _holds_sharpened(detection, region):
-            why.append("calcium found only in the sharpened image")
+            why.append(SHARPENED_ONLY_REASON)
         vessel = None
         if self.confidence.unsure_vessel_mm > 0:
             vessel = vessel_calibre_mm(volume, spacing, region.native_box, detection.calcium)

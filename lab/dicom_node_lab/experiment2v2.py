@@ -742,14 +742,18 @@ def paired_change(base: list[dict], other: list[dict], white: float = PRIMARY_WH
             "better": int((d < -1.0).sum()), "worse": int((d > 1.0).sum())}
 
 
+def run_lesions(name: str, tool: str) -> list[dict]:
+    """The lesion rows of a run named by its ``--report-dir`` or its experiment2v2.json (``tool`` names the
+    command in the refusal)."""
+    path = Path(name) / "experiment2v2.json" if Path(name).is_dir() else Path(name)
+    if not path.is_file():
+        raise SystemExit(f"{tool}: {name}: no experiment2v2.json there (a run's --report-dir or its json)")
+    return json.loads(path.read_text())["lesions"]
+
+
 def compare_report(args: argparse.Namespace) -> int:
     """``evaluate.py compare``: several runs' headline figures side by side, each paired against the first."""
-    runs = []
-    for name in args.reports:
-        path = Path(name) / "experiment2v2.json" if Path(name).is_dir() else Path(name)  # a run's --report-dir
-        if not path.is_file():
-            raise SystemExit(f"compare: {name}: no experiment2v2.json there (a run's --report-dir or its json)")
-        runs.append((name, json.loads(path.read_text())["lesions"]))
+    runs = [(name, run_lesions(name, "compare")) for name in args.reports]
     kernels = sorted({r["kernel"] for _, rows in runs for r in rows if r["stratum"] == CALCIFIED})
     w = f"{PRIMARY_WHITE:g}"
     print(f"Calcified lesions against the truth image at lumen + {w} HU; kernels: MAE (bias); paired: change in "
@@ -782,7 +786,6 @@ def compare_report(args: argparse.Namespace) -> int:
 
 # What ``splice`` can pick a lesion by: what the node reported for the regions that reach it.
 SPLICE_WHERE = ("unsure", "sharpened-only", "small-vessel")
-SHARPENED_ONLY = "calcium found only in the sharpened image"  # restore.Engine._judge's reason
 
 
 def spliced_where(r: dict, where: str, vessel_mm: float) -> bool:
@@ -792,7 +795,9 @@ def spliced_where(r: dict, where: str, vessel_mm: float) -> bool:
     if where == "unsure":
         return bool(r.get("unsure"))
     if where == "sharpened-only":
-        return any(w.endswith(SHARPENED_ONLY) for w in r.get("why") or [])
+        from dicom_node.pipeline.restore import SHARPENED_ONLY_REASON
+
+        return any(w.endswith(SHARPENED_ONLY_REASON) for w in r.get("why") or [])
     if where == "small-vessel":
         return r.get("vessel_mm") is not None and r["vessel_mm"] < vessel_mm
     raise ValueError(f"splice: where must be one of {', '.join(SPLICE_WHERE)}, not {where!r}")
@@ -825,13 +830,8 @@ def splice(base: list[dict], other: list[dict] | None, where: str, vessel_mm: fl
 
 def splice_report(args: argparse.Namespace) -> int:
     """``evaluate.py splice``: writes the spliced rows as an experiment2v2.json that ``compare`` reads."""
-    def rows(name: str) -> list[dict]:
-        path = Path(name) / "experiment2v2.json" if Path(name).is_dir() else Path(name)
-        if not path.is_file():
-            raise SystemExit(f"splice: {name}: no experiment2v2.json there (a run's --report-dir or its json)")
-        return json.loads(path.read_text())["lesions"]
-
-    spliced = splice(rows(args.base), rows(args.source) if args.source else None, args.where, args.vessel_mm)
+    spliced = splice(run_lesions(args.base, "splice"),
+                     run_lesions(args.source, "splice") if args.source else None, args.where, args.vessel_mm)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"spliced": {"base": args.base, "from": args.source or "original", "where": args.where,

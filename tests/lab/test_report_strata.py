@@ -138,7 +138,9 @@ def test_splice_takes_the_other_readings_only_where_the_node_reported_what_was_a
     """``evaluate.py splice``: a region-level option asked of two runs' readings. Only the lesions the base run's
     report picks change; without ``--from`` they read as acquired; a lesion the other run lacks is refused."""
     base = [dict(r) for r in ROWS]
-    base[0].update(unsure=True, why=["restored, unsure: calcium found only in the sharpened image"], vessel_mm=2.1)
+    from dicom_node.pipeline.restore import SHARPENED_ONLY_REASON
+
+    base[0].update(unsure=True, why=[f"restored, unsure: {SHARPENED_ONLY_REASON}"], vessel_mm=2.1)
     base[1].update(unsure=True, why=["restored, unsure: vessel 2.5 mm < 2.75"], vessel_mm=2.5)
     base[2].update(vessel_mm=3.4)
     other = [dict(r, **{"processed@100": 40.0, "processed@200": 41.0}) for r in ROWS]  # the truth: 40
