@@ -33,7 +33,7 @@ def test_a_tuning_lesion_is_cut_where_the_calcium_is_and_the_engine_removed_it(t
 
     out = tmp_path / "sums.json"
     lines = ['method = "subtract"', 'subtract_estimate = "engines/calcium_excess_ref.npz"']
-    args = ["--seed", "6060", "--study", "67", "--vessel", "0", "--lesion", "0", "--sections", "3",
+    args = ["lesion", "--seed", "6060", "--study", "67", "--vessel", "0", "--lesion", "0", "--sections", "3",
             "--json", str(out), "--grid"]
     assert lesion_sections.main(args + [a for line in lines for a in ("--engine", line)]) == 0
     printed = capsys.readouterr().out
@@ -41,3 +41,31 @@ def test_a_tuning_lesion_is_cut_where_the_calcium_is_and_the_engine_removed_it(t
     sums = json.loads(out.read_text())["sums"]
     assert len(sums) == 3 and all(s["added_hu"] > 10_000 for s in sums)
     assert all(0.3 < s["ratio"] < 3.0 for s in sums)
+
+
+def test_a_run_is_scored_by_how_far_its_lumen_over_removal_goes_with_its_error():
+    """``summarise_scores``: a run whose over-removal makes its error reads r = 1 and its thirds in order; lesions
+    without a lumen to score are counted, not scored; too few to correlate says so."""
+    from dicom_node_lab.lesion_sections import summarise_scores
+
+    rows = [{"lumen_over_removed_hu": 10.0 * k, "error": 2.0 * k - 4.0} for k in range(9)]
+    rows.append({"lumen_over_removed_hu": None, "error": 30.0})
+    s = summarise_scores(rows)
+    assert s["lesions"] == 10 and s["scored"] == 9 and abs(s["pearson_r"] - 1.0) < 1e-9
+    t = s["thirds"]
+    assert [t[k]["n"] for k in ("lowest third", "middle third", "highest third")] == [3, 3, 3]
+    assert t["lowest third"]["bias"] < t["middle third"]["bias"] < t["highest third"]["bias"]
+    assert t["lowest third"]["mae"] == (4.0 + 2.0 + 0.0) / 3
+    assert "pearson_r" not in summarise_scores(rows[:2])
+
+
+def test_one_study_scores_each_calcified_lesion_it_reads():
+    """``lesion_scores`` end to end on tuning study 6060-67: a row per calcified lesion the reader reads, with its
+    error and an over-removal where the truth shows a lumen."""
+    from dicom_node_lab.lesion_sections import lesion_scores
+
+    rows = lesion_scores((6060, 67, ['method = "subtract"', 'subtract_estimate = "engines/calcium_excess_ref.npz"']))
+    assert rows and {(r["vessel"], r["lesion"]) for r in rows} >= {(0, 0)}
+    first = next(r for r in rows if (r["vessel"], r["lesion"]) == (0, 0))
+    assert first["study"] == "6060-67" and first["lumen_over_removed_hu"] is not None
+    assert -100.0 <= first["error"] <= 100.0 and 0.3 < first["ratio"] < 3.0
