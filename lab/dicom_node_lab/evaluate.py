@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                     "(default: the original's, i.e. left as acquired)")
     sp.add_argument("--where", choices=experiment2v2.SPLICE_WHERE, required=True,
                     help="which lesions, by what base's engine reported for the regions reaching them")
-    sp.add_argument("--vessel-mm", type=float, default=2.75, help="small-vessel: calibre under this")
+    sp.add_argument("--vessel-mm", type=float, help="small-vessel: calibre under this (default: the node's "
+                    "unsure_vessel_mm default)")
     sp.add_argument("--out", required=True, help="where the spliced experiment2v2.json goes (for compare)")
     cal = sub.add_parser("calibration", help="the world's blooming against the issue's 2D check, XCIST and the gate")
     calibration.add_arguments(cal)

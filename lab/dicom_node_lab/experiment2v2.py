@@ -104,16 +104,34 @@ _ENGINE = None
 _DETECTING: dict[tuple[str, ...], object] = {}
 
 
+def engine_for(engine_args: list[str]):
+    """The engine these ``--engine`` lines build with the shipped network, built once per worker process and set of
+    lines: what the lab's per-study tools run (``detected_study``, ``lesion_sections``)."""
+    key = tuple(engine_args)
+    if key not in _DETECTING:
+        _DETECTING[key] = _engine(ENGINES / "dense_unet.onnx", list(engine_args))
+    return _DETECTING[key]
+
+
+def restored(engine, p, level_image: np.ndarray | None = None):
+    """Study ``p`` as stored, processed in-process by ``engine`` as a job would be: ``(original, processed,
+    result)``, the processed image stored the same way where the engine changed it and the original elsewhere.
+    ``level_image``: ``Engine.run``'s (``--oracle-level``)."""
+    original = _stored_hu(p.image)
+    processed = original.copy()
+    # the kernel as a scanner's header states it: the subtraction assumes its blur when engine.scanner_kernels
+    # lists it (the network ignores it)
+    result = engine.run(processed, p.spacing, kernel=str(p.settings.kernel).upper(), level_image=level_image)
+    return original, np.where(result.changed, _stored_hu(processed), original), result
+
+
 def detected_study(seed: int, i: int, engine_args: list[str]):
     """Study ``i`` as stored, the engine these ``--engine`` lines build (one per worker process and set of lines),
     and what it detects there: ``(phantom, volume, engine, detection)``. Why: the lab's per-study tools (the
     enclosure, the sharpened-image pieces) must see exactly the calcium the engine of a run would find."""
     from dicom_node.pipeline.detect import detect
 
-    key = tuple(engine_args)
-    if key not in _DETECTING:
-        _DETECTING[key] = _engine(ENGINES / "dense_unet.onnx", list(engine_args))
-    engine = _DETECTING[key]
+    engine = engine_for(engine_args)
     p = make_study(seed, i)
     volume = _stored_hu(p.image)
     return p, volume, engine, detect(volume, p.spacing, engine.detect_options_for(str(p.settings.kernel).upper()))
@@ -150,17 +168,12 @@ def _one_study(job: tuple[int, int, str, list[str], bool, bool, bool]) -> tuple[
     if _ENGINE is None:
         _ENGINE = _engine(Path(model), engine_args)
     p = make_study(seed, i)
-    original = _stored_hu(p.image)
-    processed = original.copy()
-    t0 = time.perf_counter()
-    # the kernel as a scanner's header states it: the subtraction assumes its blur when engine.scanner_kernels
-    # lists it (the network ignores it)
     kernel = str(p.settings.kernel).upper()
+    t0 = time.perf_counter()
     # --oracle-level: the contrast level measured on the calcium-free truth image, where the calcium's blur
     # cannot pull it up (what an estimate of the lumen level from a reference segment could at best give)
-    result = _ENGINE.run(processed, p.spacing, kernel=kernel, level_image=_stored_hu(p.truth) if oracle_level else None)
+    original, processed, result = restored(_ENGINE, p, _stored_hu(p.truth) if oracle_level else None)
     seconds = time.perf_counter() - t0
-    processed = np.where(result.changed, _stored_hu(processed), original)
     images = {"original": original, "processed": processed, "truth": p.truth}
     if oracle:
         from scipy import ndimage
@@ -803,9 +816,10 @@ def spliced_where(r: dict, where: str, vessel_mm: float) -> bool:
     raise ValueError(f"splice: where must be one of {', '.join(SPLICE_WHERE)}, not {where!r}")
 
 
-def splice(base: list[dict], other: list[dict] | None, where: str, vessel_mm: float = 2.75) -> list[dict]:
+def splice(base: list[dict], other: list[dict] | None, where: str, vessel_mm: float | None = None) -> list[dict]:
     """``base``'s lesion rows, with the processed readings of ``other`` (a run on the same studies; None: the
-    original's, i.e. left as acquired) at the lesions ``spliced_where`` picks from ``base``'s own report.
+    original's, i.e. left as acquired) at the lesions ``spliced_where`` picks from ``base``'s own report
+    (``vessel_mm``: the small-vessel line; None: the node's unsure flag's default).
 
     Why: whether a region should be restored another way (another estimate, the rule, not at all) where the
     node reports something about it is a question of readings the two runs already hold; asking it of the
@@ -813,6 +827,10 @@ def splice(base: list[dict], other: list[dict] | None, where: str, vessel_mm: fl
     whole, where the engine would choose region by region (a region can reach two lesions, a lesion two
     regions), so an option a splice favours must still be built and run before it is adopted.
     """
+    if vessel_mm is None:  # the node's own line for a small vessel (its unsure flag's default)
+        from dicom_node.pipeline.restore import ConfidenceOptions
+
+        vessel_mm = ConfidenceOptions.unsure_vessel_mm
     by_key = {_lesion_key(r): r for r in other} if other is not None else None
     out = []
     for r in base:

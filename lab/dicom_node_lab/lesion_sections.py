@@ -29,23 +29,13 @@ SCORE_SECTIONS = 7  # sections per lesion when a whole run is scored (the two en
 MIN_LUMEN_SAMPLES = 5  # a section whose truth shows fewer lumen samples says nothing of the lumen
 
 
-_ENGINES: dict[tuple[str, ...], object] = {}
-
-
 def processed_study(seed: int, study: int, engine_lines: list[str]):
     """Study ``study`` of ``seed`` and its images as stored: ``(phantom, {truth, acquired, processed, detected,
     calcium_fraction})``, processed in-process by the engine these ``--engine`` lines build (as experiment2v2)."""
-    from dicom_node_lab.experiment2v2 import ENGINES, _engine, _stored_hu, make_study
+    from dicom_node_lab.experiment2v2 import _stored_hu, engine_for, make_study, restored
 
-    key = tuple(engine_lines)
-    if key not in _ENGINES:  # one engine per worker process and set of lines
-        _ENGINES[key] = _engine(ENGINES / "dense_unet.onnx", list(engine_lines))
-    engine = _ENGINES[key]
     p = make_study(seed, study)
-    original = _stored_hu(p.image)
-    processed = original.copy()
-    result = engine.run(processed, p.spacing, kernel=str(p.settings.kernel).upper())
-    processed = np.where(result.changed, _stored_hu(processed), original)
+    original, processed, result = restored(engine_for(engine_lines), p)
     return p, {"truth": _stored_hu(p.truth), "acquired": original, "processed": processed,
                "detected": result.detection.calcium.astype(np.float32), "calcium_fraction": p.calcium_fraction}
 
@@ -67,14 +57,15 @@ def cut(p, images: dict[str, np.ndarray], vessel: int, lesion: int, count: int =
     level = float(lumen_level(images["truth"], p.spacing, points[ref])) if len(ref) else float("nan")
     u = np.arange(-HALF_WIDTH_MM, HALF_WIDTH_MM + 1e-9, SECTION_STEP_MM)
     s_mm = np.linspace(les.s_mm - les.half_length_mm, les.s_mm + les.half_length_mm, count)
+    volumes = {name: volume.astype(np.float32, copy=False) for name, volume in images.items()}  # once, not per section
     out: dict = {name: [] for name in images}
     for s in s_mm:
         k = int(np.clip(round(s / world.STEP_MM), 0, len(points) - 1))
         plane = points[k] + u[:, None, None] * n[k] + u[None, :, None] * b[k]
         coords = (plane / np.asarray(p.spacing)).reshape(-1, 3).T
-        for name, volume in images.items():
+        for name, volume in volumes.items():
             order = 0 if name == "detected" else 1
-            out[name].append(ndimage.map_coordinates(volume.astype(np.float32), coords, order=order)
+            out[name].append(ndimage.map_coordinates(volume, coords, order=order)
                              .reshape(len(u), len(u)))
     arrays = {name: np.stack(v) for name, v in out.items()}
     arrays["removed"] = arrays["acquired"] - arrays["processed"]
