@@ -240,8 +240,9 @@ def train(args: argparse.Namespace) -> int:
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
 
     def loss_of(item, model=net):
-        """(squared error summed over the footprint, lumen-decision error summed, voxels, squared error of the
-        calcium itself per domain voxel)"""
+        """(squared error summed over the footprint, each voxel weighted ``1 + --lumen-hu-weight`` where the
+        truth image is lumen; those weights summed; lumen-decision error summed; voxels; squared error of the
+        calcium itself per domain voxel; squared error summed over the truth's lumen voxels, their soft count)"""
         x, rule, h, shape, flat_dom, flat_foot, target, acquired, level, truth_lumen, excess, grid, inside = item
         e = torch.clamp(rule + (model(x, grid)[:, 0] if model is not None else 0.0), min=0.0)
         if inside is not None:  # features read beyond the reach; calcium is put only within it
@@ -253,21 +254,30 @@ def train(args: argparse.Namespace) -> int:
         lumen = _lumen(acquired - blurred, level)
         # lumen taken away (an invented narrowing) weighs more than calcium's bloom left in the lumen
         weight = 1.0 + args.closing_weight * (truth_lumen > lumen)
-        return ((blurred - target) ** 2).sum(), (weight * (lumen - truth_lumen) ** 2).sum(), len(target), own
+        # what a lumen voxel keeps decides where the reader's edge falls: the deposit's own core, where the
+        # error is largest, does not (twenty-ninth session: the right amount removed, placed on the lumen)
+        voxel = 1.0 + args.lumen_hu_weight * truth_lumen
+        sq = (blurred - target) ** 2
+        return ((voxel * sq).sum(), voxel.sum(), (weight * (lumen - truth_lumen) ** 2).sum(), len(target), own,
+                (truth_lumen * sq).sum(), truth_lumen.sum())
 
-    def evaluate(items, model=net, weights=None):
+    def evaluate(items, model=net, weights=None, lumen=False):
         """(RMSE in HU in the footprint, share of footprint voxels on the wrong side of the reader's edges,
-        RMSE in HU of the calcium itself on the domain, regions averaged); each region's voxels counted
-        ``weights`` times (``--calibre-weight``; None: once)"""
+        RMSE in HU of the calcium itself on the domain, regions averaged), each as the objective weighs the
+        footprint's voxels (``--lumen-hu-weight``); with ``lumen`` also the RMSE in HU on the truth's lumen
+        voxels alone. Each region's voxels counted ``weights`` times (``--calibre-weight``; None: once)."""
         with torch.no_grad():
-            s = w = n = own = 0.0
+            s = sn = w = n = own = ls = ln = 0.0
             for k, item in enumerate(items):
-                a, b, c, o = loss_of(item, model)
+                a, an, b, c, o, la, lc = loss_of(item, model)
                 r = 1.0 if weights is None else float(weights[k])
-                s, w, n, own = s + r * float(a), w + r * float(b), n + r * c, own + float(o)
-        return float(np.sqrt(s / n) * 1000.0), float(w / n), float(np.sqrt(own / max(len(items), 1)) * 1000.0)
+                s, sn, w, n, own = s + r * float(a), sn + r * float(an), w + r * float(b), n + r * c, own + float(o)
+                ls, ln = ls + r * float(la), ln + r * float(lc)
+        out = (float(np.sqrt(s / sn) * 1000.0), float(w / n), float(np.sqrt(own / max(len(items), 1)) * 1000.0))
+        return out + (float(np.sqrt(ls / max(ln, 1e-9)) * 1000.0),) if lumen else out
 
-    log = {"rule_rmse_hu_train": evaluate(train_set, None), "rule_rmse_hu_held": evaluate(held_set, None),
+    log = {"rule_rmse_hu_train": evaluate(train_set, None, lumen=True),
+           "rule_rmse_hu_held": evaluate(held_set, None, lumen=True),
            "regions": len(train_set), "held_regions": len(held_set), "steps": [],
            # which studies (of --seed 7070) it saw: a replay of a time-limited extraction extracts these
            "training_studies": sorted({int(r["study"]) for r in regions})}
@@ -279,16 +289,17 @@ def train(args: argparse.Namespace) -> int:
 
     while not spent():
         for k in rng.permutation(len(train_set)):
-            a, b, c, own = loss_of(train_set[k])
+            a, an, b, c, own, _, _ = loss_of(train_set[k])
             opt.zero_grad()
-            (region_weight[k] * (a + args.lumen_weight * b) / c + args.excess_weight * own).backward()
+            (region_weight[k] * (a / an + args.lumen_weight * b / c) + args.excess_weight * own).backward()
             opt.step()
             step += 1
             if step % args.validate_every == 0:
-                rmse, wrong, own = evaluate(held_set, weights=held_weight)
+                rmse, wrong, own, lumen_rmse = evaluate(held_set, weights=held_weight, lumen=True)
                 score = (rmse / 1000.0) ** 2 + args.lumen_weight * wrong + args.excess_weight * (own / 1000.0) ** 2
                 log["steps"].append({"step": step, "seconds": round(time.time() - t0), "held_rmse_hu": rmse,
-                                     "held_wrong_side": wrong, "held_calcium_rmse_hu": own, "score": score})
+                                     "held_wrong_side": wrong, "held_calcium_rmse_hu": own,
+                                     "held_lumen_rmse_hu": lumen_rmse, "score": score})
                 print(log["steps"][-1], flush=True)
                 if best is None or score < best:
                     best, best_state = score, [p.detach().clone() for p in net.parameters()]
@@ -297,7 +308,8 @@ def train(args: argparse.Namespace) -> int:
     if best_state is not None:
         for p, b in zip(net.parameters(), best_state):
             p.data.copy_(b)
-    log["best_held_rmse_hu"], log["best_held_wrong_side"], log["best_held_calcium_rmse_hu"] = evaluate(held_set)
+    (log["best_held_rmse_hu"], log["best_held_wrong_side"], log["best_held_calcium_rmse_hu"],
+     log["best_held_lumen_rmse_hu"]) = evaluate(held_set, lumen=True)
     if args.calibre_weight:  # the figures the best step was chosen on
         log["best_held_weighted"] = evaluate(held_set, weights=held_weight)
     arrays = {"mean": mean, "scale": scale, "reach_voxels": np.array(args.reach_voxels),
@@ -456,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--closing-weight", type=float, default=2.0, help="extra weight of lumen the estimate takes away")
     t.add_argument("--calibre-weight", type=float, default=0.0,
                    help="each region's loss times (3 mm / its vessel's calibre) to this power (--vessel-feature data)")
+    t.add_argument("--lumen-hu-weight", type=float, default=0.0,
+                   help="extra weight of the squared error on footprint voxels the truth image shows as lumen")
     t.add_argument("--excess-weight", type=float, default=0.0,
                    help="weight of the estimate's squared error against the phantom's own calcium on its domain")
     t.set_defaults(func=train)

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from dicom_node.pipeline.morphology import grow_box
+from dicom_node.pipeline.subtract import reference_levels
 from dicom_node_lab import physics, world
 from dicom_node_lab.experiment1 import ENGINES
 from dicom_node_lab.experiment2 import goal_metrics
@@ -200,6 +202,7 @@ def _one_study(job: tuple[int, int, str, list[str], bool, bool, bool]) -> tuple[
         reached = _lesion_regions(p, r, result)
         r["unsure"], r["disagreement_hu"], r["vessel_mm"] = _lesion_confidence(reached)
         r["why"] = _lesion_why(reached)
+        r["measured_contrast_hu"] = _lesion_contrast(p, r, result, original)
         r["measure"] = result.reports[0].measure if result.reports else None
     goal = goal_metrics(p, original, processed)
     goal["seconds"] = seconds
@@ -237,6 +240,40 @@ def _lesion_why(reached: list) -> list[str]:
     """What made the regions that reach a lesion (``_lesion_regions``) unsure, and what the engine did with them
     (the report's ``why`` column, for reading a run's safety cases)."""
     return sorted({f"{rep.action}: {w}" for rep in reached for w in rep.why})
+
+
+# How a region's calcium is compared with its vessel's contrast (``calcium_contrast``): the level measured this far
+# from the calcium (the learnt estimates' own ``level_away_mm``), looked for this far around the region's box.
+CONTRAST_AWAY_MM, CONTRAST_REACH_MM = 2.0, 4.5
+
+
+def calcium_contrast(volume: np.ndarray, spacing: tuple[float, float, float], box: tuple[slice, slice, slice],
+                     calcium: np.ndarray) -> float | None:
+    """How far a region's calcium stands above its vessel's contrast as the acquired image shows it (HU): the
+    brightest detected calcium voxel in ``box``, minus the contrast level measured beyond the calcium's bloom
+    (``subtract.reference_levels`` at ``CONTRAST_AWAY_MM``); None without calcium or contrast within reach.
+
+    Why: a candidate for the node's confidence (faint calcium blurs into the lumen's range, where the estimate's
+    placement is a guess), measured here first so that ``evaluate.py flag-grid --faint`` can ask a run's readings
+    what such a flag would do before the node carries it (thirtieth session, reports/tuning/faint-confidence.md:
+    it does not rank the restorations' errors)."""
+    own = np.zeros(volume.shape, bool)
+    own[box] = calcium[box]
+    if not own.any():
+        return None
+    grown = grow_box(box, volume.shape, np.ceil(CONTRAST_REACH_MM / np.asarray(spacing, float)).astype(int))
+    sub, mine = volume[grown].astype(np.float32), own[grown]
+    peak = np.unravel_index(int(np.argmax(np.where(mine, sub, -np.inf))), sub.shape)
+    level = reference_levels(sub, mine, spacing, np.array([peak]), CONTRAST_AWAY_MM, np.nan)[0]
+    return float(sub[peak] - level) if np.isfinite(level) else None
+
+
+def _lesion_contrast(p, row: dict, result, original: np.ndarray) -> float | None:
+    """``calcium_contrast`` of the faintest region that reaches a lesion (None: no region did, or none measured)."""
+    values = [calcium_contrast(original, p.spacing, region.native_box, result.detection.calcium)
+              for region in result.regions if reaches(p, row["vessel"], row["lesion"], region.native_box)]
+    values = [v for v in values if v is not None]
+    return float(min(values)) if values else None
 
 
 def _lesion_confidence(reached: list) -> tuple[bool | None, float | None, float | None]:
@@ -689,21 +726,24 @@ def sure_goals(rows: list[dict], white: float = PRIMARY_WHITE) -> dict:
 
 
 def flag_grid(rows: list[dict], disagreements: list[float], vessels: list[float],
-              white: float = PRIMARY_WHITE) -> list[dict]:
+              white: float = PRIMARY_WHITE, faint: tuple[float, ...] = (0.0,)) -> list[dict]:
     """The goals on the restorations called sure under other flags, from a run's recorded rows (``mark`` writes the
     same voxels flagged or not): unsure where calcium was found only in the sharpened image, where a region's
-    disagreement exceeds ``d`` (``inf``: not used) or its vessel's calibre is under ``v`` mm (0: not used). Needs a
-    run that measured both (confidence on, a positive threshold and ``unsure_vessel_mm`` above 0)."""
+    disagreement exceeds ``d`` (``inf``: not used), its vessel's calibre is under ``v`` mm (0: not used) or its
+    calcium stands less than ``f`` HU above the lumen (``measured_contrast_hu``; 0: not used). Needs a run that
+    measured them (confidence on, a positive threshold and ``unsure_vessel_mm`` above 0)."""
     calcified = [r for r in rows if r.get("stratum") == CALCIFIED]
     out = []
     for d in disagreements:
         for v in vessels:
-            def unsure(r: dict, d: float = d, v: float = v) -> bool:
-                sharpened = any("sharpened" in why for why in r.get("why") or ())
-                doubted = r.get("disagreement_hu") is not None and r["disagreement_hu"] > d
-                small = r.get("vessel_mm") is not None and r["vessel_mm"] < v
-                return sharpened or doubted or small
-            out.append({"disagreement": d, "vessel_mm": v, **_flag_set(calcified, unsure, white)})
+            for f in faint:
+                def unsure(r: dict, d: float = d, v: float = v, f: float = f) -> bool:
+                    sharpened = any("sharpened" in why for why in r.get("why") or ())
+                    doubted = r.get("disagreement_hu") is not None and r["disagreement_hu"] > d
+                    small = r.get("vessel_mm") is not None and r["vessel_mm"] < v
+                    dim = r.get("measured_contrast_hu") is not None and r["measured_contrast_hu"] < f
+                    return sharpened or doubted or small or dim
+                out.append({"disagreement": d, "vessel_mm": v, "faint_hu": f, **_flag_set(calcified, unsure, white)})
     return out
 
 
@@ -724,11 +764,11 @@ def flag_grid_report(args: argparse.Namespace) -> int:
           "image; sure = not flagged (calcium found only in the sharpened image always flags). Goals: MAE <= 4, "
           "bias within 2, CAD-RADS >= 85 %, kappa >= 0.8, sensitivity / specificity for >= 50 % >= 95 / 90 %, "
           "0 severe made by processing.\n")
-    print("| disagreement over (HU) | vessel under (mm) | sure (share) | MAE [95 %] | bias | CAD-RADS | κ | "
-          "sens / spec ≥ 50 | severe made | meets the goals |")
-    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---|")
-    for g in flag_grid(rows, args.disagreement, args.vessel):
-        print(f"| {g['disagreement']:g} | {g['vessel_mm']:g} | " + _goal_cells(g["sure"]))
+    print("| disagreement over (HU) | vessel under (mm) | calcium under (HU over the lumen) | sure (share) | "
+          "MAE [95 %] | bias | CAD-RADS | κ | sens / spec ≥ 50 | severe made | meets the goals |")
+    print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|")
+    for g in flag_grid(rows, args.disagreement, args.vessel, faint=tuple(args.faint)):
+        print(f"| {g['disagreement']:g} | {g['vessel_mm']:g} | {g['faint_hu']:g} | " + _goal_cells(g["sure"]))
     return 0
 
 

@@ -98,6 +98,12 @@ def test_the_flag_grid_recomputes_the_flag_from_the_recorded_calibre_disagreemen
     assert grid[(float("inf"), 2.75)]["sure"]["made"] == 0
     assert grid[(90.0, 2.75)]["sure"]["n"] == 1 and grid[(90.0, 0.0)]["sure"]["n"] == 2
     assert grid[(90.0, 2.75)]["unsure"]["n"] == 3
+    # the calcium's measured contrast over the lumen (engine.unsure_faint_hu): under the threshold is unsure, a
+    # lesion without a measure (no region measured it) is not, 0 turns it off
+    rows[0]["measured_contrast_hu"], rows[1]["measured_contrast_hu"] = 120.0, 400.0
+    faint = {g["faint_hu"]: g for g in experiment2v2.flag_grid(rows, [float("inf")], [0.0], faint=(0.0, 150.0))}
+    assert faint[0.0]["sure"]["n"] == 3 and faint[150.0]["sure"]["n"] == 2
+    assert faint[150.0]["unsure"]["n"] == 2 and faint[150.0]["faint_hu"] == 150.0
 
 
 def test_the_floor_is_split_by_what_the_node_reports():
@@ -117,3 +123,33 @@ def test_the_floor_is_split_by_what_the_node_reports():
     assert by["no region"]["processed"] == by["no region"]["known_anatomy"] == 20.0
     assert by["all"]["n"] == 3.0 and abs(by["all"]["processed"] - 34.0 / 3) < 1e-9
     assert "perfect_network" not in by["all"], "an oracle the run did not read has no column"
+
+
+def test_a_regions_calcium_contrast_is_its_brightest_calcium_over_the_lumen_beyond_it():
+    """``calcium_contrast`` (what ``flag-grid --faint`` reads): a 1,000 HU arc stands further above the same 400 HU
+    lumen than a 700 HU one, each by less than its sharp contrast (blur) and within noise of what the blurred arc
+    reaches; a box without calcium is not measured."""
+    import numpy as np
+    from scipy import ndimage
+
+    from dicom_node.pipeline.subtract import ScannerBlur
+    from tests.pipeline.test_subtract import SPACING, _polar, _scan
+
+    shape = (48, 56, 56)
+    z, r, angle = _polar(shape)
+    box = (slice(10, 38), slice(10, 46), slice(10, 46))
+    contrasts = {}
+    for calcium_hu in (700.0, 1000.0):
+        sharp = np.full(shape, 40.0)
+        sharp[r < 2.6] = 50.0
+        sharp[r < 1.5] = 400.0
+        arc = (z > 7.0) & (z < 15.0) & (r >= 1.5) & (r < 2.3) & (angle < 180.0)
+        sharp[arc] = calcium_hu
+        noise = ndimage.gaussian_filter(np.random.default_rng(3).normal(0.0, 20.0, shape), 0.7)
+        acquired = _scan(sharp, ScannerBlur(mtf50_lp_cm=4.3), noise)
+        calcium = acquired > 550.0
+        contrasts[calcium_hu] = experiment2v2.calcium_contrast(acquired, SPACING, box, calcium)
+        assert contrasts[calcium_hu] < calcium_hu - 400.0
+        assert abs(contrasts[calcium_hu] - (acquired[calcium].max() - 400.0)) < 60.0
+        assert experiment2v2.calcium_contrast(acquired, SPACING, box, np.zeros(shape, bool)) is None
+    assert 100.0 < contrasts[700.0] < contrasts[1000.0] - 150.0, contrasts
