@@ -262,10 +262,10 @@ def train(args: argparse.Namespace) -> int:
                 (truth_lumen * sq).sum(), truth_lumen.sum())
 
     def evaluate(items, model=net, weights=None, lumen=False):
-        """(RMSE in HU in the footprint, share of footprint voxels on the wrong side of the reader's edges,
-        RMSE in HU of the calcium itself on the domain, regions averaged), each as the objective weighs the
-        footprint's voxels (``--lumen-hu-weight``); with ``lumen`` also the RMSE in HU on the truth's lumen
-        voxels alone. Each region's voxels counted ``weights`` times (``--calibre-weight``; None: once)."""
+        """(RMSE in HU in the footprint, its voxels weighted as the objective weighs them (``--lumen-hu-weight``),
+        share of footprint voxels on the wrong side of the reader's edges, RMSE in HU of the calcium itself on
+        the domain, regions averaged); with ``lumen`` also the RMSE in HU on the truth's lumen voxels alone. Each
+        region's voxels counted ``weights`` times (``--calibre-weight``; None: once)."""
         with torch.no_grad():
             s = sn = w = n = own = ls = ln = 0.0
             for k, item in enumerate(items):

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     fg.add_argument("--vessel", type=float, nargs="+", required=True, metavar="MM",
                     help="calibre thresholds to try (0: not used)")
     fg.add_argument("--faint", type=float, nargs="+", default=[0.0], metavar="HU",
-                    help="calcium-over-lumen thresholds to try (engine.unsure_faint_hu; 0: not used)")
+                    help="thresholds on the calcium's measured contrast over the lumen to try (0: not used)")
     sc = sub.add_parser("safety-cases", help="the lesions behind an experiment2v2 report's safety figures")
     sc.add_argument("report", help="experiment2v2.json")
     rw = sub.add_parser("rewrite", help="write an experiment2v2 report again from its JSON (today's strata, no rerun)")

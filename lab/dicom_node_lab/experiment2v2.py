@@ -199,10 +199,11 @@ def _one_study(job: tuple[int, int, str, list[str], bool, bool, bool]) -> tuple[
     rows = read_study(p, images, study=f"{seed}-{i}")
     for r in rows:
         r["index"] = i
-        reached = _lesion_regions(p, r, result)
+        pairs = _lesion_regions(p, r, result)
+        reached = [rep for _, rep in pairs]
         r["unsure"], r["disagreement_hu"], r["vessel_mm"] = _lesion_confidence(reached)
         r["why"] = _lesion_why(reached)
-        r["measured_contrast_hu"] = _lesion_contrast(p, r, result, original)
+        r["measured_contrast_hu"] = _lesion_contrast([region for region, _ in pairs], result, original, p.spacing)
         r["measure"] = result.reports[0].measure if result.reports else None
     goal = goal_metrics(p, original, processed)
     goal["seconds"] = seconds
@@ -230,9 +231,9 @@ def reaches(p, vessel: int, lesion: int, box: tuple[slice, slice, slice]) -> boo
     return bool(np.all(point >= lo) and np.all(point <= hi))
 
 
-def _lesion_regions(p, row: dict, result) -> list:
-    """The engine's reports for the regions that reach this lesion (``reaches``)."""
-    return [rep for region, rep in zip(result.regions, getattr(result, "reports", []))
+def _lesion_regions(p, row: dict, result) -> list[tuple]:
+    """The regions that reach this lesion (``reaches``), each with the engine's report for it."""
+    return [(region, rep) for region, rep in zip(result.regions, getattr(result, "reports", []))
             if reaches(p, row["vessel"], row["lesion"], region.native_box)]
 
 
@@ -257,21 +258,22 @@ def calcium_contrast(volume: np.ndarray, spacing: tuple[float, float, float], bo
     placement is a guess), measured here first so that ``evaluate.py flag-grid --faint`` can ask a run's readings
     what such a flag would do before the node carries it (thirtieth session, reports/tuning/faint-confidence.md:
     it does not rank the restorations' errors)."""
-    own = np.zeros(volume.shape, bool)
-    own[box] = calcium[box]
-    if not own.any():
+    if not calcium[box].any():
         return None
     grown = grow_box(box, volume.shape, np.ceil(CONTRAST_REACH_MM / np.asarray(spacing, float)).astype(int))
-    sub, mine = volume[grown].astype(np.float32), own[grown]
+    sub = volume[grown].astype(np.float32)
+    mine = np.zeros(sub.shape, bool)  # the region's own calcium, not a neighbour's within reach
+    mine[tuple(slice(b.start - g.start, b.stop - g.start) for b, g in zip(box, grown))] = calcium[box]
     peak = np.unravel_index(int(np.argmax(np.where(mine, sub, -np.inf))), sub.shape)
     level = reference_levels(sub, mine, spacing, np.array([peak]), CONTRAST_AWAY_MM, np.nan)[0]
     return float(sub[peak] - level) if np.isfinite(level) else None
 
 
-def _lesion_contrast(p, row: dict, result, original: np.ndarray) -> float | None:
-    """``calcium_contrast`` of the faintest region that reaches a lesion (None: no region did, or none measured)."""
-    values = [calcium_contrast(original, p.spacing, region.native_box, result.detection.calcium)
-              for region in result.regions if reaches(p, row["vessel"], row["lesion"], region.native_box)]
+def _lesion_contrast(regions: list, result, original: np.ndarray, spacing: tuple[float, float, float]
+                     ) -> float | None:
+    """``calcium_contrast`` of the faintest of the ``regions`` that reach a lesion (``_lesion_regions``; None: no
+    region did, or none measured)."""
+    values = [calcium_contrast(original, spacing, region.native_box, result.detection.calcium) for region in regions]
     values = [v for v in values if v is not None]
     return float(min(values)) if values else None
 

@@ -98,7 +98,7 @@ def test_the_flag_grid_recomputes_the_flag_from_the_recorded_calibre_disagreemen
     assert grid[(float("inf"), 2.75)]["sure"]["made"] == 0
     assert grid[(90.0, 2.75)]["sure"]["n"] == 1 and grid[(90.0, 0.0)]["sure"]["n"] == 2
     assert grid[(90.0, 2.75)]["unsure"]["n"] == 3
-    # the calcium's measured contrast over the lumen (engine.unsure_faint_hu): under the threshold is unsure, a
+    # the calcium's measured contrast over the lumen (measured_contrast_hu): under the threshold is unsure, a
     # lesion without a measure (no region measured it) is not, 0 turns it off
     rows[0]["measured_contrast_hu"], rows[1]["measured_contrast_hu"] = 120.0, 400.0
     faint = {g["faint_hu"]: g for g in experiment2v2.flag_grid(rows, [float("inf")], [0.0], faint=(0.0, 150.0))}
