@@ -33,6 +33,7 @@ VALIDATION_SEED = 7171
 
 
 CALIBRE_WEIGHT_MM = 3.0  # the calibre whose regions weigh 1 before normalising (--calibre-weight)
+LEVEL_WEIGHT_HU = 400.0  # the contrast level whose regions weigh 1 before normalising (--level-weight)
 
 
 def _study(seed: int, i: int):
@@ -224,6 +225,16 @@ def train(args: argparse.Namespace) -> int:
         calibre = np.array([float(r["features"][0, -1]) for r in items])
         return (CALIBRE_WEIGHT_MM / np.clip(calibre, 1.0, None)) ** args.calibre_weight
 
+    def raw_level_weights(items: list[dict]) -> np.ndarray:
+        """Each region's weight before normalising: ((``LEVEL_WEIGHT_HU`` - wall) / (its contrast level - wall)) **
+        ``--level-weight``, the level the estimate compares with (median over its footprint). Why: the reader's
+        edge lies half-way from the wall to the level, so the HU a voxel may be off before it crosses the edge
+        shrink with the level, while the estimate's error does not: held out, calcified lesions beside lumens
+        under 330 HU read 9.7 points off against 4.6-6.0 (reports/tuning/dim-lumens.md)."""
+        level = np.array([float(np.median(r["level"])) for r in items])
+        return ((LEVEL_WEIGHT_HU - WALL_HU) / np.clip(level - WALL_HU, 50.0, None)) ** args.level_weight
+
+    region_weight, held_weight = np.ones(len(regions)), np.ones(len(held))
     if args.calibre_weight:  # mean 1 over the training regions; 1 where no calibre was measured
         if n_features != len(FEATURES) + 1:
             raise SystemExit("--calibre-weight reads the regions' calibre: extract with --vessel-feature")
@@ -231,8 +242,10 @@ def train(args: argparse.Namespace) -> int:
         norm = float(np.nanmean(raw))
         region_weight = np.nan_to_num(raw / norm, nan=1.0)
         held_weight = np.nan_to_num(raw_calibre_weights(held) / norm, nan=1.0)
-    else:
-        region_weight, held_weight = np.ones(len(regions)), np.ones(len(held))
+    if args.level_weight:  # mean 1 over the training regions (times the calibre's, when both are asked)
+        raw = raw_level_weights(regions) * region_weight
+        norm = float(np.mean(raw))
+        region_weight, held_weight = raw / norm, raw_level_weights(held) * held_weight / norm
 
     train_set = [prepare(r) for r in tqdm(regions, desc="training regions")]
     held_set = [prepare(r) for r in held]
@@ -310,7 +323,7 @@ def train(args: argparse.Namespace) -> int:
             p.data.copy_(b)
     (log["best_held_rmse_hu"], log["best_held_wrong_side"], log["best_held_calcium_rmse_hu"],
      log["best_held_lumen_rmse_hu"]) = evaluate(held_set, lumen=True)
-    if args.calibre_weight:  # the figures the best step was chosen on
+    if args.calibre_weight or args.level_weight:  # the figures the best step was chosen on
         log["best_held_weighted"] = evaluate(held_set, weights=held_weight)
     arrays = {"mean": mean, "scale": scale, "reach_voxels": np.array(args.reach_voxels),
               "level_away_mm": np.array(level_away_mm), "anatomy_above_level_hu": np.array(anatomy_hu),
@@ -468,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--closing-weight", type=float, default=2.0, help="extra weight of lumen the estimate takes away")
     t.add_argument("--calibre-weight", type=float, default=0.0,
                    help="each region's loss times (3 mm / its vessel's calibre) to this power (--vessel-feature data)")
+    t.add_argument("--level-weight", type=float, default=0.0,
+                   help="each region's loss times ((400 HU - wall) / (its contrast level - wall)) to this power")
     t.add_argument("--lumen-hu-weight", type=float, default=0.0,
                    help="extra weight of the squared error on footprint voxels the truth image shows as lumen")
     t.add_argument("--excess-weight", type=float, default=0.0,

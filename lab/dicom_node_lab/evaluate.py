@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     cmp = sub.add_parser("compare", help="experiment2v2 runs side by side, each paired against the first")
     cmp.add_argument("reports", nargs="+", help="runs on the same studies, each its --report-dir or its "
                      "experiment2v2.json (the first: reference)")
+    bl = sub.add_parser("by-lumen", help="experiment2v2 runs' calcified lesions by their true lumen level (and the "
+                        "oracle images where a run read them)")
+    bl.add_argument("reports", nargs="+", help="runs, each its --report-dir or its experiment2v2.json")
     sp = sub.add_parser("splice", help="one run's readings with another's (or the original's) where the node "
                         "reported something: what a region-level option would give, before building it")
     sp.add_argument("base", help="experiment2v2.json (or its --report-dir) whose lesions and report are kept")
@@ -104,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         return experiment2v2.splice_report(args)
     if args.cmd == "compare":
         return experiment2v2.compare_report(args)
+    if args.cmd == "by-lumen":
+        return experiment2v2.by_lumen_report(args)
     if args.cmd == "rewrite":
         return experiment2v2.rewrite(args)
     if args.cmd == "safety-cases":

@@ -115,15 +115,24 @@ def engine_for(engine_args: list[str]):
     return _DETECTING[key]
 
 
-def restored(engine, p, level_image: np.ndarray | None = None):
+def restored(engine, p, level_image: np.ndarray | None = None, level_in: str = "all"):
     """Study ``p`` as stored, processed in-process by ``engine`` as a job would be: ``(original, processed,
     result)``, the processed image stored the same way where the engine changed it and the original elsewhere.
-    ``level_image``: ``Engine.run``'s (``--oracle-level``)."""
+    ``level_image``: ``Engine.run``'s (``--oracle-level``), in detection and the subtraction (``level_in`` "all")
+    or in detection alone ("detect": what a detection that knew the lumen's level would find, restored as the
+    node restores it)."""
+    from dicom_node.pipeline.detect import detect
+
     original = _stored_hu(p.image)
     processed = original.copy()
     # the kernel as a scanner's header states it: the subtraction assumes its blur when engine.scanner_kernels
     # lists it (the network ignores it)
-    result = engine.run(processed, p.spacing, kernel=str(p.settings.kernel).upper(), level_image=level_image)
+    kernel = str(p.settings.kernel).upper()
+    if level_image is not None and level_in == "detect":
+        detection = detect(processed, p.spacing, engine.detect_options_for(kernel), level_image)
+        result = engine.restore(processed, p.spacing, detection, kernel=kernel)
+    else:
+        result = engine.run(processed, p.spacing, kernel=kernel, level_image=level_image)
     return original, np.where(result.changed, _stored_hu(processed), original), result
 
 
@@ -174,7 +183,8 @@ def _one_study(job: tuple[int, int, str, list[str], bool, bool, bool]) -> tuple[
     t0 = time.perf_counter()
     # --oracle-level: the contrast level measured on the calcium-free truth image, where the calcium's blur
     # cannot pull it up (what an estimate of the lumen level from a reference segment could at best give)
-    original, processed, result = restored(_ENGINE, p, _stored_hu(p.truth) if oracle_level else None)
+    original, processed, result = restored(_ENGINE, p, _stored_hu(p.truth) if oracle_level else None,
+                                           oracle_level or "all")
     seconds = time.perf_counter() - t0
     images = {"original": original, "processed": processed, "truth": p.truth}
     if oracle:
@@ -839,6 +849,67 @@ def compare_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# The true lumen levels (HU) ``by-lumen`` splits calcified lesions at, and the contrast under which a deposit counts
+# as faint there. Why these: the reader's edge lies half-way from the wall to the lumen's level, so its margin
+# shrinks with the level while the noise and the estimate's error do not (reports/tuning/dim-lumens.md).
+LUMEN_BANDS_HU = (330.0, 420.0, 510.0)
+FAINT_CONTRAST_HU = 300.0
+# The images ``by-lumen`` reads when a run holds them (the --oracle rows among them), in this order.
+BY_LUMEN_IMAGES = ("original", "processed", TRUE_CALCIUM_SUBTRACTED, KNOWN_ANATOMY, KNOWN_ANATOMY_ALL_CALCIUM,
+                   RETEST)
+
+
+def lumen_band(level_hu: float) -> int:
+    """The index of ``level_hu``'s band in ``LUMEN_BANDS_HU`` (0: under the first)."""
+    return int(np.searchsorted(LUMEN_BANDS_HU, level_hu, side="right"))
+
+
+def by_lumen(rows: list[dict], white: float = PRIMARY_WHITE) -> dict:
+    """Calcified lesions by their true lumen level (``LUMEN_BANDS_HU``): for each image a run read
+    (``BY_LUMEN_IMAGES``), the MAE and bias against the truth image per band, and per band how many faint deposits
+    (the acquired image shows them under ``FAINT_CONTRAST_HU`` above the lumen) no region reached:
+    ``{"n": [...], "images": {name: [(mae, bias) or None, ...]}, "faint_unreached": [(unreached, faint), ...]}``."""
+    w = f"{white:g}"
+    calc = [r for r in rows if r["stratum"] == CALCIFIED and r.get(f"truth@{w}") is not None
+            and r.get("lumen_hu_true") is not None]
+    bands = len(LUMEN_BANDS_HU) + 1
+    at = [[r for r in calc if lumen_band(r["lumen_hu_true"]) == b] for b in range(bands)]
+    images = {}
+    for name in BY_LUMEN_IMAGES:
+        if not any(r.get(f"{name}@{w}") is not None for r in calc):
+            continue
+        cells = []
+        for group in at:
+            err = np.array([r[f"{name}@{w}"] - r[f"truth@{w}"] for r in group if r.get(f"{name}@{w}") is not None])
+            cells.append((float(np.abs(err).mean()), float(err.mean())) if err.size else None)
+        images[name] = cells
+    faint = [[r for r in group if r.get("calcium_contrast_hu") is not None
+              and r["calcium_contrast_hu"] < FAINT_CONTRAST_HU] for group in at]
+    return {"n": [len(g) for g in at], "images": images,
+            "faint_unreached": [(sum(1 for r in g if r.get("unsure", False) is None), len(g)) for g in faint]}
+
+
+def by_lumen_report(args: argparse.Namespace) -> int:
+    """``evaluate.py by-lumen``: each run's calcified lesions by their true lumen level (``by_lumen``)."""
+    edges = (0.0, *LUMEN_BANDS_HU)
+    heads = [f"< {LUMEN_BANDS_HU[0]:g} HU"] + [f"{a:g}-{b:g}" for a, b in zip(edges[1:], LUMEN_BANDS_HU[1:])] \
+        + [f">= {LUMEN_BANDS_HU[-1]:g}"]
+    print(f"Calcified lesions by the phantom's true lumen level: MAE (bias) against the truth image at lumen + "
+          f"{PRIMARY_WHITE:g} HU; faint deposits (< {FAINT_CONTRAST_HU:g} HU above the lumen as acquired) no region "
+          "reaches.\n")
+    print("| run | image | " + " | ".join(heads) + " |")
+    print("|---|---|" + "---|" * len(heads))
+    for name in args.reports:
+        t = by_lumen(run_lesions(name, "by-lumen"))
+        for image, cells in t["images"].items():
+            print(f"| {name} | {image} | " + " | ".join(
+                "-" if c is None else f"{c[0]:.2f} ({c[1]:+.1f})" for c in cells) + " |")
+        print(f"| {name} | lesions | " + " | ".join(str(n) for n in t["n"]) + " |")
+        print(f"| {name} | faint deposits no region reaches | "
+              + " | ".join(f"{u} of {n}" for u, n in t["faint_unreached"]) + " |")
+    return 0
+
+
 # What ``splice`` can pick a lesion by: what the node reported for the regions that reach it.
 SPLICE_WHERE = ("unsure", "sharpened-only", "small-vessel")
 
@@ -1020,7 +1091,7 @@ def _markdown(path: Path, res: dict, args: argparse.Namespace) -> None:
     if args.oracle:
         cmd += " --oracle"
     if args.oracle_level:
-        cmd += " --oracle-level"
+        cmd += " --oracle-level" + (" detect" if args.oracle_level == "detect" else "")
     lines = ["# Experiment 2 v2: calcified stenoses on the calibrated world, before and after calcium removal", "",
              f"Reproduce: `{cmd}` ({res['wall_seconds'] / 60:.0f} min on this machine's 2 cores).", "",
              f"{res['studies']} {kind} studies of the world "
@@ -1170,9 +1241,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--report-dir", default="reports")
     ap.add_argument("--no-figure", action="store_true", help="skip the worst lesions' strips (tuning runs)")
-    ap.add_argument("--oracle-level", action="store_true",
+    ap.add_argument("--oracle-level", nargs="?", const="all", default="", choices=["all", "detect"],
                     help="measure the vessels' contrast level on the calcium-free truth image (detection and the "
-                         "subtraction's calcium estimate): what the calcium pulling the measured level up costs")
+                         "subtraction's calcium estimate; 'detect': in detection alone): what the calcium pulling "
+                         "the measured level up costs")
     ap.add_argument("--oracle", action="store_true",
                     help="also read a perfect restoration's and a perfect detection's images, the known anatomy "
                          "under a new noise draw and a calcium-free rescan (with the subtraction, also the true "

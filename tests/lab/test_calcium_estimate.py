@@ -62,6 +62,14 @@ def test_extract_train_and_the_node_loads_what_training_wrote(tmp_path):
     assert lumen_log["settings"]["lumen_hu_weight"] == 20.0
     assert 0.0 < lumen_log["best_held_lumen_rmse_hu"] < plain_log["best_held_lumen_rmse_hu"]
     assert len(plain_log["rule_rmse_hu_held"]) == 4 and all("held_lumen_rmse_hu" in s for s in plain_log["steps"])
+    # regions weighted by their contrast level (--level-weight): the best step is chosen on the validation figures
+    # weighted alike, and those differ from the plain ones where the regions' levels differ
+    leveled = tmp_path / "level.npz"
+    assert ce.main(["train", "--data", str(data), "--out", str(leveled), "--steps", "30", "--validate-every", "10",
+                    "--minutes", "5", "--level-weight", "2"]) == 0
+    level_log = json.loads(leveled.with_suffix(".json").read_text())
+    assert level_log["settings"]["level_weight"] == 2.0
+    assert level_log["best_held_weighted"][0] != pytest.approx(level_log["best_held_rmse_hu"])
 
 
 def test_regions_planned_on_the_phantoms_own_calcium_hold_all_of_it():

@@ -64,6 +64,9 @@ def test_a_report_is_written_again_from_its_json(tmp_path):
     path.write_text(json.dumps(dict(res, oracle_level=True)))
     assert evaluate.main(["rewrite", str(path)]) == 0
     assert "--engine 'method = \"subtract\"' --oracle-level`" in (tmp_path / "experiment2v2.md").read_text()
+    path.write_text(json.dumps(dict(res, oracle_level="detect")))  # ... and where it measured the level
+    assert evaluate.main(["rewrite", str(path)]) == 0
+    assert "--oracle-level detect`" in (tmp_path / "experiment2v2.md").read_text()
     assert "7 held-out studies of the world" in md
     # the second held-out range names itself, and its command its seed
     path.write_text(json.dumps(dict(res, seed=experiment2v2.EXP2V2_FRESH_SEED)))
@@ -165,3 +168,59 @@ def test_splice_takes_the_other_readings_only_where_the_node_reported_what_was_a
     assert "2 of 7 lesions took the other run's readings" in capsys.readouterr().out
     assert evaluate.main(["compare", str(a), str(out.parent)]) == 0
     assert "2 better / 0 worse" in capsys.readouterr().out
+
+
+def test_by_lumen_splits_calcified_lesions_by_their_true_lumen_level(capsys):
+    """``evaluate.py by-lumen``: beside a dim lumen the reader's edge has less margin, so the same restoration error
+    reads further off there; the table must hold each lesion in its band, and count the faint deposits no region
+    reached (``unsure`` None) among the faint ones only."""
+    rows = [dict(_row(0, "standard", 0.2, 8.0), lumen_hu_true=300.0, calcium_contrast_hu=200.0, unsure=None),
+            dict(_row(1, "standard", 0.2, 2.0), lumen_hu_true=329.0, calcium_contrast_hu=500.0, unsure=None),
+            dict(_row(2, "standard", 0.2, -4.0), lumen_hu_true=330.0, calcium_contrast_hu=250.0, unsure=True),
+            dict(_row(3, "standard", 0.2, 1.0), lumen_hu_true=600.0, calcium_contrast_hu=100.0, unsure=False),
+            dict(_row(4, "standard", 0.2, 50.0, stratum="normal"), lumen_hu_true=300.0, calcium_contrast_hu=None)]
+    t = experiment2v2.by_lumen(rows)
+    assert t["n"] == [2, 1, 0, 1]
+    assert t["images"]["processed"][0] == pytest.approx((5.0, 5.0)) and t["images"]["processed"][1] == (4.0, -4.0)
+    assert t["images"]["processed"][2] is None and "retest" not in t["images"]
+    assert t["faint_unreached"] == [(1, 1), (0, 1), (0, 0), (0, 1)]
+    assert experiment2v2.lumen_band(329.9) == 0 and experiment2v2.lumen_band(510.0) == 3
+
+
+def test_the_level_oracle_in_detection_alone_leaves_the_restoration_to_the_acquired_image(monkeypatch):
+    """``--oracle-level detect``: the calcium-free truth image's level decides what detection finds, and the
+    restoration runs as the node runs it (no level image), so the two oracles' costs are told apart."""
+    import types
+
+    import numpy as np
+
+    from dicom_node.pipeline import detect as detect_module
+
+    seen = {}
+
+    class Engine:
+        def detect_options_for(self, kernel):
+            seen["kernel"] = kernel
+            return "options"
+
+        def restore(self, volume, spacing, detection, kernel=""):
+            seen["restore"] = (detection, kernel)
+            return types.SimpleNamespace(changed=np.zeros(volume.shape, bool), detection=detection)
+
+        def run(self, volume, spacing, kernel="", level_image=None):
+            seen["run"] = level_image
+            return types.SimpleNamespace(changed=np.zeros(volume.shape, bool))
+
+    def fake_detect(volume, spacing, options, level_image=None):
+        seen["detect"] = (options, level_image)
+        return "found"
+
+    monkeypatch.setattr(detect_module, "detect", fake_detect)
+    p = types.SimpleNamespace(image=np.full((4, 4, 4), 300.0, np.float32), spacing=(0.5, 0.5, 0.5),
+                              settings=types.SimpleNamespace(kernel="soft"))
+    level = np.full((4, 4, 4), 280.0, np.float32)
+    experiment2v2.restored(Engine(), p, level, "detect")
+    assert seen["detect"][0] == "options" and seen["detect"][1] is level and seen["kernel"] == "SOFT"
+    assert seen["restore"] == ("found", "SOFT") and "run" not in seen
+    experiment2v2.restored(Engine(), p, level)  # the whole oracle: detection and the estimate, through run
+    assert seen["run"] is level
