@@ -54,9 +54,6 @@ class EngineConfig:
     sharp_max_above_hu: float = DetectOptions.sharp_max_above_hu  # ... and not already this bright as acquired
     sharp_min_excess_mm3: float = DetectOptions.sharp_min_excess_mm3  # ... or smaller, this much excess in noise SDs
     sharp_level: SharpLevel = DetectOptions.sharp_level  # ... compared with the acquired or the sharpened level
-    # ... and looking also at voxels this far above their contrast level as acquired, under local_floor_hu (400 HU);
-    # < 0 = off
-    sharp_floor_above_level_hu: float = DetectOptions.sharp_floor_above_level_hu
     grow_sharp_hu: float = DetectOptions.grow_sharp_hu  # found deposits grow where this far above contrast, sharpened
     grow_mm: float = DetectOptions.grow_mm  # ... up to this far from where they were found
     trim_sharp_hu: float = DetectOptions.trim_sharp_hu  # found deposits lose lumen-side voxels this near contrast
@@ -177,7 +174,6 @@ ENGINE_KEYS: dict[str, tuple[type, str]] = {
     "sharp_max_above_hu": (DetectOptions, "sharp_max_above_hu"),
     "sharp_min_excess_mm3": (DetectOptions, "sharp_min_excess_mm3"),
     "sharp_level": (DetectOptions, "sharp_level"),
-    "sharp_floor_above_level_hu": (DetectOptions, "sharp_floor_above_level_hu"),
     "grow_sharp_hu": (DetectOptions, "grow_sharp_hu"), "grow_mm": (DetectOptions, "grow_mm"),
     "trim_sharp_hu": (DetectOptions, "trim_sharp_hu"), "trim_mm": (DetectOptions, "trim_mm"),
     "detect_learnt_probability": (DetectOptions, "learnt_probability"),

@@ -41,7 +41,6 @@ from scipy import ndimage
 
 from dicom_node.pipeline.contrast import (
     BLOCK,
-    CONTRAST_RANGE_HU,
     NOISE_BAND_HU,
     SIGMA_MM,
     brighter_than_lumen,
@@ -74,8 +73,7 @@ SharpLevel = Literal["acquired", "sharpened"]
 
 # The settings only the rules that look at the sharpened image read (``DetectOptions.without_sharpening``).
 _SHARPENING_ONLY = ("sharp_min_volume_mm3", "sharp_mtf50_lp_cm", "sharp_max_above_hu", "sharp_min_excess_mm3",
-                    "sharp_level", "sharp_floor_above_level_hu", "grow_mm", "trim_mm", "learnt_probability",
-                    "learnt_min_volume_mm3", "learnt_mode")
+                    "sharp_level", "grow_mm", "trim_mm", "learnt_probability", "learnt_min_volume_mm3", "learnt_mode")
 
 
 @dataclass
@@ -105,9 +103,6 @@ class DetectOptions:
     # (HU × mm³) and divided by the image's noise SD (HU), reaches this many mm³. 0 = off.
     sharp_min_excess_mm3: float = 0.0
     sharp_level: SharpLevel = "acquired"  # ... the contrast level the sharpened image is compared with (SharpLevel)
-    # >= 0: ... looking, as acquired, also at voxels this far above their vessel's contrast level where that is under
-    # local_floor_hu (a faint deposit beside a dim lumen blurs to under 400 HU; sharp_floor). < 0 = off.
-    sharp_floor_above_level_hu: float = -1.0
     # > 0: each deposit found grows, up to grow_mm from where it was found, into the neighbouring voxels that
     # the sharpened image shows this far above their vessel's contrast (connected to it through such voxels).
     # 0 = off. Needs the contrast level; not into bone, devices or what the rules left alone.
@@ -162,9 +157,6 @@ class DetectOptions:
             raise ValueError(f"learnt_min_volume_mm3 must be >= 0, not {self.learnt_min_volume_mm3}")
         if self.learnt_mode not in get_args(LearntMode):
             raise ValueError(f"learnt_mode must be one of {get_args(LearntMode)}, not {self.learnt_mode!r}")
-        if not np.isfinite(self.sharp_floor_above_level_hu):
-            raise ValueError("sharp_floor_above_level_hu must be a number (< 0 = off), "
-                             f"not {self.sharp_floor_above_level_hu}")
         if self.sharp_min_volume_mm3 <= 0:
             raise ValueError(f"sharp_min_volume_mm3 must be positive, not {self.sharp_min_volume_mm3}")
         ScannerBlur(mtf50_lp_cm=self.sharp_mtf50_lp_cm)  # checks it as any blur's MTF50
@@ -502,49 +494,33 @@ class SharpPiece:
     acquired_peak_hu: float  # the acquired image's peak above it (what sharp_max_above_hu compares)
 
 
-def sharp_floor(volume: np.ndarray, opts: DetectOptions, ref: np.ndarray) -> np.ndarray:
-    """The voxels the sharpened-image test looks at: above ``local_floor_hu`` as acquired, and with
-    ``sharp_floor_above_level_hu`` >= 0 also those that far above ``ref`` (the brightest contrast level nearby).
-
-    Why the second: a faint deposit beside a dim lumen (under 330 HU) blurs to under 400 HU over most of its shell, so
-    the fixed floor cut it into pieces the volume test drops; held out, over half the faint deposits beside lumens
-    under 330 HU were reached by no region, against a fifth beside lumens over 510 HU, and calcified lesions in dim
-    lumens read 9.7 points off against 4.6-6.0 (reports/tuning/dim-lumens.md).
-    """
-    above = volume > opts.local_floor_hu
-    if opts.sharp_floor_above_level_hu >= 0:
-        (near,) = brighter_than_lumen(volume, CONTRAST_RANGE_HU[0], [(ref, opts.sharp_floor_above_level_hu)])
-        above |= near
-    return above
-
-
 def sharp_candidates(volume: np.ndarray, spacing: tuple[float, float, float], avoid: np.ndarray,
                      opts: DetectOptions, level: np.ndarray, noise_sd: float = float("nan"),
                      measure: bool = True, memo: Sharpenings | None = None) -> Iterator[SharpPiece]:
     """Every connected piece that stands ``sharp_contrast_hu`` above its vessel's contrast in the sharpened
-    image (and above its floor as acquired, :func:`sharp_floor`), none within two voxels of ``avoid``, measured.
+    image (and above ``local_floor_hu`` as acquired), none within two voxels of ``avoid``, measured.
 
     ``measure=False`` leaves each piece's excess and peaks nan and skips the float map they are read from (4
     bytes a voxel over the candidate area, about 130 MB on a 128 x 512 x 512 CTA): the node's defaults use
     none of them, so a study pays for them only when an option that reads them is on.
 
     The image is sharpened by total-variation deconvolution (the subtraction's) box by box
-    (``sharpening_boxes``), over all that stands above that floor; ``level`` is the contrast level
+    (``sharpening_boxes``), over all that stands above ``local_floor_hu``; ``level`` is the contrast level
     map (``contrast.local_lumen_level``), each voxel compared with the brightest level nearby.
     """
-    ref = brightest_level_nearby(level, spacing)
-    above = sharp_floor(volume, opts, ref)
+    above = volume > opts.local_floor_hu
     # what holds every kept part (the bounding box of all above the floor), with the margin the one box has
     area = padded_bbox(above, [SHARP_PAD] * 3)
     if area is None:
         return
+    ref = brightest_level_nearby(level, spacing)
     cand = np.zeros(tuple(s.stop - s.start for s in area), bool)
     # how far each candidate voxel stands above the test's threshold (only when the pieces are measured)
     excess = np.zeros(cand.shape, np.float32) if measure else None
-    for kept, _, u, levels in _sharpened_with_levels(volume, spacing, above, opts, ref, memo):
+    for kept, part, u, levels in _sharpened_with_levels(volume, spacing, above, opts, ref, memo):
         with np.errstate(invalid="ignore"):  # nan (no contrast) is False
             over = u - levels - opts.sharp_contrast_hu
-            hit = (over > 0) & above[kept]
+            hit = (over > 0) & (part > opts.local_floor_hu)
         cand[_relative(kept, area)] |= hit
         if excess is not None:
             held = excess[_relative(kept, area)]
@@ -878,13 +854,13 @@ def learnt_pools(volume: np.ndarray, spacing: tuple[float, float, float], opts: 
     """What the learnt classifier decides, box by box: ``(kept, pool, rows)``, ``pool`` bool over ``kept`` (a
     part of the volume) and ``rows`` its voxels' ``detect_learnt.FEATURES`` (``np.flatnonzero`` order).
 
-    The image is sharpened as the sharpened-image test sharpens it, over all above the test's floor
-    (:func:`sharp_floor`); ``found`` is what the rules found. ``only_found`` (``learnt_mode = "trim"``): the pool
-    cut to ``found``, and a box with none of it skipped before its features are computed. Public so that the lab's
-    extraction sees exactly the node's pools.
+    The image is sharpened as the sharpened-image test sharpens it, over all above ``local_floor_hu`` (the test's
+    floor); ``found`` is what the rules found. ``only_found`` (``learnt_mode = "trim"``): the pool cut to ``found``,
+    and a box with none of it skipped before its features are computed. Public so that the lab's extraction sees
+    exactly the node's pools.
     """
     level_near = brightest_level_nearby(level, spacing)
-    above = sharp_floor(volume, opts, level_near)  # what the sharpened-image test sharpens: its boxes from ``memo``
+    above = volume > opts.local_floor_hu  # what the sharpened-image test sharpens: its boxes come from ``memo``
     for box, kept, part, u in _sharpened_boxes(volume, spacing, above, opts.sharp_mtf50_lp_cm, memo):
         if only_found and not found[kept].any():
             continue
