@@ -172,7 +172,7 @@ ORACLES = (TRUE_CALCIUM_SUBTRACTED, PERFECT_NETWORK, PERFECT_DETECTION, KNOWN_AN
 RETEST_STREAM = 2  # the new noise draw's stream, beside the study's seed
 
 
-def _one_study(job: tuple[int, int, str, list[str], bool, bool, bool]) -> tuple[list[dict], dict, dict | None]:
+def _one_study(job: tuple[int, int, str, list[str], bool, bool, str]) -> tuple[list[dict], dict, dict | None]:
     """Generate, process and read one study (in a worker process: one engine per worker)."""
     global _ENGINE
     seed, i, model, engine_args, keep, oracle, oracle_level = job
