@@ -885,7 +885,13 @@ def _learnt_calcium(volume: np.ndarray, spacing: tuple[float, float, float], opt
     what the rules left alone (``avoid``) stay out. A component the rules did not touch must be
     ``learnt_min_volume_mm3`` large (the classifier's odd voxel in a bright lumen is noise, not a deposit); it is
     recorded as found only in the sharpened image, as the sharpened-image test's deposits are (the engine marks
-    its restoration unsure). Lesions are numbered afresh, in raster order.
+    its restoration unsure), and so is a component that holds any of such a deposit. Lesions are numbered afresh,
+    in raster order.
+
+    Why the last: the sharpened-image test keeps its deposits two voxels (city-block) from the rules' calcium, so a
+    deposit can touch a rules' lesion corner to corner; numbered afresh, the two became one lesion "found as
+    acquired", and the region lost its unsure mark (held out, 5050-427: a faint deposit whose restoration read
+    54 % as 72 %, called sure under the learnt trim; reports/tuning/learnt-detection.md, section 8).
     """
     assert opts.learnt is not None
     threshold = opts.probability()
@@ -902,6 +908,7 @@ def _learnt_calcium(volume: np.ndarray, spacing: tuple[float, float, float], opt
     if avoid is not None:
         chosen &= ~avoid
     plain = {lesion.index for lesion in lesions if not lesion.sharpened}  # the rules' lesions found as acquired
+    sharp_only = {lesion.index for lesion in lesions if lesion.sharpened}  # ... and those found only sharpened
     lab, _, objects = _label(chosen)
     voxel_mm3 = float(np.prod(spacing))
     out: list[Lesion] = []
@@ -921,6 +928,6 @@ def _learnt_calcium(volume: np.ndarray, spacing: tuple[float, float, float], opt
             chosen[sl][part] = False
             lab[sl][part] = 0
             continue
-        out.append(replace(lesion, sharpened=not (touched & plain)))
+        out.append(replace(lesion, sharpened=bool(touched & sharp_only) or not (touched & plain)))
         lab[sl][part] = lesion.index
     return chosen, lab, out
