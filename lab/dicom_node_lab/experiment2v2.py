@@ -384,6 +384,27 @@ def summarise(rows: list[dict], white: float = PRIMARY_WHITE) -> dict:
     return out
 
 
+def errors_by_group(groups: list[list[dict]], images: tuple[str, ...], white: float = PRIMARY_WHITE
+                    ) -> dict[str, list[tuple[float, float] | None]]:
+    """Per image a run read, per group of lesion rows, the (mean absolute error, bias) against the truth image, None
+    for a group with no reading of it; images no row read are left out.
+
+    Why one home: the error tables that split lesions by the node's flag (``floor_by_flag``) and by the lumen's
+    level (``by_lumen``) must count a lesion, and skip an image a run did not read, the same way."""
+    w = f"{white:g}"
+    out = {}
+    for name in images:
+        if not any(r.get(f"{name}@{w}") is not None for g in groups for r in g):
+            continue
+        cells = []
+        for group in groups:
+            err = np.array([r[f"{name}@{w}"] - r[f"truth@{w}"] for r in group
+                            if r.get(f"{name}@{w}") is not None and r.get(f"truth@{w}") is not None])
+            cells.append((float(np.abs(err).mean()), float(err.mean())) if err.size else None)
+        out[name] = cells
+    return out
+
+
 def floor_by_flag(rows: list[dict], white: float = PRIMARY_WHITE) -> dict[str, dict[str, float]]:
     """Mean absolute error against the truth image of the processed image and of each oracle, for the calcified
     lesions the node calls sure, flags unsure and reaches with no region (``sure_goals``'s groups).
@@ -396,14 +417,12 @@ def floor_by_flag(rows: list[dict], white: float = PRIMARY_WHITE) -> dict[str, d
     """
     w = f"{white:g}"
     calcified = [r for r in rows if r.get("stratum") == CALCIFIED and r.get(f"truth@{w}") is not None]
+    groups = flag_groups(calcified, lambda r: bool(r["unsure"]))
+    errors = errors_by_group(list(groups.values()), ("processed", *ORACLES), white)
     out = {}
-    for name, members in flag_groups(calcified, lambda r: bool(r["unsure"])).items():
-        cells: dict[str, float] = {"n": float(len(members))}
-        for image in ("processed", *ORACLES):
-            errors = [abs(r[f"{image}@{w}"] - r[f"truth@{w}"]) for r in members if r.get(f"{image}@{w}") is not None]
-            if errors:
-                cells[image] = float(np.mean(errors))
-        out[name] = cells
+    for k, (name, members) in enumerate(groups.items()):
+        out[name] = {"n": float(len(members)),
+                     **{image: cells[k][0] for image, cells in errors.items() if cells[k] is not None}}
     return out
 
 
@@ -874,15 +893,7 @@ def by_lumen(rows: list[dict], white: float = PRIMARY_WHITE) -> dict:
             and r.get("lumen_hu_true") is not None]
     bands = len(LUMEN_BANDS_HU) + 1
     at = [[r for r in calc if lumen_band(r["lumen_hu_true"]) == b] for b in range(bands)]
-    images = {}
-    for name in BY_LUMEN_IMAGES:
-        if not any(r.get(f"{name}@{w}") is not None for r in calc):
-            continue
-        cells = []
-        for group in at:
-            err = np.array([r[f"{name}@{w}"] - r[f"truth@{w}"] for r in group if r.get(f"{name}@{w}") is not None])
-            cells.append((float(np.abs(err).mean()), float(err.mean())) if err.size else None)
-        images[name] = cells
+    images = errors_by_group(at, BY_LUMEN_IMAGES, white)
     faint = [[r for r in group if r.get("calcium_contrast_hu") is not None
               and r["calcium_contrast_hu"] < FAINT_CONTRAST_HU] for group in at]
     return {"n": [len(g) for g in at], "images": images,
