@@ -96,6 +96,8 @@ def test_doctor_says_what_makes_a_restoration_unsure_for_each_method_it_runs():
     e = doctor.engine_report(config.from_dict({"engine": {"method": "subtract", "subtract_unsure_hu": 90.0,
                                                           "unsure_vessel_mm": 0.0, "unsure_action": "leave"}}).engine)
     assert e["unsure"] == {"action": "leave", "rules": {"subtract": ["blur disagreement over 90 HU"]}}
+    dim = doctor.engine_report(config.from_dict({"engine": {"method": "subtract", "unsure_lumen_hu": 330.0}}).engine)
+    assert dim["unsure"]["rules"]["subtract"] == ["vessel under 2.75 mm", "lumen dimmer than 330 HU"]
     text = "\n".join(doctor._render_engine(e))
     assert "unsure (subtract): blur disagreement over 90 HU; then left as acquired" in text
     e = doctor.engine_report(config.from_dict({"engine": {"confidence": False, "unsure_vessel_mm": 0.0}}).engine)

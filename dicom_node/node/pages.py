@@ -178,7 +178,9 @@ async function refresh() {
     const d = l.disagreement_hu;
     cell(tr, d === null || d === undefined ? 'not measured' : d + ' HU (' + (l.measure || 'flip') + ')');
     const v = l.vessel_mm;
-    cell(tr, v === null || v === undefined ? 'not measured' : v.toFixed(1) + ' mm');
+    const lv = l.lumen_hu;
+    cell(tr, (v === null || v === undefined ? 'not measured' : v.toFixed(1) + ' mm') +
+             (lv === null || lv === undefined ? '' : ', lumen ' + lv + ' HU'));
     const e = l.enclosure, enclosure = e === null || e === undefined ? '' : '(enclosure ' + e.toFixed(2) + ')';
     cell(tr, [l.estimate || '', enclosure].filter(Boolean).join(' '));
     cell(tr, l.action + (l.why && l.why.length ? ': ' + l.why.join('; ') : ''), l.unsure ? 'warn' : '');
@@ -227,7 +229,7 @@ def job_page(job_id: int) -> str:
             "<dl id='facts'></dl>"
             "<h2>Lesions</h2><table><thead><tr><th>lesion</th><th>region</th><th>position (patient, mm)</th>"
             "<th>calcium mm³</th><th>peak HU</th><th>voxels restored (region)</th><th>confidence: "
-            "disagreement</th><th>vessel calibre</th><th>estimate written</th><th>done</th></tr></thead>"
+            "disagreement</th><th>vessel calibre, lumen</th><th>estimate written</th><th>done</th></tr></thead>"
             "<tbody id='lesions'></tbody></table>"
             "<h2>Pictures</h2><p id='no-pictures' class='muted'>none (not processed, or no calcium)</p>"
             "<div id='pictures'></div>"

@@ -171,12 +171,14 @@ def lesion_table(series: Series, result: EngineResult, pictures: dict[int, str])
         # reached was not restored
         reg = r.as_dict() if r else {"region": None, "voxels": 0, "disagreement_hu": None, "measure": None,
                                      "unsure": False, "action": "not restored", "lumen_kept": 0,
-                                     "vessel_mm": None, "why": [], "estimate": "", "enclosure": None}
+                                     "vessel_mm": None, "lumen_hu": None, "why": [], "estimate": "",
+                                     "enclosure": None}
         rows.append({"lesion": lesion.index, "region": reg["region"],
                      "position_mm": [round(v, 1) for v in patient_position(series, lesion.centroid)],
                      "volume_mm3": round(lesion.volume_mm3, 2), "peak_hu": round(lesion.peak_hu, 1),
                      **{k: reg[k] for k in ("voxels", "disagreement_hu", "measure", "unsure", "action",
-                                            "lumen_kept", "vessel_mm", "why", "estimate", "enclosure")},
+                                            "lumen_kept", "vessel_mm", "lumen_hu", "why", "estimate",
+                                            "enclosure")},
                      "picture": pictures.get(lesion.index)})
     return rows
 

@@ -50,6 +50,8 @@ BLUR_DISAGREEMENT = Code("BLUR-DISAGREE", PRIVATE_SCHEME, "Restoration blur disa
 DISAGREEMENTS = {"flip": FLIP_DISAGREEMENT, "blur": BLUR_DISAGREEMENT}  # RegionReport.measure → its code
 RESTORATION_UNSURE = Code("UNSURE", PRIVATE_SCHEME, "Restoration unsure")
 VESSEL_CALIBRE = Code("VESSEL-CALIBRE", PRIVATE_SCHEME, "Vessel calibre at the restoration")
+# ... and the level of that vessel's lumen: beside a dim lumen a restoration's residue reads as lumen more often
+LUMEN_LEVEL = Code("LUMEN-LEVEL", PRIVATE_SCHEME, "Lumen level at the restoration")
 RESTORATION = Code("RESTORATION", PRIVATE_SCHEME, "Restoration")
 # With several learnt calcium estimates (engine.subtract_companions): which one's restoration the region got, and,
 # under subtract_combine = "enclosed", how far its calcium encloses the lumen (0-1: restore.calcium_enclosure)
@@ -140,6 +142,9 @@ def _group(lesion: Lesion, region: RegionReport | None, series: Series, headers:
         if region.vessel_mm is not None:  # its own vessel's widest lumen (vessel.vessel_calibre_mm)
             measurements.append(hd.sr.Measurement(name=VESSEL_CALIBRE, value=round(float(region.vessel_mm), 1),
                                                   unit=codes.UCUM.Millimeter, derivation=codes.SCT.Maximum))
+        if region.lumen_hu is not None:  # the median on that lumen's core (vessel.vessel_at)
+            measurements.append(hd.sr.Measurement(name=LUMEN_LEVEL, value=round(float(region.lumen_hu)),
+                                                  unit=codes.UCUM.HounsfieldUnit, derivation=codes.SCT.Median))
         if region.disagreement_hu is not None or region.vessel_mm is not None:
             evaluations.append(hd.sr.QualitativeEvaluation(RESTORATION_UNSURE,
                                                            codes.SCT.Yes if region.unsure else codes.SCT.No))

@@ -23,7 +23,7 @@ from dicom_node.pipeline.contrast import lumen_level_at
 from dicom_node.pipeline.detect import Detection, DetectOptions, detect
 from dicom_node.pipeline.morphology import grow_box
 from dicom_node.pipeline.subtract import EstimateCombine, SubtractOptions, calcium_blur, calcium_removed
-from dicom_node.pipeline.vessel import lumen_range, vessel_calibre_mm
+from dicom_node.pipeline.vessel import lumen_range, vessel_at
 from dicom_node.pipeline.windows import Region, WindowOptions, plan
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,12 @@ class ConfidenceOptions:
     # threshold at which the subtraction's restorations called sure met every goal of issue 16 on the tuning
     # studies (2.5 left a severe stenosis made among them): reports/tuning/confidence-coverage.md.
     unsure_vessel_mm: float = 2.75
+    # A region whose vessel's lumen (the engine's own measure: vessel_at's lumen_hu, the median on the lumen's core)
+    # is dimmer than this (HU) is unsure; 0 = off, the default. Beside a dim lumen the reader's edge (half-way from
+    # the wall to the lumen) has half the margin it has beside a bright one, so the noise and any residue of the
+    # calcium cross it more often: held out, calcified lesions in lumens under 330 HU read 9.7 points off against
+    # 4.6-6.0 (reports/tuning/dim-lumens.md).
+    unsure_lumen_hu: float = 0.0
 
 
     def __post_init__(self) -> None:
@@ -134,6 +140,8 @@ class ConfidenceOptions:
             raise ValueError(f"lumen_guard_from must be 0 (the edge) or more, not {self.lumen_guard_from}")
         if not 0.0 <= self.unsure_vessel_mm <= 10.0:
             raise ValueError(f"unsure_vessel_mm must lie in 0..10 mm (0 = off), not {self.unsure_vessel_mm}")
+        if not 0.0 <= self.unsure_lumen_hu <= 1500.0:
+            raise ValueError(f"unsure_lumen_hu must lie in 0..1500 HU (0 = off), not {self.unsure_lumen_hu}")
 
 
 def keep_visible_lumen(volume: np.ndarray, spacing: tuple[float, float, float], idx: np.ndarray,
@@ -264,7 +272,8 @@ class RegionReport:
     action: str  # "restored", "restored, unsure", "restored, unsure, lumen kept" or "left as acquired (unsure)"
     lumen_kept: int = 0  # voxels the visible-lumen guard held at the lumen's edge
     measure: str = "flip"  # what the disagreement compares: a key of CONFIDENCE_MEASURES
-    vessel_mm: float | None = None  # the vessel's calibre at the region (vessel_calibre_mm; None: not measured)
+    vessel_mm: float | None = None  # the vessel's calibre at the region (vessel_at; None: not measured)
+    lumen_hu: float | None = None  # the level of that vessel's lumen (vessel_at; None: not measured)
     why: list[str] = field(default_factory=list)  # what made it unsure, in words
     # With several learnt estimates (the subtraction's companions), which one's restoration was written, so a reader
     # and an audit can tell regions restored differently apart: its file's name ("mean of a + b" under "mean"),
@@ -278,7 +287,8 @@ class RegionReport:
         return {"region": self.region, "lesions": self.lesions, "voxels": self.voxels,
                 "disagreement_hu": None if self.disagreement_hu is None else round(self.disagreement_hu, 1),
                 "measure": self.measure, "unsure": self.unsure, "action": self.action, "lumen_kept": self.lumen_kept,
-                "vessel_mm": None if self.vessel_mm is None else round(self.vessel_mm, 1), "why": self.why,
+                "vessel_mm": None if self.vessel_mm is None else round(self.vessel_mm, 1),
+                "lumen_hu": None if self.lumen_hu is None else round(self.lumen_hu), "why": self.why,
                 "estimate": self.estimate, "enclosure": None if self.enclosure is None else round(self.enclosure, 2)}
 
 
@@ -346,8 +356,9 @@ class Engine:
         self.subtract = subtract or SubtractOptions()
 
     def _judge(self, volume: np.ndarray, spacing: tuple[float, float, float], region: Region, detection: Detection,
-               disagreement: float | None, threshold_hu: float, measure: str) -> tuple[float | None, list[str]]:
-        """The region's vessel calibre (when the calibre rule is on) and why the region is unsure ([] if it is not).
+               disagreement: float | None, threshold_hu: float, measure: str) -> tuple[dict, list[str]]:
+        """The region's vessel as measured (``vessel_mm`` and ``lumen_hu`` for its report: None where neither the
+        calibre nor the lumen rule is on) and why the region is unsure ([] if it is not).
 
         Calcium found only in the sharpened image always makes its region unsure: held out, such faint deposits
         were where the subtraction took lumen away and made severe stenoses the flags above missed."""
@@ -356,11 +367,16 @@ class Engine:
             why.append(f"{CONFIDENCE_MEASURES[measure]} {disagreement:.0f} HU > {threshold_hu:g}")
         if _holds_sharpened(detection, region):
             why.append(SHARPENED_ONLY_REASON)
-        vessel = None
-        if self.confidence.unsure_vessel_mm > 0:
-            vessel = vessel_calibre_mm(volume, spacing, region.native_box, detection.calcium)
-            if vessel is not None and vessel < self.confidence.unsure_vessel_mm:
-                why.append(f"vessel {vessel:.1f} mm < {self.confidence.unsure_vessel_mm:g}")
+        vessel = {"vessel_mm": None, "lumen_hu": None}
+        small, dim = self.confidence.unsure_vessel_mm, self.confidence.unsure_lumen_hu
+        if small > 0 or dim > 0:
+            at = vessel_at(volume, spacing, region.native_box, detection.calcium)
+            if at is not None:
+                vessel = {"vessel_mm": at.calibre_mm, "lumen_hu": at.lumen_hu}
+                if at.calibre_mm < small:
+                    why.append(f"vessel {at.calibre_mm:.1f} mm < {small:g}")
+                if at.lumen_hu < dim:
+                    why.append(f"lumen {at.lumen_hu:.0f} HU < {dim:g}")
         return vessel, why
 
     def method_for(self, kernel: str) -> SeriesMethod:
@@ -459,7 +475,7 @@ class Engine:
             unsure = bool(why)
             if unsure and self.confidence.unsure_action == "leave":
                 reports.append(RegionReport(r.index, r.lesions, 0, d, True, "left as acquired (unsure)",
-                                            vessel_mm=vessel, why=why))
+                                            why=why, **vessel))
                 continue
             idx = r.native_indices()
             values = ndimage.map_coordinates(grid, r.native_coordinates(idx), order=1, mode="nearest")
@@ -471,7 +487,7 @@ class Engine:
             volume[tuple(idx.T)] = values
             changed[tuple(idx.T)] = True
             reports.append(RegionReport(r.index, r.lesions, len(idx), d, unsure, _restored_action(unsure, guard),
-                                        kept, vessel_mm=vessel, why=why))
+                                        kept, why=why, **vessel))
         t4 = time.perf_counter()
         return EngineResult(detection=detection, regions=regions, changed=changed, windows=total, batches=batches,
                             seconds={"plan": t2 - t1, "infer": t3 - t2, "resample": t4 - t3}, reports=reports)
@@ -538,7 +554,7 @@ class Engine:
             unsure = bool(why)
             if unsure and self.confidence.unsure_action == "leave":
                 reports.append(RegionReport(r.index, r.lesions, 0, d, True, "left as acquired (unsure)",
-                                            measure=measure, vessel_mm=vessel, why=why, enclosure=enclosure))
+                                            measure=measure, why=why, **vessel, enclosure=enclosure))
             else:
                 kept = 0
                 guard = unsure and self.confidence.unsure_action == "guard"
@@ -550,7 +566,7 @@ class Engine:
                                                       opts.keep_lumen_beyond_mm)
                 written.append((idx, values))
                 reports.append(RegionReport(r.index, r.lesions, len(idx), d, unsure, _restored_action(unsure, guard),
-                                            kept, measure=measure, vessel_mm=vessel, why=why, **named))
+                                            kept, measure=measure, why=why, **vessel, **named))
             if progress:
                 progress(k + 1, len(regions))
         for idx, values in written:

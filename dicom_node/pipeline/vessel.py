@@ -7,6 +7,8 @@ subtraction; here they sit below both, so neither imports the other for them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import ndimage
 
@@ -29,9 +31,22 @@ CALIBRE_REACH_MM = 4.5  # the vessel's calibre is looked for this far around a r
 CALIBRE_TOUCH_MM = 1.5  # lumen this close to a region's calcium is its own vessel's (past the bloom's ring)
 
 
-def vessel_calibre_mm(volume: np.ndarray, spacing: tuple[float, float, float], box: tuple[slice, slice, slice],
-                      calcium: np.ndarray) -> float | None:
-    """The calibre of the vessel at a region: the diameter of the largest ball of its lumen in and around it (mm).
+@dataclass(frozen=True)
+class VesselAt:
+    """The vessel at a region as the engine measures it (``vessel_at``).
+
+    ``calibre_mm``: the diameter of the largest ball of its lumen. ``lumen_hu``: the median acquired value on the
+    lumen's core (the voxels at least half as deep in it as the deepest), the contrast a reader sees in this
+    vessel. Why the level too: the reader's edge lies half-way from the wall to it, so beside a dim lumen every
+    error, the noise's and the restoration's, crosses that edge more often (reports/tuning/dim-lumens.md)."""
+
+    calibre_mm: float
+    lumen_hu: float
+
+
+def vessel_at(volume: np.ndarray, spacing: tuple[float, float, float], box: tuple[slice, slice, slice],
+              calcium: np.ndarray) -> VesselAt | None:
+    """The vessel at a region: its calibre and its lumen's level (``VesselAt``).
 
     How wide a vessel is decides how far a restoration can be trusted: beside calcium a small
     lumen is a voxel or two wide, and an error of one voxel is a large share of its diameter.
@@ -41,8 +56,9 @@ def vessel_calibre_mm(volume: np.ndarray, spacing: tuple[float, float, float], b
     counts (within ``CALIBRE_TOUCH_MM`` of it): a wider neighbour within reach (a larger vessel,
     a chamber) would otherwise lend the small vessel its calibre and hide it. Where no lumen
     touches the calcium, all the lumen within reach is measured. The largest inscribed ball
-    measures the vessel where it is widest, so the narrowing itself does not shrink it. None
-    where the box holds no contrast to measure.
+    measures the vessel where it is widest, so the narrowing itself does not shrink it; the level is
+    read on the same lumen's core, away from its partial-volume rim. None where the box holds no
+    contrast to measure.
     """
     grown = grow_box(box, volume.shape, np.ceil(CALIBRE_REACH_MM / np.asarray(spacing, float)).astype(int))
     sub = volume[grown]
@@ -61,5 +77,14 @@ def vessel_calibre_mm(volume: np.ndarray, spacing: tuple[float, float, float], b
     if touching.size:
         lumen = np.isin(parts, touching)
     # outside the box counts as not lumen: a vessel leaving the box is measured inside it (smaller, never larger)
-    depth = ndimage.distance_transform_edt(np.pad(lumen, 1), sampling=spacing)
-    return 2.0 * float(depth.max())
+    depth = ndimage.distance_transform_edt(np.pad(lumen, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
+    deepest = float(depth.max())
+    core = lumen & (depth >= 0.5 * deepest)
+    return VesselAt(calibre_mm=2.0 * deepest, lumen_hu=float(np.median(sub[core])))
+
+
+def vessel_calibre_mm(volume: np.ndarray, spacing: tuple[float, float, float], box: tuple[slice, slice, slice],
+                      calcium: np.ndarray) -> float | None:
+    """The calibre of the vessel at a region (``vessel_at``'s ``calibre_mm``; None: no contrast to measure)."""
+    at = vessel_at(volume, spacing, box, calcium)
+    return None if at is None else at.calibre_mm

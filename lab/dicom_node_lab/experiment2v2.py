@@ -211,7 +211,7 @@ def _one_study(job: tuple[int, int, str, list[str], bool, bool, str]) -> tuple[l
         r["index"] = i
         pairs = _lesion_regions(p, r, result)
         reached = [rep for _, rep in pairs]
-        r["unsure"], r["disagreement_hu"], r["vessel_mm"] = _lesion_confidence(reached)
+        r["unsure"], r["disagreement_hu"], r["vessel_mm"], r["lumen_hu"] = _lesion_confidence(reached)
         r["why"] = _lesion_why(reached)
         r["measured_contrast_hu"] = _lesion_contrast([region for region, _ in pairs], result, original, p.spacing)
         r["measure"] = result.reports[0].measure if result.reports else None
@@ -288,23 +288,26 @@ def _lesion_contrast(regions: list, result, original: np.ndarray, spacing: tuple
     return float(min(values)) if values else None
 
 
-def _lesion_confidence(reached: list) -> tuple[bool | None, float | None, float | None]:
+def _lesion_confidence(reached: list) -> tuple[bool | None, float | None, float | None, float | None]:
     """The engine's confidence for the regions that reach a lesion (``_lesion_regions``; None: no region did, or
     none measured). Returns (unsure as the engine decided it, the largest disagreement,
-    the smallest vessel calibre the engine estimated). The engine decides unsure (each method has
-    its own measure and threshold, and the calibre rule when it is on).
+    the smallest vessel calibre the engine estimated, the dimmest lumen it measured there). The engine decides
+    unsure (each method has its own measure and threshold, and the calibre and lumen rules when they are on).
     """
-    best, unsure, vessel, measured = None, False, None, False
+    best, unsure, vessel, lumen, measured = None, False, None, None, False
     for rep in reached:
         if rep.disagreement_hu is not None:
             best = rep.disagreement_hu if best is None else max(best, rep.disagreement_hu)
         if rep.vessel_mm is not None:
             vessel = rep.vessel_mm if vessel is None else min(vessel, rep.vessel_mm)
+        if rep.lumen_hu is not None:
+            lumen = rep.lumen_hu if lumen is None else min(lumen, rep.lumen_hu)
         measured |= rep.disagreement_hu is not None or rep.vessel_mm is not None
         unsure |= rep.unsure
     if not measured:
-        return None, None, None
-    return unsure, None if best is None else float(best), None if vessel is None else float(vessel)
+        return None, None, None, None
+    return (unsure, None if best is None else float(best), None if vessel is None else float(vessel),
+            None if lumen is None else float(lumen))
 
 
 def _strip(p, row: dict, original: np.ndarray, processed: np.ndarray) -> np.ndarray:
@@ -757,24 +760,29 @@ def sure_goals(rows: list[dict], white: float = PRIMARY_WHITE) -> dict:
 
 
 def flag_grid(rows: list[dict], disagreements: list[float], vessels: list[float],
-              white: float = PRIMARY_WHITE, faint: tuple[float, ...] = (0.0,)) -> list[dict]:
+              white: float = PRIMARY_WHITE, faint: tuple[float, ...] = (0.0,),
+              lumens: tuple[float, ...] = (0.0,)) -> list[dict]:
     """The goals on the restorations called sure under other flags, from a run's recorded rows (``mark`` writes the
     same voxels flagged or not): unsure where calcium was found only in the sharpened image, where a region's
     disagreement exceeds ``d`` (``inf``: not used), its vessel's calibre is under ``v`` mm (0: not used) or its
-    calcium stands less than ``f`` HU above the lumen (``measured_contrast_hu``; 0: not used). Needs a run that
+    calcium stands less than ``f`` HU above the lumen (``measured_contrast_hu``; 0: not used) or its vessel's lumen
+    is dimmer than ``l`` HU (``lumen_hu``, the engine's ``unsure_lumen_hu`` measure; 0: not used). Needs a run that
     measured them (confidence on, a positive threshold and ``unsure_vessel_mm`` above 0)."""
     calcified = [r for r in rows if r.get("stratum") == CALCIFIED]
     out = []
     for d in disagreements:
         for v in vessels:
             for f in faint:
-                def unsure(r: dict, d: float = d, v: float = v, f: float = f) -> bool:
-                    sharpened = any("sharpened" in why for why in r.get("why") or ())
-                    doubted = r.get("disagreement_hu") is not None and r["disagreement_hu"] > d
-                    small = r.get("vessel_mm") is not None and r["vessel_mm"] < v
-                    dim = r.get("measured_contrast_hu") is not None and r["measured_contrast_hu"] < f
-                    return sharpened or doubted or small or dim
-                out.append({"disagreement": d, "vessel_mm": v, "faint_hu": f, **_flag_set(calcified, unsure, white)})
+                for lv in lumens:
+                    def unsure(r: dict, d: float = d, v: float = v, f: float = f, lv: float = lv) -> bool:
+                        sharpened = any("sharpened" in why for why in r.get("why") or ())
+                        doubted = r.get("disagreement_hu") is not None and r["disagreement_hu"] > d
+                        small = r.get("vessel_mm") is not None and r["vessel_mm"] < v
+                        faint_ = r.get("measured_contrast_hu") is not None and r["measured_contrast_hu"] < f
+                        dim = r.get("lumen_hu") is not None and r["lumen_hu"] < lv
+                        return sharpened or doubted or small or faint_ or dim
+                    out.append({"disagreement": d, "vessel_mm": v, "faint_hu": f, "lumen_hu": lv,
+                                **_flag_set(calcified, unsure, white)})
     return out
 
 
@@ -795,11 +803,12 @@ def flag_grid_report(args: argparse.Namespace) -> int:
           "image; sure = not flagged (calcium found only in the sharpened image always flags). Goals: MAE <= 4, "
           "bias within 2, CAD-RADS >= 85 %, kappa >= 0.8, sensitivity / specificity for >= 50 % >= 95 / 90 %, "
           "0 severe made by processing.\n")
-    print("| disagreement over (HU) | vessel under (mm) | calcium under (HU over the lumen) | sure (share) | "
-          "MAE [95 %] | bias | CAD-RADS | κ | sens / spec ≥ 50 | severe made | meets the goals |")
-    print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|")
-    for g in flag_grid(rows, args.disagreement, args.vessel, faint=tuple(args.faint)):
-        print(f"| {g['disagreement']:g} | {g['vessel_mm']:g} | {g['faint_hu']:g} | " + _goal_cells(g["sure"]))
+    print("| disagreement over (HU) | vessel under (mm) | calcium under (HU over the lumen) | lumen under (HU) | "
+          "sure (share) | MAE [95 %] | bias | CAD-RADS | κ | sens / spec ≥ 50 | severe made | meets the goals |")
+    print("|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|")
+    for g in flag_grid(rows, args.disagreement, args.vessel, faint=tuple(args.faint), lumens=tuple(args.lumen)):
+        print(f"| {g['disagreement']:g} | {g['vessel_mm']:g} | {g['faint_hu']:g} | {g['lumen_hu']:g} | "
+              + _goal_cells(g["sure"]))
     return 0
 
 

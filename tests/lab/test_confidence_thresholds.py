@@ -104,6 +104,10 @@ def test_the_flag_grid_recomputes_the_flag_from_the_recorded_calibre_disagreemen
     faint = {g["faint_hu"]: g for g in experiment2v2.flag_grid(rows, [float("inf")], [0.0], faint=(0.0, 150.0))}
     assert faint[0.0]["sure"]["n"] == 3 and faint[150.0]["sure"]["n"] == 2
     assert faint[150.0]["unsure"]["n"] == 2 and faint[150.0]["faint_hu"] == 150.0
+    # the engine's measured lumen level (lumen_hu, unsure_lumen_hu's measure) the same way
+    rows[0]["lumen_hu"], rows[1]["lumen_hu"] = 280.0, 450.0
+    dim = {g["lumen_hu"]: g for g in experiment2v2.flag_grid(rows, [float("inf")], [0.0], lumens=(0.0, 330.0))}
+    assert dim[0.0]["sure"]["n"] == 3 and dim[330.0]["sure"]["n"] == 2 and dim[330.0]["unsure"]["n"] == 2
 
 
 def test_the_floor_is_split_by_what_the_node_reports():

@@ -26,6 +26,7 @@ from dicom_node.pipeline.report import (
     CALCIUM_ENCLOSURE,
     DISAGREEMENTS,
     ESTIMATE_WRITTEN,
+    LUMEN_LEVEL,
     RESTORATION,
     RESTORATION_UNSURE,
     VESSEL_CALIBRE,
@@ -195,6 +196,9 @@ def test_measurements_are_the_engines_own(case):
         assert region.vessel_mm is not None and 0.5 < region.vessel_mm < 10.0
         [calibre] = g.get_measurements(name=VESSEL_CALIBRE)
         assert calibre.value == pytest.approx(round(region.vessel_mm, 1)) and calibre.unit == codes.UCUM.Millimeter
+        [level] = g.get_measurements(name=LUMEN_LEVEL)  # measured with the calibre, the rule on or off
+        assert level.value == round(region.lumen_hu) and level.unit == codes.UCUM.HounsfieldUnit
+        assert level.derivation == codes.SCT.Median
 
 
 def test_tracking_identifier_gives_the_lesion_position_in_patient_coordinates(case):

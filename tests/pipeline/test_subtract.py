@@ -250,14 +250,14 @@ def test_a_kernel_can_have_its_own_edge_enhancement():
             SubtractOptions(enhance_by_kernel=bad)
 
 
-def _tube(lumen_mm: float) -> tuple[np.ndarray, np.ndarray]:
-    """(acquired, calcium): a straight vessel of ``lumen_mm`` at 400 HU with a 1,000 HU calcium arc, scanned."""
+def _tube(lumen_mm: float, level_hu: float = 400.0) -> tuple[np.ndarray, np.ndarray]:
+    """(acquired, calcium): a straight vessel of ``lumen_mm`` at ``level_hu`` with a 1,000 HU calcium arc, scanned."""
     shape = (48, 56, 56)
     z, r, angle = _polar(shape)
     sharp = np.full(shape, 40.0)
     a = lumen_mm / 2
     sharp[r < a + 1.1] = 50.0
-    sharp[r < a] = 400.0
+    sharp[r < a] = level_hu
     calcium = (z > 8.0) & (z < 14.0) & (r >= a) & (r < a + 0.8) & (angle < 150.0)
     sharp[calcium] = 1000.0
     noise = ndimage.gaussian_filter(np.random.default_rng(5).normal(0.0, 40.0, shape), 0.7)
@@ -300,20 +300,23 @@ def test_a_wider_neighbour_does_not_lend_a_small_vessel_its_calibre():
     assert calibre == pytest.approx(2.0, abs=0.5)
 
 
+class _Same:
+    """A network that gives back what it is shown: no disagreement between flips."""
+
+    name, max_batch = "same", 4
+
+    def run(self, image, mask):
+        from dicom_node.pipeline.windows import PATCH
+
+        assert image.shape[1:] == (1, PATCH, PATCH, PATCH)
+        return image
+
+
 @pytest.mark.parametrize("method", ["subtract", "network"])
 def test_a_region_in_a_small_vessel_is_unsure_whatever_its_disagreement(method):
     """With ``unsure_vessel_mm`` a region in a narrower vessel is unsure, and says why; a wider one is not;
     0 measures nothing. Both methods apply it, with or without the disagreement pass."""
-    from dicom_node.pipeline.windows import PATCH
-
-    class Same:  # a network that gives back what it is shown: no disagreement between flips
-        name, max_batch = "same", 4
-
-        def run(self, image, mask):
-            assert image.shape[1:] == (1, PATCH, PATCH, PATCH)
-            return image
-
-    backend = Same() if method == "network" else None
+    backend = _Same() if method == "network" else None
     for lumen_mm, unsure in ((2.0, True), (4.0, False)):
         acquired, _ = _tube(lumen_mm)
         for flips in (True, False):
@@ -330,6 +333,31 @@ def test_a_region_in_a_small_vessel_is_unsure_whatever_its_disagreement(method):
         with pytest.raises(ValueError):
             ConfidenceOptions(unsure_vessel_mm=bad)
 
+
+
+@pytest.mark.parametrize("method", ["subtract", "network"])
+def test_a_region_beside_a_dim_lumen_is_unsure_with_the_lumen_rule(method):
+    """With ``unsure_lumen_hu`` a region whose vessel's lumen the engine measures dimmer is unsure, and says why;
+    the level is read on the lumen's core, near the contrast the vessel was given (the scanner's blur and the
+    calcium's bloom aside); off (0, the default) it adds no reason. Both methods apply it."""
+    from dicom_node.pipeline.vessel import vessel_at
+    backend = _Same() if method == "network" else None
+    rule = ConfidenceOptions(flips=False, unsure_vessel_mm=0.0, unsure_lumen_hu=330.0)
+    for level, unsure in ((280.0, True), (500.0, False)):
+        acquired, _ = _tube(3.0, level)
+        result = Engine(backend, method=method, confidence=rule).run(acquired.copy(), SPACING)
+        (report,) = result.reports
+        assert report.lumen_hu == pytest.approx(level, abs=40.0)
+        assert report.vessel_mm == pytest.approx(3.0, abs=0.5), "measured with either rule on"
+        assert (f"lumen {report.lumen_hu:.0f} HU < 330" in report.why) is unsure
+        assert report.unsure is unsure and report.as_dict()["lumen_hu"] == round(report.lumen_hu)
+        at = vessel_at(acquired, SPACING, result.regions[0].native_box, result.detection.calcium)
+        assert at.lumen_hu == report.lumen_hu
+    (off,) = Engine(backend, method=method).run(_tube(3.0, 280.0)[0], SPACING).reports
+    assert off.lumen_hu is not None and not any(w.startswith("lumen") for w in off.why), "measured, no rule"
+    for bad in (-1.0, 2000.0):
+        with pytest.raises(ValueError):
+            ConfidenceOptions(unsure_lumen_hu=bad)
 
 
 @pytest.mark.parametrize("scanner_mtf50, arc_deg, setting, at, ratio", [
