@@ -98,6 +98,10 @@ class EngineConfig:
     subtract_combine: EstimateCombine = SubtractOptions.combine
     # ... with "enclosed": the share of directions (0-1) above which the calcium encloses the lumen
     subtract_enclosed_share: float = SubtractOptions.enclosed_above
+    # subtract: a learnt estimate (relative path as subtract_estimate's) for the regions whose vessel's lumen is
+    # dimmer than subtract_dim_lumen_hu, in the first's place ("" / 0 = one estimate for every lumen)
+    subtract_dim_estimate: str = ""
+    subtract_dim_lumen_hu: float = SubtractOptions.dim_below_hu
     # subtract: reconstruction kernel (ConvolutionKernel) -> the MTF50 (lp/cm) to assume for its series
     scanner_kernels: dict[str, float] = field(default_factory=dict)
     # subtract: reconstruction kernel -> subtract_white_hu for its series (a kernel not listed keeps that)
@@ -130,7 +134,10 @@ class EngineConfig:
                                enhance_by_kernel=tuple(self.scanner_edge_enhance.items()),
                                learnt=_learnt_estimate(self.subtract_estimate) if self.subtract_estimate else None,
                                companions=tuple(_learnt_estimate(p) for p in self.subtract_companions),
-                               combine=self.subtract_combine, enclosed_above=self.subtract_enclosed_share)
+                               combine=self.subtract_combine, enclosed_above=self.subtract_enclosed_share,
+                               dim_learnt=_learnt_estimate(self.subtract_dim_estimate)
+                               if self.subtract_dim_estimate else None,
+                               dim_below_hu=self.subtract_dim_lumen_hu)
 
     def confidence_options(self) -> ConfidenceOptions:
         return ConfidenceOptions(**{opt: getattr(self, key) for key, (kind, opt) in ENGINE_KEYS.items()
@@ -496,8 +503,8 @@ def check(cfg: Config) -> None:
     except ValueError as exc:
         raise ConfigError(f"engine: {exc}") from None
     except OSError as exc:
-        raise ConfigError(f"engine.subtract_estimate / subtract_companions / detect_learnt: cannot read "
-                          f"{exc.filename!r}: {exc.strerror or exc}") from None
+        raise ConfigError(f"engine.subtract_estimate / subtract_companions / subtract_dim_estimate / detect_learnt: "
+                          f"cannot read {exc.filename!r}: {exc.strerror or exc}") from None
     if cfg.intake.max_sequence_depth < 0 or cfg.intake.max_element_mb < 0:
         raise ConfigError("intake.max_sequence_depth and intake.max_element_mb cannot be negative")
 
@@ -527,6 +534,8 @@ def load(path: str | Path | None = None) -> Config:
     estimate = Path(cfg.engine.subtract_estimate)
     if cfg.engine.subtract_estimate and not estimate.is_absolute():  # before the check, which reads it
         cfg.engine.subtract_estimate = str((p.parent / estimate).resolve())
+    if cfg.engine.subtract_dim_estimate and not Path(cfg.engine.subtract_dim_estimate).is_absolute():
+        cfg.engine.subtract_dim_estimate = str((p.parent / cfg.engine.subtract_dim_estimate).resolve())
     if cfg.engine.detect_learnt and not Path(cfg.engine.detect_learnt).is_absolute():
         cfg.engine.detect_learnt = str((p.parent / cfg.engine.detect_learnt).resolve())
     cfg.engine.subtract_companions = [c if Path(c).is_absolute() else str((p.parent / c).resolve())

@@ -108,6 +108,10 @@ def engine_report(engine: EngineConfig) -> dict[str, Any]:
         out["companions"] = [{"estimate": path, "sharpening": _sharpening(o)}
                              for path, o in zip(engine.subtract_companions, options.estimates()[1:])]
         out["combine"] = options.combine
+    if options.uses_dim():  # regions beside a dim lumen get their own estimate: which, and under what level
+        out["dim"] = {"estimate": engine.subtract_dim_estimate, "below_hu": options.dim_below_hu}
+    elif engine.subtract_dim_estimate:
+        out["notes"].append("engine.subtract_dim_estimate is set but subtract_dim_lumen_hu is 0: it is never used")
     if options.learnt is not None and engine.subtract_anatomy_hu > 0 \
             and engine.subtract_anatomy_hu != options.learnt.anatomy_above_level_hu:
         out["notes"].append(f"engine.subtract_anatomy_hu = {engine.subtract_anatomy_hu:g} applies to the white-level "
@@ -266,6 +270,9 @@ def _render_engine(e: dict[str, Any]) -> list[str]:
         lines.append(f"  also estimated by {c['estimate']} ({c['sharpening']['method']} sharpening)")
     if e.get("companions"):
         lines.append(f"  restoration written: {written[e['combine']]}")
+    if e.get("dim"):
+        lines.append(f"  beside a lumen under {e['dim']['below_hu']:g} HU: {e['dim']['estimate']} in the first "
+                     "estimate's place")
     actions = {"mark": "restored and marked", "leave": "left as acquired", "guard": "restored, visible lumen kept"}
     for method, why in e["unsure"]["rules"].items():
         said = ", ".join(why) if why else "never (no rule on)"

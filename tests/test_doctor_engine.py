@@ -148,6 +148,15 @@ def test_doctor_names_the_estimates_beside_the_first_and_which_restoration_is_wr
         in doctor._render_engine(enclosed)
     alone = doctor.engine_report(config.from_dict({"engine": {"method": "subtract", "subtract_estimate": ref}}).engine)
     assert "companions" not in alone and not any("also estimated" in line for line in doctor._render_engine(alone))
+    dim_file = str(REPO / "engines" / "calcium_excess_dim.npz")
+    dim = doctor.engine_report(config.from_dict({"engine": {
+        "method": "subtract", "subtract_estimate": ref, "subtract_dim_estimate": dim_file,
+        "subtract_dim_lumen_hu": 360.0}}).engine)
+    assert dim["dim"] == {"estimate": dim_file, "below_hu": 360.0} and "dim" not in alone
+    assert f"  beside a lumen under 360 HU: {dim_file} in the first estimate's place" in doctor._render_engine(dim)
+    unused = doctor.engine_report(config.from_dict({"engine": {
+        "method": "subtract", "subtract_estimate": ref, "subtract_dim_estimate": dim_file}}).engine)
+    assert "dim" not in unused and any("never used" in n for n in unused["notes"])
 
 
 def test_doctor_names_the_learnt_detector_and_what_it_may_do():

@@ -23,7 +23,7 @@ from dicom_node.pipeline.contrast import lumen_level_at
 from dicom_node.pipeline.detect import Detection, DetectOptions, detect
 from dicom_node.pipeline.morphology import grow_box
 from dicom_node.pipeline.subtract import EstimateCombine, SubtractOptions, calcium_blur, calcium_removed
-from dicom_node.pipeline.vessel import lumen_range, vessel_at
+from dicom_node.pipeline.vessel import VesselAt, lumen_range, vessel_at
 from dicom_node.pipeline.windows import Region, WindowOptions, plan
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ CONFIDENCE_MEASURES: dict[str, str] = {"flip": "flip disagreement", "blur": "blu
 # The reason a region holding calcium only the sharpened image found is unsure (``Engine._judge``), as the SEG,
 # the lesion table and ``dicom-node doctor`` say it; one string, so that what reads it (the lab's splice) cannot drift.
 SHARPENED_ONLY_REASON = "calcium found only in the sharpened image"
+UNMEASURED = object()  # Engine._judge: the region's vessel not measured yet (None: measured, no contrast there)
 
 
 EDGE_MARGIN_HU = 20.0  # a kept lumen voxel stays this far above the edge, so no reader's rounding drops it
@@ -127,7 +128,8 @@ class ConfidenceOptions:
     # is dimmer than this (HU) is unsure; 0 = off, the default. Beside a dim lumen the reader's edge (half-way from
     # the wall to the lumen) has half the margin it has beside a bright one, so the noise and any residue of the
     # calcium cross it more often: held out, calcified lesions in lumens under 330 HU read 9.7 points off against
-    # 4.6-6.0 (reports/tuning/dim-lumens.md).
+    # 4.6-6.0 (reports/tuning/dim-lumens.md). Off: on the tuning studies the sure restorations there read little
+    # worse, and no threshold lowered the sure ones' error by 0.2 points for 15 points of their share (section 6).
     unsure_lumen_hu: float = 0.0
 
 
@@ -235,15 +237,18 @@ def _shifted(mask: np.ndarray, by: list[int]) -> np.ndarray:
 
 
 def chosen(tries: list[np.ndarray], level: np.ndarray | None, how: EstimateCombine,
-           enclosed: bool = False) -> int | None:
+           enclosed: bool = False, dim: bool = False) -> int | None:
     """Which of one region's restorations under several learnt estimates is written, as ``how`` says
     (``EstimateCombine``): the first's (0), the one a reader sees the most lumen in (ties: the earlier), or, under
     "enclosed", the first companion's (1) where the region's calcium encloses its lumen (``enclosed``); None for
-    "mean", which writes them all averaged.
+    "mean", which writes them all averaged. ``dim``: the region lies beside a dim lumen and its tries end with the
+    dim-lumen estimate's (``SubtractOptions.dim_learnt``), written in the first's place.
 
     Why "wider" exists: where two plausible estimates disagree, the one that takes less lumen away cannot invent
     a stenosis the other would not; the reader's lumen, not the HU, decides, since calcium left white also
     stops a reader's ray."""
+    if dim and not (how == "enclosed" and enclosed):
+        return len(tries) - 1
     if how == "first" or len(tries) == 1:
         return 0
     if how == "mean":
@@ -312,9 +317,9 @@ def _holds_sharpened(detection: Detection, region: Region) -> bool:
 
 def _estimate_name(opts: SubtractOptions, which: int | None) -> str:
     """The learnt estimate whose restoration a region got (``RegionReport.estimate``): "" with one estimate or none."""
-    if not opts.companions:
+    if not opts.companions and not opts.uses_dim():
         return ""
-    names = [e.name for e in (opts.learnt, *opts.companions)]  # companions need a first estimate
+    names = [e.name for e in (opts.learnt, *opts.companions, opts.dim_learnt) if e is not None]  # need a first
     return "mean of " + " + ".join(names) if which is None else names[which]
 
 
@@ -356,9 +361,12 @@ class Engine:
         self.subtract = subtract or SubtractOptions()
 
     def _judge(self, volume: np.ndarray, spacing: tuple[float, float, float], region: Region, detection: Detection,
-               disagreement: float | None, threshold_hu: float, measure: str) -> tuple[dict, list[str]]:
-        """The region's vessel as measured (``vessel_mm`` and ``lumen_hu`` for its report: None where neither the
-        calibre nor the lumen rule is on) and why the region is unsure ([] if it is not).
+               disagreement: float | None, threshold_hu: float, measure: str,
+               at: VesselAt | None | object = UNMEASURED) -> tuple[dict, list[str]]:
+        """The region's vessel as measured (``vessel_mm`` and ``lumen_hu`` for its report) and why the region is
+        unsure ([] if it is not). ``at``: the vessel as the caller measured it already (``vessel.vessel_at``; None:
+        no contrast there), or ``UNMEASURED`` (the default): measured here where the calibre or the lumen rule is on,
+        else not at all (both None).
 
         Calcium found only in the sharpened image always makes its region unsure: held out, such faint deposits
         were where the subtraction took lumen away and made severe stenoses the flags above missed."""
@@ -367,17 +375,16 @@ class Engine:
             why.append(f"{CONFIDENCE_MEASURES[measure]} {disagreement:.0f} HU > {threshold_hu:g}")
         if _holds_sharpened(detection, region):
             why.append(SHARPENED_ONLY_REASON)
-        vessel = {"vessel_mm": None, "lumen_hu": None}
         small, dim = self.confidence.unsure_vessel_mm, self.confidence.unsure_lumen_hu
-        if small > 0 or dim > 0:
-            at = vessel_at(volume, spacing, region.native_box, detection.calcium)
-            if at is not None:
-                vessel = {"vessel_mm": at.calibre_mm, "lumen_hu": at.lumen_hu}
-                if at.calibre_mm < small:
-                    why.append(f"vessel {at.calibre_mm:.1f} mm < {small:g}")
-                if at.lumen_hu < dim:
-                    why.append(f"lumen {at.lumen_hu:.0f} HU < {dim:g}")
-        return vessel, why
+        if at is UNMEASURED:
+            at = vessel_at(volume, spacing, region.native_box, detection.calcium) if small > 0 or dim > 0 else None
+        if not isinstance(at, VesselAt):
+            return {"vessel_mm": None, "lumen_hu": None}, why
+        if at.calibre_mm < small:
+            why.append(f"vessel {at.calibre_mm:.1f} mm < {small:g}")
+        if at.lumen_hu < dim:
+            why.append(f"lumen {at.lumen_hu:.0f} HU < {dim:g}")
+        return {"vessel_mm": at.calibre_mm, "lumen_hu": at.lumen_hu}, why
 
     def method_for(self, kernel: str) -> SeriesMethod:
         """How a series reconstructed with ``kernel`` (its ConvolutionKernel) is restored: ``auto`` subtracts where
@@ -523,8 +530,11 @@ class Engine:
             origin = np.array([s.start for s in box])
             local_idx = r.native_indices() - origin
             levels = None if level_image is None else level_image[box]
+            # beside a dim lumen the dim-lumen estimate runs too (the vessel measured as _judge measures it)
+            at = vessel_at(volume, spacing, r.native_box, detection.calcium) if opts.uses_dim() else UNMEASURED
+            dim = at is not UNMEASURED and at is not None and at.lumen_hu < opts.dim_below_hu
             added = [calcium_blur(volume[box], detection.calcium[box], spacing, o, fallback, levels)
-                     for o in opts.estimates()]
+                     for o in opts.estimates(dim)]
             if opts.reach_hu > 0:  # also wherever the calcium's blur reaches past the footprint
                 local_idx = np.unique(np.concatenate([local_idx, *(np.argwhere(a > opts.reach_hu) for a in added)]),
                                       axis=0)
@@ -537,7 +547,7 @@ class Engine:
                 if measured or (opts.combine == "wider" and len(tries) > 1) else None
             enclosure = calcium_enclosure(detection.calcium, spacing, r.native_box) \
                 if opts.combine == "enclosed" and len(tries) > 1 else None
-            which = chosen(tries, level, opts.combine, enclosure is not None and enclosure > opts.enclosed_above)
+            which = chosen(tries, level, opts.combine, enclosure is not None and enclosure > opts.enclosed_above, dim)
             values = restoration_written(tries, which)
             named = {"estimate": _estimate_name(opts, which), "estimate_index": which if len(tries) > 1 else None,
                      "enclosure": enclosure}
@@ -550,7 +560,7 @@ class Engine:
                     second = calcium_removed(volume[box], detection.calcium[box], spacing,
                                              replace(opts, blur=opts.second_blur), fallback, levels)[local]
                     d = lumen_disagreement(values, second, level)
-            vessel, why = self._judge(volume, spacing, r, detection, d, opts.unsure_hu, measure)
+            vessel, why = self._judge(volume, spacing, r, detection, d, opts.unsure_hu, measure, at)
             unsure = bool(why)
             if unsure and self.confidence.unsure_action == "leave":
                 reports.append(RegionReport(r.index, r.lesions, 0, d, True, "left as acquired (unsure)",

@@ -339,10 +339,28 @@ class SubtractOptions:
     # The split estimate reads rings better and small arcs worse; 0.7 was chosen on the tuning studies (the
     # enclosure's median is 0.38 / 0.54 / 0.73 for arcs < 90° / 90-180° / > 180°; reports/tuning/estimate-ensemble.md).
     enclosed_above: float = 0.7
+    # A learnt estimate for the regions whose vessel's lumen (``vessel.vessel_at``'s ``lumen_hu``, the engine's own
+    # measure) is dimmer than ``dim_below_hu``, in place of the first (a region the "enclosed" rule gives the
+    # companion keeps it). Why: beside a dim lumen the reader's edge lies near the wall, and a residue of calcium
+    # as faint as half the lumen's level already reads as lumen (under-call); beside a bright one a voxel of lumen
+    # taken is the larger harm. How much more taking lumen costs than leaving bloom (the estimate's closing weight)
+    # is right for one and wrong for the other: on the tuning studies an estimate trained without that extra cost
+    # read dim lumens 5.8 points off against 6.9, bright ones 5.1 against 3.8, and under 360 HU only 4.89 against
+    # 5.14; held out 6.58 against 6.50, the dim lumens' under-call halved but not their error
+    # (reports/tuning/dim-lumens.md §7). None / 0 = one estimate for every lumen, the default.
+    dim_learnt: LearntExcess | None = None
+    dim_below_hu: float = 0.0
 
     def __post_init__(self) -> None:
         if self.companions and self.learnt is None:
             raise ValueError("further estimates (companions) need a first learnt estimate beside them")
+        if self.dim_learnt is not None and self.learnt is None:
+            raise ValueError("an estimate for dim lumens needs a first learnt estimate for the others")
+        if not 0.0 <= self.dim_below_hu <= 1500.0:
+            raise ValueError(f"dim_below_hu must lie in 0..1500 HU (0 = off), not {self.dim_below_hu}")
+        if self.dim_learnt is not None and self.combine in ("mean", "wider"):
+            raise ValueError(f"an estimate for dim lumens replaces the first: it cannot join combine = "
+                             f"{self.combine!r}")
         if not 0.0 <= self.enclosed_above <= 1.0:
             raise ValueError(f"enclosed_above is a share of directions, 0..1, not {self.enclosed_above}")
         if self.combine not in get_args(EstimateCombine):
@@ -392,20 +410,29 @@ class SubtractOptions:
         if self.learnt is None:
             return "Calcium estimated by the white-level rule."
         first, others = self.learnt.name or "a learnt estimate", [c.name or "another" for c in self.companions]
+        dim = "" if not self.uses_dim() else \
+            f" Beside lumens under {self.dim_below_hu:g} HU, by {self.dim_learnt.name or 'another'} in its place."
         if not others or self.combine == "first":
-            return f"Calcium estimated by the learnt estimate {first}."
+            return f"Calcium estimated by the learnt estimate {first}.{dim}"
         if self.combine == "enclosed":
             return (f"Calcium estimated by the learnt estimate {first}, and by {others[0]} where the detected calcium "
-                    f"encloses the lumen (enclosure above {self.enclosed_above:g}).")
+                    f"encloses the lumen (enclosure above {self.enclosed_above:g}).{dim}")
         listed = ", ".join([first, *others])
         if self.combine == "mean":
             return f"Calcium removed as the mean of the restorations under the learnt estimates {listed}."
         return (f"Calcium removed, region by region, as the restoration under whichever of the learnt estimates "
                 f"{listed} leaves the most lumen.")
 
-    def estimates(self) -> list[SubtractOptions]:
-        """These options once per learnt estimate (the first, then each companion), each subtracting on its own."""
-        return [self] + [replace(self, learnt=c, companions=()) for c in self.companions]
+    def uses_dim(self) -> bool:
+        """Whether regions beside a dim lumen get their own estimate (``dim_learnt`` below ``dim_below_hu``)."""
+        return self.dim_learnt is not None and self.dim_below_hu > 0
+
+    def estimates(self, dim: bool = False) -> list[SubtractOptions]:
+        """These options once per learnt estimate (the first, then each companion, then, for a region beside a dim
+        lumen, ``dim_learnt``), each subtracting on its own."""
+        plain = dict(companions=(), dim_learnt=None, dim_below_hu=0.0)
+        extra = [replace(self, learnt=self.dim_learnt, **plain)] if dim and self.uses_dim() else []
+        return [self] + [replace(self, learnt=c, **plain) for c in self.companions] + extra
 
     def lists(self, kernel: str) -> bool:
         """Whether any of the kernel tables names the series' ConvolutionKernel (an unlisted one gets the defaults)."""

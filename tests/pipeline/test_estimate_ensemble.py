@@ -104,15 +104,21 @@ def test_the_engine_runs_every_estimate_and_measures_their_disagreement(tmp_path
     assert taken["wider"] == taken["first"], "the estimate that takes less lumen away is written"
 
 
-def test_the_config_reads_companions_beside_it(tmp_path):
-    from dicom_node.pipeline.process import engine_id
-
+def _configured(tmp_path, extra: str):
+    """(the config file, its first lines, the config loaded with ``extra`` after them): a subtraction with a first
+    estimate ``first.npz`` and a second, ``second.npz``, that takes more out, beside it in ``tmp_path``."""
     _write(tmp_path / "first.npz")
     _write(tmp_path / "second.npz", last=0.05)
     f = tmp_path / "c.toml"
     base = '[engine]\nmethod = "subtract"\nsubtract_estimate = "first.npz"\n'
-    f.write_text(base + 'subtract_companions = ["second.npz"]\nsubtract_combine = "wider"\n')
-    cfg = load(f)
+    f.write_text(base + extra)
+    return f, base, load(f)
+
+
+def test_the_config_reads_companions_beside_it(tmp_path):
+    from dicom_node.pipeline.process import engine_id
+
+    f, base, cfg = _configured(tmp_path, 'subtract_companions = ["second.npz"]\nsubtract_combine = "wider"\n')
     assert cfg.engine.subtract_companions == [str(tmp_path / "second.npz")]
     opts = cfg.engine.subtract_options()
     assert opts.combine == "wider" and len(opts.companions) == 1 and opts.companions[0].digest != opts.learnt.digest
@@ -180,3 +186,55 @@ def test_enclosed_takes_the_companions_restoration_only_where_the_calcium_enclos
         assert row["estimate"] == expect and row["enclosure"] == round(result.reports[0].enclosure, 2)
     with pytest.raises(ValueError, match="enclosed_above"):
         SubtractOptions(learnt=first, companions=(more,), combine="enclosed", enclosed_above=1.5)
+
+
+def test_a_region_beside_a_dim_lumen_takes_the_dim_lumen_estimate(tmp_path):
+    """``dim_learnt`` restores the regions whose vessel's lumen the engine measures under ``dim_below_hu`` in the
+    first estimate's place, and only those (a bright lumen's region runs the first alone); a region the "enclosed"
+    rule gives the companion keeps it; the report names the estimate and the level that chose it."""
+    from tests.pipeline.test_subtract import _tube
+
+    first = LearntExcess.load(_write(tmp_path / "first.npz"))
+    more = LearntExcess.load(_write(tmp_path / "more.npz", last=0.05))
+    dim_opts = SubtractOptions(learnt=first, dim_learnt=more, dim_below_hu=360.0)
+    for level, expect in ((280.0, "more"), (500.0, "first")):
+        acquired, _ = _tube(3.0, level)
+        out = {}
+        for name, opts in (("first", SubtractOptions(learnt=first)), ("more", SubtractOptions(learnt=more)),
+                           ("dim", dim_opts)):
+            out[name] = acquired.copy()
+            result = _run(out[name], opts)
+        assert not np.array_equal(out["first"], out["more"])
+        assert np.array_equal(out["dim"], out[expect]), level
+        (report,) = result.reports
+        assert report.estimate == expect and report.estimate_index == (1 if expect == "more" else None)
+        assert report.lumen_hu == pytest.approx(level, abs=40.0), "measured for the choice, and reported"
+    level = np.full(6, 400.0)
+    tries = [np.zeros(6, np.float32)] * 3  # the first, the enclosed companion, the dim-lumen estimate
+    assert chosen(tries, level, "enclosed", enclosed=False, dim=True) == 2
+    assert chosen(tries, level, "enclosed", enclosed=True, dim=True) == 1, "an enclosing ring keeps the companion"
+    assert chosen(tries[:2], level, "first", dim=True) == 1 and chosen(tries[:1], level, "first") == 0
+    assert dim_opts.estimate_text() == ("Calcium estimated by the learnt estimate first. Beside lumens under 360 HU, "
+                                        "by more in its place.")
+    assert len(dim_opts.estimates()) == 1 and dim_opts.estimates(dim=True)[1].learnt is more
+    assert not SubtractOptions(learnt=first, dim_learnt=more).uses_dim(), "no threshold: off"
+    with pytest.raises(ValueError, match="dim lumens needs a first"):
+        SubtractOptions(dim_learnt=more, dim_below_hu=300.0)
+    with pytest.raises(ValueError, match="cannot join"):
+        SubtractOptions(learnt=first, dim_learnt=more, dim_below_hu=300.0, combine="mean")
+    with pytest.raises(ValueError, match="dim_below_hu"):
+        SubtractOptions(learnt=first, dim_learnt=more, dim_below_hu=-1.0)
+
+
+def test_the_config_reads_the_dim_lumen_estimate(tmp_path):
+    from dicom_node.pipeline.process import engine_id
+
+    f, base, cfg = _configured(tmp_path, 'subtract_dim_estimate = "second.npz"\nsubtract_dim_lumen_hu = 360.0\n')
+    assert cfg.engine.subtract_dim_estimate == str(tmp_path / "second.npz")
+    opts = cfg.engine.subtract_options()
+    assert opts.uses_dim() and opts.dim_below_hu == 360.0 and opts.dim_learnt.digest != opts.learnt.digest
+    f.write_text(base)
+    assert engine_id(load(f)) != engine_id(cfg), "the dim-lumen estimate is part of what made the output"
+    f.write_text(base + 'subtract_dim_estimate = "nowhere.npz"\nsubtract_dim_lumen_hu = 360.0\n')
+    with pytest.raises(ConfigError, match="nowhere.npz"):
+        load(f)

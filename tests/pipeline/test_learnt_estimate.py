@@ -211,13 +211,17 @@ def test_the_estimate_is_read_once_and_again_when_the_file_is_replaced(tmp_path)
     assert second is not first and second.digest != first.digest
 
 
-@pytest.mark.parametrize("name, away, ceiling", [("calcium_excess.npz", 0.0, 0.0), ("calcium_excess_ref.npz", 2.0, 0.0),
-                                                 ("calcium_excess_split.npz", 2.0, 100.0)])
-def test_the_shipped_estimate_takes_the_bloom_out_and_leaves_far_voxels_alone(name, away, ceiling):
+@pytest.mark.parametrize("name, away, ceiling, of_rule, of_before", [
+    ("calcium_excess.npz", 0.0, 0.0, 0.75, 0.2), ("calcium_excess_ref.npz", 2.0, 0.0, 0.75, 0.2),
+    ("calcium_excess_split.npz", 2.0, 100.0, 0.75, 0.2),
+    # made for dim lumens (engine.subtract_dim_estimate): this ring's lumen is 400 HU, and it takes more out
+    ("calcium_excess_dim.npz", 2.0, 0.0, 0.9, 0.25)])
+def test_the_shipped_estimate_takes_the_bloom_out_and_leaves_far_voxels_alone(name, away, ceiling, of_rule,
+                                                                              of_before):
     """``engines/calcium_excess*.npz`` (model card: engines/MODEL_CARD.md): under a soft kernel's ring, where
     the rule leaves the flank at lumen brightness, each comes closer to the calcium-free scan than the rule;
     the second and third measure their levels 2 mm from the calcium, the third sharpens by the split, each as
-    it was trained."""
+    it was trained (the fourth, for dim lumens, as the second)."""
     from dicom_node.config import REPO
 
     learnt = LearntExcess.load(REPO / "engines" / name)
@@ -233,7 +237,7 @@ def test_the_shipped_estimate_takes_the_bloom_out_and_leaves_far_voxels_alone(na
         rmse[name] = float(np.sqrt(np.mean((out[near] - truth[near]) ** 2)))
         assert np.abs(out[far] - acquired[far]).max() < 2.0
     before = float(np.sqrt(np.mean((acquired[near] - truth[near]) ** 2)))
-    assert rmse["learnt"] < 0.75 * rmse["rule"] and rmse["learnt"] < 0.2 * before, (before, rmse)
+    assert rmse["learnt"] < of_rule * rmse["rule"] and rmse["learnt"] < of_before * before, (before, rmse)
 
 
 def test_an_estimate_that_reads_the_vessels_calibre(tmp_path):
