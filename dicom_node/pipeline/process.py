@@ -132,13 +132,22 @@ def engine_id(cfg: Config, kernel: str | None = None) -> str:
     return f"{made}-detect-{hashlib.sha256(named.encode()).hexdigest()[:8]}"
 
 
+def _described(options: SubtractOptions) -> str:
+    """The subtraction's options as its output's id hashes them: their repr, less the dim-lumen estimate's fields
+    while they are at their defaults (None, 0), so the outputs made before those fields existed keep their ids."""
+    text = repr(options)
+    if options.dim_learnt is None and options.dim_below_hu == 0.0:
+        text = text.replace(", dim_learnt=None, dim_below_hu=0.0", "")
+    return text
+
+
 def _engine_id(cfg: Config, method: str, options: SubtractOptions | None) -> str:
     """:func:`engine_id` without the detection: what restored the series (``method``, auto's choice for it where
     it has a kernel) and the subtraction's options where they were built for that choice."""
     if method == "network":  # the model file alone: no subtraction settings to build
         return model_file_id(cfg.engine.model)
     options = cfg.engine.subtract_options() if options is None else options
-    subtract = "subtract-" + hashlib.sha256(repr(options).encode()).hexdigest()[:10]
+    subtract = "subtract-" + hashlib.sha256(_described(options).encode()).hexdigest()[:10]
     if method == "subtract":
         return subtract
     return "auto-" + hashlib.sha256(f"{model_file_id(cfg.engine.model)}+{subtract}".encode()).hexdigest()[:10]

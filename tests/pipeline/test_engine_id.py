@@ -23,3 +23,19 @@ def test_the_detection_rules_name_the_output(tmp_path):
     assert len({plain, sharp, level}) == 3
     network = engine_id(_config(tmp_path, "network", "", method="network"))
     assert engine_id(_config(tmp_path, "net-650", "threshold_hu = 650.0", method="network")) != network
+
+
+def test_a_subtractions_id_stands_until_a_setting_changes_its_output(tmp_path):
+    """The subtraction's options name its output, but options added later at their defaults must not rename the
+    outputs made before them: the plain subtraction's id as recorded before the dim-lumen estimate existed
+    (issue 16's thirty-second session; it changes only when a setting of the subtraction changes what it writes)."""
+    from dicom_node.config import REPO
+
+    plain = engine_id(_config(tmp_path, "plain", ""))
+    assert plain == "subtract-20fa9e87f2"
+    dim = REPO / "engines" / "calcium_excess_dim.npz"
+    first = REPO / "engines" / "calcium_excess_ref.npz"
+    alone = engine_id(_config(tmp_path, "ref", f'subtract_estimate = "{first}"'))
+    used = engine_id(_config(tmp_path, "dim", f'subtract_estimate = "{first}"\nsubtract_dim_estimate = "{dim}"\n'
+                                               "subtract_dim_lumen_hu = 360.0"))
+    assert used != alone and alone != plain
