@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="which lesions, by what base's engine reported for the regions reaching them")
     sp.add_argument("--vessel-mm", type=float, help="small-vessel: calibre under this (default: the node's "
                     "unsure_vessel_mm default)")
+    sp.add_argument("--lumen-hu", type=float, default=0.0, help="dim-lumen: the engine's measured lumen level under "
+                    "this (HU; a base run that recorded it)")
     sp.add_argument("--out", required=True, help="where the spliced experiment2v2.json goes (for compare)")
     cal = sub.add_parser("calibration", help="the world's blooming against the issue's 2D check, XCIST and the gate")
     calibration.add_arguments(cal)

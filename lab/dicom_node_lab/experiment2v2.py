@@ -931,13 +931,14 @@ def by_lumen_report(args: argparse.Namespace) -> int:
 
 
 # What ``splice`` can pick a lesion by: what the node reported for the regions that reach it.
-SPLICE_WHERE = ("unsure", "sharpened-only", "small-vessel")
+SPLICE_WHERE = ("unsure", "sharpened-only", "small-vessel", "dim-lumen")
 
 
-def spliced_where(r: dict, where: str, vessel_mm: float) -> bool:
+def spliced_where(r: dict, where: str, vessel_mm: float, lumen_hu: float = 0.0) -> bool:
     """Whether ``splice`` takes lesion row ``r``'s processed readings from elsewhere: ``"unsure"`` (a region that
     reaches it was flagged), ``"sharpened-only"`` (one holds calcium only the sharpened image found),
-    ``"small-vessel"`` (the smallest calibre the engine measured there is under ``vessel_mm``)."""
+    ``"small-vessel"`` (the smallest calibre the engine measured there is under ``vessel_mm``), ``"dim-lumen"``
+    (the dimmest lumen it measured there, ``vessel.vessel_at``, is under ``lumen_hu``)."""
     if where == "unsure":
         return bool(r.get("unsure"))
     if where == "sharpened-only":
@@ -946,13 +947,17 @@ def spliced_where(r: dict, where: str, vessel_mm: float) -> bool:
         return any(w.endswith(SHARPENED_ONLY_REASON) for w in r.get("why") or [])
     if where == "small-vessel":
         return r.get("vessel_mm") is not None and r["vessel_mm"] < vessel_mm
+    if where == "dim-lumen":
+        return r.get("lumen_hu") is not None and r["lumen_hu"] < lumen_hu
     raise ValueError(f"splice: where must be one of {', '.join(SPLICE_WHERE)}, not {where!r}")
 
 
-def splice(base: list[dict], other: list[dict] | None, where: str, vessel_mm: float | None = None) -> list[dict]:
+def splice(base: list[dict], other: list[dict] | None, where: str, vessel_mm: float | None = None,
+           lumen_hu: float = 0.0) -> list[dict]:
     """``base``'s lesion rows, with the processed readings of ``other`` (a run on the same studies; None: the
     original's, i.e. left as acquired) at the lesions ``spliced_where`` picks from ``base``'s own report
-    (``vessel_mm``: the small-vessel line; None: the node's unsure flag's default).
+    (``vessel_mm``: the small-vessel line; None: the node's unsure flag's default; ``lumen_hu``: the dim-lumen
+    line, which needs a base run that recorded the lumen's level).
 
     Why: whether a region should be restored another way (another estimate, the rule, not at all) where the
     node reports something about it is a question of readings the two runs already hold; asking it of the
@@ -968,7 +973,7 @@ def splice(base: list[dict], other: list[dict] | None, where: str, vessel_mm: fl
     out = []
     for r in base:
         row = dict(r)
-        if spliced_where(r, where, vessel_mm):
+        if spliced_where(r, where, vessel_mm, lumen_hu):
             src = r if by_key is None else by_key.get(_lesion_key(r))
             if src is None:
                 raise ValueError(f"splice: lesion {_lesion_key(r)} is not in the other run (not the same studies?)")
@@ -982,11 +987,12 @@ def splice(base: list[dict], other: list[dict] | None, where: str, vessel_mm: fl
 def splice_report(args: argparse.Namespace) -> int:
     """``evaluate.py splice``: writes the spliced rows as an experiment2v2.json that ``compare`` reads."""
     spliced = splice(run_lesions(args.base, "splice"),
-                     run_lesions(args.source, "splice") if args.source else None, args.where, args.vessel_mm)
+                     run_lesions(args.source, "splice") if args.source else None, args.where, args.vessel_mm,
+                     args.lumen_hu)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"spliced": {"base": args.base, "from": args.source or "original", "where": args.where,
-                                           "vessel_mm": args.vessel_mm},
+                                           "vessel_mm": args.vessel_mm, "lumen_hu": args.lumen_hu},
                                "lesions": spliced}, indent=0))
     n = sum(1 for r in spliced if r.get("spliced"))
     print(f"{n} of {len(spliced)} lesions took {'the other run' if args.source else 'the original'}'s readings "

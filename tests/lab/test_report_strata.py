@@ -153,6 +153,9 @@ def test_splice_takes_the_other_readings_only_where_the_node_reported_what_was_a
     assert [r.get("spliced", False) for r in experiment2v2.splice(base, other, "unsure")][:3] == [True, True, False]
     small = experiment2v2.splice(base, other, "small-vessel", vessel_mm=2.3)
     assert [r.get("spliced", False) for r in small][:3] == [True, False, False]
+    base[0]["lumen_hu"], base[1]["lumen_hu"] = 300.0, 420.0  # the engine's measure (vessel_at); base[2] has none
+    dim = experiment2v2.splice(base, other, "dim-lumen", lumen_hu=360.0)
+    assert [r.get("spliced", False) for r in dim][:3] == [True, False, False]
     acquired = experiment2v2.splice(base, None, "unsure")
     assert acquired[1]["processed@100"] == base[1]["original@100"] == 52.0
     assert base[1]["processed@100"] == 42.0  # the base rows themselves are not changed
