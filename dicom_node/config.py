@@ -531,15 +531,10 @@ def load(path: str | Path | None = None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: {exc}") from None
     _apply(cfg, data, p.name)
-    estimate = Path(cfg.engine.subtract_estimate)
-    if cfg.engine.subtract_estimate and not estimate.is_absolute():  # before the check, which reads it
-        cfg.engine.subtract_estimate = str((p.parent / estimate).resolve())
-    if cfg.engine.subtract_dim_estimate and not Path(cfg.engine.subtract_dim_estimate).is_absolute():
-        cfg.engine.subtract_dim_estimate = str((p.parent / cfg.engine.subtract_dim_estimate).resolve())
-    if cfg.engine.detect_learnt and not Path(cfg.engine.detect_learnt).is_absolute():
-        cfg.engine.detect_learnt = str((p.parent / cfg.engine.detect_learnt).resolve())
-    cfg.engine.subtract_companions = [c if Path(c).is_absolute() else str((p.parent / c).resolve())
-                                      for c in cfg.engine.subtract_companions]
+    e = cfg.engine  # the learnt files, before the check, which reads them
+    e.subtract_estimate, e.subtract_dim_estimate, e.detect_learnt = (
+        _beside(p.parent, f) for f in (e.subtract_estimate, e.subtract_dim_estimate, e.detect_learnt))
+    e.subtract_companions = [_beside(p.parent, c) for c in e.subtract_companions]
     check(cfg)
     model = Path(cfg.engine.model)
     if not model.is_absolute():
@@ -549,7 +544,11 @@ def load(path: str | Path | None = None) -> Config:
         cfg.spool.dir = str((p.parent / spool).resolve())
     for holder in (cfg.node.tls, cfg.http, *cfg.destinations):  # certificates and keys, like the model
         for key in ("cert", "key", "ca"):
-            value = getattr(holder, key, "")
-            if value and not Path(value).is_absolute():
-                setattr(holder, key, str((p.parent / value).resolve()))
+            if hasattr(holder, key):
+                setattr(holder, key, _beside(p.parent, getattr(holder, key)))
     return cfg
+
+
+def _beside(folder: Path, value: str) -> str:
+    """A file the config names, a relative path taken from the config file's ``folder`` ("" stays unset)."""
+    return value if not value or Path(value).is_absolute() else str((folder / value).resolve())

@@ -530,9 +530,13 @@ class Engine:
             origin = np.array([s.start for s in box])
             local_idx = r.native_indices() - origin
             levels = None if level_image is None else level_image[box]
-            # beside a dim lumen the dim-lumen estimate runs too (the vessel measured as _judge measures it)
+            # the calcium's shape decides before the estimates run: an enclosing region takes the companion's
+            enclosure = calcium_enclosure(detection.calcium, spacing, r.native_box) \
+                if opts.combine == "enclosed" and opts.companions else None
+            enclosed = enclosure is not None and enclosure > opts.enclosed_above
+            # ... else, beside a dim lumen, the dim-lumen estimate runs too (the vessel measured as _judge measures it)
             at = vessel_at(volume, spacing, r.native_box, detection.calcium) if opts.uses_dim() else UNMEASURED
-            dim = at is not UNMEASURED and at is not None and at.lumen_hu < opts.dim_below_hu
+            dim = not enclosed and isinstance(at, VesselAt) and at.lumen_hu < opts.dim_below_hu
             added = [calcium_blur(volume[box], detection.calcium[box], spacing, o, fallback, levels)
                      for o in opts.estimates(dim)]
             if opts.reach_hu > 0:  # also wherever the calcium's blur reaches past the footprint
@@ -545,9 +549,7 @@ class Engine:
             # the reader's lumen level: for "wider" and a disagreement only (not for "first", "mean" or "enclosed")
             level = lumen_level_at(volume[box], spacing, local_idx) \
                 if measured or (opts.combine == "wider" and len(tries) > 1) else None
-            enclosure = calcium_enclosure(detection.calcium, spacing, r.native_box) \
-                if opts.combine == "enclosed" and len(tries) > 1 else None
-            which = chosen(tries, level, opts.combine, enclosure is not None and enclosure > opts.enclosed_above, dim)
+            which = chosen(tries, level, opts.combine, enclosed, dim)
             values = restoration_written(tries, which)
             named = {"estimate": _estimate_name(opts, which), "estimate_index": which if len(tries) > 1 else None,
                      "enclosure": enclosure}

@@ -16,6 +16,7 @@ reports/experiment2v2.md, .json and the ten worst lesions' strips (experiment2v2
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import tempfile
 import time
@@ -770,19 +771,16 @@ def flag_grid(rows: list[dict], disagreements: list[float], vessels: list[float]
     measured them (confidence on, a positive threshold and ``unsure_vessel_mm`` above 0)."""
     calcified = [r for r in rows if r.get("stratum") == CALCIFIED]
     out = []
-    for d in disagreements:
-        for v in vessels:
-            for f in faint:
-                for lv in lumens:
-                    def unsure(r: dict, d: float = d, v: float = v, f: float = f, lv: float = lv) -> bool:
-                        sharpened = any("sharpened" in why for why in r.get("why") or ())
-                        doubted = r.get("disagreement_hu") is not None and r["disagreement_hu"] > d
-                        small = r.get("vessel_mm") is not None and r["vessel_mm"] < v
-                        faint_ = r.get("measured_contrast_hu") is not None and r["measured_contrast_hu"] < f
-                        dim = r.get("lumen_hu") is not None and r["lumen_hu"] < lv
-                        return sharpened or doubted or small or faint_ or dim
-                    out.append({"disagreement": d, "vessel_mm": v, "faint_hu": f, "lumen_hu": lv,
-                                **_flag_set(calcified, unsure, white)})
+    for d, v, f, lv in itertools.product(disagreements, vessels, faint, lumens):
+        def unsure(r: dict, d: float = d, v: float = v, f: float = f, lv: float = lv) -> bool:
+            sharpened = any("sharpened" in why for why in r.get("why") or ())
+            doubted = r.get("disagreement_hu") is not None and r["disagreement_hu"] > d
+            small = r.get("vessel_mm") is not None and r["vessel_mm"] < v
+            faint_ = r.get("measured_contrast_hu") is not None and r["measured_contrast_hu"] < f
+            dim = r.get("lumen_hu") is not None and r["lumen_hu"] < lv
+            return sharpened or doubted or small or faint_ or dim
+        out.append({"disagreement": d, "vessel_mm": v, "faint_hu": f, "lumen_hu": lv,
+                    **_flag_set(calcified, unsure, white)})
     return out
 
 
