@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     rw.add_argument("report", help="experiment2v2.json")
     cmp = sub.add_parser("compare", help="experiment2v2 runs side by side, each paired against the first")
     cmp.add_argument("reports", nargs="+", help="runs on the same studies, each its --report-dir or its "
-                     "experiment2v2.json (the first: reference)")
+                     "experiment2v2.json (the first: reference); A+B reads two runs as one, e.g. two held-out sets "
+                     "pooled")
     bl = sub.add_parser("by-lumen", help="experiment2v2 runs' calcified lesions by their true lumen level (and the "
                         "oracle images where a run read them)")
     bl.add_argument("reports", nargs="+", help="runs, each its --report-dir or its experiment2v2.json")

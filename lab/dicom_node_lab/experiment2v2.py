@@ -816,10 +816,14 @@ def _lesion_key(r: dict) -> tuple:
 
 def paired_change(base: list[dict], other: list[dict], white: float = PRIMARY_WHITE) -> dict:
     """Lesion by lesion, how much closer to the truth image ``other`` reads than ``base`` (calcified lesions
-    read in both): the mean change in absolute error and its bootstrap 95 % interval.
+    read in both): the mean change in absolute error and its bootstrap 95 % interval, over lesions (``ci``) and
+    over studies (``ci_studies``: whole studies resampled).
 
     Two settings run on the same studies read the same lesions; their errors are correlated, so the paired
     interval is far narrower than the two runs' own intervals, and it is what says whether a setting helped.
+    Why the second interval: the lesions of one study share its kernel, noise draw and motion, so they do not
+    vary independently, and an interval that treats them so can be too narrow; the decision between two
+    settings should still hold when whole studies are resampled.
     """
     w = f"{white:g}"
     ok = lambda r: r["stratum"] == CALCIFIED and all(r[f"{n}@{w}"] is not None for n in ("processed", "truth"))  # noqa: E731
@@ -829,13 +833,33 @@ def paired_change(base: list[dict], other: list[dict], white: float = PRIMARY_WH
         return {"n": 0}
     err = lambda r: abs(r[f"processed@{w}"] - r[f"truth@{w}"])  # noqa: E731
     d = np.array([err(o) - err(b) for b, o in pairs])
+    studies = np.unique([(str(b.get("seed")), b["study"]) for b, _ in pairs], axis=0, return_inverse=True)[1]
     return {"n": len(pairs), "mean": float(d.mean()), "ci": _bootstrap_ci(d, np.mean),
+            "ci_studies": _cluster_bootstrap_ci(d, studies.ravel()), "studies": int(studies.max()) + 1,
             "better": int((d < -1.0).sum()), "worse": int((d > 1.0).sum())}
+
+
+def _cluster_bootstrap_ci(values: np.ndarray, cluster: np.ndarray, n: int = 2000, seed: int = 0
+                          ) -> tuple[float, float]:
+    """The 95 % interval of ``values``' mean when whole clusters (``cluster``: 0..k-1 per value) are resampled."""
+    rng = np.random.default_rng(seed)
+    k = int(cluster.max()) + 1
+    sums, counts = np.bincount(cluster, values, k), np.bincount(cluster, minlength=k).astype(float)
+    draws = rng.integers(k, size=(n, k))
+    means = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+# Joins runs into one in ``run_lesions``: held-out sets read under the same two settings, pooled for one paired
+# figure (their lesions are told apart by their volume seeds).
+POOL = "+"
 
 
 def run_lesions(name: str, tool: str) -> list[dict]:
     """The lesion rows of a run named by its ``--report-dir`` or its experiment2v2.json (``tool`` names the
-    command in the refusal)."""
+    command in the refusal); several such names joined by ``POOL`` read as one run (their rows together)."""
+    if POOL in name:
+        return [r for part in name.split(POOL) for r in run_lesions(part, tool)]
     path = Path(name) / "experiment2v2.json" if Path(name).is_dir() else Path(name)
     if not path.is_file():
         raise SystemExit(f"{tool}: {name}: no experiment2v2.json there (a run's --report-dir or its json)")
@@ -848,7 +872,8 @@ def compare_report(args: argparse.Namespace) -> int:
     kernels = sorted({r["kernel"] for _, rows in runs for r in rows if r["stratum"] == CALCIFIED})
     w = f"{PRIMARY_WHITE:g}"
     print(f"Calcified lesions against the truth image at lumen + {w} HU; kernels: MAE (bias); paired: change in "
-          "absolute error lesion by lesion against the first run, bootstrap 95 % interval (negative: closer).\n")
+          "absolute error lesion by lesion against the first run, bootstrap 95 % interval over lesions and over "
+          f"whole studies (negative: closer). Runs joined by {POOL} read as one (held-out sets pooled).\n")
     print("| run | calcified | MAE (bias) | MAE @200 | " + " | ".join(kernels)
           + " | severe made @100 / @200 | calcium-free moved | paired |")
     print("|---|---:|---|---:|" + "---|" * len(kernels) + "---|---:|---|")
@@ -864,7 +889,9 @@ def compare_report(args: argparse.Namespace) -> int:
             pair = "(reference)"
         else:
             c = paired_change(runs[0][1], rows)
-            pair = "-" if not c["n"] else (f"{c['mean']:+.2f} [{c['ci'][0]:+.2f}, {c['ci'][1]:+.2f}], "
+            pair = "-" if not c["n"] else (f"{c['mean']:+.2f} [{c['ci'][0]:+.2f}, {c['ci'][1]:+.2f}] "
+                                           f"(studies resampled [{c['ci_studies'][0]:+.2f}, "
+                                           f"{c['ci_studies'][1]:+.2f}]), "
                                            f"{c['better']} better / {c['worse']} worse by > 1 point")
         head, second = cells[0], cells[1] if len(cells) > 1 else None
         print(f"| {name} | {0 if head is None else head['n']} | "

@@ -137,6 +137,35 @@ def test_compare_pairs_the_same_lesions_and_says_which_way_they_moved(tmp_path, 
         evaluate.main(["compare", paths[0], str(tmp_path / "nothing")])
 
 
+def test_compare_pools_held_out_sets_joined_by_plus_and_resamples_whole_studies(tmp_path, capsys):
+    """Two held-out sets read under the same two settings pool into one paired figure (``A+B``); the second
+    interval resamples whole studies, whose lesions share a kernel and a noise draw."""
+    second = [dict(r, study=r["study"].replace("1-", "2-"), seed=2) for r in ROWS]
+    base, other = ROWS + second, [dict(r) for r in ROWS + second]
+    other[0] = _row(0, "standard", 1.0, 0.0)  # 4 points closer in the first set
+    other[len(ROWS)] = dict(_row(0, "standard", 1.0, 0.0), study="2-0", seed=2)  # and in the second
+    change = experiment2v2.paired_change(base, other)
+    assert change["n"] == 12 and change["studies"] == 12 and change["better"] == 2
+    assert abs(change["mean"] - (-8.0 / 12)) < 1e-9
+    assert change["ci_studies"][0] <= change["mean"] <= change["ci_studies"][1]
+    # a study of one lesion each: the same draws as the lesions' own interval; all lesions in one study: the
+    # resampled studies always hold all of them, so the interval closes on the mean
+    single = experiment2v2.paired_change(ROWS, other[:len(ROWS)])
+    assert single["ci_studies"] == pytest.approx(single["ci"])
+    one = experiment2v2.paired_change([dict(r, study="1-0", vessel=i) for i, r in enumerate(ROWS)],
+                                      [dict(r, study="1-0", vessel=i) for i, r in enumerate(other[:len(ROWS)])])
+    assert one["studies"] == 1 and one["ci_studies"] == pytest.approx((one["mean"], one["mean"]))
+    paths = {}
+    for name, rows in (("a1", ROWS), ("a2", second), ("b1", other[:len(ROWS)]), ("b2", other[len(ROWS):])):
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps({"lesions": rows}))
+    assert evaluate.main(["compare", f"{paths['a1']}+{paths['a2']}", f"{paths['b1']}+{paths['b2']}"]) == 0
+    out = capsys.readouterr().out
+    assert "| 12 |" in out and "-0.67 [" in out and "studies resampled" in out and "2 better / 0 worse" in out
+    with pytest.raises(SystemExit, match="no experiment2v2.json"):
+        evaluate.main(["compare", f"{paths['a1']}+{tmp_path / 'nothing'}", str(paths["b1"])])
+
+
 def test_splice_takes_the_other_readings_only_where_the_node_reported_what_was_asked(tmp_path, capsys):
     """``evaluate.py splice``: a region-level option asked of two runs' readings. Only the lesions the base run's
     report picks change; without ``--from`` they read as acquired; a lesion the other run lacks is refused."""
