@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     fg.add_argument("--lumen", type=float, nargs="+", default=[0.0], metavar="HU",
                     help="thresholds on the engine's measured lumen level to try (unsure_lumen_hu; 0: not used)")
     sc = sub.add_parser("safety-cases", help="the lesions behind an experiment2v2 report's safety figures")
-    sc.add_argument("report", help="experiment2v2.json")
+    sc.add_argument("report", help="experiment2v2.json or its --report-dir (A+B: runs pooled)")
     rw = sub.add_parser("rewrite", help="write an experiment2v2 report again from its JSON (today's strata, no rerun)")
     rw.add_argument("report", help="experiment2v2.json")
     cmp = sub.add_parser("compare", help="experiment2v2 runs side by side, each paired against the first")

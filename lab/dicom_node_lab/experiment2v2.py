@@ -1055,8 +1055,7 @@ def safety_cases(rows: list[dict]) -> list[dict]:
 
 def safety_cases_report(args: argparse.Namespace) -> int:
     """``evaluate.py safety-cases``: the lesions behind a report's safety figures, as a Markdown table."""
-    rows = json.loads(Path(args.report).read_text())["lesions"]
-    cases = safety_cases(rows)
+    cases = safety_cases(run_lesions(args.report, "safety-cases"))
     print(f"{args.report}: {len(cases)} lesions behind the safety figures (readings: original / processed / truth "
           "image, at + 100 and + 200 HU)\n")
     print("| study | vessel, lesion | type | kernel | vessel mm | geometric % | arc ° | mg HA/cm³ | motion mm "

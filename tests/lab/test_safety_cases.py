@@ -7,7 +7,9 @@ them would be the wrong ones.
 
 from __future__ import annotations
 
-from dicom_node_lab import experiment2v2
+import json
+
+from dicom_node_lab import evaluate, experiment2v2
 
 
 def _row(i, kind, geometric, original, processed, truth, original_200=None, processed_200=None):
@@ -50,3 +52,18 @@ def test_safety_cases_carry_what_the_engine_said():
     rows = [dict(ROWS[0], unsure=True, why=said), ROWS[3]]
     cases = experiment2v2.safety_cases(rows)
     assert [c["engine_why"] for c in cases] == [said, []]
+
+
+def test_safety_cases_read_a_run_by_its_folder_and_pool_runs(tmp_path, capsys):
+    """``evaluate.py safety-cases`` takes a run as every other lab command does (its ``--report-dir`` or its
+    JSON, ``A+B`` for runs pooled), so a held-out set's safety lesions and two sets' together come from one line."""
+    first, second = tmp_path / "first", tmp_path / "second.json"
+    first.mkdir()
+    (first / "experiment2v2.json").write_text(json.dumps({"lesions": ROWS}))
+    moved = [dict(r, study=r["study"].replace("1-", "2-")) for r in ROWS]
+    second.write_text(json.dumps({"lesions": moved}))
+    alone = len(experiment2v2.safety_cases(ROWS))
+    assert evaluate.main(["safety-cases", str(first)]) == 0
+    assert f"{alone} lesions behind the safety figures" in capsys.readouterr().out
+    assert evaluate.main(["safety-cases", f"{first}+{second}"]) == 0
+    assert f"{2 * alone} lesions behind the safety figures" in capsys.readouterr().out
