@@ -76,6 +76,9 @@ def test_a_report_is_written_again_from_its_json(tmp_path):
     path.write_text(json.dumps(dict(res, seed=experiment2v2.EXP2V2_THIRD_SEED)))
     assert evaluate.main(["rewrite", str(path)]) == 0
     assert "7 third held-out studies of the world" in (tmp_path / "experiment2v2.md").read_text()
+    path.write_text(json.dumps(dict(res, seed=experiment2v2.EXP2V2_FOURTH_SEED)))
+    assert evaluate.main(["rewrite", str(path)]) == 0
+    assert "7 fourth held-out studies of the world" in (tmp_path / "experiment2v2.md").read_text()
 
 
 def test_lesions_are_also_split_by_what_the_node_tells_the_radiologist():
