@@ -58,11 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     e3 = sub.add_parser("experiment2v2", help="the calibrated world: calcified stenoses before and after, by stratum")
     experiment2v2.add_arguments(e3)
     th = sub.add_parser("thresholds", help="the unsure flag at other thresholds, from an experiment2v2 report's JSON")
-    th.add_argument("report", help="experiment2v2.json of a run with engine.confidence on")
+    th.add_argument("report", help="experiment2v2.json (or its --report-dir; A+B: runs pooled) of a run with "
+                    "engine.confidence on")
     th.add_argument("--at", type=float, nargs="+", required=True, metavar="HU", help="thresholds to try")
     th.add_argument("--large", type=float, default=10.0, help="an error over this many points is large")
     fg = sub.add_parser("flag-grid", help="issue 16's goals on the restorations called sure, under other unsure flags")
-    fg.add_argument("report", help="experiment2v2.json of a run that measured the disagreement and the calibre")
+    fg.add_argument("report", help="experiment2v2.json (or its --report-dir; A+B: runs pooled) of a run that "
+                    "measured the disagreement and the calibre")
     fg.add_argument("--disagreement", type=float, nargs="+", default=[float("inf")], metavar="HU",
                     help="disagreement thresholds to try (inf: not used)")
     fg.add_argument("--vessel", type=float, nargs="+", required=True, metavar="MM",

@@ -690,7 +690,7 @@ def at_thresholds(rows: list[dict], thresholds: list[float], white: float = PRIM
 
 def thresholds_report(args: argparse.Namespace) -> int:
     """``evaluate.py thresholds``: the unsure flag at several thresholds, as a Markdown table."""
-    rows = json.loads(Path(args.report).read_text())["lesions"]
+    rows = run_lesions(args.report, "thresholds")
     calcified = [r for r in rows if r.get("stratum") == CALCIFIED]
     auc = ranking_auc(calcified, large=args.large)
     print(f"{args.report}, calcified lesions with a disagreement, lumen + {PRIMARY_WHITE:g} HU, "
@@ -799,7 +799,7 @@ def _goal_cells(g: dict, share: bool = True) -> str:
 
 def flag_grid_report(args: argparse.Namespace) -> int:
     """``evaluate.py flag-grid``: the goals on the restorations called sure under each flag, as a Markdown table."""
-    rows = json.loads(Path(args.report).read_text())["lesions"]
+    rows = run_lesions(args.report, "flag-grid")
     print(f"{args.report}: calcified lesions reached by a region, lumen + {PRIMARY_WHITE:g} HU against the truth "
           "image; sure = not flagged (calcium found only in the sharpened image always flags). Goals: MAE <= 4, "
           "bias within 2, CAD-RADS >= 85 %, kappa >= 0.8, sensitivity / specificity for >= 50 % >= 95 / 90 %, "

@@ -6,7 +6,9 @@ so the recomputation must agree with what the engine's own flag reported at its 
 
 from __future__ import annotations
 
-from dicom_node_lab import experiment2v2
+import json
+
+from dicom_node_lab import evaluate, experiment2v2
 
 
 def _row(disagreement, processed, truth, original=50.0, geometric=30.0, stratum="calcified"):
@@ -157,3 +159,18 @@ def test_a_regions_calcium_contrast_is_its_brightest_calcium_over_the_lumen_beyo
         assert abs(contrasts[calcium_hu] - (acquired[calcium].max() - 400.0)) < 60.0
         assert experiment2v2.calcium_contrast(acquired, SPACING, box, np.zeros(shape, bool)) is None
     assert 100.0 < contrasts[700.0] < contrasts[1000.0] - 150.0, contrasts
+
+
+def test_the_flag_grid_reads_runs_by_folder_and_pooled(tmp_path, capsys):
+    """``evaluate.py flag-grid`` takes a run's ``--report-dir`` and ``A+B`` (held-out sets pooled) as the other
+    lab commands do: the sure restorations of two sets together are the two sets' sure restorations."""
+    rows = [_lesion(50.0, 50.0, False, vessel=3.5, disagreement=20.0),
+            _lesion(80.0, 30.0, True, vessel=2.6, disagreement=20.0, original=60.0, geometric=30.0)]
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, study in ((first, "1-0"), (second, "2-0")):
+        folder.mkdir()
+        (folder / "experiment2v2.json").write_text(json.dumps({"lesions": [dict(r, study=study) for r in rows]}))
+    assert evaluate.main(["flag-grid", str(first), "--vessel", "0"]) == 0
+    assert "| 2 (100 %) |" in capsys.readouterr().out
+    assert evaluate.main(["flag-grid", f"{first}+{second}", "--vessel", "0"]) == 0
+    assert "| 4 (100 %) |" in capsys.readouterr().out
