@@ -877,9 +877,9 @@ def compare_report(args: argparse.Namespace) -> int:
     print(f"Calcified lesions against the truth image at lumen + {w} HU; kernels: MAE (bias); paired: change in "
           "absolute error lesion by lesion against the first run, bootstrap 95 % interval over lesions and over "
           f"whole studies (negative: closer). Runs joined by {POOL} read as one (held-out sets pooled).\n")
-    print("| run | calcified | MAE (bias) | MAE @200 | " + " | ".join(kernels)
-          + " | severe made @100 / @200 | calcium-free moved | paired |")
-    print("|---|---:|---|---:|" + "---|" * len(kernels) + "---|---:|---|")
+    print("| run | calcified | MAE (bias) | MAE @200 | CAD-RADS (κ) | " + " | ".join(kernels)
+          + " | sure: n (share), MAE, CAD-RADS (κ), made | severe made @100 / @200 | calcium-free moved | paired |")
+    print("|---|---:|---|---:|---|" + "---|" * len(kernels) + "---|---|---:|---|")
     for j, (name, rows) in enumerate(runs):
         calc = [r for r in rows if r["stratum"] == CALCIFIED]
         cells = [summarise(calc, white).get("processed_vs_truth") for white in WHITE_LEVELS_HU]
@@ -897,9 +897,15 @@ def compare_report(args: argparse.Namespace) -> int:
                                            f"{c['ci_studies'][1]:+.2f}]), "
                                            f"{c['better']} better / {c['worse']} worse by > 1 point")
         head, second = cells[0], cells[1] if len(cells) > 1 else None
+        sure = sure_goals(rows)["sure"] if any("unsure" in r for r in calc) else {"n": 0}
+        sure_cell = "-" if not sure["n"] else (f"{sure['n']} ({100 * sure['share']:.0f} %), {sure['mae']:.2f}, "
+                                               f"{100 * sure['cadrads_exact']:.0f} % ({sure['kappa']:.2f}), "
+                                               f"{sure['made']}")
         print(f"| {name} | {0 if head is None else head['n']} | "
               + ("-" if head is None else f"{head['mae']:.2f} ({head['bias']:+.2f})") + " | "
-              + ("-" if second is None else f"{second['mae']:.2f}") + " | " + " | ".join(by_kernel) + " | "
+              + ("-" if second is None else f"{second['mae']:.2f}") + " | "
+              + ("-" if head is None else f"{100 * head['cadrads_exact']:.0f} % ({head['kappa']:.2f})") + " | "
+              + " | ".join(by_kernel) + f" | {sure_cell} | "
               + " / ".join(str(x["invented_severe_by_processing"]) for x in safe) + " | "
               + f"{safe[0]['no_calcium_over_1']} of {safe[0]['no_calcium_n']} | {pair} |")
     return 0

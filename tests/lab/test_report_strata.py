@@ -130,6 +130,8 @@ def test_compare_pairs_the_same_lesions_and_says_which_way_they_moved(tmp_path, 
     assert evaluate.main(["compare", *paths]) == 0
     out = capsys.readouterr().out
     assert "(reference)" in out and "-0.33 [" in out and "1 better / 1 worse" in out
+    # the restorations the node called sure, and CAD-RADS agreement, beside the headline (the owner's decision table)
+    assert "| sure: n (share), MAE, CAD-RADS (κ), made |" in out and "| 6 (100 %), 3.83, " in out
     # a run's --report-dir names it too; a folder without a run is refused by name
     run = tmp_path / "run-b"
     run.mkdir()
