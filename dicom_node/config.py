@@ -503,8 +503,8 @@ def check(cfg: Config) -> None:
     except ValueError as exc:
         raise ConfigError(f"engine: {exc}") from None
     except OSError as exc:
-        raise ConfigError(f"engine.subtract_estimate / subtract_companions / subtract_dim_estimate / detect_learnt: "
-                          f"cannot read {exc.filename!r}: {exc.strerror or exc}") from None
+        raise ConfigError(f"engine.{' / '.join(LEARNT_FILE_KEYS)}: cannot read {exc.filename!r}: "
+                          f"{exc.strerror or exc}") from None
     if cfg.intake.max_sequence_depth < 0 or cfg.intake.max_element_mb < 0:
         raise ConfigError("intake.max_sequence_depth and intake.max_element_mb cannot be negative")
 
@@ -531,10 +531,10 @@ def load(path: str | Path | None = None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: {exc}") from None
     _apply(cfg, data, p.name)
-    e = cfg.engine  # the learnt files, before the check, which reads them
-    e.subtract_estimate, e.subtract_dim_estimate, e.detect_learnt = (
-        _beside(p.parent, f) for f in (e.subtract_estimate, e.subtract_dim_estimate, e.detect_learnt))
-    e.subtract_companions = [_beside(p.parent, c) for c in e.subtract_companions]
+    for key in LEARNT_FILE_KEYS:  # the learnt files, before the check, which reads them
+        value = getattr(cfg.engine, key)
+        setattr(cfg.engine, key, [_beside(p.parent, v) for v in value] if isinstance(value, list)
+                else _beside(p.parent, value))
     check(cfg)
     model = Path(cfg.engine.model)
     if not model.is_absolute():
@@ -547,6 +547,12 @@ def load(path: str | Path | None = None) -> Config:
             if hasattr(holder, key):
                 setattr(holder, key, _beside(p.parent, getattr(holder, key)))
     return cfg
+
+
+# The [engine] keys that name learnt files (a path, or a list of paths for the companions): a relative one is taken
+# from the config file's folder. One list, so that the loader, its refusal and the lab's config writer
+# (experiment2v2._from_here) cannot miss a file added later.
+LEARNT_FILE_KEYS = ("subtract_estimate", "subtract_companions", "subtract_dim_estimate", "detect_learnt")
 
 
 def _beside(folder: Path, value: str) -> str:

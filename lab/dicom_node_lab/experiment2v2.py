@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from dicom_node.config import LEARNT_FILE_KEYS
 from dicom_node.pipeline.morphology import grow_box
 from dicom_node.pipeline.subtract import reference_levels
 from dicom_node_lab import physics, world
@@ -85,12 +86,12 @@ def _engine_config(model: Path, engine_args: list[str]):
 
 
 def _from_here(line: str) -> str:
-    """An ``--engine`` line with relative ``subtract_estimate`` / ``subtract_companions`` / ``subtract_dim_estimate`` /
-    ``detect_learnt`` paths made absolute from the working folder (the config is written to a temporary folder,
-    which the node would otherwise take them from)."""
+    """An ``--engine`` line naming learnt files (``config.LEARNT_FILE_KEYS``) with relative paths made absolute
+    from the working folder (the config is written to a temporary folder, which the node would otherwise take them
+    from)."""
     key, _, value = line.partition("=")
     key = key.strip()
-    if key not in ("subtract_estimate", "subtract_companions", "subtract_dim_estimate", "detect_learnt"):
+    if key not in LEARNT_FILE_KEYS:
         return line
     paths = tomllib.loads(f"v = {value.strip()}")["v"]
     absolute = [str(Path(p).resolve()) if p else p for p in (paths if isinstance(paths, list) else [paths])]
