@@ -48,6 +48,8 @@ class EngineConfig:
     keep_edge_components: bool = DetectOptions.keep_edge_components  # bright pieces cut by the volume's edge
     noise_sigmas: float = DetectOptions.noise_sigmas  # small components must peak this many noise SDs up; 0 = off
     noise_keep_mm3: float = DetectOptions.noise_keep_mm3  # ... components this large are kept regardless
+    noise_away_mm: float = DetectOptions.noise_away_mm  # ... or peaking so far above the level this far away; 0 = off
+    noise_away_min_mm3: float = DetectOptions.noise_away_min_mm3  # ... when at least this large
     sharp_contrast_hu: float = DetectOptions.sharp_contrast_hu  # also calcium: this far above contrast, sharpened
     sharp_min_volume_mm3: float = DetectOptions.sharp_min_volume_mm3  # ... components at least this large
     sharp_mtf50_lp_cm: float = DetectOptions.sharp_mtf50_lp_cm  # ... sharpened under this blur
@@ -176,6 +178,7 @@ ENGINE_KEYS: dict[str, tuple[type, str]] = {
     "local_contrast_hu": (DetectOptions, "local_contrast_hu"), "local_extent_hu": (DetectOptions, "local_extent_hu"),
     "metal_hu": (DetectOptions, "metal_hu"), "keep_edge_components": (DetectOptions, "keep_edge_components"),
     "noise_sigmas": (DetectOptions, "noise_sigmas"), "noise_keep_mm3": (DetectOptions, "noise_keep_mm3"),
+    "noise_away_mm": (DetectOptions, "noise_away_mm"), "noise_away_min_mm3": (DetectOptions, "noise_away_min_mm3"),
     "sharp_contrast_hu": (DetectOptions, "sharp_contrast_hu"),
     "sharp_min_volume_mm3": (DetectOptions, "sharp_min_volume_mm3"),
     "sharp_mtf50_lp_cm": (DetectOptions, "sharp_mtf50_lp_cm"),

@@ -122,7 +122,7 @@ def engine_id(cfg: Config, kernel: str | None = None) -> str:
     # output (the defaults add nothing, so the ids of outputs made with them stand)
     rules = dataclasses.replace(detector, learnt=None)
     if rules != DetectOptions():
-        made += f"-rules-{hashlib.sha256(repr(rules).encode()).hexdigest()[:8]}"
+        made += f"-rules-{hashlib.sha256(_rules_described(rules).encode()).hexdigest()[:8]}"
     if detector.learnt is None:
         return made
     # a learnt detector decides which voxels are restored: its file and settings name the output too
@@ -130,6 +130,15 @@ def engine_id(cfg: Config, kernel: str | None = None) -> str:
     if detector.learnt_mode != "decide":  # the first files named "decide" without saying so: their ids stand
         named += f"+{detector.learnt_mode}"
     return f"{made}-detect-{hashlib.sha256(named.encode()).hexdigest()[:8]}"
+
+
+def _rules_described(rules: DetectOptions) -> str:
+    """The detection's rules as an output's id hashes them: their repr, less the beyond-the-bloom noise test's fields
+    while it is off, so the outputs made before those fields existed keep their ids."""
+    text = repr(rules)
+    if rules.noise_away_mm == 0.0:
+        text = text.replace(f", noise_away_mm=0.0, noise_away_min_mm3={rules.noise_away_min_mm3!r}", "")
+    return text
 
 
 def _described(options: SubtractOptions) -> str:

@@ -70,6 +70,14 @@ def test_extract_train_and_the_node_loads_what_training_wrote(tmp_path):
     level_log = json.loads(leveled.with_suffix(".json").read_text())
     assert level_log["settings"]["level_weight"] == 2.0
     assert level_log["best_held_weighted"][0] != pytest.approx(level_log["best_held_rmse_hu"])
+    # a cosine learning rate decays over --steps (so it needs them), and the same seed then ends elsewhere
+    with pytest.raises(SystemExit, match="--steps"):
+        ce.main(["train", "--data", str(data), "--out", str(tmp_path / "x.npz"), "--lr-schedule", "cosine"])
+    decayed = tmp_path / "cosine.npz"
+    assert ce.main(["train", "--data", str(data), "--out", str(decayed), "--steps", "30", "--validate-every", "10",
+                    "--minutes", "5", "--lr-schedule", "cosine"]) == 0
+    assert json.loads(decayed.with_suffix(".json").read_text())["settings"]["lr_schedule"] == "cosine"
+    assert not np.allclose(np.load(decayed)["W0"], np.load(plain)["W0"])
 
 
 def test_regions_planned_on_the_phantoms_own_calcium_hold_all_of_it():

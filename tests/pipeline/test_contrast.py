@@ -443,3 +443,26 @@ def test_the_sharpened_image_finds_the_same_deposits_tile_by_tile_as_in_one_box(
     assert np.array_equal(tiled.calcium, one.calcium)
     assert tiled.calcium[:, :56, :56].sum() >= 50 and tiled.calcium[:, 100:, 100:].sum() >= 50
     assert not (tiled.calcium[:, :56, :56] & ~ndimage.binary_dilation(deposit_a, iterations=2)).any()
+
+
+def test_a_deposits_peak_is_measured_beyond_its_bloom_for_the_noise_test():
+    """``detect._peak_above_level_beyond``: around a faint ring the level is measured on the ring's own bloom, and
+    its peak stands little above it; measured 2 mm from the ring, along the vessel, the lumen's own level shows.
+    A clump inside a wide lumen has the same lumen beyond it: the two measures agree there."""
+    from dicom_node.pipeline.detect import _peak_above_level_beyond, _peak_above_lumen
+
+    vol, ring = _ringed_vessel(650.0)
+    box = tuple(slice(int(a.min()), int(a.max()) + 1) for a in np.nonzero(ring))
+    level = local_lumen_level(vol, SPACING)
+    near, beyond = _peak_above_lumen(vol, box, ring[box], level), _peak_above_level_beyond(vol, SPACING, box,
+                                                                                          ring[box], 2.0)
+    # the 650 HU ring blurs to about 570 HU over its 350 HU lumen; the level around it sits 100 HU under the peak
+    assert beyond > near + 100.0 and 150.0 < beyond < 300.0
+    pool = np.full(SHAPE, 350.0, np.float32) + np.random.default_rng(1).normal(0.0, 15.0, SHAPE).astype(np.float32)
+    pool[30:33, 20:23, 20:23] += 150.0
+    clump = np.zeros(SHAPE, bool)
+    clump[30:33, 20:23, 20:23] = True
+    box = (slice(30, 33), slice(20, 23), slice(20, 23))
+    level = local_lumen_level(pool, SPACING)
+    assert abs(_peak_above_level_beyond(pool, SPACING, box, clump[box], 2.0)
+               - _peak_above_lumen(pool, box, clump[box], level)) < 30.0

@@ -39,3 +39,16 @@ def test_a_subtractions_id_stands_until_a_setting_changes_its_output(tmp_path):
     used = engine_id(_config(tmp_path, "dim", f'subtract_estimate = "{first}"\nsubtract_dim_estimate = "{dim}"\n'
                                                "subtract_dim_lumen_hu = 360.0"))
     assert used != alone and alone != plain
+
+
+def test_detection_rules_added_later_keep_the_ids_of_outputs_made_before_them(tmp_path):
+    """The recommended detection's ids as recorded before the beyond-the-bloom noise test existed (issue 16's
+    thirty-fourth session): off, its fields add nothing to the id; on, they rename the output."""
+    level = 'sharp_contrast_hu = 150.0\nsharp_level = "sharpened"'
+    assert engine_id(_config(tmp_path, "sharp", "sharp_contrast_hu = 150.0")) == "subtract-20fa9e87f2-rules-449fb8bd"
+    assert engine_id(_config(tmp_path, "level", level)) == "subtract-20fa9e87f2-rules-6b3ce26a"
+    assert engine_id(_config(tmp_path, "idle", level + "\nnoise_away_min_mm3 = 5.0")) == \
+        "subtract-20fa9e87f2-rules-6b3ce26a"  # the test is off: its size floor changes no voxel
+    away = engine_id(_config(tmp_path, "away", level + "\nnoise_away_mm = 2.0"))
+    assert away.startswith("subtract-20fa9e87f2-rules-") and away != "subtract-20fa9e87f2-rules-6b3ce26a"
+    assert engine_id(_config(tmp_path, "away5", level + "\nnoise_away_mm = 2.0\nnoise_away_min_mm3 = 5.0")) != away
