@@ -462,6 +462,17 @@ def _made_by_processing(r: dict, w: str) -> bool:
     return _invented_severe(r, w) and r[f"original@{w}"] < 70
 
 
+def _hidden_by_processing(r: dict, w: str) -> bool:
+    """The mirror of a made one: a severe stenosis (geometry >= 50 %, the truth image >= 70 %) that the original read
+    as significant (>= 50 %) and processing reads under 50 % (needs the three readings). Why count it: the issue's
+    safety rule is about stenoses invented, but a restoration that takes a deposit off in part can leave the rest
+    in the lumen's range, where the reader walks through it, and a severe stenosis read as moderate keeps a patient
+    from the catheter lab who needs it (reports/tuning/noise-beyond.md: a faint ring 77 % read 37 %, called sure)."""
+    truth = r[f"truth@{w}"]
+    return (r["geometric"] >= 50 and truth is not None and truth >= 70 and r[f"original@{w}"] >= 50
+            and r[f"processed@{w}"] < 50)
+
+
 NO_CALCIUM = ("soft", "normal")  # non-calcified lesions and calcium-free segments
 NO_CALCIUM_POINTS = 1.0  # ... whose reading processing may move by at most this much
 
@@ -485,6 +496,7 @@ def safety(rows: list[dict], white: float = PRIMARY_WHITE) -> dict:
     return {"n_below_50": sum(r["geometric"] < 50 for r in ok), "invented_severe": len(invented),
             "invented_severe_by_processing": len(invented_by_engine),
             "invented": [(r["study"], r["vessel"], r["lesion"]) for r in invented],
+            "hidden_severe_by_processing": sum(_hidden_by_processing(r, w) for r in ok),
             "no_calcium_n": len(clean),
             "no_calcium_max_change": float(max((_change(r, w) for r in clean), default=0.0)),
             "no_calcium_over_1": sum(_moved_without_calcium(r, w) for r in clean)}
@@ -576,6 +588,7 @@ def rewrite(args: argparse.Namespace) -> int:
     path = Path(args.report)
     res = json.loads(path.read_text())
     res["strata"] = all_strata(res["lesions"])
+    res["safety"] = {f"{w:g}": safety(res["lesions"], w) for w in WHITE_LEVELS_HU}  # and today's safety counts
     path.write_text(json.dumps(res, indent=1, default=float))
     model = Path(res["model"])
     again = argparse.Namespace(studies=res["studies"], seed=res["seed"], engine=res["engine"],
@@ -879,8 +892,9 @@ def compare_report(args: argparse.Namespace) -> int:
           "absolute error lesion by lesion against the first run, bootstrap 95 % interval over lesions and over "
           f"whole studies (negative: closer). Runs joined by {POOL} read as one (held-out sets pooled).\n")
     print("| run | calcified | MAE (bias) | MAE @200 | CAD-RADS (κ) | " + " | ".join(kernels)
-          + " | sure: n (share), MAE, CAD-RADS (κ), made | severe made @100 / @200 | calcium-free moved | paired |")
-    print("|---|---:|---|---:|---|" + "---|" * len(kernels) + "---|---|---:|---|")
+          + " | sure: n (share), MAE, CAD-RADS (κ), made | severe made @100 / @200 | severe hidden @100 / @200 "
+          "| calcium-free moved | paired |")
+    print("|---|---:|---|---:|---|" + "---|" * len(kernels) + "---|---|---|---:|---|")
     for j, (name, rows) in enumerate(runs):
         calc = [r for r in rows if r["stratum"] == CALCIFIED]
         cells = [summarise(calc, white).get("processed_vs_truth") for white in WHITE_LEVELS_HU]
@@ -908,6 +922,7 @@ def compare_report(args: argparse.Namespace) -> int:
               + ("-" if head is None else f"{100 * head['cadrads_exact']:.0f} % ({head['kappa']:.2f})") + " | "
               + " | ".join(by_kernel) + f" | {sure_cell} | "
               + " / ".join(str(x["invented_severe_by_processing"]) for x in safe) + " | "
+              + " / ".join(str(x["hidden_severe_by_processing"]) for x in safe) + " | "
               + f"{safe[0]['no_calcium_over_1']} of {safe[0]['no_calcium_n']} | {pair} |")
     return 0
 
@@ -1041,9 +1056,9 @@ SAFETY_COLUMNS = ("study", "vessel", "lesion", "type", "kernel", "diameter_mm", 
 
 def safety_cases(rows: list[dict]) -> list[dict]:
     """The lesions behind a run's safety figures: each severe stenosis processing made (at either
-    white level) and each non-calcified lesion or calcium-free segment whose reading moved more
-    than a point. A count says that the rule failed; these rows say where, so that a cause can be
-    looked for in the study (``make_study(seed, i)`` renders it again)."""
+    white level), each it hid (``_hidden_by_processing``) and each non-calcified lesion or calcium-free
+    segment whose reading moved more than a point. A count says that the rule failed; these rows say where,
+    so that a cause can be looked for in the study (``make_study(seed, i)`` renders it again)."""
     out = []
     for r in rows:
         why = []
@@ -1052,6 +1067,8 @@ def safety_cases(rows: list[dict]) -> list[dict]:
                 continue
             if _made_by_processing(r, w):
                 why.append(f"severe made at + {w}")
+            elif r.get(f"truth@{w}") is not None and _hidden_by_processing(r, w):
+                why.append(f"severe hidden at + {w}")
             elif _moved_without_calcium(r, w):
                 why.append(f"no calcium, moved at + {w}")
         if why:
@@ -1197,7 +1214,10 @@ def _markdown(path: Path, res: dict, args: argparse.Namespace) -> None:
     for w, s in res["safety"].items():
         lines.append(f"- White + {w} HU: of {s['n_below_50']} lesions under 50 % (geometry), "
                      f"{s['invented_severe']} read ≥ 70 % after processing where the truth image does not "
-                     f"({s['invented_severe_by_processing']} of them read < 70 % before processing). Non-calcified "
+                     f"({s['invented_severe_by_processing']} of them read < 70 % before processing)"
+                     + (f"; of the severe ones (geometry ≥ 50 %, truth image ≥ 70 %), "
+                        f"{s['hidden_severe_by_processing']} read ≥ 50 % before processing and < 50 % after it"
+                        if "hidden_severe_by_processing" in s else "") + ". Non-calcified "
                      f"lesions and calcium-free segments: {s['no_calcium_over_1']} of {s['no_calcium_n']} changed "
                      f"by more than 1 point (largest {s['no_calcium_max_change']:.1f}).")
     c = res["confidence"]

@@ -29,6 +29,9 @@ ROWS = [
     _row(4, "soft", 0.0, 20.0, 20.5, 20.0),  # moved half a point: within the rule
     _row(5, "normal", 0.0, 20.0, 25.0, 20.0),  # moved five points
     _row(6, "calcified", 30.0, None, None, 40.0),  # unreadable: never counted
+    _row(7, "calcified", 80.0, 75.0, 40.0, 85.0),  # severe, read severe as acquired, hidden by processing
+    _row(8, "calcified", 40.0, 75.0, 40.0, 85.0),  # the truth image severe only by partial volume: not counted
+    _row(9, "calcified", 80.0, 45.0, 40.0, 85.0),  # read under 50 % before processing too: not hidden by it
 ]
 
 
@@ -37,12 +40,14 @@ def test_safety_cases_name_the_lesions_the_figures_count():
     assert [(c["study"], c["why"]) for c in cases] == [
         ("1-0", ["severe made at + 100", "severe made at + 200"]),
         ("1-3", ["severe made at + 200"]),
-        ("1-5", ["no calcium, moved at + 100", "no calcium, moved at + 200"])]
+        ("1-5", ["no calcium, moved at + 100", "no calcium, moved at + 200"]),
+        ("1-7", ["severe hidden at + 100", "severe hidden at + 200"])]
     for w in (100.0, 200.0):
         figures = experiment2v2.safety(ROWS, w)
         listed = [c for c in cases if f"severe made at + {w:g}" in c["why"]]
         assert figures["invented_severe_by_processing"] == len(listed)
         assert figures["no_calcium_over_1"] == sum(f"no calcium, moved at + {w:g}" in c["why"] for c in cases)
+        assert figures["hidden_severe_by_processing"] == sum(f"severe hidden at + {w:g}" in c["why"] for c in cases)
 
 
 def test_safety_cases_carry_what_the_engine_said():
