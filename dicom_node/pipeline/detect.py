@@ -49,7 +49,7 @@ from dicom_node.pipeline.contrast import (
 )
 from dicom_node.pipeline.detect_learnt import CONTEXT_VOXELS, LearntCalcium, candidate_features
 from dicom_node.pipeline.morphology import THREADS, dilate_mm, grow_box, open_mm, padded_bbox
-from dicom_node.pipeline.subtract import ScannerBlur, SubtractOptions, sharpen
+from dicom_node.pipeline.subtract import REFERENCE_REACH_MM, ScannerBlur, SubtractOptions, reference_levels, sharpen
 
 CONNECTIVITY_26 = np.ones((3, 3, 3), bool)
 
@@ -93,7 +93,7 @@ class DetectOptions:
     noise_sigmas: float = 8.0  # > 0: small components must peak this many noise SDs above their lumen
     noise_keep_mm3: float = 20.0  # ... components at least this large are kept whatever their peak
     # > 0: ... and a component at least noise_away_min_mm3 large passes too when its peak rises that many noise SDs
-    # above the contrast level measured this far from it (beyond its own bloom; _peak_above_level_beyond). 0 = off.
+    # above the contrast level measured this far from it (beyond its own bloom; peak_above_level_beyond). 0 = off.
     noise_away_mm: float = 0.0
     noise_away_min_mm3: float = 2.0
     # > 0: also calcium, deposits that the image sharpened by total-variation deconvolution (under a blur
@@ -616,19 +616,20 @@ def _peak_above_lumen(volume: np.ndarray, sl: tuple[slice, slice, slice], part: 
     return float(values[idx] - level[cell])
 
 
-def _peak_above_level_beyond(volume: np.ndarray, spacing: tuple[float, float, float], sl: tuple[slice, slice, slice],
-                             part: np.ndarray, away_mm: float) -> float:
+def peak_above_level_beyond(volume: np.ndarray, spacing: tuple[float, float, float], sl: tuple[slice, slice, slice],
+                            part: np.ndarray, away_mm: float, box_mm: float | None = None) -> float:
     """How far a component's brightest voxel rises above the contrast level measured more than ``away_mm`` from the
-    component (``subtract.reference_levels``: the nearest such contrast within its reach; nan: none).
+    component (``subtract.reference_levels``: the nearest such contrast within its reach; nan: none), looked for in
+    ``sl`` grown by ``box_mm`` (None: ``away_mm`` plus that reach). The lab's ``experiment2v2.calcium_contrast``
+    measures a region's calcium so too.
 
     Why: the noise test compares a component's peak with the level around it, and a faint deposit's own bloom fills
     a small lumen and lifts that level: on 200 training studies (seed 7070) the test dropped as noise components
     of 2-16 mm³ lying on the phantom's calcium, one peaking 157 HU above the level around it and 460 HU above its
     true lumen, and none of that size elsewhere. A clump of noise in a lumen has the same lumen beyond it.
     """
-    from dicom_node.pipeline.subtract import REFERENCE_REACH_MM, reference_levels
-
-    reach = np.ceil((away_mm + REFERENCE_REACH_MM) / np.asarray(spacing, float)).astype(int)
+    reach_mm = away_mm + REFERENCE_REACH_MM if box_mm is None else box_mm
+    reach = np.ceil(reach_mm / np.asarray(spacing, float)).astype(int)
     grown = grow_box(sl, volume.shape, reach)
     sub = volume[grown].astype(np.float32)
     mine = np.zeros(sub.shape, bool)
@@ -709,7 +710,7 @@ def detect(volume: np.ndarray, spacing: tuple[float, float, float], options: Det
                     and np.isfinite(above := _peak_above_lumen(volume, sl, part, level))
                     and above < opts.noise_sigmas * noise_sd
                     and not (opts.noise_away_mm > 0 and vol_mm3 >= opts.noise_away_min_mm3
-                             and _peak_above_level_beyond(volume, spacing, sl, part, opts.noise_away_mm)
+                             and peak_above_level_beyond(volume, spacing, sl, part, opts.noise_away_mm)
                              >= opts.noise_sigmas * noise_sd)):
                 reason = (f"noise (peak {above:.0f} HU above its lumen, under {opts.noise_sigmas:g} × "
                           f"the image's noise SD of {noise_sd:.0f} HU)")

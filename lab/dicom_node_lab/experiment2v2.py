@@ -29,8 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dicom_node.config import LEARNT_FILE_KEYS
-from dicom_node.pipeline.morphology import grow_box
-from dicom_node.pipeline.subtract import reference_levels
+from dicom_node.pipeline.detect import peak_above_level_beyond
 from dicom_node_lab import physics, world
 from dicom_node_lab.experiment1 import ENGINES
 from dicom_node_lab.experiment2 import goal_metrics
@@ -275,13 +274,9 @@ def calcium_contrast(volume: np.ndarray, spacing: tuple[float, float, float], bo
     it does not rank the restorations' errors)."""
     if not calcium[box].any():
         return None
-    grown = grow_box(box, volume.shape, np.ceil(CONTRAST_REACH_MM / np.asarray(spacing, float)).astype(int))
-    sub = volume[grown].astype(np.float32)
-    mine = np.zeros(sub.shape, bool)  # the region's own calcium, not a neighbour's within reach
-    mine[tuple(slice(b.start - g.start, b.stop - g.start) for b, g in zip(box, grown))] = calcium[box]
-    peak = np.unravel_index(int(np.argmax(np.where(mine, sub, -np.inf))), sub.shape)
-    level = reference_levels(sub, mine, spacing, np.array([peak]), CONTRAST_AWAY_MM, np.nan)[0]
-    return float(sub[peak] - level) if np.isfinite(level) else None
+    # the region's own calcium, not a neighbour's within reach
+    above = peak_above_level_beyond(volume, spacing, box, calcium[box], CONTRAST_AWAY_MM, CONTRAST_REACH_MM)
+    return above if np.isfinite(above) else None
 
 
 def _lesion_contrast(regions: list, result, original: np.ndarray, spacing: tuple[float, float, float]
@@ -468,7 +463,7 @@ def _hidden_by_processing(r: dict, w: str) -> bool:
     safety rule is about stenoses invented, but a restoration that takes a deposit off in part can leave the rest
     in the lumen's range, where the reader walks through it, and a severe stenosis read as moderate keeps a patient
     from the catheter lab who needs it (reports/tuning/noise-beyond.md: a faint ring 77 % read 37 %, called sure)."""
-    truth = r[f"truth@{w}"]
+    truth = r.get(f"truth@{w}")
     return (r["geometric"] >= 50 and truth is not None and truth >= 70 and r[f"original@{w}"] >= 50
             and r[f"processed@{w}"] < 50)
 
@@ -1067,7 +1062,7 @@ def safety_cases(rows: list[dict]) -> list[dict]:
                 continue
             if _made_by_processing(r, w):
                 why.append(f"severe made at + {w}")
-            elif r.get(f"truth@{w}") is not None and _hidden_by_processing(r, w):
+            elif _hidden_by_processing(r, w):
                 why.append(f"severe hidden at + {w}")
             elif _moved_without_calcium(r, w):
                 why.append(f"no calcium, moved at + {w}")

@@ -446,15 +446,15 @@ def test_the_sharpened_image_finds_the_same_deposits_tile_by_tile_as_in_one_box(
 
 
 def test_a_deposits_peak_is_measured_beyond_its_bloom_for_the_noise_test():
-    """``detect._peak_above_level_beyond``: around a faint ring the level is measured on the ring's own bloom, and
+    """``detect.peak_above_level_beyond``: around a faint ring the level is measured on the ring's own bloom, and
     its peak stands little above it; measured 2 mm from the ring, along the vessel, the lumen's own level shows.
     A clump inside a wide lumen has the same lumen beyond it: the two measures agree there."""
-    from dicom_node.pipeline.detect import _peak_above_level_beyond, _peak_above_lumen
+    from dicom_node.pipeline.detect import _peak_above_lumen, peak_above_level_beyond
 
     vol, ring = _ringed_vessel(650.0)
     box = tuple(slice(int(a.min()), int(a.max()) + 1) for a in np.nonzero(ring))
     level = local_lumen_level(vol, SPACING)
-    near, beyond = _peak_above_lumen(vol, box, ring[box], level), _peak_above_level_beyond(vol, SPACING, box,
+    near, beyond = _peak_above_lumen(vol, box, ring[box], level), peak_above_level_beyond(vol, SPACING, box,
                                                                                           ring[box], 2.0)
     # the 650 HU ring blurs to about 570 HU over its 350 HU lumen; the level around it sits 100 HU under the peak
     assert beyond > near + 100.0 and 150.0 < beyond < 300.0
@@ -464,5 +464,5 @@ def test_a_deposits_peak_is_measured_beyond_its_bloom_for_the_noise_test():
     clump[30:33, 20:23, 20:23] = True
     box = (slice(30, 33), slice(20, 23), slice(20, 23))
     level = local_lumen_level(pool, SPACING)
-    assert abs(_peak_above_level_beyond(pool, SPACING, box, clump[box], 2.0)
+    assert abs(peak_above_level_beyond(pool, SPACING, box, clump[box], 2.0)
                - _peak_above_lumen(pool, box, clump[box], level)) < 30.0
