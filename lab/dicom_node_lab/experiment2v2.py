@@ -49,6 +49,8 @@ EXP2V2_THIRD_SEED = 5252
 # A fourth, opened once (thirty-third session) for the recommended configuration and the strongest site's choice
 # side by side: the two earlier sets that compared them include the one that chose the site's choice (5050).
 EXP2V2_FOURTH_SEED = 5353
+# A fifth, opened once (thirty-fifth session) for the recommended configuration as it stood: four sets pooled.
+EXP2V2_FIFTH_SEED = 5454
 EXP2V2_SHAPE = (80, 112, 112)
 HELD_OUT_MOTION_MM = (0.8, 1.2)
 CALCIFIED = "calcified"  # the stratum the goals are about: calcium a reader sees as white
@@ -1156,7 +1158,8 @@ def _markdown(path: Path, res: dict, args: argparse.Namespace) -> None:
     if args.seed != EXP2V2_SEED:
         cmd += f" --seed {args.seed}"
     kind = {EXP2V2_SEED: "held-out", EXP2V2_FRESH_SEED: "fresh held-out",
-            EXP2V2_THIRD_SEED: "third held-out", EXP2V2_FOURTH_SEED: "fourth held-out"}.get(args.seed, "tuning")
+            EXP2V2_THIRD_SEED: "third held-out", EXP2V2_FOURTH_SEED: "fourth held-out",
+            EXP2V2_FIFTH_SEED: "fifth held-out", EXP2V2_TUNE_SEED: "tuning"}.get(args.seed, "other")
     if args.model:
         cmd += f" --model {args.model}"
     cmd += "".join(f" --engine '{kv}'" for kv in args.engine)
@@ -1310,7 +1313,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help=f"study seed base; {EXP2V2_SEED} is the held-out test set, {EXP2V2_TUNE_SEED} the tuning set, "
                          f"{EXP2V2_FRESH_SEED} a second held-out set opened once for the recommended configuration, "
                          f"{EXP2V2_THIRD_SEED} a third opened once for it with sharp_level = \"sharpened\", "
-                         f"{EXP2V2_FOURTH_SEED} a fourth opened once for it beside the trim with the excess test")
+                         f"{EXP2V2_FOURTH_SEED} a fourth opened once for it beside the trim with the excess test, "
+                         f"{EXP2V2_FIFTH_SEED} a fifth opened once for it")
     ap.add_argument("--model", help="an ONNX model in place of the shipped one (engines/dense_unet.onnx)")
     ap.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
                     help="extra [engine] setting (TOML), e.g. 'unsure_action = \"leave\"'")

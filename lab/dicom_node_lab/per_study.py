@@ -17,10 +17,12 @@ from tqdm import tqdm
 
 
 def run(argv: list[str] | None, description: str, job: Callable, summarise: Callable[[list], dict], *,
-        studies: int, out: str, rows_key: str | None = None, flatten: bool = False) -> int:
+        studies: int, out: str, rows_key: str | None = None, flatten: bool = False,
+        engine: list[str] | None = None) -> int:
     """Parse ``--studies --seed --engine --workers --out``, map ``job((seed, i, engine_lines))`` over the studies
     in worker processes, and write ``{studies, seed, engine, summary[, rows_key: rows]}`` to ``--out``, printing
-    the summary. ``flatten``: each job returns a list of rows, joined into one."""
+    the summary. ``flatten``: each job returns a list of rows, joined into one. ``engine``: the lines used when
+    none are given (None: the recommended detection, ``sharp_pieces.RECOMMENDED_DETECTION``)."""
     from dicom_node_lab.sharp_pieces import RECOMMENDED_DETECTION
 
     ap = argparse.ArgumentParser(description=description)
@@ -30,7 +32,7 @@ def run(argv: list[str] | None, description: str, job: Callable, summarise: Call
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default=out)
     args = ap.parse_args(argv)
-    engine = args.engine or RECOMMENDED_DETECTION
+    engine = args.engine or engine or RECOMMENDED_DETECTION
     rows: list = []
     with ProcessPoolExecutor(args.workers) as pool:
         for r in tqdm(pool.map(job, [(args.seed, i, engine) for i in range(args.studies)]), total=args.studies,

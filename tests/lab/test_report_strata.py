@@ -79,6 +79,13 @@ def test_a_report_is_written_again_from_its_json(tmp_path):
     path.write_text(json.dumps(dict(res, seed=experiment2v2.EXP2V2_FOURTH_SEED)))
     assert evaluate.main(["rewrite", str(path)]) == 0
     assert "7 fourth held-out studies of the world" in (tmp_path / "experiment2v2.md").read_text()
+    path.write_text(json.dumps(dict(res, seed=experiment2v2.EXP2V2_FIFTH_SEED)))
+    assert evaluate.main(["rewrite", str(path)]) == 0
+    assert "7 fifth held-out studies of the world" in (tmp_path / "experiment2v2.md").read_text()
+    # a seed no set is named for (the estimate's training range, say) is not called tuning
+    path.write_text(json.dumps(dict(res, seed=7070)))
+    assert evaluate.main(["rewrite", str(path)]) == 0
+    assert "7 other studies of the world" in (tmp_path / "experiment2v2.md").read_text()
 
 
 def test_lesions_are_also_split_by_what_the_node_tells_the_radiologist():
