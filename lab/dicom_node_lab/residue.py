@@ -12,7 +12,8 @@ flag against an ``experiment2v2`` run of the same studies.
 restores each as the recommended configuration does and writes, per lesion its regions reach, the largest share
 over those regions (the core: the voxels of the detected calcium that the region's sharpened box shows more than
 ``--core`` HU above the lumen's level measured beyond the calcium; "left" = restored at or above half-way from
-the plaque's 50 HU to that level); ``--grade RUN.json`` then reads the shares as a flag on top of the run's own.
+the plaque's 50 HU to that level; "joined": left there and joined to the restored lumen, the residue a ray from the
+lumen can walk into); ``--grade RUN.json`` then reads the shares as a flag on top of the run's own.
 """
 
 from __future__ import annotations
@@ -23,17 +24,32 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
+from dicom_node.pipeline.vessel import WHITE_ABOVE_LUMEN_HU
 from dicom_node_lab import per_study
 from dicom_node_lab.sharp_pieces import RECOMMENDED_DETECTION
 from dicom_node_lab.xcist_restore import RECOMMENDED as SUBTRACTION
 
 CORES_HU = (150.0, 300.0)  # how far above the lumen's level a sharpened voxel must stand to be the calcium's core
 LEVEL_AWAY_MM = 2.0  # the lumen's level, measured this far beyond the calcium (the learnt estimate's reference)
+# the two measures per core: the share left in the lumen's range, and the share left there joined to the restored
+# lumen (the residue a ray from the lumen can walk into, not an island inside the deposit)
+MEASURES = {"share": 1, "joined": 2}
 LARGE_POINTS = 10.0  # a restoration reads "wrong" this far from the truth image
 # the recommended configuration on the world (README): the subtraction with both estimates, the world's site kernel
 # tables, the sharpened lumen's level
 RECOMMENDED = [*SUBTRACTION, *RECOMMENDED_DETECTION[2:], 'sharp_level = "sharpened"']
+
+
+def _restored_lumen(restored: np.ndarray, level: float, wall_hu: float) -> np.ndarray:
+    """The vessel's lumen in a restored box as the reader takes it at ``level`` (half-way down to the wall, up to
+    the white level): the largest 26-connected piece of that range."""
+    in_range = (restored >= 0.5 * (level + wall_hu)) & (restored < level + WHITE_ABOVE_LUMEN_HU)
+    labels, n = ndimage.label(in_range, structure=np.ones((3, 3, 3), bool))
+    if not n:
+        return in_range
+    return labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
 
 
 def _one(job: tuple[int, int, list[str]]) -> list[dict]:
@@ -60,10 +76,12 @@ def _one(job: tuple[int, int, list[str]]) -> list[dict]:
         level = reference_levels(y, calcium, p.spacing, idx, LEVEL_AWAY_MM, fallback)
         above = u[tuple(idx.T)] - level
         left = processed[box][tuple(idx.T)] >= 0.5 * (level + opts.plaque_hu)
+        joined = left & _restored_lumen(processed[box], float(np.median(level)), opts.plaque_hu)[tuple(idx.T)]
         shares = {}
         for core in CORES_HU:
             c = above > core
-            shares[core] = (int(c.sum()), float(left[c].mean()) if c.any() else None)
+            shares[core] = ((int(c.sum()), float(left[c].mean()), float(joined[c].mean())) if c.any()
+                            else (0, None, None))
         measured.append((region.native_box, shares))
     rows = []
     for vi, v in enumerate(p.vessels):
@@ -73,8 +91,9 @@ def _one(job: tuple[int, int, list[str]]) -> list[dict]:
                 continue
             row = {"study": f"{seed}-{i}", "vessel": vi, "lesion": li}
             for core in CORES_HU:
-                values = [h[core][1] for h in hits if h[core][1] is not None]
-                row[f"share{core:g}"] = max(values) if values else None
+                for key, at in MEASURES.items():
+                    values = [h[core][at] for h in hits if h[core][at] is not None]
+                    row[f"{key}{core:g}"] = max(values) if values else None
                 row[f"core{core:g}"] = sum(h[core][0] for h in hits)
             rows.append(row)
     return rows
@@ -104,10 +123,12 @@ def grade(args: argparse.Namespace) -> int:
     large, low = np.abs(err) > LARGE_POINTS, err < -LARGE_POINTS
     print(f"{len(rows)} calcified lesions reached ({int(large.sum())} read more than {LARGE_POINTS:g} points from "
           f"the truth image, {int(low.sum())} of them too low; {int((~unsure).sum())} called sure by the run)")
-    for core in CORES_HU:
-        share = np.array([np.nan if s[f"share{core:g}"] is None else s[f"share{core:g}"] for _, s in rows])
+    for key, core in ((key, core) for key in MEASURES for core in CORES_HU):
+        if not any(f"{key}{core:g}" in s for _, s in rows):
+            continue  # measured before this measure existed
+        share = np.array([np.nan if s.get(f"{key}{core:g}") is None else s[f"{key}{core:g}"] for _, s in rows])
         score = np.nan_to_num(share, nan=0.0)
-        print(f"core > {core:g} HU: the share ranks a large error above a good restoration with probability "
+        print(f"{key}, core > {core:g} HU: the share ranks a large error above a good restoration with probability "
               f"{_auc(score, large):.2f}, an under-read with {_auc(score, low):.2f}")
         for t in args.thresholds:
             flag = score >= t
