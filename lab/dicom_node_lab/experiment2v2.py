@@ -126,7 +126,8 @@ def restored(engine, p, level_image: np.ndarray | None = None, level_in: str = "
     result)``, the processed image stored the same way where the engine changed it and the original elsewhere.
     ``level_image``: ``Engine.run``'s (``--oracle-level``), in detection and the subtraction (``level_in`` "all")
     or in detection alone ("detect": what a detection that knew the lumen's level would find, restored as the
-    node restores it)."""
+    node restores it), or only to find deposits the node's own detection has nothing near ("find": each kept
+    whole as that detection finds it, everything the node found left as it found it)."""
     from dicom_node.pipeline.detect import detect
 
     original = _stored_hu(p.image)
@@ -134,12 +135,36 @@ def restored(engine, p, level_image: np.ndarray | None = None, level_in: str = "
     # the kernel as a scanner's header states it: the subtraction assumes its blur when engine.scanner_kernels
     # lists it (the network ignores it)
     kernel = str(p.settings.kernel).upper()
-    if level_image is not None and level_in == "detect":
+    if level_image is not None and level_in in ("detect", "find"):
         detection = detect(processed, p.spacing, engine.detect_options_for(kernel), level_image)
+        if level_in == "find":
+            detection = _with_new_deposits(detect(processed, p.spacing, engine.detect_options_for(kernel)), detection)
         result = engine.restore(processed, p.spacing, detection, kernel=kernel)
     else:
         result = engine.run(processed, p.spacing, kernel=kernel, level_image=level_image)
     return original, np.where(result.changed, _stored_hu(processed), original), result
+
+
+def _with_new_deposits(own, other):
+    """``own`` detection with each lesion of ``other`` that lies more than two voxels from all of ``own``'s calcium
+    added whole (``--oracle-level find``): what knowing the lumen's level would add as a finder only, apart from
+    the wider extent it gives the deposits the node finds anyway (which cost more than they gained: the level
+    oracle of reports/tuning/dim-lumens.md)."""
+    from dataclasses import replace
+
+    from scipy import ndimage
+
+    near = ndimage.binary_dilation(own.calcium, iterations=2)
+    calcium, labels, lesions = own.calcium.copy(), own.labels.copy(), list(own.lesions)
+    for lesion in other.lesions:
+        part = other.labels[lesion.bbox] == lesion.index
+        if (part & near[lesion.bbox]).any():
+            continue
+        added = replace(lesion, index=len(lesions) + 1)
+        calcium[lesion.bbox] |= part
+        labels[lesion.bbox][part] = added.index
+        lesions.append(added)
+    return replace(own, calcium=calcium, labels=labels, lesions=lesions)
 
 
 def detected_study(seed: int, i: int, engine_args: list[str]):
@@ -1166,7 +1191,7 @@ def _markdown(path: Path, res: dict, args: argparse.Namespace) -> None:
     if args.oracle:
         cmd += " --oracle"
     if args.oracle_level:
-        cmd += " --oracle-level" + (" detect" if args.oracle_level == "detect" else "")
+        cmd += " --oracle-level" + ("" if args.oracle_level == "all" else f" {args.oracle_level}")
     lines = ["# Experiment 2 v2: calcified stenoses on the calibrated world, before and after calcium removal", "",
              f"Reproduce: `{cmd}` ({res['wall_seconds'] / 60:.0f} min on this machine's 2 cores).", "",
              f"{res['studies']} {kind} studies of the world "
@@ -1321,10 +1346,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--report-dir", default="reports")
     ap.add_argument("--no-figure", action="store_true", help="skip the worst lesions' strips (tuning runs)")
-    ap.add_argument("--oracle-level", nargs="?", const="all", default="", choices=["all", "detect"],
+    ap.add_argument("--oracle-level", nargs="?", const="all", default="", choices=["all", "detect", "find"],
                     help="measure the vessels' contrast level on the calcium-free truth image (detection and the "
-                         "subtraction's calcium estimate; 'detect': in detection alone): what the calcium pulling "
-                         "the measured level up costs")
+                         "subtraction's calcium estimate; 'detect': in detection alone; 'find': only to find "
+                         "deposits the node's detection has nothing near): what the calcium pulling the measured "
+                         "level up costs")
     ap.add_argument("--oracle", action="store_true",
                     help="also read a perfect restoration's and a perfect detection's images, the known anatomy "
                          "under a new noise draw and a calcium-free rescan (with the subtraction, also the true "

@@ -131,3 +131,30 @@ def test_a_calcium_free_rescan_does_not_read_as_occluded(index, monkeypatch):
     kernel = str(p.settings.kernel)
     monkeypatch.setitem(reader.SMOOTH_MM_BY_KERNEL, kernel, 0.2)  # the reader before: the case is real
     assert any(r[f"{e.RETEST}@{w}"] >= 70 for r in clean())
+
+
+def test_the_finding_oracle_adds_only_deposits_the_node_has_nothing_near():
+    """``--oracle-level find`` keeps everything the node's own detection found as it found it, and adds whole each
+    deposit the level-knowing detection finds more than two voxels from all of it, numbered after the node's."""
+    from dicom_node.pipeline.detect import describe
+
+    spacing = (0.5, 0.5, 0.5)
+    volume = np.full((12, 12, 24), 300.0)
+
+    def detection(*boxes):
+        calcium = np.zeros(volume.shape, bool)
+        for b in boxes:
+            calcium[b] = True
+        return describe(calcium, volume, spacing, threshold_hu=700.0)
+
+    own = detection(np.s_[4:6, 4:6, 2:4])
+    # the node's deposit again, one two voxels beyond it (within reach), and one far from it
+    other = detection(np.s_[4:6, 4:6, 2:4], np.s_[4:6, 4:6, 5:7], np.s_[4:6, 4:6, 18:21])
+    assert len(other.lesions) == 3
+    found = e._with_new_deposits(own, other)
+    far = np.zeros(volume.shape, bool)
+    far[4:6, 4:6, 18:21] = True
+    assert [lesion.index for lesion in found.lesions] == [1, 2] and found.lesions[1].voxels == 12
+    assert np.array_equal(found.calcium, own.calcium | far)
+    assert np.array_equal(found.labels == 2, far) and np.array_equal(found.labels == 1, own.labels == 1)
+    assert own.calcium.sum() == 8 and not (own.labels == 2).any()  # the node's own detection untouched
