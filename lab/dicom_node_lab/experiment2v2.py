@@ -1191,7 +1191,8 @@ def _markdown(path: Path, res: dict, args: argparse.Namespace) -> None:
     if args.oracle:
         cmd += " --oracle"
     if args.oracle_level:
-        cmd += " --oracle-level" + ("" if args.oracle_level == "all" else f" {args.oracle_level}")
+        # reports written before the choices existed stored True for "all"
+        cmd += " --oracle-level" + ("" if args.oracle_level in ("all", True) else f" {args.oracle_level}")
     lines = ["# Experiment 2 v2: calcified stenoses on the calibrated world, before and after calcium removal", "",
              f"Reproduce: `{cmd}` ({res['wall_seconds'] / 60:.0f} min on this machine's 2 cores).", "",
              f"{res['studies']} {kind} studies of the world "

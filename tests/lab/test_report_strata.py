@@ -67,6 +67,9 @@ def test_a_report_is_written_again_from_its_json(tmp_path):
     path.write_text(json.dumps(dict(res, oracle_level="detect")))  # ... and where it measured the level
     assert evaluate.main(["rewrite", str(path)]) == 0
     assert "--oracle-level detect`" in (tmp_path / "experiment2v2.md").read_text()
+    path.write_text(json.dumps(dict(res, oracle_level="find")))
+    assert evaluate.main(["rewrite", str(path)]) == 0
+    assert "--oracle-level find`" in (tmp_path / "experiment2v2.md").read_text()
     assert "7 held-out studies of the world" in md
     # the second held-out range names itself, and its command its seed
     path.write_text(json.dumps(dict(res, seed=experiment2v2.EXP2V2_FRESH_SEED)))
