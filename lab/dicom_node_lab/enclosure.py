@@ -58,7 +58,7 @@ def measure(args: argparse.Namespace) -> int:
 
 
 def emulate(args: argparse.Namespace) -> int:
-    from dicom_node_lab.experiment2v2 import CALCIFIED, paired_change, safety, summarise
+    from dicom_node_lab.experiment2v2 import CALCIFIED, paired_change, rank_auc, safety, summarise
 
     enc = {(r["study"], r["vessel"], r["lesion"]): r["enclosure"] for r in json.loads(args.out.read_text())}
     base, split = (json.loads(Path(f).read_text())["lesions"] for f in args.emulate)
@@ -67,12 +67,9 @@ def emulate(args: argparse.Namespace) -> int:
     calc = [r for r in base if r["stratum"] == CALCIFIED and enc.get(key(r)) is not None]
     arcs = np.array([r["arc"] == ">180" for r in calc])
     values = np.array([enc[key(r)] for r in calc])
-    from scipy.stats import rankdata
-
-    ranks = rankdata(values)
-    auc = (ranks[arcs].sum() - arcs.sum() * (arcs.sum() + 1) / 2) / (arcs.sum() * (~arcs).sum())
+    auc = rank_auc(values, arcs)
     print(f"{len(calc)} calcified lesions reached; enclosure ranks an arc > 180° above a smaller one with "
-          f"probability {auc:.2f}; median enclosure by arc: "
+          f"probability {'-' if auc is None else f'{auc:.2f}'}; median enclosure by arc: "
           + ", ".join(f"{a} {np.median([enc[key(r)] for r in calc if r['arc'] == a]):.2f}"
                       for a in ("<90", "90-180", ">180")))
     for t in [*args.thresholds, "arc>180"]:

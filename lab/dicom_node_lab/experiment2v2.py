@@ -136,9 +136,10 @@ def restored(engine, p, level_image: np.ndarray | None = None, level_in: str = "
     # lists it (the network ignores it)
     kernel = str(p.settings.kernel).upper()
     if level_image is not None and level_in in ("detect", "find"):
-        detection = detect(processed, p.spacing, engine.detect_options_for(kernel), level_image)
+        options = engine.detect_options_for(kernel)
+        detection = detect(processed, p.spacing, options, level_image)
         if level_in == "find":
-            detection = _with_new_deposits(detect(processed, p.spacing, engine.detect_options_for(kernel)), detection)
+            detection = _with_new_deposits(detect(processed, p.spacing, options), detection)
         result = engine.restore(processed, p.spacing, detection, kernel=kernel)
     else:
         result = engine.run(processed, p.spacing, kernel=kernel, level_image=level_image)
@@ -699,13 +700,22 @@ def ranking_auc(rows: list[dict], white: float = PRIMARY_WHITE, large: float = 1
     rows = [r for r in rows if r.get("disagreement_hu") is not None and r[f"processed@{w}"] is not None
             and r[f"truth@{w}"] is not None]
     d = np.array([r["disagreement_hu"] for r in rows], float)
-    big = np.array([abs(r[f"processed@{w}"] - r[f"truth@{w}"]) > large for r in rows])
-    if big.all() or not big.any():
-        return None
+    big = np.array([abs(r[f"processed@{w}"] - r[f"truth@{w}"]) > large for r in rows], bool)
+    return rank_auc(d, big)
+
+
+def rank_auc(score: np.ndarray, positive: np.ndarray) -> float | None:
+    """The chance that a ``positive`` item scores above a negative one (Mann-Whitney; ties count half; 0.5: no
+    better than chance); None without both kinds. What every lab tool that asks how well a measure orders lesions
+    reports."""
     from scipy.stats import rankdata
 
-    ranks = rankdata(d)
-    return float((ranks[big].sum() - big.sum() * (big.sum() + 1) / 2) / (big.sum() * (~big).sum()))
+    positive = np.asarray(positive, bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if not n_pos or not n_neg:
+        return None
+    ranks = rankdata(score)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def at_thresholds(rows: list[dict], thresholds: list[float], white: float = PRIMARY_WHITE,

@@ -11,9 +11,9 @@ flag against an ``experiment2v2`` run of the same studies.
 ``python -m dicom_node_lab.residue --studies 120 --seed 6060 --out runs/residue.json`` regenerates the studies,
 restores each as the recommended configuration does and writes, per lesion its regions reach, the largest share
 over those regions (the core: the voxels of the detected calcium that the region's sharpened box shows more than
-``--core`` HU above the lumen's level measured beyond the calcium; "left" = restored at or above half-way from
-the plaque's 50 HU to that level; "joined": left there and joined to the restored lumen, the residue a ray from the
-lumen can walk into); ``--grade RUN.json`` then reads the shares as a flag on top of the run's own.
+150 or 300 HU above the lumen's level measured beyond the calcium; "left" = restored at or above the reader's
+edge, half-way from the wall to that level; "joined": left there and joined to the restored lumen, the residue a
+ray from the lumen can walk into); ``--grade RUN.json`` then reads the shares as a flag on top of the run's own.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from dicom_node.pipeline.vessel import WHITE_ABOVE_LUMEN_HU
+from dicom_node.pipeline.vessel import lumen_range
 from dicom_node_lab import per_study
 from dicom_node_lab.sharp_pieces import RECOMMENDED_DETECTION
 from dicom_node_lab.xcist_restore import RECOMMENDED as SUBTRACTION
@@ -42,10 +42,11 @@ LARGE_POINTS = 10.0  # a restoration reads "wrong" this far from the truth image
 RECOMMENDED = [*SUBTRACTION, *RECOMMENDED_DETECTION[2:], 'sharp_level = "sharpened"']
 
 
-def _restored_lumen(restored: np.ndarray, level: float, wall_hu: float) -> np.ndarray:
-    """The vessel's lumen in a restored box as the reader takes it at ``level`` (half-way down to the wall, up to
-    the white level): the largest 26-connected piece of that range."""
-    in_range = (restored >= 0.5 * (level + wall_hu)) & (restored < level + WHITE_ABOVE_LUMEN_HU)
+def _restored_lumen(restored: np.ndarray, level: float) -> np.ndarray:
+    """The vessel's lumen in a restored box as the reader takes it at ``level`` (``vessel.lumen_range``): the
+    largest 26-connected piece of that range."""
+    edge, white = lumen_range(level)
+    in_range = (restored >= edge) & (restored < white)
     labels, n = ndimage.label(in_range, structure=np.ones((3, 3, 3), bool))
     if not n:
         return in_range
@@ -64,7 +65,8 @@ def _one(job: tuple[int, int, list[str]]) -> list[dict]:
     opts = engine.subtract.for_kernel(str(p.settings.kernel).upper())
     fallback = result.detection.threshold_hu - opts.white_above_lumen_hu
     pad = np.ceil(opts.pad_mm / np.asarray(p.spacing, float)).astype(int)
-    measured = []  # (region box, {core: (core voxels, share left in the lumen's range)})
+    # (region box, {core: (core voxels, share left in the lumen's range, share left there joined to the lumen)})
+    measured = []
     for region in result.regions:
         box = grow_box(region.native_box, original.shape, pad)
         calcium = result.detection.calcium[box]
@@ -75,8 +77,9 @@ def _one(job: tuple[int, int, list[str]]) -> list[dict]:
         idx = np.argwhere(calcium)
         level = reference_levels(y, calcium, p.spacing, idx, LEVEL_AWAY_MM, fallback)
         above = u[tuple(idx.T)] - level
-        left = processed[box][tuple(idx.T)] >= 0.5 * (level + opts.plaque_hu)
-        joined = left & _restored_lumen(processed[box], float(np.median(level)), opts.plaque_hu)[tuple(idx.T)]
+        restored = processed[box]
+        left = restored[tuple(idx.T)] >= lumen_range(level)[0]
+        joined = left & _restored_lumen(restored, float(np.median(level)))[tuple(idx.T)]
         shares = {}
         for core in CORES_HU:
             c = above > core
@@ -99,19 +102,12 @@ def _one(job: tuple[int, int, list[str]]) -> list[dict]:
     return rows
 
 
-def _auc(score: np.ndarray, positive: np.ndarray) -> float:
-    """The probability that a positive lesion scores above a negative one (ties count half)."""
-    from scipy.stats import rankdata
-
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if not n_pos or not n_neg:
-        return float("nan")
-    ranks = rankdata(score)
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
 def grade(args: argparse.Namespace) -> int:
-    from dicom_node_lab.experiment2v2 import CALCIFIED
+    from dicom_node_lab.experiment2v2 import CALCIFIED, rank_auc
+
+    def auc(score: np.ndarray, positive: np.ndarray) -> str:
+        value = rank_auc(score, positive)
+        return "-" if value is None else f"{value:.2f}"
 
     shares = {(r["study"], r["vessel"], r["lesion"]): r for r in json.loads(args.out.read_text())["lesions"]}
     run = json.loads(args.grade.read_text())["lesions"]
@@ -129,7 +125,7 @@ def grade(args: argparse.Namespace) -> int:
         share = np.array([np.nan if s.get(f"{key}{core:g}") is None else s[f"{key}{core:g}"] for _, s in rows])
         score = np.nan_to_num(share, nan=0.0)
         print(f"{key}, core > {core:g} HU: the share ranks a large error above a good restoration with probability "
-              f"{_auc(score, large):.2f}, an under-read with {_auc(score, low):.2f}")
+              f"{auc(score, large)}, an under-read with {auc(score, low)}")
         for t in args.thresholds:
             flag = score >= t
             newly, kept = flag & ~unsure, ~flag & ~unsure
