@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dicom_node_lab import calibration, experiment2v2, reader_tuning
+from dicom_node_lab import calibration, experiment2v2, reader_tuning, reading_guide
 from dicom_node_lab.experiment1 import experiment1
 from dicom_node_lab.experiment2 import EXP2_RUNS, EXP2_SEED, EXP2_TUNE_SEED, experiment2
 
@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--lumen-hu", type=float, default=0.0, help="dim-lumen: the engine's measured lumen level under "
                     "this (HU; a base run that recorded it)")
     sp.add_argument("--out", required=True, help="where the spliced experiment2v2.json goes (for compare)")
+    rg = sub.add_parser("reading-guide", help="where the derived series may be read: held-out lesions by what the "
+                        "console shows and what the node says, with the guide's advice")
+    reading_guide.add_arguments(rg)
     cal = sub.add_parser("calibration", help="the world's blooming against the issue's 2D check, XCIST and the gate")
     calibration.add_arguments(cal)
     rs = sub.add_parser("reader-smoothing",
@@ -112,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         return experiment2v2.flag_grid_report(args)
     if args.cmd == "splice":
         return experiment2v2.splice_report(args)
+    if args.cmd == "reading-guide":
+        return reading_guide.report(args)
     if args.cmd == "compare":
         return experiment2v2.compare_report(args)
     if args.cmd == "by-lumen":

@@ -480,12 +480,12 @@ def _invented_severe(r: dict, w: str, image: str = "processed") -> bool:
     return r["geometric"] < 50 and r[f"{image}@{w}"] >= 70 and (r[f"truth@{w}"] is None or r[f"truth@{w}"] < 70)
 
 
-def _made_by_processing(r: dict, w: str) -> bool:
+def made_by_processing(r: dict, w: str) -> bool:
     """An invented severe stenosis that the original did not read as severe (needs both readings)."""
     return _invented_severe(r, w) and r[f"original@{w}"] < 70
 
 
-def _hidden_by_processing(r: dict, w: str) -> bool:
+def hidden_by_processing(r: dict, w: str) -> bool:
     """The mirror of a made one: a severe stenosis (geometry >= 50 %, the truth image >= 70 %) that the original read
     as significant (>= 50 %) and processing reads under 50 % (needs the three readings). Why count it: the issue's
     safety rule is about stenoses invented, but a restoration that takes a deposit off in part can leave the rest
@@ -504,7 +504,7 @@ def _change(r: dict, w: str) -> float:
     return abs(r[f"processed@{w}"] - r[f"original@{w}"])
 
 
-def _moved_without_calcium(r: dict, w: str) -> bool:
+def moved_without_calcium(r: dict, w: str) -> bool:
     """A lesion without calcium whose reading processing moved by more than the rule allows (needs both readings)."""
     return r["type"] in NO_CALCIUM and _change(r, w) > NO_CALCIUM_POINTS
 
@@ -514,15 +514,15 @@ def safety(rows: list[dict], white: float = PRIMARY_WHITE) -> dict:
     w = f"{white:g}"
     ok = [r for r in rows if r[f"processed@{w}"] is not None and r[f"original@{w}"] is not None]
     invented = [r for r in ok if _invented_severe(r, w)]
-    invented_by_engine = [r for r in ok if _made_by_processing(r, w)]
+    invented_by_engine = [r for r in ok if made_by_processing(r, w)]
     clean = [r for r in ok if r["type"] in NO_CALCIUM]
     return {"n_below_50": sum(r["geometric"] < 50 for r in ok), "invented_severe": len(invented),
             "invented_severe_by_processing": len(invented_by_engine),
             "invented": [(r["study"], r["vessel"], r["lesion"]) for r in invented],
-            "hidden_severe_by_processing": sum(_hidden_by_processing(r, w) for r in ok),
+            "hidden_severe_by_processing": sum(hidden_by_processing(r, w) for r in ok),
             "no_calcium_n": len(clean),
             "no_calcium_max_change": float(max((_change(r, w) for r in clean), default=0.0)),
-            "no_calcium_over_1": sum(_moved_without_calcium(r, w) for r in clean)}
+            "no_calcium_over_1": sum(moved_without_calcium(r, w) for r in clean)}
 
 
 def strata(rows: list[dict], key: str, white: float = PRIMARY_WHITE) -> dict[str, dict]:
@@ -677,7 +677,7 @@ def confidence(rows: list[dict], white: float = PRIMARY_WHITE, large: float = 10
     unsure = np.array([bool(r["unsure"]) for r in measured])
     big = err > large
     # severe stenoses made by processing, as safety counts them
-    made = np.array([r[f"original@{w}"] is not None and _made_by_processing(r, w) for r in measured])
+    made = np.array([r[f"original@{w}"] is not None and made_by_processing(r, w) for r in measured])
     measures = sorted({r["measure"] for r in measured if r.get("measure")})
     return {"n": len(measured), "large": int(big.sum()), "large_flagged": int((big & unsure).sum()),
             "good_flagged": int((~big & unsure).sum()), "good": int((~big).sum()), "large_points": large,
@@ -794,7 +794,7 @@ def _flag_set(rows: list[dict], unsure: Callable[[dict], bool | None], white: fl
             out[name] = {"n": 0}
             continue
         a = agreement(_values(ok, f"processed@{w}"), _values(ok, f"truth@{w}"))
-        made = sum(r[f"original@{w}"] is not None and _made_by_processing(r, w) for r in ok)
+        made = sum(r[f"original@{w}"] is not None and made_by_processing(r, w) for r in ok)
         out[name] = {"n": len(ok), "share": len(ok) / max(reached, 1), "mae": a["mae"], "mae_ci": a["mae_ci"],
                      "bias": a["bias"], "cadrads_exact": a["cadrads_exact"], "kappa": a["kappa"], "sens50": a["sens50"],
                      "spec50": a["spec50"], "made": int(made), "meets": meets_goals(a, made)}
@@ -1088,7 +1088,7 @@ SAFETY_COLUMNS = ("study", "vessel", "lesion", "type", "kernel", "diameter_mm", 
 
 def safety_cases(rows: list[dict]) -> list[dict]:
     """The lesions behind a run's safety figures: each severe stenosis processing made (at either
-    white level), each it hid (``_hidden_by_processing``) and each non-calcified lesion or calcium-free
+    white level), each it hid (``hidden_by_processing``) and each non-calcified lesion or calcium-free
     segment whose reading moved more than a point. A count says that the rule failed; these rows say where,
     so that a cause can be looked for in the study (``make_study(seed, i)`` renders it again)."""
     out = []
@@ -1097,11 +1097,11 @@ def safety_cases(rows: list[dict]) -> list[dict]:
         for w in (f"{x:g}" for x in WHITE_LEVELS_HU):
             if any(r.get(f"{n}@{w}") is None for n in ("original", "processed")):
                 continue
-            if _made_by_processing(r, w):
+            if made_by_processing(r, w):
                 why.append(f"severe made at + {w}")
-            elif _hidden_by_processing(r, w):
+            elif hidden_by_processing(r, w):
                 why.append(f"severe hidden at + {w}")
-            elif _moved_without_calcium(r, w):
+            elif moved_without_calcium(r, w):
                 why.append(f"no calcium, moved at + {w}")
         if why:
             out.append({**{k: r.get(k) for k in SAFETY_COLUMNS}, "why": why,

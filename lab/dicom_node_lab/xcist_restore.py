@@ -196,7 +196,7 @@ def _severe(r: dict, name: str, w: str, against: str = "truth") -> bool:
     return r[f"{against}@{w}"] < 50 and r[f"{name}@{w}"] >= 70
 
 
-def _made_by_processing(r: dict, name: str, w: str, against: str = "truth") -> bool:
+def made_by_processing(r: dict, name: str, w: str, against: str = "truth") -> bool:
     """... that the acquired image did not read as severe (Experiment 2 v2's "made by processing")."""
     return _severe(r, name, w, against) and r[f"original@{w}"] < 70
 
@@ -207,7 +207,7 @@ def summary(rs: list[dict], name: str, white: float, against: str = "truth") -> 
     e = np.array([r[f"{name}@{white:g}"] - r[f"{against}@{white:g}"] for r in rs])
     w = f"{white:g}"
     made = [r for r in rs if _severe(r, name, w, against)]
-    by = [r for r in made if _made_by_processing(r, name, w, against)]
+    by = [r for r in made if made_by_processing(r, name, w, against)]
     flagged = sum(1 for r in by if name in r["engines"] and r["engines"][name]["unsure"])
     return {"n": len(rs), "bias": float(e.mean()) if len(e) else float("nan"),
             "mae": float(np.abs(e).mean()) if len(e) else float("nan"),
@@ -227,7 +227,7 @@ def by_flag(rs: list[dict], name: str, white: float) -> dict:
                         ("no calcium found", lambda r: not reached(r))):
         sel = [r for r in rs if keep(r)]
         e = np.array([abs(r[f"{name}@{w}"] - r[f"truth@{w}"]) for r in sel])
-        made = sum(_made_by_processing(r, name, w) for r in sel)
+        made = sum(made_by_processing(r, name, w) for r in sel)
         out[group] = {"n": len(sel), "mae": float(e.mean()) if len(e) else None, "made_by_processing": int(made)}
     return out
 

@@ -7,7 +7,7 @@ from scipy import ndimage
 
 from dicom_node_lab import experiment2v2
 
-# The recommended configuration's [engine] lines (README, "held out"), as the lab's runs pass them
+# The recommended configuration's [engine] lines (README, Status; reports/issue16.md), as the lab's runs pass them
 RECOMMENDED = ['method = "subtract"', 'subtract_estimate = "engines/calcium_excess_ref.npz"',
                'sharp_contrast_hu = 150', 'scanner_kernels = { SOFT = 3.41, STANDARD = 4.14, HD = 4.94, SHARP = 5.92 }',
                'scanner_edge_enhance = { SOFT = 0.05, STANDARD = 0.29, HD = 0.45, SHARP = 0.70 }',
