@@ -74,6 +74,7 @@ class EngineConfig:
     unsure_action: UnsureAction = ConfidenceOptions.unsure_action  # mark / leave as acquired / guard (keep lumen)
     unsure_vessel_mm: float = ConfidenceOptions.unsure_vessel_mm  # a region in a narrower vessel is unsure; 0 = off
     unsure_lumen_hu: float = ConfidenceOptions.unsure_lumen_hu  # ... or beside a dimmer lumen (HU); 0 = off
+    unsure_enclosure: float = ConfidenceOptions.unsure_enclosure  # ... or calcium enclosing it more (0-1); 0 = off
     keep_visible_lumen: bool = ConfidenceOptions.keep_visible_lumen  # never darken visible lumen past its edge
     average_flips: bool = ConfidenceOptions.average_flips  # write the mean of the two passes (needs confidence)
     lumen_guard_from: float = ConfidenceOptions.lumen_guard_from  # guard voxels this far from edge (0) to level (1)
@@ -195,6 +196,7 @@ ENGINE_KEYS: dict[str, tuple[type, str]] = {
     "unsure_hu": (ConfidenceOptions, "unsure_hu"), "unsure_action": (ConfidenceOptions, "unsure_action"),
     "unsure_vessel_mm": (ConfidenceOptions, "unsure_vessel_mm"),
     "unsure_lumen_hu": (ConfidenceOptions, "unsure_lumen_hu"),
+    "unsure_enclosure": (ConfidenceOptions, "unsure_enclosure"),
     "keep_visible_lumen": (ConfidenceOptions, "keep_visible_lumen"),
     "average_flips": (ConfidenceOptions, "average_flips"),
     "lumen_guard_from": (ConfidenceOptions, "lumen_guard_from"),

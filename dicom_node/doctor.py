@@ -68,6 +68,8 @@ def unsure_rules(engine: EngineConfig) -> dict[str, Any]:
             why.append(f"vessel under {engine.unsure_vessel_mm:g} mm")
         if engine.unsure_lumen_hu > 0:
             why.append(f"lumen dimmer than {engine.unsure_lumen_hu:g} HU")
+        if method == "subtract" and engine.unsure_enclosure > 0:
+            why.append(f"calcium enclosing the lumen over {engine.unsure_enclosure:g}")
         # the sharpened-image test runs for every series, but under auto for the subtraction's only
         if engine.sharp_contrast_hu > 0 and not (engine.method == "auto" and method == "network"):
             why.append(SHARPENED_ONLY_REASON)

@@ -98,6 +98,9 @@ def test_doctor_says_what_makes_a_restoration_unsure_for_each_method_it_runs():
     assert e["unsure"] == {"action": "leave", "rules": {"subtract": ["blur disagreement over 90 HU"]}}
     dim = doctor.engine_report(config.from_dict({"engine": {"method": "subtract", "unsure_lumen_hu": 330.0}}).engine)
     assert dim["unsure"]["rules"]["subtract"] == ["vessel under 2.75 mm", "lumen dimmer than 330 HU"]
+    ring = doctor.engine_report(config.from_dict({"engine": {"method": "auto", "unsure_enclosure": 0.7}}).engine)
+    assert ring["unsure"]["rules"]["subtract"][-1] == "calcium enclosing the lumen over 0.7"
+    assert not any("enclosing" in w for w in ring["unsure"]["rules"]["network"]), "the network's are not measured"
     text = "\n".join(doctor._render_engine(e))
     assert "unsure (subtract): blur disagreement over 90 HU; then left as acquired" in text
     e = doctor.engine_report(config.from_dict({"engine": {"confidence": False, "unsure_vessel_mm": 0.0}}).engine)

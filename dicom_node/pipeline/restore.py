@@ -131,6 +131,14 @@ class ConfidenceOptions:
     # 4.6-6.0 (reports/tuning/dim-lumens.md). Off: on the tuning studies the sure restorations there read little
     # worse, and no threshold lowered the sure ones' error by 0.2 points for 15 points of their share (section 6).
     unsure_lumen_hu: float = 0.0
+    # A region whose detected calcium encloses the lumen over this share (``calcium_enclosure``, 0-1: rings and large
+    # arcs) is unsure; 0 = off, the default. The subtraction only (the network's regions are not measured). Why:
+    # rings and arcs over 180° are where blooming over-calls most and where the restorations called sure still read
+    # furthest off (held out, four sets pooled: 5.3 points against 2.7-3.2 for smaller arcs, and the one severe
+    # stenosis hidden among the sure), so the SEG marks them to be read beside the original, as the README's
+    # reading guide says; 0.7 is the line the engine already writes the second estimate above
+    # (reports/tuning/enclosure-flag.md).
+    unsure_enclosure: float = 0.0
 
 
     def __post_init__(self) -> None:
@@ -144,6 +152,8 @@ class ConfidenceOptions:
             raise ValueError(f"unsure_vessel_mm must lie in 0..10 mm (0 = off), not {self.unsure_vessel_mm}")
         if not 0.0 <= self.unsure_lumen_hu <= 1500.0:
             raise ValueError(f"unsure_lumen_hu must lie in 0..1500 HU (0 = off), not {self.unsure_lumen_hu}")
+        if not 0.0 <= self.unsure_enclosure < 1.0:
+            raise ValueError(f"unsure_enclosure must lie in 0..1 (a share; 0 = off), not {self.unsure_enclosure}")
 
 
 def keep_visible_lumen(volume: np.ndarray, spacing: tuple[float, float, float], idx: np.ndarray,
@@ -362,11 +372,12 @@ class Engine:
 
     def _judge(self, volume: np.ndarray, spacing: tuple[float, float, float], region: Region, detection: Detection,
                disagreement: float | None, threshold_hu: float, measure: str,
-               at: VesselAt | None | object = UNMEASURED) -> tuple[dict, list[str]]:
+               at: VesselAt | None | object = UNMEASURED, enclosure: float | None = None) -> tuple[dict, list[str]]:
         """The region's vessel as measured (``vessel_mm`` and ``lumen_hu`` for its report) and why the region is
         unsure ([] if it is not). ``at``: the vessel as the caller measured it already (``vessel.vessel_at``; None:
         no contrast there), or ``UNMEASURED`` (the default): measured here where the calibre or the lumen rule is on,
-        else not at all (both None).
+        else not at all (both None). ``enclosure``: the region's ``calcium_enclosure`` where the caller measured it
+        (the subtraction), for ``ConfidenceOptions.unsure_enclosure``.
 
         Calcium found only in the sharpened image always makes its region unsure: held out, such faint deposits
         were where the subtraction took lumen away and made severe stenoses the flags above missed."""
@@ -375,6 +386,9 @@ class Engine:
             why.append(f"{CONFIDENCE_MEASURES[measure]} {disagreement:.0f} HU > {threshold_hu:g}")
         if _holds_sharpened(detection, region):
             why.append(SHARPENED_ONLY_REASON)
+        ring = self.confidence.unsure_enclosure
+        if ring > 0 and enclosure is not None and enclosure > ring:
+            why.append(f"calcium encloses the lumen {enclosure:.2f} > {ring:g}")
         small, dim = self.confidence.unsure_vessel_mm, self.confidence.unsure_lumen_hu
         if at is UNMEASURED:
             at = vessel_at(volume, spacing, region.native_box, detection.calcium) if small > 0 or dim > 0 else None
@@ -532,7 +546,7 @@ class Engine:
             levels = None if level_image is None else level_image[box]
             # the calcium's shape decides before the estimates run: an enclosing region takes the companion's
             enclosure = calcium_enclosure(detection.calcium, spacing, r.native_box) \
-                if opts.combine == "enclosed" and opts.companions else None
+                if (opts.combine == "enclosed" and opts.companions) or self.confidence.unsure_enclosure > 0 else None
             enclosed = enclosure is not None and enclosure > opts.enclosed_above
             # ... else, beside a dim lumen, the dim-lumen estimate runs too (the vessel measured as _judge measures it)
             at = vessel_at(volume, spacing, r.native_box, detection.calcium) if opts.uses_dim() else UNMEASURED
@@ -562,7 +576,7 @@ class Engine:
                     second = calcium_removed(volume[box], detection.calcium[box], spacing,
                                              replace(opts, blur=opts.second_blur), fallback, levels)[local]
                     d = lumen_disagreement(values, second, level)
-            vessel, why = self._judge(volume, spacing, r, detection, d, opts.unsure_hu, measure, at)
+            vessel, why = self._judge(volume, spacing, r, detection, d, opts.unsure_hu, measure, at, enclosure)
             unsure = bool(why)
             if unsure and self.confidence.unsure_action == "leave":
                 reports.append(RegionReport(r.index, r.lesions, 0, d, True, "left as acquired (unsure)",

@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="thresholds on the calcium's measured contrast over the lumen to try (0: not used)")
     fg.add_argument("--lumen", type=float, nargs="+", default=[0.0], metavar="HU",
                     help="thresholds on the engine's measured lumen level to try (unsure_lumen_hu; 0: not used)")
+    fg.add_argument("--enclosure", type=float, nargs="+", default=[float("inf")], metavar="SHARE",
+                    help="thresholds on how far the detected calcium encloses the lumen (0-1, the engine's "
+                    "calcium_enclosure; inf: not used)")
     sc = sub.add_parser("safety-cases", help="the lesions behind an experiment2v2 report's safety figures")
     sc.add_argument("report", help="experiment2v2.json or its --report-dir (A+B: runs pooled)")
     rw = sub.add_parser("rewrite", help="write an experiment2v2 report again from its JSON (today's strata, no rerun)")

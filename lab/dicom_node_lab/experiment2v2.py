@@ -247,6 +247,7 @@ def _one_study(job: tuple[int, int, str, list[str], bool, bool, str]) -> tuple[l
         r["why"] = _lesion_why(reached)
         r["measured_contrast_hu"] = _lesion_contrast([region for region, _ in pairs], result, original, p.spacing)
         r["measure"] = result.reports[0].measure if result.reports else None
+        r["enclosure"] = _lesion_enclosure(reached)
     goal = goal_metrics(p, original, processed)
     goal["seconds"] = seconds
     strips = {(r["vessel"], r["lesion"]): _strip(p, r, original, processed) for r in rows} if keep else None
@@ -277,6 +278,16 @@ def _lesion_regions(p, row: dict, result) -> list[tuple]:
     """The regions that reach this lesion (``reaches``), each with the engine's report for it."""
     return [(region, rep) for region, rep in zip(result.regions, getattr(result, "reports", []))
             if reaches(p, row["vessel"], row["lesion"], region.native_box)]
+
+
+def _lesion_enclosure(reached: list) -> float | None:
+    """How far the calcium encloses the lumen at a lesion: the largest ``restore.calcium_enclosure`` the engine
+    measured for the regions that reach it (None: no region did, or the engine did not measure it; it does under
+    ``subtract_combine = "enclosed"``). Why record it: rings and large arcs read furthest off where the node calls
+    them sure (the reading guide), and the enclosure is what the engine knows of an arc (``flag-grid
+    --enclosure``)."""
+    values = [float(rep.enclosure) for rep in reached if getattr(rep, "enclosure", None) is not None]
+    return max(values) if values else None
 
 
 def _lesion_why(reached: list) -> list[str]:
@@ -811,24 +822,26 @@ def sure_goals(rows: list[dict], white: float = PRIMARY_WHITE) -> dict:
 
 def flag_grid(rows: list[dict], disagreements: list[float], vessels: list[float],
               white: float = PRIMARY_WHITE, faint: tuple[float, ...] = (0.0,),
-              lumens: tuple[float, ...] = (0.0,)) -> list[dict]:
+              lumens: tuple[float, ...] = (0.0,), enclosures: tuple[float, ...] = (float("inf"),)) -> list[dict]:
     """The goals on the restorations called sure under other flags, from a run's recorded rows (``mark`` writes the
     same voxels flagged or not): unsure where calcium was found only in the sharpened image, where a region's
     disagreement exceeds ``d`` (``inf``: not used), its vessel's calibre is under ``v`` mm (0: not used) or its
     calcium stands less than ``f`` HU above the lumen (``measured_contrast_hu``; 0: not used) or its vessel's lumen
-    is dimmer than ``l`` HU (``lumen_hu``, the engine's ``unsure_lumen_hu`` measure; 0: not used). Needs a run that
-    measured them (confidence on, a positive threshold and ``unsure_vessel_mm`` above 0)."""
+    is dimmer than ``l`` HU (``lumen_hu``, the engine's ``unsure_lumen_hu`` measure; 0: not used) or its calcium
+    encloses the lumen beyond ``e`` (``enclosure``, 0-1; ``inf``: not used). Needs a run that measured them
+    (confidence on, a positive threshold and ``unsure_vessel_mm`` above 0)."""
     calcified = [r for r in rows if r.get("stratum") == CALCIFIED]
     out = []
-    for d, v, f, lv in itertools.product(disagreements, vessels, faint, lumens):
-        def unsure(r: dict, d: float = d, v: float = v, f: float = f, lv: float = lv) -> bool:
+    for d, v, f, lv, e in itertools.product(disagreements, vessels, faint, lumens, enclosures):
+        def unsure(r: dict, d: float = d, v: float = v, f: float = f, lv: float = lv, e: float = e) -> bool:
             sharpened = any("sharpened" in why for why in r.get("why") or ())
             doubted = r.get("disagreement_hu") is not None and r["disagreement_hu"] > d
             small = r.get("vessel_mm") is not None and r["vessel_mm"] < v
             faint_ = r.get("measured_contrast_hu") is not None and r["measured_contrast_hu"] < f
             dim = r.get("lumen_hu") is not None and r["lumen_hu"] < lv
-            return sharpened or doubted or small or faint_ or dim
-        out.append({"disagreement": d, "vessel_mm": v, "faint_hu": f, "lumen_hu": lv,
+            enclosing = r.get("enclosure") is not None and r["enclosure"] > e
+            return sharpened or doubted or small or faint_ or dim or enclosing
+        out.append({"disagreement": d, "vessel_mm": v, "faint_hu": f, "lumen_hu": lv, "enclosure": e,
                     **_flag_set(calcified, unsure, white)})
     return out
 
@@ -851,11 +864,13 @@ def flag_grid_report(args: argparse.Namespace) -> int:
           "bias within 2, CAD-RADS >= 85 %, kappa >= 0.8, sensitivity / specificity for >= 50 % >= 95 / 90 %, "
           "0 severe made by processing.\n")
     print("| disagreement over (HU) | vessel under (mm) | calcium under (HU over the lumen) | lumen under (HU) | "
-          "sure (share) | MAE [95 %] | bias | CAD-RADS | κ | sens / spec ≥ 50 | severe made | meets the goals |")
-    print("|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|")
-    for g in flag_grid(rows, args.disagreement, args.vessel, faint=tuple(args.faint), lumens=tuple(args.lumen)):
+          "enclosure over | sure (share) | MAE [95 %] | bias | CAD-RADS | κ | sens / spec ≥ 50 | severe made | "
+          "meets the goals |")
+    print("|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|")
+    for g in flag_grid(rows, args.disagreement, args.vessel, faint=tuple(args.faint), lumens=tuple(args.lumen),
+                       enclosures=tuple(args.enclosure)):
         print(f"| {g['disagreement']:g} | {g['vessel_mm']:g} | {g['faint_hu']:g} | {g['lumen_hu']:g} | "
-              + _goal_cells(g["sure"]))
+              f"{g['enclosure']:g} | " + _goal_cells(g["sure"]))
     return 0
 
 

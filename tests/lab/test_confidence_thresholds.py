@@ -110,6 +110,12 @@ def test_the_flag_grid_recomputes_the_flag_from_the_recorded_calibre_disagreemen
     rows[0]["lumen_hu"], rows[1]["lumen_hu"] = 280.0, 450.0
     dim = {g["lumen_hu"]: g for g in experiment2v2.flag_grid(rows, [float("inf")], [0.0], lumens=(0.0, 330.0))}
     assert dim[0.0]["sure"]["n"] == 3 and dim[330.0]["sure"]["n"] == 2 and dim[330.0]["unsure"]["n"] == 2
+    # how far the calcium encloses the lumen (enclosure, the engine's calcium_enclosure): over the threshold is
+    # unsure, a lesion without a measure is not, inf turns it off
+    rows[0]["enclosure"], rows[1]["enclosure"] = 0.85, 0.3
+    ring = {g["enclosure"]: g for g in experiment2v2.flag_grid(rows, [float("inf")], [0.0],
+                                                               enclosures=(float("inf"), 0.7))}
+    assert ring[float("inf")]["sure"]["n"] == 3 and ring[0.7]["sure"]["n"] == 2 and ring[0.7]["unsure"]["n"] == 2
 
 
 def test_the_floor_is_split_by_what_the_node_reports():

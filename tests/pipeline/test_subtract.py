@@ -250,15 +250,16 @@ def test_a_kernel_can_have_its_own_edge_enhancement():
             SubtractOptions(enhance_by_kernel=bad)
 
 
-def _tube(lumen_mm: float, level_hu: float = 400.0) -> tuple[np.ndarray, np.ndarray]:
-    """(acquired, calcium): a straight vessel of ``lumen_mm`` at ``level_hu`` with a 1,000 HU calcium arc, scanned."""
+def _tube(lumen_mm: float, level_hu: float = 400.0, arc_deg: float = 150.0) -> tuple[np.ndarray, np.ndarray]:
+    """(acquired, calcium): a straight vessel of ``lumen_mm`` at ``level_hu`` with a 1,000 HU calcium arc of
+    ``arc_deg``, scanned."""
     shape = (48, 56, 56)
     z, r, angle = _polar(shape)
     sharp = np.full(shape, 40.0)
     a = lumen_mm / 2
     sharp[r < a + 1.1] = 50.0
     sharp[r < a] = level_hu
-    calcium = (z > 8.0) & (z < 14.0) & (r >= a) & (r < a + 0.8) & (angle < 150.0)
+    calcium = (z > 8.0) & (z < 14.0) & (r >= a) & (r < a + 0.8) & (angle < arc_deg)
     sharp[calcium] = 1000.0
     noise = ndimage.gaussian_filter(np.random.default_rng(5).normal(0.0, 40.0, shape), 0.7)
     return _scan(sharp, ScannerBlur(mtf50_lp_cm=4.8, slice_fwhm_mm=0.8), noise), calcium
@@ -358,6 +359,28 @@ def test_a_region_beside_a_dim_lumen_is_unsure_with_the_lumen_rule(method):
     for bad in (-1.0, 2000.0):
         with pytest.raises(ValueError):
             ConfidenceOptions(unsure_lumen_hu=bad)
+
+
+def test_a_ring_is_unsure_with_the_enclosure_rule():
+    """With ``unsure_enclosure`` a region whose calcium encloses the lumen beyond it (a ring) is unsure and says why,
+    a small arc is not; off (0, the default) the enclosure is not measured unless the enclosed estimate needs it."""
+    from dicom_node.pipeline.restore import calcium_enclosure
+    rule = ConfidenceOptions(flips=False, unsure_vessel_mm=0.0, unsure_enclosure=0.7)
+    for arc, unsure in ((360.0, True), (90.0, False)):
+        acquired, _ = _tube(3.0, arc_deg=arc)
+        result = Engine(None, method="subtract", confidence=rule).run(acquired.copy(), SPACING)
+        (report,) = result.reports
+        measured = calcium_enclosure(result.detection.calcium, SPACING, result.regions[0].native_box)
+        assert report.as_dict()["enclosure"] == round(measured, 2)
+        assert (measured > 0.7) is unsure, (arc, measured)
+        assert (f"calcium encloses the lumen {measured:.2f} > 0.7" in report.why) is unsure
+        assert report.unsure is unsure
+    (off,) = Engine(None, method="subtract", confidence=ConfidenceOptions(flips=False, unsure_vessel_mm=0.0)
+                    ).run(_tube(3.0, arc_deg=360.0)[0], SPACING).reports
+    assert off.enclosure is None and not off.unsure
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError):
+            ConfidenceOptions(unsure_enclosure=bad)
 
 
 @pytest.mark.parametrize("scanner_mtf50, arc_deg, setting, at, ratio", [
