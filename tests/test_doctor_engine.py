@@ -79,6 +79,8 @@ def test_the_readmes_recommended_subtraction_loads_and_every_kernel_is_complete(
     assert cfg.engine.subtract_combine == "enclosed" and cfg.engine.subtract_enclosed_share == 0.7
     assert [Path(f).name for f in cfg.engine.subtract_companions] == ["calcium_excess_split.npz"]
     assert cfg.engine.sharp_contrast_hu == 150.0 and e["kernels"]
+    assert cfg.engine.unsure_enclosure == 0.7
+    assert "calcium enclosing the lumen over 0.7" in e["unsure"]["rules"]["subtract"]
     assert all(k["method"] == "subtract" for k in e["kernels"]), "every kernel of the block is measured"
     assert not [n for n in e["notes"] if not n.startswith("method auto: the subtraction for the kernels")]
 
