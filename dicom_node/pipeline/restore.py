@@ -153,7 +153,7 @@ class ConfidenceOptions:
         if not 0.0 <= self.unsure_lumen_hu <= 1500.0:
             raise ValueError(f"unsure_lumen_hu must lie in 0..1500 HU (0 = off), not {self.unsure_lumen_hu}")
         if not 0.0 <= self.unsure_enclosure < 1.0:
-            raise ValueError(f"unsure_enclosure must lie in 0..1 (a share; 0 = off), not {self.unsure_enclosure}")
+            raise ValueError(f"unsure_enclosure must lie in [0, 1) (a share; 0 = off), not {self.unsure_enclosure}")
 
 
 def keep_visible_lumen(volume: np.ndarray, spacing: tuple[float, float, float], idx: np.ndarray,

@@ -286,7 +286,7 @@ def _lesion_enclosure(reached: list) -> float | None:
     ``subtract_combine = "enclosed"``). Why record it: rings and large arcs read furthest off where the node calls
     them sure (the reading guide), and the enclosure is what the engine knows of an arc (``flag-grid
     --enclosure``)."""
-    values = [float(rep.enclosure) for rep in reached if getattr(rep, "enclosure", None) is not None]
+    values = [float(rep.enclosure) for rep in reached if rep.enclosure is not None]
     return max(values) if values else None
 
 

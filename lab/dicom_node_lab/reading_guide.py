@@ -26,8 +26,10 @@ import numpy as np
 from dicom_node_lab.experiment2v2 import (
     CALCIFIED,
     GOALS,
+    LUMEN_BANDS_HU,
     NO_CALCIUM,
     PRIMARY_WHITE,
+    errors_by_group,
     hidden_by_processing,
     made_by_processing,
     moved_without_calcium,
@@ -42,8 +44,12 @@ CLOSER_POINTS = 1.0
 # The engine's calibre bands (mm) the guide splits restored lesions at: 2.75 is the unsure flag's own line
 # (engine.unsure_vessel_mm), 3.5 splits the larger vessels in two.
 CALIBRE_BANDS_MM = (2.75, 3.5)
-# The engine's measured lumen level (HU) under which a lumen counts as dim (README: calcium residue reads as lumen).
-DIM_LUMEN_HU = 330.0
+CALIBRE_LABELS = (f"< {CALIBRE_BANDS_MM[0]:g} mm", f"{CALIBRE_BANDS_MM[0]:g}-{CALIBRE_BANDS_MM[1]:g} mm",
+                  f">= {CALIBRE_BANDS_MM[1]:g} mm")
+# The engine's measured lumen level (HU) under which a lumen counts as dim: the first of the lab's lumen bands
+# (``experiment2v2.LUMEN_BANDS_HU``; README: a calcium residue under a dim lumen reads as lumen).
+DIM_LUMEN_HU = LUMEN_BANDS_HU[0]
+LUMEN_LABELS = (f"< {DIM_LUMEN_HU:g} HU (dim)", f">= {DIM_LUMEN_HU:g} HU")
 
 
 class Verdict(Enum):
@@ -92,33 +98,31 @@ def cell(rows: list[dict], white: float = PRIMARY_WHITE) -> Cell | None:
     ok = [r for r in rows if all(r.get(f"{k}@{w}") is not None for k in ("original", "processed", "truth"))]
     if not ok:
         return None
-    o, p, t = (np.array([r[f"{k}@{w}"] for r in ok], float) for k in ("original", "processed", "truth"))
-    return Cell(n=len(ok), original_mae=float(np.abs(o - t).mean()), processed_mae=float(np.abs(p - t).mean()),
-                original_bias=float((o - t).mean()), processed_bias=float((p - t).mean()),
-                made=sum(made_by_processing(r, w) for r in ok), hidden=sum(hidden_by_processing(r, w) for r in ok))
+    errors = errors_by_group([ok], ("original", "processed"), white)
+    (original_mae, original_bias), (processed_mae, processed_bias) = errors["original"][0], errors["processed"][0]
+    return Cell(n=len(ok), original_mae=original_mae, processed_mae=processed_mae, original_bias=original_bias,
+                processed_bias=processed_bias, made=sum(made_by_processing(r, w) for r in ok),
+                hidden=sum(hidden_by_processing(r, w) for r in ok))
 
 
-# What the node says about a lesion (the guide's columns), from the run's recorded flag.
+# What the node says about a lesion (the guide's columns), from the run's recorded flag. Lesions no region reached
+# are left as acquired: the guide gives their figures but no advice on a derived series that does not touch them.
+NO_REGION = "no region (as acquired)"
 NODE_GROUPS: dict[str, Callable[[dict], bool]] = {
     "called sure": lambda r: r.get("unsure") is False,
     "marked unsure": lambda r: r.get("unsure") is True,
-    "no region (as acquired)": lambda r: r.get("unsure") is None,
+    NO_REGION: lambda r: r.get("unsure") is None,
 }
 
 
 def _calibre(r: dict) -> str | None:
     mm = r.get("vessel_mm")
-    if mm is None:
-        return None
-    lo, hi = CALIBRE_BANDS_MM
-    return f"< {lo:g} mm" if mm < lo else (f"{lo:g}-{hi:g} mm" if mm < hi else f">= {hi:g} mm")
+    return None if mm is None else CALIBRE_LABELS[int(np.searchsorted(CALIBRE_BANDS_MM, mm, side="right"))]
 
 
 def _lumen(r: dict) -> str | None:
     hu = r.get("lumen_hu")
-    if hu is None:
-        return None
-    return f"< {DIM_LUMEN_HU:g} HU (dim)" if hu < DIM_LUMEN_HU else f">= {DIM_LUMEN_HU:g} HU"
+    return None if hu is None else LUMEN_LABELS[int(hu >= DIM_LUMEN_HU)]
 
 
 # The guide's rows: (label, which lesions). Calcified rows are issue 16's stratum (calcium that looks white).
@@ -127,10 +131,9 @@ def _rows_of(rows: list[dict]) -> list[tuple[str, list[dict]]]:
     out: list[tuple[str, list[dict]]] = [("white calcium, all", calc)]
     for arc in ("<90", "90-180", ">180"):
         out.append((f"white calcium, arc {arc}°", [r for r in calc if r["arc"] == arc]))
-    for band in (f"< {CALIBRE_BANDS_MM[0]:g} mm", f"{CALIBRE_BANDS_MM[0]:g}-{CALIBRE_BANDS_MM[1]:g} mm",
-                 f">= {CALIBRE_BANDS_MM[1]:g} mm"):
+    for band in CALIBRE_LABELS:
         out.append((f"white calcium, calibre (engine) {band}", [r for r in calc if _calibre(r) == band]))
-    for band in (f"< {DIM_LUMEN_HU:g} HU (dim)", f">= {DIM_LUMEN_HU:g} HU"):
+    for band in LUMEN_LABELS:
         out.append((f"white calcium, lumen (engine) {band}", [r for r in calc if _lumen(r) == band]))
     for density in ("<500 mg", ">=500 mg"):
         out.append((f"white calcium, {density} HA/cm³", [r for r in calc if r["density"] == density]))
@@ -175,7 +178,7 @@ def report(args: argparse.Namespace) -> int:
         for label, whole, by in guide(rows):
             if whole is None:
                 continue
-            cells = [_fmt(by[g], g != "no region (as acquired)") for g in NODE_GROUPS]
+            cells = [_fmt(by[g], g != NO_REGION) for g in NODE_GROUPS]
             print(f"| {label} | {whole.n} | {whole.original_mae:.1f} ({whole.original_bias:+.1f}) | "
                   f"{whole.processed_mae:.1f} ({whole.processed_bias:+.1f}) | " + " | ".join(cells) + " |")
         clean = [r for r in rows if r["type"] in NO_CALCIUM and r.get(f"processed@{w}") is not None
